@@ -1,0 +1,32 @@
+"""The ``leasesched`` command: one entry point, one sub-command module per area."""
+
+from __future__ import annotations
+
+import click
+
+from leasesched.config import Config
+
+
+@click.group()
+@click.option("--home", default=None, help="Folder for local state (default ./.leasesched, env LEASESCHED_HOME).")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None) -> None:
+    """leasesched: a lease-based distributed task scheduler."""
+    ctx.obj = Config.from_env(home=home)
+
+
+def _register() -> None:
+    # Imported here so that `leasesched --help` lists every area in one place.
+    from leasesched.cli import infra_cmd
+
+    for module in (infra_cmd,):
+        module.register(cli)
+
+
+def main() -> None:
+    _register()
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""One typed configuration object for every leasesched process.
+
+Values come from (lowest to highest precedence) the defaults below, environment
+variables named ``LEASESCHED_<FIELD>`` (upper case), and command-line flags the
+CLI passes as keyword overrides. Defaults work for a local single-machine
+cluster; nothing here is read from global state after start-up: each process
+builds a ``Config`` once and hands it down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, get_type_hints
+
+
+def _default_home() -> str:
+    return str(Path.cwd() / ".leasesched")
+
+
+@dataclass(frozen=True)
+class Config:
+    # Where local state lives: server data, logs, PID files.
+    home: str = field(default_factory=_default_home)
+
+    # Cassandra (the only store).
+    cassandra_hosts: str = "127.0.0.1"  # comma-separated contact points
+    cassandra_port: int = 9042
+    cassandra_protocol_version: int = 3
+    keyspace: str = "leasesched"
+    # Replication is configuration, not code: "SimpleStrategy:1" or
+    # "NetworkTopologyStrategy:dc1=3,dc2=3".
+    replication: str = "SimpleStrategy:1"
+    consistency: str = "LOCAL_QUORUM"  # reads and plain writes
+    serial_consistency: str = "LOCAL_SERIAL"  # lightweight transactions
+    cassandra_request_timeout_s: float = 5.0
+
+    # ZooKeeper (the only coordinator).
+    zk_hosts: str = "127.0.0.1:2181"
+    zk_root: str = "/leasesched"
+    zk_session_timeout_s: float = 6.0
+
+    # Local infrastructure (leasesched infra up).
+    cassandra_storage_port: int = 7000
+    cassandra_heap: str = "1G"
+    cassandra_start_timeout_s: float = 180.0
+    zk_start_timeout_s: float = 60.0
+
+    # gRPC servers.
+    bind_host: str = "127.0.0.1"
+    task_service_port: int = 50051
+    task_updater_port: int = 50052
+    trigger_port: int = 50053  # first trigger; more triggers use port 0 (any)
+    metrics_port: int = 0  # 0 = no metrics endpoint
+
+    # Task defaults and limits.
+    max_payload_bytes: int = 1024 * 1024
+    max_result_bytes: int = 1024 * 1024
+    max_attempts_limit: int = 100
+    default_max_attempts: int = 3
+    default_lease_s: float = 30.0
+    max_schedule_ahead_s: float = 366 * 24 * 3600.0
+    max_schedule_behind_s: float = 24 * 3600.0
+    list_page_max: int = 1000
+
+    # Cluster shape, fixed when the cluster is first created (stored in ZooKeeper).
+    logical_shards: int = 64
+    due_bucket_s: int = 10
+
+    @property
+    def cassandra_contact_points(self) -> list[str]:
+        return [h.strip() for h in self.cassandra_hosts.split(",") if h.strip()]
+
+    @property
+    def task_service_target(self) -> str:
+        return f"{self.bind_host}:{self.task_service_port}"
+
+    @property
+    def task_updater_target(self) -> str:
+        return f"{self.bind_host}:{self.task_updater_port}"
+
+    def with_overrides(self, **overrides: Any) -> "Config":
+        """A copy with the non-None overrides applied (flags that were not given are None)."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
+        env = os.environ if env is None else env
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"LEASESCHED_{f.name.upper()}")
+            if raw is None:
+                continue
+            kind = hints[f.name]
+            try:
+                values[f.name] = kind(raw) if kind in (int, float) else raw
+            except ValueError as exc:
+                raise ValueError(f"LEASESCHED_{f.name.upper()}={raw!r}: expected {kind.__name__}") from exc
+        return cls(**values).with_overrides(**overrides)
