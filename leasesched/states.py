@@ -1,0 +1,86 @@
+"""The task state machine: every legal transition, in one place.
+
+Every component (TaskService, TaskUpdater, trigger) asks this module before it
+writes a new status, and the store conditions each write on the status it read,
+so an illegal or lost-race transition can never reach Cassandra.
+
+    SCHEDULED ──claim──▶ RUNNING ──complete──▶ SUCCEEDED
+        │  ▲                │ │ └──fail (no retry left / non-retryable)──▶ FAILED
+        │  └──retry/expire──┘ └──cancel acknowledged──▶ CANCELLED
+        ├──cancel──▶ CANCELLED
+        └──deadline passed──▶ FAILED
+
+There is no persisted DISPATCHED state: a dispatch is a hint to a worker, the
+claim is the transition. That saves one conditional write per task, and a
+duplicate dispatch is harmless because only one claim can win.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class TaskStatus(enum.Enum):
+    SCHEDULED = "SCHEDULED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+class Transition(enum.Enum):
+    """Why a task changes status; each has exactly one legal source set."""
+
+    CLAIM = "claim"  # a worker takes the lease
+    COMPLETE = "complete"  # the handler returned
+    RETRY = "retry"  # retriable failure with attempts left
+    FAIL = "fail"  # non-retriable failure, or no attempt left
+    LEASE_EXPIRED_RETRY = "lease_expired_retry"  # trigger re-queues after expiry + grace
+    LEASE_EXPIRED_FAIL = "lease_expired_fail"  # expiry with no attempt left
+    RELEASE = "release"  # worker gives the task back on shutdown
+    CANCEL = "cancel"  # user cancel of a task that is not running
+    CANCEL_ACK = "cancel_ack"  # worker stopped a running task after a cancel request
+    DEADLINE = "deadline"  # schedule-to-close / schedule-to-start passed
+
+
+TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+_S = TaskStatus
+TRANSITIONS: dict[Transition, tuple[frozenset[TaskStatus], TaskStatus]] = {
+    Transition.CLAIM: (frozenset({_S.SCHEDULED}), _S.RUNNING),
+    Transition.COMPLETE: (frozenset({_S.RUNNING}), _S.SUCCEEDED),
+    Transition.RETRY: (frozenset({_S.RUNNING}), _S.SCHEDULED),
+    Transition.FAIL: (frozenset({_S.RUNNING}), _S.FAILED),
+    Transition.LEASE_EXPIRED_RETRY: (frozenset({_S.RUNNING}), _S.SCHEDULED),
+    Transition.LEASE_EXPIRED_FAIL: (frozenset({_S.RUNNING}), _S.FAILED),
+    Transition.RELEASE: (frozenset({_S.RUNNING}), _S.SCHEDULED),
+    Transition.CANCEL: (frozenset({_S.SCHEDULED}), _S.CANCELLED),
+    Transition.CANCEL_ACK: (frozenset({_S.RUNNING}), _S.CANCELLED),
+    Transition.DEADLINE: (frozenset({_S.SCHEDULED, _S.RUNNING}), _S.FAILED),
+}
+
+
+class IllegalTransition(Exception):
+    """A component asked for a transition the state machine does not allow."""
+
+    def __init__(self, transition: Transition, current: TaskStatus) -> None:
+        sources = ", ".join(sorted(s.value for s in TRANSITIONS[transition][0]))
+        super().__init__(f"cannot {transition.value} a {current.value} task (allowed from: {sources})")
+        self.transition = transition
+        self.current = current
+
+
+def target(transition: Transition, current: TaskStatus) -> TaskStatus:
+    """The status ``transition`` leads to from ``current``; raises if illegal."""
+    sources, to = TRANSITIONS[transition]
+    if current not in sources:
+        raise IllegalTransition(transition, current)
+    return to
+
+
+def allowed(transition: Transition, current: TaskStatus) -> bool:
+    return current in TRANSITIONS[transition][0]

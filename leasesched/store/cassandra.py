@@ -1,0 +1,525 @@
+"""The Cassandra backend of the store: the only module that speaks CQL.
+
+Rules this module keeps so that the rest of the code need not know them:
+
+* the ``tasks`` row is written only with lightweight transactions (its insert
+  is ``IF NOT EXISTS``); plain and conditional writes on one row would carry
+  timestamps from different clocks and silently lose updates;
+* conditional writes run under an execution profile whose retry policy never
+  retries: a retried LWT may apply twice or report "not applied" for its own
+  first success;
+* a conditional write whose outcome is unknown (timeout, lost connection) is
+  resolved by reading the row back at SERIAL consistency, which finishes any
+  in-flight Paxos round, and comparing its ``write_id`` with ours;
+* every statement is prepared once and run with ``execute_async``, bridged
+  into asyncio without a thread per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import datetime as dt
+import logging
+import time
+import uuid
+from typing import Any, Sequence
+
+from cassandra import ConsistencyLevel, DriverException, OperationTimedOut, RequestExecutionException
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, ResponseFuture, Session
+from cassandra.policies import (
+    ExponentialReconnectionPolicy,
+    FallthroughRetryPolicy,
+    RetryPolicy as DriverRetryPolicy,
+)
+from cassandra.query import PreparedStatement
+
+from leasesched.config import Config
+from leasesched.model import DueEntry, RetryPolicy, Task, Timeouts, bucket_of
+from leasesched.states import TaskStatus
+from leasesched.store.page_token import decode_token, encode_token
+from leasesched.store.base import (
+    CasResult,
+    Expect,
+    IdempotencyRecord,
+    ListQuery,
+    Page,
+    StoreUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+CAS_PROFILE = "cas"
+DAY_MS = 86_400_000
+DUE_TTL_EXTRA_S = 30 * 86_400  # keep index entries this long past their due time
+
+# Task field -> tasks column, for the fields that map one to one.
+_SIMPLE_COLUMNS = {
+    "namespace": "namespace",
+    "type": "type",
+    "payload": "payload",
+    "shard": "shard",
+    "priority": "priority",
+    "attempt": "attempt",
+    "lease_ms": "lease_ms",
+    "lease_owner": "lease_owner",
+    "lease_token": "lease_token",
+    "progress_percent": "progress_percent",
+    "progress_message": "progress_message",
+    "result": "result",
+    "error": "error",
+    "error_type": "error_type",
+    "cancel_requested": "cancel_requested",
+}
+_TIME_COLUMNS = (
+    "lease_expires_at",
+    "created_at",
+    "run_at",
+    "first_run_at",
+    "started_at",
+    "finished_at",
+    "deadline_at",
+)
+
+
+def _to_ms(value: dt.datetime | None) -> int | None:
+    if value is None:
+        return None
+    return calendar.timegm(value.utctimetuple()) * 1000 + value.microsecond // 1000
+
+
+def _task_columns(task: Task) -> dict[str, Any]:
+    cols: dict[str, Any] = {col: getattr(task, f) for f, col in _SIMPLE_COLUMNS.items()}
+    cols.update({c: getattr(task, c) for c in _TIME_COLUMNS})
+    cols.update(
+        task_id=task.task_id,
+        status=task.status.value,
+        max_attempts=task.retry.maximum_attempts,
+        retry_initial_ms=task.retry.initial_interval_ms,
+        retry_coefficient=task.retry.backoff_coefficient,
+        retry_max_ms=task.retry.maximum_interval_ms,
+        non_retryable=list(task.retry.non_retryable_error_types),
+        schedule_to_start_ms=task.timeouts.schedule_to_start_ms,
+        start_to_close_ms=task.timeouts.start_to_close_ms,
+        schedule_to_close_ms=task.timeouts.schedule_to_close_ms,
+    )
+    return cols
+
+
+def _change_columns(changes: dict[str, Any]) -> dict[str, Any]:
+    cols: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name == "status":
+            cols["status"] = value.value
+        elif name in _SIMPLE_COLUMNS or name in _TIME_COLUMNS:
+            cols[name] = value
+        else:
+            raise ValueError(f"task field {name!r} cannot be changed by update_task")
+    return cols
+
+
+def _row_to_task(row: Any) -> Task:
+    return Task(
+        task_id=row.task_id,
+        namespace=row.namespace,
+        type=row.type,
+        payload=row.payload or b"",
+        shard=row.shard,
+        priority=row.priority,
+        status=TaskStatus(row.status),
+        attempt=row.attempt,
+        retry=RetryPolicy(
+            initial_interval_ms=row.retry_initial_ms,
+            backoff_coefficient=row.retry_coefficient,
+            maximum_interval_ms=row.retry_max_ms,
+            maximum_attempts=row.max_attempts,
+            non_retryable_error_types=tuple(row.non_retryable or ()),
+        ),
+        timeouts=Timeouts(
+            schedule_to_start_ms=row.schedule_to_start_ms or 0,
+            start_to_close_ms=row.start_to_close_ms or 0,
+            schedule_to_close_ms=row.schedule_to_close_ms or 0,
+        ),
+        lease_ms=row.lease_ms,
+        lease_owner=row.lease_owner,
+        lease_expires_at=_to_ms(row.lease_expires_at),
+        lease_token=row.lease_token or 0,
+        progress_percent=row.progress_percent or 0.0,
+        progress_message=row.progress_message or "",
+        result=row.result or b"",
+        error=row.error or "",
+        error_type=row.error_type or "",
+        cancel_requested=bool(row.cancel_requested),
+        created_at=_to_ms(row.created_at) or 0,
+        run_at=_to_ms(row.run_at) or 0,
+        first_run_at=_to_ms(row.first_run_at) or 0,
+        started_at=_to_ms(row.started_at),
+        finished_at=_to_ms(row.finished_at),
+        deadline_at=_to_ms(row.deadline_at),
+    )
+
+
+def replication_cql(spec: str) -> str:
+    """'SimpleStrategy:1' or 'NetworkTopologyStrategy:dc1=3,dc2=2' → CQL map."""
+    strategy, _, params = spec.partition(":")
+    if strategy == "SimpleStrategy":
+        return f"{{'class': 'SimpleStrategy', 'replication_factor': {int(params or 1)}}}"
+    if strategy == "NetworkTopologyStrategy":
+        pairs = [p.split("=") for p in params.split(",") if p]
+        body = ", ".join(f"'{dc.strip()}': {int(rf)}" for dc, rf in pairs)
+        return f"{{'class': 'NetworkTopologyStrategy', {body}}}"
+    raise ValueError(f"unknown replication strategy {strategy!r} (SimpleStrategy or NetworkTopologyStrategy)")
+
+
+def new_cluster(cfg: Config) -> Cluster:
+    """A driver Cluster with the two execution profiles every process uses."""
+    plain = ExecutionProfile(
+        consistency_level=ConsistencyLevel.name_to_value[cfg.consistency],
+        serial_consistency_level=ConsistencyLevel.name_to_value[cfg.serial_consistency],
+        request_timeout=cfg.cassandra_request_timeout_s,
+        retry_policy=DriverRetryPolicy(),
+    )
+    cas = ExecutionProfile(
+        consistency_level=ConsistencyLevel.name_to_value[cfg.consistency],
+        serial_consistency_level=ConsistencyLevel.name_to_value[cfg.serial_consistency],
+        request_timeout=cfg.cassandra_request_timeout_s,
+        retry_policy=FallthroughRetryPolicy(),
+    )
+    return Cluster(
+        contact_points=cfg.cassandra_contact_points,
+        port=cfg.cassandra_port,
+        protocol_version=cfg.cassandra_protocol_version,
+        execution_profiles={EXEC_PROFILE_DEFAULT: plain, CAS_PROFILE: cas},
+        reconnection_policy=ExponentialReconnectionPolicy(0.25, 2.0),
+        connect_timeout=3,
+        control_connection_timeout=3,
+        idle_heartbeat_interval=5,
+    )
+
+
+_UNAVAILABLE_ERRORS = (NoHostAvailable, OperationTimedOut, RequestExecutionException, DriverException, ConnectionError)
+
+
+class CassandraStore:
+    """The product's store. One instance per process, shared by every request."""
+
+    def __init__(self, cfg: Config) -> None:
+        self._cfg = cfg
+        self._cluster: Cluster | None = None
+        self._session: Session | None = None
+        self._connect_lock = asyncio.Lock()
+        self._last_connect_attempt = 0.0
+        self._stmts: dict[str, PreparedStatement] = {}
+        self._update_stmts: dict[tuple[tuple[str, ...], tuple[str, ...]], PreparedStatement] = {}
+
+    # ---------------------------------------------------------------- connection
+
+    async def connect(self) -> None:
+        """Connect now; raises StoreUnavailable if Cassandra does not answer."""
+        await self._ensure_session(force=True)
+
+    async def _ensure_session(self, force: bool = False) -> Session:
+        if self._session is not None:
+            return self._session
+        async with self._connect_lock:
+            if self._session is not None:
+                return self._session
+            # Throttle reconnect attempts so an outage does not become a storm.
+            if not force and time.monotonic() - self._last_connect_attempt < 1.0:
+                raise StoreUnavailable("Cassandra is unreachable (retrying the connection)")
+            self._last_connect_attempt = time.monotonic()
+            try:
+                session = await asyncio.to_thread(self._connect_blocking)
+            except Exception as exc:  # noqa: BLE001 - every failure here means "unreachable"
+                raise StoreUnavailable(f"Cassandra is unreachable: {exc}") from exc
+            self._session = session
+            return session
+
+    def _connect_blocking(self) -> Session:
+        cluster = new_cluster(self._cfg)
+        try:
+            session = cluster.connect(self._cfg.keyspace)
+            self._prepare_all(session)
+        except Exception:
+            cluster.shutdown()
+            raise
+        self._cluster = cluster
+        return session
+
+    def _prepare_all(self, session: Session) -> None:
+        cols = list(_task_columns_names())
+        stmts = {
+            "insert_task": f"INSERT INTO tasks ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) IF NOT EXISTS",
+            "get_task": "SELECT * FROM tasks WHERE task_id = ?",
+            "get_write_id": "SELECT write_id FROM tasks WHERE task_id = ?",
+            "claim_key": "INSERT INTO idempotency_keys (namespace, idem_key, task_id, request_hash) VALUES (?, ?, ?, ?) IF NOT EXISTS",
+            "add_due": "INSERT INTO due_index (shard, bucket, due_at, task_id, kind, attempt, priority, type) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
+            "read_due": "SELECT due_at, task_id, kind, attempt, priority, type FROM due_index "
+            "WHERE shard = ? AND bucket = ? AND due_at >= ? AND due_at <= ?",
+            "delete_due": "DELETE FROM due_index WHERE shard = ? AND bucket = ? AND due_at = ? AND task_id = ? AND kind = ?",
+            "index_ns": "INSERT INTO tasks_by_namespace (namespace, day, created_at, task_id) VALUES (?, ?, ?, ?)",
+            "list_ns": "SELECT created_at, task_id FROM tasks_by_namespace WHERE namespace = ? AND day = ? LIMIT ?",
+            "list_ns_after": "SELECT created_at, task_id FROM tasks_by_namespace WHERE namespace = ? AND day = ? "
+            "AND (created_at, task_id) < (?, ?) LIMIT ?",
+            "get_checkpoint": "SELECT checkpoint_ms FROM shard_checkpoints WHERE shard = ?",
+            "set_checkpoint": "INSERT INTO shard_checkpoints (shard, checkpoint_ms, updated_at) VALUES (?, ?, ?)",
+        }
+        self._stmts = {name: session.prepare(cql) for name, cql in stmts.items()}
+        self._stmts["get_task_serial"] = session.prepare("SELECT * FROM tasks WHERE task_id = ?")
+        self._stmts["get_task_serial"].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
+        self._stmts["get_write_id"].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
+        for name in ("insert_task", "claim_key"):
+            self._stmts[name].is_idempotent = False
+        self._update_stmts.clear()
+
+    async def close(self) -> None:
+        if self._cluster is not None:
+            await asyncio.to_thread(self._cluster.shutdown)
+        self._cluster = None
+        self._session = None
+
+    # ---------------------------------------------------------------- execution
+
+    async def _run(self, name: str | PreparedStatement, params: Sequence[Any], cas: bool = False) -> list[Any]:
+        session = await self._ensure_session()
+        stmt = self._stmts[name] if isinstance(name, str) else name
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[list[Any]] = loop.create_future()
+        try:
+            future: ResponseFuture = session.execute_async(
+                stmt, params, execution_profile=CAS_PROFILE if cas else EXEC_PROFILE_DEFAULT
+            )
+        except _UNAVAILABLE_ERRORS as exc:
+            raise StoreUnavailable(f"Cassandra request failed: {exc}") from exc
+
+        def on_ok(rows: Any) -> None:
+            # The driver pages large results; every query here is bounded.
+            loop.call_soon_threadsafe(_settle, result, list(rows), None)
+
+        def on_err(exc: BaseException) -> None:
+            loop.call_soon_threadsafe(_settle, result, None, exc)
+
+        future.add_callbacks(on_ok, on_err)
+        return await result
+
+    async def _run_plain(self, name: str | PreparedStatement, params: Sequence[Any]) -> list[Any]:
+        try:
+            return await self._run(name, params)
+        except _UNAVAILABLE_ERRORS as exc:
+            raise StoreUnavailable(f"Cassandra request failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _run_cas(self, stmt: str | PreparedStatement, params: Sequence[Any], task_id: uuid.UUID, write_id: uuid.UUID) -> Any:
+        """Run one lightweight transaction. Returns its first row, or None when
+        an unknown outcome was resolved as applied by a serial read."""
+        try:
+            rows = await self._run(stmt, params, cas=True)
+            return rows[0]
+        except (StoreUnavailable, NoHostAvailable) as exc:
+            # Never reached a replica: nothing to resolve.
+            raise StoreUnavailable(f"Cassandra is unreachable: {exc}") from exc
+        except _UNAVAILABLE_ERRORS as exc:
+            log.warning("conditional write on task %s has an unknown outcome (%s); resolving with a serial read", task_id, exc)
+            applied = await self._resolve_unknown(task_id, write_id)
+            if applied is None:
+                raise StoreUnavailable(f"Cassandra did not confirm a conditional write: {exc}") from exc
+            return None if applied else _NOT_APPLIED_UNKNOWN
+
+    async def _resolve_unknown(self, task_id: uuid.UUID, write_id: uuid.UUID) -> bool | None:
+        """True/False when a serial read tells; None when even that fails."""
+        for _ in range(3):
+            try:
+                rows = await self._run("get_write_id", (task_id,))
+                return bool(rows) and rows[0].write_id == write_id
+            except Exception as exc:  # noqa: BLE001
+                log.warning("serial read-back of task %s failed: %s", task_id, exc)
+                await asyncio.sleep(0.2)
+        return None
+
+    # ---------------------------------------------------------------- tasks
+
+    async def insert_task(self, task: Task) -> bool:
+        cols = _task_columns(task)
+        write_id = uuid.uuid4()
+        cols["write_id"] = write_id
+        params = [cols[c] for c in _task_columns_names()]
+        row = await self._run_cas("insert_task", params, task.task_id, write_id)
+        if row is _NOT_APPLIED_UNKNOWN:
+            raise StoreUnavailable("Cassandra did not apply the task insert; nothing was written")
+        applied = row is None or row.applied
+        if applied:
+            # Plain write to another table: listing only, never read by the scheduler.
+            day = task.created_at // DAY_MS
+            await self._run_plain("index_ns", (task.namespace, day, task.created_at, task.task_id))
+        return bool(applied)
+
+    async def get_task(self, task_id: uuid.UUID, serial: bool = False) -> Task | None:
+        rows = await self._run_plain("get_task_serial" if serial else "get_task", (task_id,))
+        return _row_to_task(rows[0]) if rows else None
+
+    def _update_stmt(self, columns: tuple[str, ...], conditions: tuple[str, ...]) -> PreparedStatement:
+        key = (columns, conditions)
+        stmt = self._update_stmts.get(key)
+        if stmt is None:
+            assert self._session is not None
+            sets = ", ".join(f"{c} = ?" for c in columns)
+            ifs = " AND ".join(f"{c} = ?" for c in conditions)
+            stmt = self._session.prepare(f"UPDATE tasks SET {sets} WHERE task_id = ? IF {ifs}")
+            stmt.is_idempotent = False
+            self._update_stmts[key] = stmt
+        return stmt
+
+    async def update_task(self, task_id: uuid.UUID, expect: Expect, changes: dict[str, Any]) -> CasResult:
+        await self._ensure_session()
+        write_id = uuid.uuid4()
+        cols = _change_columns(changes)
+        cols["write_id"] = write_id
+        conds: dict[str, Any] = {"status": expect.status.value}
+        if expect.lease_token is not None:
+            conds["lease_token"] = expect.lease_token
+        if expect.cancel_requested is not None:
+            conds["cancel_requested"] = expect.cancel_requested
+        columns, conditions = tuple(cols), tuple(conds)
+        stmt = self._update_stmt(columns, conditions)
+        params = [*cols.values(), task_id, *conds.values()]
+        row = await self._run_cas(stmt, params, task_id, write_id)
+        if row is None:
+            return CasResult(applied=True)
+        if row is _NOT_APPLIED_UNKNOWN:
+            current = await self.get_task(task_id, serial=True)
+            return _cas_from_task(current)
+        if row.applied:
+            return CasResult(applied=True)
+        if getattr(row, "status", None) is None:
+            return CasResult(applied=False, exists=False)
+        return CasResult(
+            applied=False,
+            current_status=TaskStatus(row.status),
+            current_lease_token=getattr(row, "lease_token", None),
+            current_cancel_requested=getattr(row, "cancel_requested", None),
+        )
+
+    async def list_tasks(self, query: ListQuery) -> Page:
+        """Newest first, walking day partitions back ``list_days`` days.
+
+        A status filter reads each candidate's row (the status lives only in
+        ``tasks``); each page scans a bounded number of index rows so that a
+        rare status cannot make one call unbounded, and the token resumes.
+        """
+        now_day = int(time.time() * 1000) // DAY_MS
+        cursor = decode_token(query.page_token)
+        day = cursor.day if cursor else now_day
+        oldest_day = now_day - int(query.extra.get("list_days", 30))
+        found: list[Task] = []
+        scanned = 0
+        scan_budget = max(query.page_size * 10, 200)
+        after = (cursor.created_at, cursor.task_id) if cursor else None
+        while day >= oldest_day and len(found) < query.page_size and scanned < scan_budget:
+            limit = min(query.page_size, scan_budget - scanned)
+            if after is None:
+                rows = await self._run_plain("list_ns", (query.namespace, day, limit))
+            else:
+                rows = await self._run_plain("list_ns_after", (query.namespace, day, after[0], after[1], limit))
+            scanned += len(rows)
+            tasks = await asyncio.gather(*(self.get_task(r.task_id) for r in rows))
+            for row, task in zip(rows, tasks):
+                after = (_to_ms(row.created_at), row.task_id)
+                if task is not None and (query.status is None or task.status == query.status):
+                    found.append(task)
+                    if len(found) == query.page_size:
+                        break
+            if len(found) == query.page_size:
+                break
+            if len(rows) < limit:
+                day, after = day - 1, None  # this day is exhausted
+        if day < oldest_day:
+            return Page(found, "")
+        if after is None:
+            return Page(found, encode_token(day, None, None) if found or scanned else "")
+        return Page(found, encode_token(day, after[0], after[1]))
+
+    # ---------------------------------------------------------------- idempotency
+
+    async def claim_idempotency_key(self, namespace: str, key: str, record: IdempotencyRecord) -> IdempotencyRecord | None:
+        params = (namespace, key, record.task_id, record.request_hash)
+        try:
+            rows = await self._run("claim_key", params, cas=True)
+        except _UNAVAILABLE_ERRORS as exc:
+            raise StoreUnavailable(f"Cassandra request failed: {exc}") from exc
+        row = rows[0]
+        if row.applied:
+            return None
+        return IdempotencyRecord(task_id=row.task_id, request_hash=row.request_hash)
+
+    # ---------------------------------------------------------------- due index
+
+    async def add_due(self, entry: DueEntry) -> None:
+        bucket = bucket_of(entry.due_at, self._cfg.due_bucket_s)
+        ttl = max(0, (entry.due_at - int(time.time() * 1000)) // 1000) + DUE_TTL_EXTRA_S
+        await self._run_plain(
+            "add_due",
+            (entry.shard, bucket, entry.due_at, entry.task_id, entry.kind, entry.attempt, entry.priority, entry.type, ttl),
+        )
+
+    async def read_due(self, shard: int, from_ms: int, to_ms: int, bucket_s: int) -> list[DueEntry]:
+        width = bucket_s * 1000
+        buckets = range(bucket_of(from_ms, bucket_s), to_ms + 1, width)
+        results = await asyncio.gather(*(self._run_plain("read_due", (shard, b, from_ms, to_ms)) for b in buckets))
+        return [
+            DueEntry(
+                shard=shard,
+                due_at=_to_ms(r.due_at) or 0,
+                task_id=r.task_id,
+                kind=r.kind,
+                attempt=r.attempt or 1,
+                priority=r.priority if r.priority is not None else 5,
+                type=r.type or "",
+            )
+            for rows in results
+            for r in rows
+        ]
+
+    async def delete_due(self, entry: DueEntry, bucket_s: int) -> None:
+        bucket = bucket_of(entry.due_at, bucket_s)
+        await self._run_plain("delete_due", (entry.shard, bucket, entry.due_at, entry.task_id, entry.kind))
+
+    # ---------------------------------------------------------------- checkpoints
+
+    async def get_checkpoint(self, shard: int) -> int | None:
+        rows = await self._run_plain("get_checkpoint", (shard,))
+        return rows[0].checkpoint_ms if rows else None
+
+    async def set_checkpoint(self, shard: int, at_ms: int) -> None:
+        await self._run_plain("set_checkpoint", (shard, at_ms, int(time.time() * 1000)))
+
+
+class _NotAppliedUnknown:
+    """Marker: an unknown outcome that the serial read resolved as not applied."""
+
+
+_NOT_APPLIED_UNKNOWN = _NotAppliedUnknown()
+
+
+def _settle(future: asyncio.Future[list[Any]], rows: list[Any] | None, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(rows or [])
+
+
+def _cas_from_task(task: Task | None) -> CasResult:
+    if task is None:
+        return CasResult(applied=False, exists=False)
+    return CasResult(
+        applied=False,
+        current_status=task.status,
+        current_lease_token=task.lease_token,
+        current_cancel_requested=task.cancel_requested,
+    )
+
+
+def _task_columns_names() -> list[str]:
+    sample = Task(task_id=uuid.UUID(int=0), namespace="", type="", payload=b"", shard=0)
+    return [*_task_columns(sample).keys(), "write_id"]
