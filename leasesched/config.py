@@ -36,6 +36,7 @@ class Config:
     consistency: str = "LOCAL_QUORUM"  # reads and plain writes
     serial_consistency: str = "LOCAL_SERIAL"  # lightweight transactions
     cassandra_request_timeout_s: float = 5.0
+    cassandra_local_dc: str = ""  # empty: the data centre of the first contact point
 
     # ZooKeeper (the only coordinator).
     zk_hosts: str = "127.0.0.1:2181"
@@ -45,6 +46,10 @@ class Config:
     # Local infrastructure (leasesched infra up).
     cassandra_storage_port: int = 7000
     cassandra_heap: str = "1G"
+    # "batch" (ack after fsync; survives kill -9 of the single local node) or
+    # "periodic" (Cassandra's default, ~2x faster writes, loses the last
+    # seconds of acknowledged writes on kill -9). See leasesched/infra/cassandra.py.
+    cassandra_commitlog_sync: str = "batch"
     cassandra_start_timeout_s: float = 180.0
     zk_start_timeout_s: float = 60.0
 
@@ -64,6 +69,8 @@ class Config:
     max_schedule_ahead_s: float = 366 * 24 * 3600.0
     max_schedule_behind_s: float = 24 * 3600.0
     list_page_max: int = 1000
+    list_days: int = 30  # how far back ListTasks walks
+    allowed_task_types: str = ""  # comma-separated allow-list; empty = any well-formed type
 
     # Cluster shape, fixed when the cluster is first created (stored in ZooKeeper).
     logical_shards: int = 64

@@ -28,8 +28,10 @@ from typing import Any, Sequence
 from cassandra import ConsistencyLevel, DriverException, OperationTimedOut, RequestExecutionException
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, ResponseFuture, Session
 from cassandra.policies import (
+    DCAwareRoundRobinPolicy,
     ExponentialReconnectionPolicy,
     FallthroughRetryPolicy,
+    TokenAwarePolicy,
     RetryPolicy as DriverRetryPolicy,
 )
 from cassandra.query import PreparedStatement
@@ -173,13 +175,18 @@ def replication_cql(spec: str) -> str:
 
 def new_cluster(cfg: Config) -> Cluster:
     """A driver Cluster with the two execution profiles every process uses."""
+    # Token-aware routing sends each request to a replica of its partition;
+    # DC-aware keeps it in the local data centre (LOCAL_QUORUM/LOCAL_SERIAL).
+    balancing = lambda: TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=cfg.cassandra_local_dc or None))  # noqa: E731
     plain = ExecutionProfile(
+        load_balancing_policy=balancing(),
         consistency_level=ConsistencyLevel.name_to_value[cfg.consistency],
         serial_consistency_level=ConsistencyLevel.name_to_value[cfg.serial_consistency],
         request_timeout=cfg.cassandra_request_timeout_s,
         retry_policy=DriverRetryPolicy(),
     )
     cas = ExecutionProfile(
+        load_balancing_policy=balancing(),
         consistency_level=ConsistencyLevel.name_to_value[cfg.consistency],
         serial_consistency_level=ConsistencyLevel.name_to_value[cfg.serial_consistency],
         request_timeout=cfg.cassandra_request_timeout_s,
@@ -295,7 +302,7 @@ class CassandraStore:
 
         def on_ok(rows: Any) -> None:
             # The driver pages large results; every query here is bounded.
-            loop.call_soon_threadsafe(_settle, result, list(rows), None)
+            loop.call_soon_threadsafe(_settle, result, list(rows) if rows is not None else [], None)
 
         def on_err(exc: BaseException) -> None:
             loop.call_soon_threadsafe(_settle, result, None, exc)

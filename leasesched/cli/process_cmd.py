@@ -1,0 +1,54 @@
+"""Commands that run one leasesched process each, and the schema migrator."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import click
+
+from leasesched.config import Config
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.getLogger("cassandra").setLevel(logging.WARNING)
+    logging.getLogger("kazoo").setLevel(logging.WARNING)
+
+
+@click.command("task-service")
+@click.option("--port", type=int, default=None, help="Port to serve on (default from config; 0 = any).")
+@click.pass_obj
+def task_service(cfg: Config, port: int | None) -> None:
+    """Run the TaskService (user API) until SIGTERM/SIGINT."""
+    from services.task_service_main import serve
+
+    setup_logging()
+    asyncio.run(serve(cfg, port))
+
+
+@click.group()
+def schema() -> None:
+    """Cassandra schema migrations."""
+
+
+@schema.command("apply")
+@click.pass_obj
+def schema_apply(cfg: Config) -> None:
+    """Create the keyspace and apply missing migrations (idempotent)."""
+    from leasesched.store import schema as schema_mod
+
+    applied = schema_mod.apply(cfg)
+    if applied:
+        for m in applied:
+            click.echo(f"applied {m.version:03d}_{m.name}")
+    else:
+        click.echo(f"schema of keyspace {cfg.keyspace!r} is up to date")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(task_service)
+    cli.add_command(schema)

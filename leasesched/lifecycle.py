@@ -1,0 +1,341 @@
+"""Every change of a task's state, as the services and the trigger perform it.
+
+Each operation reads the task, asks ``states`` whether the transition is legal,
+and writes it with one conditional write on the status (and lease token) it
+read. If the write loses a race, the operation re-reads and decides again, so
+two actors can never both win one transition.
+
+Write order keeps crashes harmless: a due-index entry is written *before* the
+task row (or the status) that makes it meaningful. A crash in between leaves
+an entry that points at nothing or at a task in another state, which the
+trigger recognises and drops; it never leaves a task that no trigger will find.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from leasesched.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from leasesched.model import DueEntry, Task, now_ms
+from leasesched.states import TaskStatus, Transition, allowed, target
+from leasesched.store.base import Expect, IdempotencyRecord, ListQuery, Page, StoreUnavailable, TaskStore
+
+log = logging.getLogger(__name__)
+
+MAX_RACE_RETRIES = 5
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    task: Task
+    created: bool
+
+
+@dataclass(frozen=True)
+class Lease:
+    task: Task
+    token: int
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class HeartbeatAck:
+    expires_at: int
+    cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class FailOutcome:
+    status: TaskStatus
+    next_run_at: int | None = None
+
+
+def run_entry(task: Task, due_at: int) -> DueEntry:
+    return DueEntry(
+        shard=task.shard,
+        due_at=due_at,
+        task_id=task.task_id,
+        kind=DueEntry.RUN,
+        attempt=task.attempt,
+        priority=task.priority,
+        type=task.type,
+    )
+
+
+def lease_entry(task: Task, expires_at: int, grace_ms: int) -> DueEntry:
+    return DueEntry(
+        shard=task.shard,
+        due_at=expires_at + grace_ms,
+        task_id=task.task_id,
+        kind=DueEntry.LEASE,
+        attempt=task.attempt,
+        priority=task.priority,
+        type=task.type,
+    )
+
+
+class Lifecycle:
+    """The one place that turns requests into conditional writes."""
+
+    def __init__(self, store: TaskStore, lease_grace_ms: int = 2000) -> None:
+        self.store = store
+        self.lease_grace_ms = lease_grace_ms
+
+    # ------------------------------------------------------------------ users
+
+    async def schedule(self, task: Task, idempotency_key: str = "", request_hash: bytes = b"") -> Scheduled:
+        """Create ``task`` (or return the one its idempotency key already names)."""
+        try:
+            if idempotency_key:
+                record = IdempotencyRecord(task.task_id, request_hash)
+                existing = await self.store.claim_idempotency_key(task.namespace, idempotency_key, record)
+                if existing is not None:
+                    if existing.request_hash != request_hash:
+                        raise AlreadyExists(
+                            f"idempotency_key {idempotency_key!r} was already used for a different request "
+                            f"(task {existing.task_id})"
+                        )
+                    found = await self.store.get_task(existing.task_id)
+                    if found is not None:
+                        return Scheduled(found, created=False)
+                    # An earlier attempt bound the key and died before the task
+                    # row: finish its work under the id it reserved.
+                    task = task.replace(task_id=existing.task_id, shard=task.shard)
+            # Index entry first: a crash after it leaves only an orphan entry.
+            await self.store.add_due(run_entry(task, max(task.run_at, now_ms())))
+            if not await self.store.insert_task(task):
+                found = await self.store.get_task(task.task_id, serial=True)
+                if found is None:
+                    raise Unavailable("task insert raced and could not be read back; retry")
+                return Scheduled(found, created=False)
+            return Scheduled(task, created=True)
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+
+    async def get(self, task_id: uuid.UUID) -> Task:
+        try:
+            task = await self.store.get_task(task_id)
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+        if task is None:
+            raise NotFound(f"task {task_id} not found")
+        return task
+
+    async def list(self, query: ListQuery) -> Page:
+        try:
+            return await self.store.list_tasks(query)
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+
+    async def cancel(self, task_id: uuid.UUID) -> Task:
+        """SCHEDULED → CANCELLED at once; RUNNING → cancel requested for its worker."""
+        for _ in range(MAX_RACE_RETRIES):
+            task = await self.get(task_id)
+            now = now_ms()
+            if task.status.terminal:
+                raise FailedPrecondition(f"task {task_id} is already {task.status.value}; nothing to cancel")
+            if task.status == TaskStatus.SCHEDULED:
+                changes: dict[str, Any] = {
+                    "status": target(Transition.CANCEL, task.status),
+                    "finished_at": now,
+                    "error": "cancelled by request",
+                    "cancel_requested": True,
+                }
+                expect = Expect(TaskStatus.SCHEDULED, lease_token=task.lease_token)
+            else:
+                if task.cancel_requested:
+                    return task
+                changes = {"cancel_requested": True}
+                expect = Expect(TaskStatus.RUNNING, lease_token=task.lease_token)
+            if (await self._write(task_id, expect, changes)).applied:
+                return task.replace(**changes)
+        raise Unavailable(f"task {task_id} kept changing while cancelling; retry")
+
+    # ---------------------------------------------------------------- workers
+
+    async def claim(self, task_id: uuid.UUID, worker_id: str, attempt: int, now: int | None = None) -> Lease:
+        """SCHEDULED → RUNNING with a new, larger lease token."""
+        task = await self.get(task_id)
+        now = now_ms() if now is None else now
+        if task.status != TaskStatus.SCHEDULED:
+            raise FailedPrecondition(f"task {task_id} is {task.status.value}, not claimable")
+        if attempt and attempt != task.attempt:
+            raise FailedPrecondition(f"task {task_id} is at attempt {task.attempt}, the dispatch was for {attempt}")
+        if task.run_at > now + 1000:
+            raise FailedPrecondition(f"task {task_id} is not due until {task.run_at}")
+        if task.cancel_requested:
+            raise FailedPrecondition(f"task {task_id} has a cancel request")
+        token = task.lease_token + 1
+        expires_at = now + task.lease_ms
+        # The lease check entry goes first: if we crash after the claim, the
+        # trigger still finds the lease and re-queues it once it expires.
+        await self._add_due(lease_entry(task, expires_at, self.lease_grace_ms))
+        changes = {
+            "status": target(Transition.CLAIM, task.status),
+            "lease_token": token,
+            "lease_owner": worker_id,
+            "lease_expires_at": expires_at,
+            "started_at": now,
+            "progress_percent": 0.0,
+            "progress_message": "",
+        }
+        result = await self._write(task_id, Expect(TaskStatus.SCHEDULED, lease_token=task.lease_token), changes)
+        if not result.applied:
+            raise FailedPrecondition(f"task {task_id} was claimed by someone else")
+        return Lease(task.replace(**changes), token, expires_at)
+
+    async def heartbeat(
+        self, task_id: uuid.UUID, token: int, percent: float, message: str, now: int | None = None
+    ) -> HeartbeatAck:
+        """Extend the caller's lease; its answer carries a pending cancel request."""
+        now = now_ms() if now is None else now
+        task = await self.get(task_id)
+        expires_at = now + task.lease_ms
+        changes = {"lease_expires_at": expires_at, "progress_percent": percent, "progress_message": message}
+        expect = Expect(TaskStatus.RUNNING, lease_token=token, cancel_requested=False)
+        result = await self._write(task_id, expect, changes)
+        if result.applied:
+            return HeartbeatAck(expires_at, cancel_requested=False)
+        if result.current_status == TaskStatus.RUNNING and result.current_lease_token == token:
+            # Only the cancel condition failed: the lease is still ours.
+            return HeartbeatAck(task.lease_expires_at or now, cancel_requested=True)
+        raise FailedPrecondition(f"lease lost: task {task_id} no longer runs under token {token}")
+
+    async def complete(self, task_id: uuid.UUID, token: int, result: bytes) -> TaskStatus:
+        now = now_ms()
+        changes = {
+            "status": TaskStatus.SUCCEEDED,
+            "result": result,
+            "finished_at": now,
+            "progress_percent": 100.0,
+            "lease_expires_at": None,
+        }
+        outcome = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token), changes)
+        if outcome.applied:
+            return TaskStatus.SUCCEEDED
+        if outcome.current_status == TaskStatus.SUCCEEDED and outcome.current_lease_token == token:
+            return TaskStatus.SUCCEEDED  # our own earlier completion, retried
+        raise self._stale(task_id, token, outcome.exists)
+
+    async def fail(
+        self,
+        task_id: uuid.UUID,
+        token: int,
+        error: str,
+        error_type: str = "",
+        non_retryable: bool = False,
+        cancelled: bool = False,
+        released: bool = False,
+    ) -> FailOutcome:
+        """A worker's failure report: retry with backoff, fail, cancel or release."""
+        task = await self.get(task_id)
+        if task.status != TaskStatus.RUNNING or task.lease_token != token:
+            if task.lease_token == token and task.status.terminal:
+                return FailOutcome(task.status)  # a retried report of ours
+            raise self._stale(task_id, token, True)
+        now = now_ms()
+        common: dict[str, Any] = {"error": error[:4096], "error_type": error_type[:256], "lease_expires_at": None}
+        if cancelled and task.cancel_requested:
+            changes = {**common, "status": target(Transition.CANCEL_ACK, task.status), "finished_at": now}
+            outcome = FailOutcome(TaskStatus.CANCELLED)
+        elif released:
+            changes = {**common, "status": target(Transition.RELEASE, task.status), "run_at": now, "lease_owner": None}
+            await self._add_due(run_entry(task, now))
+            outcome = FailOutcome(TaskStatus.SCHEDULED, now)
+        else:
+            permanent = non_retryable or error_type in task.retry.non_retryable_error_types
+            deadline_passed = task.deadline_at is not None and now >= task.deadline_at
+            if permanent or deadline_passed or task.attempt >= task.max_attempts:
+                changes = {**common, "status": target(Transition.FAIL, task.status), "finished_at": now}
+                outcome = FailOutcome(TaskStatus.FAILED)
+            else:
+                next_run = now + task.retry.backoff_ms(task.attempt, jitter=random.random())
+                retried = task.replace(attempt=task.attempt + 1)
+                changes = {
+                    **common,
+                    "status": target(Transition.RETRY, task.status),
+                    "attempt": task.attempt + 1,
+                    "run_at": next_run,
+                    "lease_owner": None,
+                }
+                await self._add_due(run_entry(retried, next_run))
+                outcome = FailOutcome(TaskStatus.SCHEDULED, next_run)
+        result = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token), changes)
+        if not result.applied:
+            raise self._stale(task_id, token, result.exists)
+        return outcome
+
+    # ---------------------------------------------------------------- trigger
+
+    async def expire_lease(self, task: Task, now: int | None = None) -> TaskStatus | None:
+        """Re-queue (or fail) a RUNNING task whose lease expired plus grace.
+
+        Returns the new status, or None when the lease turned out to be alive
+        or someone else moved the task first.
+        """
+        now = now_ms() if now is None else now
+        if task.status != TaskStatus.RUNNING or task.lease_expires_at is None:
+            return None
+        if now < task.lease_expires_at + self.lease_grace_ms:
+            return None
+        expect = Expect(TaskStatus.RUNNING, lease_token=task.lease_token)
+        if task.attempt >= task.max_attempts:
+            changes: dict[str, Any] = {
+                "status": target(Transition.LEASE_EXPIRED_FAIL, task.status),
+                "finished_at": now,
+                "error": f"lease expired (attempt {task.attempt} of {task.max_attempts})",
+                "error_type": "LeaseExpired",
+                "lease_expires_at": None,
+            }
+        else:
+            retried = task.replace(attempt=task.attempt + 1)
+            await self._add_due(run_entry(retried, now))
+            changes = {
+                "status": target(Transition.LEASE_EXPIRED_RETRY, task.status),
+                "attempt": task.attempt + 1,
+                "run_at": now,
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "error": f"lease expired on attempt {task.attempt}",
+                "error_type": "LeaseExpired",
+            }
+        result = await self._write(task.task_id, expect, changes)
+        return changes["status"] if result.applied else None
+
+    async def fail_deadline(self, task: Task, reason: str) -> bool:
+        """Fail a task that waited or ran past its deadline (schedule-to-close / -start)."""
+        if not allowed(Transition.DEADLINE, task.status):
+            return False
+        changes = {
+            "status": target(Transition.DEADLINE, task.status),
+            "finished_at": now_ms(),
+            "error": reason,
+            "error_type": "DeadlineExceeded",
+            "lease_expires_at": None,
+        }
+        expect = Expect(task.status, lease_token=task.lease_token)
+        return (await self._write(task.task_id, expect, changes)).applied
+
+    # ---------------------------------------------------------------- helpers
+
+    async def _write(self, task_id: uuid.UUID, expect: Expect, changes: dict[str, Any]) -> Any:
+        try:
+            return await self.store.update_task(task_id, expect, changes)
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+
+    async def _add_due(self, entry: DueEntry) -> None:
+        try:
+            await self.store.add_due(entry)
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+
+    @staticmethod
+    def _stale(task_id: uuid.UUID, token: int, exists: bool) -> Exception:
+        if not exists:
+            return NotFound(f"task {task_id} not found")
+        return FailedPrecondition(f"lease lost: task {task_id} no longer runs under token {token}")

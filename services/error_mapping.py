@@ -1,0 +1,64 @@
+"""A server interceptor that turns domain errors into gRPC status codes.
+
+Handlers raise ``leasesched.errors`` exceptions and stay free of status-code
+plumbing; anything unexpected is logged with its traceback and answered with
+INTERNAL, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable
+
+import grpc
+
+from leasesched import errors
+
+log = logging.getLogger(__name__)
+
+CODES: dict[type[errors.SchedulerError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def code_for(exc: errors.SchedulerError) -> grpc.StatusCode:
+    for kind in type(exc).__mro__:
+        if kind in CODES:
+            return CODES[kind]  # type: ignore[index]
+    return grpc.StatusCode.UNKNOWN
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = handler_call_details.method
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner(request, context)
+            except errors.SchedulerError as exc:
+                await context.abort(code_for(exc), str(exc))
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                log.exception("unexpected error in %s", method)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,72 @@
+"""TaskService: the user API (schedule, poll, cancel, list)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable
+
+import grpc
+
+from leasesched.config import Config
+from leasesched.errors import InvalidArgument
+from leasesched.lifecycle import Lifecycle
+from leasesched.model import now_ms
+from leasesched.store.base import ListQuery
+from leasesched.store.page_token import BadPageToken, decode_token
+from leasesched.v1 import scheduler_pb2 as pb
+from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from services.convert import status_from_pb, task_view, ts
+from services.validation import check_namespace, check_task_id, request_hash, validate_schedule
+
+log = logging.getLogger(__name__)
+
+# Called with (task_id, shard) after an immediate task is stored: a hint to the
+# shard's trigger so the task is dispatched in milliseconds, not at the next scan.
+DueNotifier = Callable[[str, int], Awaitable[None]]
+
+
+class TaskService(pb_grpc.TaskServiceServicer):
+    def __init__(self, cfg: Config, lifecycle: Lifecycle, shards: int, notify_due: DueNotifier | None = None) -> None:
+        self._cfg = cfg
+        self._lifecycle = lifecycle
+        self._shards = shards
+        self._notify_due = notify_due
+
+    async def ScheduleTask(self, request: pb.ScheduleTaskRequest, context: grpc.aio.ServicerContext) -> pb.ScheduleTaskResponse:
+        now = now_ms()
+        task = validate_schedule(request, self._cfg, self._shards, now)
+        outcome = await self._lifecycle.schedule(task, request.idempotency_key, request_hash(request))
+        stored = outcome.task
+        log.info("task %s %s (type=%s, shard=%d)", stored.task_id, "scheduled" if outcome.created else "found by key", stored.type, stored.shard)
+        if outcome.created and self._notify_due is not None and stored.run_at <= now_ms():
+            await self._notify_due(str(stored.task_id), stored.shard)
+        return pb.ScheduleTaskResponse(task_id=str(stored.task_id), run_at=ts(stored.run_at), created=outcome.created)
+
+    async def PollTask(self, request: pb.PollTaskRequest, context: grpc.aio.ServicerContext) -> pb.PollTaskResponse:
+        task = await self._lifecycle.get(check_task_id(request.task_id))
+        return pb.PollTaskResponse(task=task_view(task))
+
+    async def CancelTask(self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext) -> pb.CancelTaskResponse:
+        task = await self._lifecycle.cancel(check_task_id(request.task_id))
+        log.info("task %s cancel: now %s", task.task_id, task.status.value)
+        return pb.CancelTaskResponse(task=task_view(task))
+
+    async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
+        namespace = check_namespace(request.namespace)
+        if request.page_size < 0 or request.page_size > self._cfg.list_page_max:
+            raise InvalidArgument(f"page_size must be between 0 and {self._cfg.list_page_max}")
+        if request.status not in pb.TaskStatus.values():
+            raise InvalidArgument(f"status {request.status} is not a TaskStatus")
+        try:
+            decode_token(request.page_token)
+        except BadPageToken as exc:
+            raise InvalidArgument(str(exc)) from None
+        query = ListQuery(
+            namespace=namespace,
+            status=status_from_pb(request.status),
+            page_size=request.page_size or 100,
+            page_token=request.page_token,
+            extra={"list_days": self._cfg.list_days},
+        )
+        page = await self._lifecycle.list(query)
+        return pb.ListTasksResponse(tasks=[task_view(t) for t in page.tasks], next_page_token=page.next_token)
