@@ -1,0 +1,43 @@
+import itertools
+
+import pytest
+
+from leasesched.states import TERMINAL, TRANSITIONS, IllegalTransition, TaskStatus, Transition, allowed, target
+
+
+@pytest.mark.parametrize("transition", list(Transition))
+def test_every_transition_is_defined(transition: Transition) -> None:
+    sources, to = TRANSITIONS[transition]
+    assert sources, transition
+    assert isinstance(to, TaskStatus)
+
+
+@pytest.mark.parametrize("transition,status", list(itertools.product(Transition, TaskStatus)))
+def test_target_raises_exactly_for_illegal_sources(transition: Transition, status: TaskStatus) -> None:
+    sources, to = TRANSITIONS[transition]
+    if status in sources:
+        assert target(transition, status) == to
+        assert allowed(transition, status)
+    else:
+        with pytest.raises(IllegalTransition) as err:
+            target(transition, status)
+        assert status.value in str(err.value)
+        assert not allowed(transition, status)
+
+
+def test_terminal_states_have_no_way_out() -> None:
+    for transition, (sources, _) in TRANSITIONS.items():
+        assert not (sources & TERMINAL), f"{transition} leaves a terminal state"
+
+
+def test_expected_graph() -> None:
+    assert target(Transition.CLAIM, TaskStatus.SCHEDULED) == TaskStatus.RUNNING
+    assert target(Transition.COMPLETE, TaskStatus.RUNNING) == TaskStatus.SUCCEEDED
+    assert target(Transition.RETRY, TaskStatus.RUNNING) == TaskStatus.SCHEDULED
+    assert target(Transition.LEASE_EXPIRED_RETRY, TaskStatus.RUNNING) == TaskStatus.SCHEDULED
+    assert target(Transition.CANCEL, TaskStatus.SCHEDULED) == TaskStatus.CANCELLED
+    assert target(Transition.CANCEL_ACK, TaskStatus.RUNNING) == TaskStatus.CANCELLED
+    with pytest.raises(IllegalTransition):
+        target(Transition.CANCEL, TaskStatus.RUNNING)  # running tasks get a cancel *request*
+    with pytest.raises(IllegalTransition):
+        target(Transition.CLAIM, TaskStatus.RUNNING)
