@@ -63,10 +63,11 @@ def run_entry(task: Task, due_at: int) -> DueEntry:
         attempt=task.attempt,
         priority=task.priority,
         type=task.type,
+        lease_token=task.lease_token,
     )
 
 
-def lease_entry(task: Task, expires_at: int, grace_ms: int) -> DueEntry:
+def lease_entry(task: Task, expires_at: int, grace_ms: int, token: int) -> DueEntry:
     return DueEntry(
         shard=task.shard,
         due_at=expires_at + grace_ms,
@@ -75,6 +76,7 @@ def lease_entry(task: Task, expires_at: int, grace_ms: int) -> DueEntry:
         attempt=task.attempt,
         priority=task.priority,
         type=task.type,
+        lease_token=token,
     )
 
 
@@ -173,7 +175,7 @@ class Lifecycle:
         expires_at = now + task.lease_ms
         # The lease check entry goes first: if we crash after the claim, the
         # trigger still finds the lease and re-queues it once it expires.
-        await self._add_due(lease_entry(task, expires_at, self.lease_grace_ms))
+        await self._add_due(lease_entry(task, expires_at, self.lease_grace_ms, token))
         changes = {
             "status": target(Transition.CLAIM, task.status),
             "lease_token": token,

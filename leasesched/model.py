@@ -93,8 +93,7 @@ class Task:
 class DueEntry:
     """A row of the due index: "something must happen to this task at due_at".
 
-    ``kind`` says what: RUN (dispatch it), LEASE (check its lease), or
-    DEADLINE (fail it if it is still not finished).
+    ``kind`` says what: RUN (dispatch it) or LEASE (check its lease).
     """
 
     shard: int
@@ -104,6 +103,7 @@ class DueEntry:
     attempt: int = 1
     priority: int = 5
     type: str = ""
+    lease_token: int = 0  # the task's token when written: tells re-queues apart
 
     RUN = "run"
     LEASE = "lease"

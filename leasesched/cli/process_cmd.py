@@ -24,10 +24,21 @@ def setup_logging(level: str = "INFO") -> None:
 @click.pass_obj
 def task_service(cfg: Config, port: int | None) -> None:
     """Run the TaskService (user API) until SIGTERM/SIGINT."""
-    from services.task_service_main import serve
+    from services.main import serve
 
     setup_logging()
-    asyncio.run(serve(cfg, port))
+    asyncio.run(serve(cfg, "task-service", cfg.task_service_port if port is None else port))
+
+
+@click.command("task-updater")
+@click.option("--port", type=int, default=None, help="Port to serve on (default from config; 0 = any).")
+@click.pass_obj
+def task_updater(cfg: Config, port: int | None) -> None:
+    """Run the TaskUpdater (worker API) until SIGTERM/SIGINT."""
+    from services.main import serve
+
+    setup_logging()
+    asyncio.run(serve(cfg, "task-updater", cfg.task_updater_port if port is None else port))
 
 
 @click.group()
@@ -51,4 +62,5 @@ def schema_apply(cfg: Config) -> None:
 
 def register(cli: click.Group) -> None:
     cli.add_command(task_service)
+    cli.add_command(task_updater)
     cli.add_command(schema)

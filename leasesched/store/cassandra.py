@@ -260,9 +260,9 @@ class CassandraStore:
             "get_task": "SELECT * FROM tasks WHERE task_id = ?",
             "get_write_id": "SELECT write_id FROM tasks WHERE task_id = ?",
             "claim_key": "INSERT INTO idempotency_keys (namespace, idem_key, task_id, request_hash) VALUES (?, ?, ?, ?) IF NOT EXISTS",
-            "add_due": "INSERT INTO due_index (shard, bucket, due_at, task_id, kind, attempt, priority, type) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
-            "read_due": "SELECT due_at, task_id, kind, attempt, priority, type FROM due_index "
+            "add_due": "INSERT INTO due_index (shard, bucket, due_at, task_id, kind, attempt, priority, type, lease_token) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
+            "read_due": "SELECT due_at, task_id, kind, attempt, priority, type, lease_token FROM due_index "
             "WHERE shard = ? AND bucket = ? AND due_at >= ? AND due_at <= ?",
             "delete_due": "DELETE FROM due_index WHERE shard = ? AND bucket = ? AND due_at = ? AND task_id = ? AND kind = ?",
             "index_ns": "INSERT INTO tasks_by_namespace (namespace, day, created_at, task_id) VALUES (?, ?, ?, ?)",
@@ -465,7 +465,18 @@ class CassandraStore:
         ttl = max(0, (entry.due_at - int(time.time() * 1000)) // 1000) + DUE_TTL_EXTRA_S
         await self._run_plain(
             "add_due",
-            (entry.shard, bucket, entry.due_at, entry.task_id, entry.kind, entry.attempt, entry.priority, entry.type, ttl),
+            (
+                entry.shard,
+                bucket,
+                entry.due_at,
+                entry.task_id,
+                entry.kind,
+                entry.attempt,
+                entry.priority,
+                entry.type,
+                entry.lease_token,
+                ttl,
+            ),
         )
 
     async def read_due(self, shard: int, from_ms: int, to_ms: int, bucket_s: int) -> list[DueEntry]:
@@ -481,6 +492,7 @@ class CassandraStore:
                 attempt=r.attempt or 1,
                 priority=r.priority if r.priority is not None else 5,
                 type=r.type or "",
+                lease_token=r.lease_token or 0,
             )
             for rows in results
             for r in rows

@@ -1,0 +1,65 @@
+"""Process entry points for the two API services: ``leasesched task-service``
+and ``leasesched task-updater``. Both connect to ZooKeeper (cluster shape,
+registration) and Cassandra, serve until SIGTERM, then stop gracefully:
+health turns NOT_SERVING, the registration disappears, in-flight calls get a
+grace period to finish."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from leasesched.config import Config
+from leasesched.coordination import cluster_meta, registry, zk
+from leasesched.lifecycle import Lifecycle
+from leasesched.store.base import StoreUnavailable
+from leasesched.store.cassandra import CassandraStore
+from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from services.due_notifier import DueNotifier
+from services.server import build_server, wait_for_stop_signal
+from services.task_service import TaskService
+from services.task_updater import TaskUpdater
+
+log = logging.getLogger(__name__)
+
+
+async def serve(cfg: Config, role: str, port: int) -> None:
+    """Run ``role`` ("task-service" or "task-updater") until a stop signal."""
+    client = await asyncio.to_thread(zk.connect, cfg)
+    meta = await asyncio.to_thread(cluster_meta.ensure, client, cfg)
+    store = CassandraStore(cfg)
+    try:
+        await store.connect()
+    except StoreUnavailable as exc:
+        # Serve anyway: calls answer UNAVAILABLE until Cassandra is back.
+        log.warning("starting without Cassandra: %s", exc)
+    lifecycle = Lifecycle(store, lease_grace_ms=int(cfg.lease_grace_s * 1000))
+    notifier: DueNotifier | None = None
+    adders: list[tuple[Any, Any, str]]
+    if role == "task-service":
+        notifier = DueNotifier(client, cfg.zk_root)
+        await notifier.start()
+        service: Any = TaskService(cfg, lifecycle, meta.logical_shards, notify_due=notifier)
+        adders = [(pb_grpc.add_TaskServiceServicer_to_server, service, "leasesched.v1.TaskService")]
+    elif role == "task-updater":
+        adders = [(pb_grpc.add_TaskUpdaterServicer_to_server, TaskUpdater(cfg, lifecycle), "leasesched.v1.TaskUpdater")]
+    else:
+        raise ValueError(f"unknown role {role!r}")
+    server = await build_server(f"{cfg.bind_host}:{port}", adders)
+    await server.server.start()
+    await server.set_serving(True)
+    address = f"{cfg.bind_host}:{server.port}"
+    await asyncio.to_thread(registry.register, client, cfg.zk_root, role, address)
+    log.info("%s serving on %s", role, address)
+    try:
+        await wait_for_stop_signal()
+    finally:
+        log.info("%s stopping", role)
+        await server.set_serving(False)
+        client.stop()  # the ephemeral registration goes with the session
+        await server.server.stop(grace=5)
+        if notifier:
+            await notifier.stop()
+        await store.close()
+        client.close()

@@ -1,0 +1,93 @@
+"""TaskUpdater: the worker API (claim, heartbeat, complete, fail).
+
+Kept apart from TaskService so that worker traffic never starves users. Every
+call is one conditional write on the lease token; a stale token is answered
+FAILED_PRECONDITION "lease lost" and the worker must stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import grpc
+
+from leasesched.config import Config
+from leasesched.errors import InvalidArgument
+from leasesched.lifecycle import Lifecycle
+from leasesched.v1 import scheduler_pb2 as pb
+from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from services.convert import dur, status_to_pb, ts
+from services.validation import check_task_id
+
+log = logging.getLogger(__name__)
+
+MAX_WORKER_ID = 256
+MAX_MESSAGE = 4096
+
+
+def _check_worker(worker_id: str) -> str:
+    if not worker_id or len(worker_id) > MAX_WORKER_ID:
+        raise InvalidArgument(f"worker_id must be 1-{MAX_WORKER_ID} characters")
+    return worker_id
+
+
+def _check_token(token: int) -> int:
+    if token <= 0:
+        raise InvalidArgument("lease_token must be the positive token returned by ClaimTask")
+    return token
+
+
+class TaskUpdater(pb_grpc.TaskUpdaterServicer):
+    def __init__(self, cfg: Config, lifecycle: Lifecycle) -> None:
+        self._cfg = cfg
+        self._lifecycle = lifecycle
+
+    async def ClaimTask(self, request: pb.ClaimTaskRequest, context: grpc.aio.ServicerContext) -> pb.ClaimTaskResponse:
+        task_id = check_task_id(request.task_id)
+        lease = await self._lifecycle.claim(task_id, _check_worker(request.worker_id), request.attempt)
+        task = lease.task
+        log.info("task %s claimed by %s (token %d, attempt %d)", task_id, request.worker_id, lease.token, task.attempt)
+        return pb.ClaimTaskResponse(
+            task_id=str(task_id),
+            lease_token=lease.token,
+            lease_expires_at=ts(lease.expires_at),
+            lease_duration=dur(task.lease_ms),
+            payload=task.payload,
+            attempt=task.attempt,
+            type=task.type,
+            namespace=task.namespace,
+            start_to_close=dur(task.timeouts.start_to_close_ms),
+        )
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
+        task_id = check_task_id(request.task_id)
+        percent = request.progress.percent
+        if math.isnan(percent) or not 0.0 <= percent <= 100.0:
+            raise InvalidArgument("progress.percent must be between 0 and 100")
+        if len(request.progress.message) > MAX_MESSAGE:
+            raise InvalidArgument(f"progress.message is over {MAX_MESSAGE} characters")
+        ack = await self._lifecycle.heartbeat(task_id, _check_token(request.lease_token), percent, request.progress.message)
+        return pb.HeartbeatResponse(lease_expires_at=ts(ack.expires_at), cancel_requested=ack.cancel_requested)
+
+    async def CompleteTask(self, request: pb.CompleteTaskRequest, context: grpc.aio.ServicerContext) -> pb.CompleteTaskResponse:
+        task_id = check_task_id(request.task_id)
+        if len(request.result) > self._cfg.max_result_bytes:
+            raise InvalidArgument(f"result is {len(request.result)} bytes, over the limit of {self._cfg.max_result_bytes}")
+        status = await self._lifecycle.complete(task_id, _check_token(request.lease_token), request.result)
+        log.info("task %s completed under token %d", task_id, request.lease_token)
+        return pb.CompleteTaskResponse(status=status_to_pb(status))
+
+    async def FailTask(self, request: pb.FailTaskRequest, context: grpc.aio.ServicerContext) -> pb.FailTaskResponse:
+        task_id = check_task_id(request.task_id)
+        outcome = await self._lifecycle.fail(
+            task_id,
+            _check_token(request.lease_token),
+            request.error,
+            request.error_type,
+            non_retryable=request.non_retryable,
+            cancelled=request.cancelled,
+            released=request.released,
+        )
+        log.info("task %s failed under token %d: now %s", task_id, request.lease_token, outcome.status.value)
+        return pb.FailTaskResponse(status=status_to_pb(outcome.status), next_run_at=ts(outcome.next_run_at))
