@@ -1,0 +1,109 @@
+"""Shared pytest fixtures: real, test-only Cassandra and ZooKeeper servers.
+
+Integration tests ask for the session-scoped ``infra`` fixture and get their
+own Cassandra and ZooKeeper on free ports, with data under
+``<repo>/.leasesched/test-<pid>/``, so a developer's running `infra up`
+servers are never touched and two test sessions can run at once. The
+Cassandra download is shared with the developer's (``<repo>/.leasesched/dist``)
+so it happens once per checkout. Unit tests never request the fixture and pay
+nothing for it.
+
+Set LEASESCHED_KEEP_TEST_DATA=1 to keep the data and logs of a session after it
+ends (for post-mortems of a failed run).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from leasesched.config import Config
+from leasesched.infra.local import LocalInfra
+
+REPO = Path(__file__).resolve().parent.parent
+STATE_DIR = REPO / ".leasesched"
+DIST_DIR = STATE_DIR / "dist"
+TEST_KEYSPACE = "leasesched_test"
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports that were free a moment ago.
+
+    All sockets stay bound until every port is chosen, so the kernel cannot
+    hand out the same port twice; the small race with other programs between
+    closing them and the servers binding is acceptable for tests.
+    """
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_test_dirs() -> None:
+    """Stop servers and delete data left by test sessions that died without cleanup.
+
+    A session killed with SIGKILL (or a second Ctrl-C) cannot run its
+    teardown; its servers would keep running, holding ~1.5 GB of memory.
+    """
+    for folder in STATE_DIR.glob("test-*"):
+        try:
+            pid = int(folder.name.removeprefix("test-"))
+        except ValueError:
+            continue
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        LocalInfra.from_config(Config(home=str(folder)), dist_dir=DIST_DIR).down(timeout=10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the real servers, so `-m "not integration"` skips them."""
+    for item in items:
+        if "infra" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def infra() -> Iterator[LocalInfra]:
+    """A running Cassandra and ZooKeeper for this test session.
+
+    Yields a ``LocalInfra``: ``.cassandra`` (CassandraServer), ``.zookeeper``
+    (ZooKeeperServer) and ``.config`` (a Config pointing at them, keyspace
+    ``leasesched_test``). Tests may stop, kill, pause and restart the servers
+    (chaos tests do) but must leave them running when they finish.
+    """
+    _remove_stale_test_dirs()
+    home = STATE_DIR / f"test-{os.getpid()}"
+    cassandra_port, storage_port, zk_port = free_ports(3)
+    config = Config(
+        home=str(home),
+        cassandra_port=cassandra_port,
+        cassandra_storage_port=storage_port,
+        zk_hosts=f"127.0.0.1:{zk_port}",
+        keyspace=TEST_KEYSPACE,
+    )
+    local = LocalInfra.from_config(config, dist_dir=DIST_DIR)
+    try:
+        local.up()  # both at once; also installs Cassandra on first use
+        yield local
+    finally:
+        local.down(timeout=30)
+        if not os.environ.get("LEASESCHED_KEEP_TEST_DATA"):
+            shutil.rmtree(home, ignore_errors=True)
