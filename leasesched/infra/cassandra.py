@@ -56,21 +56,32 @@ DAEMON_JAR = "apache-cassandra-2.1.0.jar"
 LOGBACK_XML = Path(__file__).with_name("logback.xml")
 CLUSTER_NAME = "leasesched local"  # stored in the data on first start: never change it
 
-# Java 17 refuses Cassandra 2.1's reflection into the JDK without these.
-_OPENS = (
-    "java.lang", "java.lang.reflect", "java.lang.ref", "java.util", "java.util.concurrent",
-    "java.util.concurrent.atomic", "java.util.concurrent.locks", "java.io", "java.nio",
-    "java.nio.channels", "java.net", "java.security", "java.text", "java.math", "sun.nio.ch",
-    "jdk.internal.misc", "jdk.internal.ref", "jdk.internal.loader", "java.nio.file", "java.time",
-    "java.util.regex",
-)  # fmt: skip
 _EXPORTS = ("jdk.internal.misc", "jdk.internal.ref", "sun.nio.ch")
 
 
-def java_flags_for_cassandra() -> list[str]:
-    """The --add-opens/--add-exports flags that let Cassandra 2.1 run on Java 17."""
+def java_base_packages(java: str) -> list[str]:
+    """Every package of the JDK's java.base module, as ``java`` itself lists them."""
+    out = subprocess.run([java, "--describe-module", "java.base"], capture_output=True, text=True, check=True).stdout
+    packages = set()
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] in ("exports", "contains"):
+            packages.add(words[1])
+        elif len(words) >= 3 and words[0] == "qualified" and words[1] in ("exports", "opens"):
+            packages.add(words[2])
+    return sorted(packages)
+
+
+def java_flags_for_cassandra(java: str = "java") -> list[str]:
+    """The --add-opens/--add-exports flags that let Cassandra 2.1 run on Java 17.
+
+    DESIGN.md lists 21 packages; they are not enough: Cassandra measures
+    prepared statements with jamm, which walks object graphs by reflection
+    into any JDK class (preparing a statement failed on java.nio.charset). So
+    every java.base package is opened, read from the JDK at start.
+    """
     flags: list[str] = []
-    for pkg in _OPENS:
+    for pkg in java_base_packages(java):
         flags += ["--add-opens", f"java.base/{pkg}=ALL-UNNAMED"]
     for pkg in _EXPORTS:
         flags += ["--add-exports", f"java.base/{pkg}=ALL-UNNAMED"]
@@ -250,12 +261,13 @@ class CassandraServer:
     def command(self) -> list[str]:
         """The java command line that runs the daemon in the foreground."""
         home = self.cassandra_home
+        java = find_java()
         return [
-            find_java(),
+            java,
             f"-Xms{self.heap}",
             f"-Xmx{self.heap}",
             "-Xss512k",
-            *java_flags_for_cassandra(),
+            *java_flags_for_cassandra(java),
             "-Djava.net.preferIPv4Stack=true",
             f"-Dcassandra.config={self.config_file.resolve().as_uri()}",
             "-Dcassandra-foreground=yes",
