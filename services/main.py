@@ -50,16 +50,18 @@ async def serve(cfg: Config, role: str, port: int) -> None:
     await server.server.start()
     await server.set_serving(True)
     address = f"{cfg.bind_host}:{server.port}"
-    await asyncio.to_thread(registry.register, client, cfg.zk_root, role, address)
+    registration = registry.Registration(client, cfg.zk_root, role, address)
+    await asyncio.to_thread(registration.start)
     log.info("%s serving on %s", role, address)
     try:
         await wait_for_stop_signal()
     finally:
         log.info("%s stopping", role)
         await server.set_serving(False)
-        client.stop()  # the ephemeral registration goes with the session
+        await asyncio.to_thread(registration.close)
         await server.server.stop(grace=5)
         if notifier:
             await notifier.stop()
         await store.close()
+        client.stop()
         client.close()

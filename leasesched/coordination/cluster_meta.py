@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 from kazoo.client import KazooClient
@@ -24,11 +25,16 @@ log = logging.getLogger(__name__)
 class ClusterMeta:
     logical_shards: int
     due_bucket_s: int
+    created_at_ms: int  # triggers start reading a shard's due index here
 
 
 def ensure(zk: KazooClient, cfg: Config) -> ClusterMeta:
     path = f"{cfg.zk_root}/cluster"
-    wanted = {"logical_shards": cfg.logical_shards, "due_bucket_s": cfg.due_bucket_s}
+    wanted = {
+        "logical_shards": cfg.logical_shards,
+        "due_bucket_s": cfg.due_bucket_s,
+        "created_at_ms": int(time.time() * 1000),
+    }
     zk.ensure_path(cfg.zk_root)
     try:
         zk.create(path, json.dumps(wanted).encode())
@@ -37,7 +43,7 @@ def ensure(zk: KazooClient, cfg: Config) -> ClusterMeta:
         pass
     data, _ = zk.get(path)
     stored = json.loads(data)
-    meta = ClusterMeta(int(stored["logical_shards"]), int(stored["due_bucket_s"]))
+    meta = ClusterMeta(int(stored["logical_shards"]), int(stored["due_bucket_s"]), int(stored["created_at_ms"]))
     if meta.logical_shards != cfg.logical_shards:
         log.warning(
             "configured logical_shards=%d ignored: the cluster was created with %d",

@@ -1,0 +1,228 @@
+"""Handing due tasks to subscribed workers, highest priority first.
+
+Workers keep one long-lived Subscribe stream per trigger and tell it how many
+free slots they have (``Credit``, an absolute number). The trigger sends at
+most that many dispatches; a task with no free worker waits in a priority heap
+per (namespace, type) and goes out the moment a slot frees. Only due tasks
+ever enter the dispatcher: a delayed task never sits in a worker's memory.
+
+A dispatch is a hint, not a transition: the worker must still win ClaimTask.
+So a dispatch that is lost (worker died, stream broke, worker had no slot
+after all) costs only time: after ``claim_timeout`` the trigger re-reads the
+task and, if nobody claimed it, offers it again. A worker that over-received
+(it subscribes to several triggers) returns the task at once instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from leasesched.v1 import scheduler_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(order=True)
+class Ready:
+    """A due task waiting for a worker. Ordered by priority (high first), then due time."""
+
+    sort_key: tuple[int, int, int]
+    task_id: uuid.UUID = field(compare=False)
+    namespace: str = field(compare=False)
+    type: str = field(compare=False)
+    attempt: int = field(compare=False)
+    lease_token: int = field(compare=False)
+    priority: int = field(compare=False)
+    run_at: int = field(compare=False)
+    shard: int = field(compare=False)
+    # Called once the task no longer needs this trigger (claimed, gone, shard lost).
+    on_done: Callable[[], None] = field(compare=False)
+
+
+@dataclass(eq=False)
+class WorkerLink:
+    """One worker's Subscribe stream."""
+
+    worker_id: str
+    namespace: str
+    types: frozenset[str]
+    credits: int
+    outbox: asyncio.Queue[pb.Dispatch] = field(default_factory=asyncio.Queue)
+
+
+# Decides, after the claim timeout, whether a dispatched task is still unclaimed.
+ClaimCheck = Callable[[Ready], Awaitable[bool]]
+
+
+class Dispatcher:
+    def __init__(self, claim_timeout_s: float, still_unclaimed: ClaimCheck) -> None:
+        self._claim_timeout_s = claim_timeout_s
+        self._still_unclaimed = still_unclaimed
+        self._heaps: dict[tuple[str, str], list[Ready]] = {}
+        self._links: set[WorkerLink] = set()
+        self._inflight: dict[uuid.UUID, tuple[Ready, asyncio.TimerHandle]] = {}
+        self._queued: set[uuid.UUID] = set()
+        self._seq = itertools.count()
+        self._checks: set[asyncio.Task[None]] = set()
+        self.dispatched_total = 0
+
+    # ------------------------------------------------------------ workers
+
+    def connect(self, worker_id: str, namespace: str, types: frozenset[str], credits: int) -> WorkerLink:
+        link = WorkerLink(worker_id, namespace, types, max(0, credits))
+        self._links.add(link)
+        log.info("worker %s subscribed for %s/%s with %d slots", worker_id, namespace, sorted(types), credits)
+        self._drain(link)
+        return link
+
+    def disconnect(self, link: WorkerLink) -> None:
+        self._links.discard(link)
+        # Dispatches that never left the process go straight back to the heap.
+        while not link.outbox.empty():
+            dispatch = link.outbox.get_nowait()
+            self._return(uuid.UUID(dispatch.task_id))
+        log.info("worker %s unsubscribed", link.worker_id)
+
+    def set_credits(self, link: WorkerLink, slots: int) -> None:
+        link.credits = max(0, slots) - link.outbox.qsize()
+        self._drain(link)
+
+    def returned(self, task_id: uuid.UUID) -> None:
+        """The worker had no free slot after all: offer the task again now."""
+        self._return(task_id)
+
+    # ------------------------------------------------------------ tasks
+
+    def offer(self, ready: Ready) -> None:
+        if ready.task_id in self._queued or ready.task_id in self._inflight:
+            ready.on_done()  # already handled under another entry
+            return
+        link = self._pick(ready)
+        if link is not None:
+            self._send(link, ready)
+        else:
+            self._queued.add(ready.task_id)
+            heapq.heappush(self._heaps.setdefault((ready.namespace, ready.type), []), ready)
+
+    def drop_shards(self, keep: frozenset[int]) -> None:
+        """Forget tasks of shards this trigger no longer owns; their new owner
+        re-reads them from its checkpoint."""
+        for key, heap in list(self._heaps.items()):
+            kept = [r for r in heap if r.shard in keep]
+            for r in heap:
+                if r.shard not in keep:
+                    self._queued.discard(r.task_id)
+                    r.on_done()
+            heapq.heapify(kept)
+            self._heaps[key] = kept
+        for task_id, (ready, timer) in list(self._inflight.items()):
+            if ready.shard not in keep:
+                timer.cancel()
+                del self._inflight[task_id]
+                ready.on_done()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "queued": sum(len(h) for h in self._heaps.values()),
+            "inflight": len(self._inflight),
+            "workers": len(self._links),
+            "dispatched_total": self.dispatched_total,
+        }
+
+    # ------------------------------------------------------------ internals
+
+    def _pick(self, ready: Ready) -> WorkerLink | None:
+        best: WorkerLink | None = None
+        for link in self._links:
+            if link.credits > 0 and link.namespace == ready.namespace and ready.type in link.types:
+                if best is None or link.credits > best.credits:
+                    best = link
+        return best
+
+    def _send(self, link: WorkerLink, ready: Ready) -> None:
+        link.credits -= 1
+        dispatch = pb.Dispatch(task_id=str(ready.task_id), type=ready.type, attempt=ready.attempt, priority=ready.priority)
+        dispatch.run_at.FromMilliseconds(ready.run_at)
+        link.outbox.put_nowait(dispatch)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self._claim_timeout_s, self._start_claim_check, ready.task_id)
+        self._inflight[ready.task_id] = (ready, timer)
+        self.dispatched_total += 1
+
+    def _drain(self, link: WorkerLink) -> None:
+        while link.credits > 0:
+            best_heap: list[Ready] | None = None
+            for t in link.types:
+                heap = self._heaps.get((link.namespace, t))
+                if heap and (best_heap is None or heap[0] < best_heap[0]):
+                    best_heap = heap
+            if best_heap is None:
+                return
+            ready = heapq.heappop(best_heap)
+            self._queued.discard(ready.task_id)
+            self._send(link, ready)
+
+    def _return(self, task_id: uuid.UUID) -> None:
+        entry = self._inflight.pop(task_id, None)
+        if entry is None:
+            return
+        ready, timer = entry
+        timer.cancel()
+        self.offer(ready)
+
+    def _start_claim_check(self, task_id: uuid.UUID) -> None:
+        entry = self._inflight.get(task_id)
+        if entry is None:
+            return
+        task = asyncio.ensure_future(self._claim_check(entry[0]))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _claim_check(self, ready: Ready) -> None:
+        try:
+            unclaimed = await self._still_unclaimed(ready)
+        except Exception as exc:  # noqa: BLE001 - store trouble: look again later
+            log.warning("claim check of task %s failed: %s", ready.task_id, exc)
+            loop = asyncio.get_running_loop()
+            if ready.task_id in self._inflight:
+                timer = loop.call_later(self._claim_timeout_s, self._start_claim_check, ready.task_id)
+                self._inflight[ready.task_id] = (ready, timer)
+            return
+        if self._inflight.pop(ready.task_id, None) is None:
+            return  # dropped meanwhile (shard lost)
+        if unclaimed:
+            log.info("task %s not claimed within %.1f s; dispatching again", ready.task_id, self._claim_timeout_s)
+            self.offer(ready)
+        else:
+            ready.on_done()
+
+    def make_ready(
+        self,
+        task_id: uuid.UUID,
+        namespace: str,
+        type_: str,
+        attempt: int,
+        lease_token: int,
+        priority: int,
+        run_at: int,
+        shard: int,
+        on_done: Callable[[], None],
+    ) -> Ready:
+        return Ready(
+            sort_key=(-priority, run_at, next(self._seq)),
+            task_id=task_id,
+            namespace=namespace,
+            type=type_,
+            attempt=attempt,
+            lease_token=lease_token,
+            priority=priority,
+            run_at=run_at,
+            shard=shard,
+            on_done=on_done,
+        )

@@ -1,0 +1,155 @@
+"""The trigger process: ``leasesched trigger``.
+
+Joins the ZooKeeper partition of logical shards, runs one ``ShardScanner`` per
+owned shard, and serves TriggerService (worker subscriptions, due hints).
+Its ZooKeeper registration carries the shards it owns, so TaskService knows
+where to send due hints and ``leasesched cluster status`` can show them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from leasesched.config import Config
+from leasesched.coordination import cluster_meta, registry, zk
+from leasesched.lifecycle import Lifecycle
+from leasesched.model import now_ms
+from leasesched.states import TaskStatus
+from leasesched.store.base import StoreUnavailable
+from leasesched.store.cassandra import CassandraStore
+from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from services.server import build_server, wait_for_stop_signal
+from trigger.dispatcher import Dispatcher, Ready
+from trigger.ownership import ShardOwnership
+from trigger.scanner import ScanSettings, ShardScanner
+from trigger.service import TriggerService
+
+log = logging.getLogger(__name__)
+
+
+class Trigger:
+    """Owned shards → running scanners; everything on one asyncio loop."""
+
+    def __init__(self, cfg: Config, lifecycle: Lifecycle, settings: ScanSettings) -> None:
+        self._cfg = cfg
+        self._lifecycle = lifecycle
+        self._settings = settings
+        self.dispatcher = Dispatcher(cfg.claim_timeout_s, self._still_unclaimed)
+        self._scanners: dict[int, tuple[ShardScanner, asyncio.Task[None]]] = {}
+        self._hints: set[asyncio.Task[None]] = set()
+        self.owned: frozenset[int] = frozenset()
+
+    async def _still_unclaimed(self, ready: Ready) -> bool:
+        task = await self._lifecycle.store.get_task(ready.task_id)
+        if task is None or ready.shard not in self.owned:
+            return False
+        return (task.status, task.attempt, task.lease_token) == (TaskStatus.SCHEDULED, ready.attempt, ready.lease_token)
+
+    def set_owned(self, owned: frozenset[int]) -> None:
+        """Start and stop scanners so that exactly the owned shards are worked."""
+        self.owned = owned
+        for shard in list(self._scanners):
+            if shard not in owned:
+                scanner, task = self._scanners.pop(shard)
+                scanner.stop()
+                task.cancel()
+        self.dispatcher.drop_shards(owned)
+        for shard in owned:
+            if shard not in self._scanners:
+                scanner = ShardScanner(shard, self._lifecycle, self.dispatcher, self._settings)
+                self._scanners[shard] = (scanner, asyncio.create_task(scanner.run()))
+
+    def due_hint(self, task_id: str, shard: int) -> None:
+        entry = self._scanners.get(shard)
+        if entry is None:
+            return
+        hint = asyncio.create_task(self._hint(entry[0], uuid.UUID(task_id)))
+        self._hints.add(hint)
+        hint.add_done_callback(self._hints.discard)
+
+    async def _hint(self, scanner: ShardScanner, task_id: uuid.UUID) -> None:
+        try:
+            task = await self._lifecycle.store.get_task(task_id)
+        except StoreUnavailable:
+            return  # the scan will find it
+        if task is not None and task.run_at <= now_ms():
+            scanner.notify(task)
+
+    def stop(self) -> None:
+        self.set_owned(frozenset())
+
+    def stats(self) -> dict[str, object]:
+        pending = sum(s.stats()["pending"] for s, _ in self._scanners.values())
+        return {"shards": sorted(self.owned), "pending": pending, **self.dispatcher.stats()}
+
+
+async def serve(cfg: Config, port: int) -> None:
+    client = await asyncio.to_thread(zk.connect, cfg)
+    meta = await asyncio.to_thread(cluster_meta.ensure, client, cfg)
+    store = CassandraStore(cfg)
+    try:
+        await store.connect()
+    except StoreUnavailable as exc:
+        log.warning("starting without Cassandra: %s", exc)
+    lifecycle = Lifecycle(store, lease_grace_ms=int(cfg.lease_grace_s * 1000))
+    settings = ScanSettings(
+        bucket_s=meta.due_bucket_s,
+        interval_s=cfg.scan_interval_s,
+        lookahead_ms=int(cfg.scan_lookahead_s * 1000),
+        settle_ms=int(cfg.scan_settle_s * 1000),
+        orphan_grace_ms=int(cfg.orphan_grace_s * 1000),
+        lease_grace_ms=int(cfg.lease_grace_s * 1000),
+        start_ms=meta.created_at_ms,
+    )
+    trigger = Trigger(cfg, lifecycle, settings)
+    service = TriggerService(trigger.dispatcher, trigger.due_hint)
+    server = await build_server(
+        f"{cfg.bind_host}:{port}", [(pb_grpc.add_TriggerServiceServicer_to_server, service, "leasesched.v1.TriggerService")]
+    )
+    await server.server.start()
+    address = f"{cfg.bind_host}:{server.port}"
+    registration = registry.Registration(client, cfg.zk_root, "trigger", address, {"shards": []})
+    await asyncio.to_thread(registration.start)
+    loop = asyncio.get_running_loop()
+
+    def on_owned(owned: frozenset[int]) -> None:
+        # Called from kazoo's threads: hop onto the loop, then publish.
+        def apply() -> None:
+            trigger.set_owned(owned)
+            publish = asyncio.to_thread(_publish_shards, registration, owned)
+            asyncio.ensure_future(publish)
+
+        loop.call_soon_threadsafe(apply)
+
+    ownership = ShardOwnership(
+        client,
+        f"{cfg.zk_root}/partition",
+        meta.logical_shards,
+        identifier=address,
+        on_change=on_owned,
+        settle_s=cfg.partition_settle_s,
+    )
+    ownership.start()
+    await server.set_serving(True)
+    log.info("trigger serving on %s", address)
+    try:
+        await wait_for_stop_signal()
+    finally:
+        log.info("trigger stopping: releasing shards")
+        await server.set_serving(False)
+        trigger.stop()
+        await asyncio.to_thread(ownership.stop)
+        await asyncio.to_thread(registration.close)
+        await server.server.stop(grace=3)
+        client.stop()
+        client.close()
+        await store.close()
+
+
+def _publish_shards(registration: registry.Registration, owned: frozenset[int]) -> None:
+    try:
+        registration.update({"shards": sorted(owned)})
+    except Exception as exc:  # noqa: BLE001 - re-published on the next change
+        log.debug("could not publish shards of %s: %s", registration.path, exc)

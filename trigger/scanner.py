@@ -1,0 +1,298 @@
+"""Working one owned shard: read its due index, act on each entry at its time.
+
+Reading. Each pass reads the shard's bucket partitions from
+``max(checkpoint, min(read_cursor, now - settle))`` up to ``now + lookahead``:
+new entries since the last pass, plus a short window behind "now" that catches
+entries written late (a slow write, a writer's clock slightly behind). Entries
+already seen are skipped by key; entries due within the lookahead are timed in
+memory so they start on time, not at the next pass.
+
+Checkpoint. The shard's durable checkpoint is the oldest entry not yet fully
+handled (or ``now - settle`` when none is pending). A new owner after a crash
+re-reads from there, so an entry can be handled twice but never skipped;
+buckets behind the checkpoint are never read again, which keeps tombstones
+and expired entries out of every read.
+
+Acting. A RUN entry whose task is still SCHEDULED at the same attempt and token
+goes to the dispatcher; a LEASE entry whose task still runs under the same
+token is either re-queued (expired + grace, one conditional write on that
+token) or followed by a new LEASE entry at the renewed expiry. Deadlines
+(schedule-to-start, schedule-to-close) fail the task with that reason. An
+entry pointing at no task is dropped after ``orphan_grace`` (the schedule that
+wrote it died before writing the task).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Hashable
+
+from leasesched.errors import SchedulerError
+from leasesched.lifecycle import Lifecycle, lease_entry, run_entry
+from leasesched.model import DueEntry, Task, now_ms
+from leasesched.states import TaskStatus
+from leasesched.store.base import StoreError
+from trigger.dispatcher import Dispatcher
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAY_S = 1.0
+MAX_PENDING = 20_000
+READ_LIMIT = 5_000
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    bucket_s: int
+    interval_s: float
+    lookahead_ms: int
+    settle_ms: int
+    orphan_grace_ms: int
+    lease_grace_ms: int
+    start_ms: int  # where to begin when the shard has no checkpoint yet
+
+
+def entry_key(entry: DueEntry) -> Hashable:
+    """Two entries with this key ask for the same action. RUN entries are
+    unique per (attempt, token): every re-queue changes one of them. LEASE
+    entries are re-written at each renewal, so their time is part of the key."""
+    if entry.kind == DueEntry.RUN:
+        return (entry.task_id, entry.kind, entry.attempt, entry.lease_token)
+    return (entry.task_id, entry.kind, entry.lease_token, entry.due_at)
+
+
+class ShardScanner:
+    def __init__(self, shard: int, lifecycle: Lifecycle, dispatcher: Dispatcher, settings: ScanSettings) -> None:
+        self.shard = shard
+        self._lifecycle = lifecycle
+        self._store = lifecycle.store
+        self._dispatcher = dispatcher
+        self._s = settings
+        self._seen: dict[Hashable, int] = {}
+        self._pending: dict[Hashable, int] = {}
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._checkpoint = 0
+        self._saved_checkpoint = 0
+        self._saved_at = 0.0
+        self._stopped = False
+
+    # ------------------------------------------------------------ loop
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise
+        finally:
+            self._stop_timers()
+
+    async def _run(self) -> None:
+        while not self._stopped:
+            try:
+                saved = await self._store.get_checkpoint(self.shard)
+                break
+            except StoreError as exc:
+                log.warning("shard %d: cannot read checkpoint: %s", self.shard, exc)
+                await asyncio.sleep(RETRY_DELAY_S)
+        self._checkpoint = self._saved_checkpoint = saved if saved is not None else self._s.start_ms
+        cursor = self._checkpoint
+        while not self._stopped:
+            now = now_ms()
+            upto = now + self._s.lookahead_ms
+            low = max(self._checkpoint, min(cursor, now - self._s.settle_ms))
+            if len(self._pending) < MAX_PENDING:
+                try:
+                    entries = await self._store.read_due(self.shard, low, upto, self._s.bucket_s)
+                except StoreError as exc:
+                    log.warning("shard %d: due-index read failed: %s", self.shard, exc)
+                    await asyncio.sleep(RETRY_DELAY_S)
+                    continue
+                for entry in entries:
+                    self._consider(entry)
+                cursor = upto
+            await self._advance_checkpoint(now)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._s.interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._stop_timers()
+
+    def _stop_timers(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        for task in self._tasks:
+            task.cancel()
+
+    # ------------------------------------------------------------ entries
+
+    def notify(self, task: Task) -> None:
+        """A hint that ``task`` just became due: act now, without waiting for the scan."""
+        if task.status == TaskStatus.SCHEDULED:
+            self._consider(run_entry(task, now_ms()))
+
+    def _consider(self, entry: DueEntry) -> None:
+        key = entry_key(entry)
+        if key in self._seen or self._stopped:
+            return
+        self._seen[key] = entry.due_at
+        self._pending[key] = entry.due_at
+        delay_s = (entry.due_at - now_ms()) / 1000
+        if delay_s <= 0:
+            self._spawn(entry, key)
+        else:
+            loop = asyncio.get_running_loop()
+            holder: list[asyncio.TimerHandle] = []
+
+            def fire() -> None:
+                self._timers.discard(holder[0])
+                self._spawn(entry, key)
+
+            holder.append(loop.call_later(delay_s, fire))
+            self._timers.add(holder[0])
+
+    def _spawn(self, entry: DueEntry, key: Hashable) -> None:
+        if self._stopped:
+            return
+        task = asyncio.ensure_future(self._handle(entry, key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _resolve(self, key: Hashable) -> None:
+        self._pending.pop(key, None)
+
+    def _retry_later(self, entry: DueEntry, key: Hashable) -> None:
+        if self._stopped:
+            return
+        loop = asyncio.get_running_loop()
+        holder: list[asyncio.TimerHandle] = []
+
+        def fire() -> None:
+            self._timers.discard(holder[0])
+            self._spawn(entry, key)
+
+        holder.append(loop.call_later(RETRY_DELAY_S, fire))
+        self._timers.add(holder[0])
+
+    async def _handle(self, entry: DueEntry, key: Hashable) -> None:
+        try:
+            if entry.kind == DueEntry.RUN:
+                await self._handle_run(entry, key)
+            elif entry.kind == DueEntry.LEASE:
+                await self._handle_lease(entry, key)
+            else:
+                log.warning("shard %d: unknown due entry kind %r", self.shard, entry.kind)
+                self._resolve(key)
+        except (StoreError, SchedulerError) as exc:
+            log.warning("task %s: %s entry not handled yet: %s", entry.task_id, entry.kind, exc)
+            self._retry_later(entry, key)
+
+    async def _missing(self, entry: DueEntry, key: Hashable) -> None:
+        if now_ms() - entry.due_at > self._s.orphan_grace_ms:
+            log.info("task %s: dropping due entry that points at no task", entry.task_id)
+            await self._store.delete_due(entry, self._s.bucket_s)
+            self._resolve(key)
+        else:
+            self._retry_later(entry, key)  # the task row may still be on its way
+
+    async def _deadline_passed(self, task: Task, now: int) -> bool:
+        reason = None
+        if task.deadline_at is not None and now >= task.deadline_at:
+            reason = f"schedule_to_close of {task.timeouts.schedule_to_close_ms} ms exceeded"
+        elif (
+            task.status == TaskStatus.SCHEDULED
+            and task.timeouts.schedule_to_start_ms
+            and now >= task.run_at + task.timeouts.schedule_to_start_ms
+        ):
+            reason = f"schedule_to_start of {task.timeouts.schedule_to_start_ms} ms exceeded"
+        if reason is None:
+            return False
+        if await self._lifecycle.fail_deadline(task, reason):
+            log.info("task %s failed: %s", task.task_id, reason)
+        return True
+
+    async def _handle_run(self, entry: DueEntry, key: Hashable) -> None:
+        task = await self._store.get_task(entry.task_id)
+        if task is None:
+            await self._missing(entry, key)
+            return
+        now = now_ms()
+        current = (task.status, task.attempt, task.lease_token)
+        if current != (TaskStatus.SCHEDULED, entry.attempt, entry.lease_token) or task.run_at > now + 1000:
+            self._resolve(key)  # the task moved on; a newer entry covers it
+            return
+        if await self._deadline_passed(task, now):
+            self._resolve(key)
+            return
+        ready = self._dispatcher.make_ready(
+            task.task_id,
+            task.namespace,
+            task.type,
+            task.attempt,
+            task.lease_token,
+            task.priority,
+            task.run_at,
+            self.shard,
+            on_done=lambda: self._resolve(key),
+        )
+        self._dispatcher.offer(ready)
+
+    async def _handle_lease(self, entry: DueEntry, key: Hashable) -> None:
+        task = await self._store.get_task(entry.task_id)
+        if task is None:
+            await self._missing(entry, key)
+            return
+        if task.status != TaskStatus.RUNNING or task.lease_token != entry.lease_token:
+            self._resolve(key)  # that lease ended normally
+            return
+        now = now_ms()
+        if await self._deadline_passed(task, now):
+            self._resolve(key)
+            return
+        expires = task.lease_expires_at or 0
+        if now >= expires + self._s.lease_grace_ms:
+            status = await self._lifecycle.expire_lease(task, now)
+            if status is not None:
+                log.info("task %s: lease %d expired; now %s", task.task_id, task.lease_token, status.value)
+                if status == TaskStatus.SCHEDULED:
+                    requeued = await self._store.get_task(task.task_id)
+                    if requeued is not None:
+                        self.notify(requeued)
+            self._resolve(key)
+            return
+        # Renewed by heartbeats: look again when the renewed lease could expire.
+        follow = lease_entry(task, expires, self._s.lease_grace_ms, task.lease_token)
+        await self._store.add_due(follow)
+        self._consider(follow)
+        self._resolve(key)
+
+    # ------------------------------------------------------------ checkpoint
+
+    async def _advance_checkpoint(self, now: int) -> None:
+        target = now - self._s.settle_ms
+        if self._pending:
+            target = min(target, min(self._pending.values()))
+        if target > self._checkpoint:
+            self._checkpoint = target
+            horizon = target - self._s.settle_ms
+            self._seen = {k: v for k, v in self._seen.items() if v >= horizon or k in self._pending}
+        if self._checkpoint > self._saved_checkpoint and time.monotonic() - self._saved_at >= 1.0:
+            try:
+                await self._store.set_checkpoint(self.shard, self._checkpoint)
+                self._saved_checkpoint = self._checkpoint
+                self._saved_at = time.monotonic()
+            except StoreError as exc:
+                log.warning("shard %d: checkpoint not saved: %s", self.shard, exc)
+
+    def stats(self) -> dict[str, int]:
+        return {"pending": len(self._pending), "checkpoint": self._checkpoint}

@@ -1,0 +1,69 @@
+"""The TriggerService gRPC API: worker subscriptions and due hints."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Callable
+
+import grpc
+
+from leasesched.errors import InvalidArgument
+from leasesched.v1 import scheduler_pb2 as pb
+from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from services.validation import check_namespace, check_task_id
+from trigger.dispatcher import Dispatcher, WorkerLink
+
+log = logging.getLogger(__name__)
+
+MAX_TYPES = 256
+
+
+class TriggerService(pb_grpc.TriggerServiceServicer):
+    def __init__(self, dispatcher: Dispatcher, on_due_hint: Callable[[str, int], None]) -> None:
+        self._dispatcher = dispatcher
+        self._on_due_hint = on_due_hint
+
+    async def Subscribe(
+        self, request_iterator: AsyncIterator[pb.WorkerMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Dispatch]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("kind") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of Subscribe must be a Hello")
+        hello = first.hello
+        if not hello.worker_id or not hello.task_types or len(hello.task_types) > MAX_TYPES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello needs a worker_id and 1-{MAX_TYPES} task_types")
+        try:
+            namespace = check_namespace(hello.namespace)
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        link = self._dispatcher.connect(hello.worker_id, namespace, frozenset(hello.task_types), hello.capacity)
+        reader = asyncio.create_task(self._read(request_iterator, link))
+        try:
+            while not reader.done():
+                getter = asyncio.ensure_future(link.outbox.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                else:
+                    getter.cancel()
+        finally:
+            reader.cancel()
+            self._dispatcher.disconnect(link)
+
+    async def _read(self, request_iterator: AsyncIterator[pb.WorkerMessage], link: WorkerLink) -> None:
+        async for message in request_iterator:
+            kind = message.WhichOneof("kind")
+            if kind == "credit":
+                self._dispatcher.set_credits(link, message.credit.slots)
+            elif kind == "returned":
+                for task_id in message.returned.task_ids:
+                    try:
+                        self._dispatcher.returned(check_task_id(task_id))
+                    except InvalidArgument:
+                        log.warning("worker %s returned a malformed task id", link.worker_id)
+
+    async def NotifyDue(self, request: pb.NotifyDueRequest, context: grpc.aio.ServicerContext) -> pb.NotifyDueResponse:
+        check_task_id(request.task_id)
+        self._on_due_hint(request.task_id, request.shard)
+        return pb.NotifyDueResponse()

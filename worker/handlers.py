@@ -1,0 +1,128 @@
+"""The worker SDK: register handlers by task type, get a context while running.
+
+    from worker.handlers import Handlers, PermanentError, TaskContext
+
+    handlers = Handlers(namespace="default")
+
+    @handlers.task("report.build")
+    async def build(ctx: TaskContext) -> bytes:
+        ctx.report_progress(50, "half way")
+        if ctx.cancelled:          # cancel requested, or the lease can no longer be proven
+            return b""
+        return b"done"
+
+Handlers may be ``async def`` (run on the worker's loop, stopped by task
+cancellation), plain ``def`` (run in a thread: stop them by checking
+``ctx.cancelled``), or ``mode="process"`` (run in a child process that can be
+killed when it does not stop in time). Raise ``PermanentError`` for a failure
+that retrying cannot fix; any other exception is retried per the task's policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+HandlerFn = Callable[["TaskContext"], Any]
+
+
+class PermanentError(Exception):
+    """A failure that must not be retried (bad input, missing resource)."""
+
+
+@dataclass(frozen=True)
+class Handler:
+    type: str
+    fn: HandlerFn
+    mode: str  # "async" | "thread" | "process"
+
+
+class Handlers:
+    """A set of handlers for one namespace; pass it to the worker runner."""
+
+    def __init__(self, namespace: str = "default") -> None:
+        self.namespace = namespace
+        self._by_type: dict[str, Handler] = {}
+
+    def task(self, task_type: str, mode: str | None = None) -> Callable[[HandlerFn], HandlerFn]:
+        def register(fn: HandlerFn) -> HandlerFn:
+            chosen = mode or ("async" if inspect.iscoroutinefunction(fn) else "thread")
+            if chosen not in ("async", "thread", "process"):
+                raise ValueError(f"mode must be async, thread or process, not {chosen!r}")
+            if chosen == "async" and not inspect.iscoroutinefunction(fn):
+                raise ValueError(f"handler for {task_type!r}: mode 'async' needs an async def")
+            if task_type in self._by_type:
+                raise ValueError(f"a handler for {task_type!r} is already registered")
+            self._by_type[task_type] = Handler(task_type, fn, chosen)
+            return fn
+
+        return register
+
+    def get(self, task_type: str) -> Handler | None:
+        return self._by_type.get(task_type)
+
+    @property
+    def types(self) -> list[str]:
+        return sorted(self._by_type)
+
+
+@dataclass
+class TaskContext:
+    """What a handler knows about the task it runs. Safe to use from threads."""
+
+    task_id: str
+    type: str
+    namespace: str
+    payload: bytes
+    attempt: int
+    lease_token: int  # fencing token: pass it to systems that can reject stale writers
+    worker_id: str
+    _lease_deadline: Callable[[], float] = field(repr=False, default=lambda: float("inf"))
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    cancel_reason: str = ""
+    progress_percent: float = 0.0
+    progress_message: str = ""
+
+    def report_progress(self, percent: float, message: str = "") -> None:
+        """Recorded now, sent with the next heartbeat (every lease/3)."""
+        self.progress_percent = max(0.0, min(100.0, float(percent)))
+        self.progress_message = message[:1000]
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the handler should stop: cancel requested, lease lost, or
+        the lease can no longer be proven (checked against the clock now)."""
+        return self._cancel.is_set() or not self.holds_lease()
+
+    def holds_lease(self) -> bool:
+        return time.monotonic() < self._lease_deadline()
+
+    def wait_cancelled(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` s, waking early on cancel; True if cancelled."""
+        end = time.monotonic() + timeout
+        while True:
+            if self.cancelled:
+                return True
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._cancel.wait(min(remaining, 0.05))
+
+    async def sleep(self, seconds: float) -> bool:
+        """Async sleep that wakes early on cancel; True if cancelled."""
+        end = time.monotonic() + seconds
+        while not self.cancelled:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(remaining, 0.05))
+        return True
+
+    def _request_stop(self, reason: str) -> None:
+        if not self._cancel.is_set():
+            self.cancel_reason = reason
+            self._cancel.set()
