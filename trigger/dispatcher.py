@@ -44,6 +44,11 @@ class Ready:
     # Called once the task no longer needs this trigger (claimed, gone, shard lost).
     on_done: Callable[[], None] = field(compare=False)
 
+    @property
+    def key(self) -> tuple[uuid.UUID, int, int]:
+        """One "became runnable" event: a retry or re-queue changes attempt or token."""
+        return (self.task_id, self.attempt, self.lease_token)
+
 
 @dataclass(eq=False)
 class WorkerLink:
@@ -66,8 +71,8 @@ class Dispatcher:
         self._still_unclaimed = still_unclaimed
         self._heaps: dict[tuple[str, str], list[Ready]] = {}
         self._links: set[WorkerLink] = set()
-        self._inflight: dict[uuid.UUID, tuple[Ready, asyncio.TimerHandle]] = {}
-        self._queued: set[uuid.UUID] = set()
+        self._inflight: dict[tuple[uuid.UUID, int, int], tuple[Ready, asyncio.TimerHandle]] = {}
+        self._queued: set[tuple[uuid.UUID, int, int]] = set()
         self._seq = itertools.count()
         self._checks: set[asyncio.Task[None]] = set()
         self.dispatched_total = 0
@@ -86,7 +91,7 @@ class Dispatcher:
         # Dispatches that never left the process go straight back to the heap.
         while not link.outbox.empty():
             dispatch = link.outbox.get_nowait()
-            self._return(uuid.UUID(dispatch.task_id))
+            self.returned(uuid.UUID(dispatch.task_id))
         log.info("worker %s unsubscribed", link.worker_id)
 
     def set_credits(self, link: WorkerLink, slots: int) -> None:
@@ -95,19 +100,22 @@ class Dispatcher:
 
     def returned(self, task_id: uuid.UUID) -> None:
         """The worker had no free slot after all: offer the task again now."""
-        self._return(task_id)
+        for key in [k for k in self._inflight if k[0] == task_id]:
+            ready, timer = self._inflight.pop(key)
+            timer.cancel()
+            self.offer(ready)
 
     # ------------------------------------------------------------ tasks
 
     def offer(self, ready: Ready) -> None:
-        if ready.task_id in self._queued or ready.task_id in self._inflight:
+        if ready.key in self._queued or ready.key in self._inflight:
             ready.on_done()  # already handled under another entry
             return
         link = self._pick(ready)
         if link is not None:
             self._send(link, ready)
         else:
-            self._queued.add(ready.task_id)
+            self._queued.add(ready.key)
             heapq.heappush(self._heaps.setdefault((ready.namespace, ready.type), []), ready)
 
     def drop_shards(self, keep: frozenset[int]) -> None:
@@ -117,14 +125,14 @@ class Dispatcher:
             kept = [r for r in heap if r.shard in keep]
             for r in heap:
                 if r.shard not in keep:
-                    self._queued.discard(r.task_id)
+                    self._queued.discard(r.key)
                     r.on_done()
             heapq.heapify(kept)
             self._heaps[key] = kept
-        for task_id, (ready, timer) in list(self._inflight.items()):
+        for key, (ready, timer) in list(self._inflight.items()):
             if ready.shard not in keep:
                 timer.cancel()
-                del self._inflight[task_id]
+                del self._inflight[key]
                 ready.on_done()
 
     def stats(self) -> dict[str, int]:
@@ -151,8 +159,8 @@ class Dispatcher:
         dispatch.run_at.FromMilliseconds(ready.run_at)
         link.outbox.put_nowait(dispatch)
         loop = asyncio.get_running_loop()
-        timer = loop.call_later(self._claim_timeout_s, self._start_claim_check, ready.task_id)
-        self._inflight[ready.task_id] = (ready, timer)
+        timer = loop.call_later(self._claim_timeout_s, self._start_claim_check, ready.key)
+        self._inflight[ready.key] = (ready, timer)
         self.dispatched_total += 1
 
     def _drain(self, link: WorkerLink) -> None:
@@ -165,19 +173,11 @@ class Dispatcher:
             if best_heap is None:
                 return
             ready = heapq.heappop(best_heap)
-            self._queued.discard(ready.task_id)
+            self._queued.discard(ready.key)
             self._send(link, ready)
 
-    def _return(self, task_id: uuid.UUID) -> None:
-        entry = self._inflight.pop(task_id, None)
-        if entry is None:
-            return
-        ready, timer = entry
-        timer.cancel()
-        self.offer(ready)
-
-    def _start_claim_check(self, task_id: uuid.UUID) -> None:
-        entry = self._inflight.get(task_id)
+    def _start_claim_check(self, key: tuple[uuid.UUID, int, int]) -> None:
+        entry = self._inflight.get(key)
         if entry is None:
             return
         task = asyncio.ensure_future(self._claim_check(entry[0]))
@@ -190,11 +190,11 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - store trouble: look again later
             log.warning("claim check of task %s failed: %s", ready.task_id, exc)
             loop = asyncio.get_running_loop()
-            if ready.task_id in self._inflight:
-                timer = loop.call_later(self._claim_timeout_s, self._start_claim_check, ready.task_id)
-                self._inflight[ready.task_id] = (ready, timer)
+            if ready.key in self._inflight:
+                timer = loop.call_later(self._claim_timeout_s, self._start_claim_check, ready.key)
+                self._inflight[ready.key] = (ready, timer)
             return
-        if self._inflight.pop(ready.task_id, None) is None:
+        if self._inflight.pop(ready.key, None) is None:
             return  # dropped meanwhile (shard lost)
         if unclaimed:
             log.info("task %s not claimed within %.1f s; dispatching again", ready.task_id, self._claim_timeout_s)

@@ -41,6 +41,36 @@ def task_updater(cfg: Config, port: int | None) -> None:
     asyncio.run(serve(cfg, "task-updater", cfg.task_updater_port if port is None else port))
 
 
+@click.command("trigger")
+@click.option("--port", type=int, default=None, help="Port to serve on (default from config; 0 = any).")
+@click.pass_obj
+def trigger(cfg: Config, port: int | None) -> None:
+    """Run a trigger: owns shards through ZooKeeper, dispatches due tasks."""
+    from trigger.main import serve
+
+    setup_logging()
+    asyncio.run(serve(cfg, cfg.trigger_port if port is None else port))
+
+
+@click.command("worker")
+@click.option("--module", "-m", required=True, help="Module with a `handlers` object (module or module:attribute).")
+@click.option("--slots", type=int, default=4, show_default=True, help="Tasks run at once.")
+@click.option("--drain-timeout", type=float, default=30.0, show_default=True, help="Seconds to finish work on SIGTERM.")
+@click.option("--ledger", default=None, help="Append accepted completions to this JSON-lines file.")
+@click.pass_obj
+def worker(cfg: Config, module: str, slots: int, drain_timeout: float, ledger: str | None) -> None:
+    """Run a worker with the handlers of MODULE."""
+    import sys
+
+    from worker.runner import serve
+
+    if slots < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--slots")
+    sys.path.insert(0, ".")  # handler modules live in the user's project
+    setup_logging()
+    asyncio.run(serve(cfg, module, slots, drain_timeout, ledger))
+
+
 @click.group()
 def schema() -> None:
     """Cassandra schema migrations."""
@@ -63,4 +93,6 @@ def schema_apply(cfg: Config) -> None:
 def register(cli: click.Group) -> None:
     cli.add_command(task_service)
     cli.add_command(task_updater)
+    cli.add_command(trigger)
+    cli.add_command(worker)
     cli.add_command(schema)

@@ -1,0 +1,270 @@
+"""One execution: claim a dispatched task, run its handler under the lease, report.
+
+The lease is proven, never assumed. A heartbeat every lease/3 renews it and
+carries progress; the worker's own ``LeaseClock`` says until when it may still
+believe it holds the lease. When that moment comes (heartbeats failing, the
+process was paused, the server said "lease lost"), the execution is stopped:
+cooperatively first (``ctx.cancelled`` turns true), then by force (the asyncio
+task is cancelled, a child process is killed), and no result is reported for
+that lease, ever. Somebody else may run the task after the lease expired;
+nobody runs it while we still believe we hold it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import grpc
+
+from leasesched.v1 import scheduler_pb2 as pb
+from worker.handlers import Handler, PermanentError, TaskContext
+from worker.lease import LeaseClock
+from worker.process_mode import run_in_process
+from worker.updater_client import UpdaterClient
+
+log = logging.getLogger(__name__)
+
+CANCEL_GRACE_S = 2.0  # after a cancel request, how long a handler may take to notice
+
+
+@dataclass
+class Outcome:
+    kind: str  # "ok" | "error" | "permanent" | "cancelled" | "timeout" | "fenced" | "released"
+    result: bytes = b""
+    error: str = ""
+    error_type: str = ""
+
+
+def _as_bytes(value: Any) -> bytes:
+    if value is None:
+        return b""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    return json.dumps(value).encode()
+
+
+class Execution:
+    def __init__(
+        self,
+        dispatch: pb.Dispatch,
+        handler: Handler,
+        updater: UpdaterClient,
+        worker_id: str,
+        threads: concurrent.futures.ThreadPoolExecutor,
+        ledger: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.task_id = dispatch.task_id
+        self.attempt = dispatch.attempt
+        self._handler = handler
+        self._updater = updater
+        self._worker_id = worker_id
+        self._threads = threads
+        self._ledger = ledger
+        self.token = 0
+        self.ctx: TaskContext | None = None
+        self._clock: LeaseClock | None = None
+        self._cancel_requested = False
+        self._release = asyncio.Event()
+        # Set when the handler really stopped (a thread may outlive its execution).
+        self.handler_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def release(self) -> None:
+        """Shutdown: stop the handler and give the task back for an immediate re-run."""
+        self._release.set()
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if not self.handler_done.done():
+                self.handler_done.set_result(None)
+
+    async def _run(self) -> None:
+        sent = time.monotonic()
+        try:
+            claim = await self._updater.call(
+                "ClaimTask",
+                pb.ClaimTaskRequest(task_id=self.task_id, worker_id=self._worker_id, attempt=self.attempt),
+            )
+        except grpc.RpcError as err:
+            log.info("task %s: not claimed (%s: %s)", self.task_id, err.code().name, err.details())
+            return
+        lease_s = claim.lease_duration.ToMilliseconds() / 1000
+        clock = self._clock = LeaseClock.from_claim(lease_s, sent)
+        self.token = claim.lease_token
+        ctx = self.ctx = TaskContext(
+            task_id=self.task_id,
+            type=claim.type,
+            namespace=claim.namespace,
+            payload=claim.payload,
+            attempt=claim.attempt,
+            lease_token=claim.lease_token,
+            worker_id=self._worker_id,
+            _lease_deadline=lambda: clock.deadline,
+        )
+        log.info("task %s: running attempt %d under lease token %d", self.task_id, claim.attempt, claim.lease_token)
+        start_to_close = claim.start_to_close.ToMilliseconds() / 1000
+        started = time.monotonic()
+        body = asyncio.ensure_future(self._invoke(ctx))
+        beats = asyncio.create_task(self._heartbeats(ctx, clock, lease_s))
+        try:
+            outcome = await self._supervise(body, ctx, clock, started, start_to_close)
+        finally:
+            beats.cancel()
+        await self._report(outcome, clock)
+
+    async def _supervise(
+        self, body: asyncio.Future[Outcome], ctx: TaskContext, clock: LeaseClock, started: float, start_to_close: float
+    ) -> Outcome:
+        release_wait = asyncio.ensure_future(self._release.wait())
+        cancel_deadline: float | None = None
+        try:
+            while not body.done():
+                now = time.monotonic()
+                if not clock.valid(now):
+                    return await self._stop(body, ctx, clock.stop_grace, "fenced", "lease can no longer be proven")
+                if start_to_close and now - started >= start_to_close:
+                    await self._stop(body, ctx, clock.stop_grace, "timeout", "start_to_close exceeded")
+                    return Outcome("timeout", error=f"start_to_close of {start_to_close:.1f} s exceeded", error_type="StartToCloseTimeout")
+                if release_wait.done():
+                    return await self._stop(body, ctx, clock.stop_grace, "released", "worker shutting down")
+                if self._cancel_requested:
+                    cancel_deadline = cancel_deadline or now + CANCEL_GRACE_S
+                    if now >= cancel_deadline:
+                        return await self._stop(body, ctx, clock.stop_grace, "cancelled", "cancel requested")
+                wait = clock.remaining(now)
+                if start_to_close:
+                    wait = min(wait, started + start_to_close - now)
+                if cancel_deadline:
+                    wait = min(wait, cancel_deadline - now)
+                await asyncio.wait({body, release_wait}, timeout=max(0.001, wait), return_when=asyncio.FIRST_COMPLETED)
+            outcome = body.result()
+            if self._cancel_requested:
+                return Outcome("cancelled")  # the handler stopped after the request
+            return outcome
+        finally:
+            release_wait.cancel()
+
+    async def _stop(self, body: asyncio.Future[Outcome], ctx: TaskContext, grace: float, kind: str, reason: str) -> Outcome:
+        """Cooperative stop, then force; returns an outcome of ``kind``."""
+        ctx._request_stop(reason)
+        log.warning("task %s: stopping execution (%s)", self.task_id, reason)
+        done, _ = await asyncio.wait({body}, timeout=grace)
+        if not done:
+            body.cancel()  # async handler: CancelledError; process: killed; thread: abandoned
+            await asyncio.wait({body}, timeout=grace)
+        return Outcome(kind)
+
+    async def _invoke(self, ctx: TaskContext) -> Outcome:
+        fn = self._handler.fn
+        try:
+            if self._handler.mode == "async":
+                value = await fn(ctx)
+            elif self._handler.mode == "process":
+                value = await run_in_process(self._handler, ctx, self._threads)
+            else:
+                future = self._threads.submit(fn, ctx)
+                future.add_done_callback(lambda _: self._mark_handler_done())
+                value = await asyncio.wrap_future(future)
+            return Outcome("ok", result=_as_bytes(value))
+        except PermanentError as exc:
+            return Outcome("permanent", error=str(exc) or type(exc).__name__, error_type=type(exc).__name__)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a handler error is a task failure, not ours
+            log.info("task %s: handler raised %s", self.task_id, "".join(traceback.format_exception_only(exc)).strip())
+            error_type = getattr(exc, "error_type", type(exc).__name__)
+            return Outcome("error", error=str(exc) or error_type, error_type=error_type)
+        finally:
+            if self._handler.mode != "thread":
+                self._mark_handler_done()
+
+    def _mark_handler_done(self) -> None:
+        loop = self.handler_done.get_loop()
+
+        def done() -> None:
+            if not self.handler_done.done():
+                self.handler_done.set_result(None)
+
+        loop.call_soon_threadsafe(done)
+
+    async def _heartbeats(self, ctx: TaskContext, clock: LeaseClock, lease_s: float) -> None:
+        interval = lease_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            sent = time.monotonic()
+            request = pb.HeartbeatRequest(
+                task_id=self.task_id,
+                lease_token=self.token,
+                worker_id=self._worker_id,
+                progress=pb.Progress(percent=ctx.progress_percent, message=ctx.progress_message),
+            )
+            try:
+                reply = await self._updater.call("Heartbeat", request, timeout=interval)
+            except grpc.RpcError as err:
+                if err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                    log.warning("task %s: lease lost (%s)", self.task_id, err.details())
+                    clock.revoke()
+                    ctx._request_stop("lease lost")
+                    return
+                log.info("task %s: heartbeat failed (%s); lease valid %.1f s more", self.task_id, err.code().name, clock.remaining())
+                continue
+            clock.renewed(sent)
+            if reply.cancel_requested and not self._cancel_requested:
+                log.info("task %s: cancel requested", self.task_id)
+                self._cancel_requested = True
+                ctx._request_stop("cancel requested")
+
+    async def _report(self, outcome: Outcome, clock: LeaseClock) -> None:
+        if outcome.kind == "fenced":
+            log.warning("task %s: abandoned lease %d without a report", self.task_id, self.token)
+            return
+        if outcome.kind == "ok":
+            request: Any = pb.CompleteTaskRequest(task_id=self.task_id, lease_token=self.token, result=outcome.result)
+            method = "CompleteTask"
+        else:
+            request = pb.FailTaskRequest(
+                task_id=self.task_id,
+                lease_token=self.token,
+                error=outcome.error or outcome.kind,
+                error_type=outcome.error_type,
+                non_retryable=outcome.kind == "permanent",
+                cancelled=outcome.kind == "cancelled",
+                released=outcome.kind == "released",
+            )
+            method = "FailTask"
+        delay = 0.1
+        while True:
+            if not clock.valid():
+                # Past our own deadline we no longer hold the lease: the result
+                # is dropped and the task runs again after the lease expires.
+                log.warning("task %s: lease deadline passed before the %s report; dropped", self.task_id, method)
+                return
+            try:
+                reply = await self._updater.call(method, request, timeout=max(0.1, min(5.0, clock.remaining())))
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNAVAILABLE or err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    await asyncio.sleep(min(delay, max(0.0, clock.remaining())))
+                    delay = min(delay * 2, 1.0)
+                    continue
+                log.warning("task %s: %s refused: %s %s", self.task_id, method, err.code().name, err.details())
+                return
+            status = pb.TaskStatus.Name(reply.status)
+            log.info("task %s: %s accepted, now %s", self.task_id, method, status)
+            if self._ledger is not None and method == "CompleteTask":
+                self._ledger(
+                    {"event": "complete", "task_id": self.task_id, "token": self.token, "worker": self._worker_id,
+                     "pid": os.getpid(), "t": time.time()}
+                )  # fmt: skip
+            return
+

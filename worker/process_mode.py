@@ -1,0 +1,102 @@
+"""Running a handler in a child process, so that it can be stopped by force.
+
+A thread cannot be killed; a process can. Handlers registered with
+``mode="process"`` run in a fresh ``spawn`` child that imports the handler by
+module and name. Progress and the result travel back over a queue; the lease
+deadline is shared as a monotonic timestamp (CLOCK_MONOTONIC is system-wide on
+Linux), so ``ctx.cancelled`` works in the child as in the parent. When the
+execution is stopped, the child is terminated, then killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib
+import multiprocessing
+import queue
+from typing import Any
+
+from worker.handlers import Handler, PermanentError, TaskContext
+
+class ChildError(Exception):
+    """A handler exception raised in the child, carrying its type name."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+_SPAWN = multiprocessing.get_context("spawn")
+
+
+def _child(module: str, name: str, fields: dict[str, Any], deadline: Any, cancel: Any, out: Any) -> None:
+    fn = getattr(importlib.import_module(module), name)
+    ctx = TaskContext(**fields, _lease_deadline=lambda: deadline.value)
+    ctx._cancel = cancel  # a multiprocessing.Event has the same interface as threading.Event
+    real_report = ctx.report_progress
+
+    def report(percent: float, message: str = "") -> None:
+        real_report(percent, message)
+        out.put(("progress", ctx.progress_percent, ctx.progress_message))
+
+    ctx.report_progress = report  # type: ignore[method-assign]
+    try:
+        out.put(("ok", fn(ctx)))
+    except PermanentError as exc:
+        out.put(("permanent", type(exc).__name__, str(exc)))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as a task failure
+        out.put(("error", type(exc).__name__, str(exc)))
+
+
+def _wait(proc: Any, out: Any, ctx: TaskContext, deadline: Any, stop: Any) -> tuple[Any, ...]:
+    while True:
+        deadline.value = ctx._lease_deadline()
+        if ctx._cancel.is_set() and not stop.is_set():
+            stop.set()
+        try:
+            message = out.get(timeout=0.05)
+        except queue.Empty:
+            if not proc.is_alive():
+                return ("error", "ProcessDied", f"handler process exited with code {proc.exitcode}")
+            continue
+        if message[0] == "progress":
+            ctx.progress_percent, ctx.progress_message = message[1], message[2]
+            continue
+        return message
+
+
+async def run_in_process(handler: Handler, ctx: TaskContext, threads: concurrent.futures.ThreadPoolExecutor) -> Any:
+    fields = {
+        "task_id": ctx.task_id,
+        "type": ctx.type,
+        "namespace": ctx.namespace,
+        "payload": ctx.payload,
+        "attempt": ctx.attempt,
+        "lease_token": ctx.lease_token,
+        "worker_id": ctx.worker_id,
+    }
+    deadline = _SPAWN.Value("d", ctx._lease_deadline())
+    stop = _SPAWN.Event()
+    out = _SPAWN.Queue()
+    proc = _SPAWN.Process(
+        target=_child, args=(handler.fn.__module__, handler.fn.__name__, fields, deadline, stop, out), daemon=True
+    )
+    proc.start()
+    try:
+        message = await asyncio.wrap_future(threads.submit(_wait, proc, out, ctx, deadline, stop))
+    except asyncio.CancelledError:
+        proc.terminate()
+        proc.join(0.5)
+        if proc.is_alive():
+            proc.kill()
+        raise
+    finally:
+        if proc.is_alive():
+            proc.join(0.2)
+    if message[0] == "ok":
+        return message[1]
+    if message[0] == "permanent":
+        raise PermanentError(message[2] or message[1])
+    raise ChildError(message[1], message[2])
+
