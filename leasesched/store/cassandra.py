@@ -445,6 +445,17 @@ class CassandraStore:
             return Page(found, encode_token(day, None, None) if found or scanned else "")
         return Page(found, encode_token(day, after[0], after[1]))
 
+    async def count_by_status(self, limit: int) -> dict[str, int]:
+        """Counts over at most ``limit`` task rows (an operator's view, not a hot path)."""
+        from collections import Counter
+
+        from cassandra.query import SimpleStatement
+
+        session = await self._ensure_session()
+        statement = SimpleStatement(f"SELECT status FROM tasks LIMIT {int(limit)}", fetch_size=5000)
+        rows = await asyncio.to_thread(lambda: [r.status for r in session.execute(statement)])
+        return dict(Counter(rows))
+
     # ---------------------------------------------------------------- idempotency
 
     async def claim_idempotency_key(self, namespace: str, key: str, record: IdempotencyRecord) -> IdempotencyRecord | None:
