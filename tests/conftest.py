@@ -107,3 +107,30 @@ def infra() -> Iterator[LocalInfra]:
         local.down(timeout=30)
         if not os.environ.get("LEASESCHED_KEEP_TEST_DATA"):
             shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def make_cluster(infra: LocalInfra, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
+    """``make_cluster(triggers=2, workers=2, slots=8)`` → a started ``tests.cluster.LiveCluster``
+    of real processes with its own keyspace and ZooKeeper root; stopped after the test."""
+    from leasesched.store import schema
+    from tests.cluster import LiveCluster, cluster_config
+    from tests.processes import ProcessGroup
+
+    clusters: list[LiveCluster] = []
+
+    def make(**kwargs: int) -> LiveCluster:
+        cfg = cluster_config(infra.config, request.node.name)
+        group = ProcessGroup(log_dir=tmp_path / f"logs-{len(clusters)}")
+        cluster = LiveCluster(cfg=cfg, group=group, folder=tmp_path)
+        clusters.append(cluster)
+        return cluster.start(**kwargs)
+
+    yield make
+    for cluster in clusters:
+        cluster.close()
+        cluster.group.stop_all()
+        try:
+            schema.drop_keyspace(cluster.cfg)
+        except Exception:  # noqa: BLE001 - a test that left Cassandra down already failed
+            pass

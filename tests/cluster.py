@@ -1,0 +1,292 @@
+"""A whole leasesched cluster of real processes for one test, and the checks
+every life-cycle and chaos test applies to what happened.
+
+The cluster: TaskService, TaskUpdater, N triggers and M workers running
+``tests.chaos_handlers``, against the session's real Cassandra and ZooKeeper,
+with its own keyspace and ZooKeeper root. Handlers write an execution ledger
+(START/END per execution); workers write the accepted completions.
+
+The invariants (``check_invariants``):
+* none lost — every accepted task is terminal at the end;
+* no overlap — no two executions of one task overlap in time, where an
+  execution lasts from its start to the last moment it worked while it could
+  prove its lease (or to the kill -9 of its process);
+* one completion — each SUCCEEDED task has exactly one accepted completion,
+  made under the lease token the task finished with.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from leasesched.config import Config
+from leasesched.store import schema
+from leasesched.v1 import scheduler_pb2 as pb
+from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from tests.processes import ProcessGroup, RunningProcess
+
+NAMESPACE = "chaos"
+TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - conditions may fail while things recover
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error})")
+
+
+def cluster_config(base: Config, name: str) -> Config:
+    """Fast leases and failover, so scenarios take seconds, not minutes."""
+    tag = f"{name[:24]}_{uuid.uuid4().hex[:8]}".lower()
+    return base.with_overrides(
+        keyspace=f"c_{tag}",
+        zk_root=f"/leasesched-test/{tag}",
+        lease_grace_s=1.0,
+        claim_timeout_s=3.0,
+        zk_session_timeout_s=4.0,
+        partition_settle_s=0.5,
+        scan_interval_s=0.3,
+    )
+
+
+@dataclass
+class LiveCluster:
+    cfg: Config
+    group: ProcessGroup
+    folder: Path
+    task_service: RunningProcess | None = None
+    task_updater: RunningProcess | None = None
+    triggers: list[RunningProcess] = field(default_factory=list)
+    workers: list[RunningProcess] = field(default_factory=list)
+    killed_at: dict[int, float] = field(default_factory=dict)  # pid → time of kill -9
+    _channel: grpc.Channel | None = None
+
+    @property
+    def ledger(self) -> Path:
+        return self.folder / "ledger.jsonl"
+
+    @property
+    def completions(self) -> Path:
+        return self.folder / "completions.jsonl"
+
+    # ------------------------------------------------------------ processes
+
+    def start(self, triggers: int = 2, workers: int = 2, slots: int = 8) -> "LiveCluster":
+        schema.apply(self.cfg)
+        self.task_service = self.group.start_serving("task-service", self.cfg)
+        self.task_updater = self.group.start_serving("task-updater", self.cfg)
+        for _ in range(triggers):
+            self.start_trigger()
+        for _ in range(workers):
+            self.start_worker(slots)
+        self.wait_all_shards_owned()
+        self.wait_workers_subscribed(workers * triggers)
+        return self
+
+    def start_trigger(self) -> RunningProcess:
+        proc = self.group.start_serving("trigger", self.cfg)
+        self.triggers.append(proc)
+        return proc
+
+    def start_worker(self, slots: int = 8) -> RunningProcess:
+        argv = ["worker", "--module", "tests.chaos_handlers", "--slots", str(slots), "--drain-timeout", "10",
+                "--ledger", str(self.completions)]  # fmt: skip
+        proc = self.group.start("worker", self.cfg, argv=argv, env_extra={"LEASESCHED_TEST_LEDGER": str(self.ledger)})
+        self.workers.append(proc)
+        return proc
+
+    def kill9(self, proc: RunningProcess) -> None:
+        self.killed_at[proc.pid] = time.time()
+        proc.kill9()
+
+    def zk_members(self, role: str) -> dict[str, dict[str, Any]]:
+        from leasesched.coordination import registry, zk
+
+        client = zk.connect(self.cfg)
+        try:
+            return registry.members(client, self.cfg.zk_root, role)
+        finally:
+            client.stop()
+            client.close()
+
+    def shard_owners(self) -> dict[int, list[str]]:
+        owners: dict[int, list[str]] = defaultdict(list)
+        for address, data in self.zk_members("trigger").items():
+            for shard in data.get("shards", []):
+                owners[int(shard)].append(address)
+        return owners
+
+    def wait_all_shards_owned(self, timeout: float = 30, by: set[str] | None = None) -> dict[int, list[str]]:
+        def check() -> dict[int, list[str]] | None:
+            owners = self.shard_owners()
+            complete = len(owners) == self.cfg.logical_shards and all(len(o) == 1 for o in owners.values())
+            if complete and (by is None or {o[0] for o in owners.values()} <= by):
+                return owners
+            return None
+
+        return wait_for(check, timeout, "every shard to have exactly one owner")
+
+    def wait_workers_subscribed(self, streams: int, timeout: float = 20) -> None:
+        """Workers register once their trigger links are up; give them a moment to subscribe."""
+        wait_for(lambda: len(self.zk_members("worker")) >= len(self.workers), timeout, "workers to register")
+        time.sleep(1.5)  # the worker's trigger follower runs every second
+
+    # ------------------------------------------------------------ client
+
+    @property
+    def stub(self) -> pb_grpc.TaskServiceStub:
+        if self._channel is None:
+            assert self.task_service and self.task_service.target
+            self._channel = grpc.insecure_channel(self.task_service.target)
+        return pb_grpc.TaskServiceStub(self._channel)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+
+    def schedule(
+        self,
+        seconds: float = 0.2,
+        delay_s: float = 0.0,
+        priority: int | None = None,
+        lease_s: float = 3.0,
+        max_attempts: int = 5,
+        key: str = "",
+        retry_initial_s: float = 0.5,
+        **payload: Any,
+    ) -> str:
+        """Schedule one chaos.work task; retries UNAVAILABLE with the same idempotency key."""
+        spec = pb.TaskSpec(namespace=NAMESPACE, type="chaos.work", payload=json.dumps({"seconds": seconds, **payload}).encode())
+        if delay_s:
+            spec.delay.FromMilliseconds(int(delay_s * 1000))
+        if priority is not None:
+            spec.priority, spec.has_priority = priority, True
+        spec.lease_duration.FromMilliseconds(int(lease_s * 1000))
+        spec.retry_policy.maximum_attempts = max_attempts
+        spec.retry_policy.initial_interval.CopyFrom(Duration(nanos=int(retry_initial_s * 1e9) % 10**9, seconds=int(retry_initial_s)))
+        request = pb.ScheduleTaskRequest(task=spec, idempotency_key=key or uuid.uuid4().hex)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                return self.stub.ScheduleTask(request, timeout=10).task_id
+            except grpc.RpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def poll(self, task_id: str) -> pb.TaskView:
+        return self.stub.PollTask(pb.PollTaskRequest(task_id=task_id), timeout=10).task
+
+    def wait_terminal(self, ids: list[str], timeout: float) -> dict[str, pb.TaskView]:
+        views: dict[str, pb.TaskView] = {}
+
+        def check() -> bool:
+            for task_id in ids:
+                if task_id in views:
+                    continue
+                view = self.poll(task_id)
+                if view.status in TERMINAL:
+                    views[task_id] = view
+            return len(views) == len(ids)
+
+        try:
+            wait_for(check, timeout, "every task to finish", interval=0.5)
+        except AssertionError as exc:
+            stuck = [t for t in ids if t not in views][:5]
+            detail = {t: pb.TaskStatus.Name(self.poll(t).status) for t in stuck}
+            raise AssertionError(f"{exc}; {len(ids) - len(views)} not terminal, e.g. {detail}") from None
+        return views
+
+    # ------------------------------------------------------------ ledger
+
+    def read_jsonl(self, path: Path) -> list[dict[str, Any]]:
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class Report:
+    tasks: int
+    executions: int
+    re_executions: int
+    overlaps: list[str]
+    lost: list[str]
+    completion_errors: list[str]
+    by_status: dict[str, int]
+
+    def summary(self) -> str:
+        return (
+            f"tasks={self.tasks} executions={self.executions} re-executions={self.re_executions} "
+            f"overlaps={len(self.overlaps)} lost={len(self.lost)} completion-errors={len(self.completion_errors)} "
+            f"status={self.by_status}"
+        )
+
+
+def check_invariants(cluster: LiveCluster, views: dict[str, pb.TaskView]) -> Report:
+    ledger = cluster.read_jsonl(cluster.ledger)
+    executions: dict[tuple[str, int], dict[str, Any]] = {}
+    for record in ledger:
+        key = (record["task_id"], record["token"])
+        entry = executions.setdefault(key, {"task_id": record["task_id"], "token": record["token"], "pid": record["pid"]})
+        entry[record["event"]] = record["t"]
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for entry in executions.values():
+        if "end" not in entry:
+            # No END: its process died. It worked at most until the kill.
+            entry["end"] = cluster.killed_at.get(entry["pid"], float("inf"))
+        by_task[entry["task_id"]].append(entry)
+    overlaps = []
+    for task_id, runs in by_task.items():
+        runs.sort(key=lambda e: e.get("start", 0))
+        for earlier, later in zip(runs, runs[1:]):
+            if earlier["end"] >= later["start"]:
+                overlaps.append(f"{task_id}: token {earlier['token']} worked until {earlier['end']:.3f}, "
+                                f"token {later['token']} started {later['start']:.3f}")  # fmt: skip
+    lost = [t for t, v in views.items() if v.status not in TERMINAL]
+    completions: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in cluster.read_jsonl(cluster.completions):
+        completions[record["task_id"]].append(record)
+    completion_errors = []
+    for task_id, view in views.items():
+        accepted = completions.get(task_id, [])
+        if view.status == pb.SUCCEEDED:
+            final = executions.get((task_id, view.lease_token))
+            if not accepted and final is not None and final["pid"] in cluster.killed_at:
+                continue  # killed between the accepted CompleteTask and writing its record
+            if len(accepted) != 1 or accepted[0]["token"] != view.lease_token:
+                completion_errors.append(f"{task_id}: {len(accepted)} accepted completions, final token {view.lease_token}")
+        elif accepted:
+            completion_errors.append(f"{task_id}: {pb.TaskStatus.Name(view.status)} but has an accepted completion")
+    statuses: dict[str, int] = defaultdict(int)
+    for view in views.values():
+        statuses[pb.TaskStatus.Name(view.status)] += 1
+    return Report(
+        tasks=len(views),
+        executions=len(executions),
+        re_executions=sum(max(0, len(runs) - 1) for runs in by_task.values()),
+        overlaps=overlaps,
+        lost=lost,
+        completion_errors=completion_errors,
+        by_status=dict(statuses),
+    )
