@@ -55,6 +55,8 @@ async def work(ctx: TaskContext) -> bytes:
         if spec.get("progress"):
             ctx.report_progress(min(99.0, steps), f"step {steps}")
         await asyncio.sleep(0.02)
+    if not ctx.holds_lease():
+        stopped = True  # e.g. the timer ran out while the process was frozen past its lease
     _append({"event": "end", "t": last_ok, "stopped": stopped, **_base(ctx)})
     if stopped:
         return b"stopped"

@@ -1,9 +1,10 @@
 """Working one owned shard: read its due index, act on each entry at its time.
 
 Reading. Each pass reads the shard's bucket partitions from
-``max(checkpoint, min(read_cursor, now - settle))`` up to ``now + lookahead``:
-new entries since the last pass, plus a short window behind "now" that catches
-entries written late (a slow write, a writer's clock slightly behind). Entries
+``max(checkpoint, min(read_cursor, last_successful_read - settle))`` up to
+``now + lookahead``: new entries since the last pass, plus a window behind the
+last successful read that catches entries written late (a slow write, a
+writer's clock slightly behind, an outage between two reads). Entries
 already seen are skipped by key; entries due within the lookahead are timed in
 memory so they start on time, not at the next pass.
 
@@ -55,6 +56,16 @@ class ScanSettings:
     start_ms: int  # where to begin when the shard has no checkpoint yet
 
 
+def _version(item: DueEntry | Task) -> tuple[int, int]:
+    """Where a task is in its life: every claim raises the token, every
+    re-queue the attempt, so this pair only ever grows."""
+    return (item.lease_token, item.attempt)
+
+
+def _ahead_of(entry: DueEntry, task: Task) -> bool:
+    return _version(entry) > _version(task)
+
+
 def entry_key(entry: DueEntry) -> Hashable:
     """Two entries with this key ask for the same action. RUN entries are
     unique per (attempt, token): every re-queue changes one of them. LEASE
@@ -101,10 +112,14 @@ class ShardScanner:
                 await asyncio.sleep(RETRY_DELAY_S)
         self._checkpoint = self._saved_checkpoint = saved if saved is not None else self._s.start_ms
         cursor = self._checkpoint
+        # Entries due up to (last successful read - settle) are certainly seen:
+        # one due at d is visible by d + settle. The next read starts there at
+        # the latest, however long ago that read was (an outage, a pause).
+        complete_until = self._checkpoint
         while not self._stopped:
             now = now_ms()
             upto = now + self._s.lookahead_ms
-            low = max(self._checkpoint, min(cursor, now - self._s.settle_ms))
+            low = max(self._checkpoint, min(cursor, complete_until))
             if len(self._pending) < MAX_PENDING:
                 try:
                     entries = await self._store.read_due(self.shard, low, upto, self._s.bucket_s)
@@ -115,6 +130,7 @@ class ShardScanner:
                 for entry in entries:
                     self._consider(entry)
                 cursor = upto
+                complete_until = now - self._s.settle_ms
             await self._advance_checkpoint(now)
             self._wake.clear()
             try:
@@ -227,8 +243,13 @@ class ShardScanner:
             await self._missing(entry, key)
             return
         now = now_ms()
-        current = (task.status, task.attempt, task.lease_token)
-        if current != (TaskStatus.SCHEDULED, entry.attempt, entry.lease_token) or task.run_at > now + 1000:
+        if _ahead_of(entry, task) or (task.status == TaskStatus.RUNNING and _version(task) == _version(entry)):
+            # Written just before the conditional write that makes it true
+            # (retry, expiry, release): that write has not landed yet, or it
+            # failed and the task will move past this entry. Look again.
+            self._retry_later(entry, key)
+            return
+        if task.status != TaskStatus.SCHEDULED or _version(task) != _version(entry) or task.run_at > now + 1000:
             self._resolve(key)  # the task moved on; a newer entry covers it
             return
         if await self._deadline_passed(task, now):
@@ -251,6 +272,9 @@ class ShardScanner:
         task = await self._store.get_task(entry.task_id)
         if task is None:
             await self._missing(entry, key)
+            return
+        if task.lease_token < entry.lease_token:
+            self._retry_later(entry, key)  # the claim that wrote it has not landed yet
             return
         if task.status != TaskStatus.RUNNING or task.lease_token != entry.lease_token:
             self._resolve(key)  # that lease ended normally

@@ -243,6 +243,8 @@ class Execution:
                 released=outcome.kind == "released",
             )
             method = "FailTask"
+        if self._ledger is not None and method == "CompleteTask":
+            self._ledger(self._ledger_record("complete_sent"))
         delay = 0.1
         while True:
             if not clock.valid():
@@ -262,9 +264,16 @@ class Execution:
             status = pb.TaskStatus.Name(reply.status)
             log.info("task %s: %s accepted, now %s", self.task_id, method, status)
             if self._ledger is not None and method == "CompleteTask":
-                self._ledger(
-                    {"event": "complete", "task_id": self.task_id, "token": self.token, "worker": self._worker_id,
-                     "pid": os.getpid(), "t": time.time()}
-                )  # fmt: skip
+                self._ledger(self._ledger_record("complete"))
             return
+
+    def _ledger_record(self, event: str) -> dict[str, Any]:
+        return {
+            "event": event,
+            "task_id": self.task_id,
+            "token": self.token,
+            "worker": self._worker_id,
+            "pid": os.getpid(),
+            "t": time.time(),
+        }
 

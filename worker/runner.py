@@ -52,7 +52,7 @@ def load_handlers(spec: str) -> Handlers:
 
 
 class Ledger:
-    """Append-only JSON lines of accepted completions (an audit trail; chaos tests read it)."""
+    """Append-only JSON lines of completions sent and accepted (an audit trail; chaos tests read it)."""
 
     def __init__(self, path: str) -> None:
         self._path = path

@@ -26,6 +26,7 @@ import uuid
 from typing import Any, Sequence
 
 from cassandra import ConsistencyLevel, DriverException, OperationTimedOut, RequestExecutionException
+from cassandra.connection import ConnectionException
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, ResponseFuture, Session
 from cassandra.policies import (
     DCAwareRoundRobinPolicy,
@@ -204,7 +205,17 @@ def new_cluster(cfg: Config) -> Cluster:
     )
 
 
-_UNAVAILABLE_ERRORS = (NoHostAvailable, OperationTimedOut, RequestExecutionException, DriverException, ConnectionError)
+# Everything the driver raises when Cassandra cannot answer. ConnectionException
+# (e.g. ConnectionShutdown when a node goes down mid-request) is not a
+# DriverException, so it is listed on its own.
+_UNAVAILABLE_ERRORS = (
+    NoHostAvailable,
+    OperationTimedOut,
+    RequestExecutionException,
+    DriverException,
+    ConnectionException,
+    ConnectionError,
+)
 
 
 class CassandraStore:
