@@ -60,6 +60,24 @@ class Config:
     trigger_port: int = 50053  # first trigger; more triggers use port 0 (any)
     metrics_port: int = 0  # 0 = no metrics endpoint
 
+    # Security. Auth is on unless explicitly switched off for local development.
+    auth: str = "on"  # "on" | "off" (local development only)
+    token: str = ""  # the bearer token this process or CLI presents (env LEASESCHED_TOKEN)
+    auth_cache_s: float = 5.0  # how long a looked-up token is trusted; bounds revocation delay
+    tls_cert: str = ""  # server certificate (PEM); set with tls_key to serve TLS
+    tls_key: str = ""
+    tls_ca: str = ""  # CA that signed the server certs (clients) / client certs (servers)
+    tls_client_cert: str = ""  # optional client certificate (mutual TLS)
+    tls_client_key: str = ""
+    tls_require_client_cert: int = 0  # 1: servers refuse clients without a certificate
+
+    # Limits that keep one client from taking the services down.
+    schedule_rate_per_namespace: float = 5000.0  # ScheduleTask tokens per second per namespace (0 = unlimited)
+    schedule_burst: float = 10000.0
+    max_streams_per_worker: int = 4  # concurrent Subscribe streams per worker id, per trigger
+    max_concurrent_rpcs: int = 4096  # per server process; beyond: RESOURCE_EXHAUSTED
+    rpc_timeout_s: float = 30.0  # server-side ceiling for one unary call
+
     # Task defaults and limits.
     max_payload_bytes: int = 1024 * 1024
     max_result_bytes: int = 1024 * 1024

@@ -37,3 +37,7 @@ class Unavailable(SchedulerError):
 
 class ResourceExhausted(SchedulerError):
     pass
+
+
+class Unauthenticated(SchedulerError):
+    """No credentials, or credentials the server does not accept."""

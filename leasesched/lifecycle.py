@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from leasesched.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from leasesched.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, Unavailable
 from leasesched.model import DueEntry, Task, now_ms
 from leasesched.states import TaskStatus, Transition, allowed, target
 from leasesched.store.base import Expect, IdempotencyRecord, ListQuery, Page, StoreUnavailable, TaskStore
@@ -118,13 +118,16 @@ class Lifecycle:
         except StoreUnavailable as exc:
             raise Unavailable(str(exc)) from exc
 
-    async def get(self, task_id: uuid.UUID) -> Task:
+    async def get(self, task_id: uuid.UUID, namespace: str | None = None) -> Task:
+        """The task; with ``namespace``, a task of another namespace is refused."""
         try:
             task = await self.store.get_task(task_id)
         except StoreUnavailable as exc:
             raise Unavailable(str(exc)) from exc
         if task is None:
             raise NotFound(f"task {task_id} not found")
+        if namespace is not None and task.namespace != namespace:
+            raise PermissionDenied(f"task {task_id} is not in namespace {namespace!r} or does not exist")
         return task
 
     async def list(self, query: ListQuery) -> Page:
@@ -159,9 +162,11 @@ class Lifecycle:
 
     # ---------------------------------------------------------------- workers
 
-    async def claim(self, task_id: uuid.UUID, worker_id: str, attempt: int, now: int | None = None) -> Lease:
+    async def claim(
+        self, task_id: uuid.UUID, worker_id: str, attempt: int, now: int | None = None, namespace: str | None = None
+    ) -> Lease:
         """SCHEDULED → RUNNING with a new, larger lease token."""
-        task = await self.get(task_id)
+        task = await self.get(task_id, namespace)
         now = now_ms() if now is None else now
         if task.status != TaskStatus.SCHEDULED:
             raise FailedPrecondition(f"task {task_id} is {task.status.value}, not claimable")
@@ -191,11 +196,17 @@ class Lifecycle:
         return Lease(task.replace(**changes), token, expires_at)
 
     async def heartbeat(
-        self, task_id: uuid.UUID, token: int, percent: float, message: str, now: int | None = None
+        self,
+        task_id: uuid.UUID,
+        token: int,
+        percent: float,
+        message: str,
+        now: int | None = None,
+        namespace: str | None = None,
     ) -> HeartbeatAck:
         """Extend the caller's lease; its answer carries a pending cancel request."""
         now = now_ms() if now is None else now
-        task = await self.get(task_id)
+        task = await self.get(task_id, namespace)
         expires_at = now + task.lease_ms
         changes = {"lease_expires_at": expires_at, "progress_percent": percent, "progress_message": message}
         expect = Expect(TaskStatus.RUNNING, lease_token=token, cancel_requested=False)
@@ -207,7 +218,7 @@ class Lifecycle:
             return HeartbeatAck(task.lease_expires_at or now, cancel_requested=True)
         raise FailedPrecondition(f"lease lost: task {task_id} no longer runs under token {token}")
 
-    async def complete(self, task_id: uuid.UUID, token: int, result: bytes) -> TaskStatus:
+    async def complete(self, task_id: uuid.UUID, token: int, result: bytes, namespace: str | None = None) -> TaskStatus:
         now = now_ms()
         changes = {
             "status": TaskStatus.SUCCEEDED,
@@ -216,9 +227,11 @@ class Lifecycle:
             "progress_percent": 100.0,
             "lease_expires_at": None,
         }
-        outcome = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token), changes)
+        outcome = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token, namespace=namespace), changes)
         if outcome.applied:
             return TaskStatus.SUCCEEDED
+        if namespace is not None and outcome.exists and outcome.current_namespace != namespace:
+            raise PermissionDenied(f"task {task_id} is not in namespace {namespace!r} or does not exist")
         if outcome.current_status == TaskStatus.SUCCEEDED and outcome.current_lease_token == token:
             return TaskStatus.SUCCEEDED  # our own earlier completion, retried
         raise self._stale(task_id, token, outcome.exists)
@@ -232,9 +245,10 @@ class Lifecycle:
         non_retryable: bool = False,
         cancelled: bool = False,
         released: bool = False,
+        namespace: str | None = None,
     ) -> FailOutcome:
         """A worker's failure report: retry with backoff, fail, cancel or release."""
-        task = await self.get(task_id)
+        task = await self.get(task_id, namespace)
         if task.status != TaskStatus.RUNNING or task.lease_token != token:
             if task.lease_token == token and task.status.terminal:
                 return FailOutcome(task.status)  # a retried report of ours

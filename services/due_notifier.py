@@ -17,7 +17,9 @@ import logging
 import grpc
 from kazoo.client import KazooClient
 
+from leasesched.config import Config
 from leasesched.coordination import registry
+from leasesched.transport import aio_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 
@@ -25,9 +27,10 @@ log = logging.getLogger(__name__)
 
 
 class DueNotifier:
-    def __init__(self, zk: KazooClient, zk_root: str, refresh_s: float = 1.0) -> None:
+    def __init__(self, zk: KazooClient, cfg: Config, refresh_s: float = 1.0) -> None:
         self._zk = zk
-        self._root = zk_root
+        self._cfg = cfg
+        self._root = cfg.zk_root
         self._refresh_s = refresh_s
         self._owner_of: dict[int, str] = {}
         self._stubs: dict[str, pb_grpc.TriggerServiceStub] = {}
@@ -68,7 +71,7 @@ class DueNotifier:
     def _stub(self, address: str) -> pb_grpc.TriggerServiceStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = aio_channel(address, self._cfg)  # cfg.token: the service's admin token
             self._channels[address] = channel
             stub = self._stubs[address] = pb_grpc.TriggerServiceStub(channel)
         return stub

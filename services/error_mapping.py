@@ -7,6 +7,7 @@ INTERNAL, and the server keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -24,6 +25,7 @@ CODES: dict[type[errors.SchedulerError], grpc.StatusCode] = {
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 
@@ -35,6 +37,11 @@ def code_for(exc: errors.SchedulerError) -> grpc.StatusCode:
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, timeout_s: float = 30.0) -> None:
+        # A ceiling on one unary call: a stuck dependency must not pin server
+        # resources for ever, whatever deadline (or none) the client set.
+        self._timeout_s = timeout_s
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -48,7 +55,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                return await inner(request, context)
+                return await asyncio.wait_for(inner(request, context), self._timeout_s)
+            except asyncio.TimeoutError:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"not finished within {self._timeout_s:.0f} s")
             except errors.SchedulerError as exc:
                 await context.abort(code_for(exc), str(exc))
             except grpc.aio.AbortError:

@@ -16,7 +16,9 @@ from leasesched.lifecycle import Lifecycle
 from leasesched.store.base import StoreUnavailable
 from leasesched.store.cassandra import CassandraStore
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from services.auth_setup import make_authenticator
 from services.due_notifier import DueNotifier
+from services.rate_limit import RateLimiter, RateLimitInterceptor
 from services.server import build_server, wait_for_stop_signal
 from services.task_service import TaskService
 from services.task_updater import TaskUpdater
@@ -37,16 +39,22 @@ async def serve(cfg: Config, role: str, port: int) -> None:
     lifecycle = Lifecycle(store, lease_grace_ms=int(cfg.lease_grace_s * 1000))
     notifier: DueNotifier | None = None
     adders: list[tuple[Any, Any, str]]
+    interceptors: list[Any] = []
     if role == "task-service":
-        notifier = DueNotifier(client, cfg.zk_root)
+        notifier = DueNotifier(client, cfg)
         await notifier.start()
         service: Any = TaskService(cfg, lifecycle, meta.logical_shards, notify_due=notifier)
         adders = [(pb_grpc.add_TaskServiceServicer_to_server, service, "leasesched.v1.TaskService")]
+        if cfg.schedule_rate_per_namespace > 0:
+            limiter = RateLimiter(cfg.schedule_rate_per_namespace, cfg.schedule_burst)
+            interceptors.append(RateLimitInterceptor(limiter))
     elif role == "task-updater":
         adders = [(pb_grpc.add_TaskUpdaterServicer_to_server, TaskUpdater(cfg, lifecycle), "leasesched.v1.TaskUpdater")]
     else:
         raise ValueError(f"unknown role {role!r}")
-    server = await build_server(f"{cfg.bind_host}:{port}", adders)
+    server = await build_server(
+        f"{cfg.bind_host}:{port}", adders, cfg, interceptors, authenticator=make_authenticator(cfg, store)
+    )
     await server.server.start()
     await server.set_serving(True)
     address = f"{cfg.bind_host}:{server.port}"

@@ -14,6 +14,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from leasesched.auth import Authenticator
+from leasesched.config import Config
+from leasesched.transport import add_port
+from services.auth_interceptor import AuthInterceptor
 from services.error_mapping import ErrorMappingInterceptor
 
 log = logging.getLogger(__name__)
@@ -37,11 +41,21 @@ class Server:
 async def build_server(
     bind: str,
     adders: Sequence[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
+    cfg: Config,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    authenticator: Authenticator | None = None,
 ) -> Server:
-    """``adders``: (add_XServicer_to_server, servicer, full service name)."""
+    """``adders``: (add_XServicer_to_server, servicer, full service name).
+
+    Interceptors run outermost first: authentication (when ``authenticator``
+    is given, i.e. auth is on), then ``interceptors``, then error mapping with
+    the per-call time ceiling. ``maximum_concurrent_rpcs`` bounds the work a
+    flood of clients can queue: beyond it, calls get RESOURCE_EXHAUSTED.
+    """
+    chain: list[grpc.aio.ServerInterceptor] = [AuthInterceptor(authenticator)] if authenticator else []
     server = grpc.aio.server(
-        interceptors=[*interceptors, ErrorMappingInterceptor()],
+        interceptors=[*chain, *interceptors, ErrorMappingInterceptor(cfg.rpc_timeout_s)],
+        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -55,7 +69,7 @@ async def build_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(bind)
+    port = add_port(server, bind, cfg)
     if port == 0:
         raise RuntimeError(f"cannot bind {bind}")
     return Server(server, port, health_servicer, names)

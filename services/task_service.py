@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Awaitable, Callable
 
 import grpc
 
+from leasesched.auth import hiding_missing, require_namespace, require_task_access
 from leasesched.config import Config
+from leasesched.model import Task
 from leasesched.errors import InvalidArgument
 from leasesched.lifecycle import Lifecycle
 from leasesched.model import now_ms
@@ -34,6 +37,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
 
     async def ScheduleTask(self, request: pb.ScheduleTaskRequest, context: grpc.aio.ServicerContext) -> pb.ScheduleTaskResponse:
         now = now_ms()
+        require_namespace(check_namespace(request.task.namespace))
         task = validate_schedule(request, self._cfg, self._shards, now)
         outcome = await self._lifecycle.schedule(task, request.idempotency_key, request_hash(request))
         stored = outcome.task
@@ -43,16 +47,26 @@ class TaskService(pb_grpc.TaskServiceServicer):
         return pb.ScheduleTaskResponse(task_id=str(stored.task_id), run_at=ts(stored.run_at), created=outcome.created)
 
     async def PollTask(self, request: pb.PollTaskRequest, context: grpc.aio.ServicerContext) -> pb.PollTaskResponse:
-        task = await self._lifecycle.get(check_task_id(request.task_id))
+        task = await self._visible(check_task_id(request.task_id))
         return pb.PollTaskResponse(task=task_view(task))
 
+    async def _visible(self, task_id: uuid.UUID) -> Task:
+        """The task, if the caller may see it; foreign and missing look the same."""
+        with hiding_missing(task_id):
+            task = await self._lifecycle.get(task_id)
+        require_task_access(task.namespace, task_id)
+        return task
+
     async def CancelTask(self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext) -> pb.CancelTaskResponse:
-        task = await self._lifecycle.cancel(check_task_id(request.task_id))
+        task_id = check_task_id(request.task_id)
+        await self._visible(task_id)
+        task = await self._lifecycle.cancel(task_id)
         log.info("task %s cancel: now %s", task.task_id, task.status.value)
         return pb.CancelTaskResponse(task=task_view(task))
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
         namespace = check_namespace(request.namespace)
+        require_namespace(namespace)
         if request.page_size < 0 or request.page_size > self._cfg.list_page_max:
             raise InvalidArgument(f"page_size must be between 0 and {self._cfg.list_page_max}")
         if request.status not in pb.TaskStatus.values():

@@ -12,6 +12,7 @@ import math
 
 import grpc
 
+from leasesched.auth import caller_namespace, hiding_missing
 from leasesched.config import Config
 from leasesched.errors import InvalidArgument
 from leasesched.lifecycle import Lifecycle
@@ -45,7 +46,10 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
 
     async def ClaimTask(self, request: pb.ClaimTaskRequest, context: grpc.aio.ServicerContext) -> pb.ClaimTaskResponse:
         task_id = check_task_id(request.task_id)
-        lease = await self._lifecycle.claim(task_id, _check_worker(request.worker_id), request.attempt)
+        with hiding_missing(task_id):
+            lease = await self._lifecycle.claim(
+                task_id, _check_worker(request.worker_id), request.attempt, namespace=caller_namespace()
+            )
         task = lease.task
         log.info("task %s claimed by %s (token %d, attempt %d)", task_id, request.worker_id, lease.token, task.attempt)
         return pb.ClaimTaskResponse(
@@ -67,27 +71,35 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
             raise InvalidArgument("progress.percent must be between 0 and 100")
         if len(request.progress.message) > MAX_MESSAGE:
             raise InvalidArgument(f"progress.message is over {MAX_MESSAGE} characters")
-        ack = await self._lifecycle.heartbeat(task_id, _check_token(request.lease_token), percent, request.progress.message)
+        with hiding_missing(task_id):
+            ack = await self._lifecycle.heartbeat(
+                task_id, _check_token(request.lease_token), percent, request.progress.message, namespace=caller_namespace()
+            )
         return pb.HeartbeatResponse(lease_expires_at=ts(ack.expires_at), cancel_requested=ack.cancel_requested)
 
     async def CompleteTask(self, request: pb.CompleteTaskRequest, context: grpc.aio.ServicerContext) -> pb.CompleteTaskResponse:
         task_id = check_task_id(request.task_id)
         if len(request.result) > self._cfg.max_result_bytes:
             raise InvalidArgument(f"result is {len(request.result)} bytes, over the limit of {self._cfg.max_result_bytes}")
-        status = await self._lifecycle.complete(task_id, _check_token(request.lease_token), request.result)
+        with hiding_missing(task_id):
+            status = await self._lifecycle.complete(
+                task_id, _check_token(request.lease_token), request.result, namespace=caller_namespace()
+            )
         log.info("task %s completed under token %d", task_id, request.lease_token)
         return pb.CompleteTaskResponse(status=status_to_pb(status))
 
     async def FailTask(self, request: pb.FailTaskRequest, context: grpc.aio.ServicerContext) -> pb.FailTaskResponse:
         task_id = check_task_id(request.task_id)
-        outcome = await self._lifecycle.fail(
-            task_id,
-            _check_token(request.lease_token),
-            request.error,
-            request.error_type,
-            non_retryable=request.non_retryable,
-            cancelled=request.cancelled,
-            released=request.released,
-        )
+        with hiding_missing(task_id):
+            outcome = await self._lifecycle.fail(
+                task_id,
+                _check_token(request.lease_token),
+                request.error,
+                request.error_type,
+                non_retryable=request.non_retryable,
+                cancelled=request.cancelled,
+                released=request.released,
+                namespace=caller_namespace(),
+            )
         log.info("task %s failed under token %d: now %s", task_id, request.lease_token, outcome.status.value)
         return pb.FailTaskResponse(status=status_to_pb(outcome.status), next_run_at=ts(outcome.next_run_at))

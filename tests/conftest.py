@@ -98,6 +98,8 @@ def infra() -> Iterator[LocalInfra]:
         cassandra_storage_port=storage_port,
         zk_hosts=f"127.0.0.1:{zk_port}",
         keyspace=TEST_KEYSPACE,
+        # Explicitly off for the tests of other features; tests/integration/test_auth.py turns it on.
+        auth="off",
     )
     local = LocalInfra.from_config(config, dist_dir=DIST_DIR)
     try:

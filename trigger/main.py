@@ -20,6 +20,7 @@ from leasesched.states import TaskStatus
 from leasesched.store.base import StoreUnavailable
 from leasesched.store.cassandra import CassandraStore
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from services.auth_setup import make_authenticator
 from services.server import build_server, wait_for_stop_signal
 from trigger.dispatcher import Dispatcher, Ready
 from trigger.ownership import ShardOwnership
@@ -104,9 +105,12 @@ async def serve(cfg: Config, port: int) -> None:
         start_ms=meta.created_at_ms,
     )
     trigger = Trigger(cfg, lifecycle, settings)
-    service = TriggerService(trigger.dispatcher, trigger.due_hint)
+    service = TriggerService(trigger.dispatcher, trigger.due_hint, cfg.max_streams_per_worker)
     server = await build_server(
-        f"{cfg.bind_host}:{port}", [(pb_grpc.add_TriggerServiceServicer_to_server, service, "leasesched.v1.TriggerService")]
+        f"{cfg.bind_host}:{port}",
+        [(pb_grpc.add_TriggerServiceServicer_to_server, service, "leasesched.v1.TriggerService")],
+        cfg,
+        authenticator=make_authenticator(cfg, store),
     )
     await server.server.start()
     address = f"{cfg.bind_host}:{server.port}"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from typing import AsyncIterator, Callable
 
 import grpc
 
-from leasesched.errors import InvalidArgument
+from leasesched.auth import current_principal, require_namespace
+from leasesched.errors import InvalidArgument, PermissionDenied
+from services.error_mapping import code_for
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.validation import check_namespace, check_task_id
@@ -20,9 +23,11 @@ MAX_TYPES = 256
 
 
 class TriggerService(pb_grpc.TriggerServiceServicer):
-    def __init__(self, dispatcher: Dispatcher, on_due_hint: Callable[[str, int], None]) -> None:
+    def __init__(self, dispatcher: Dispatcher, on_due_hint: Callable[[str, int], None], max_streams_per_worker: int = 4) -> None:
         self._dispatcher = dispatcher
         self._on_due_hint = on_due_hint
+        self._max_streams = max_streams_per_worker
+        self._streams: Counter[str] = Counter()
 
     async def Subscribe(
         self, request_iterator: AsyncIterator[pb.WorkerMessage], context: grpc.aio.ServicerContext
@@ -35,8 +40,16 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello needs a worker_id and 1-{MAX_TYPES} task_types")
         try:
             namespace = check_namespace(hello.namespace)
-        except InvalidArgument as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            require_namespace(namespace)
+        except (InvalidArgument, PermissionDenied) as exc:
+            await context.abort(code_for(exc), str(exc))
+        principal = current_principal.get()
+        identity = f"{principal.token_id if principal else '-'}/{hello.worker_id}"
+        if self._streams[identity] >= self._max_streams:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"worker {hello.worker_id!r} already has {self._max_streams} streams"
+            )
+        self._streams[identity] += 1
         link = self._dispatcher.connect(hello.worker_id, namespace, frozenset(hello.task_types), hello.capacity)
         reader = asyncio.create_task(self._read(request_iterator, link))
         try:
@@ -50,6 +63,9 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
         finally:
             reader.cancel()
             self._dispatcher.disconnect(link)
+            self._streams[identity] -= 1
+            if self._streams[identity] <= 0:
+                del self._streams[identity]
 
     async def _read(self, request_iterator: AsyncIterator[pb.WorkerMessage], link: WorkerLink) -> None:
         async for message in request_iterator:

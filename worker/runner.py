@@ -81,7 +81,7 @@ class Worker:
         self._links: dict[str, TriggerLink] = {}
         self._stopping = False
         self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=slots, thread_name_prefix="handler")
-        self._updater = UpdaterClient(lambda: list(registry.members(self._zk, cfg.zk_root, "task-updater")))
+        self._updater = UpdaterClient(lambda: list(registry.members(self._zk, cfg.zk_root, "task-updater")), cfg)
         self._registration = registry.Registration(zk_client, cfg.zk_root, "worker", worker_id, self._describe())
         self._runs: set[asyncio.Task[None]] = set()
 
@@ -140,7 +140,7 @@ class Worker:
                 log.info("cannot list triggers: %s", exc)
                 live = set(self._links)
             for address in live - set(self._links):
-                link = TriggerLink(address, self._hello, self.on_dispatch)
+                link = TriggerLink(address, self._cfg, self._hello, self.on_dispatch)
                 self._links[address] = link
                 link.start()
             for address in set(self._links) - live:

@@ -15,6 +15,8 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from leasesched.config import Config
+from leasesched.transport import aio_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 
@@ -24,8 +26,9 @@ OnDispatch = Callable[[pb.Dispatch, "TriggerLink"], Awaitable[None]]
 
 
 class TriggerLink:
-    def __init__(self, address: str, hello: Callable[[], pb.Hello], on_dispatch: OnDispatch) -> None:
+    def __init__(self, address: str, cfg: Config, hello: Callable[[], pb.Hello], on_dispatch: OnDispatch) -> None:
         self.address = address
+        self._cfg = cfg
         self._hello = hello
         self._on_dispatch = on_dispatch
         self._outbox: asyncio.Queue[pb.WorkerMessage | None] = asyncio.Queue()
@@ -62,7 +65,7 @@ class TriggerLink:
         delay = 0.2
         while True:
             try:
-                async with grpc.aio.insecure_channel(self.address) as channel:
+                async with aio_channel(self.address, self._cfg) as channel:
                     # Messages queued for an earlier stream are stale: the Hello carries the truth.
                     self._outbox = asyncio.Queue()
                     call = pb_grpc.TriggerServiceStub(channel).Subscribe(self._messages())

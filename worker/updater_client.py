@@ -13,14 +13,17 @@ from typing import Any, Callable
 
 import grpc
 
+from leasesched.config import Config
+from leasesched.transport import aio_channel
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 
 class UpdaterClient:
-    def __init__(self, addresses: Callable[[], list[str]], default_timeout_s: float = 5.0) -> None:
+    def __init__(self, addresses: Callable[[], list[str]], cfg: Config, default_timeout_s: float = 5.0) -> None:
         self._addresses = addresses
+        self._cfg = cfg
         self._timeout = default_timeout_s
         self._address: str | None = None
         self._channel: grpc.aio.Channel | None = None
@@ -34,7 +37,7 @@ class UpdaterClient:
         if not found:
             raise _unavailable("no TaskUpdater is registered in ZooKeeper")
         self._address = found[next(self._rotation) % len(found)]
-        self._channel = grpc.aio.insecure_channel(self._address)
+        self._channel = aio_channel(self._address, self._cfg)
         self._stub = pb_grpc.TaskUpdaterStub(self._channel)
         return self._stub
 

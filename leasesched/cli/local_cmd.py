@@ -9,6 +9,8 @@ newcomer sees the system work.
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import sys
 import threading
@@ -20,13 +22,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from leasesched.config import Config
+from leasesched.transport import sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 
 
-def _wait_serving(target: str, timeout_s: float) -> bool:
+def _wait_serving(target: str, timeout_s: float, cfg: Config) -> bool:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    with sync_channel(target, cfg) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
@@ -39,13 +42,50 @@ def _wait_serving(target: str, timeout_s: float) -> bool:
     return False
 
 
+def local_tokens(cfg: Config) -> dict[str, str]:
+    """role → token for the local cluster, created once and kept in <home>/tokens.json.
+
+    Local development only: the file holds secrets, inside the git-ignored
+    state folder. Tokens missing from the store (a fresh keyspace) are made anew.
+    """
+    import asyncio
+
+    from leasesched.auth import new_token, parse
+    from leasesched.store.cassandra import CassandraStore
+
+    path = Path(cfg.home) / "tokens.json"
+    saved: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+
+    async def ensure() -> dict[str, str]:
+        store = CassandraStore(cfg)
+        await store.connect()
+        try:
+            tokens = {}
+            for role in ("admin", "worker", "client"):
+                plaintext = saved.get(role)
+                record = await store.get_token(parse(plaintext)[0]) if plaintext else None
+                if record is None or record.revoked:
+                    plaintext, record = new_token("default", role, name=f"local {role}")
+                    await store.put_token(record)
+                tokens[role] = plaintext
+            return tokens
+        finally:
+            await store.close()
+
+    tokens = asyncio.run(ensure())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(tokens))
+    path.chmod(0o600)
+    return tokens
+
+
 def _demo(cfg: Config, say: "click.echo") -> None:  # type: ignore[valid-type]
     target = cfg.task_service_target
-    if not _wait_serving(target, 60):
+    if not _wait_serving(target, 60, cfg):
         say("demo: TaskService did not come up; see the output above")
         return
     time.sleep(3)  # let the triggers divide the shards and the workers subscribe
-    with grpc.insecure_channel(target) as channel:
+    with sync_channel(target, cfg) as channel:
         stub = pb_grpc.TaskServiceStub(channel)
         spec = pb.TaskSpec(namespace="default", type="demo.sleep", payload=b"3")
         reply = stub.ScheduleTask(pb.ScheduleTaskRequest(task=spec), timeout=10)
@@ -63,8 +103,10 @@ def _demo(cfg: Config, say: "click.echo") -> None:  # type: ignore[valid-type]
                 break
             time.sleep(0.5)
     exe = shlex.quote(str(Path(sys.argv[0])))
+    token_hint = f"    export LEASESCHED_TOKEN={cfg.token}\n" if cfg.token else ""
     say(
         "\n=== leasesched is running. In another terminal try:\n"
+        f"{token_hint}"
         f"    {exe} task schedule demo.sleep --payload 5\n"
         f"    {exe} task poll <task id>\n"
         f"    {exe} task list\n"
@@ -94,18 +136,29 @@ def up(cfg: Config, workers: int, triggers: int, no_demo: bool) -> None:
     LocalInfra.from_config(cfg).up()
     for migration in schema.apply(cfg):
         click.echo(f"applied migration {migration.version:03d}_{migration.name}")
+    if cfg.auth == "on":
+        tokens = local_tokens(cfg)
+        click.echo(f"\nclient token for namespace 'default' (also in {Path(cfg.home) / 'tokens.json'}):")
+        click.echo(f"    export LEASESCHED_TOKEN={tokens['client']}\n")
+    else:
+        tokens = {"admin": "", "worker": "", "client": ""}
+        click.echo("auth is OFF (LEASESCHED_AUTH=off): local development only")
     exe = shlex.quote(str(Path(sys.argv[0]).resolve()))
     home = shlex.quote(cfg.home)
+    service_env = {**os.environ, "LEASESCHED_TOKEN": tokens["admin"]}
+    worker_env = {**os.environ, "LEASESCHED_TOKEN": tokens["worker"]}
     manager = Manager()
-    manager.add_process("task-service", f"{exe} --home {home} task-service")
-    manager.add_process("task-updater", f"{exe} --home {home} task-updater")
+    manager.add_process("task-service", f"{exe} --home {home} task-service", env=service_env)
+    manager.add_process("task-updater", f"{exe} --home {home} task-updater", env=service_env)
     for n in range(triggers):
         port = cfg.trigger_port if n == 0 else 0
-        manager.add_process(f"trigger-{n + 1}", f"{exe} --home {home} trigger --port {port}")
+        manager.add_process(f"trigger-{n + 1}", f"{exe} --home {home} trigger --port {port}", env=service_env)
     for n in range(workers):
-        manager.add_process(f"worker-{n + 1}", f"{exe} --home {home} worker --module worker.demo_handlers --slots 4")
+        command = f"{exe} --home {home} worker --module worker.demo_handlers --slots 4"
+        manager.add_process(f"worker-{n + 1}", command, env=worker_env)
     if not no_demo:
-        threading.Thread(target=_demo, args=(cfg, click.echo), daemon=True).start()
+        demo_cfg = cfg.with_overrides(token=tokens["client"])
+        threading.Thread(target=_demo, args=(demo_cfg, click.echo), daemon=True).start()
     manager.loop()
     sys.exit(manager.returncode or 0)
 

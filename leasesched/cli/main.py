@@ -17,9 +17,9 @@ def cli(ctx: click.Context, home: str | None) -> None:
 
 def _register() -> None:
     # Imported here so that `leasesched --help` lists every area in one place.
-    from leasesched.cli import cluster_cmd, infra_cmd, local_cmd, process_cmd, task_cmd
+    from leasesched.cli import cluster_cmd, infra_cmd, local_cmd, process_cmd, task_cmd, token_cmd
 
-    for module in (infra_cmd, process_cmd, task_cmd, local_cmd, cluster_cmd):
+    for module in (infra_cmd, process_cmd, task_cmd, local_cmd, cluster_cmd, token_cmd):
         module.register(cli)
 
 

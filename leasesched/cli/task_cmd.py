@@ -16,6 +16,7 @@ import grpc
 from google.protobuf import json_format
 
 from leasesched.config import Config
+from leasesched.transport import sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 
@@ -37,8 +38,8 @@ def _fmt_ts(ts: Any) -> str:
     return ts.ToDatetime(tzinfo=dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _call(target: str, fn: Callable[[pb_grpc.TaskServiceStub], Any]) -> Any:
-    with grpc.insecure_channel(target) as channel:
+def _call(obj: dict[str, Any], fn: Callable[[pb_grpc.TaskServiceStub], Any]) -> Any:
+    with sync_channel(obj["target"], obj["cfg"]) as channel:
         try:
             return fn(pb_grpc.TaskServiceStub(channel))
         except grpc.RpcError as err:
@@ -79,10 +80,11 @@ def _print_task(view: pb.TaskView) -> None:
 @click.group()
 @click.option("--target", default=None, help="TaskService address host:port (default from config).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--token", default=None, help="Bearer token (default: env LEASESCHED_TOKEN).")
 @click.pass_context
-def task(ctx: click.Context, target: str | None, as_json: bool) -> None:
+def task(ctx: click.Context, target: str | None, as_json: bool, token: str | None) -> None:
     """Schedule, poll, cancel and list tasks."""
-    cfg: Config = ctx.obj
+    cfg: Config = ctx.obj.with_overrides(token=token)
     ctx.obj = {"target": target or cfg.task_service_target, "json": as_json, "cfg": cfg}
 
 
@@ -130,7 +132,7 @@ def schedule(
     if lease:
         spec.lease_duration.FromTimedelta(dt.timedelta(seconds=parse_duration(lease)))
     request = pb.ScheduleTaskRequest(task=spec, idempotency_key=idempotency_key)
-    reply = _call(obj["target"], lambda s: s.ScheduleTask(request, timeout=10))
+    reply = _call(obj, lambda s: s.ScheduleTask(request, timeout=10))
 
     def human() -> None:
         verb = "scheduled" if reply.created else "already scheduled (idempotency key)"
@@ -144,7 +146,7 @@ def schedule(
 @click.pass_obj
 def poll(obj: dict[str, Any], task_id: str) -> None:
     """Show a task's status, progress and result."""
-    reply = _call(obj["target"], lambda s: s.PollTask(pb.PollTaskRequest(task_id=task_id), timeout=10))
+    reply = _call(obj, lambda s: s.PollTask(pb.PollTaskRequest(task_id=task_id), timeout=10))
     _emit(reply, obj["json"], lambda: _print_task(reply.task))
 
 
@@ -153,7 +155,7 @@ def poll(obj: dict[str, Any], task_id: str) -> None:
 @click.pass_obj
 def cancel(obj: dict[str, Any], task_id: str) -> None:
     """Cancel a task (at once if not running; a running one is asked to stop)."""
-    reply = _call(obj["target"], lambda s: s.CancelTask(pb.CancelTaskRequest(task_id=task_id), timeout=10))
+    reply = _call(obj, lambda s: s.CancelTask(pb.CancelTaskRequest(task_id=task_id), timeout=10))
     _emit(reply, obj["json"], lambda: _print_task(reply.task))
 
 
@@ -171,7 +173,7 @@ def list_tasks(obj: dict[str, Any], namespace: str, status: str | None, limit: i
         page_size=limit,
         page_token=page_token,
     )
-    reply = _call(obj["target"], lambda s: s.ListTasks(request, timeout=30))
+    reply = _call(obj, lambda s: s.ListTasks(request, timeout=30))
 
     def human() -> None:
         click.echo(f"{'TASK':36}  {'STATUS':9}  {'TYPE':20}  {'ATTEMPT':7}  RUN AT")

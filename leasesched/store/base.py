@@ -41,6 +41,7 @@ class Expect:
     status: TaskStatus
     lease_token: int | None = None
     cancel_requested: bool | None = None
+    namespace: str | None = None  # a worker may only touch its own namespace's tasks
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class CasResult:
     current_status: TaskStatus | None = None
     current_lease_token: int | None = None
     current_cancel_requested: bool | None = None
+    current_namespace: str | None = None
     exists: bool = True
 
 

@@ -37,6 +37,7 @@ from cassandra.policies import (
 )
 from cassandra.query import PreparedStatement
 
+from leasesched.auth import TokenRecord
 from leasesched.config import Config
 from leasesched.model import DueEntry, RetryPolicy, Task, Timeouts, bucket_of
 from leasesched.states import TaskStatus
@@ -162,6 +163,18 @@ def _row_to_task(row: Any) -> Task:
     )
 
 
+def _row_to_token(row: Any) -> TokenRecord:
+    return TokenRecord(
+        token_id=row.token_id,
+        secret_hash=row.secret_hash,
+        namespace=row.namespace,
+        role=row.role,
+        name=row.name or "",
+        created_at=_to_ms(row.created_at) or 0,
+        revoked=bool(row.revoked),
+    )
+
+
 def replication_cql(spec: str) -> str:
     """'SimpleStrategy:1' or 'NetworkTopologyStrategy:dc1=3,dc2=2' → CQL map."""
     strategy, _, params = spec.partition(":")
@@ -282,6 +295,11 @@ class CassandraStore:
             "AND (created_at, task_id) < (?, ?) LIMIT ?",
             "get_checkpoint": "SELECT checkpoint_ms FROM shard_checkpoints WHERE shard = ?",
             "set_checkpoint": "INSERT INTO shard_checkpoints (shard, checkpoint_ms, updated_at) VALUES (?, ?, ?)",
+            "put_token": "INSERT INTO auth_tokens (token_id, secret_hash, namespace, role, name, created_at, revoked) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "get_token": "SELECT * FROM auth_tokens WHERE token_id = ?",
+            "list_tokens": "SELECT * FROM auth_tokens",
+            "revoke_token": "UPDATE auth_tokens SET revoked = true WHERE token_id = ?",
         }
         self._stmts = {name: session.prepare(cql) for name, cql in stmts.items()}
         self._stmts["get_task_serial"] = session.prepare("SELECT * FROM tasks WHERE task_id = ?")
@@ -397,6 +415,8 @@ class CassandraStore:
             conds["lease_token"] = expect.lease_token
         if expect.cancel_requested is not None:
             conds["cancel_requested"] = expect.cancel_requested
+        if expect.namespace is not None:
+            conds["namespace"] = expect.namespace
         columns, conditions = tuple(cols), tuple(conds)
         stmt = self._update_stmt(columns, conditions)
         params = [*cols.values(), task_id, *conds.values()]
@@ -415,6 +435,7 @@ class CassandraStore:
             current_status=TaskStatus(row.status),
             current_lease_token=getattr(row, "lease_token", None),
             current_cancel_requested=getattr(row, "cancel_requested", None),
+            current_namespace=getattr(row, "namespace", None),
         )
 
     async def list_tasks(self, query: ListQuery) -> Page:
@@ -466,6 +487,27 @@ class CassandraStore:
         statement = SimpleStatement(f"SELECT status FROM tasks LIMIT {int(limit)}", fetch_size=5000)
         rows = await asyncio.to_thread(lambda: [r.status for r in session.execute(statement)])
         return dict(Counter(rows))
+
+    # ---------------------------------------------------------------- auth tokens
+
+    async def put_token(self, record: TokenRecord) -> None:
+        await self._run_plain(
+            "put_token",
+            (record.token_id, record.secret_hash, record.namespace, record.role, record.name, record.created_at, False),
+        )
+
+    async def get_token(self, token_id: str) -> TokenRecord | None:
+        rows = await self._run_plain("get_token", (token_id,))
+        return _row_to_token(rows[0]) if rows else None
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        return [_row_to_token(r) for r in await self._run_plain("list_tokens", ())]
+
+    async def revoke_token(self, token_id: str) -> bool:
+        if await self.get_token(token_id) is None:
+            return False
+        await self._run_plain("revoke_token", (token_id,))
+        return True
 
     # ---------------------------------------------------------------- idempotency
 
@@ -558,6 +600,7 @@ def _cas_from_task(task: Task | None) -> CasResult:
         current_status=task.status,
         current_lease_token=task.lease_token,
         current_cancel_requested=task.cancel_requested,
+        current_namespace=task.namespace,
     )
 
 

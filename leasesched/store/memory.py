@@ -54,8 +54,9 @@ class MemoryStore:
         ok = task.status == expect.status
         ok = ok and (expect.lease_token is None or task.lease_token == expect.lease_token)
         ok = ok and (expect.cancel_requested is None or task.cancel_requested == expect.cancel_requested)
+        ok = ok and (expect.namespace is None or task.namespace == expect.namespace)
         if not ok:
-            return CasResult(False, task.status, task.lease_token, task.cancel_requested)
+            return CasResult(False, task.status, task.lease_token, task.cancel_requested, task.namespace)
         self.tasks[task_id] = task.replace(**changes)
         return CasResult(applied=True)
 
