@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from leasesched.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, Unavailable
-from leasesched.model import DueEntry, Task, now_ms
+from leasesched.model import DueEntry, Task, now_ms, shard_of
 from leasesched.states import TaskStatus, Transition, allowed, target
 from leasesched.store.base import Expect, IdempotencyRecord, ListQuery, Page, StoreUnavailable, TaskStore
 
@@ -89,8 +89,13 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ users
 
-    async def schedule(self, task: Task, idempotency_key: str = "", request_hash: bytes = b"") -> Scheduled:
-        """Create ``task`` (or return the one its idempotency key already names)."""
+    async def schedule(
+        self, task: Task, idempotency_key: str = "", request_hash: bytes = b"", shards: int | None = None
+    ) -> Scheduled:
+        """Create ``task`` (or return the one its idempotency key already names).
+
+        ``shards``: the cluster's logical shard count, to place a task whose id
+        an idempotency key reserved earlier."""
         try:
             if idempotency_key:
                 record = IdempotencyRecord(task.task_id, request_hash)
@@ -106,7 +111,9 @@ class Lifecycle:
                         return Scheduled(found, created=False)
                     # An earlier attempt bound the key and died before the task
                     # row: finish its work under the id it reserved.
-                    task = task.replace(task_id=existing.task_id, shard=task.shard)
+                    if shards is None:
+                        raise ValueError("shards is needed to finish a task reserved by an idempotency key")
+                    task = task.replace(task_id=existing.task_id, shard=shard_of(existing.task_id, shards))
             # Index entry first: a crash after it leaves only an orphan entry.
             await self.store.add_due(run_entry(task, max(task.run_at, now_ms())))
             if not await self.store.insert_task(task):

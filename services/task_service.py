@@ -39,7 +39,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         now = now_ms()
         require_namespace(check_namespace(request.task.namespace))
         task = validate_schedule(request, self._cfg, self._shards, now)
-        outcome = await self._lifecycle.schedule(task, request.idempotency_key, request_hash(request))
+        outcome = await self._lifecycle.schedule(task, request.idempotency_key, request_hash(request), self._shards)
         stored = outcome.task
         log.info("task %s %s (type=%s, shard=%d)", stored.task_id, "scheduled" if outcome.created else "found by key", stored.type, stored.shard)
         if outcome.created and self._notify_due is not None and stored.run_at <= now_ms():

@@ -32,6 +32,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from leasesched.config import Config
 from leasesched.store import schema
+from leasesched.transport import sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from tests.processes import ProcessGroup, RunningProcess
@@ -79,6 +80,8 @@ class LiveCluster:
     triggers: list[RunningProcess] = field(default_factory=list)
     workers: list[RunningProcess] = field(default_factory=list)
     killed_at: dict[int, float] = field(default_factory=dict)  # pid → time of kill -9
+    worker_token: str = ""  # with auth on: the workers' token (services use cfg.token)
+    client_token: str = ""  # with auth on: the token the test client presents
     _channel: grpc.Channel | None = None
 
     @property
@@ -111,7 +114,10 @@ class LiveCluster:
     def start_worker(self, slots: int = 8) -> RunningProcess:
         argv = ["worker", "--module", "tests.chaos_handlers", "--slots", str(slots), "--drain-timeout", "10",
                 "--ledger", str(self.completions)]  # fmt: skip
-        proc = self.group.start("worker", self.cfg, argv=argv, env_extra={"LEASESCHED_TEST_LEDGER": str(self.ledger)})
+        env = {"LEASESCHED_TEST_LEDGER": str(self.ledger)}
+        if self.worker_token:
+            env["LEASESCHED_TOKEN"] = self.worker_token
+        proc = self.group.start("worker", self.cfg, argv=argv, env_extra=env)
         self.workers.append(proc)
         return proc
 
@@ -157,7 +163,7 @@ class LiveCluster:
     def stub(self) -> pb_grpc.TaskServiceStub:
         if self._channel is None:
             assert self.task_service and self.task_service.target
-            self._channel = grpc.insecure_channel(self.task_service.target)
+            self._channel = sync_channel(self.task_service.target, self.cfg, token=self.client_token or None)
         return pb_grpc.TaskServiceStub(self._channel)
 
     def close(self) -> None:

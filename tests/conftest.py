@@ -121,8 +121,8 @@ def make_cluster(infra: LocalInfra, request: pytest.FixtureRequest, tmp_path: Pa
 
     clusters: list[LiveCluster] = []
 
-    def make(**kwargs: int) -> LiveCluster:
-        cfg = cluster_config(infra.config, request.node.name)
+    def make(overrides: dict[str, object] | None = None, **kwargs: int) -> LiveCluster:
+        cfg = cluster_config(infra.config, request.node.name).with_overrides(**(overrides or {}))
         group = ProcessGroup(log_dir=tmp_path / f"logs-{len(clusters)}")
         cluster = LiveCluster(cfg=cfg, group=group, folder=tmp_path)
         clusters.append(cluster)

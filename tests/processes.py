@@ -42,6 +42,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from leasesched.config import Config
+from leasesched.transport import sync_channel
 from leasesched.infra.process import ManagedProcess, tail
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,6 +98,7 @@ class RunningProcess:
     managed: ManagedProcess
     pid: int
     target: str | None = None  # host:port of its gRPC server, for the gRPC roles
+    cfg: Config | None = None  # its configuration (TLS settings for health checks)
 
     @property
     def log_path(self) -> Path:
@@ -115,7 +117,7 @@ class RunningProcess:
         """Block until the gRPC health check answers SERVING; see ``wait_serving``."""
         if self.target is None:
             raise ValueError(f"{self.name} has no gRPC target")
-        return wait_serving(self.target, timeout, service=service, process=self)
+        return wait_serving(self.target, timeout, service=service, process=self, cfg=self.cfg)
 
     def terminate(self, timeout: float = 15.0) -> bool:
         """SIGTERM (a graceful stop), SIGKILL after ``timeout`` s; wait until it is gone.
@@ -184,7 +186,7 @@ def start(
     )
     pid = managed.start()
     target = f"{cfg.bind_host}:{port}" if port else None
-    return RunningProcess(name=name, argv=full_argv, managed=managed, pid=pid, target=target)
+    return RunningProcess(name=name, argv=full_argv, managed=managed, pid=pid, target=target, cfg=cfg)
 
 
 def wait_serving(
@@ -192,6 +194,7 @@ def wait_serving(
     timeout: float = 30.0,
     service: str = "",
     process: RunningProcess | None = None,
+    cfg: Config | None = None,
 ) -> float:
     """Poll the standard gRPC health check (grpc.health.v1) until ``service`` is SERVING.
 
@@ -202,7 +205,8 @@ def wait_serving(
     started = time.monotonic()
     deadline = started + timeout
     last = "no answer yet"
-    with grpc.insecure_channel(target) as channel:
+    # Health checks need no token; with TLS configured they go over TLS.
+    with (sync_channel(target, cfg, token="") if cfg is not None else grpc.insecure_channel(target)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if process is not None and not process.is_running():

@@ -7,7 +7,7 @@ import pytest
 
 from leasesched.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from leasesched.lifecycle import Lifecycle
-from leasesched.model import DueEntry, RetryPolicy, Task, now_ms
+from leasesched.model import DueEntry, RetryPolicy, Task, now_ms, shard_of
 from leasesched.states import TaskStatus
 from leasesched.store.memory import MemoryStore
 
@@ -53,9 +53,11 @@ async def test_key_bound_then_crash_is_finished_by_the_retry(store: MemoryStore,
     with pytest.raises(Unavailable):
         await life.schedule(first, "key-1", b"h")
     retry = new_task()  # the retried request gets a fresh id from validation
-    outcome = await life.schedule(retry, "key-1", b"h")
+    outcome = await life.schedule(retry, "key-1", b"h", shards=64)
     assert outcome.task.task_id == first.task_id  # the id the key reserved
+    assert outcome.task.shard == shard_of(first.task_id, 64)  # placed by its own id, not the retry's
     assert list(store.tasks) == [first.task_id]
+    assert {e.shard for e in store.due if e.task_id == first.task_id} >= {shard_of(first.task_id, 64)}
 
 
 async def test_idempotency(store: MemoryStore, life: Lifecycle) -> None:
