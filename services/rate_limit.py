@@ -70,13 +70,14 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         limiter = self._limiter
 
         async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            wait = limiter.wait_needed(request.task.namespace)
+            namespace = getattr(getattr(request, "task", None), "namespace", "")  # may be a malformed request
+            wait = limiter.wait_needed(namespace)
             if wait > 0:
                 retry_ms = max(1, math.ceil(wait * 1000))
                 context.set_trailing_metadata((("retry-after-ms", str(retry_ms)),))
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"namespace {request.task.namespace!r} is over its ScheduleTask rate limit; retry after {retry_ms} ms",
+                    f"namespace {namespace!r} is over its ScheduleTask rate limit; retry after {retry_ms} ms",
                 )
             return await inner(request, context)
 
