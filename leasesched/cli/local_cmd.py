@@ -10,6 +10,7 @@ newcomer sees the system work.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shlex
 import sys
@@ -88,6 +89,7 @@ def _demo(cfg: Config, say: "click.echo") -> None:  # type: ignore[valid-type]
     with sync_channel(target, cfg) as channel:
         stub = pb_grpc.TaskServiceStub(channel)
         spec = pb.TaskSpec(namespace="default", type="demo.sleep", payload=b"3")
+        spec.lease_duration.FromSeconds(3)  # heartbeat (and progress) every second
         reply = stub.ScheduleTask(pb.ScheduleTaskRequest(task=spec), timeout=10)
         say(f"\n=== demo: scheduled demo.sleep task {reply.task_id}; following it ===")
         last = None
@@ -147,6 +149,10 @@ def up(cfg: Config, workers: int, triggers: int, no_demo: bool) -> None:
     home = shlex.quote(cfg.home)
     service_env = {**os.environ, "LEASESCHED_TOKEN": tokens["admin"]}
     worker_env = {**os.environ, "LEASESCHED_TOKEN": tokens["worker"]}
+    # honcho reads each child's output in a multiprocessing helper. Forking
+    # this process, which already ran grpc and the Cassandra driver (threads),
+    # can leave a helper deadlocked: start them fresh instead.
+    multiprocessing.set_start_method("spawn", force=True)
     manager = Manager()
     manager.add_process("task-service", f"{exe} --home {home} task-service", env=service_env)
     manager.add_process("task-updater", f"{exe} --home {home} task-updater", env=service_env)
