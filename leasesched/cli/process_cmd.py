@@ -8,6 +8,7 @@ import logging
 import click
 
 from leasesched.config import Config
+from leasesched.observability.setup import setup_process
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -19,36 +20,51 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("kazoo").setLevel(logging.WARNING)
 
 
+def observability_options(command):  # type: ignore[no-untyped-def]
+    """``--metrics-port`` and ``--log-format``, shared by every process command."""
+    command = click.option(
+        "--metrics-port", type=int, default=None,
+        help="Serve Prometheus /metrics on this port (default: config metrics_port; 0 = off).",
+    )(command)  # fmt: skip
+    return click.option(
+        "--log-format", type=click.Choice(["json", "text"]), default=None,
+        help="Log one JSON object per line, or text (default: config log_format, json).",
+    )(command)  # fmt: skip
+
+
 @click.command("task-service")
 @click.option("--port", type=int, default=None, help="Port to serve on (default from config; 0 = any).")
+@observability_options
 @click.pass_obj
-def task_service(cfg: Config, port: int | None) -> None:
+def task_service(cfg: Config, port: int | None, log_format: str | None, metrics_port: int | None) -> None:
     """Run the TaskService (user API) until SIGTERM/SIGINT."""
     from services.main import serve
 
-    setup_logging()
+    setup_process(cfg, "task-service", log_format, metrics_port)
     asyncio.run(serve(cfg, "task-service", cfg.task_service_port if port is None else port))
 
 
 @click.command("task-updater")
 @click.option("--port", type=int, default=None, help="Port to serve on (default from config; 0 = any).")
+@observability_options
 @click.pass_obj
-def task_updater(cfg: Config, port: int | None) -> None:
+def task_updater(cfg: Config, port: int | None, log_format: str | None, metrics_port: int | None) -> None:
     """Run the TaskUpdater (worker API) until SIGTERM/SIGINT."""
     from services.main import serve
 
-    setup_logging()
+    setup_process(cfg, "task-updater", log_format, metrics_port)
     asyncio.run(serve(cfg, "task-updater", cfg.task_updater_port if port is None else port))
 
 
 @click.command("trigger")
 @click.option("--port", type=int, default=None, help="Port to serve on (default from config; 0 = any).")
+@observability_options
 @click.pass_obj
-def trigger(cfg: Config, port: int | None) -> None:
+def trigger(cfg: Config, port: int | None, log_format: str | None, metrics_port: int | None) -> None:
     """Run a trigger: owns shards through ZooKeeper, dispatches due tasks."""
     from trigger.main import serve
 
-    setup_logging()
+    setup_process(cfg, "trigger", log_format, metrics_port)
     asyncio.run(serve(cfg, cfg.trigger_port if port is None else port))
 
 
@@ -57,8 +73,11 @@ def trigger(cfg: Config, port: int | None) -> None:
 @click.option("--slots", type=int, default=4, show_default=True, help="Tasks run at once.")
 @click.option("--drain-timeout", type=float, default=30.0, show_default=True, help="Seconds to finish work on SIGTERM.")
 @click.option("--ledger", default=None, help="Append accepted completions to this JSON-lines file.")
+@observability_options
 @click.pass_obj
-def worker(cfg: Config, module: str, slots: int, drain_timeout: float, ledger: str | None) -> None:
+def worker(
+    cfg: Config, module: str, slots: int, drain_timeout: float, ledger: str | None, log_format: str | None, metrics_port: int | None
+) -> None:
     """Run a worker with the handlers of MODULE."""
     import sys
 
@@ -67,7 +86,7 @@ def worker(cfg: Config, module: str, slots: int, drain_timeout: float, ledger: s
     if slots < 1:
         raise click.BadParameter("must be at least 1", param_hint="--slots")
     sys.path.insert(0, ".")  # handler modules live in the user's project
-    setup_logging()
+    setup_process(cfg, "worker", log_format, metrics_port)
     asyncio.run(serve(cfg, module, slots, drain_timeout, ledger))
 
 

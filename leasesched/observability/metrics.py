@@ -1,0 +1,165 @@
+"""The Prometheus metrics of every leasesched process, defined once.
+
+Metric objects are module-level and created *unregistered*; ``serve`` (called
+once at process start with the process's role) registers the ones that role
+reports into prometheus_client's registry and starts the ``/metrics`` HTTP
+endpoint. Code elsewhere imports the objects and records into them; recording
+into a metric that is not registered (unit tests, a process with
+``metrics_port = 0``) costs the same and exports nothing.
+
+Labels are kept few and bounded: gRPC method and status code (methods are the
+registered ones only, see ``services/metrics_interceptor.py``), task type
+(capped by ``type_label``), and a small fixed set of reasons/outcomes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+log = logging.getLogger(__name__)
+
+ROLES = ("task-service", "task-updater", "trigger", "worker")
+
+# ------------------------------------------------------------------ gRPC servers
+
+RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+rpc_duration = Histogram(
+    "leasesched_rpc_duration_seconds",
+    "Server-side latency of unary gRPC calls, by full method name and status code.",
+    ["method", "code"],
+    buckets=RPC_BUCKETS,
+    registry=None,
+)
+
+# ------------------------------------------------------------------ task life cycle
+
+tasks_scheduled = Counter(
+    "leasesched_tasks_scheduled", "Tasks created by ScheduleTask (a retried key that finds its task is not counted).",
+    ["type"], registry=None,
+)  # fmt: skip
+tasks_dispatched = Counter(
+    "leasesched_tasks_dispatched", "Dispatches sent to a worker (a re-dispatch after the claim timeout counts again).",
+    ["type"], registry=None,
+)  # fmt: skip
+tasks_claimed = Counter("leasesched_tasks_claimed", "Successful ClaimTask calls (SCHEDULED -> RUNNING).", ["type"], registry=None)
+tasks_completed = Counter("leasesched_tasks_completed", "Tasks that became SUCCEEDED (CompleteTask).", ["type"], registry=None)
+tasks_failed = Counter(
+    "leasesched_tasks_failed", "Tasks that became FAILED, by the worker's report, lease expiry or a deadline.",
+    ["type", "reason"], registry=None,
+)  # fmt: skip
+tasks_requeued = Counter(
+    "leasesched_tasks_requeued", "RUNNING tasks made SCHEDULED again: retry (after a failure), released (worker "
+    "shutdown) or lease_expired.",
+    ["type", "reason"], registry=None,
+)  # fmt: skip
+tasks_cancelled = Counter("leasesched_tasks_cancelled", "Running tasks that stopped on a cancel request.", ["type"], registry=None)
+lease_expirations = Counter(
+    "leasesched_lease_expirations", "Leases the trigger found expired (+ grace) and ended by a conditional write.",
+    ["type"], registry=None,
+)  # fmt: skip
+
+LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+dispatch_lag = Histogram(
+    "leasesched_dispatch_lag_seconds",
+    "Start time minus scheduled time (run_at) of each claimed task, observed at ClaimTask.",
+    buckets=LAG_BUCKETS,
+    registry=None,
+)
+
+# ------------------------------------------------------------------ trigger
+
+shards_owned = Gauge("leasesched_shards_owned", "Logical shards this trigger owns now.", registry=None)
+shard_ownership_changes = Counter(
+    "leasesched_shard_ownership_changes", "Changes of this trigger's owned shard set.", registry=None
+)
+dispatch_queued = Gauge("leasesched_dispatch_queued", "Due tasks waiting for a free worker slot.", registry=None)
+dispatch_inflight = Gauge("leasesched_dispatch_inflight", "Dispatched tasks not yet known to be claimed.", registry=None)
+subscribed_workers = Gauge("leasesched_subscribed_workers", "Open worker Subscribe streams.", registry=None)
+
+# ------------------------------------------------------------------ worker
+
+worker_slots = Gauge("leasesched_worker_slots", "Task slots of this worker.", registry=None)
+worker_slots_busy = Gauge("leasesched_worker_slots_busy", "Task slots in use (claiming, running or reporting).", registry=None)
+worker_executions = Counter(
+    "leasesched_worker_executions",
+    "Executions ended on this worker, by outcome: ok, error, permanent, cancelled, timeout, fenced (lease could "
+    "not be proven), released (shutdown), not_claimed.",
+    ["type", "outcome"],
+    registry=None,
+)
+worker_execution_seconds = Histogram(
+    "leasesched_worker_execution_seconds", "Handler run time (claim to report) of executions on this worker.",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0), registry=None,
+)  # fmt: skip
+
+_RPC = (rpc_duration,)
+_BY_ROLE: dict[str, tuple[object, ...]] = {
+    "task-service": (*_RPC, tasks_scheduled),
+    "task-updater": (*_RPC, tasks_claimed, tasks_completed, tasks_failed, tasks_requeued, tasks_cancelled, dispatch_lag),
+    "trigger": (
+        *_RPC, tasks_dispatched, lease_expirations, tasks_requeued, tasks_failed, shards_owned,
+        shard_ownership_changes, dispatch_queued, dispatch_inflight, subscribed_workers,
+    ),  # fmt: skip
+    "worker": (worker_slots, worker_slots_busy, worker_executions, worker_execution_seconds),
+}
+
+
+def for_role(role: str) -> tuple[object, ...]:
+    """The metric objects a process of ``role`` exports."""
+    try:
+        return _BY_ROLE[role]
+    except KeyError:
+        raise ValueError(f"unknown role {role!r}; one of {ROLES}") from None
+
+
+def register(role: str, registry: CollectorRegistry = REGISTRY) -> None:
+    """Register ``role``'s metrics in ``registry`` (once per registry)."""
+    for metric in for_role(role):
+        registry.register(metric)  # type: ignore[arg-type]
+
+
+def serve(role: str, port: int, host: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY) -> int:
+    """Register ``role``'s metrics and serve ``/metrics`` on ``host:port``; 0 = off.
+
+    Returns the bound port (0 when off). The HTTP server runs in a daemon
+    thread and keeps answering while the process drains on SIGTERM.
+    """
+    if port <= 0:
+        return 0
+    disable_created_metrics()  # no *_created series: half the series, nothing lost for rates
+    register(role, registry)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    bound = int(server.server_address[1])
+    log.info("metrics on http://%s:%d/metrics", host, bound)
+    return bound
+
+
+class _TypeLabels:
+    """Caps the distinct task-type label values a process exports.
+
+    Task types are client input: without a cap, a client inventing types
+    would create unbounded time series. The first ``limit`` types seen keep
+    their name; later ones are reported as ``other``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, task_type: str) -> str:
+        if task_type in self._seen:
+            return task_type
+        with self._lock:
+            if len(self._seen) < self._limit:
+                self._seen.add(task_type)
+                return task_type
+        return "other"
+
+
+MAX_TYPE_LABELS = 200
+type_label = _TypeLabels(MAX_TYPE_LABELS)
