@@ -19,7 +19,7 @@ from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.auth_setup import make_authenticator
 from services.due_notifier import DueNotifier
 from services.rate_limit import RateLimiter, RateLimitInterceptor
-from services.server import build_server, wait_for_stop_signal
+from services.server import build_server, stop_signal, wait_for_stop_signal
 from services.task_service import TaskService
 from services.task_updater import TaskUpdater
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 async def serve(cfg: Config, role: str, port: int) -> None:
     """Run ``role`` ("task-service" or "task-updater") until a stop signal."""
+    stop = stop_signal()  # a SIGTERM during start-up also stops gracefully
     client = await asyncio.to_thread(zk.connect, cfg)
     meta = await asyncio.to_thread(cluster_meta.ensure, client, cfg)
     store = CassandraStore(cfg)
@@ -62,14 +63,15 @@ async def serve(cfg: Config, role: str, port: int) -> None:
     await asyncio.to_thread(registration.start)
     log.info("%s serving on %s", role, address)
     try:
-        await wait_for_stop_signal()
+        await wait_for_stop_signal(stop)
     finally:
-        log.info("%s stopping", role)
+        log.info("%s stopping: in-flight calls get %.0f s", role, cfg.shutdown_grace_s)
         await server.set_serving(False)
         await asyncio.to_thread(registration.close)
-        await server.server.stop(grace=5)
+        await server.server.stop(grace=cfg.shutdown_grace_s)
         if notifier:
             await notifier.stop()
         await store.close()
         client.stop()
         client.close()
+        log.info("%s stopped", role)

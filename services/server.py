@@ -19,6 +19,7 @@ from leasesched.config import Config
 from leasesched.transport import add_port
 from services.auth_interceptor import AuthInterceptor
 from services.error_mapping import ErrorMappingInterceptor
+from services.metrics_interceptor import MetricsInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,15 @@ async def build_server(
 ) -> Server:
     """``adders``: (add_XServicer_to_server, servicer, full service name).
 
-    Interceptors run outermost first: authentication (when ``authenticator``
+    Interceptors run outermost first: metrics (latency by method and code of
+    every answer), authentication (when ``authenticator``
     is given, i.e. auth is on), then ``interceptors``, then error mapping with
     the per-call time ceiling. ``maximum_concurrent_rpcs`` bounds the work a
     flood of clients can queue: beyond it, calls get RESOURCE_EXHAUSTED.
     """
-    chain: list[grpc.aio.ServerInterceptor] = [AuthInterceptor(authenticator)] if authenticator else []
+    chain: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
+    if authenticator:
+        chain.append(AuthInterceptor(authenticator))
     server = grpc.aio.server(
         interceptors=[*chain, *interceptors, ErrorMappingInterceptor(cfg.rpc_timeout_s)],
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
@@ -75,9 +79,19 @@ async def build_server(
     return Server(server, port, health_servicer, names)
 
 
-async def wait_for_stop_signal() -> None:
+def stop_signal() -> asyncio.Event:
+    """Handle SIGTERM/SIGINT from now on: the returned event is set by the first one.
+
+    Call it first thing in a process's ``serve``: a signal that arrives while
+    the process is still starting then leads to the same graceful stop (and
+    exit 0) instead of the default action, death by signal.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def wait_for_stop_signal(stop: asyncio.Event | None = None) -> None:
+    await (stop if stop is not None else stop_signal()).wait()

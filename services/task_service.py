@@ -14,6 +14,8 @@ from leasesched.model import Task
 from leasesched.errors import InvalidArgument
 from leasesched.lifecycle import Lifecycle
 from leasesched.model import now_ms
+from leasesched.observability import metrics
+from leasesched.observability.logs import fields
 from leasesched.store.base import ListQuery
 from leasesched.store.page_token import BadPageToken, decode_token
 from leasesched.v1 import scheduler_pb2 as pb
@@ -41,7 +43,12 @@ class TaskService(pb_grpc.TaskServiceServicer):
         task = validate_schedule(request, self._cfg, self._shards, now)
         outcome = await self._lifecycle.schedule(task, request.idempotency_key, request_hash(request), self._shards)
         stored = outcome.task
-        log.info("task %s %s (type=%s, shard=%d)", stored.task_id, "scheduled" if outcome.created else "found by key", stored.type, stored.shard)
+        log.info(
+            "task %s %s (type=%s, shard=%d)", stored.task_id, "scheduled" if outcome.created else "found by key",
+            stored.type, stored.shard, extra=fields(task_id=str(stored.task_id), shard=stored.shard),
+        )  # fmt: skip
+        if outcome.created:
+            metrics.tasks_scheduled.labels(metrics.type_label(stored.type)).inc()
         if outcome.created and self._notify_due is not None and stored.run_at <= now_ms():
             await self._notify_due(str(stored.task_id), stored.shard)
         return pb.ScheduleTaskResponse(task_id=str(stored.task_id), run_at=ts(stored.run_at), created=outcome.created)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
+from collections import OrderedDict
 
 import grpc
 
@@ -16,6 +18,9 @@ from leasesched.auth import caller_namespace, hiding_missing
 from leasesched.config import Config
 from leasesched.errors import InvalidArgument
 from leasesched.lifecycle import Lifecycle
+from leasesched.observability import metrics
+from leasesched.observability.logs import fields
+from leasesched.states import TaskStatus
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.convert import dur, status_to_pb, ts
@@ -25,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_WORKER_ID = 256
 MAX_MESSAGE = 4096
+TYPE_CACHE_SIZE = 50_000
 
 
 def _check_worker(worker_id: str) -> str:
@@ -43,6 +49,14 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
     def __init__(self, cfg: Config, lifecycle: Lifecycle) -> None:
         self._cfg = cfg
         self._lifecycle = lifecycle
+        # task id -> type of the tasks claimed here, for the type label of the
+        # CompleteTask/FailTask metrics: their requests do not name the type and
+        # a read per call would cost the store. Bounded; a miss counts as "unknown".
+        self._types: OrderedDict[uuid.UUID, str] = OrderedDict()
+
+    def _type_of(self, task_id: uuid.UUID, forget: bool = False) -> str:
+        found = self._types.pop(task_id, None) if forget else self._types.get(task_id)
+        return metrics.type_label(found) if found is not None else "unknown"
 
     async def ClaimTask(self, request: pb.ClaimTaskRequest, context: grpc.aio.ServicerContext) -> pb.ClaimTaskResponse:
         task_id = check_task_id(request.task_id)
@@ -51,7 +65,16 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
                 task_id, _check_worker(request.worker_id), request.attempt, namespace=caller_namespace()
             )
         task = lease.task
-        log.info("task %s claimed by %s (token %d, attempt %d)", task_id, request.worker_id, lease.token, task.attempt)
+        log.info(
+            "task %s claimed by %s (token %d, attempt %d)", task_id, request.worker_id, lease.token, task.attempt,
+            extra=fields(task_id=str(task_id), lease_token=lease.token, worker=request.worker_id, shard=task.shard),
+        )  # fmt: skip
+        self._types[task_id] = task.type
+        if len(self._types) > TYPE_CACHE_SIZE:
+            self._types.popitem(last=False)
+        metrics.tasks_claimed.labels(metrics.type_label(task.type)).inc()
+        if task.started_at is not None:
+            metrics.dispatch_lag.observe(max(0.0, (task.started_at - task.run_at) / 1000))
         return pb.ClaimTaskResponse(
             task_id=str(task_id),
             lease_token=lease.token,
@@ -85,7 +108,11 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
             status = await self._lifecycle.complete(
                 task_id, _check_token(request.lease_token), request.result, namespace=caller_namespace()
             )
-        log.info("task %s completed under token %d", task_id, request.lease_token)
+        log.info(
+            "task %s completed under token %d", task_id, request.lease_token,
+            extra=fields(task_id=str(task_id), lease_token=request.lease_token),
+        )  # fmt: skip
+        metrics.tasks_completed.labels(self._type_of(task_id, forget=True)).inc()
         return pb.CompleteTaskResponse(status=status_to_pb(status))
 
     async def FailTask(self, request: pb.FailTaskRequest, context: grpc.aio.ServicerContext) -> pb.FailTaskResponse:
@@ -101,5 +128,15 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
                 released=request.released,
                 namespace=caller_namespace(),
             )
-        log.info("task %s failed under token %d: now %s", task_id, request.lease_token, outcome.status.value)
+        log.info(
+            "task %s failed under token %d: now %s", task_id, request.lease_token, outcome.status.value,
+            extra=fields(task_id=str(task_id), lease_token=request.lease_token),
+        )  # fmt: skip
+        type_ = self._type_of(task_id, forget=True)
+        if outcome.status == TaskStatus.SCHEDULED:
+            metrics.tasks_requeued.labels(type_, "released" if request.released else "retry").inc()
+        elif outcome.status == TaskStatus.FAILED:
+            metrics.tasks_failed.labels(type_, "error").inc()
+        elif outcome.status == TaskStatus.CANCELLED:
+            metrics.tasks_cancelled.labels(type_).inc()
         return pb.FailTaskResponse(status=status_to_pb(outcome.status), next_run_at=ts(outcome.next_run_at))
