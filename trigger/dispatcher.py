@@ -23,6 +23,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from leasesched.observability import metrics
+from leasesched.observability.logs import fields
 from leasesched.v1 import scheduler_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,10 @@ class WorkerLink:
     types: frozenset[str]
     credits: int
     outbox: asyncio.Queue[pb.Dispatch] = field(default_factory=asyncio.Queue)
+
+
+def _fields(ready: Ready, worker: str | None = None) -> dict[str, object]:
+    return fields(task_id=str(ready.task_id), lease_token=ready.lease_token, shard=ready.shard, worker=worker)
 
 
 # Decides, after the claim timeout, whether a dispatched task is still unclaimed.
@@ -162,6 +168,9 @@ class Dispatcher:
         timer = loop.call_later(self._claim_timeout_s, self._start_claim_check, ready.key)
         self._inflight[ready.key] = (ready, timer)
         self.dispatched_total += 1
+        metrics.tasks_dispatched.labels(metrics.type_label(ready.type)).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("task %s dispatched to %s", ready.task_id, link.worker_id, extra=_fields(ready, link.worker_id))
 
     def _drain(self, link: WorkerLink) -> None:
         while link.credits > 0:
@@ -197,7 +206,10 @@ class Dispatcher:
         if self._inflight.pop(ready.key, None) is None:
             return  # dropped meanwhile (shard lost)
         if unclaimed:
-            log.info("task %s not claimed within %.1f s; dispatching again", ready.task_id, self._claim_timeout_s)
+            log.info(
+                "task %s not claimed within %.1f s; dispatching again", ready.task_id, self._claim_timeout_s,
+                extra=_fields(ready),
+            )  # fmt: skip
             self.offer(ready)
         else:
             ready.on_done()

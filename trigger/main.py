@@ -16,12 +16,14 @@ from leasesched.config import Config
 from leasesched.coordination import cluster_meta, registry, zk
 from leasesched.lifecycle import Lifecycle
 from leasesched.model import now_ms
+from leasesched.observability import metrics
+from leasesched.observability.logs import fields
 from leasesched.states import TaskStatus
 from leasesched.store.base import StoreUnavailable
 from leasesched.store.cassandra import CassandraStore
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.auth_setup import make_authenticator
-from services.server import build_server, wait_for_stop_signal
+from services.server import build_server, stop_signal, wait_for_stop_signal
 from trigger.dispatcher import Dispatcher, Ready
 from trigger.ownership import ShardOwnership
 from trigger.scanner import ScanSettings, ShardScanner
@@ -56,11 +58,13 @@ class Trigger:
                 scanner, task = self._scanners.pop(shard)
                 scanner.stop()
                 task.cancel()
+                log.info("shard %d released", shard, extra=fields(shard=shard))
         self.dispatcher.drop_shards(owned)
-        for shard in owned:
+        for shard in sorted(owned):
             if shard not in self._scanners:
                 scanner = ShardScanner(shard, self._lifecycle, self.dispatcher, self._settings)
                 self._scanners[shard] = (scanner, asyncio.create_task(scanner.run()))
+                log.info("shard %d acquired", shard, extra=fields(shard=shard))
 
     def due_hint(self, task_id: str, shard: int) -> None:
         entry = self._scanners.get(shard)
@@ -87,6 +91,7 @@ class Trigger:
 
 
 async def serve(cfg: Config, port: int) -> None:
+    stop = stop_signal()  # a SIGTERM during start-up also stops gracefully
     client = await asyncio.to_thread(zk.connect, cfg)
     meta = await asyncio.to_thread(cluster_meta.ensure, client, cfg)
     store = CassandraStore(cfg)
@@ -105,6 +110,11 @@ async def serve(cfg: Config, port: int) -> None:
         start_ms=meta.created_at_ms,
     )
     trigger = Trigger(cfg, lifecycle, settings)
+    # Read at scrape time: nothing on the dispatch path.
+    metrics.shards_owned.set_function(lambda: len(trigger.owned))
+    metrics.dispatch_queued.set_function(lambda: trigger.dispatcher.stats()["queued"])
+    metrics.dispatch_inflight.set_function(lambda: trigger.dispatcher.stats()["inflight"])
+    metrics.subscribed_workers.set_function(lambda: trigger.dispatcher.stats()["workers"])
     service = TriggerService(trigger.dispatcher, trigger.due_hint, cfg.max_streams_per_worker)
     server = await build_server(
         f"{cfg.bind_host}:{port}",
@@ -139,17 +149,19 @@ async def serve(cfg: Config, port: int) -> None:
     await server.set_serving(True)
     log.info("trigger serving on %s", address)
     try:
-        await wait_for_stop_signal()
+        await wait_for_stop_signal(stop)
     finally:
         log.info("trigger stopping: releasing shards")
         await server.set_serving(False)
         trigger.stop()
         await asyncio.to_thread(ownership.stop)
         await asyncio.to_thread(registration.close)
-        await server.server.stop(grace=3)
+        service.close()  # end the workers' streams; NotifyDue calls get the grace
+        await server.server.stop(grace=cfg.shutdown_grace_s)
         client.stop()
         client.close()
         await store.close()
+        log.info("trigger stopped")
 
 
 def _publish_shards(registration: registry.Registration, owned: frozenset[int]) -> None:

@@ -32,6 +32,8 @@ from kazoo.client import KazooClient
 from kazoo.protocol.states import KazooState
 from kazoo.recipe.partitioner import SetPartitioner
 
+from leasesched.observability import metrics
+
 log = logging.getLogger(__name__)
 
 OwnedCallback = Callable[[frozenset[int]], None]
@@ -71,6 +73,7 @@ class ShardOwnership:
         """Release every shard and leave the party (graceful shutdown)."""
         self._stopping.set()
         self._wake.set()
+        self._zk.remove_listener(self._on_connection_state)  # closing the session next is no "connection lost"
         self._thread.join(timeout=10)
         self._publish(frozenset())
         if self._partitioner is not None:
@@ -88,8 +91,11 @@ class ShardOwnership:
 
     def _publish(self, owned: frozenset[int]) -> None:
         if owned != self._owned:
+            gained, lost = sorted(owned - self._owned), sorted(self._owned - owned)
             self._owned = owned
-            log.info("owning %d shards", len(owned))
+            log.info("owning %d shards (+%d -%d)", len(owned), len(gained), len(lost),
+                     extra={"shards": sorted(owned), "gained": gained, "lost": lost})  # fmt: skip
+            metrics.shard_ownership_changes.inc()
             self._on_change(owned)
 
     def _new_partitioner(self) -> SetPartitioner:

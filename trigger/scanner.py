@@ -34,6 +34,8 @@ from typing import Hashable
 from leasesched.errors import SchedulerError
 from leasesched.lifecycle import Lifecycle, lease_entry, run_entry
 from leasesched.model import DueEntry, Task, now_ms
+from leasesched.observability import metrics
+from leasesched.observability.logs import bind, fields
 from leasesched.states import TaskStatus
 from leasesched.store.base import StoreError
 from trigger.dispatcher import Dispatcher
@@ -95,6 +97,7 @@ class ShardScanner:
     # ------------------------------------------------------------ loop
 
     async def run(self) -> None:
+        bind(shard=self.shard)  # every line this scanner's tasks and timers log names its shard
         try:
             await self._run()
         except asyncio.CancelledError:
@@ -234,7 +237,8 @@ class ShardScanner:
         if reason is None:
             return False
         if await self._lifecycle.fail_deadline(task, reason):
-            log.info("task %s failed: %s", task.task_id, reason)
+            log.info("task %s failed: %s", task.task_id, reason, extra=fields(task_id=str(task.task_id)))
+            metrics.tasks_failed.labels(metrics.type_label(task.type), "deadline").inc()
         return True
 
     async def _handle_run(self, entry: DueEntry, key: Hashable) -> None:
@@ -287,8 +291,16 @@ class ShardScanner:
         if now >= expires + self._s.lease_grace_ms:
             status = await self._lifecycle.expire_lease(task, now)
             if status is not None:
-                log.info("task %s: lease %d expired; now %s", task.task_id, task.lease_token, status.value)
-                if status == TaskStatus.SCHEDULED:
+                log.info(
+                    "task %s: lease %d expired; now %s", task.task_id, task.lease_token, status.value,
+                    extra=fields(task_id=str(task.task_id), lease_token=task.lease_token, worker=task.lease_owner),
+                )  # fmt: skip
+                type_ = metrics.type_label(task.type)
+                metrics.lease_expirations.labels(type_).inc()
+                if status != TaskStatus.SCHEDULED:
+                    metrics.tasks_failed.labels(type_, "lease_expired").inc()
+                else:
+                    metrics.tasks_requeued.labels(type_, "lease_expired").inc()
                     requeued = await self._store.get_task(task.task_id)
                     if requeued is not None:
                         self.notify(requeued)

@@ -28,6 +28,7 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
         self._on_due_hint = on_due_hint
         self._max_streams = max_streams_per_worker
         self._streams: Counter[str] = Counter()
+        self._readers: set[asyncio.Task[None]] = set()
 
     async def Subscribe(
         self, request_iterator: AsyncIterator[pb.WorkerMessage], context: grpc.aio.ServicerContext
@@ -52,6 +53,7 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
         self._streams[identity] += 1
         link = self._dispatcher.connect(hello.worker_id, namespace, frozenset(hello.task_types), hello.capacity)
         reader = asyncio.create_task(self._read(request_iterator, link))
+        self._readers.add(reader)
         try:
             while not reader.done():
                 getter = asyncio.ensure_future(link.outbox.get())
@@ -62,10 +64,17 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
                     getter.cancel()
         finally:
             reader.cancel()
+            self._readers.discard(reader)
             self._dispatcher.disconnect(link)
             self._streams[identity] -= 1
             if self._streams[identity] <= 0:
                 del self._streams[identity]
+
+    def close(self) -> None:
+        """Shutdown: end every Subscribe stream now (status OK), so workers
+        stop streaming to this trigger instead of waiting for the server's grace."""
+        for reader in list(self._readers):
+            reader.cancel()
 
     async def _read(self, request_iterator: AsyncIterator[pb.WorkerMessage], link: WorkerLink) -> None:
         async for message in request_iterator:
