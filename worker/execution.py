@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import grpc
 
+from leasesched.observability import metrics
+from leasesched.observability.logs import bind
 from leasesched.v1 import scheduler_pb2 as pb
 from worker.handlers import Handler, PermanentError, TaskContext
 from worker.lease import LeaseClock
@@ -65,6 +67,8 @@ class Execution:
     ) -> None:
         self.task_id = dispatch.task_id
         self.attempt = dispatch.attempt
+        self.type = dispatch.type
+        self.outcome = ""  # an Outcome kind once decided, or "not_claimed"
         self._handler = handler
         self._updater = updater
         self._worker_id = worker_id
@@ -83,9 +87,11 @@ class Execution:
         self._release.set()
 
     async def run(self) -> None:
+        bind(task_id=self.task_id)  # this execution's lines (its own asyncio task) carry the task id
         try:
             await self._run()
         finally:
+            metrics.worker_executions.labels(metrics.type_label(self.type), self.outcome or "crashed").inc()
             if not self.handler_done.done():
                 self.handler_done.set_result(None)
 
@@ -98,10 +104,12 @@ class Execution:
             )
         except grpc.RpcError as err:
             log.info("task %s: not claimed (%s: %s)", self.task_id, err.code().name, err.details())
+            self.outcome = "not_claimed"
             return
         lease_s = claim.lease_duration.ToMilliseconds() / 1000
         clock = self._clock = LeaseClock.from_claim(lease_s, sent)
         self.token = claim.lease_token
+        bind(lease_token=claim.lease_token)
         ctx = self.ctx = TaskContext(
             task_id=self.task_id,
             type=claim.type,
@@ -121,6 +129,8 @@ class Execution:
             outcome = await self._supervise(body, ctx, clock, started, start_to_close)
         finally:
             beats.cancel()
+        self.outcome = outcome.kind
+        metrics.worker_execution_seconds.observe(time.monotonic() - started)
         await self._report(outcome, clock)
 
     async def _supervise(

@@ -29,8 +29,10 @@ from kazoo.client import KazooClient
 
 from leasesched.config import Config
 from leasesched.coordination import registry, zk
+from leasesched.observability import metrics
+from leasesched.observability.logs import bind
 from leasesched.v1 import scheduler_pb2 as pb
-from services.server import wait_for_stop_signal
+from services.server import stop_signal, wait_for_stop_signal
 from worker.execution import Execution
 from worker.handlers import Handlers
 from worker.subscriptions import TriggerLink
@@ -151,12 +153,12 @@ class Worker:
                 log.debug("registration update failed: %s", exc)
             await asyncio.sleep(FOLLOW_INTERVAL_S)
 
-    async def run(self, drain_timeout_s: float) -> None:
+    async def run(self, drain_timeout_s: float, stop: asyncio.Event | None = None) -> None:
         await asyncio.to_thread(self._registration.start)
         follower = asyncio.create_task(self._follow_triggers())
         log.info("worker %s: %d slots for %s/%s", self.worker_id, self.slots, self._handlers.namespace, self._handlers.types)
         try:
-            await wait_for_stop_signal()
+            await wait_for_stop_signal(stop)
         finally:
             await self._drain(follower, drain_timeout_s)
 
@@ -184,12 +186,16 @@ def default_worker_id() -> str:
 
 
 async def serve(cfg: Config, module: str, slots: int, drain_timeout_s: float, ledger_path: str | None) -> None:
+    stop = stop_signal()  # a SIGTERM during start-up also stops gracefully
     handlers = load_handlers(module)
     client = await asyncio.to_thread(zk.connect, cfg)
     ledger = Ledger(str(Path(ledger_path).resolve())) if ledger_path else None
     worker = Worker(cfg, handlers, client, slots, default_worker_id(), ledger)
+    bind(worker=worker.worker_id)  # on every line this process logs from its event loop
+    metrics.worker_slots.set(slots)
+    metrics.worker_slots_busy.set_function(lambda: worker._busy)
     try:
-        await worker.run(drain_timeout_s)
+        await worker.run(drain_timeout_s, stop)
     finally:
         client.stop()
         client.close()
