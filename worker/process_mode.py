@@ -5,7 +5,9 @@ A thread cannot be killed; a process can. Handlers registered with
 module and name. Progress and the result travel back over a queue; the lease
 deadline is shared as a monotonic timestamp (CLOCK_MONOTONIC is system-wide on
 Linux), so ``ctx.cancelled`` works in the child as in the parent. When the
-execution is stopped, the child is terminated, then killed.
+execution is stopped by force, the child is killed. The child ignores SIGTERM
+and SIGINT: a SIGTERM to the worker's process group must let the worker drain,
+not kill running handlers.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import concurrent.futures
 import importlib
 import multiprocessing
 import queue
+import signal
 from typing import Any
 
 from worker.handlers import Handler, PermanentError, TaskContext
@@ -31,6 +34,10 @@ _SPAWN = multiprocessing.get_context("spawn")
 
 
 def _child(module: str, name: str, fields: dict[str, Any], deadline: Any, cancel: Any, out: Any) -> None:
+    # The worker's SIGTERM (often sent to its whole process group) must not kill
+    # the handler: the worker drains, then stops the child itself (SIGKILL).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     fn = getattr(importlib.import_module(module), name)
     ctx = TaskContext(**fields, _lease_deadline=lambda: deadline.value)
     ctx._cancel = cancel  # a multiprocessing.Event has the same interface as threading.Event
@@ -86,10 +93,8 @@ async def run_in_process(handler: Handler, ctx: TaskContext, threads: concurrent
     try:
         message = await asyncio.wrap_future(threads.submit(_wait, proc, out, ctx, deadline, stop))
     except asyncio.CancelledError:
-        proc.terminate()
+        proc.kill()  # it ignores SIGTERM (see _child); the cooperative stop came first
         proc.join(0.5)
-        if proc.is_alive():
-            proc.kill()
         raise
     finally:
         if proc.is_alive():
