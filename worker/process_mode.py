@@ -31,13 +31,17 @@ class ChildError(Exception):
 
 
 _SPAWN = multiprocessing.get_context("spawn")
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _child(module: str, name: str, fields: dict[str, Any], deadline: Any, cancel: Any, out: Any) -> None:
     # The worker's SIGTERM (often sent to its whole process group) must not kill
     # the handler: the worker drains, then stops the child itself (SIGKILL).
+    # They were blocked since the spawn (see run_in_process): one that arrived
+    # meanwhile is pending and is dropped by the unblock below.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     fn = getattr(importlib.import_module(module), name)
     ctx = TaskContext(**fields, _lease_deadline=lambda: deadline.value)
     ctx._cancel = cancel  # a multiprocessing.Event has the same interface as threading.Event
@@ -89,7 +93,13 @@ async def run_in_process(handler: Handler, ctx: TaskContext, threads: concurrent
     proc = _SPAWN.Process(
         target=_child, args=(handler.fn.__module__, handler.fn.__name__, fields, deadline, stop, out), daemon=True
     )
-    proc.start()
+    # The child inherits this signal mask: a SIGTERM to the process group while
+    # the new interpreter starts up stays pending instead of killing it.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        proc.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     try:
         message = await asyncio.wrap_future(threads.submit(_wait, proc, out, ctx, deadline, stop))
     except asyncio.CancelledError:
