@@ -110,6 +110,11 @@ class RunningProcess:
     def is_paused(self) -> bool:
         return self.managed.is_paused()
 
+    @property
+    def exit_code(self) -> int | None:
+        """Its exit status once it ended (``-N``: killed by signal N); None while it runs."""
+        return self.managed.exit_code()
+
     def log_tail(self, lines: int = 40) -> str:
         return tail(self.log_path, lines)
 

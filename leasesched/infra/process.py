@@ -99,7 +99,7 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     return rest[0], int(rest[19])
 
 
-def _fully_exited(pid: int) -> bool:
+def _fully_exited(pid: int, reap: Callable[[int], None] | None = None) -> bool:
     """True once the process and all its threads are gone, so its ports are free.
 
     A multi-threaded process (any JVM) shows its main thread as a zombie
@@ -107,7 +107,7 @@ def _fully_exited(pid: int) -> bool:
     sockets; only when the zombie is the last thread left is everything
     closed. Our own children are reaped here, so they vanish from /proc.
     """
-    _reap(pid)
+    (reap or _reap)(pid)
     stat = _proc_stat(pid)
     if stat is None:
         return True
@@ -149,6 +149,9 @@ class ManagedProcess:
     argv: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)  # added to the inherited environment
     cwd: Path | None = None
+    # The Popen of a process this object started, kept so that its exit status
+    # is collected through it (``exit_code``) instead of being thrown away.
+    _child: list[subprocess.Popen[bytes]] = field(default_factory=list, init=False, repr=False, compare=False)
 
     # -- identity ---------------------------------------------------------
 
@@ -167,7 +170,7 @@ class ManagedProcess:
         except (IndexError, ValueError):
             self._forget()
             return None
-        _reap(pid)
+        self._collect(pid)
         stat = _proc_stat(pid)
         if stat is None or stat[0] in ("Z", "X") or stat[1] != started:
             self._forget()
@@ -212,6 +215,7 @@ class ManagedProcess:
                 start_new_session=True,
                 close_fds=True,
             )
+        self._child[:] = [proc]
         stat = _proc_stat(proc.pid)
         started = stat[1] if stat is not None else 0
         tmp = self.pid_file.with_suffix(".tmp")
@@ -263,6 +267,14 @@ class ManagedProcess:
         self._signal_group(pid, signal.SIGCONT)
         self._wait_state(pid, paused=False)
 
+    def exit_code(self) -> int | None:
+        """How the process this object started ended: its exit status, or
+        ``-N`` when signal N killed it (``subprocess`` convention); None while
+        it runs, or when it was started by another object or process."""
+        if not self._child:
+            return None
+        return self._child[0].poll()
+
     # -- logs ------------------------------------------------------------
 
     def log_tail(self, lines: int = 30) -> str:
@@ -301,10 +313,19 @@ class ManagedProcess:
             time.sleep(0.01)
         raise InfraError(f"{self.name} (pid {pid}) did not {'stop' if paused else 'continue'} within {timeout} s")
 
+    def _collect(self, pid: int) -> None:
+        """Reap ``pid`` if it exited: through its Popen when we started it
+        (keeping the exit status), otherwise with a bare waitpid."""
+        for child in self._child:
+            if child.pid == pid:
+                child.poll()
+                return
+        _reap(pid)
+
     def _wait_exit(self, pid: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while True:
-            if _fully_exited(pid):
+            if _fully_exited(pid, self._collect):
                 return True
             if time.monotonic() >= deadline:
                 return False
