@@ -1,0 +1,62 @@
+"""Open-loop arrival: request i is due at ``t0 + i / rate`` and leaves then,
+whether or not the earlier ones have been answered.
+
+A closed loop (N clients, each waiting for its answer) lowers the offered load
+exactly when the server slows down, and so hides the slowness; here a slow
+server shows up as latency, RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED. The only
+brake is ``max_inflight``: past it a request is counted as not sent
+(``CLIENT_BACKLOG``) instead of growing the client's memory without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable
+
+# fire(index, intended_loop_time) -> coroutine that performs and records one request
+Fire = Callable[[int, float], Awaitable[None]]
+
+
+async def open_loop(
+    rate: float,
+    t0: float,
+    end: float,
+    fire: Fire,
+    inflight: Callable[[], int],
+    max_inflight: int,
+    on_not_sent: Callable[[str], None],
+    tasks: set[asyncio.Task[None]],
+    max_burst: int = 1000,
+) -> int:
+    """Send at ``rate`` per second from loop time ``t0`` until ``end``; returns the number due.
+
+    Requests whose time has come are started as asyncio tasks at once (a
+    burst after a late wake-up catches up); the tasks are kept in ``tasks``
+    so the caller can wait for the answers still on their way.
+    """
+    if rate <= 0:
+        return 0
+    loop = asyncio.get_running_loop()
+    interval = 1.0 / rate
+    i = 0
+    while True:
+        intended = t0 + i * interval
+        if intended >= end:
+            return i
+        now = loop.time()
+        if intended > now:
+            await asyncio.sleep(intended - now)
+            continue
+        burst = 0
+        while intended <= now and intended < end and burst < max_burst:
+            if inflight() >= max_inflight:
+                on_not_sent("CLIENT_BACKLOG")
+            else:
+                task = asyncio.ensure_future(fire(i, intended))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            i += 1
+            burst += 1
+            intended = t0 + i * interval
+        if burst >= max_burst:
+            await asyncio.sleep(0)  # let answers in before the next burst

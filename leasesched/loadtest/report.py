@@ -1,0 +1,272 @@
+"""The JSON report of one load test, with issue 4's targets evaluated on it.
+
+Definitions (also written into the report under ``definitions``):
+
+* achieved ``ok_per_s``: answers with status OK ÷ the load duration;
+* latency: from the request's intended send time (open loop) to its answer;
+* completed/s: tasks whose final status is SUCCEEDED with ``finished_at``
+  inside the load window, ÷ the load duration (server time, from PollTask);
+* dispatch lag: first execution start (ledger) − the task's ``run_at``;
+  immediate schedule-to-start: first start − intended ScheduleTask send time;
+* lost: accepted (ScheduleTask answered OK) but not terminal after the drain,
+  or not found;
+* overlaps: two executions of one task overlapping in time (ledger);
+* efficiency: (LWTs per task × completed/s) ÷ the store's LWT/s measured by
+  the probe in the same run. leasesched writes 3 LWTs per task (create, claim,
+  complete), +1 per heartbeat (every lease/3 while the handler runs), +1 when
+  an idempotency key is given.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from leasesched.loadtest.metrics import percentiles
+from leasesched.v1 import scheduler_pb2 as pb
+
+if TYPE_CHECKING:
+    from leasesched.loadtest.ledger import LedgerSummary
+    from leasesched.loadtest.runner import LoadTest
+
+TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
+
+TARGETS = {
+    "schedule_per_s": (">=", 1000.0),
+    "schedule_sustained_s": (">=", 60.0),
+    "schedule_p99_ms": ("<", 50.0),
+    "poll_per_s": (">=", 3000.0),
+    "completed_per_s": (">=", 500.0),
+    "dispatch_lag_p99_ms": ("<=", 1000.0),
+    "immediate_schedule_to_start_p50_ms": ("<=", 50.0),
+    "lost": ("==", 0),
+    "overlaps": ("==", 0),
+    "efficiency": (">=", 0.70),
+}
+
+
+def _met(op: str, value: Any, target: float) -> bool | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return {">=": value >= target, "<=": value <= target, "<": value < target, "==": value == target}[op]
+
+
+def lwt_per_task(idempotency_keys: bool, handler_ms: float, lease_s: float) -> float:
+    heartbeats = math.floor((handler_ms / 1000.0) / (lease_s / 3.0)) if lease_s > 0 else 0
+    return 3 + (1 if idempotency_keys else 0) + heartbeats
+
+
+def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", probe: dict[str, Any] | None,
+          load_before: tuple[float, float, float], started: float) -> dict[str, Any]:  # fmt: skip
+    o = lt.o
+    seconds = float(load["seconds"])
+    t0 = float(load["t0_wall"])
+    sched, poll = load["schedule"], load["poll"]
+    accepted = lt.accepted
+
+    # ---- final states
+    by_status: Counter[str] = Counter()
+    lost: list[str] = []
+    not_due_yet = 0
+    finished_rel: list[float] = []
+    for task_id in accepted:
+        view = lt.final.get(task_id)
+        if isinstance(view, pb.TaskView):
+            by_status[pb.TaskStatus.Name(view.status)] += 1
+            if view.status not in TERMINAL:
+                if lt.tasks[task_id][1] > lt.due_by_ms:
+                    not_due_yet += 1  # due after the drain's end: legitimately still waiting
+                else:
+                    lost.append(task_id)
+            elif view.status == pb.SUCCEEDED and view.HasField("finished_at"):
+                finished_rel.append(view.finished_at.ToMilliseconds() / 1000.0 - t0)
+        else:
+            by_status[f"unreadable:{view}"] += 1
+            lost.append(task_id)
+    finished = np.asarray(finished_rel)
+    in_window = int(((finished >= 0) & (finished < seconds)).sum()) if finished.size else 0
+    completed_per_s = in_window / seconds if seconds else 0.0
+    horizon = int(math.ceil(max(seconds, float(finished.max()) if finished.size else 0.0))) + 1
+    # Pre-flight tasks that finished just before the clock started go into second 0.
+    clipped = np.clip(finished, 0, None)
+    completed_series = np.histogram(clipped, bins=np.arange(0, horizon + 1))[0].tolist() if finished.size else [0] * horizon
+    best_10s = max((sum(completed_series[i : i + 10]) / 10.0 for i in range(max(1, len(completed_series) - 9))), default=0.0)
+
+    # ---- dispatch lag (ledger)
+    lag_all, lag_delayed, imm_start = [], [], []
+    if ledger is not None:
+        for task_id, (sent_wall, run_at_ms, immediate) in lt.tasks.items():
+            first = ledger.first_start.get(task_id)
+            if first is None:
+                continue
+            lag = first * 1000.0 - run_at_ms
+            lag_all.append(lag)
+            if immediate:
+                imm_start.append((first - sent_wall) * 1000.0)
+            else:
+                lag_delayed.append(lag)
+    immediate_count = sum(1 for _, _, imm in lt.tasks.values() if imm)
+
+    # ---- store and efficiency
+    lease_s = lt.cfg.default_lease_s
+    per_task = lwt_per_task(o.idempotency_keys, o.handler_ms, lease_s)
+    lwt_capacity = probe["lwt_writes"]["per_s"] if probe else None
+    efficiency = (per_task * completed_per_s / lwt_capacity) if lwt_capacity else None
+
+    s_sum = sched.summary(seconds, o.schedule_rate)
+    p_sum = poll.summary(seconds, o.poll_rate)
+    errors = Counter(sched.errors) + Counter(poll.errors)
+    overlaps = len(ledger.overlaps) if ledger is not None else None
+    sustained = seconds if s_sum["achieved_ok_per_s"] >= TARGETS["schedule_per_s"][1] else 0.0
+
+    values = {
+        "schedule_per_s": s_sum["achieved_ok_per_s"],
+        "schedule_sustained_s": sustained,
+        "schedule_p99_ms": s_sum["latency_ms"]["p99"],
+        "poll_per_s": p_sum["achieved_ok_per_s"],
+        "completed_per_s": round(completed_per_s, 1),
+        "dispatch_lag_p99_ms": percentiles(lag_all)["p99"],
+        "immediate_schedule_to_start_p50_ms": percentiles(imm_start)["p50"],
+        "lost": len(lost),
+        "overlaps": overlaps,
+        "efficiency": round(efficiency, 3) if efficiency is not None else None,
+    }
+    targets = {k: {"target": f"{op} {t}", "value": values[k], "met": _met(op, values[k], t)} for k, (op, t) in TARGETS.items()}
+
+    # ---- do the counts add up?
+    terminal = sum(n for s, n in by_status.items() if s in ("SUCCEEDED", "FAILED", "CANCELLED"))
+    checks = {
+        "schedule_sent_eq_ok_plus_errors": sched.sent == sched.ok + sum(sched.errors.values()),
+        "poll_sent_eq_ok_plus_errors": poll.sent == poll.ok + sum(poll.errors.values()),
+        "due_eq_sent_plus_not_sent": load["due"]["ScheduleTask"] == sched.sent + sum(sched.not_sent.values())
+        and load["due"]["PollTask"] == poll.sent + sum(poll.not_sent.values()),
+        "accepted_eq_schedule_ok_plus_preflight": len(accepted) == sched.ok + lt.preflight,
+        "accepted_ids_unique": len(set(accepted)) == len(accepted) == len(lt.tasks),
+        "statuses_sum_to_accepted": sum(by_status.values()) == len(accepted),
+        "terminal_plus_lost_plus_not_due_eq_accepted": terminal + len(lost) + not_due_yet == len(accepted),
+        "succeeded_tasks_were_started": ledger is None
+        or all(t in ledger.first_start for t in accepted if _status(lt.final.get(t)) == pb.SUCCEEDED),
+    }
+
+    series = {
+        "second": list(range(horizon)),
+        "schedule": _pad(sched.series(horizon), horizon),
+        "poll": _pad(poll.series(horizon), horizon),
+        "completed": completed_series[:horizon],
+    }
+    cpu = load["cpu"]
+    return {
+        "run": {
+            "id": lt.run_id,
+            "label": o.label,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "wall_s": round(time.time() - started, 1),
+            "mode": "local cluster" if o.local else f"external target {lt.target}",
+            "options": {k: v for k, v in vars(o).items()},
+            "cluster": {
+                "commitlog_sync": lt.cfg.cassandra_commitlog_sync,
+                "auth": lt.cfg.auth,
+                "keyspace": lt.cfg.keyspace,
+                "consistency": lt.cfg.consistency,
+                "serial_consistency": lt.cfg.serial_consistency,
+                "logical_shards": lt.cfg.logical_shards,
+                "lease_s": lease_s,
+            },
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "loadavg_before": [round(x, 2) for x in load_before],
+                "loadavg_after_load": [round(x, 2) for x in os.getloadavg()],
+            },
+        },
+        "schedule": s_sum,
+        "poll": p_sum,
+        "tasks": {
+            "accepted": len(accepted),
+            "immediate": immediate_count,
+            "delayed": len(lt.tasks) - immediate_count,
+            "by_status": dict(by_status),
+            "lost": len(lost),
+            "not_due_yet": not_due_yet,
+            "lost_examples": lost[:10],
+            "completed_in_window": in_window,
+            "completed_per_s": round(completed_per_s, 1),
+            "completed_per_s_best_10s": round(best_10s, 1),
+            "executions": ledger.executions if ledger else None,
+            "tasks_started": ledger.tasks_started if ledger else None,
+            "re_executions": ledger.re_executions if ledger else None,
+            "unfinished_executions": ledger.unfinished if ledger else None,
+            "overlaps": overlaps,
+            "overlap_examples": ledger.overlaps[:10] if ledger else [],
+        },
+        "dispatch_lag_ms": percentiles(lag_all),
+        "dispatch_lag_delayed_ms": percentiles(lag_delayed),
+        "immediate_schedule_to_start_ms": percentiles(imm_start),
+        "errors_by_code": dict(errors),
+        "cpu": cpu,
+        "store_probe": probe,
+        "efficiency": {
+            "lwt_per_task": per_task,
+            "completed_per_s": round(completed_per_s, 1),
+            "store_lwt_per_s": lwt_capacity,
+            "value": values["efficiency"],
+            "note": "meaningful at saturation; below it the offered load bounds it",
+        },
+        "drain": load["drain"],
+        "load_tail_s": load["tail_s"],
+        "profiles": load["profiles"],
+        "targets": targets,
+        "checks": checks,
+        "consistent": all(checks.values()),
+        "series": series,
+        "definitions": __doc__.split("Definitions (also written into the report under ``definitions``):")[1].strip(),
+        "files": {"folder": str(lt.folder)},
+    }
+
+
+def _status(view: Any) -> int | None:
+    return view.status if isinstance(view, pb.TaskView) else None
+
+
+def _pad(series: dict[str, list[Any]], n: int) -> dict[str, list[Any]]:
+    return {k: (v + [None if k.endswith("_ms") else 0] * n)[:n] for k, v in series.items()}
+
+
+def text_summary(r: dict[str, Any]) -> str:
+    """A few lines for the terminal."""
+    s, p, t = r["schedule"], r["poll"], r["tasks"]
+    lines = [
+        f"results: {r['files'].get('folder')}",
+        f"ScheduleTask  {s['achieved_ok_per_s']:>8.1f}/s of {s['target_per_s']:.0f}  latency p50 {_ms(s['latency_ms']['p50'])} "
+        f"p95 {_ms(s['latency_ms']['p95'])} p99 {_ms(s['latency_ms']['p99'])} max {_ms(s['latency_ms']['max'])}  errors {s['errors'] or '-'}",
+        f"PollTask      {p['achieved_ok_per_s']:>8.1f}/s of {p['target_per_s']:.0f}  latency p50 {_ms(p['latency_ms']['p50'])} "
+        f"p95 {_ms(p['latency_ms']['p95'])} p99 {_ms(p['latency_ms']['p99'])} max {_ms(p['latency_ms']['max'])}  errors {p['errors'] or '-'}",
+        f"tasks         accepted {t['accepted']}  completed {t['completed_per_s']}/s (best 10 s {t['completed_per_s_best_10s']}/s)  "
+        f"status {t['by_status']}",
+        f"dispatch lag  p50 {_ms(r['dispatch_lag_ms']['p50'])} p99 {_ms(r['dispatch_lag_ms']['p99'])} max {_ms(r['dispatch_lag_ms']['max'])};"
+        f"  immediate schedule→start p50 {_ms(r['immediate_schedule_to_start_ms']['p50'])} p99 {_ms(r['immediate_schedule_to_start_ms']['p99'])}",
+        f"correctness   lost {t['lost']}  overlaps {t['overlaps']}  executions {t['executions']} (re-executions {t['re_executions']})  "
+        f"counts add up: {r['consistent']}",
+    ]
+    if r.get("store_probe"):
+        e = r["efficiency"]
+        lines.append(
+            f"store         plain {r['store_probe']['plain_writes']['per_s']:.0f}/s  LWT {r['store_probe']['lwt_writes']['per_s']:.0f}/s"
+            f"  efficiency {e['value']} ({e['lwt_per_task']} LWT/task × {e['completed_per_s']}/s ÷ {e['store_lwt_per_s']}/s)"
+        )
+    cpu = r["cpu"]["per_process"]
+    lines.append("cpu (cores)   " + "  ".join(f"{k} {v['cores']}" for k, v in cpu.items() if v) +
+                 f"  | machine busy {100 * r['cpu']['machine_busy_fraction']:.0f}%")  # fmt: skip
+    lines.append("targets       " + "  ".join(f"{k}={v['value']}{'✓' if v['met'] else '✗' if v['met'] is False else '?'}" for k, v in r["targets"].items()))
+    return "\n".join(lines)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}ms"

@@ -1,0 +1,453 @@
+"""One load test, from start to report.
+
+1. (``local``) start Cassandra and ZooKeeper if needed, a fresh keyspace and
+   ZooKeeper root, TaskService, TaskUpdater, N triggers and M bench workers;
+2. probe the store's raw plain-write and LWT capacity (same driver settings);
+3. drive TaskService open-loop for ``duration`` s: ScheduleTask at its rate,
+   PollTask at its own rate on random already-accepted tasks, a live progress
+   bar with current rates; CPU seconds per process over that window; optional
+   py-spy profiles;
+4. drain: wait until every accepted task has finished (or ``drain`` s passed),
+   then read every accepted task back with PollTask: its final status and
+   finish time;
+5. read the execution ledger: dispatch lag, executions, overlaps;
+6. write ``report.json`` and ``chart.png`` to the results folder;
+7. stop what it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from tqdm import tqdm
+
+from leasesched.config import Config
+from leasesched.loadtest import ledger as ledger_mod
+from leasesched.loadtest.arrival import open_loop
+from leasesched.loadtest.bench_handlers import NAMESPACE, TASK_TYPE, make_payload
+from leasesched.loadtest.cpu import CpuMeter
+from leasesched.loadtest.metrics import MethodStats
+from leasesched.v1 import scheduler_pb2 as pb
+from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
+MAX_DRAIN_EXTENSION_S = 300.0  # the drain waits for delayed tasks due at most this long after the load
+DUE_MARGIN_S = 5.0  # a task due this close to the drain's end is not expected to have finished
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20)]
+
+
+@dataclass
+class LoadOptions:
+    schedule_rate: float = 1000.0  # ScheduleTask per second (open loop)
+    poll_rate: float = 3000.0  # PollTask per second (open loop)
+    duration_s: float = 60.0
+    delayed_fraction: float = 0.2  # share of tasks scheduled with a delay
+    delay_min_s: float = 1.0
+    delay_max_s: float = 10.0
+    payload_bytes: int = 256
+    handler_ms: float = 0.0
+    priority_min: int = 5
+    priority_max: int = 5
+    idempotency_keys: bool = False
+    timeout_s: float = 10.0  # per-RPC deadline
+    max_inflight: int = 20_000
+    channels: int = 4
+    drain_s: float = 60.0  # after the load (and after the last delayed task is due)
+    verify_concurrency: int = 200
+    probe_s: float = 5.0  # 0: no store probe
+    probe_concurrency: int = 128
+    profile: list[str] = field(default_factory=list)  # process names or roles to py-spy
+    progress: bool = True
+    # Where the load goes. local=True: start a cluster (below); else target (+ ledger if the workers write one).
+    local: bool = True
+    target: str = ""
+    ledger: str = ""
+    triggers: int = 2
+    workers: int = 2
+    slots: int = 64
+    start_infra: bool = True
+    stop_infra: bool = False
+    keep_data: bool = False
+    results_dir: str = "results"
+    label: str = ""
+
+
+def _now_tag() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+class LoadTest:
+    def __init__(self, opts: LoadOptions, cfg: Config) -> None:
+        self.o = opts
+        self.cfg = cfg
+        self.run_id = uuid.uuid4().hex[:8]
+        name = f"{_now_tag()}-{opts.label or 'run'}-{self.run_id}"
+        self.folder = Path(opts.results_dir).resolve() / name
+        self.cluster: Any = None
+        self.tasks: dict[str, tuple[float, int, bool]] = {}  # task id → (intended send wall time, run_at ms, immediate)
+        self.accepted: list[str] = []
+        self.preflight = 0
+        self.final: dict[str, Any] = {}
+        self.due_by_ms = 0
+        self.report: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ set-up
+
+    def _setup_local(self) -> None:
+        from leasesched.infra.local import LocalInfra
+        from leasesched.loadtest.cluster import LocalCluster
+        from leasesched.store import schema
+
+        base = self.cfg.with_overrides(keyspace=f"bench_{self.run_id}", zk_root=f"/leasesched-bench/{self.run_id}")
+        self.cfg = base
+        infra = LocalInfra.from_config(base)
+        if self.o.start_infra:
+            _say(f"infra: starting Cassandra and ZooKeeper under {base.home} (idempotent) ...")
+            infra.up()
+        self.infra_pids = {s.name: s.pid for s in infra.status() if s.pid}
+        _say(f"schema: keyspace {base.keyspace}")
+        schema.apply(base)
+        service_env: dict[str, str] = {}
+        worker_env: dict[str, str] = {}
+        if base.auth == "on":
+            from leasesched.cli.local_cmd import local_tokens
+
+            tokens = local_tokens(base)
+            service_env = {"LEASESCHED_TOKEN": tokens["admin"]}
+            worker_env = {"LEASESCHED_TOKEN": tokens["admin"]}
+            self.cfg = base.with_overrides(token=tokens["admin"])
+        _say(f"cluster: task-service, task-updater, {self.o.triggers} triggers, {self.o.workers} workers × {self.o.slots} slots")
+        self.cluster = LocalCluster(self.cfg, self.folder, self.o.triggers, self.o.workers, self.o.slots,
+                                    worker_env=worker_env, service_env=service_env)  # fmt: skip
+        try:
+            self.cluster.start()
+        except Exception:
+            self.cluster.stop()
+            raise
+        self.cfg = self.cluster.cfg
+        self.target = self.cfg.task_service_target
+        self.ledger_path: Path | None = self.cluster.ledger
+
+    def _teardown_local(self) -> None:
+        from leasesched.infra.local import LocalInfra
+        from leasesched.store import schema
+
+        if self.cluster is not None:
+            _say("cluster: stopping processes")
+            self.cluster.stop()
+        if not self.o.keep_data:
+            try:
+                schema.drop_keyspace(self.cfg)
+            except Exception as exc:  # noqa: BLE001
+                _say(f"could not drop keyspace {self.cfg.keyspace}: {exc}")
+        if self.o.stop_infra:
+            _say("infra: stopping Cassandra and ZooKeeper")
+            LocalInfra.from_config(self.cfg).down()
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> dict[str, Any]:
+        """The whole test; the cluster it started is stopped however it ends (SIGTERM and SIGHUP included)."""
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+        def interrupted(signum: int, _frame: Any) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        for sig in previous:
+            signal.signal(sig, interrupted)
+        try:
+            return self._run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _run(self) -> dict[str, Any]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.infra_pids: dict[str, int] = {}
+        load_before = os.getloadavg()
+        started = time.time()
+        try:
+            if self.o.local:
+                self._setup_local()
+            else:
+                self.target = self.o.target or self.cfg.task_service_target
+                self.ledger_path = Path(self.o.ledger) if self.o.ledger else None
+            probe = None
+            if self.o.probe_s > 0:
+                from leasesched.loadtest.store_probe import probe as store_probe
+
+                _say(f"store probe: {self.o.probe_s:.0f} s plain writes, {self.o.probe_s:.0f} s LWT, {self.o.probe_concurrency} in flight")
+                probe = store_probe(self.cfg, self.o.probe_s, self.o.probe_concurrency, self.o.payload_bytes)
+                _say(f"store probe: plain {probe['plain_writes']['per_s']:.0f}/s, LWT {probe['lwt_writes']['per_s']:.0f}/s")
+            load = asyncio.run(self._load())
+            ledger_summary = self._read_ledger()
+            from leasesched.loadtest.report import build
+
+            self.report = build(self, load, ledger_summary, probe, load_before, started)
+            self._write()
+            return self.report
+        finally:
+            if self.o.local:
+                self._teardown_local()
+
+    def _write(self) -> None:
+        from leasesched.loadtest.chart import draw
+
+        path = self.folder / "report.json"
+        path.write_text(json.dumps(self.report, indent=2, default=str))
+        try:
+            draw(self.report, self.folder / "chart.png")
+            self.report["files"]["chart"] = str(self.folder / "chart.png")
+        except Exception as exc:  # noqa: BLE001 - the JSON is the record; a chart failure must not lose it
+            _say(f"chart failed: {exc}")
+        self.report["files"]["report"] = str(path)
+        path.write_text(json.dumps(self.report, indent=2, default=str))
+
+    # ------------------------------------------------------------------ load
+
+    async def _load(self) -> dict[str, Any]:
+        o = self.o
+        metadata = (("authorization", f"Bearer {self.cfg.token}"),) if self.cfg.token else None
+        channels = [grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS) for _ in range(max(1, o.channels))]
+        stubs = [pb_grpc.TaskServiceStub(c) for c in channels]
+        try:
+            for c in channels:
+                await asyncio.wait_for(c.channel_ready(), 15)
+            return await self._drive(stubs, metadata)
+        finally:
+            for c in channels:
+                await c.close()
+
+    async def _drive(self, stubs: list[pb_grpc.TaskServiceStub], metadata: Any) -> dict[str, Any]:
+        o = self.o
+        loop = asyncio.get_running_loop()
+        payload = make_payload(o.handler_ms, o.payload_bytes)
+        rng = random.Random(self.run_id)
+        key_prefix = f"bench-{self.run_id}"
+
+        def spec_for(i: int) -> tuple[pb.ScheduleTaskRequest, bool]:
+            spec = pb.TaskSpec(namespace=NAMESPACE, type=TASK_TYPE, payload=payload)
+            if o.priority_max != 5 or o.priority_min != 5:
+                spec.priority, spec.has_priority = rng.randint(o.priority_min, o.priority_max), True
+            delayed = rng.random() < o.delayed_fraction
+            if delayed:
+                spec.delay.FromMilliseconds(int(1000 * rng.uniform(o.delay_min_s, o.delay_max_s)))
+            key = f"{key_prefix}-{i}" if o.idempotency_keys else ""
+            return pb.ScheduleTaskRequest(task=spec, idempotency_key=key), not delayed
+
+        # A few requests before the clock starts: connections, first-call paths.
+        self.preflight = 10
+        for i in range(self.preflight):
+            request, immediate = spec_for(-1 - i)
+            sent_wall = time.time()
+            reply = await stubs[0].ScheduleTask(request, timeout=o.timeout_s, metadata=metadata)
+            self.tasks[reply.task_id] = (sent_wall, reply.run_at.ToMilliseconds(), immediate)
+            self.accepted.append(reply.task_id)
+            await stubs[0].PollTask(pb.PollTaskRequest(task_id=reply.task_id), timeout=o.timeout_s, metadata=metadata)
+
+        t0 = loop.time() + 0.2
+        t0_wall = time.time() + 0.2
+        end = t0 + o.duration_s
+        to_wall = lambda t: t0_wall + (t - t0)  # noqa: E731
+        sched = MethodStats("ScheduleTask", t0)
+        poll = MethodStats("PollTask", t0)
+        pending: set[asyncio.Task[None]] = set()
+
+        async def schedule_one(i: int, intended: float) -> None:
+            request, immediate = spec_for(i)
+            sched.on_sent(intended, loop.time())
+            try:
+                reply = await stubs[i % len(stubs)].ScheduleTask(request, timeout=o.timeout_s, metadata=metadata)
+            except grpc.aio.AioRpcError as err:
+                sched.on_done(intended, loop.time(), err.code().name)
+                return
+            sched.on_done(intended, loop.time(), None)
+            self.tasks[reply.task_id] = (to_wall(intended), reply.run_at.ToMilliseconds(), immediate)
+            self.accepted.append(reply.task_id)
+
+        async def poll_one(i: int, intended: float) -> None:
+            task_id = self.accepted[rng.randrange(len(self.accepted))]
+            poll.on_sent(intended, loop.time())
+            try:
+                await stubs[i % len(stubs)].PollTask(pb.PollTaskRequest(task_id=task_id), timeout=o.timeout_s, metadata=metadata)
+            except grpc.aio.AioRpcError as err:
+                poll.on_done(intended, loop.time(), err.code().name)
+                return
+            poll.on_done(intended, loop.time(), None)
+
+        cluster_pids = self.cluster.pids() if self.cluster is not None else {}
+        meter = CpuMeter({**cluster_pids, **self.infra_pids})
+        profiler = self._start_profiles(cluster_pids)
+        tail = ledger_mod.LedgerTail(self.ledger_path) if self.ledger_path else None
+        meter.start(time.monotonic())
+        load = asyncio.gather(
+            open_loop(o.schedule_rate, t0, end, schedule_one, lambda: sched.inflight, o.max_inflight, sched.on_not_sent, pending),
+            open_loop(o.poll_rate, t0, end, poll_one, lambda: poll.inflight, o.max_inflight, poll.on_not_sent, pending),
+        )
+        progress = asyncio.ensure_future(self._progress(sched, poll, tail, t0, end))
+        due_counts = await load
+        while pending:  # answers still on their way (each has a deadline)
+            await asyncio.wait(set(pending))
+        load_end = loop.time()
+        cpu = meter.stop(time.monotonic())
+        progress.cancel()
+        profiles = profiler.finish() if profiler else {}
+        seconds = o.duration_s
+        drain_info = await self._drain(stubs, metadata, tail)
+        return {
+            "t0_wall": t0_wall,
+            "seconds": seconds,
+            "tail_s": round(load_end - end, 3),
+            "schedule": sched,
+            "poll": poll,
+            "due": {"ScheduleTask": due_counts[0], "PollTask": due_counts[1]},
+            "cpu": cpu,
+            "profiles": profiles,
+            "drain": drain_info,
+        }
+
+    def _start_profiles(self, pids: dict[str, int]) -> Any:
+        if not self.o.profile:
+            return None
+        from leasesched.loadtest.profiling import Profiler
+
+        profiler = Profiler(self.folder)
+        wanted = set(self.o.profile)
+        if "client" in wanted or "loadtest-client" in wanted:
+            pids = {**pids, "loadtest-client": os.getpid()}
+        for name, pid in pids.items():
+            role = name.rsplit("-", 1)[0] if name.split("-")[-1].isdigit() else name
+            if name in wanted or role in wanted or "all" in wanted:
+                if not profiler.start(name, pid, self.o.duration_s):
+                    _say("py-spy not found: pip install py-spy")
+                    return None
+        return profiler
+
+    async def _progress(self, sched: MethodStats, poll: MethodStats, tail: Any, t0: float, end: float) -> None:
+        loop = asyncio.get_running_loop()
+        bar = tqdm(total=int(self.o.duration_s), unit="s", desc="load", disable=not self.o.progress, file=sys.stderr,
+                   bar_format="{desc} {bar} {n_fmt}/{total_fmt}s {postfix}", dynamic_ncols=True)  # fmt: skip
+        last_ends, last_t = 0, loop.time()
+        try:
+            while True:
+                await asyncio.sleep(1.0)
+                now = loop.time()
+                done_rate = 0.0
+                if tail is not None:
+                    tail.poll()
+                    done_rate = (tail.ends - last_ends) / max(1e-6, now - last_t)
+                    last_ends, last_t = tail.ends, now
+                bar.n = min(int(self.o.duration_s), int(now - t0))
+                errors = sum(sched.errors.values()) + sum(poll.errors.values())
+                bar.set_postfix_str(
+                    f"schedule {sched.rate_last(now):.0f}/s  poll {poll.rate_last(now):.0f}/s  done {done_rate:.0f}/s  "
+                    f"in flight {sched.inflight + poll.inflight}  errors {errors}"
+                )
+        finally:
+            bar.n = int(self.o.duration_s)
+            bar.refresh()
+            bar.close()
+
+    # ------------------------------------------------------------------ drain and verify
+
+    async def _drain(self, stubs: list[pb_grpc.TaskServiceStub], metadata: Any, tail: Any) -> dict[str, Any]:
+        """Wait until every task that is due by the drain's end has finished (ledger), then
+        read every accepted task's final state with PollTask.
+
+        The drain lasts ``drain_s`` after the load, extended to cover delayed
+        tasks due within ``MAX_DRAIN_EXTENSION_S``; tasks due later than the
+        drain's end are legitimately still SCHEDULED: counted as
+        ``not_due_yet``, never as lost.
+        """
+        o = self.o
+        now = time.time()
+        latest_due = max((run_at for _, run_at, _ in self.tasks.values()), default=0) / 1000.0
+        deadline = now + o.drain_s + max(0.0, min(latest_due, now + MAX_DRAIN_EXTENSION_S) - now)
+        self.due_by_ms = int((deadline - DUE_MARGIN_S) * 1000)
+        due_times = [run_at for _, run_at, _ in self.tasks.values() if run_at <= self.due_by_ms]
+        due, last_due = len(due_times), max(due_times, default=0) / 1000.0
+        bar = tqdm(total=due, unit="task", desc="drain", disable=not o.progress, file=sys.stderr)
+        try:
+            if tail is not None:
+                while time.time() < deadline:
+                    tail.poll()
+                    bar.n = min(due, tail.ends)
+                    bar.refresh()
+                    if tail.ends >= due and time.time() >= last_due:
+                        break
+                    await asyncio.sleep(0.5)
+        finally:
+            bar.close()
+        # Every accepted task, read back; those not terminal yet are read again until the deadline.
+        remaining = list(self.accepted)
+        passes = 0
+        while remaining:
+            passes += 1
+            views = await self._read_all(stubs, metadata, remaining)
+            self.final.update(views)
+            remaining = [
+                t for t in remaining
+                if not (isinstance(views.get(t), pb.TaskView) and (views[t].status in TERMINAL or self.tasks[t][1] > self.due_by_ms))
+            ]  # fmt: skip
+            if not remaining or time.time() >= deadline:
+                break
+            await asyncio.sleep(1.0)
+        return {
+            "seconds": round(time.time() - now, 1),
+            "due_tasks": due,
+            "verify_passes": passes,
+            "deadline_reached": bool(remaining),
+        }
+
+    async def _read_all(self, stubs: list[pb_grpc.TaskServiceStub], metadata: Any, ids: list[str]) -> dict[str, Any]:
+        sem = asyncio.Semaphore(self.o.verify_concurrency)
+        out: dict[str, Any] = {}
+
+        async def one(i: int, task_id: str) -> None:
+            async with sem:
+                for attempt in range(5):
+                    try:
+                        reply = await stubs[i % len(stubs)].PollTask(
+                            pb.PollTaskRequest(task_id=task_id), timeout=self.o.timeout_s, metadata=metadata
+                        )
+                        out[task_id] = reply.task
+                        return
+                    except grpc.aio.AioRpcError as err:
+                        out[task_id] = err.code().name  # NOT_FOUND is a lost task; others are retried
+                        if err.code() == grpc.StatusCode.NOT_FOUND:
+                            return
+                        await asyncio.sleep(0.2 * (attempt + 1))
+
+        await asyncio.gather(*(one(i, t) for i, t in enumerate(ids)))
+        return out
+
+    def _read_ledger(self) -> ledger_mod.LedgerSummary | None:
+        if self.ledger_path is None:
+            return None
+        return ledger_mod.summarize(ledger_mod.read(self.ledger_path))
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def options_dict(opts: LoadOptions) -> dict[str, Any]:
+    return asdict(opts)
+
+
+__all__ = ["LoadOptions", "LoadTest", "TERMINAL", "Counter"]
