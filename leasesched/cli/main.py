@@ -21,6 +21,9 @@ def _register() -> None:
 
     for module in (infra_cmd, process_cmd, task_cmd, local_cmd, cluster_cmd, token_cmd):
         module.register(cli)
+    from leasesched.cli import loadtest_cmd  # issue 4: `leasesched loadtest`
+
+    loadtest_cmd.register(cli)
 
 
 def main() -> None:

@@ -1,0 +1,90 @@
+"""``leasesched loadtest``: open-loop load against a cluster, a JSON report and a PNG chart.
+
+    leasesched --home /tmp/lsbench loadtest --schedule-rate 1000 --poll-rate 3000 --duration 60
+    leasesched loadtest --target 10.0.0.5:50051 --no-local --ledger /shared/ledger.jsonl
+
+With ``--local`` (the default) it starts a complete cluster itself, from the
+same Config every command reads (``--home``, LEASESCHED_* variables):
+Cassandra and ZooKeeper (idempotent, left running unless ``--stop-infra``),
+a fresh keyspace and ZooKeeper root, TaskService, TaskUpdater, the triggers
+and workers running ``leasesched.loadtest.bench_handlers``. See
+``leasesched/loadtest/runner.py`` for the phases and BENCHMARKS.md for results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from leasesched.config import Config
+
+
+def _range(text: str, kind: type = float) -> tuple:  # "1-10" or "5"
+    lo, _, hi = text.partition("-")
+    return kind(lo), kind(hi or lo)
+
+
+@click.command("loadtest")
+@click.option("--schedule-rate", type=float, default=1000.0, show_default=True, help="ScheduleTask per second (open loop).")
+@click.option("--poll-rate", type=float, default=3000.0, show_default=True, help="PollTask per second on random accepted tasks.")
+@click.option("--duration", type=float, default=60.0, show_default=True, help="Seconds of load.")
+@click.option("--delayed", "delayed_fraction", type=float, default=0.2, show_default=True, help="Share of tasks scheduled with a delay.")
+@click.option("--delay", default="1-10", show_default=True, help="Delay of delayed tasks in seconds, MIN-MAX (uniform).")
+@click.option("--payload-bytes", type=int, default=256, show_default=True)
+@click.option("--handler-ms", type=float, default=0.0, show_default=True, help="How long the bench handler sleeps.")
+@click.option("--priorities", default="5", show_default=True, help="Priority, or MIN-MAX (uniform), 0-9.")
+@click.option("--idempotency-keys/--no-idempotency-keys", default=False, show_default=True, help="Send a key with every ScheduleTask (+1 LWT per task).")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Per-RPC deadline, seconds.")
+@click.option("--max-inflight", type=int, default=20000, show_default=True, help="Per method; beyond it a due request is counted as not sent.")
+@click.option("--channels", type=int, default=4, show_default=True, help="gRPC channels (HTTP/2 connections) the client spreads over.")
+@click.option("--drain", type=float, default=60.0, show_default=True, help="Seconds to wait for tasks to finish after the load (and after the last delayed task is due).")
+@click.option("--probe-seconds", type=float, default=5.0, show_default=True, help="Store probe per kind (plain, LWT); 0 = no probe.")
+@click.option("--probe-concurrency", type=int, default=128, show_default=True)
+@click.option("--profile", multiple=True, help="py-spy this process or role during the load (task-service, task-updater, trigger, worker, client, all).")
+@click.option("--local/--no-local", default=True, show_default=True, help="Start a complete local cluster (else drive --target).")
+@click.option("--target", default="", help="TaskService host:port of a running cluster (with --no-local).")
+@click.option("--ledger", default="", help="With --no-local: the execution ledger the cluster's bench workers write (LEASESCHED_BENCH_LEDGER).")
+@click.option("--triggers", type=int, default=2, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--slots", type=int, default=64, show_default=True, help="Slots per worker.")
+@click.option("--start-infra/--no-start-infra", default=True, show_default=True, help="Start Cassandra and ZooKeeper if they are not running.")
+@click.option("--stop-infra", is_flag=True, help="Stop Cassandra and ZooKeeper at the end.")
+@click.option("--keep-data", is_flag=True, help="Keep the run's keyspace.")
+@click.option("--results", "results_dir", default="results", show_default=True, help="Folder for the run's report, chart and logs.")
+@click.option("--label", default="", help="A name for the run (in the folder name and the chart).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON on stdout.")
+@click.pass_obj
+def loadtest(cfg: Config, delay: str, priorities: str, quiet: bool, as_json: bool, **kw: object) -> None:
+    """Open-loop load test: rates, latency, dispatch lag, lost tasks, overlaps, store efficiency."""
+    from leasesched.loadtest.report import text_summary
+    from leasesched.loadtest.runner import LoadOptions, LoadTest
+
+    delay_min, delay_max = _range(delay)
+    pmin, pmax = _range(priorities, int)
+    if not (0 <= pmin <= pmax <= 9):
+        raise click.BadParameter("priorities must be within 0-9", param_hint="--priorities")
+    opts = LoadOptions(
+        schedule_rate=kw["schedule_rate"], poll_rate=kw["poll_rate"], duration_s=kw["duration"],
+        delayed_fraction=kw["delayed_fraction"], delay_min_s=delay_min, delay_max_s=delay_max,
+        payload_bytes=kw["payload_bytes"], handler_ms=kw["handler_ms"], priority_min=pmin, priority_max=pmax,
+        idempotency_keys=kw["idempotency_keys"], timeout_s=kw["timeout"], max_inflight=kw["max_inflight"],
+        channels=kw["channels"], drain_s=kw["drain"], probe_s=kw["probe_seconds"],
+        probe_concurrency=kw["probe_concurrency"], profile=list(kw["profile"]), progress=not quiet,
+        local=kw["local"], target=kw["target"], ledger=kw["ledger"], triggers=kw["triggers"],
+        workers=kw["workers"], slots=kw["slots"], start_infra=kw["start_infra"], stop_infra=kw["stop_infra"],
+        keep_data=kw["keep_data"], results_dir=kw["results_dir"], label=kw["label"],
+    )  # type: ignore[arg-type]  # fmt: skip
+    report = LoadTest(opts, cfg).run()
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        click.echo(text_summary(report))
+    if report["tasks"]["lost"] or report["tasks"]["overlaps"]:
+        sys.exit(2)  # correctness broken: make the failure visible to scripts
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(loadtest)
