@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PROTOS := $(wildcard proto/leasesched/v1/*.proto)
 GEN    := leasesched/v1/scheduler_pb2.py
 
-.PHONY: run test proto setup deps infra-up infra-down clean
+.PHONY: run test proto setup deps infra-up infra-down clean bench
 
 ## run: install everything, start the local system and show it working (Ctrl-C stops it)
 run: setup
@@ -37,6 +37,17 @@ deps:
 	@command -v java >/dev/null && test -x /usr/share/zookeeper/bin/zkServer.sh || { \
 	  echo "installing system packages (zookeeper, java)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zookeeper default-jre-headless >/dev/null; }
+
+## bench: the benchmark of issue 4 (BENCHMARKS.md): a whole local cluster under open-loop load;
+## writes results/<run>/report.json and chart.png, then stops everything it started.
+## Its own home and ports, so a running `make run` or test session is not touched.
+BENCH_HOME      ?= $(CURDIR)/.leasesched/bench
+BENCH_COMMITLOG ?= batch
+BENCH_ARGS      ?= --schedule-rate 1000 --poll-rate 3000 --duration 60 --profile task-service
+BENCH_ENV       := LEASESCHED_AUTH=off LEASESCHED_CASSANDRA_COMMITLOG_SYNC=$(BENCH_COMMITLOG) LEASESCHED_CASSANDRA_PORT=29042 LEASESCHED_CASSANDRA_STORAGE_PORT=27000 LEASESCHED_ZK_HOSTS=127.0.0.1:22181
+bench: setup
+	@mkdir -p $(BENCH_HOME); if [ -d .leasesched/dist ] && [ ! -e $(BENCH_HOME)/dist ]; then ln -s $(CURDIR)/.leasesched/dist $(BENCH_HOME)/dist; fi
+	$(BENCH_ENV) $(BIN)/leasesched --home $(BENCH_HOME) loadtest $(BENCH_ARGS) --results results --label bench --stop-infra
 
 infra-up: setup
 	$(BIN)/leasesched infra up
