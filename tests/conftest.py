@@ -114,16 +114,18 @@ def infra() -> Iterator[LocalInfra]:
 @pytest.fixture
 def make_cluster(infra: LocalInfra, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
     """``make_cluster(triggers=2, workers=2, slots=8)`` → a started ``tests.cluster.LiveCluster``
-    of real processes with its own keyspace and ZooKeeper root; stopped after the test."""
+    of real processes with its own keyspace and ZooKeeper root; stopped after the test.
+    ``metrics=True``: every process serves /metrics on its own port (``tests.observe``)."""
     from leasesched.store import schema
     from tests.cluster import LiveCluster, cluster_config
+    from tests.observe import MetricsGroup
     from tests.processes import ProcessGroup
 
     clusters: list[LiveCluster] = []
 
-    def make(overrides: dict[str, object] | None = None, **kwargs: int) -> LiveCluster:
+    def make(overrides: dict[str, object] | None = None, metrics: bool = False, **kwargs: int) -> LiveCluster:
         cfg = cluster_config(infra.config, request.node.name).with_overrides(**(overrides or {}))
-        group = ProcessGroup(log_dir=tmp_path / f"logs-{len(clusters)}")
+        group = (MetricsGroup if metrics else ProcessGroup)(log_dir=tmp_path / f"logs-{len(clusters)}")
         cluster = LiveCluster(cfg=cfg, group=group, folder=tmp_path)
         clusters.append(cluster)
         return cluster.start(**kwargs)
