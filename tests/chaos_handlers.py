@@ -42,22 +42,25 @@ async def work(ctx: TaskContext) -> bytes:
     start = time.time()
     _append({"event": "start", "t": start, **_base(ctx)})
     last_ok = start
-    stopped = False
+    stopped = True  # unless the loop runs to its end with the lease held
     finish = time.monotonic() + float(spec.get("seconds", 0.2))
     steps = 0
-    while time.monotonic() < finish:
-        now = time.time()
-        if not ctx.holds_lease() or ctx.cancelled:
-            stopped = True
-            break
-        last_ok = now
-        steps += 1
-        if spec.get("progress"):
-            ctx.report_progress(min(99.0, steps), f"step {steps}")
-        await asyncio.sleep(0.02)
-    if not ctx.holds_lease():
-        stopped = True  # e.g. the timer ran out while the process was frozen past its lease
-    _append({"event": "end", "t": last_ok, "stopped": stopped, **_base(ctx)})
+    try:
+        while time.monotonic() < finish:
+            now = time.time()
+            if not ctx.holds_lease() or ctx.cancelled:
+                break
+            last_ok = now
+            steps += 1
+            if spec.get("progress"):
+                ctx.report_progress(min(99.0, steps), f"step {steps}")
+            await asyncio.sleep(0.02)
+        else:
+            # The timer can also run out while the process was frozen past its lease.
+            stopped = not ctx.holds_lease()
+    finally:
+        # Also when the worker stops the handler by force (CancelledError).
+        _append({"event": "end", "t": last_ok, "stopped": stopped, **_base(ctx)})
     if stopped:
         return b"stopped"
     if ctx.attempt <= int(spec.get("fail", 0)):

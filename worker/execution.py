@@ -253,15 +253,17 @@ class Execution:
                 released=outcome.kind == "released",
             )
             method = "FailTask"
-        if self._ledger is not None and method == "CompleteTask":
-            self._ledger(self._ledger_record("complete_sent"))
         delay = 0.1
+        sent = False
         while True:
             if not clock.valid():
                 # Past our own deadline we no longer hold the lease: the result
                 # is dropped and the task runs again after the lease expires.
                 log.warning("task %s: lease deadline passed before the %s report; dropped", self.task_id, method)
                 return
+            if self._ledger is not None and method == "CompleteTask" and not sent:
+                self._ledger(self._ledger_record("complete_sent"))  # audit: it really goes out now
+            sent = True
             try:
                 reply = await self._updater.call(method, request, timeout=max(0.1, min(5.0, clock.remaining())))
             except grpc.RpcError as err:

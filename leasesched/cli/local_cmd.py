@@ -154,13 +154,13 @@ def up(cfg: Config, workers: int, triggers: int, no_demo: bool) -> None:
     # can leave a helper deadlocked: start them fresh instead.
     multiprocessing.set_start_method("spawn", force=True)
     manager = Manager()
-    manager.add_process("task-service", f"{exe} --home {home} task-service", env=service_env)
-    manager.add_process("task-updater", f"{exe} --home {home} task-updater", env=service_env)
+    manager.add_process("task-service", f"{exe} --home {home} task-service --log-format text", env=service_env)
+    manager.add_process("task-updater", f"{exe} --home {home} task-updater --log-format text", env=service_env)
     for n in range(triggers):
         port = cfg.trigger_port if n == 0 else 0
-        manager.add_process(f"trigger-{n + 1}", f"{exe} --home {home} trigger --port {port}", env=service_env)
+        manager.add_process(f"trigger-{n + 1}", f"{exe} --home {home} trigger --port {port} --log-format text", env=service_env)
     for n in range(workers):
-        command = f"{exe} --home {home} worker --module worker.demo_handlers --slots 4"
+        command = f"{exe} --home {home} worker --module worker.demo_handlers --slots 4 --log-format text"
         manager.add_process(f"worker-{n + 1}", command, env=worker_env)
     if not no_demo:
         demo_cfg = cfg.with_overrides(token=tokens["client"])
