@@ -11,11 +11,9 @@ import logging
 from typing import Any
 
 from leasesched.config import Config
-from leasesched.coordination import cluster_meta, registry, zk
-from leasesched.lifecycle import Lifecycle
-from leasesched.store.base import StoreUnavailable
-from leasesched.store.cassandra import CassandraStore
+from leasesched.coordination import registry
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from services import bootstrap
 from services.auth_setup import make_authenticator
 from services.due_notifier import DueNotifier
 from services.rate_limit import RateLimiter, RateLimitInterceptor
@@ -29,15 +27,8 @@ log = logging.getLogger(__name__)
 async def serve(cfg: Config, role: str, port: int) -> None:
     """Run ``role`` ("task-service" or "task-updater") until a stop signal."""
     stop = stop_signal()  # a SIGTERM during start-up also stops gracefully
-    client = await asyncio.to_thread(zk.connect, cfg)
-    meta = await asyncio.to_thread(cluster_meta.ensure, client, cfg)
-    store = CassandraStore(cfg)
-    try:
-        await store.connect()
-    except StoreUnavailable as exc:
-        # Serve anyway: calls answer UNAVAILABLE until Cassandra is back.
-        log.warning("starting without Cassandra: %s", exc)
-    lifecycle = Lifecycle(store, lease_grace_ms=int(cfg.lease_grace_s * 1000))
+    core = await bootstrap.connect(cfg)
+    client, meta, store, lifecycle = core.zk, core.meta, core.store, core.lifecycle
     notifier: DueNotifier | None = None
     adders: list[tuple[Any, Any, str]]
     interceptors: list[Any] = []
@@ -71,7 +62,5 @@ async def serve(cfg: Config, role: str, port: int) -> None:
         await server.server.stop(grace=cfg.shutdown_grace_s)
         if notifier:
             await notifier.stop()
-        await store.close()
-        client.stop()
-        client.close()
+        await core.close()
         log.info("%s stopped", role)

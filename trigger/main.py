@@ -13,15 +13,15 @@ import logging
 import uuid
 
 from leasesched.config import Config
-from leasesched.coordination import cluster_meta, registry, zk
+from leasesched.coordination import registry
 from leasesched.lifecycle import Lifecycle
 from leasesched.model import now_ms
 from leasesched.observability import metrics
 from leasesched.observability.logs import fields
 from leasesched.states import TaskStatus
 from leasesched.store.base import StoreUnavailable
-from leasesched.store.cassandra import CassandraStore
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from services import bootstrap
 from services.auth_setup import make_authenticator
 from services.server import build_server, stop_signal, wait_for_stop_signal
 from trigger.dispatcher import Dispatcher, Ready
@@ -92,14 +92,8 @@ class Trigger:
 
 async def serve(cfg: Config, port: int) -> None:
     stop = stop_signal()  # a SIGTERM during start-up also stops gracefully
-    client = await asyncio.to_thread(zk.connect, cfg)
-    meta = await asyncio.to_thread(cluster_meta.ensure, client, cfg)
-    store = CassandraStore(cfg)
-    try:
-        await store.connect()
-    except StoreUnavailable as exc:
-        log.warning("starting without Cassandra: %s", exc)
-    lifecycle = Lifecycle(store, lease_grace_ms=int(cfg.lease_grace_s * 1000))
+    core = await bootstrap.connect(cfg)
+    client, meta, store, lifecycle = core.zk, core.meta, core.store, core.lifecycle
     settings = ScanSettings(
         bucket_s=meta.due_bucket_s,
         interval_s=cfg.scan_interval_s,
@@ -158,9 +152,7 @@ async def serve(cfg: Config, port: int) -> None:
         await asyncio.to_thread(registration.close)
         service.close()  # end the workers' streams; NotifyDue calls get the grace
         await server.server.stop(grace=cfg.shutdown_grace_s)
-        client.stop()
-        client.close()
-        await store.close()
+        await core.close()
         log.info("trigger stopped")
 
 

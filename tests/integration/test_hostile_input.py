@@ -5,7 +5,6 @@ a half-written task, and the servers keep serving."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
 from leasesched.v1 import scheduler_pb2 as pb
 from tests.cluster import LiveCluster, check_invariants, wait_for
