@@ -15,7 +15,6 @@ whitespace), so one worker serves every handler duration.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time

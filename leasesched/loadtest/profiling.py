@@ -53,11 +53,43 @@ class Profiler:
         return out
 
 
+# Leaf frames that mean "this thread is waiting", not "this thread burns CPU".
+_WAITING = ("select (selectors.py)", "Condition.wait (threading.py)", "_run_loop (io/libevreactor.py)", "poll (", "wait (threading.py)")
+# Frames every stack has (entry points, the event loop itself): useless in an inclusive ranking.
+_BOILERPLATE = ("click/", "asyncio/runners.py", "asyncio/base_events.py", "asyncio/events.py", "threading.py", "<module>",
+                "cli/main.py", "cli/process_cmd.py", "futures/thread.py")  # fmt: skip
+
+
+def _package(frame: str) -> str:
+    """Which body of code a leaf frame belongs to."""
+    where = frame.partition(" (")[2]
+    checks = (
+        ("cassandra/", "cassandra-driver"),
+        ("grpc", "grpc"),
+        ("google/protobuf", "protobuf"),
+        ("kazoo/", "kazoo"),
+        ("asyncio/", "asyncio"),
+        ("leasesched/", "leasesched"),
+        ("services/", "leasesched"),
+        ("trigger/", "leasesched"),
+        ("worker/", "leasesched"),
+        ("collections/", "namedtuple (the driver's row factory)"),
+        ("<string>", "namedtuple (the driver's row factory)"),
+        ("threading.py", "threading"),
+    )
+    for needle, name in checks:
+        if where.startswith(needle) or f"/{needle}" in where:
+            return name
+    return "stdlib/other"
+
+
 def summarize(raw: Path, top: int = 15) -> dict[str, Any]:
-    """Top functions by own samples and by inclusive samples, from py-spy's collapsed stacks."""
+    """From py-spy's collapsed stacks: the busiest functions by own samples and
+    including callees (waits and boilerplate frames left out), and own samples by package."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    total = 0
+    packages: Counter[str] = Counter()
+    total = busy = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -65,15 +97,31 @@ def summarize(raw: Path, top: int = 15) -> dict[str, Any]:
         n = int(count)
         total += n
         frames = stack.split(";")
-        own[_short(frames[-1])] += n
+        leaf = _short(frames[-1])
+        if any(w in leaf for w in _WAITING):
+            packages["(waiting: select/epoll/condition)"] += n
+            continue
+        busy += n
+        own[leaf] += n
+        packages[_package(frames[-1])] += n
         for f in {_short(f) for f in frames}:
-            inclusive[f] += n
-    pct = lambda c: [{"function": f, "samples": n, "pct": round(100.0 * n / total, 1)} for f, n in c.most_common(top)]  # noqa: E731
-    return {"samples": total, "top_own": pct(own), "top_inclusive": pct(inclusive)}
+            if not any(b in f for b in _BOILERPLATE):
+                inclusive[f] += n
+
+    def pct(c: Counter[str], of: int) -> list[dict[str, Any]]:
+        return [{"function": f, "samples": n, "pct": round(100.0 * n / of, 1)} for f, n in c.most_common(top)] if of else []
+
+    return {
+        "samples": total,
+        "busy_samples": busy,
+        "by_package_pct_of_all": {k: round(100.0 * v / total, 1) for k, v in packages.most_common()} if total else {},
+        "top_own_pct_of_busy": pct(own, busy),
+        "top_inclusive_pct_of_busy": pct(inclusive, busy),
+    }
 
 
 def _short(frame: str) -> str:
-    # "function (path/to/module.py:123)" -> "function (module.py)"
+    # "function (/path/to/pkg/module.py:123)" -> "function (pkg/module.py)"
     name, _, where = frame.partition(" (")
     path = where.rstrip(")").rsplit(":", 1)[0]
     parts = path.split("/")

@@ -154,11 +154,35 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
         or all(t in ledger.first_start for t in accepted if _status(lt.final.get(t)) == pb.SUCCEEDED),
     }
 
+    # ---- things that make the numbers less trustworthy, said out loud
+    warnings = []
+    lag99 = s_sum["send_lag_ms"]["p99"] or 0.0
+    if lag99 > 100 or (p_sum["send_lag_ms"]["p99"] or 0.0) > 100:
+        warnings.append(
+            f"the load generator fell behind its schedule (send lag p99 ScheduleTask {lag99:.0f} ms, PollTask "
+            f"{p_sum['send_lag_ms']['p99']:.0f} ms): the offered load was lower than the target and latencies include client-side delay"
+        )
+    if sched.not_sent or poll.not_sent:
+        warnings.append(f"requests not sent (in-flight cap {o.max_inflight}): {dict(sched.not_sent + poll.not_sent)}")
+    cpu_info = load["cpu"]
+    if cpu_info.get("others_cpu_s", 0) > 0.2 * cpu_info["window_s"] * (cpu_info.get("machine_cores") or 1):
+        warnings.append(
+            f"other processes used {cpu_info['others_cpu_s']:.0f} CPU seconds during the {cpu_info['window_s']:.0f} s load "
+            f"(machine busy {100 * cpu_info['machine_busy_fraction']:.0f}%): the machine was shared"
+        )
+    unacknowledged = sorted(set(ledger.first_start) - set(accepted)) if ledger is not None else []
+    if unacknowledged:
+        warnings.append(
+            f"{len(unacknowledged)} tasks ran whose ScheduleTask answer the client never got (deadline or cancel): "
+            "created server-side, not counted as accepted"
+        )
+
     series = {
         "second": list(range(horizon)),
         "schedule": _pad(sched.series(horizon), horizon),
         "poll": _pad(poll.series(horizon), horizon),
         "completed": completed_series[:horizon],
+        "machine": lt.machine_series,
     }
     cpu = load["cpu"]
     return {
@@ -204,6 +228,7 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
             "re_executions": ledger.re_executions if ledger else None,
             "unfinished_executions": ledger.unfinished if ledger else None,
             "overlaps": overlaps,
+            "executed_not_accepted": len(unacknowledged),
             "overlap_examples": ledger.overlaps[:10] if ledger else [],
         },
         "dispatch_lag_ms": percentiles(lag_all),
@@ -224,6 +249,7 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
         "profiles": load["profiles"],
         "targets": targets,
         "checks": checks,
+        "warnings": warnings,
         "consistent": all(checks.values()),
         "series": series,
         "definitions": __doc__.split("Definitions (also written into the report under ``definitions``):")[1].strip(),
@@ -264,6 +290,7 @@ def text_summary(r: dict[str, Any]) -> str:
     cpu = r["cpu"]["per_process"]
     lines.append("cpu (cores)   " + "  ".join(f"{k} {v['cores']}" for k, v in cpu.items() if v) +
                  f"  | machine busy {100 * r['cpu']['machine_busy_fraction']:.0f}%")  # fmt: skip
+    lines.extend(f"warning       {w}" for w in r.get("warnings", []))
     lines.append("targets       " + "  ".join(f"{k}={v['value']}{'✓' if v['met'] else '✗' if v['met'] is False else '?'}" for k, v in r["targets"].items()))
     return "\n".join(lines)
 

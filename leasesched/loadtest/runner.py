@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 from tqdm import tqdm
 
 from leasesched.config import Config
@@ -104,6 +105,7 @@ class LoadTest:
         self.preflight = 0
         self.final: dict[str, Any] = {}
         self.due_by_ms = 0
+        self.machine_series: list[dict[str, float]] = []  # machine CPU busy % and load average, every second of the load
         self.report: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ set-up
@@ -328,7 +330,9 @@ class LoadTest:
 
         profiler = Profiler(self.folder)
         wanted = set(self.o.profile)
-        if "client" in wanted or "loadtest-client" in wanted:
+        if "client" in wanted:
+            wanted.add("loadtest-client")
+        if "loadtest-client" in wanted or "all" in wanted:
             pids = {**pids, "loadtest-client": os.getpid()}
         for name, pid in pids.items():
             role = name.rsplit("-", 1)[0] if name.split("-")[-1].isdigit() else name
@@ -343,10 +347,14 @@ class LoadTest:
         bar = tqdm(total=int(self.o.duration_s), unit="s", desc="load", disable=not self.o.progress, file=sys.stderr,
                    bar_format="{desc} {bar} {n_fmt}/{total_fmt}s {postfix}", dynamic_ncols=True)  # fmt: skip
         last_ends, last_t = 0, loop.time()
+        psutil.cpu_percent()  # starts the measurement interval
         try:
             while True:
                 await asyncio.sleep(1.0)
                 now = loop.time()
+                self.machine_series.append(
+                    {"t": round(now - t0, 1), "busy_pct": psutil.cpu_percent(), "loadavg_1m": round(os.getloadavg()[0], 2)}
+                )
                 done_rate = 0.0
                 if tail is not None:
                     tail.poll()
