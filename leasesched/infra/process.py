@@ -20,6 +20,7 @@ unrelated live process later; comparing the kernel's start time of the process
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -29,11 +30,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 
 class InfraError(RuntimeError):
     """Local infrastructure cannot be installed, started or reached; the message says why."""
 
+
+
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServerStatus:
@@ -47,6 +52,65 @@ class ServerStatus:
     paused: bool
     log_file: Path
     data_dir: Path
+
+
+class ServerControl:
+    """Stop, kill, pause, resume and status: the same for every local server.
+
+    Mixed into CassandraServer and ZooKeeperServer, which provide ``name``,
+    ``label``, ``host``, ``port``, ``data_dir``, ``log_file`` and ``process``.
+    """
+
+    name: ClassVar[str]
+    label: ClassVar[str]
+    stop_timeout_s: ClassVar[float] = 30.0
+    host: str
+    data_dir: Path
+
+    @property
+    def port(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def log_file(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def process(self) -> "ManagedProcess":
+        raise NotImplementedError
+
+    def is_running(self) -> bool:
+        return self.process.is_running()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop cleanly (SIGTERM lets the server drain and sync its log)."""
+        stopped = self.process.stop(self.stop_timeout_s if timeout is None else timeout)
+        if stopped:
+            log.info("%s stopped (data kept in %s)", self.label, self.data_dir)
+        return stopped
+
+    def kill9(self) -> bool:
+        return self.process.kill9()
+
+    def pause(self) -> None:
+        self.process.pause()
+
+    def resume(self) -> None:
+        self.process.resume()
+
+    def status(self) -> ServerStatus:
+        process = self.process
+        pid = process.pid()
+        return ServerStatus(
+            name=self.name,
+            running=pid is not None,
+            pid=pid,
+            port=self.port,
+            listening=accepts_connections(self.host, self.port),
+            paused=pid is not None and process.is_paused(),
+            log_file=self.log_file,
+            data_dir=self.data_dir,
+        )
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -30,8 +30,7 @@ from typing import ClassVar
 from leasesched.infra.process import (
     InfraError,
     ManagedProcess,
-    ServerStatus,
-    accepts_connections,
+    ServerControl,
     find_java,
     port_in_use,
     wait_until_ready,
@@ -45,7 +44,7 @@ SLF4J_SIMPLE = Path("/usr/share/java/slf4j-simple.jar")
 
 
 @dataclass(frozen=True)
-class ZooKeeperServer:
+class ZooKeeperServer(ServerControl):
     """One local standalone ZooKeeper: its data folder and client port."""
 
     data_dir: Path  # zoo.cfg, snapshots and transaction log, PID file, log
@@ -58,6 +57,12 @@ class ZooKeeperServer:
     zk_home: Path = ZK_HOME
 
     name: ClassVar[str] = "zookeeper"
+    stop_timeout_s: ClassVar[float] = 30.0
+    label: ClassVar[str] = "ZooKeeper"
+
+    @property
+    def port(self) -> int:
+        return self.client_port
 
     # -- paths -------------------------------------------------------------
 
@@ -162,9 +167,6 @@ class ZooKeeperServer:
 
     # -- life cycle --------------------------------------------------------
 
-    def is_running(self) -> bool:
-        return self.process.is_running()
-
     def start(self) -> int:
         """Install if needed, write zoo.cfg and start the server; return its PID."""
         self.ensure_installed()
@@ -210,31 +212,3 @@ class ZooKeeperServer:
         except OSError:
             return False
 
-    def stop(self, timeout: float = 30.0) -> bool:
-        stopped = self.process.stop(timeout)
-        if stopped:
-            log.info("ZooKeeper stopped (data kept in %s)", self.data_dir)
-        return stopped
-
-    def kill9(self) -> bool:
-        return self.process.kill9()
-
-    def pause(self) -> None:
-        self.process.pause()
-
-    def resume(self) -> None:
-        self.process.resume()
-
-    def status(self) -> ServerStatus:
-        process = self.process
-        pid = process.pid()
-        return ServerStatus(
-            name=self.name,
-            running=pid is not None,
-            pid=pid,
-            port=self.client_port,
-            listening=accepts_connections(self.host, self.client_port),
-            paused=pid is not None and process.is_paused(),
-            log_file=self.log_file,
-            data_dir=self.data_dir,
-        )
