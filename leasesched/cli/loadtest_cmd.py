@@ -37,7 +37,7 @@ def _range(text: str, kind: type = float) -> tuple:  # "1-10" or "5"
 @click.option("--priorities", default="5", show_default=True, help="Priority, or MIN-MAX (uniform), 0-9.")
 @click.option("--idempotency-keys/--no-idempotency-keys", default=False, show_default=True, help="Send a key with every ScheduleTask (+1 LWT per task).")
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Per-RPC deadline, seconds.")
-@click.option("--max-inflight", type=int, default=20000, show_default=True, help="Per method; beyond it a due request is counted as not sent.")
+@click.option("--max-inflight", type=int, default=2000, show_default=True, help="Per method; beyond it a due request is counted as not sent (CLIENT_BACKLOG).")
 @click.option("--channels", type=int, default=4, show_default=True, help="gRPC channels (HTTP/2 connections) the client spreads over.")
 @click.option("--drain", type=float, default=60.0, show_default=True, help="Seconds to wait for tasks to finish after the load (and after the last delayed task is due).")
 @click.option("--probe-seconds", type=float, default=5.0, show_default=True, help="Store probe per kind (plain, LWT); 0 = no probe.")

@@ -47,6 +47,7 @@ class MethodStats:
     not_sent: Counter[str] = field(default_factory=Counter)  # why a scheduled request was not sent
     ok: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    error_details: dict[str, str] = field(default_factory=dict)  # the first message seen per status code
     latencies_ms: list[float] = field(default_factory=list)
     send_lag_ms: list[float] = field(default_factory=list)
     inflight: int = 0
@@ -58,7 +59,7 @@ class MethodStats:
         self.inflight += 1
         self.send_lag_ms.append((actual - intended) * 1000.0)
 
-    def on_done(self, intended: float, now: float, code: str | None) -> None:
+    def on_done(self, intended: float, now: float, code: str | None, details: str = "") -> None:
         """``code`` None: OK; else the gRPC status name. Bucketed by the second the answer came."""
         self.inflight -= 1
         bucket = self._per_second[int(now - self.t0)]
@@ -70,6 +71,7 @@ class MethodStats:
             bucket[2].append(latency)
         else:
             self.errors[code] += 1
+            self.error_details.setdefault(code, details[:300])
             bucket[1] += 1
 
     def on_not_sent(self, reason: str) -> None:
@@ -82,6 +84,7 @@ class MethodStats:
             "not_sent": dict(self.not_sent),
             "ok": self.ok,
             "errors": dict(self.errors),
+            "error_details": dict(self.error_details),
             "achieved_ok_per_s": round(self.ok / seconds, 1) if seconds else 0.0,
             "latency_ms": percentiles(self.latencies_ms),
             "send_lag_ms": percentiles(self.send_lag_ms),

@@ -66,7 +66,7 @@ class LoadOptions:
     priority_max: int = 5
     idempotency_keys: bool = False
     timeout_s: float = 10.0  # per-RPC deadline
-    max_inflight: int = 20_000
+    max_inflight: int = 2_000  # per method; past it a due request is counted as not sent
     channels: int = 4
     drain_s: float = 60.0  # after the load (and after the last delayed task is due)
     verify_concurrency: int = 200
@@ -276,7 +276,7 @@ class LoadTest:
             try:
                 reply = await stubs[i % len(stubs)].ScheduleTask(request, timeout=o.timeout_s, metadata=metadata)
             except grpc.aio.AioRpcError as err:
-                sched.on_done(intended, loop.time(), err.code().name)
+                sched.on_done(intended, loop.time(), err.code().name, err.details() or "")
                 return
             sched.on_done(intended, loop.time(), None)
             self.tasks[reply.task_id] = (to_wall(intended), reply.run_at.ToMilliseconds(), immediate)
@@ -288,7 +288,7 @@ class LoadTest:
             try:
                 await stubs[i % len(stubs)].PollTask(pb.PollTaskRequest(task_id=task_id), timeout=o.timeout_s, metadata=metadata)
             except grpc.aio.AioRpcError as err:
-                poll.on_done(intended, loop.time(), err.code().name)
+                poll.on_done(intended, loop.time(), err.code().name, err.details() or "")
                 return
             poll.on_done(intended, loop.time(), None)
 
