@@ -25,17 +25,19 @@ def draw(report: dict[str, Any], path: Path) -> None:
 
     ax1.plot(x, s["schedule"]["ok"], label="ScheduleTask OK/s", color="tab:blue")
     ax1.plot(x, s["poll"]["ok"], label="PollTask OK/s", color="tab:green")
+    ax1.plot(x, s["schedule"]["sent"], label="ScheduleTask sent/s", color="tab:blue", linestyle=":", linewidth=0.9)
+    ax1.plot(x, s["poll"]["sent"], label="PollTask sent/s", color="tab:green", linestyle=":", linewidth=0.9)
     ax1.plot(x, s["completed"], label="tasks completed/s (end to end)", color="tab:red")
     errors = [a + b for a, b in zip(s["schedule"]["errors"], s["poll"]["errors"])]
     if any(errors):
-        ax1.plot(x, errors, label="errors/s", color="black", linestyle=":")
+        ax1.plot(x, errors, label="errors/s", color="black", linestyle="-.", linewidth=0.9)
     ax1.axhline(opts["schedule_rate"], color="tab:blue", linestyle="--", linewidth=0.8, alpha=0.6)
     ax1.axhline(opts["poll_rate"], color="tab:green", linestyle="--", linewidth=0.8, alpha=0.6)
     ax1.axvline(opts["duration_s"], color="grey", linestyle="--", linewidth=0.8)
     ax1.text(opts["duration_s"], ax1.get_ylim()[1] * 0.95, " load ends, drain", color="grey", fontsize=8, va="top")
     ax1.set_ylabel("per second")
     ax1.set_xlabel("seconds since load start")
-    ax1.set_title("rates (dashed: targets)", fontsize=10)
+    ax1.set_title("rates (dashed: targets; dotted: requests actually sent, by the second they left)", fontsize=10)
     ax1.legend(loc="upper right", fontsize=8)
     ax1.grid(alpha=0.3)
 

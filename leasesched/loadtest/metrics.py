@@ -53,9 +53,11 @@ class MethodStats:
     inflight: int = 0
     # second → [ok count, error count, latencies of OK answers in that second]
     _per_second: dict[int, list[Any]] = field(default_factory=lambda: defaultdict(lambda: [0, 0, []]))
+    _sent_per_second: Counter[int] = field(default_factory=Counter)  # by the second it actually left
 
     def on_sent(self, intended: float, actual: float) -> None:
         self.sent += 1
+        self._sent_per_second[int(actual - self.t0)] += 1
         self.inflight += 1
         self.send_lag_ms.append((actual - intended) * 1000.0)
 
@@ -99,7 +101,8 @@ class MethodStats:
             pct = percentiles(lats, (50, 99))
             p50.append(pct["p50"])
             p99.append(pct["p99"])
-        return {"ok": ok, "errors": err, "p50_ms": p50, "p99_ms": p99}
+        sent = [self._sent_per_second.get(s, 0) for s in range(seconds)]
+        return {"sent": sent, "ok": ok, "errors": err, "p50_ms": p50, "p99_ms": p99}
 
     def rate_last(self, now: float, window: float = 1.0) -> float:
         """OK answers per second over the last full second (for the progress bar)."""

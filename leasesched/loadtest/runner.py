@@ -202,6 +202,7 @@ class LoadTest:
 
             self.report = build(self, load, ledger_summary, probe, load_before, started)
             self._write()
+            self._write_tasks(ledger_summary)
             return self.report
         finally:
             if self.o.local:
@@ -219,6 +220,27 @@ class LoadTest:
             _say(f"chart failed: {exc}")
         self.report["files"]["report"] = str(path)
         path.write_text(json.dumps(self.report, indent=2, default=str))
+
+    def _write_tasks(self, ledger_summary: ledger_mod.LedgerSummary | None) -> None:
+        """One line per accepted task, for analyses the report does not make (tasks.csv)."""
+        import csv
+
+        path = self.folder / "tasks.csv"
+        first = ledger_summary.first_start if ledger_summary else {}
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["task_id", "immediate", "sent_ms", "run_at_ms", "first_start_ms", "finished_ms", "status"])
+            for task_id in self.accepted:
+                sent, run_at, immediate = self.tasks[task_id]
+                view = self.final.get(task_id)
+                ok = isinstance(view, pb.TaskView)
+                start = first.get(task_id)
+                w.writerow([
+                    task_id, int(immediate), int(sent * 1000), run_at, int(start * 1000) if start else "",
+                    view.finished_at.ToMilliseconds() if ok and view.HasField("finished_at") else "",
+                    pb.TaskStatus.Name(view.status) if ok else str(view),
+                ])  # fmt: skip
+        self.report["files"]["tasks"] = str(path)
 
     # ------------------------------------------------------------------ load
 
