@@ -156,11 +156,11 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
 
     # ---- things that make the numbers less trustworthy, said out loud
     warnings = []
-    lag99 = s_sum["send_lag_ms"]["p99"] or 0.0
-    if lag99 > 100 or (p_sum["send_lag_ms"]["p99"] or 0.0) > 100:
+    lag99, poll_lag99 = s_sum["send_lag_ms"]["p99"] or 0.0, p_sum["send_lag_ms"]["p99"] or 0.0
+    if lag99 > 100 or poll_lag99 > 100:
         warnings.append(
             f"the load generator fell behind its schedule (send lag p99 ScheduleTask {lag99:.0f} ms, PollTask "
-            f"{p_sum['send_lag_ms']['p99']:.0f} ms): the offered load was lower than the target and latencies include client-side delay"
+            f"{poll_lag99:.0f} ms): the offered load was lower than the target and latencies include client-side delay"
         )
     if sched.not_sent or poll.not_sent:
         warnings.append(f"requests not sent (in-flight cap {o.max_inflight}): {dict(sched.not_sent + poll.not_sent)}")
