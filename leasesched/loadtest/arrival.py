@@ -34,9 +34,10 @@ async def open_loop(
     burst after a late wake-up catches up); the tasks are kept in ``tasks``
     so the caller can wait for the answers still on their way.
     """
-    if rate <= 0:
-        return 0
     loop = asyncio.get_running_loop()
+    if rate <= 0:  # nothing to send; still lasts the whole load, so an idle run measures the idle cluster
+        await asyncio.sleep(max(0.0, end - loop.time()))
+        return 0
     interval = 1.0 / rate
     i = 0
     while True:

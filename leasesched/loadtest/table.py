@@ -1,0 +1,61 @@
+"""A Markdown table of several load-test reports (for BENCHMARKS.md).
+
+    .venv/bin/python -m leasesched.loadtest.table results/*/report.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _f(v: Any, digits: int = 0) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def row(r: dict[str, Any]) -> list[str]:
+    o, s, p, t = r["run"]["options"], r["schedule"], r["poll"], r["tasks"]
+    cpu = r["cpu"]
+    errors = sum(s["errors"].values()) + sum(p["errors"].values())
+    return [
+        r["run"]["label"] or r["run"]["id"],
+        r["run"]["cluster"]["commitlog_sync"],
+        f"{o['schedule_rate']:.0f} / {o['poll_rate']:.0f}",
+        f"{_f(s['achieved_ok_per_s'], 1)} / {_f(p['achieved_ok_per_s'], 1)}",
+        f"{_f(s['latency_ms']['p50'])} / {_f(s['latency_ms']['p99'])}",
+        f"{_f(p['latency_ms']['p50'])} / {_f(p['latency_ms']['p99'])}",
+        _f(t["completed_per_s"], 1),
+        f"{_f(r['dispatch_lag_ms']['p50'])} / {_f(r['dispatch_lag_ms']['p99'])}",
+        _f(r["immediate_schedule_to_start_ms"]["p50"]),
+        str(errors),
+        f"{t['lost']} / {t['overlaps']}",
+        f"{_f((r.get('store_probe') or {}).get('lwt_writes', {}).get('per_s'))}",
+        _f(r["efficiency"]["value"], 2),
+        f"{100 * cpu['machine_busy_fraction']:.0f}% ({cpu['others_cpu_s']:.0f} s)",
+        " ".join(_f(x, 1) for x in r["run"]["machine"]["loadavg_before"][:1]),
+    ]
+
+
+HEADER = [
+    "run", "commit log", "target sched/poll per s", "achieved sched/poll per s", "sched p50/p99 ms",
+    "poll p50/p99 ms", "completed/s", "dispatch lag p50/p99 ms", "immediate start p50 ms", "RPC errors",
+    "lost/overlaps", "store LWT/s", "efficiency", "machine busy (others' CPU s)", "load avg before",
+]  # fmt: skip
+
+
+def main(paths: list[str]) -> None:
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    print("| " + " | ".join(HEADER) + " |")
+    print("|" + "---|" * len(HEADER))
+    for r in reports:
+        print("| " + " | ".join(row(r)) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
