@@ -393,11 +393,12 @@ async def test_key_bound_then_insert_fails_retry_creates_the_reserved_task(fault
 
     # The client retries the same request: validation gave it a fresh id, the key maps it back.
     retry = new_task(ns)
-    outcome = await life.schedule(retry, "retry-me", b"hash-1")
+    outcome = await life.schedule(retry, "retry-me", b"hash-1", shards=64)
     assert outcome.created
     assert outcome.task.task_id == first.task_id
     stored = await faulty_store.get_task(first.task_id, serial=True)
     assert stored is not None and stored.namespace == ns
+    assert stored.shard == shard_of(first.task_id, 64)  # placed by the reserved id, not the retry's
     assert await faulty_store.get_task(retry.task_id) is None
     assert await due_entries_of(faulty_store, first.task_id, stored.shard)
 
