@@ -28,6 +28,9 @@ def draw(report: dict[str, Any], path: Path) -> None:
     ax1.plot(x, s["schedule"]["sent"], label="ScheduleTask sent/s", color="tab:blue", linestyle=":", linewidth=0.9)
     ax1.plot(x, s["poll"]["sent"], label="PollTask sent/s", color="tab:green", linestyle=":", linewidth=0.9)
     ax1.plot(x, s["completed"], label="tasks completed/s (end to end)", color="tab:red")
+    if any(s.get("executed", [])) and s.get("executed") != s["completed"]:
+        ax1.plot(x, s["executed"][: len(x)], label="executions/s incl. unacknowledged schedules", color="tab:red",
+                 linestyle=":", linewidth=0.9)  # fmt: skip
     errors = [a + b for a, b in zip(s["schedule"]["errors"], s["poll"]["errors"])]
     if any(errors):
         ax1.plot(x, errors, label="errors/s", color="black", linestyle="-.", linewidth=0.9)

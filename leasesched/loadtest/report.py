@@ -188,6 +188,9 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
         "schedule": _pad(sched.series(horizon), horizon),
         "poll": _pad(poll.series(horizon), horizon),
         "completed": completed_series[:horizon],
+        # Executions the handlers finished per second (ledger), whether or not the client got the schedule answer.
+        "executed": (np.histogram(np.clip(np.asarray(ledger.ends) - t0, 0, None), bins=np.arange(0, horizon + 1))[0].tolist()
+                     if ledger is not None and ledger.ends else [0] * horizon),
         "machine": lt.machine_series,
     }
     cpu = load["cpu"]
