@@ -95,8 +95,8 @@ class Config:
     # Leases and the trigger.
     lease_grace_s: float = 2.0  # the trigger re-queues only after expiry + this
     claim_timeout_s: float = 5.0  # a dispatch not claimed by then is dispatched again
-    scan_interval_s: float = 0.5  # how often each owned shard's due index is read
-    scan_lookahead_s: float = 1.0  # entries due this soon are timed in memory
+    scan_interval_s: float = 1.0  # how often each owned shard's due index is read
+    scan_lookahead_s: float = 2.0  # entries due this soon are timed in memory (> scan_interval_s)
     scan_settle_s: float = 3.0  # re-read this far back: late writes, clock skew
     orphan_grace_s: float = 30.0  # an index entry with no task row is dropped after this
     partition_settle_s: float = 1.0  # ZooKeeper partitioner stability window

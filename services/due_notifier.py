@@ -18,6 +18,7 @@ import grpc
 from kazoo.client import KazooClient
 
 from leasesched.config import Config
+from leasesched.model import Task
 from leasesched.coordination import registry
 from leasesched.transport import aio_channel
 from leasesched.v1 import scheduler_pb2 as pb
@@ -76,16 +77,25 @@ class DueNotifier:
             stub = self._stubs[address] = pb_grpc.TriggerServiceStub(channel)
         return stub
 
-    async def __call__(self, task_id: str, shard: int) -> None:
-        address = self._owner_of.get(shard)
+    async def __call__(self, stored: Task) -> None:
+        address = self._owner_of.get(stored.shard)
         if address is None:
             return
-        task = asyncio.create_task(self._send(address, task_id, shard))
+        request = pb.NotifyDueRequest(
+            task_id=str(stored.task_id),
+            shard=stored.shard,
+            attempt=stored.attempt,
+            lease_token=stored.lease_token,
+            priority=stored.priority,
+            type=stored.type,
+        )
+        task = asyncio.create_task(self._send(address, request))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _send(self, address: str, task_id: str, shard: int) -> None:
+    async def _send(self, address: str, request: pb.NotifyDueRequest) -> None:
+        task_id = request.task_id
         try:
-            await self._stub(address).NotifyDue(pb.NotifyDueRequest(task_id=task_id, shard=shard), timeout=2)
+            await self._stub(address).NotifyDue(request, timeout=2)
         except grpc.RpcError as err:
             log.debug("due hint for task %s to %s failed: %s", task_id, address, err.code())

@@ -56,6 +56,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, MalformedRequest):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid message: {request.reason}")
+            remaining = context.time_remaining()
+            if remaining is not None and remaining < 0.005:
+                # It waited in the server's queue past its deadline: the client
+                # has given up, so doing the work (creating a task nobody will
+                # hear of) only deepens an overload.
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while the call was queued")
             try:
                 return await asyncio.wait_for(inner(request, context), self._timeout_s)
             except asyncio.TimeoutError:

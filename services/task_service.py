@@ -50,7 +50,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         if outcome.created:
             metrics.tasks_scheduled.labels(metrics.type_label(stored.type)).inc()
         if outcome.created and self._notify_due is not None and stored.run_at <= now_ms():
-            await self._notify_due(str(stored.task_id), stored.shard)
+            await self._notify_due(stored)
         return pb.ScheduleTaskResponse(task_id=str(stored.task_id), run_at=ts(stored.run_at), created=outcome.created)
 
     async def PollTask(self, request: pb.PollTaskRequest, context: grpc.aio.ServicerContext) -> pb.PollTaskResponse:

@@ -115,7 +115,8 @@ class Dispatcher:
 
     def offer(self, ready: Ready) -> None:
         if ready.key in self._queued or ready.key in self._inflight:
-            ready.on_done()  # already handled under another entry
+            # The same entry offered twice (a hint and the scan, or a retry):
+            # the copy already here resolves it when the task is claimed.
             return
         link = self._pick(ready)
         if link is not None:

@@ -15,11 +15,12 @@ import uuid
 from leasesched.config import Config
 from leasesched.coordination import registry
 from leasesched.lifecycle import Lifecycle
-from leasesched.model import now_ms
+from leasesched.model import DueEntry, now_ms
 from leasesched.observability import metrics
 from leasesched.observability.logs import fields
 from leasesched.states import TaskStatus
 from leasesched.store.base import StoreUnavailable
+from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services import bootstrap
 from services.auth_setup import make_authenticator
@@ -66,11 +67,26 @@ class Trigger:
                 self._scanners[shard] = (scanner, asyncio.create_task(scanner.run()))
                 log.info("shard %d acquired", shard, extra=fields(shard=shard))
 
-    def due_hint(self, task_id: str, shard: int) -> None:
-        entry = self._scanners.get(shard)
+    def due_hint(self, request: pb.NotifyDueRequest) -> None:
+        entry = self._scanners.get(request.shard)
         if entry is None:
             return
-        hint = asyncio.create_task(self._hint(entry[0], uuid.UUID(task_id)))
+        task_id = uuid.UUID(request.task_id)
+        if request.attempt > 0:
+            # The hint carries the entry: no read here (the handler reads the row once).
+            due = DueEntry(
+                shard=request.shard,
+                due_at=now_ms(),
+                task_id=task_id,
+                kind=DueEntry.RUN,
+                attempt=request.attempt,
+                priority=request.priority,
+                type=request.type,
+                lease_token=request.lease_token,
+            )
+            entry[0].notify_entry(due)
+            return
+        hint = asyncio.create_task(self._hint(entry[0], task_id))
         self._hints.add(hint)
         hint.add_done_callback(self._hints.discard)
 

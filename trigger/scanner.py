@@ -89,6 +89,7 @@ class ShardScanner:
         self._timers: set[asyncio.TimerHandle] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._waiting: dict[Hashable, int] = {}  # key → retries of an entry ahead of its task
         self._checkpoint = 0
         self._saved_checkpoint = 0
         self._saved_at = 0.0
@@ -158,7 +159,16 @@ class ShardScanner:
     def notify(self, task: Task) -> None:
         """A hint that ``task`` just became due: act now, without waiting for the scan."""
         if task.status == TaskStatus.SCHEDULED:
-            self._consider(run_entry(task, now_ms()))
+            self.notify_entry(run_entry(task, now_ms()))
+
+    def notify_entry(self, entry: DueEntry) -> None:
+        """A hint carrying the entry itself (from TaskService: no read needed).
+        An entry already waiting for its row is looked at again at once."""
+        key = entry_key(entry)
+        if key in self._waiting and not self._stopped:
+            self._spawn(entry, key)
+        else:
+            self._consider(entry)
 
     def _consider(self, entry: DueEntry) -> None:
         key = entry_key(entry)
@@ -189,8 +199,17 @@ class ShardScanner:
 
     def _resolve(self, key: Hashable) -> None:
         self._pending.pop(key, None)
+        self._waiting.pop(key, None)
 
-    def _retry_later(self, entry: DueEntry, key: Hashable) -> None:
+    def _retry_soon(self, entry: DueEntry, key: Hashable) -> None:
+        """Look again shortly: 50 ms, doubling up to RETRY_DELAY_S. For an entry
+        whose task row or state change is still on its way (usually ms away),
+        so an immediate task is not parked for a whole second."""
+        tries = self._waiting.get(key, 0)
+        self._waiting[key] = tries + 1
+        self._retry_later(entry, key, min(RETRY_DELAY_S, 0.05 * 2**tries))
+
+    def _retry_later(self, entry: DueEntry, key: Hashable, delay_s: float = RETRY_DELAY_S) -> None:
         if self._stopped:
             return
         loop = asyncio.get_running_loop()
@@ -200,7 +219,7 @@ class ShardScanner:
             self._timers.discard(holder[0])
             self._spawn(entry, key)
 
-        holder.append(loop.call_later(RETRY_DELAY_S, fire))
+        holder.append(loop.call_later(delay_s, fire))
         self._timers.add(holder[0])
 
     async def _handle(self, entry: DueEntry, key: Hashable) -> None:
@@ -222,7 +241,7 @@ class ShardScanner:
             await self._store.delete_due(entry, self._s.bucket_s)
             self._resolve(key)
         else:
-            self._retry_later(entry, key)  # the task row may still be on its way
+            self._retry_soon(entry, key)  # the task row may still be on its way
 
     async def _deadline_passed(self, task: Task, now: int) -> bool:
         reason = None
@@ -251,7 +270,7 @@ class ShardScanner:
             # Written just before the conditional write that makes it true
             # (retry, expiry, release): that write has not landed yet, or it
             # failed and the task will move past this entry. Look again.
-            self._retry_later(entry, key)
+            self._retry_soon(entry, key)
             return
         if task.status != TaskStatus.SCHEDULED or _version(task) != _version(entry) or task.run_at > now + 1000:
             self._resolve(key)  # the task moved on; a newer entry covers it

@@ -23,7 +23,9 @@ MAX_TYPES = 256
 
 
 class TriggerService(pb_grpc.TriggerServiceServicer):
-    def __init__(self, dispatcher: Dispatcher, on_due_hint: Callable[[str, int], None], max_streams_per_worker: int = 4) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, on_due_hint: Callable[[pb.NotifyDueRequest], None], max_streams_per_worker: int = 4
+    ) -> None:
         self._dispatcher = dispatcher
         self._on_due_hint = on_due_hint
         self._max_streams = max_streams_per_worker
@@ -90,5 +92,5 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
 
     async def NotifyDue(self, request: pb.NotifyDueRequest, context: grpc.aio.ServicerContext) -> pb.NotifyDueResponse:
         check_task_id(request.task_id)
-        self._on_due_hint(request.task_id, request.shard)
+        self._on_due_hint(request)
         return pb.NotifyDueResponse()
