@@ -201,6 +201,7 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "wall_s": round(time.time() - started, 1),
             "mode": "local cluster" if o.local else f"external target {lt.target}",
+            "git": _git_state(),
             "options": {k: v for k, v in vars(o).items()},
             "cluster": {
                 "commitlog_sync": lt.cfg.cassandra_commitlog_sync,
@@ -265,6 +266,20 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
         "definitions": __doc__.split("Definitions (also written into the report under ``definitions``):")[1].strip(),
         "files": {"folder": str(lt.folder)},
     }
+
+
+def _git_state() -> dict[str, Any]:
+    """The code that was measured: HEAD and the files changed in the work tree at report time."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return {"commit": git("rev-parse", "HEAD"), "dirty_files": dirty}
 
 
 def _status(view: Any) -> int | None:
