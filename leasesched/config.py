@@ -121,6 +121,17 @@ class Config:
         """A copy with the non-None overrides applied (flags that were not given are None)."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    def to_env(self) -> dict[str, str]:
+        """Every field as the ``LEASESCHED_<FIELD>`` variables ``from_env`` reads:
+        how a parent process hands its exact configuration to a child.
+        Round trip: ``Config.from_env(cfg.to_env()) == cfg``."""
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            # repr keeps every digit of a float; ints and strings are written as is.
+            env[f"LEASESCHED_{f.name.upper()}"] = repr(value) if isinstance(value, float) else str(value)
+        return env
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
         env = os.environ if env is None else env

@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -60,16 +60,8 @@ class ProcessError(RuntimeError):
 
 
 def config_env(cfg: Config) -> dict[str, str]:
-    """Every field of ``cfg`` as the ``LEASESCHED_<FIELD>`` variables ``Config.from_env`` reads.
-
-    Round trip: ``Config.from_env(config_env(cfg)) == cfg``.
-    """
-    env = {}
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        # repr keeps every digit of a float; ints and strings are written as is.
-        env[f"LEASESCHED_{f.name.upper()}"] = repr(value) if isinstance(value, float) else str(value)
-    return env
+    """Every field of ``cfg`` as ``LEASESCHED_*`` variables (see ``Config.to_env``)."""
+    return cfg.to_env()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
