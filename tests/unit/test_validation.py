@@ -113,8 +113,3 @@ def test_task_id_must_be_uuid() -> None:
 def test_request_hash_tells_requests_apart() -> None:
     assert request_hash(req(payload=b"a")) == request_hash(req(payload=b"a"))
     assert request_hash(req(payload=b"a")) != request_hash(req(payload=b"b"))
-
-
-def test_config_round_trips_through_the_environment() -> None:
-    cfg = Config(scan_interval_s=0.3, token="lsk_x", tls_require_client_cert=1, keyspace="k")
-    assert Config.from_env(cfg.to_env()) == cfg
