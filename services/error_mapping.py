@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import grpc
 
 from leasesched import errors
+from services.unary_interceptor import Behavior, UnaryInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +37,17 @@ def code_for(exc: errors.SchedulerError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+class ErrorMappingInterceptor(UnaryInterceptor):
     def __init__(self, timeout_s: float = 30.0) -> None:
+        super().__init__()
         # A ceiling on one unary call: a stuck dependency must not pin server
         # resources for ever, whatever deadline (or none) the client set.
         self._timeout_s = timeout_s
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-        method = handler_call_details.method
+    def request_deserializer(self, deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+        return _tolerant(deserialize)
+
+    def wrap(self, inner: Behavior, method: str) -> Behavior:
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, MalformedRequest):
@@ -74,11 +70,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("unexpected error in %s", method)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
+        return wrapped
 
 
 class MalformedRequest:

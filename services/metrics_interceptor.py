@@ -12,28 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import grpc
 from prometheus_client import Histogram
 
 from leasesched.observability import metrics
+from services.unary_interceptor import Behavior, UnaryInterceptor
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(UnaryInterceptor):
     def __init__(self, histogram: Histogram = metrics.rpc_duration) -> None:
+        super().__init__()
         self._histogram = histogram
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-        method = handler_call_details.method
+    def wrap(self, inner: Behavior, method: str) -> Behavior:
         histogram = self._histogram
 
         async def timed(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -52,11 +45,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 histogram.labels(method, code).observe(time.perf_counter() - started)
 
-        return grpc.unary_unary_rpc_method_handler(
-            timed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return timed
 
 
 def _code_name(code: Any, default: str) -> str:

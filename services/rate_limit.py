@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import grpc
+
+from services.unary_interceptor import Behavior, UnaryInterceptor
 
 SCHEDULE_METHOD = "/leasesched.v1.TaskService/ScheduleTask"
 MAX_BUCKETS = 100_000
@@ -54,19 +56,15 @@ class RateLimiter:
         return bucket.take(now)
 
 
-class RateLimitInterceptor(grpc.aio.ServerInterceptor):
+class RateLimitInterceptor(UnaryInterceptor):
     def __init__(self, limiter: RateLimiter) -> None:
+        super().__init__()
         self._limiter = limiter
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method != SCHEDULE_METHOD or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
+    def applies_to(self, method: str) -> bool:
+        return method == SCHEDULE_METHOD
+
+    def wrap(self, inner: Behavior, method: str) -> Behavior:
         limiter = self._limiter
 
         async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -81,6 +79,4 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
                 )
             return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            limited, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
+        return limited
