@@ -25,6 +25,7 @@ import pytest
 
 from leasesched.config import Config
 from leasesched.infra.local import LocalInfra
+from tests.processes import _pid_alive
 
 REPO = Path(__file__).resolve().parent.parent
 STATE_DIR = REPO / ".leasesched"
@@ -46,14 +47,6 @@ def free_ports(count: int) -> list[int]:
         return [s.getsockname()[1] for s in sockets]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove_stale_test_dirs() -> None:
