@@ -15,7 +15,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -31,15 +31,6 @@ BENCH_MODULE = "leasesched.loadtest.bench_handlers"
 
 class ClusterError(RuntimeError):
     """A process did not start or did not become ready; the message has its log."""
-
-
-def config_env(cfg: Config) -> dict[str, str]:
-    """Every field of ``cfg`` as the ``LEASESCHED_<FIELD>`` variables ``Config.from_env`` reads."""
-    env = {}
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        env[f"LEASESCHED_{f.name.upper()}"] = repr(value) if isinstance(value, float) else str(value)
-    return env
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -87,7 +78,7 @@ class LocalCluster:
             pid_file=self.folder / "pids" / f"{name}.pid",
             log_file=self.folder / "logs" / f"{name}.log",
             argv=[str(LEASESCHED_BIN), *args],
-            env={**config_env(self.cfg), "PYTHONUNBUFFERED": "1", **env},
+            env={**self.cfg.to_env(), "PYTHONUNBUFFERED": "1", **env},
         )
         pid = managed.start()
         member = Member(role, name, managed, pid, f"{self.cfg.bind_host}:{port}" if port else None)
