@@ -180,15 +180,7 @@ class ShardScanner:
         if delay_s <= 0:
             self._spawn(entry, key)
         else:
-            loop = asyncio.get_running_loop()
-            holder: list[asyncio.TimerHandle] = []
-
-            def fire() -> None:
-                self._timers.discard(holder[0])
-                self._spawn(entry, key)
-
-            holder.append(loop.call_later(delay_s, fire))
-            self._timers.add(holder[0])
+            self._retry_later(entry, key, delay_s)
 
     def _spawn(self, entry: DueEntry, key: Hashable) -> None:
         if self._stopped:
@@ -210,6 +202,7 @@ class ShardScanner:
         self._retry_later(entry, key, min(RETRY_DELAY_S, 0.05 * 2**tries))
 
     def _retry_later(self, entry: DueEntry, key: Hashable, delay_s: float = RETRY_DELAY_S) -> None:
+        """Handle ``entry`` after ``delay_s``; the timer is dropped if the shard is released."""
         if self._stopped:
             return
         loop = asyncio.get_running_loop()
