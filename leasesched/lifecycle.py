@@ -54,30 +54,27 @@ class FailOutcome:
     next_run_at: int | None = None
 
 
-def run_entry(task: Task, due_at: int) -> DueEntry:
+def _entry(task: Task, kind: str, due_at: int, token: int) -> DueEntry:
     return DueEntry(
         shard=task.shard,
         due_at=due_at,
         task_id=task.task_id,
-        kind=DueEntry.RUN,
-        attempt=task.attempt,
-        priority=task.priority,
-        type=task.type,
-        lease_token=task.lease_token,
-    )
-
-
-def lease_entry(task: Task, expires_at: int, grace_ms: int, token: int) -> DueEntry:
-    return DueEntry(
-        shard=task.shard,
-        due_at=expires_at + grace_ms,
-        task_id=task.task_id,
-        kind=DueEntry.LEASE,
+        kind=kind,
         attempt=task.attempt,
         priority=task.priority,
         type=task.type,
         lease_token=token,
     )
+
+
+def run_entry(task: Task, due_at: int) -> DueEntry:
+    """An entry saying: dispatch this task at due_at, under the token it has now."""
+    return _entry(task, DueEntry.RUN, due_at, task.lease_token)
+
+
+def lease_entry(task: Task, expires_at: int, grace_ms: int, token: int) -> DueEntry:
+    """An entry saying: check lease ``token`` once it may have expired (expiry + grace)."""
+    return _entry(task, DueEntry.LEASE, expires_at + grace_ms, token)
 
 
 class Lifecycle:

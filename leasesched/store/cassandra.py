@@ -193,23 +193,20 @@ def new_cluster(cfg: Config) -> Cluster:
     """A driver Cluster with the two execution profiles every process uses."""
     # Token-aware routing sends each request to a replica of its partition;
     # DC-aware keeps it in the local data centre (LOCAL_QUORUM/LOCAL_SERIAL).
-    balancing = lambda: TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=cfg.cassandra_local_dc or None))  # noqa: E731
-    plain = ExecutionProfile(
-        load_balancing_policy=balancing(),
-        consistency_level=ConsistencyLevel.name_to_value[cfg.consistency],
-        serial_consistency_level=ConsistencyLevel.name_to_value[cfg.serial_consistency],
-        request_timeout=cfg.cassandra_request_timeout_s,
-        retry_policy=DriverRetryPolicy(),
-        row_factory=cached_named_tuple_factory,
-    )
-    cas = ExecutionProfile(
-        load_balancing_policy=balancing(),
-        consistency_level=ConsistencyLevel.name_to_value[cfg.consistency],
-        serial_consistency_level=ConsistencyLevel.name_to_value[cfg.serial_consistency],
-        request_timeout=cfg.cassandra_request_timeout_s,
-        retry_policy=FallthroughRetryPolicy(),
-        row_factory=cached_named_tuple_factory,
-    )
+    def profile(retry_policy: DriverRetryPolicy) -> ExecutionProfile:
+        return ExecutionProfile(
+            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=cfg.cassandra_local_dc or None)),
+            consistency_level=ConsistencyLevel.name_to_value[cfg.consistency],
+            serial_consistency_level=ConsistencyLevel.name_to_value[cfg.serial_consistency],
+            request_timeout=cfg.cassandra_request_timeout_s,
+            retry_policy=retry_policy,
+            row_factory=cached_named_tuple_factory,
+        )
+
+    # The two profiles differ only in retries: plain statements may be retried
+    # by the driver, lightweight transactions never (see the module docstring).
+    plain = profile(DriverRetryPolicy())
+    cas = profile(FallthroughRetryPolicy())
     return Cluster(
         contact_points=cfg.cassandra_contact_points,
         port=cfg.cassandra_port,
