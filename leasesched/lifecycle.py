@@ -91,6 +91,9 @@ class Lifecycle:
     ) -> Scheduled:
         """Create ``task`` (or return the one its idempotency key already names).
 
+        ``task.task_id`` must have been drawn at random for this call (as
+        validation does): without a key the row is created without a
+        conditional round, which is only safe for an id nobody else knows.
         ``shards``: the cluster's logical shard count, to place a task whose id
         an idempotency key reserved earlier."""
         try:
@@ -113,7 +116,9 @@ class Lifecycle:
                     task = task.replace(task_id=existing.task_id, shard=shard_of(existing.task_id, shards))
             # Index entry first: a crash after it leaves only an orphan entry.
             await self.store.add_due(run_entry(task, max(task.run_at, now_ms())))
-            if not await self.store.insert_task(task):
+            # Without a key the id is the one validation just drew: nobody can
+            # have used it, so no conditional round is needed.
+            if not await self.store.insert_task(task, new_id=not idempotency_key):
                 found = await self.store.get_task(task.task_id, serial=True)
                 if found is None:
                     raise Unavailable("task insert raced and could not be read back; retry")

@@ -83,8 +83,12 @@ class TaskStore(Protocol):
     async def close(self) -> None: ...
 
     # -- tasks --
-    async def insert_task(self, task: Task) -> bool:
-        """Create the row if absent (conditional). False: the id already exists."""
+    async def insert_task(self, task: Task, new_id: bool = False) -> bool:
+        """Create the row if absent (conditional). False: the id already exists.
+
+        ``new_id``: the id was drawn for this call and never handed out, so the
+        row cannot exist yet; the store may then skip the conditional round
+        (always returns True)."""
         ...
 
     async def get_task(self, task_id: uuid.UUID, serial: bool = False) -> Task | None: ...

@@ -2,9 +2,16 @@
 
 Rules this module keeps so that the rest of the code need not know them:
 
-* the ``tasks`` row is written only with lightweight transactions (its insert
-  is ``IF NOT EXISTS``); plain and conditional writes on one row would carry
-  timestamps from different clocks and silently lose updates;
+* every change of a ``tasks`` row is a lightweight transaction. The one plain
+  write to that table is the creation of a row whose id was drawn for that
+  very call (no idempotency key): nobody else can know the id, so a
+  conditional insert would only cost a Paxos round. Plain and conditional
+  writes on one row normally must not mix (their timestamps come from
+  different clocks, and a plain write stamped later than a conditional one
+  silently wins), so that insert is stamped ``CREATION_TIMESTAMP_US``, older
+  than any conditional write can ever be: every later change wins over it,
+  whatever the clocks say. An insert that may reuse an id (idempotency keys)
+  stays ``IF NOT EXISTS``;
 * conditional writes run under an execution profile whose retry policy never
   retries: a retried LWT may apply twice or report "not applied" for its own
   first success;
@@ -57,6 +64,9 @@ log = logging.getLogger(__name__)
 
 CAS_PROFILE = "cas"
 DAY_MS = 86_400_000
+# The write time (µs since the epoch) of a task row's plain creation: older
+# than the Paxos ballot of any conditional write, on any clock.
+CREATION_TIMESTAMP_US = 1
 DUE_TTL_EXTRA_S = 30 * 86_400  # keep index entries this long past their due time
 
 # Task field -> tasks column, for the fields that map one to one.
@@ -288,6 +298,8 @@ class CassandraStore:
         cols = list(_task_columns_names())
         stmts = {
             "insert_task": f"INSERT INTO tasks ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) IF NOT EXISTS",
+            "create_task": f"INSERT INTO tasks ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+            f"USING TIMESTAMP {CREATION_TIMESTAMP_US}",
             "get_task": "SELECT * FROM tasks WHERE task_id = ?",
             "get_write_id": "SELECT write_id FROM tasks WHERE task_id = ?",
             "claim_key": "INSERT INTO idempotency_keys (namespace, idem_key, task_id, request_hash) VALUES (?, ?, ?, ?) IF NOT EXISTS",
@@ -312,6 +324,8 @@ class CassandraStore:
         self._stmts["get_task_serial"] = session.prepare("SELECT * FROM tasks WHERE task_id = ?")
         self._stmts["get_task_serial"].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
         self._stmts["get_write_id"].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
+        # Same cells under the same timestamp: repeating it changes nothing.
+        self._stmts["create_task"].is_idempotent = True
         for name in ("insert_task", "claim_key"):
             self._stmts[name].is_idempotent = False
         self._update_stmts.clear()
@@ -383,15 +397,20 @@ class CassandraStore:
 
     # ---------------------------------------------------------------- tasks
 
-    async def insert_task(self, task: Task) -> bool:
+    async def insert_task(self, task: Task, new_id: bool = False) -> bool:
         cols = _task_columns(task)
         write_id = uuid.uuid4()
         cols["write_id"] = write_id
         params = [cols[c] for c in _task_columns_names()]
-        row = await self._run_cas("insert_task", params, task.task_id, write_id)
-        if row is _NOT_APPLIED_UNKNOWN:
-            raise StoreUnavailable("Cassandra did not apply the task insert; nothing was written")
-        applied = row is None or row.applied
+        if new_id:
+            # See the module docstring: a plain insert, older than any change.
+            await self._run_plain("create_task", params)
+            applied = True
+        else:
+            row = await self._run_cas("insert_task", params, task.task_id, write_id)
+            if row is _NOT_APPLIED_UNKNOWN:
+                raise StoreUnavailable("Cassandra did not apply the task insert; nothing was written")
+            applied = row is None or row.applied
         if applied:
             # Plain write to another table: listing only, never read by the scheduler.
             day = task.created_at // DAY_MS

@@ -34,7 +34,7 @@ class MemoryStore:
     async def close(self) -> None:
         pass
 
-    async def insert_task(self, task: Task) -> bool:
+    async def insert_task(self, task: Task, new_id: bool = False) -> bool:
         self._maybe_fail("insert_task")
         if task.task_id in self.tasks:
             return False

@@ -321,13 +321,13 @@ class InsertFailsOnce(CassandraStore):
         self.calls.append("claim_idempotency_key")
         return await super().claim_idempotency_key(namespace, key, record)
 
-    async def insert_task(self, task: Task) -> bool:
+    async def insert_task(self, task: Task, new_id: bool = False) -> bool:
         self.calls.append("insert_task")
         if self.fail_inserts:
             self.fail_inserts -= 1
             assert await due_entries_of(self, task.task_id, task.shard), "the due entry must be written first"
             raise StoreUnavailable("injected: connection lost before the task insert")
-        return await super().insert_task(task)
+        return await super().insert_task(task, new_id)
 
 
 async def due_entries_of(store: CassandraStore, task_id: uuid.UUID, shard: int) -> list[DueEntry]:
@@ -407,6 +407,26 @@ async def test_key_bound_then_insert_fails_retry_creates_the_reserved_task(fault
     assert not again.created and again.task.task_id == first.task_id
     with pytest.raises(AlreadyExists):
         await life.schedule(new_task(ns), "retry-me", b"hash-2")
+
+
+async def test_plain_creation_never_overrides_a_later_conditional_write(faulty_store: InsertFailsOnce) -> None:
+    """A key-less schedule creates its row with a plain insert (no Paxos round).
+    Stamped older than any conditional write, it can never shadow one: not
+    even when the very same insert is delivered again after a claim (a driver
+    retry, a slow duplicate) — with an ordinary "now" timestamp this replay
+    would put the running task back to SCHEDULED and let it run twice."""
+    life = Lifecycle(faulty_store)
+    task = new_task(new_ns()).replace(run_at=now_ms(), first_run_at=now_ms())
+    assert (await life.schedule(task)).created
+    lease = await life.claim(task.task_id, "w1", attempt=1)
+    assert await faulty_store.insert_task(task, new_id=True)  # the replayed creation
+    stored = await faulty_store.get_task(task.task_id, serial=True)
+    assert stored is not None
+    assert (stored.status.value, stored.lease_token, stored.lease_owner) == ("RUNNING", lease.token, "w1")
+    # Only a conditional write can move it on, as before.
+    assert await life.complete(task.task_id, lease.token, b"done") is not None
+    done = await faulty_store.get_task(task.task_id, serial=True)
+    assert done is not None and done.status.value == "SUCCEEDED"
 
 
 # -- schema ---------------------------------------------------------------------
