@@ -12,9 +12,10 @@ Definitions (also written into the report under ``definitions``):
   or not found;
 * overlaps: two executions of one task overlapping in time (ledger);
 * efficiency: (LWTs per task × completed/s) ÷ the store's LWT/s measured by
-  the probe in the same run. leasesched writes 3 LWTs per task (create, claim,
-  complete), +1 per heartbeat (every lease/3 while the handler runs), +1 when
-  an idempotency key is given.
+  the probe in the same run. leasesched writes 2 LWTs per task (claim,
+  complete; a key-less task's row is created by a plain insert), +1 per
+  heartbeat (every lease/3 while the handler runs), +2 when an idempotency key
+  is given (the key, and the then conditional creation).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _met(op: str, value: Any, target: float) -> bool | None:
 
 def lwt_per_task(idempotency_keys: bool, handler_ms: float, lease_s: float) -> float:
     heartbeats = math.floor((handler_ms / 1000.0) / (lease_s / 3.0)) if lease_s > 0 else 0
-    return 3 + (1 if idempotency_keys else 0) + heartbeats
+    return 2 + (2 if idempotency_keys else 0) + heartbeats
 
 
 def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", probe: dict[str, Any] | None,

@@ -121,9 +121,9 @@ def test_percentiles_nearest_rank() -> None:
 
 
 def test_conditional_writes_per_task() -> None:
-    assert lwt_per_task(False, 0, 30) == 3  # create, claim, complete
-    assert lwt_per_task(True, 0, 30) == 4  # + the idempotency key
-    assert lwt_per_task(False, 25_000, 30) == 5  # + a heartbeat every 10 s
+    assert lwt_per_task(False, 0, 30) == 2  # claim, complete (the creation is a plain insert)
+    assert lwt_per_task(True, 0, 30) == 4  # + the idempotency key, and a conditional creation
+    assert lwt_per_task(False, 25_000, 30) == 4  # + a heartbeat every 10 s
 
 
 def test_payload_is_json_padded_to_size() -> None:
