@@ -88,7 +88,9 @@ class DueNotifier:
             lease_token=stored.lease_token,
             priority=stored.priority,
             type=stored.type,
+            namespace=stored.namespace,
         )
+        request.run_at.FromMilliseconds(stored.run_at)
         task = asyncio.create_task(self._send(address, request))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)

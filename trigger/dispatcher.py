@@ -11,14 +11,23 @@ So a dispatch that is lost (worker died, stream broke, worker had no slot
 after all) costs only time: after ``claim_timeout`` the trigger re-reads the
 task and, if nobody claimed it, offers it again. A worker that over-received
 (it subscribes to several triggers) returns the task at once instead.
+
+Acks save those reads in the common case. A worker says on its stream when
+it claimed a dispatch (no claim check is needed then) and when its report
+under that lease was accepted (the lease can never be live again, so the
+scanner's lease-expiry check needs no read). Acks are accepted only for
+tasks dispatched on the same stream, so a worker can speak only for work it
+was given; a lost ack costs one read, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -28,6 +37,14 @@ from leasesched.observability.logs import fields
 from leasesched.v1 import scheduler_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+# How long, and for how many leases, a "finished" ack is remembered: past
+# that, the lease check reads the task as it would without the ack.
+FINISHED_MEMORY_S = 900.0
+MAX_FINISHED = 500_000
+MAX_CLAIMED_PER_LINK = 100_000
+
+Key = tuple[uuid.UUID, int, int]
 
 
 @dataclass(order=True)
@@ -61,6 +78,8 @@ class WorkerLink:
     types: frozenset[str]
     credits: int
     outbox: asyncio.Queue[pb.Dispatch] = field(default_factory=asyncio.Queue)
+    # Tasks this worker acked as claimed: task id → the lease token it claimed.
+    claimed: dict[uuid.UUID, int] = field(default_factory=dict)
 
 
 def _fields(ready: Ready, worker: str | None = None) -> dict[str, object]:
@@ -77,8 +96,9 @@ class Dispatcher:
         self._still_unclaimed = still_unclaimed
         self._heaps: dict[tuple[str, str], list[Ready]] = {}
         self._links: set[WorkerLink] = set()
-        self._inflight: dict[tuple[uuid.UUID, int, int], tuple[Ready, asyncio.TimerHandle]] = {}
-        self._queued: set[tuple[uuid.UUID, int, int]] = set()
+        self._inflight: dict[Key, tuple[Ready, asyncio.TimerHandle, WorkerLink]] = {}
+        self._queued: set[Key] = set()
+        self._finished: collections.OrderedDict[tuple[uuid.UUID, int], float] = collections.OrderedDict()
         self._seq = itertools.count()
         self._checks: set[asyncio.Task[None]] = set()
         self.dispatched_total = 0
@@ -107,9 +127,36 @@ class Dispatcher:
     def returned(self, task_id: uuid.UUID) -> None:
         """The worker had no free slot after all: offer the task again now."""
         for key in [k for k in self._inflight if k[0] == task_id]:
-            ready, timer = self._inflight.pop(key)
+            ready, timer, _ = self._inflight.pop(key)
             timer.cancel()
             self.offer(ready)
+
+    def claimed(self, link: WorkerLink, task_id: uuid.UUID, attempt: int, lease_token: int) -> None:
+        """The worker claimed the dispatch (task, attempt, token as dispatched):
+        its lease entry covers the task from here, no claim check is needed."""
+        key = (task_id, attempt, lease_token)
+        entry = self._inflight.get(key)
+        if entry is None or entry[2] is not link:
+            return  # not dispatched on this stream, or settled already
+        del self._inflight[key]
+        entry[1].cancel()
+        if len(link.claimed) < MAX_CLAIMED_PER_LINK:
+            link.claimed[task_id] = lease_token + 1  # a claim raises the token by one
+        entry[0].on_done()
+
+    def finished(self, link: WorkerLink, task_id: uuid.UUID, lease_token: int) -> None:
+        """The worker's report under ``lease_token`` was accepted."""
+        if link.claimed.get(task_id) != lease_token:
+            return  # not a lease this stream acked as claimed
+        del link.claimed[task_id]
+        self._finished[(task_id, lease_token)] = time.monotonic()
+        horizon = time.monotonic() - FINISHED_MEMORY_S
+        while self._finished and (len(self._finished) > MAX_FINISHED or next(iter(self._finished.values())) < horizon):
+            self._finished.popitem(last=False)
+
+    def lease_finished(self, task_id: uuid.UUID, lease_token: int) -> bool:
+        """True when the lease is known to have ended by an accepted report."""
+        return (task_id, lease_token) in self._finished
 
     # ------------------------------------------------------------ tasks
 
@@ -136,7 +183,7 @@ class Dispatcher:
                     r.on_done()
             heapq.heapify(kept)
             self._heaps[key] = kept
-        for key, (ready, timer) in list(self._inflight.items()):
+        for key, (ready, timer, _) in list(self._inflight.items()):
             if ready.shard not in keep:
                 timer.cancel()
                 del self._inflight[key]
@@ -162,12 +209,18 @@ class Dispatcher:
 
     def _send(self, link: WorkerLink, ready: Ready) -> None:
         link.credits -= 1
-        dispatch = pb.Dispatch(task_id=str(ready.task_id), type=ready.type, attempt=ready.attempt, priority=ready.priority)
+        dispatch = pb.Dispatch(
+            task_id=str(ready.task_id),
+            type=ready.type,
+            attempt=ready.attempt,
+            priority=ready.priority,
+            lease_token=ready.lease_token,
+        )
         dispatch.run_at.FromMilliseconds(ready.run_at)
         link.outbox.put_nowait(dispatch)
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self._claim_timeout_s, self._start_claim_check, ready.key)
-        self._inflight[ready.key] = (ready, timer)
+        self._inflight[ready.key] = (ready, timer, link)
         self.dispatched_total += 1
         metrics.tasks_dispatched.labels(metrics.type_label(ready.type)).inc()
         if log.isEnabledFor(logging.DEBUG):
@@ -186,7 +239,7 @@ class Dispatcher:
             self._queued.discard(ready.key)
             self._send(link, ready)
 
-    def _start_claim_check(self, key: tuple[uuid.UUID, int, int]) -> None:
+    def _start_claim_check(self, key: Key) -> None:
         entry = self._inflight.get(key)
         if entry is None:
             return
@@ -200,9 +253,10 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - store trouble: look again later
             log.warning("claim check of task %s failed: %s", ready.task_id, exc)
             loop = asyncio.get_running_loop()
-            if ready.key in self._inflight:
+            entry = self._inflight.get(ready.key)
+            if entry is not None:
                 timer = loop.call_later(self._claim_timeout_s, self._start_claim_check, ready.key)
-                self._inflight[ready.key] = (ready, timer)
+                self._inflight[ready.key] = (ready, timer, entry[2])
             return
         if self._inflight.pop(ready.key, None) is None:
             return  # dropped meanwhile (shard lost)

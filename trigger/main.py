@@ -84,7 +84,10 @@ class Trigger:
                 type=request.type,
                 lease_token=request.lease_token,
             )
-            entry[0].notify_entry(due)
+            if request.namespace and request.HasField("run_at"):
+                entry[0].offer_created(due, request.namespace, request.run_at.ToMilliseconds())
+            else:
+                entry[0].notify_entry(due)
             return
         hint = asyncio.create_task(self._hint(entry[0], task_id))
         self._hints.add(hint)

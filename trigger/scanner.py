@@ -161,6 +161,31 @@ class ShardScanner:
         if task.status == TaskStatus.SCHEDULED:
             self.notify_entry(run_entry(task, now_ms()))
 
+    def offer_created(self, entry: DueEntry, namespace: str, run_at: int) -> None:
+        """A hint from TaskService about a task it has just created, carrying
+        the whole entry: the row exists and is SCHEDULED at exactly this
+        version, so the task goes to the dispatcher without a read. (Had it
+        been cancelled meanwhile, the claim is refused and the claim check
+        settles it.)"""
+        key = entry_key(entry)
+        if self._stopped or (key in self._seen and key not in self._waiting):
+            return  # already being handled
+        self._seen[key] = entry.due_at
+        self._pending[key] = entry.due_at
+        self._waiting.pop(key, None)
+        ready = self._dispatcher.make_ready(
+            entry.task_id,
+            namespace,
+            entry.type,
+            entry.attempt,
+            entry.lease_token,
+            entry.priority,
+            run_at,
+            self.shard,
+            on_done=lambda: self._resolve(key),
+        )
+        self._dispatcher.offer(ready)
+
     def notify_entry(self, entry: DueEntry) -> None:
         """A hint carrying the entry itself (from TaskService: no read needed).
         An entry already waiting for its row is looked at again at once."""
@@ -285,6 +310,9 @@ class ShardScanner:
         self._dispatcher.offer(ready)
 
     async def _handle_lease(self, entry: DueEntry, key: Hashable) -> None:
+        if self._dispatcher.lease_finished(entry.task_id, entry.lease_token):
+            self._resolve(key)  # its worker's report was accepted: the lease ended normally
+            return
         task = await self._store.get_task(entry.task_id)
         if task is None:
             await self._missing(entry, key)

@@ -89,6 +89,14 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
                         self._dispatcher.returned(check_task_id(task_id))
                     except InvalidArgument:
                         log.warning("worker %s returned a malformed task id", link.worker_id)
+            elif kind == "settled":
+                try:
+                    for ref in message.settled.claimed:
+                        self._dispatcher.claimed(link, check_task_id(ref.task_id), ref.attempt, ref.lease_token)
+                    for ref in message.settled.finished:
+                        self._dispatcher.finished(link, check_task_id(ref.task_id), ref.lease_token)
+                except InvalidArgument:
+                    log.warning("worker %s acked a malformed task id", link.worker_id)
 
     async def NotifyDue(self, request: pb.NotifyDueRequest, context: grpc.aio.ServicerContext) -> pb.NotifyDueResponse:
         check_task_id(request.task_id)

@@ -20,7 +20,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import grpc
 
@@ -35,6 +35,15 @@ from worker.updater_client import UpdaterClient
 log = logging.getLogger(__name__)
 
 CANCEL_GRACE_S = 2.0  # after a cancel request, how long a handler may take to notice
+
+
+class Acks(Protocol):
+    """Where to say what became of the dispatch: the stream it came on
+    (``worker.subscriptions.TriggerLink``), so its trigger can skip a read."""
+
+    def ack_claimed(self, dispatch: pb.Dispatch) -> None: ...
+
+    def ack_finished(self, task_id: str, attempt: int, lease_token: int) -> None: ...
 
 
 @dataclass
@@ -64,7 +73,10 @@ class Execution:
         worker_id: str,
         threads: concurrent.futures.ThreadPoolExecutor,
         ledger: Callable[[dict[str, Any]], None] | None = None,
+        acks: Acks | None = None,
     ) -> None:
+        self._dispatch = dispatch
+        self._acks = acks
         self.task_id = dispatch.task_id
         self.attempt = dispatch.attempt
         self.type = dispatch.type
@@ -109,6 +121,8 @@ class Execution:
         lease_s = claim.lease_duration.ToMilliseconds() / 1000
         clock = self._clock = LeaseClock.from_claim(lease_s, sent)
         self.token = claim.lease_token
+        if self._acks is not None:
+            self._acks.ack_claimed(self._dispatch)
         bind(lease_token=claim.lease_token)
         ctx = self.ctx = TaskContext(
             task_id=self.task_id,
@@ -275,6 +289,8 @@ class Execution:
                 return
             status = pb.TaskStatus.Name(reply.status)
             log.info("task %s: %s accepted, now %s", self.task_id, method, status)
+            if self._acks is not None:
+                self._acks.ack_finished(self.task_id, self.attempt, self.token)
             if self._ledger is not None and method == "CompleteTask":
                 self._ledger(self._ledger_record("complete"))
             return

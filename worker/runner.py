@@ -116,7 +116,7 @@ class Worker:
             return
         self._busy += 1
         self._announce()
-        execution = Execution(dispatch, handler, self._updater, self.worker_id, self._threads, self._ledger)
+        execution = Execution(dispatch, handler, self._updater, self.worker_id, self._threads, self._ledger, acks=link)
         self._executions[dispatch.task_id] = execution
         run = asyncio.create_task(self._run(execution))
         self._runs.add(run)

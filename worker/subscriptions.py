@@ -2,9 +2,13 @@
 
 Triggers are found in ZooKeeper and followed as they come and go. Each stream
 opens with a Hello (namespace, task types, free slots) and then carries the
-worker's free-slot count whenever it changes; dispatches flow the other way.
-A broken stream is re-opened with backoff as long as its trigger is
-registered.
+worker's free-slot count whenever it changes, dispatches it could not take,
+and acks of what became of the ones it took; dispatches flow the other way.
+What piles up while a message is being sent goes out together: the latest
+credit only, the returned tasks and the acks each in one message. A broken
+stream is re-opened with backoff as long as its trigger is registered; what
+was pending for the old stream is dropped (the Hello carries the truth, and
+a lost ack only costs the trigger a read).
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ class TriggerLink:
         self._cfg = cfg
         self._hello = hello
         self._on_dispatch = on_dispatch
-        self._outbox: asyncio.Queue[pb.WorkerMessage | None] = asyncio.Queue()
+        self._credit: int | None = None
+        self._returned: list[str] = []
+        self._claimed: list[pb.TaskRef] = []
+        self._finished: list[pb.TaskRef] = []
+        self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.connected = False
 
@@ -48,26 +56,52 @@ class TriggerLink:
 
     def send_credit(self, slots: int) -> None:
         if self.connected:
-            self._outbox.put_nowait(pb.WorkerMessage(credit=pb.Credit(slots=slots)))
+            self._credit = slots
+            self._dirty.set()
 
     def send_returned(self, task_id: str) -> None:
-        self._outbox.put_nowait(pb.WorkerMessage(returned=pb.Returned(task_ids=[task_id])))
+        self._returned.append(task_id)
+        self._dirty.set()
+
+    def ack_claimed(self, dispatch: pb.Dispatch) -> None:
+        """ClaimTask succeeded for this dispatch (it came on this stream)."""
+        if self.connected:
+            self._claimed.append(pb.TaskRef(task_id=dispatch.task_id, attempt=dispatch.attempt, lease_token=dispatch.lease_token))
+            self._dirty.set()
+
+    def ack_finished(self, task_id: str, attempt: int, lease_token: int) -> None:
+        """A report under ``lease_token`` was accepted: the lease is over."""
+        if self.connected:
+            self._finished.append(pb.TaskRef(task_id=task_id, attempt=attempt, lease_token=lease_token))
+            self._dirty.set()
+
+    def _reset(self) -> None:
+        self._credit = None
+        self._returned, self._claimed, self._finished = [], [], []
+        self._dirty = asyncio.Event()
 
     async def _messages(self) -> AsyncIterator[pb.WorkerMessage]:
         yield pb.WorkerMessage(hello=self._hello())
         while True:
-            message = await self._outbox.get()
-            if message is None:
-                return
-            yield message
+            await self._dirty.wait()
+            self._dirty.clear()
+            if self._returned:
+                returned, self._returned = self._returned, []
+                yield pb.WorkerMessage(returned=pb.Returned(task_ids=returned))
+            if self._claimed or self._finished:
+                claimed, finished, self._claimed, self._finished = self._claimed, self._finished, [], []
+                yield pb.WorkerMessage(settled=pb.Settled(claimed=claimed, finished=finished))
+            if self._credit is not None:
+                credit, self._credit = self._credit, None
+                yield pb.WorkerMessage(credit=pb.Credit(slots=credit))
 
     async def _run(self) -> None:
         delay = 0.2
         while True:
             try:
                 async with aio_channel(self.address, self._cfg) as channel:
-                    # Messages queued for an earlier stream are stale: the Hello carries the truth.
-                    self._outbox = asyncio.Queue()
+                    # Messages pending for an earlier stream are stale: the Hello carries the truth.
+                    self._reset()
                     call = pb_grpc.TriggerServiceStub(channel).Subscribe(self._messages())
                     self.connected = True
                     log.info("subscribed to trigger %s", self.address)

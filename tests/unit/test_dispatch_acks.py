@@ -1,0 +1,161 @@
+"""The trigger's read-saving shortcuts, over the in-memory store (pure logic):
+workers' claimed/finished acks and TaskService's creation hints.
+
+Each shortcut replaces a read of the task row; these tests count the reads
+and check that an ack is honoured only from the stream the task was
+dispatched on (a worker speaks only for work it was given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from leasesched.lifecycle import Lifecycle, lease_entry
+from leasesched.model import DueEntry, Task, now_ms
+from leasesched.store.memory import MemoryStore
+from trigger.dispatcher import Dispatcher, Ready
+from trigger.scanner import ScanSettings, ShardScanner
+
+CLAIM_TIMEOUT_S = 0.05
+
+
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def get_task(self, task_id: uuid.UUID, serial: bool = False) -> Task | None:
+        self.reads += 1
+        return await super().get_task(task_id, serial)
+
+
+class Checks:
+    """The dispatcher's claim check: records which dispatches it had to look at."""
+
+    def __init__(self) -> None:
+        self.checked: list[uuid.UUID] = []
+
+    async def __call__(self, ready: Ready) -> bool:
+        self.checked.append(ready.task_id)
+        return False  # claimed
+
+
+def ready_for(dispatcher: Dispatcher, done: list[uuid.UUID], token: int = 0) -> Ready:
+    task_id = uuid.uuid4()
+    return dispatcher.make_ready(task_id, "ns", "t", 1, token, 5, now_ms(), 0, on_done=lambda: done.append(task_id))
+
+
+async def test_claimed_ack_from_the_dispatch_stream_replaces_the_claim_check() -> None:
+    checks = Checks()
+    dispatcher = Dispatcher(CLAIM_TIMEOUT_S, checks)
+    link = dispatcher.connect("w1", "ns", frozenset({"t"}), 2)
+    done: list[uuid.UUID] = []
+    ready = ready_for(dispatcher, done, token=3)
+    dispatcher.offer(ready)
+    dispatch = link.outbox.get_nowait()
+    assert dispatch.lease_token == 3  # echoed back in the ack
+    dispatcher.claimed(link, ready.task_id, dispatch.attempt, dispatch.lease_token)
+    assert done == [ready.task_id]
+    await asyncio.sleep(CLAIM_TIMEOUT_S * 4)
+    assert checks.checked == []  # no read after the claim timeout
+    assert dispatcher.stats()["inflight"] == 0
+
+
+async def test_acks_from_another_stream_or_for_another_version_are_ignored() -> None:
+    checks = Checks()
+    dispatcher = Dispatcher(CLAIM_TIMEOUT_S, checks)
+    link = dispatcher.connect("w1", "ns", frozenset({"t"}), 1)
+    other = dispatcher.connect("w2", "ns", frozenset({"t"}), 0)
+    done: list[uuid.UUID] = []
+    ready = ready_for(dispatcher, done)
+    dispatcher.offer(ready)
+    assert link.outbox.qsize() == 1
+    dispatcher.claimed(other, ready.task_id, 1, 0)  # not dispatched on that stream
+    dispatcher.claimed(link, ready.task_id, 2, 0)  # another attempt
+    dispatcher.finished(link, ready.task_id, 1)  # never acked as claimed
+    assert not dispatcher.lease_finished(ready.task_id, 1)
+    await asyncio.sleep(CLAIM_TIMEOUT_S * 4)
+    assert checks.checked == [ready.task_id]  # the claim check still ran
+    assert done == [ready.task_id]
+
+
+async def test_finished_ack_marks_exactly_the_claimed_lease() -> None:
+    dispatcher = Dispatcher(CLAIM_TIMEOUT_S, Checks())
+    link = dispatcher.connect("w1", "ns", frozenset({"t"}), 1)
+    other = dispatcher.connect("w2", "ns", frozenset({"t"}), 0)
+    ready = ready_for(dispatcher, [], token=4)
+    dispatcher.offer(ready)
+    dispatcher.claimed(link, ready.task_id, 1, 4)  # the claim raised the token to 5
+    dispatcher.finished(other, ready.task_id, 5)  # another stream cannot speak for it
+    dispatcher.finished(link, ready.task_id, 4)  # not the claimed lease
+    assert not dispatcher.lease_finished(ready.task_id, 5)
+    dispatcher.finished(link, ready.task_id, 5)
+    assert dispatcher.lease_finished(ready.task_id, 5)
+    assert not dispatcher.lease_finished(ready.task_id, 6)
+
+
+def settings() -> ScanSettings:
+    return ScanSettings(
+        bucket_s=10, interval_s=0.05, lookahead_ms=2000, settle_ms=100, orphan_grace_ms=30_000, lease_grace_ms=0, start_ms=0
+    )
+
+
+async def running_task(store: MemoryStore, lease_ms: int) -> tuple[Task, int]:
+    now = now_ms()
+    task = Task(task_id=uuid.uuid4(), namespace="ns", type="t", payload=b"", shard=0, created_at=now, run_at=now, lease_ms=lease_ms)
+    life = Lifecycle(store, lease_grace_ms=0)
+    await life.schedule(task)
+    lease = await life.claim(task.task_id, "w1", attempt=1)
+    return task, lease.token
+
+
+async def wait_until(predicate: Any, timeout_s: float = 2.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_lease_check_of_a_finished_lease_needs_no_read() -> None:
+    store = CountingStore()
+    dispatcher = Dispatcher(CLAIM_TIMEOUT_S, Checks())
+    scanner = ShardScanner(0, Lifecycle(store, lease_grace_ms=0), dispatcher, settings())
+    task, token = await running_task(store, lease_ms=1)
+    link = dispatcher.connect("w1", "ns", frozenset({"t"}), 1)
+    dispatcher.offer(dispatcher.make_ready(task.task_id, "ns", "t", 1, token - 1, 5, task.run_at, 0, on_done=lambda: None))
+    dispatcher.claimed(link, task.task_id, 1, token - 1)
+    dispatcher.finished(link, task.task_id, token)
+    store.reads = 0
+    entry = lease_entry(task, now_ms() - 1, 0, token)
+    scanner.notify_entry(entry)
+    await wait_until(lambda: scanner.stats()["pending"] == 0)
+    assert store.reads == 0
+    # Without the ack the same check reads the row (and re-queues the expired lease).
+    other, other_token = await running_task(store, lease_ms=1)
+    scanner.notify_entry(lease_entry(other, now_ms() - 1, 0, other_token))
+    await wait_until(lambda: store.tasks[other.task_id].status.value == "SCHEDULED")
+    assert store.reads > 0
+
+
+async def test_creation_hint_dispatches_without_a_read_and_the_scan_does_not_repeat_it() -> None:
+    store = CountingStore()
+    dispatcher = Dispatcher(CLAIM_TIMEOUT_S, Checks())
+    link = dispatcher.connect("w1", "ns", frozenset({"t"}), 5)
+    scanner = ShardScanner(0, Lifecycle(store), dispatcher, settings())
+    now = now_ms()
+    task = Task(task_id=uuid.uuid4(), namespace="ns", type="t", payload=b"", shard=0, created_at=now, run_at=now)
+    await Lifecycle(store).schedule(task)
+    entry = DueEntry(shard=0, due_at=now_ms(), task_id=task.task_id, kind=DueEntry.RUN, attempt=1, type="t")
+    scanner.offer_created(entry, "ns", task.run_at)
+    assert link.outbox.qsize() == 1 and store.reads == 0
+    scanner.offer_created(entry, "ns", task.run_at)  # a repeated hint
+    runner = asyncio.create_task(scanner.run())  # the scan finds the stored entry of the same task
+    try:
+        await wait_until(lambda: store.reads == 0 and scanner.stats()["checkpoint"] > 0)
+        await asyncio.sleep(0.2)
+        assert link.outbox.qsize() == 1  # dispatched once
+    finally:
+        scanner.stop()
+        runner.cancel()
