@@ -77,8 +77,12 @@ class Config:
     schedule_rate_per_namespace: float = 5000.0  # ScheduleTask tokens per second per namespace (0 = unlimited)
     schedule_burst: float = 10000.0
     max_streams_per_worker: int = 4  # concurrent Subscribe streams per worker id, per trigger
-    max_concurrent_rpcs: int = 4096  # per server process; beyond: RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 4096  # per TaskUpdater / trigger process (streams count); beyond: RESOURCE_EXHAUSTED
+    # Per TaskService process: about what it serves in ~0.3 s. Beyond, clients get
+    # RESOURCE_EXHAUSTED at once (and back off) instead of queueing into their deadlines.
+    task_service_max_concurrent_rpcs: int = 128
     rpc_timeout_s: float = 30.0  # server-side ceiling for one unary call
+    poll_cache_mb: int = 64  # per TaskService: PollTask answers of finished tasks (they never change); 0 = off
 
     # Task defaults and limits.
     max_payload_bytes: int = 1024 * 1024

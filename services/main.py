@@ -32,7 +32,9 @@ async def serve(cfg: Config, role: str, port: int) -> None:
     notifier: DueNotifier | None = None
     adders: list[tuple[Any, Any, str]]
     interceptors: list[Any] = []
+    limit = cfg.max_concurrent_rpcs
     if role == "task-service":
+        limit = cfg.task_service_max_concurrent_rpcs
         notifier = DueNotifier(client, cfg)
         await notifier.start()
         service: Any = TaskService(cfg, lifecycle, meta.logical_shards, notify_due=notifier)
@@ -45,8 +47,9 @@ async def serve(cfg: Config, role: str, port: int) -> None:
     else:
         raise ValueError(f"unknown role {role!r}")
     server = await build_server(
-        f"{cfg.bind_host}:{port}", adders, cfg, interceptors, authenticator=make_authenticator(cfg, store)
-    )
+        f"{cfg.bind_host}:{port}", adders, cfg, interceptors, authenticator=make_authenticator(cfg, store),
+        max_concurrent_rpcs=limit,
+    )  # fmt: skip
     await server.server.start()
     await server.set_serving(True)
     address = f"{cfg.bind_host}:{server.port}"

@@ -45,21 +45,23 @@ async def build_server(
     cfg: Config,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     authenticator: Authenticator | None = None,
+    max_concurrent_rpcs: int | None = None,
 ) -> Server:
     """``adders``: (add_XServicer_to_server, servicer, full service name).
 
     Interceptors run outermost first: metrics (latency by method and code of
     every answer), authentication (when ``authenticator``
     is given, i.e. auth is on), then ``interceptors``, then error mapping with
-    the per-call time ceiling. ``maximum_concurrent_rpcs`` bounds the work a
-    flood of clients can queue: beyond it, calls get RESOURCE_EXHAUSTED.
+    the per-call time ceiling. ``max_concurrent_rpcs`` (default
+    ``cfg.max_concurrent_rpcs``) bounds the work a flood of clients can queue:
+    beyond it, calls get RESOURCE_EXHAUSTED before any work is done.
     """
     chain: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
     if authenticator:
         chain.append(AuthInterceptor(authenticator))
     server = grpc.aio.server(
         interceptors=[*chain, *interceptors, ErrorMappingInterceptor(cfg.rpc_timeout_s)],
-        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        maximum_concurrent_rpcs=max_concurrent_rpcs or cfg.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

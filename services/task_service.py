@@ -21,6 +21,7 @@ from leasesched.store.page_token import BadPageToken, decode_token
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.convert import status_from_pb, task_view, ts
+from services.poll_cache import FinishedTasks
 from services.validation import check_namespace, check_task_id, request_hash, validate_schedule
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         self._lifecycle = lifecycle
         self._shards = shards
         self._notify_due = notify_due
+        self._finished = FinishedTasks(cfg.poll_cache_mb * 1024 * 1024)
 
     async def ScheduleTask(self, request: pb.ScheduleTaskRequest, context: grpc.aio.ServicerContext) -> pb.ScheduleTaskResponse:
         now = now_ms()
@@ -54,8 +56,15 @@ class TaskService(pb_grpc.TaskServiceServicer):
         return pb.ScheduleTaskResponse(task_id=str(stored.task_id), run_at=ts(stored.run_at), created=outcome.created)
 
     async def PollTask(self, request: pb.PollTaskRequest, context: grpc.aio.ServicerContext) -> pb.PollTaskResponse:
-        task = await self._visible(check_task_id(request.task_id))
-        return pb.PollTaskResponse(task=task_view(task))
+        task_id = check_task_id(request.task_id)
+        view = self._finished.get(task_id)
+        if view is not None:
+            require_task_access(view.namespace, task_id)
+            return pb.PollTaskResponse(task=view)
+        task = await self._visible(task_id)
+        view = task_view(task)
+        self._finished.remember(task_id, view, final=task.status.terminal)
+        return pb.PollTaskResponse(task=view)
 
     async def _visible(self, task_id: uuid.UUID) -> Task:
         """The task, if the caller may see it; foreign and missing look the same."""

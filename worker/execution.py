@@ -35,6 +35,11 @@ from worker.updater_client import UpdaterClient
 log = logging.getLogger(__name__)
 
 CANCEL_GRACE_S = 2.0  # after a cancel request, how long a handler may take to notice
+# A report answered with one of these may be sent again (same token) while the
+# lease holds: the server was unreachable, slow, or shed the call unread.
+RETRY_REPORT_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
 
 
 class Acks(Protocol):
@@ -281,7 +286,7 @@ class Execution:
             try:
                 reply = await self._updater.call(method, request, timeout=max(0.1, min(5.0, clock.remaining())))
             except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE or err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                if err.code() in RETRY_REPORT_CODES:
                     await asyncio.sleep(min(delay, max(0.0, clock.remaining())))
                     delay = min(delay * 2, 1.0)
                     continue

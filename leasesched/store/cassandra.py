@@ -28,6 +28,8 @@ import asyncio
 import calendar
 import collections
 import functools
+import itertools
+import os
 import datetime as dt
 import logging
 import time
@@ -242,6 +244,22 @@ _UNAVAILABLE_ERRORS = (
 )
 
 
+class WriteIds:
+    """Unique ids for conditional writes, without a system call each.
+
+    A write id only has to differ from every other write id of the same row
+    (it tells "my write landed" from "someone else's did"): 64 random bits
+    per process plus a counter is that, and costs a fraction of ``uuid4()``
+    (an ``os.urandom`` call per write, ≈ 5 % of TaskService's CPU)."""
+
+    def __init__(self) -> None:
+        self._prefix = int.from_bytes(os.urandom(8), "big") << 64
+        self._counter = itertools.count(1)
+
+    def next(self) -> uuid.UUID:
+        return uuid.UUID(int=self._prefix | next(self._counter))
+
+
 class CassandraStore:
     """The product's store. One instance per process, shared by every request."""
 
@@ -254,6 +272,7 @@ class CassandraStore:
         self._stmts: dict[str, PreparedStatement] = {}
         self._update_stmts: dict[tuple[tuple[str, ...], tuple[str, ...]], PreparedStatement] = {}
         self._inbox: _Inbox | None = None
+        self._write_ids = WriteIds()
 
     def _inbox_for(self, loop: asyncio.AbstractEventLoop) -> "_Inbox":
         if self._inbox is None or self._inbox.loop is not loop:
@@ -399,7 +418,7 @@ class CassandraStore:
 
     async def insert_task(self, task: Task, new_id: bool = False) -> bool:
         cols = _task_columns(task)
-        write_id = uuid.uuid4()
+        write_id = self._write_ids.next()
         cols["write_id"] = write_id
         params = [cols[c] for c in _task_columns_names()]
         if new_id:
@@ -435,7 +454,7 @@ class CassandraStore:
 
     async def update_task(self, task_id: uuid.UUID, expect: Expect, changes: dict[str, Any]) -> CasResult:
         await self._ensure_session()
-        write_id = uuid.uuid4()
+        write_id = self._write_ids.next()
         cols = _change_columns(changes)
         cols["write_id"] = write_id
         conds: dict[str, Any] = {"status": expect.status.value}
