@@ -60,6 +60,7 @@ class Config:
     trigger_port: int = 50053  # first trigger; more triggers use port 0 (any)
     metrics_port: int = 0  # 0 = no metrics endpoint
     log_format: str = "json"  # "json" (one object per line) | "text"
+    event_loop: str = "uvloop"  # "uvloop" (libuv, less CPU per call) | "asyncio" (the standard loop)
     shutdown_grace_s: float = 5.0  # on SIGTERM: how long in-flight RPCs may take before they are cancelled
 
     # Security. Auth is on unless explicitly switched off for local development.

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import click
 
+from leasesched import event_loop
 from leasesched.config import Config
 from leasesched.observability.setup import setup_process
 
@@ -41,7 +41,7 @@ def task_service(cfg: Config, port: int | None, log_format: str | None, metrics_
     from services.main import serve
 
     setup_process(cfg, "task-service", log_format, metrics_port)
-    asyncio.run(serve(cfg, "task-service", cfg.task_service_port if port is None else port))
+    event_loop.run(serve(cfg, "task-service", cfg.task_service_port if port is None else port), cfg)
 
 
 @click.command("task-updater")
@@ -53,7 +53,7 @@ def task_updater(cfg: Config, port: int | None, log_format: str | None, metrics_
     from services.main import serve
 
     setup_process(cfg, "task-updater", log_format, metrics_port)
-    asyncio.run(serve(cfg, "task-updater", cfg.task_updater_port if port is None else port))
+    event_loop.run(serve(cfg, "task-updater", cfg.task_updater_port if port is None else port), cfg)
 
 
 @click.command("trigger")
@@ -65,7 +65,7 @@ def trigger(cfg: Config, port: int | None, log_format: str | None, metrics_port:
     from trigger.main import serve
 
     setup_process(cfg, "trigger", log_format, metrics_port)
-    asyncio.run(serve(cfg, cfg.trigger_port if port is None else port))
+    event_loop.run(serve(cfg, cfg.trigger_port if port is None else port), cfg)
 
 
 @click.command("worker")
@@ -87,7 +87,7 @@ def worker(
         raise click.BadParameter("must be at least 1", param_hint="--slots")
     sys.path.insert(0, ".")  # handler modules live in the user's project
     setup_process(cfg, "worker", log_format, metrics_port)
-    asyncio.run(serve(cfg, module, slots, drain_timeout, ledger))
+    event_loop.run(serve(cfg, module, slots, drain_timeout, ledger), cfg)
 
 
 @click.group()
