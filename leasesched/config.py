@@ -103,6 +103,9 @@ class Config:
     scan_interval_s: float = 1.0  # how often each owned shard's due index is read
     scan_lookahead_s: float = 2.0  # entries due this soon are timed in memory (> scan_interval_s)
     scan_settle_s: float = 3.0  # re-read this far back: late writes, clock skew
+    # How often each shard's checkpoint is saved. A new owner re-reads from the
+    # last saved one, so a longer interval only means more re-reading after a failover.
+    checkpoint_interval_s: float = 5.0
     orphan_grace_s: float = 30.0  # an index entry with no task row is dropped after this
     partition_settle_s: float = 1.0  # ZooKeeper partitioner stability window
 

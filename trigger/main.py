@@ -121,6 +121,7 @@ async def serve(cfg: Config, port: int) -> None:
         orphan_grace_ms=int(cfg.orphan_grace_s * 1000),
         lease_grace_ms=int(cfg.lease_grace_s * 1000),
         start_ms=meta.created_at_ms,
+        checkpoint_every_s=cfg.checkpoint_interval_s,
     )
     trigger = Trigger(cfg, lifecycle, settings)
     # Read at scrape time: nothing on the dispatch path.

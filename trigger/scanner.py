@@ -56,6 +56,7 @@ class ScanSettings:
     orphan_grace_ms: int
     lease_grace_ms: int
     start_ms: int  # where to begin when the shard has no checkpoint yet
+    checkpoint_every_s: float = 5.0  # how often the checkpoint is saved
 
 
 def _version(item: DueEntry | Task) -> tuple[int, int]:
@@ -362,7 +363,7 @@ class ShardScanner:
             self._checkpoint = target
             horizon = target - self._s.settle_ms
             self._seen = {k: v for k, v in self._seen.items() if v >= horizon or k in self._pending}
-        if self._checkpoint > self._saved_checkpoint and time.monotonic() - self._saved_at >= 1.0:
+        if self._checkpoint > self._saved_checkpoint and time.monotonic() - self._saved_at >= self._s.checkpoint_every_s:
             try:
                 await self._store.set_checkpoint(self.shard, self._checkpoint)
                 self._saved_checkpoint = self._checkpoint
