@@ -105,9 +105,12 @@ class Worker:
             "leases": [[e.task_id, e.token] for e in self._executions.values() if e.token],
         }
 
-    def _announce(self) -> None:
+    def _announce(self, skip: TriggerLink | None = None) -> None:
+        """Tell every trigger how many slots are free now (``skip``: the one
+        that just dispatched to us; it already counted the slot as taken)."""
         for link in self._links.values():
-            link.send_credit(self.free)
+            if link is not skip:
+                link.send_credit(self.free)
 
     async def on_dispatch(self, dispatch: pb.Dispatch, link: TriggerLink) -> None:
         handler = self._handlers.get(dispatch.type)
@@ -115,7 +118,7 @@ class Worker:
             link.send_returned(dispatch.task_id)
             return
         self._busy += 1
-        self._announce()
+        self._announce(skip=link)
         execution = Execution(dispatch, handler, self._updater, self.worker_id, self._threads, self._ledger, acks=link)
         self._executions[dispatch.task_id] = execution
         run = asyncio.create_task(self._run(execution))

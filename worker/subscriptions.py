@@ -5,7 +5,9 @@ opens with a Hello (namespace, task types, free slots) and then carries the
 worker's free-slot count whenever it changes, dispatches it could not take,
 and acks of what became of the ones it took; dispatches flow the other way.
 What piles up while a message is being sent goes out together: the latest
-credit only, the returned tasks and the acks each in one message. A broken
+credit only, the returned tasks and the acks each in one message. Acks are
+not urgent (the trigger's checks they replace come seconds later), so they
+wait up to ``ACK_DELAY_S`` to travel in bulk, or leave with the next credit. A broken
 stream is re-opened with backoff as long as its trigger is registered; what
 was pending for the old stream is dropped (the Hello carries the truth, and
 a lost ack only costs the trigger a read).
@@ -26,6 +28,8 @@ from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+ACK_DELAY_S = 0.05
+
 OnDispatch = Callable[[pb.Dispatch, "TriggerLink"], Awaitable[None]]
 
 
@@ -40,6 +44,7 @@ class TriggerLink:
         self._claimed: list[pb.TaskRef] = []
         self._finished: list[pb.TaskRef] = []
         self._dirty = asyncio.Event()
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self.connected = False
 
@@ -67,17 +72,24 @@ class TriggerLink:
         """ClaimTask succeeded for this dispatch (it came on this stream)."""
         if self.connected:
             self._claimed.append(pb.TaskRef(task_id=dispatch.task_id, attempt=dispatch.attempt, lease_token=dispatch.lease_token))
-            self._dirty.set()
+            self._acks_pending()
 
     def ack_finished(self, task_id: str, attempt: int, lease_token: int) -> None:
         """A report under ``lease_token`` was accepted: the lease is over."""
         if self.connected:
             self._finished.append(pb.TaskRef(task_id=task_id, attempt=attempt, lease_token=lease_token))
-            self._dirty.set()
+            self._acks_pending()
+
+    def _acks_pending(self) -> None:
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._dirty.set)
 
     def _reset(self) -> None:
         self._credit = None
         self._returned, self._claimed, self._finished = [], [], []
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         self._dirty = asyncio.Event()
 
     async def _messages(self) -> AsyncIterator[pb.WorkerMessage]:
@@ -89,6 +101,9 @@ class TriggerLink:
                 returned, self._returned = self._returned, []
                 yield pb.WorkerMessage(returned=pb.Returned(task_ids=returned))
             if self._claimed or self._finished:
+                if self._ack_timer is not None:
+                    self._ack_timer.cancel()
+                    self._ack_timer = None
                 claimed, finished, self._claimed, self._finished = self._claimed, self._finished, [], []
                 yield pb.WorkerMessage(settled=pb.Settled(claimed=claimed, finished=finished))
             if self._credit is not None:
