@@ -2,7 +2,8 @@
 
 For pure unit tests of the logic above the store only: nothing that claims to
 test storage, leases or sharding may use it. ``fail_next`` injects a
-StoreUnavailable into the named operation, to test crash points.
+StoreUnavailable into the named operation, to test crash points; ``reads``
+counts task-row reads, for tests of code whose point is to avoid them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class MemoryStore:
         self.due: set[DueEntry] = set()
         self.checkpoints: dict[int, int] = {}
         self.fail_next: set[str] = set()
+        self.reads = 0  # get_task calls
 
     def _maybe_fail(self, op: str) -> None:
         if op in self.fail_next:
@@ -43,6 +45,7 @@ class MemoryStore:
 
     async def get_task(self, task_id: uuid.UUID, serial: bool = False) -> Task | None:
         self._maybe_fail("get_task")
+        self.reads += 1
         task = self.tasks.get(task_id)
         return copy.deepcopy(task) if task else None
 

@@ -21,16 +21,6 @@ from trigger.scanner import ScanSettings, ShardScanner
 CLAIM_TIMEOUT_S = 0.05
 
 
-class CountingStore(MemoryStore):
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads = 0
-
-    async def get_task(self, task_id: uuid.UUID, serial: bool = False) -> Task | None:
-        self.reads += 1
-        return await super().get_task(task_id, serial)
-
-
 class Checks:
     """The dispatcher's claim check: records which dispatches it had to look at."""
 
@@ -119,7 +109,7 @@ async def wait_until(predicate: Any, timeout_s: float = 2.0) -> None:
 
 
 async def test_lease_check_of_a_finished_lease_needs_no_read() -> None:
-    store = CountingStore()
+    store = MemoryStore()
     dispatcher = Dispatcher(CLAIM_TIMEOUT_S, Checks())
     scanner = ShardScanner(0, Lifecycle(store, lease_grace_ms=0), dispatcher, settings())
     task, token = await running_task(store, lease_ms=1)
@@ -140,7 +130,7 @@ async def test_lease_check_of_a_finished_lease_needs_no_read() -> None:
 
 
 async def test_creation_hint_dispatches_without_a_read_and_the_scan_does_not_repeat_it() -> None:
-    store = CountingStore()
+    store = MemoryStore()
     dispatcher = Dispatcher(CLAIM_TIMEOUT_S, Checks())
     link = dispatcher.connect("w1", "ns", frozenset({"t"}), 5)
     scanner = ShardScanner(0, Lifecycle(store), dispatcher, settings())

@@ -20,18 +20,8 @@ from services.poll_cache import FinishedTasks
 from services.task_service import TaskService
 
 
-class CountingStore(MemoryStore):
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads = 0
-
-    async def get_task(self, task_id: uuid.UUID, serial: bool = False) -> Task | None:
-        self.reads += 1
-        return await super().get_task(task_id, serial)
-
-
-async def setup(cfg: Config | None = None) -> tuple[TaskService, CountingStore, Lifecycle]:
-    store = CountingStore()
+async def setup(cfg: Config | None = None) -> tuple[TaskService, MemoryStore, Lifecycle]:
+    store = MemoryStore()
     life = Lifecycle(store)
     return TaskService(cfg or Config(), life, shards=64), store, life
 
