@@ -149,8 +149,9 @@ class Dispatcher:
         if link.claimed.get(task_id) != lease_token:
             return  # not a lease this stream acked as claimed
         del link.claimed[task_id]
-        self._finished[(task_id, lease_token)] = time.monotonic()
-        horizon = time.monotonic() - FINISHED_MEMORY_S
+        now = time.monotonic()
+        self._finished[(task_id, lease_token)] = now
+        horizon = now - FINISHED_MEMORY_S
         while self._finished and (len(self._finished) > MAX_FINISHED or next(iter(self._finished.values())) < horizon):
             self._finished.popitem(last=False)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Hashable
 
@@ -174,16 +175,14 @@ class ShardScanner:
         self._seen[key] = entry.due_at
         self._pending[key] = entry.due_at
         self._waiting.pop(key, None)
+        self._offer(key, entry.task_id, namespace, entry.type, entry.attempt, entry.lease_token, entry.priority, run_at)
+
+    def _offer(
+        self, key: Hashable, task_id: uuid.UUID, namespace: str, type_: str, attempt: int, lease_token: int, priority: int, run_at: int
+    ) -> None:
+        """Hand a due task (at this version) to the dispatcher; ``key`` is resolved once it is settled."""
         ready = self._dispatcher.make_ready(
-            entry.task_id,
-            namespace,
-            entry.type,
-            entry.attempt,
-            entry.lease_token,
-            entry.priority,
-            run_at,
-            self.shard,
-            on_done=lambda: self._resolve(key),
+            task_id, namespace, type_, attempt, lease_token, priority, run_at, self.shard, on_done=lambda: self._resolve(key)
         )
         self._dispatcher.offer(ready)
 
@@ -297,18 +296,7 @@ class ShardScanner:
         if await self._deadline_passed(task, now):
             self._resolve(key)
             return
-        ready = self._dispatcher.make_ready(
-            task.task_id,
-            task.namespace,
-            task.type,
-            task.attempt,
-            task.lease_token,
-            task.priority,
-            task.run_at,
-            self.shard,
-            on_done=lambda: self._resolve(key),
-        )
-        self._dispatcher.offer(ready)
+        self._offer(key, task.task_id, task.namespace, task.type, task.attempt, task.lease_token, task.priority, task.run_at)
 
     async def _handle_lease(self, entry: DueEntry, key: Hashable) -> None:
         if self._dispatcher.lease_finished(entry.task_id, entry.lease_token):
