@@ -62,6 +62,7 @@ class Config:
     log_format: str = "json"  # "json" (one object per line) | "text"
     event_loop: str = "uvloop"  # "uvloop" (libuv, less CPU per call) | "asyncio" (the standard loop)
     shutdown_grace_s: float = 5.0  # on SIGTERM: how long in-flight RPCs may take before they are cancelled
+    shutdown_drain_s: float = 1.0  # on SIGTERM: keep answering this long after NOT_SERVING, before the stop
 
     # Security. Auth is on unless explicitly switched off for local development.
     auth: str = "on"  # "on" | "off" (local development only)

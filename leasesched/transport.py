@@ -24,6 +24,14 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
 
+# Answers that mean "this server is gone or going": an idempotent call (ScheduleTask
+# with its idempotency key, PollTask, a worker's fenced report) may go again, to
+# another instance. CANCELLED belongs here because a stopping gRPC server answers
+# CANCELLED, not UNAVAILABLE, to calls that had arrived but not yet reached a
+# handler (grpc/grpc#41785); leasesched's clients never cancel a call themselves
+# and then look at its code.
+SERVER_GONE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
 
 def _read(path: str) -> bytes | None:
     return Path(path).read_bytes() if path else None

@@ -1,8 +1,10 @@
 """Process entry points for the two API services: ``leasesched task-service``
 and ``leasesched task-updater``. Both connect to ZooKeeper (cluster shape,
 registration) and Cassandra, serve until SIGTERM, then stop gracefully:
-health turns NOT_SERVING, the registration disappears, in-flight calls get a
-grace period to finish."""
+health turns NOT_SERVING, the registration disappears, calls are still
+answered for a drain period (clients that follow health or the registry move
+away meanwhile), then the server stops and in-flight calls get a grace period
+to finish."""
 
 from __future__ import annotations
 
@@ -59,9 +61,13 @@ async def serve(cfg: Config, role: str, port: int) -> None:
     try:
         await wait_for_stop_signal(stop)
     finally:
-        log.info("%s stopping: in-flight calls get %.0f s", role, cfg.shutdown_grace_s)
+        log.info("%s stopping: draining %.1f s, then in-flight calls get %.0f s", role, cfg.shutdown_drain_s, cfg.shutdown_grace_s)
         await server.set_serving(False)
         await asyncio.to_thread(registration.close)
+        # gRPC answers CANCELLED to calls that reach a stopping server before a
+        # handler takes them (grpc/grpc#41785). Keep serving while clients learn
+        # from health checks or ZooKeeper that this instance is leaving.
+        await asyncio.sleep(cfg.shutdown_drain_s)
         await server.server.stop(grace=cfg.shutdown_grace_s)
         if notifier:
             await notifier.stop()

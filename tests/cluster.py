@@ -32,7 +32,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from leasesched.config import Config
 from leasesched.store import schema
-from leasesched.transport import sync_channel
+from leasesched.transport import SERVER_GONE_CODES, sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from tests.processes import ProcessGroup, RunningProcess
@@ -182,7 +182,8 @@ class LiveCluster:
         retry_unavailable: bool = True,
         **payload: Any,
     ) -> str:
-        """Schedule one chaos.work task; retries UNAVAILABLE with the same idempotency key."""
+        """Schedule one chaos.work task; retries UNAVAILABLE (and the other answers of a
+        server that is going away) with the same idempotency key."""
         spec = pb.TaskSpec(namespace=NAMESPACE, type="chaos.work", payload=json.dumps({"seconds": seconds, **payload}).encode())
         if delay_s:
             spec.delay.FromMilliseconds(int(delay_s * 1000))
@@ -197,7 +198,7 @@ class LiveCluster:
             try:
                 return self.stub.ScheduleTask(request, timeout=10).task_id
             except grpc.RpcError as err:
-                retriable = err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                retriable = err.code() in SERVER_GONE_CODES or err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 if not retriable or not retry_unavailable or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)

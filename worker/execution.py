@@ -26,6 +26,7 @@ import grpc
 
 from leasesched.observability import metrics
 from leasesched.observability.logs import bind
+from leasesched.transport import SERVER_GONE_CODES
 from leasesched.v1 import scheduler_pb2 as pb
 from worker.handlers import Handler, PermanentError, TaskContext
 from worker.lease import LeaseClock
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 2.0  # after a cancel request, how long a handler may take to notice
 # A report answered with one of these may be sent again (same token) while the
 # lease holds: the server was unreachable, slow, or shed the call unread.
-RETRY_REPORT_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+RETRY_REPORT_CODES = SERVER_GONE_CODES | frozenset(
+    {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 )
 
 

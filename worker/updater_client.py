@@ -14,7 +14,7 @@ from typing import Any, Callable
 import grpc
 
 from leasesched.config import Config
-from leasesched.transport import aio_channel
+from leasesched.transport import SERVER_GONE_CODES, aio_channel
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class UpdaterClient:
         try:
             return await getattr(stub, method)(request, timeout=timeout or self._timeout)
         except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.UNAVAILABLE:
+            if err.code() in SERVER_GONE_CODES:
                 await self._drop()  # try another TaskUpdater next time
             raise
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from leasesched.transport import SERVER_GONE_CODES
 from leasesched.v1 import scheduler_pb2 as pb
 from tests.cluster import LiveCluster, Report, check_invariants, wait_for
 
@@ -25,7 +26,8 @@ REPORT_FILE = Path(__file__).resolve().parents[2] / ".leasesched" / "chaos-repor
 
 class Load:
     """Schedules tasks from a background thread at a steady pace; every
-    accepted id is kept (a schedule retried after UNAVAILABLE keeps its key)."""
+    accepted id is kept (a schedule retried after UNAVAILABLE or a stopping
+    server's CANCELLED keeps its key)."""
 
     def __init__(self, cluster: LiveCluster, count: int, per_second: float, delayed_share: float = 0.2) -> None:
         self.cluster = cluster
@@ -68,7 +70,7 @@ class Load:
             try:
                 return self.cluster.schedule(seconds=seconds, delay_s=delay, key=key, retry_unavailable=False)
             except grpc.RpcError as err:
-                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                if err.code() not in SERVER_GONE_CODES and err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise
                 self.unavailable += 1
                 if time.monotonic() > deadline:

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from leasesched.v1 import scheduler_pb2 as pb
+from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from tests.chaos.test_chaos import Load, finish, running_on
 from tests.cluster import LiveCluster, wait_for
 from tests.observe import MetricsGroup, json_log_records, scrape
@@ -116,7 +117,8 @@ def test_sigterm_task_updater_under_load(make_cluster) -> None:
 
 
 def test_sigterm_task_service_under_load(make_cluster) -> None:
-    cluster: LiveCluster = make_cluster(triggers=2, workers=2, slots=8)
+    drain_s = 3.0
+    cluster: LiveCluster = make_cluster({"shutdown_drain_s": drain_s}, triggers=2, workers=2, slots=8)
     spare = cluster.group.start_serving("task-service", cluster.cfg)
     load = Load(cluster, count=200, per_second=40).start()
     wait_for(lambda: len(load.ids) >= 60, 30, "load to build up")
@@ -125,8 +127,21 @@ def test_sigterm_task_service_under_load(make_cluster) -> None:
     stopper = threading.Thread(target=sigterm, args=(victim,), daemon=True)
     stopper.start()
     # Like a load balancer: once the victim stops answering SERVING, clients go to the spare.
-    wait_for(lambda: not serving(victim), 20, "the stopping TaskService to leave SERVING")
+    wait_for(lambda: not serving(victim), 20, "the stopping TaskService to leave SERVING", interval=0.05)
+    left_serving = time.monotonic()
     old_channel = cluster._channel
+    assert old_channel is not None
+    # The drain: NOT_SERVING already, yet for a while a late client on the old
+    # connection is still answered (without it these calls get UNAVAILABLE or CANCELLED).
+    late_stub = pb_grpc.TaskServiceStub(old_channel)
+    answered = 0
+    while time.monotonic() < left_serving + drain_s / 2:
+        late = late_stub.PollTask(pb.PollTaskRequest(task_id=load.ids[0]), timeout=5)
+        assert late.task.task_id == load.ids[0]
+        answered += 1
+        time.sleep(0.05)
+    assert time.monotonic() < left_serving + drain_s, "too slow to tell whether the drain answered"
+    assert answered >= 3
     cluster.task_service, cluster._channel = spare, None
     stopper.join(TERMINATE_TIMEOUT_S + 15)
     assert not stopper.is_alive()
