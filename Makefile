@@ -7,15 +7,19 @@ BIN    := $(VENV)/bin
 PROTOS := $(wildcard proto/leasesched/v1/*.proto)
 GEN    := leasesched/v1/scheduler_pb2.py
 
-.PHONY: run test proto setup deps infra-up infra-down clean bench
+.PHONY: run test typecheck proto setup deps infra-up infra-down clean bench
 
 ## run: install everything, start the local system and show it working (Ctrl-C stops it)
 run: setup
 	$(BIN)/leasesched local up
 
-## test: the whole test suite; starts the Cassandra and ZooKeeper it needs itself
-test: setup
+## test: the type check, then the whole test suite; starts the Cassandra and ZooKeeper it needs itself
+test: setup typecheck
 	$(BIN)/python -m pytest -ra
+
+## typecheck: mypy over the product's packages (settings in pyproject.toml)
+typecheck: setup
+	$(BIN)/mypy
 
 ## proto: regenerate the gRPC code from proto/
 proto: $(BIN)/python

@@ -20,7 +20,7 @@ def dur(ms: int) -> Duration:
     return Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
 
 
-def status_to_pb(status: TaskStatus) -> int:
+def status_to_pb(status: TaskStatus) -> pb.TaskStatus:
     return pb.TaskStatus.Value(status.value)
 
 

@@ -33,7 +33,7 @@ CODES: dict[type[errors.SchedulerError], grpc.StatusCode] = {
 def code_for(exc: errors.SchedulerError) -> grpc.StatusCode:
     for kind in type(exc).__mro__:
         if kind in CODES:
-            return CODES[kind]  # type: ignore[index]
+            return CODES[kind]
     return grpc.StatusCode.UNKNOWN
 
 

@@ -28,11 +28,11 @@ log = logging.getLogger(__name__)
 
 # Called with (task_id, shard) after an immediate task is stored: a hint to the
 # shard's trigger so the task is dispatched in milliseconds, not at the next scan.
-DueNotifier = Callable[[str, int], Awaitable[None]]
+DueHint = Callable[[Task], Awaitable[None]]  # tells the shard's trigger about a task due now
 
 
 class TaskService(pb_grpc.TaskServiceServicer):
-    def __init__(self, cfg: Config, lifecycle: Lifecycle, shards: int, notify_due: DueNotifier | None = None) -> None:
+    def __init__(self, cfg: Config, lifecycle: Lifecycle, shards: int, notify_due: DueHint | None = None) -> None:
         self._cfg = cfg
         self._lifecycle = lifecycle
         self._shards = shards

@@ -176,14 +176,14 @@ class Dispatcher:
     def drop_shards(self, keep: frozenset[int]) -> None:
         """Forget tasks of shards this trigger no longer owns; their new owner
         re-reads them from its checkpoint."""
-        for key, heap in list(self._heaps.items()):
+        for group, heap in list(self._heaps.items()):
             kept = [r for r in heap if r.shard in keep]
             for r in heap:
                 if r.shard not in keep:
                     self._queued.discard(r.key)
                     r.on_done()
             heapq.heapify(kept)
-            self._heaps[key] = kept
+            self._heaps[group] = kept
         for key, (ready, timer, _) in list(self._inflight.items()):
             if ready.shard not in keep:
                 timer.cancel()

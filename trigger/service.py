@@ -38,6 +38,7 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("kind") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of Subscribe must be a Hello")
+            return  # abort raised already; this tells the type checker
         hello = first.hello
         if not hello.worker_id or not hello.task_types or len(hello.task_types) > MAX_TYPES:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello needs a worker_id and 1-{MAX_TYPES} task_types")

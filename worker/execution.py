@@ -177,7 +177,8 @@ class Execution:
                     wait = min(wait, started + start_to_close - now)
                 if cancel_deadline:
                     wait = min(wait, cancel_deadline - now)
-                await asyncio.wait({body, release_wait}, timeout=max(0.001, wait), return_when=asyncio.FIRST_COMPLETED)
+                waiters: set[asyncio.Future[Any]] = {body, release_wait}
+                await asyncio.wait(waiters, timeout=max(0.001, wait), return_when=asyncio.FIRST_COMPLETED)
             outcome = body.result()
             if self._cancel_requested:
                 return Outcome("cancelled")  # the handler stopped after the request

@@ -14,18 +14,13 @@ from leasesched.coordination import cluster_meta, registry, zk
 
 def _ranges(shards: list[int]) -> str:
     """[0,1,2,5,7,8] → '0-2,5,7-8'."""
-    out, start, prev = [], None, None
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive shards
     for s in sorted(shards):
-        if start is None:
-            start = prev = s
-        elif s == prev + 1:
-            prev = s
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
         else:
-            out.append(f"{start}-{prev}" if start != prev else f"{start}")
-            start = prev = s
-    if start is not None:
-        out.append(f"{start}-{prev}" if start != prev else f"{start}")
-    return ",".join(out) or "-"
+            runs.append([s, s])
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs) or "-"
 
 
 @click.group()
@@ -62,10 +57,11 @@ def status(cfg: Config, as_json: bool, count_limit: int) -> None:
     except Exception as exc:  # noqa: BLE001 - show what we can
         counts = f"unavailable: {exc}"
     owned = sorted(s for data in roles["trigger"].values() for s in data.get("shards", []))
+    without_owner = sorted(set(range(meta.logical_shards)) - set(owned))
     report = {
         "logical_shards": meta.logical_shards,
         "shards_owned": len(set(owned)),
-        "shards_without_owner": sorted(set(range(meta.logical_shards)) - set(owned)),
+        "shards_without_owner": without_owner,
         "services": roles,
         "tasks_by_status": counts,
     }
@@ -73,8 +69,8 @@ def status(cfg: Config, as_json: bool, count_limit: int) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"logical shards: {meta.logical_shards}, owned: {report['shards_owned']}")
-    if report["shards_without_owner"]:
-        click.echo(f"  WITHOUT OWNER: {_ranges(report['shards_without_owner'])}")
+    if without_owner:
+        click.echo(f"  WITHOUT OWNER: {_ranges(without_owner)}")
     for address, data in sorted(roles["trigger"].items()):
         click.echo(f"trigger {address}: {len(data.get('shards', []))} shards ({_ranges(data.get('shards', []))})")
     for role in ("task-service", "task-updater"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -57,7 +58,7 @@ def _range(text: str, kind: type = float) -> tuple:  # "1-10" or "5"
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON on stdout.")
 @click.pass_obj
-def loadtest(cfg: Config, delay: str, priorities: str, quiet: bool, as_json: bool, **kw: object) -> None:
+def loadtest(cfg: Config, delay: str, priorities: str, quiet: bool, as_json: bool, **kw: Any) -> None:
     """Open-loop load test: rates, latency, dispatch lag, lost tasks, overlaps, store efficiency."""
     from leasesched.loadtest.report import text_summary
     from leasesched.loadtest.runner import LoadOptions, LoadTest
@@ -76,7 +77,7 @@ def loadtest(cfg: Config, delay: str, priorities: str, quiet: bool, as_json: boo
         local=kw["local"], target=kw["target"], ledger=kw["ledger"], triggers=kw["triggers"],
         workers=kw["workers"], slots=kw["slots"], start_infra=kw["start_infra"], stop_infra=kw["stop_infra"],
         keep_data=kw["keep_data"], results_dir=kw["results_dir"], label=kw["label"],
-    )  # type: ignore[arg-type]  # fmt: skip
+    )  # fmt: skip
     report = LoadTest(opts, cfg).run()
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))

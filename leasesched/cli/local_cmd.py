@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import click
 import grpc
@@ -61,9 +62,9 @@ def local_tokens(cfg: Config) -> dict[str, str]:
         store = CassandraStore(cfg)
         await store.connect()
         try:
-            tokens = {}
+            tokens: dict[str, str] = {}
             for role in ("admin", "worker", "client"):
-                plaintext = saved.get(role)
+                plaintext = saved.get(role, "")
                 record = await store.get_token(parse(plaintext)[0]) if plaintext else None
                 if record is None or record.revoked:
                     plaintext, record = new_token("default", role, name=f"local {role}")
@@ -80,7 +81,7 @@ def local_tokens(cfg: Config) -> dict[str, str]:
     return tokens
 
 
-def _demo(cfg: Config, say: "click.echo") -> None:  # type: ignore[valid-type]
+def _demo(cfg: Config, say: Callable[[str], None]) -> None:
     target = cfg.task_service_target
     if not _wait_serving(target, 60, cfg):
         say("demo: TaskService did not come up; see the output above")

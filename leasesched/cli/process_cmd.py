@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import click
 
@@ -20,7 +21,7 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("kazoo").setLevel(logging.WARNING)
 
 
-def observability_options(command):  # type: ignore[no-untyped-def]
+def observability_options(command: Any) -> Any:
     """``--metrics-port`` and ``--log-format``, shared by every process command."""
     command = click.option(
         "--metrics-port", type=int, default=None,

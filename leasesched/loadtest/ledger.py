@@ -64,7 +64,7 @@ class LedgerTail:
 
 
 def read(path: Path) -> list[dict[str, Any]]:
-    records = []
+    records: list[dict[str, Any]] = []
     if not path.exists():
         return records
     with open(path, "rb") as f:

@@ -97,6 +97,7 @@ class LoadTest:
         self.o = opts
         self.cfg = cfg
         self.run_id = uuid.uuid4().hex[:8]
+        self.infra_pids: dict[str, int] = {}
         name = f"{_now_tag()}-{opts.label or 'run'}-{self.run_id}"
         self.folder = Path(opts.results_dir).resolve() / name
         self.cluster: Any = None
@@ -180,7 +181,7 @@ class LoadTest:
 
     def _run(self) -> dict[str, Any]:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.infra_pids: dict[str, int] = {}
+        self.infra_pids = {}
         load_before = os.getloadavg()
         started = time.time()
         try:
@@ -233,12 +234,14 @@ class LoadTest:
             for task_id in self.accepted:
                 sent, run_at, immediate = self.tasks[task_id]
                 view = self.final.get(task_id)
-                ok = isinstance(view, pb.TaskView)
                 start = first.get(task_id)
+                finished: int | str = ""
+                status = str(view)  # not a TaskView: what the final read answered instead
+                if isinstance(view, pb.TaskView):
+                    finished = view.finished_at.ToMilliseconds() if view.HasField("finished_at") else ""
+                    status = pb.TaskStatus.Name(view.status)
                 w.writerow([
-                    task_id, int(immediate), int(sent * 1000), run_at, int(start * 1000) if start else "",
-                    view.finished_at.ToMilliseconds() if ok and view.HasField("finished_at") else "",
-                    pb.TaskStatus.Name(view.status) if ok else str(view),
+                    task_id, int(immediate), int(sent * 1000), run_at, int(start * 1000) if start else "", finished, status,
                 ])  # fmt: skip
         self.report["files"]["tasks"] = str(path)
 

@@ -655,7 +655,7 @@ class _Inbox:
 
 @functools.lru_cache(maxsize=512)
 def _row_class(colnames: tuple[str, ...]) -> Any:
-    return collections.namedtuple("Row", [_clean_column_name(c) for c in colnames])  # type: ignore[misc]
+    return collections.namedtuple("Row", [_clean_column_name(c) for c in colnames])
 
 
 def cached_named_tuple_factory(colnames: list[str], rows: list[Any]) -> list[Any]:
