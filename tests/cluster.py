@@ -103,7 +103,7 @@ class LiveCluster:
         for _ in range(workers):
             self.start_worker(slots)
         self.wait_all_shards_owned()
-        self.wait_workers_subscribed(workers * triggers)
+        self.wait_workers_subscribed()
         return self
 
     def start_trigger(self) -> RunningProcess:
@@ -152,10 +152,20 @@ class LiveCluster:
 
         return wait_for(check, timeout, "every shard to have exactly one owner")
 
-    def wait_workers_subscribed(self, streams: int, timeout: float = 20) -> None:
-        """Workers register once their trigger links are up; give them a moment to subscribe."""
-        wait_for(lambda: len(self.zk_members("worker")) >= len(self.workers), timeout, "workers to register")
-        time.sleep(1.5)  # the worker's trigger follower runs every second
+    def wait_workers_subscribed(self, timeout: float = 20) -> None:
+        """Every running worker holds a stream to every running trigger: each
+        trigger publishes the workers subscribed to it in its registration."""
+
+        def check() -> bool:
+            workers = set(self.zk_members("worker"))
+            triggers = self.zk_members("trigger")
+            return (
+                len(workers) >= sum(1 for w in self.workers if w.is_running())
+                and len(triggers) >= sum(1 for t in self.triggers if t.is_running())
+                and all(workers <= set(data.get("workers", [])) for data in triggers.values())
+            )
+
+        wait_for(check, timeout, "every worker to subscribe to every trigger")
 
     # ------------------------------------------------------------ client
 

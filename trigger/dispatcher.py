@@ -88,12 +88,15 @@ def _fields(ready: Ready, worker: str | None = None) -> dict[str, object]:
 
 # Decides, after the claim timeout, whether a dispatched task is still unclaimed.
 ClaimCheck = Callable[[Ready], Awaitable[bool]]
+# Told the ids of the subscribed workers whenever a stream comes or goes.
+WorkersChanged = Callable[[list[str]], None]
 
 
 class Dispatcher:
-    def __init__(self, claim_timeout_s: float, still_unclaimed: ClaimCheck) -> None:
+    def __init__(self, claim_timeout_s: float, still_unclaimed: ClaimCheck, on_workers: WorkersChanged | None = None) -> None:
         self._claim_timeout_s = claim_timeout_s
         self._still_unclaimed = still_unclaimed
+        self._on_workers = on_workers
         self._heaps: dict[tuple[str, str], list[Ready]] = {}
         self._links: set[WorkerLink] = set()
         self._inflight: dict[Key, tuple[Ready, asyncio.TimerHandle, WorkerLink]] = {}
@@ -109,6 +112,7 @@ class Dispatcher:
         link = WorkerLink(worker_id, namespace, types, max(0, credits))
         self._links.add(link)
         log.info("worker %s subscribed for %s/%s with %d slots", worker_id, namespace, sorted(types), credits)
+        self._workers_changed()
         self._drain(link)
         return link
 
@@ -119,6 +123,7 @@ class Dispatcher:
             dispatch = link.outbox.get_nowait()
             self.returned(uuid.UUID(dispatch.task_id))
         log.info("worker %s unsubscribed", link.worker_id)
+        self._workers_changed()
 
     def set_credits(self, link: WorkerLink, slots: int) -> None:
         link.credits = max(0, slots) - link.outbox.qsize()
@@ -199,6 +204,10 @@ class Dispatcher:
         }
 
     # ------------------------------------------------------------ internals
+
+    def _workers_changed(self) -> None:
+        if self._on_workers is not None:
+            self._on_workers(sorted({link.worker_id for link in self._links}))
 
     def _pick(self, ready: Ready) -> WorkerLink | None:
         best: WorkerLink | None = None

@@ -3,7 +3,8 @@
 Joins the ZooKeeper partition of logical shards, runs one ``ShardScanner`` per
 owned shard, and serves TriggerService (worker subscriptions, due hints).
 Its ZooKeeper registration carries the shards it owns, so TaskService knows
-where to send due hints and ``leasesched cluster status`` can show them.
+where to send due hints, and the workers subscribed to it; ``leasesched
+cluster status`` shows both (``announcer.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services import bootstrap
 from services.auth_setup import make_authenticator
 from services.server import build_server, stop_signal, wait_for_stop_signal
-from trigger.dispatcher import Dispatcher, Ready
+from trigger.announcer import Announcer
+from trigger.dispatcher import Dispatcher, Ready, WorkersChanged
 from trigger.ownership import ShardOwnership
 from trigger.scanner import ScanSettings, ShardScanner
 from trigger.service import TriggerService
@@ -36,11 +38,13 @@ log = logging.getLogger(__name__)
 class Trigger:
     """Owned shards → running scanners; everything on one asyncio loop."""
 
-    def __init__(self, cfg: Config, lifecycle: Lifecycle, settings: ScanSettings) -> None:
+    def __init__(
+        self, cfg: Config, lifecycle: Lifecycle, settings: ScanSettings, on_workers: WorkersChanged | None = None
+    ) -> None:
         self._cfg = cfg
         self._lifecycle = lifecycle
         self._settings = settings
-        self.dispatcher = Dispatcher(cfg.claim_timeout_s, self._still_unclaimed)
+        self.dispatcher = Dispatcher(cfg.claim_timeout_s, self._still_unclaimed, on_workers)
         self._scanners: dict[int, tuple[ShardScanner, asyncio.Task[None]]] = {}
         self._hints: set[asyncio.Task[None]] = set()
         self.owned: frozenset[int] = frozenset()
@@ -123,7 +127,8 @@ async def serve(cfg: Config, port: int) -> None:
         start_ms=meta.created_at_ms,
         checkpoint_every_s=cfg.checkpoint_interval_s,
     )
-    trigger = Trigger(cfg, lifecycle, settings)
+    announcer = Announcer()
+    trigger = Trigger(cfg, lifecycle, settings, on_workers=announcer.set_workers)
     # Read at scrape time: nothing on the dispatch path.
     metrics.shards_owned.set_function(lambda: len(trigger.owned))
     metrics.dispatch_queued.set_function(lambda: trigger.dispatcher.stats()["queued"])
@@ -138,16 +143,16 @@ async def serve(cfg: Config, port: int) -> None:
     )
     await server.server.start()
     address = f"{cfg.bind_host}:{server.port}"
-    registration = registry.Registration(client, cfg.zk_root, "trigger", address, {"shards": []})
+    registration = registry.Registration(client, cfg.zk_root, "trigger", address, announcer.data())
     await asyncio.to_thread(registration.start)
+    announcer.start(registration)
     loop = asyncio.get_running_loop()
 
     def on_owned(owned: frozenset[int]) -> None:
         # Called from kazoo's threads: hop onto the loop, then publish.
         def apply() -> None:
             trigger.set_owned(owned)
-            publish = asyncio.to_thread(_publish_shards, registration, owned)
-            asyncio.ensure_future(publish)
+            announcer.set_shards(owned)
 
         loop.call_soon_threadsafe(apply)
 
@@ -169,15 +174,9 @@ async def serve(cfg: Config, port: int) -> None:
         await server.set_serving(False)
         trigger.stop()
         await asyncio.to_thread(ownership.stop)
+        await announcer.stop()
         await asyncio.to_thread(registration.close)
         service.close()  # end the workers' streams; NotifyDue calls get the grace
         await server.server.stop(grace=cfg.shutdown_grace_s)
         await core.close()
         log.info("trigger stopped")
-
-
-def _publish_shards(registration: registry.Registration, owned: frozenset[int]) -> None:
-    try:
-        registration.update({"shards": sorted(owned)})
-    except Exception as exc:  # noqa: BLE001 - re-published on the next change
-        log.debug("could not publish shards of %s: %s", registration.path, exc)

@@ -72,7 +72,8 @@ def status(cfg: Config, as_json: bool, count_limit: int) -> None:
     if without_owner:
         click.echo(f"  WITHOUT OWNER: {_ranges(without_owner)}")
     for address, data in sorted(roles["trigger"].items()):
-        click.echo(f"trigger {address}: {len(data.get('shards', []))} shards ({_ranges(data.get('shards', []))})")
+        shards, workers = data.get("shards", []), data.get("workers", [])
+        click.echo(f"trigger {address}: {len(shards)} shards ({_ranges(shards)}), {len(workers)} workers subscribed")
     for role in ("task-service", "task-updater"):
         for address in sorted(roles[role]):
             click.echo(f"{role} {address}")
