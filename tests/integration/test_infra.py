@@ -18,6 +18,7 @@ from kazoo.client import KazooClient
 
 from leasesched.infra.local import LocalInfra, zk_client_port
 from leasesched.infra.process import ManagedProcess
+from tests.cluster import wait_for
 
 # -- ManagedProcess ----------------------------------------------------------
 
@@ -49,9 +50,10 @@ def test_process_start_pause_resume_stop(tmp_path: Path) -> None:
 
 
 def test_process_stop_escalates_to_sigkill(tmp_path: Path) -> None:
-    proc = _sleeper(tmp_path, ["sh", "-c", "trap '' TERM; sleep 60 & wait"])
+    ready = tmp_path / "trap-installed"
+    proc = _sleeper(tmp_path, ["sh", "-c", f"trap '' TERM; touch {ready}; sleep 60 & wait"])
     proc.start()
-    time.sleep(0.3)  # let the shell install its trap
+    wait_for(ready.exists, 10, "the shell to install its trap")  # from then on SIGTERM is ignored
     started = time.monotonic()
     assert proc.stop(timeout=0.5)
     assert time.monotonic() - started < 5
