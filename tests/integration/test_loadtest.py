@@ -8,6 +8,7 @@ correctness figures (lost = 0, overlaps = 0) and its files.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -71,3 +72,11 @@ def test_loadtest_report_adds_up(infra: LocalInfra, tmp_path: Path) -> None:
     folder = Path(report["files"]["folder"])
     assert json.loads((folder / "report.json").read_text())["run"]["id"] == report["run"]["id"]
     assert (folder / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # tasks.csv: one row per accepted task, each finished after it started, which was not before it was due
+    # (50 ms of slack, as in the life-cycle tests: in-memory timers run on the monotonic clock, the columns are wall time).
+    with open(report["files"]["tasks"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == t["accepted"] and len({r["task_id"] for r in rows}) == len(rows)
+    for row in rows:
+        assert row["status"] == "SUCCEEDED", row
+        assert int(row["run_at_ms"]) - 50 <= int(row["first_start_ms"]) <= int(row["finished_ms"]) + 50, row
