@@ -146,7 +146,7 @@ def test_sigstop_worker_longer_than_its_lease(make_cluster) -> None:
 def test_kill9_trigger_under_load(make_cluster) -> None:
     cluster = make_cluster(triggers=2, workers=2, slots=8)
     load = Load(cluster, count=300, per_second=40, delayed_share=0.4).start()
-    time.sleep(2.0)  # let load build up in both triggers' shards
+    wait_for(lambda: len(load.ids) >= 80, 30, "load to build up in both triggers' shards")
     victim, survivor = cluster.triggers
     cluster.kill9(victim)
     cluster.wait_all_shards_owned(timeout=30, by={survivor.target})
@@ -156,7 +156,7 @@ def test_kill9_trigger_under_load(make_cluster) -> None:
 def test_zookeeper_restart_under_load(make_cluster, infra) -> None:
     cluster = make_cluster(triggers=2, workers=2, slots=8)
     load = Load(cluster, count=300, per_second=40).start()
-    time.sleep(2.0)
+    wait_for(lambda: len(load.ids) >= 80, 30, "load to build up")
     try:
         infra.zookeeper.stop()
         time.sleep(3.0)  # the outage itself
@@ -170,7 +170,7 @@ def test_zookeeper_restart_under_load(make_cluster, infra) -> None:
 def test_cassandra_down_for_seconds_under_load(make_cluster, infra) -> None:
     cluster = make_cluster(triggers=2, workers=2, slots=8)
     load = Load(cluster, count=300, per_second=30).start()
-    time.sleep(3.0)
+    wait_for(lambda: len(load.ids) >= 90, 30, "load to build up")
     try:
         infra.cassandra.stop()
         outage_started = time.monotonic()
