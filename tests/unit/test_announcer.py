@@ -5,26 +5,22 @@ newest shards and workers one write at a time, retrying after a failure."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
-import time
 from typing import Any
 
 import pytest
 
+from tests.unit import waiting
 from trigger import announcer as announcer_module
 from trigger.announcer import Announcer
 from trigger.dispatcher import Dispatcher, Ready
 
+wait_until = functools.partial(waiting.wait_until, timeout_s=5.0)
+
 
 async def _never_checked(ready: Ready) -> bool:
     raise AssertionError("no claim check expected")
-
-
-async def wait_until(condition: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 class Registration:
@@ -50,6 +46,17 @@ class Registration:
             self.writes.append(data)
         finally:
             self._busy.release()
+
+
+async def stuck_in_first_write(shards: list[int]) -> tuple[Announcer, Registration]:
+    """A started announcer whose first write (of ``shards``) is under way and held at the gate."""
+    announcer = Announcer()
+    registration = Registration()
+    registration.gate.clear()
+    announcer.start(registration)
+    announcer.set_shards(shards)
+    await wait_until(registration.entered.is_set)
+    return announcer, registration
 
 
 async def test_dispatcher_reports_the_subscribed_workers_once_per_worker() -> None:
@@ -81,13 +88,8 @@ async def test_announcer_writes_changes_made_before_start_first() -> None:
 
 
 async def test_changes_during_a_slow_write_end_in_one_write_of_the_newest_state() -> None:
-    announcer = Announcer()
-    registration = Registration()
-    registration.gate.clear()
-    announcer.start(registration)
+    announcer, registration = await stuck_in_first_write([0])
     try:
-        announcer.set_shards([0])
-        await wait_until(registration.entered.is_set)  # the first write is under way, and stuck
         for n in range(2, 30):
             announcer.set_shards(range(n))
             announcer.set_workers([f"w{i}" for i in range(n % 4)])
@@ -114,12 +116,7 @@ async def test_announcer_retries_a_failed_write_with_the_newest_data(monkeypatch
 
 
 async def test_stop_waits_for_the_write_under_way_and_writes_nothing_after() -> None:
-    announcer = Announcer()
-    registration = Registration()
-    registration.gate.clear()
-    announcer.start(registration)
-    announcer.set_shards([1])
-    await wait_until(registration.entered.is_set)
+    announcer, registration = await stuck_in_first_write([1])
     announcer.set_shards([1, 2])  # pending behind the stuck write
     stopping = asyncio.ensure_future(announcer.stop())
     await asyncio.sleep(0)

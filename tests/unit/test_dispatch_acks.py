@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
 
 from leasesched.lifecycle import Lifecycle, lease_entry
 from leasesched.model import DueEntry, Task, now_ms
 from leasesched.store.memory import MemoryStore
+from tests.unit.waiting import wait_until
 from trigger.dispatcher import Dispatcher, Ready
 from trigger.scanner import ScanSettings, ShardScanner
 
@@ -99,13 +99,6 @@ async def running_task(store: MemoryStore, lease_ms: int) -> tuple[Task, int]:
     await life.schedule(task)
     lease = await life.claim(task.task_id, "w1", attempt=1)
     return task, lease.token
-
-
-async def wait_until(predicate: Any, timeout_s: float = 2.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_lease_check_of_a_finished_lease_needs_no_read() -> None:
