@@ -89,7 +89,7 @@ def _fields(ready: Ready, worker: str | None = None) -> dict[str, object]:
 # Decides, after the claim timeout, whether a dispatched task is still unclaimed.
 ClaimCheck = Callable[[Ready], Awaitable[bool]]
 # Told the ids of the subscribed workers whenever a stream comes or goes.
-WorkersChanged = Callable[[list[str]], None]
+WorkersChanged = Callable[[set[str]], None]
 
 
 class Dispatcher:
@@ -207,7 +207,7 @@ class Dispatcher:
 
     def _workers_changed(self) -> None:
         if self._on_workers is not None:
-            self._on_workers(sorted({link.worker_id for link in self._links}))
+            self._on_workers({link.worker_id for link in self._links})
 
     def _pick(self, ready: Ready) -> WorkerLink | None:
         best: WorkerLink | None = None

@@ -60,18 +60,18 @@ async def stuck_in_first_write(shards: list[int]) -> tuple[Announcer, Registrati
 
 
 async def test_dispatcher_reports_the_subscribed_workers_once_per_worker() -> None:
-    seen: list[list[str]] = []
+    seen: list[set[str]] = []
     dispatcher = Dispatcher(1.0, _never_checked, on_workers=seen.append)
     a1 = dispatcher.connect("worker-a", "ns", frozenset({"t"}), 1)
     a2 = dispatcher.connect("worker-a", "ns", frozenset({"t"}), 1)  # a second stream of the same worker
     b = dispatcher.connect("worker-b", "ns", frozenset({"t"}), 1)
-    assert seen[-1] == ["worker-a", "worker-b"]
+    assert seen[-1] == {"worker-a", "worker-b"}
     dispatcher.disconnect(a1)
-    assert seen[-1] == ["worker-a", "worker-b"]  # worker-a still has a stream
+    assert seen[-1] == {"worker-a", "worker-b"}  # worker-a still has a stream
     dispatcher.disconnect(a2)
-    assert seen[-1] == ["worker-b"]
+    assert seen[-1] == {"worker-b"}
     dispatcher.disconnect(b)
-    assert seen[-1] == []
+    assert seen[-1] == set()
 
 
 async def test_announcer_writes_changes_made_before_start_first() -> None:
