@@ -65,13 +65,20 @@ class Bound:
         return value
 
     def describe(self) -> str:
-        return f"{_show(self.low, self.unit)}..{_show(self.high, self.unit)}"
+        """The range as a message shows it: '0..31622400 s', '1..10000'."""
+        return f"{_number(self.low, self.unit)}..{_show(self.high, self.unit)}"
+
+
+def _number(value: int | float, unit: str) -> str:
+    if unit == "ms":
+        return f"{value / 1000:.3f}".rstrip("0").rstrip(".")
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _show(value: int | float, unit: str) -> str:
     if unit == "ms":
-        return f"{value / 1000:g} s"
-    return f"{value:g}" if isinstance(value, float) else f"{value}{' ' + unit if unit else ''}"
+        return f"{_number(value, unit)} s"
+    return f"{_number(value, unit)}{' ' + unit if unit else ''}"
 
 
 # ---------------------------------------------------------------- durations

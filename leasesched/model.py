@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,7 +37,10 @@ class RetryPolicy:
         ``jitter`` in [0, 1) shortens the delay by up to 20 %, so a burst of
         tasks failing together does not retry in lock-step; tests pass 0.
         """
-        raw = self.initial_interval_ms * self.backoff_coefficient ** max(0, failed_attempt - 1)
+        try:
+            raw = self.initial_interval_ms * self.backoff_coefficient ** max(0, failed_attempt - 1)
+        except OverflowError:  # coefficient ** attempts past a float: the cap applies anyway
+            raw = math.inf
         capped = min(raw, float(self.maximum_interval_ms))
         return int(capped * (1.0 - 0.2 * jitter))
 

@@ -1,8 +1,11 @@
 """ScheduleTask validation: a request either becomes a complete ``Task`` or is
-refused with a message that names the field and what was wrong.
+refused with a message that names the field, the value and the limit.
 
 Validation happens before any write, so a bad request can never leave a
-half-written task behind.
+half-written task behind, nor use up its idempotency key. Every bound comes
+from ``leasesched.limits``, where each is derived from what the store can hold
+after the arithmetic done on it (now + delay + schedule_to_close, backoff
+growth, due-index TTLs).
 
 Decision: "unknown task type" means malformed unless the operator configures
 an allow-list (``allowed_task_types``); a scheduler must accept tasks for
@@ -12,38 +15,58 @@ workers that are not deployed yet, so the default accepts any well-formed type.
 from __future__ import annotations
 
 import hashlib
-import re
+import math
 import uuid
 
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
+from leasesched import limits
 from leasesched.config import Config
 from leasesched.errors import InvalidArgument
 from leasesched.model import RetryPolicy, Task, Timeouts, shard_of
 from leasesched.v1 import scheduler_pb2 as pb
 
-NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-TYPE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,127}$")
-KEY_RE = re.compile(r"^[\x21-\x7e]{1,256}$")  # printable ASCII, no spaces
-MAX_NON_RETRYABLE = 32
-MAX_LEASE_MS = 3600_000
-MIN_LEASE_MS = 1000
+# Re-exported for the callers that checked names against them.
+NAMESPACE_RE = limits.NAMESPACE_RE
+TYPE_RE = limits.TYPE_RE
+KEY_RE = limits.KEY_RE
 
 
-def _duration_ms(d: Duration, field: str) -> int:
+def duration_ms(d: Duration, bound: limits.Bound, field: str) -> int:
+    """A protobuf Duration in ms, within ``bound`` (a proto Duration's seconds
+    and nanos must have the same sign, nanos below one second)."""
     if d.seconds < 0 or d.nanos < 0 or d.nanos >= 1_000_000_000:
-        raise InvalidArgument(f"{field} must be a non-negative duration")
-    return d.seconds * 1000 + d.nanos // 1_000_000
+        raise InvalidArgument(f"{field} must be a non-negative duration (seconds >= 0, 0 <= nanos < 1e9)")
+    ms = d.seconds * 1000 + d.nanos // 1_000_000
+    bound.check(ms, field)
+    return ms
+
+
+def timestamp_ms(t: Timestamp, field: str) -> int:
+    if t.nanos < 0 or t.nanos >= 1_000_000_000:
+        raise InvalidArgument(f"{field} is not a valid timestamp (0 <= nanos < 1e9)")
+    return t.seconds * 1000 + t.nanos // 1_000_000
 
 
 def check_namespace(namespace: str) -> str:
     if not namespace:
         raise InvalidArgument("namespace is required")
-    if not NAMESPACE_RE.match(namespace):
+    if not limits.matches(limits.NAMESPACE_RE, namespace):
         raise InvalidArgument(
             f"namespace {namespace[:80]!r} is invalid: 1-64 characters of letters, digits, '_', '.', '-'"
         )
     return namespace
+
+
+def check_type(value: str, field: str = "type") -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    if not limits.matches(limits.TYPE_RE, value):
+        raise InvalidArgument(
+            f"{field} {value[:80]!r} is invalid: start with a letter, then up to 127 of letters, digits, '_', '.', ':', '-'"
+        )
+    return value
 
 
 def check_task_id(task_id: str) -> uuid.UUID:
@@ -58,16 +81,15 @@ def request_hash(request: pb.ScheduleTaskRequest) -> bytes:
     return hashlib.sha256(request.task.SerializeToString(deterministic=True)).digest()
 
 
+def schedule_ahead_ms(cfg: Config) -> int:
+    """How far ahead a task may be scheduled: the operator's setting, never past the hard bound."""
+    return min(int(cfg.max_schedule_ahead_s * 1000), int(limits.SCHEDULE_AHEAD.high))
+
+
 def validate_schedule(request: pb.ScheduleTaskRequest, cfg: Config, shards: int, now: int) -> Task:
     spec = request.task
     namespace = check_namespace(spec.namespace)
-
-    if not spec.type:
-        raise InvalidArgument("type is required")
-    if not TYPE_RE.match(spec.type):
-        raise InvalidArgument(
-            f"type {spec.type[:80]!r} is invalid: start with a letter, then up to 127 of letters, digits, '_', '.', ':', '-'"
-        )
+    check_type(spec.type)
     allowed = {t.strip() for t in cfg.allowed_task_types.split(",") if t.strip()}
     if allowed and spec.type not in allowed:
         raise InvalidArgument(f"type {spec.type!r} is unknown (allowed: {', '.join(sorted(allowed))})")
@@ -75,44 +97,37 @@ def validate_schedule(request: pb.ScheduleTaskRequest, cfg: Config, shards: int,
     if len(spec.payload) > cfg.max_payload_bytes:
         raise InvalidArgument(f"payload is {len(spec.payload)} bytes, over the limit of {cfg.max_payload_bytes}")
 
-    if request.idempotency_key and not KEY_RE.match(request.idempotency_key):
+    if request.idempotency_key and not limits.matches(limits.KEY_RE, request.idempotency_key):
         raise InvalidArgument("idempotency_key must be 1-256 printable ASCII characters without spaces")
 
     if spec.has_priority or spec.priority != 0:
-        if not 0 <= spec.priority <= 9:
-            raise InvalidArgument(f"priority {spec.priority} is out of range 0..9")
-        priority = spec.priority
+        priority = int(limits.PRIORITY.check(spec.priority))
     else:
         priority = 5
 
+    ahead = schedule_ahead_ms(cfg)
     which = spec.WhichOneof("when")
     if which == "run_at":
-        if spec.run_at.nanos < 0 or spec.run_at.nanos >= 1_000_000_000:
-            raise InvalidArgument("run_at is not a valid timestamp")
-        run_at = spec.run_at.seconds * 1000 + spec.run_at.nanos // 1_000_000
+        run_at = timestamp_ms(spec.run_at, "run_at")
         if run_at < now - cfg.max_schedule_behind_s * 1000:
             raise InvalidArgument(
                 f"run_at is more than {cfg.max_schedule_behind_s:.0f} s in the past; use a delay of 0 to run now"
             )
-        if run_at > now + cfg.max_schedule_ahead_s * 1000:
-            raise InvalidArgument(f"run_at is more than {cfg.max_schedule_ahead_s:.0f} s in the future")
+        if run_at > now + ahead:
+            raise InvalidArgument(f"run_at is more than {ahead // 1000} s in the future (the limit is max_schedule_ahead_s)")
     elif which == "delay":
-        delay = _duration_ms(spec.delay, "delay")
-        if delay > cfg.max_schedule_ahead_s * 1000:
-            raise InvalidArgument(f"delay is more than {cfg.max_schedule_ahead_s:.0f} s")
+        delay = duration_ms(spec.delay, limits.Bound("delay", 0, ahead, "ms", "max_schedule_ahead_s"), "delay")
         run_at = now + delay
     else:
         run_at = now
 
     retry = _validate_retry(spec.retry_policy, cfg)
     timeouts = Timeouts(
-        schedule_to_start_ms=_duration_ms(spec.timeouts.schedule_to_start, "timeouts.schedule_to_start"),
-        start_to_close_ms=_duration_ms(spec.timeouts.start_to_close, "timeouts.start_to_close"),
-        schedule_to_close_ms=_duration_ms(spec.timeouts.schedule_to_close, "timeouts.schedule_to_close"),
+        schedule_to_start_ms=duration_ms(spec.timeouts.schedule_to_start, limits.TIMEOUT, "timeouts.schedule_to_start"),
+        start_to_close_ms=duration_ms(spec.timeouts.start_to_close, limits.TIMEOUT, "timeouts.start_to_close"),
+        schedule_to_close_ms=duration_ms(spec.timeouts.schedule_to_close, limits.TIMEOUT, "timeouts.schedule_to_close"),
     )
-    lease_ms = _duration_ms(spec.lease_duration, "lease_duration") or int(cfg.default_lease_s * 1000)
-    if not MIN_LEASE_MS <= lease_ms <= MAX_LEASE_MS:
-        raise InvalidArgument(f"lease_duration must be between {MIN_LEASE_MS // 1000} s and {MAX_LEASE_MS // 1000} s")
+    lease_ms = _lease_ms(spec.lease_duration, cfg)
 
     task_id = uuid.uuid4()
     return Task(
@@ -132,22 +147,42 @@ def validate_schedule(request: pb.ScheduleTaskRequest, cfg: Config, shards: int,
     )
 
 
+def _lease_ms(d: Duration, cfg: Config) -> int:
+    if d.seconds == 0 and d.nanos == 0:
+        return int(cfg.default_lease_s * 1000)
+    if d.seconds < 0 or d.nanos < 0 or d.nanos >= 1_000_000_000:
+        raise InvalidArgument("lease_duration must be a non-negative duration")
+    ms = d.seconds * 1000 + d.nanos // 1_000_000
+    if not limits.LEASE.low <= ms <= limits.LEASE.high:
+        raise InvalidArgument(
+            f"lease_duration must be between {limits.LEASE.low // 1000} s and {limits.LEASE.high // 1000} s, not {ms / 1000:g} s"
+        )
+    return ms
+
+
+def max_attempts_limit(cfg: Config) -> int:
+    return min(cfg.max_attempts_limit, int(limits.MAX_ATTEMPTS.high))
+
+
 def _validate_retry(policy: pb.RetryPolicy, cfg: Config) -> RetryPolicy:
     attempts = policy.maximum_attempts or cfg.default_max_attempts
-    if not 1 <= attempts <= cfg.max_attempts_limit:
-        raise InvalidArgument(f"retry_policy.maximum_attempts {attempts} is out of range 1..{cfg.max_attempts_limit}")
-    initial = _duration_ms(policy.initial_interval, "retry_policy.initial_interval") or 1000
+    ceiling = max_attempts_limit(cfg)
+    if not 1 <= attempts <= ceiling:
+        raise InvalidArgument(f"retry_policy.maximum_attempts {attempts} is out of range 1..{ceiling}")
+    initial = duration_ms(policy.initial_interval, limits.RETRY_INTERVAL, "retry_policy.initial_interval") or 1000
     coefficient = policy.backoff_coefficient or 2.0
-    if not 1.0 <= coefficient <= 100.0:
-        raise InvalidArgument(f"retry_policy.backoff_coefficient {coefficient} is out of range 1..100")
-    maximum = _duration_ms(policy.maximum_interval, "retry_policy.maximum_interval") or initial * 100
+    if math.isnan(coefficient) or math.isinf(coefficient):
+        raise InvalidArgument(f"retry_policy.backoff_coefficient must be a finite number, not {coefficient}")
+    limits.BACKOFF_COEFFICIENT.check(coefficient)
+    maximum = duration_ms(policy.maximum_interval, limits.RETRY_INTERVAL, "retry_policy.maximum_interval")
+    if not maximum:
+        # Default: 100 × initial, but never past what a retry's due entry can hold.
+        maximum = min(initial * 100, int(limits.RETRY_INTERVAL.high))
     if maximum < initial:
         raise InvalidArgument("retry_policy.maximum_interval is shorter than initial_interval")
-    if len(policy.non_retryable_error_types) > MAX_NON_RETRYABLE:
-        raise InvalidArgument(f"retry_policy.non_retryable_error_types has over {MAX_NON_RETRYABLE} entries")
+    limits.NON_RETRYABLE_TYPES.check(len(policy.non_retryable_error_types), "retry_policy.non_retryable_error_types (entries)")
     for name in policy.non_retryable_error_types:
-        if not TYPE_RE.match(name):
-            raise InvalidArgument(f"retry_policy.non_retryable_error_types entry {name[:80]!r} is not a valid name")
+        check_type(name, "retry_policy.non_retryable_error_types entry")
     return RetryPolicy(
         initial_interval_ms=initial,
         backoff_coefficient=coefficient,

@@ -48,6 +48,7 @@ from cassandra.policies import (
 )
 from cassandra.query import PreparedStatement, _clean_column_name
 
+from leasesched import limits
 from leasesched.auth import TokenRecord
 from leasesched.config import Config
 from leasesched.model import DueEntry, RetryPolicy, Task, Timeouts, bucket_of
@@ -69,7 +70,6 @@ DAY_MS = 86_400_000
 # The write time (µs since the epoch) of a task row's plain creation: older
 # than the Paxos ballot of any conditional write, on any clock.
 CREATION_TIMESTAMP_US = 1
-DUE_TTL_EXTRA_S = 30 * 86_400  # keep index entries this long past their due time
 
 # Task field -> tasks column, for the fields that map one to one.
 _SIMPLE_COLUMNS = {
@@ -573,7 +573,7 @@ class CassandraStore:
 
     async def add_due(self, entry: DueEntry) -> None:
         bucket = bucket_of(entry.due_at, self._cfg.due_bucket_s)
-        ttl = max(0, (entry.due_at - int(time.time() * 1000)) // 1000) + DUE_TTL_EXTRA_S
+        ttl = limits.ttl_s(entry.due_at, int(time.time() * 1000))
         await self._run_plain(
             "add_due",
             (
