@@ -78,6 +78,13 @@ class Config:
     # Limits that keep one client from taking the services down.
     schedule_rate_per_namespace: float = 5000.0  # ScheduleTask tokens per second per namespace (0 = unlimited)
     schedule_burst: float = 10000.0
+    # ScheduleTask and CancelTask (writes) share the bucket above. PollTask and
+    # ListTasks (reads) have their own; a ListTasks page costs 1 token per 10 rows.
+    poll_rate_per_namespace: float = 10000.0  # read tokens per second per namespace (0 = unlimited)
+    poll_burst: float = 20000.0
+    # One namespace's share of task_service_max_concurrent_rpcs (0 = no share): a
+    # flood from one namespace cannot fill the whole cap and starve the others.
+    namespace_max_concurrent_rpcs: int = 32
     max_streams_per_worker: int = 4  # concurrent Subscribe streams per worker id, per trigger
     max_concurrent_rpcs: int = 4096  # per TaskUpdater / trigger process (streams count); beyond: RESOURCE_EXHAUSTED
     # Per TaskService process: about what it serves in ~0.3 s. Beyond, clients get

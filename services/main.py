@@ -18,7 +18,7 @@ from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services import bootstrap
 from services.auth_setup import make_authenticator
 from services.due_notifier import DueNotifier
-from services.rate_limit import RateLimiter, RateLimitInterceptor
+from services.rate_limit import QuotaInterceptor, Quotas
 from services.server import build_server, stop_signal, wait_for_stop_signal
 from services.task_service import TaskService
 from services.task_updater import TaskUpdater
@@ -41,9 +41,8 @@ async def serve(cfg: Config, role: str, port: int) -> None:
         await notifier.start()
         service: Any = TaskService(cfg, lifecycle, meta.logical_shards, notify_due=notifier)
         adders = [(pb_grpc.add_TaskServiceServicer_to_server, service, "leasesched.v1.TaskService")]
-        if cfg.schedule_rate_per_namespace > 0:
-            limiter = RateLimiter(cfg.schedule_rate_per_namespace, cfg.schedule_burst)
-            interceptors.append(RateLimitInterceptor(limiter))
+        # After authentication (build_server's order): quotas are per caller namespace.
+        interceptors.append(QuotaInterceptor(Quotas.from_config(cfg)))
     elif role == "task-updater":
         adders = [(pb_grpc.add_TaskUpdaterServicer_to_server, TaskUpdater(cfg, lifecycle), "leasesched.v1.TaskUpdater")]
     else:

@@ -1,25 +1,65 @@
-"""Per-namespace rate limits on ScheduleTask, as a server interceptor.
+"""Per-namespace quotas on every TaskService method, as a server interceptor.
 
-A token bucket per namespace: ``rate`` tokens a second, up to ``burst``
-saved. A call that finds the bucket empty is refused with RESOURCE_EXHAUSTED
-and told how long to wait (in the message and in the ``retry-after-ms``
-trailing metadata), before anything is written. Buckets are per server
-process: with N TaskService replicas the cluster-wide ceiling is N × rate.
+Why: the TaskService's concurrency cap (``task_service_max_concurrent_rpcs``)
+is shared by everyone. Without per-namespace quotas one namespace's flood
+fills it and every other namespace gets RESOURCE_EXHAUSTED. So each caller
+(see ``caller_of``) gets, per server process:
+
+* a **write** token bucket (ScheduleTask, CancelTask: 1 token each;
+  ``schedule_rate_per_namespace`` / ``schedule_burst``);
+* a **read** token bucket (PollTask: 1 token; ListTasks: 1 token per
+  ``LIST_ROWS_PER_TOKEN`` rows of the page it asks for;
+  ``poll_rate_per_namespace`` / ``poll_burst``);
+* a **share of the concurrency cap**: at most ``namespace_max_concurrent_rpcs``
+  of its calls in a handler at once.
+
+A call over any of them is refused at once with RESOURCE_EXHAUSTED, before
+anything is read or written; the message names the caller, the method group
+and the limit, and the ``retry-after-ms`` trailing metadata says how long to
+wait. Buckets are per process: with N TaskService replicas the cluster-wide
+ceiling is N × rate.
+
+The interceptor must run after authentication (``services.server.build_server``
+puts it there): the caller is the principal the auth interceptor stored.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, NoReturn
 
 import grpc
 
+from leasesched.auth import current_principal
+from leasesched.config import Config
 from services.unary_interceptor import Behavior, UnaryInterceptor
 
-SCHEDULE_METHOD = "/leasesched.v1.TaskService/ScheduleTask"
+SERVICE_PREFIX = "/leasesched.v1.TaskService/"
+SCHEDULE_METHOD = SERVICE_PREFIX + "ScheduleTask"
+CANCEL_METHOD = SERVICE_PREFIX + "CancelTask"
+POLL_METHOD = SERVICE_PREFIX + "PollTask"
+LIST_METHOD = SERVICE_PREFIX + "ListTasks"
+
+WRITE = "write"
+READ = "read"
+GROUP_OF_METHOD: dict[str, str] = {
+    SCHEDULE_METHOD: WRITE,
+    CANCEL_METHOD: WRITE,
+    POLL_METHOD: READ,
+    LIST_METHOD: READ,
+}
+GROUP_METHODS = {WRITE: "ScheduleTask/CancelTask", READ: "PollTask/ListTasks"}
+
 MAX_BUCKETS = 100_000
+# A ListTasks page of n rows costs ceil(n / 10) read tokens (a poll reads one
+# row, a page of 100 — the default — reads 100, possibly over several day partitions).
+LIST_ROWS_PER_TOKEN = 10
+LIST_DEFAULT_PAGE = 100  # what TaskService uses for page_size 0
+# The retry hint of a call refused for the concurrency share: no bucket says
+# when a slot frees; about one Cassandra round trip under load.
+CONCURRENCY_RETRY_MS = 50
 
 
 @dataclass
@@ -29,54 +69,200 @@ class TokenBucket:
     tokens: float
     updated: float
 
-    def take(self, now: float) -> float:
-        """0.0 when a token was taken, else the seconds until one is available."""
+    def take(self, now: float, cost: float = 1.0) -> float:
+        """0.0 when ``cost`` tokens were taken, else the seconds until they are available."""
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= cost:
+            self.tokens -= cost
             return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return (cost - self.tokens) / self.rate
 
 
 class RateLimiter:
+    """One token bucket per key, bounded in number (see ``MAX_BUCKETS``)."""
+
     def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._rate = rate
-        self._burst = max(1.0, burst)
+        self.rate = rate
+        self.burst = max(1.0, burst)
         self._clock = clock
         self._buckets: dict[str, TokenBucket] = {}
 
-    def wait_needed(self, key: str) -> float:
+    def wait_needed(self, key: str, cost: float = 1.0) -> float:
+        """0.0 when the call may go ahead (and is charged), else the seconds to wait.
+
+        A cost above the burst is charged as the whole burst: otherwise such a
+        call could never pass, however long the caller waited."""
+        cost = min(cost, self.burst)
         now = self._clock()
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= MAX_BUCKETS:
                 self._buckets.clear()  # bounded memory; a reset only ever lets more through
-            bucket = self._buckets[key] = TokenBucket(self._rate, self._burst, self._burst, now)
-        return bucket.take(now)
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, self.burst, now)
+        return bucket.take(now, cost)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
-class RateLimitInterceptor(UnaryInterceptor):
-    def __init__(self, limiter: RateLimiter) -> None:
+class ConcurrencyShare:
+    """How many calls each key has in a handler; at most ``limit`` per key.
+
+    Only keys with calls in progress are kept, so the table is never larger
+    than the server's concurrency cap."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[str, int] = {}
+
+    def try_acquire(self, key: str) -> bool:
+        held = self._held.get(key, 0)
+        if held >= self.limit:
+            return False
+        self._held[key] = held + 1
+        return True
+
+    def release(self, key: str) -> None:
+        held = self._held.get(key, 0) - 1
+        if held > 0:
+            self._held[key] = held
+        else:
+            self._held.pop(key, None)
+
+    def held(self, key: str) -> int:
+        return self._held.get(key, 0)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Whose quota a call uses: ``key`` indexes the buckets, ``label`` is for messages."""
+
+    key: str
+    label: str
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> Caller | None:
+    """The quota a call is charged to; None for admins, who have none.
+
+    * auth on, client token: the token's namespace — the only namespace it may
+      act in, so a PollTask/CancelTask (which name only a task id) belongs to
+      it too, and a request naming a foreign namespace is charged to the
+      caller, not to the namespace it tried to reach;
+    * auth on, admin token: no quota (operators and the services themselves,
+      bounded only by the process-wide cap);
+    * auth off (local development): the peer address (``ip:port``, so one
+      connection): nothing else identifies the caller.
+    """
+    principal = current_principal.get()
+    if principal is None:
+        peer = context.peer()
+        return Caller(f"peer:{peer}", f"peer {peer!r}")
+    if principal.admin:
+        return None
+    return Caller(f"namespace:{principal.namespace}", f"namespace {principal.namespace!r}")
+
+
+def list_cost(request: Any, page_max: int) -> float:
+    """Read tokens a ListTasks request costs: by the page size it asks for."""
+    size = getattr(request, "page_size", 0)
+    rows = LIST_DEFAULT_PAGE if size == 0 else min(max(size, 1), page_max)
+    return float(max(1, math.ceil(rows / LIST_ROWS_PER_TOKEN)))
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """The limits, from ``Config``; a rate of 0 or a share of 0 switches that limit off."""
+
+    write_rate: float
+    write_burst: float
+    read_rate: float
+    read_burst: float
+    max_concurrent_per_caller: int
+    process_max_concurrent: int
+    list_page_max: int = 1000
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Quotas":
+        return cls(
+            write_rate=cfg.schedule_rate_per_namespace,
+            write_burst=cfg.schedule_burst,
+            read_rate=cfg.poll_rate_per_namespace,
+            read_burst=cfg.poll_burst,
+            max_concurrent_per_caller=cfg.namespace_max_concurrent_rpcs,
+            process_max_concurrent=cfg.task_service_max_concurrent_rpcs,
+            list_page_max=cfg.list_page_max,
+        )
+
+
+@dataclass
+class QuotaState:
+    """The mutable part, one per server process (held by its interceptor)."""
+
+    limiters: dict[str, RateLimiter] = field(default_factory=dict)
+    share: ConcurrencyShare | None = None
+
+    @classmethod
+    def build(cls, quotas: Quotas, clock: Callable[[], float] = time.monotonic) -> "QuotaState":
+        limiters = {}
+        if quotas.write_rate > 0:
+            limiters[WRITE] = RateLimiter(quotas.write_rate, quotas.write_burst, clock)
+        if quotas.read_rate > 0:
+            limiters[READ] = RateLimiter(quotas.read_rate, quotas.read_burst, clock)
+        share = ConcurrencyShare(quotas.max_concurrent_per_caller) if quotas.max_concurrent_per_caller > 0 else None
+        return cls(limiters, share)
+
+
+async def refuse(context: grpc.aio.ServicerContext, retry_ms: int, message: str) -> NoReturn:
+    """RESOURCE_EXHAUSTED with the retry hint in the message and the trailing metadata."""
+    context.set_trailing_metadata((("retry-after-ms", str(retry_ms)),))
+    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{message}; retry after {retry_ms} ms")
+    raise AssertionError("context.abort returned")  # it raises; the callers rely on that
+
+
+class QuotaInterceptor(UnaryInterceptor):
+    def __init__(self, quotas: Quotas, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
-        self._limiter = limiter
+        self.quotas = quotas
+        self.state = QuotaState.build(quotas, clock)
 
     def applies_to(self, method: str) -> bool:
-        return method == SCHEDULE_METHOD
+        return method in GROUP_OF_METHOD
 
     def wrap(self, inner: Behavior, method: str) -> Behavior:
-        limiter = self._limiter
+        group = GROUP_OF_METHOD[method]
+        name = method.rsplit("/", 1)[-1]
+        limiter = self.state.limiters.get(group)
+        share = self.state.share
+        process_cap = self.quotas.process_max_concurrent
+        page_max = self.quotas.list_page_max
 
         async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            namespace = getattr(getattr(request, "task", None), "namespace", "")  # may be a malformed request
-            wait = limiter.wait_needed(namespace)
-            if wait > 0:
-                retry_ms = max(1, math.ceil(wait * 1000))
-                context.set_trailing_metadata((("retry-after-ms", str(retry_ms)),))
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"namespace {namespace!r} is over its ScheduleTask rate limit; retry after {retry_ms} ms",
-                )
-            return await inner(request, context)
+            caller = caller_of(context)
+            if caller is None:
+                return await inner(request, context)
+            if share is not None and not share.try_acquire(caller.key):
+                await refuse(
+                    context, CONCURRENCY_RETRY_MS,
+                    f"{caller.label} already has {share.limit} TaskService calls in progress, its share of this "
+                    f"server's {process_cap} ({name}, {group} group)",
+                )  # fmt: skip
+            try:
+                if limiter is not None:
+                    cost = list_cost(request, page_max) if method == LIST_METHOD else 1.0
+                    wait = limiter.wait_needed(caller.key, cost)
+                    if wait > 0:
+                        await refuse(
+                            context, max(1, math.ceil(wait * 1000)),
+                            f"{caller.label} is over its {group} rate limit ({GROUP_METHODS[group]}: "
+                            f"{limiter.rate:g}/s, burst {limiter.burst:g}; this {name} costs {cost:g})",
+                        )  # fmt: skip
+                return await inner(request, context)
+            finally:
+                if share is not None:
+                    share.release(caller.key)
 
         return limited

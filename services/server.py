@@ -51,7 +51,9 @@ async def build_server(
 
     Interceptors run outermost first: metrics (latency by method and code of
     every answer), authentication (when ``authenticator``
-    is given, i.e. auth is on), then ``interceptors``, then error mapping with
+    is given, i.e. auth is on), then ``interceptors`` — after authentication,
+    so they see the caller in ``current_principal`` (the per-namespace quotas
+    of services/rate_limit.py depend on that) — then error mapping with
     the per-call time ceiling. ``max_concurrent_rpcs`` (default
     ``cfg.max_concurrent_rpcs``) bounds the work a flood of clients can queue:
     beyond it, calls get RESOURCE_EXHAUSTED before any work is done.
