@@ -27,6 +27,11 @@ class AlreadyExists(SchedulerError):
     """An idempotency key is already bound to a different request."""
 
 
+class Aborted(SchedulerError):
+    """The task kept changing under a request (a lost race, retried and lost
+    again): nothing is wrong with the request or the store; retry."""
+
+
 class PermissionDenied(SchedulerError):
     pass
 

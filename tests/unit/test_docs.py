@@ -23,3 +23,15 @@ def test_every_config_option_is_documented_with_its_default() -> None:
         value = getattr(defaults, f.name)
         expected = "(empty)" if value == "" else f"`{value}`"
         assert rows[f.name] == expected, f"{f.name}: documented {rows[f.name]}, real default {expected}"
+
+
+LIMITS_DOC = DOC.parent / "limits.md"
+
+
+def test_every_bound_is_documented_with_its_range() -> None:
+    from leasesched import limits
+
+    text = LIMITS_DOC.read_text()
+    for bound in limits.ALL_BOUNDS:
+        row = f"| `{bound.field}` | {bound.describe()} |"
+        assert row in text, f"docs/limits.md lacks the row {row}"
