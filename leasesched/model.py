@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from leasesched.limits import RETRY_INTERVAL
 from leasesched.states import TaskStatus
 
 
@@ -41,7 +42,9 @@ class RetryPolicy:
             raw = self.initial_interval_ms * self.backoff_coefficient ** max(0, failed_attempt - 1)
         except OverflowError:  # coefficient ** attempts past a float: the cap applies anyway
             raw = math.inf
-        capped = min(raw, float(self.maximum_interval_ms))
+        # The hard bound too: a row written before intervals were bounded must
+        # still get a retry the due index can hold (limits.RETRY_INTERVAL).
+        capped = min(raw, float(self.maximum_interval_ms), float(RETRY_INTERVAL.high))
         return int(capped * (1.0 - 0.2 * jitter))
 
 

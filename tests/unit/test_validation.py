@@ -221,3 +221,12 @@ def test_config_cannot_lift_the_hard_bounds() -> None:
     r.task.retry_policy.maximum_attempts = 2**31 - 1
     with pytest.raises(InvalidArgument, match="maximum_attempts 2147483647 is out of range 1..10000"):
         validate_schedule(r, cfg, 64, NOW)
+
+
+def test_a_stored_interval_past_the_bound_is_capped_when_applied() -> None:
+    """A row written before intervals were bounded still gets a storable retry."""
+    from leasesched import limits
+    from leasesched.model import RetryPolicy
+
+    old = RetryPolicy(initial_interval_ms=10**15, backoff_coefficient=2.0, maximum_interval_ms=10**17)
+    assert old.backoff_ms(1) == limits.YEAR_MS
