@@ -11,11 +11,13 @@ write atomic and how to tell for sure whether it was applied.
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from leasesched.model import DueEntry, Task
+from leasesched.limits import MAX_STORED_TIME_MS, PRIORITY
+from leasesched.model import DueEntry, RetryPolicy, Task, Timeouts
 from leasesched.states import TaskStatus
 
 
@@ -27,6 +29,69 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached or did not answer in time; nothing is known
     to have been written (a conditional write with unknown outcome is resolved
     by a serial read before this is raised)."""
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """One thing wrong with a stored task row, and how the quarantine repairs it.
+
+    ``reason`` is a short fixed word (a metric label: bounded cardinality);
+    ``repair`` is the value the quarantine writes to ``column`` (None = null).
+    """
+
+    column: str
+    value: Any
+    reason: str
+    repair: Any
+
+    def describe(self) -> str:
+        return f"{self.column}={self.value!r} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class RawCondition:
+    """What the quarantine's conditional write expects: the row exactly as it
+    was read, in raw column values (an unreadable row's status may be no
+    ``TaskStatus`` at all, or null). ``write_id`` changes with every
+    conditional write, so any change made since the read makes it fail."""
+
+    status: str | None
+    lease_token: int | None
+    write_id: uuid.UUID | None
+
+
+class UnreadableTask(StoreError):
+    """A task row exists but breaks what the scheduler relies on (an unknown
+    status, a time past year 9999, a priority out of range, a missing column).
+
+    Raised by ``get_task`` (and carried by ``list_tasks``'s page) instead of a
+    half-built ``Task``: the caller (``Lifecycle``, the one writer of state)
+    quarantines it with one conditional write (``TaskStore.quarantine_task``)
+    and reads it again.
+    """
+
+    def __init__(
+        self,
+        task_id: uuid.UUID,
+        problems: tuple[RowProblem, ...],
+        expect: RawCondition,
+        status: TaskStatus | None,
+    ) -> None:
+        super().__init__(f"task {task_id} is unreadable: {'; '.join(p.describe() for p in problems)}")
+        self.task_id = task_id
+        self.problems = problems
+        self.expect = expect
+        self.status = status  # the stored status when it is a known one, else None
+
+    @property
+    def repairs(self) -> dict[str, Any]:
+        """Column → the value that makes the row readable again."""
+        return {p.column: p.repair for p in self.problems}
+
+    @property
+    def reason(self) -> str:
+        """The first problem's reason: one bounded label per task for the metric."""
+        return self.problems[0].reason
 
 
 @dataclass(frozen=True)
@@ -66,6 +131,10 @@ class IdempotencyRecord:
 class Page:
     tasks: list[Task]
     next_token: str = ""
+    # Rows of this page that could not be read, with the position each holds
+    # in the page (ascending): the lifecycle quarantines them and puts the
+    # re-read tasks back there. They count toward the page size.
+    unreadable: list[tuple[int, UnreadableTask]] = field(default_factory=list)
 
 
 @dataclass
@@ -91,13 +160,23 @@ class TaskStore(Protocol):
         (always returns True)."""
         ...
 
-    async def get_task(self, task_id: uuid.UUID, serial: bool = False) -> Task | None: ...
+    async def get_task(self, task_id: uuid.UUID, serial: bool = False) -> Task | None:
+        """The task, or None. Raises ``UnreadableTask`` for a row that exists
+        but cannot be trusted (see ``task_from_row``)."""
+        ...
 
     async def update_task(self, task_id: uuid.UUID, expect: Expect, changes: dict[str, Any]) -> CasResult:
         """Apply ``changes`` (Task field → value) only if ``expect`` holds."""
         ...
 
     async def list_tasks(self, query: ListQuery) -> Page: ...
+
+    async def quarantine_task(self, task_id: uuid.UUID, expect: RawCondition, columns: dict[str, Any]) -> bool:
+        """Write raw ``columns`` (status as text, times as ms) to a row that
+        ``get_task`` found unreadable, only if its status, lease token and
+        write id are still ``expect`` (one conditional write). Only the
+        lifecycle calls it. False: the row changed since it was read."""
+        ...
 
     # -- idempotency keys --
     async def claim_idempotency_key(
@@ -116,7 +195,127 @@ class TaskStore(Protocol):
 
     async def delete_due(self, entry: DueEntry, bucket_s: int) -> None: ...
 
+    # -- shared secrets --
+    async def cluster_secret(self, name: str) -> bytes:
+        """A random secret shared by every process of the cluster, made once."""
+        ...
+
     # -- trigger checkpoints --
     async def get_checkpoint(self, shard: int) -> int | None: ...
 
     async def set_checkpoint(self, shard: int, at_ms: int) -> None: ...
+
+
+# ---------------------------------------------------------------- reading rows
+
+# The time columns of ``tasks``, read as integers of milliseconds.
+TIME_COLUMNS = (
+    "lease_expires_at",
+    "created_at",
+    "run_at",
+    "first_run_at",
+    "started_at",
+    "finished_at",
+    "deadline_at",
+)
+_DEFAULT_RETRY = RetryPolicy()
+_DEFAULT_LEASE_MS = Task.__dataclass_fields__["lease_ms"].default
+
+
+def row_problems(row: Any) -> list[RowProblem]:
+    """What is wrong with a raw ``tasks`` row (attributes named as its columns,
+    times as integers of ms): every value the scheduler computes with or
+    relies on, checked against what the product itself ever writes. Cheap
+    (a few comparisons), so it runs on every read."""
+    problems: list[RowProblem] = []
+
+    def bad(column: str, reason: str, repair: Any) -> None:
+        problems.append(RowProblem(column, getattr(row, column), reason, repair))
+
+    if row.status not in _STATUS_VALUES:
+        bad("status", "status", TaskStatus.FAILED.value)
+    for column in ("namespace", "type"):
+        if getattr(row, column) is None:
+            bad(column, "missing", "")
+    if row.shard is None or row.shard < 0:
+        bad("shard", "missing", 0)
+    for column in TIME_COLUMNS:
+        value = getattr(row, column)
+        if value is not None and not 0 <= value <= MAX_STORED_TIME_MS:
+            bad(column, "time", None)
+    if row.priority is None or not PRIORITY.low <= row.priority <= PRIORITY.high:
+        bad("priority", "priority", 5)
+    if row.attempt is None or row.attempt < 1:
+        bad("attempt", "attempt", 1)
+    if row.max_attempts is None or row.max_attempts < 1:
+        bad("max_attempts", "retry_policy", 1)
+    if row.lease_ms is None or row.lease_ms <= 0:
+        bad("lease_ms", "lease", _DEFAULT_LEASE_MS)
+    if row.lease_token is not None and row.lease_token < 0:
+        bad("lease_token", "lease", 0)
+    for column, default in (
+        ("retry_initial_ms", _DEFAULT_RETRY.initial_interval_ms),
+        ("retry_max_ms", _DEFAULT_RETRY.maximum_interval_ms),
+    ):
+        value = getattr(row, column)
+        if value is None or value < 0:
+            bad(column, "retry_policy", default)
+    coefficient = row.retry_coefficient
+    if coefficient is None or not math.isfinite(coefficient) or coefficient < 1.0:
+        bad("retry_coefficient", "retry_policy", _DEFAULT_RETRY.backoff_coefficient)
+    for column in ("schedule_to_start_ms", "start_to_close_ms", "schedule_to_close_ms"):
+        value = getattr(row, column)
+        if value is not None and value < 0:
+            bad(column, "timeouts", 0)
+    return problems
+
+
+_STATUS_VALUES = frozenset(s.value for s in TaskStatus)
+
+
+def task_from_row(row: Any) -> Task:
+    """A ``Task`` from a raw ``tasks`` row, or ``UnreadableTask`` naming every
+    problem: never a half-valid Task that fails later, somewhere else."""
+    problems = row_problems(row)
+    if problems:
+        known = TaskStatus(row.status) if row.status in _STATUS_VALUES else None
+        expect = RawCondition(status=row.status, lease_token=row.lease_token, write_id=row.write_id)
+        raise UnreadableTask(row.task_id, tuple(problems), expect, known)
+    return Task(
+        task_id=row.task_id,
+        namespace=row.namespace,
+        type=row.type,
+        payload=row.payload or b"",
+        shard=row.shard,
+        priority=row.priority,
+        status=TaskStatus(row.status),
+        attempt=row.attempt,
+        retry=RetryPolicy(
+            initial_interval_ms=row.retry_initial_ms,
+            backoff_coefficient=row.retry_coefficient,
+            maximum_interval_ms=row.retry_max_ms,
+            maximum_attempts=row.max_attempts,
+            non_retryable_error_types=tuple(row.non_retryable or ()),
+        ),
+        timeouts=Timeouts(
+            schedule_to_start_ms=row.schedule_to_start_ms or 0,
+            start_to_close_ms=row.start_to_close_ms or 0,
+            schedule_to_close_ms=row.schedule_to_close_ms or 0,
+        ),
+        lease_ms=row.lease_ms,
+        lease_owner=row.lease_owner,
+        lease_expires_at=row.lease_expires_at,
+        lease_token=row.lease_token or 0,
+        progress_percent=row.progress_percent or 0.0,
+        progress_message=row.progress_message or "",
+        result=row.result or b"",
+        error=row.error or "",
+        error_type=row.error_type or "",
+        cancel_requested=bool(row.cancel_requested),
+        created_at=row.created_at or 0,
+        run_at=row.run_at or 0,
+        first_run_at=row.first_run_at or 0,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        deadline_at=row.deadline_at,
+    )

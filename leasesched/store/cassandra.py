@@ -19,7 +19,14 @@ Rules this module keeps so that the rest of the code need not know them:
   resolved by reading the row back at SERIAL consistency, which finishes any
   in-flight Paxos round, and comparing its ``write_id`` with ours;
 * every statement is prepared once and run with ``execute_async``, bridged
-  into asyncio without a thread per request.
+  into asyncio without a thread per request;
+* ``timestamp`` columns of ``tasks`` and ``due_index`` are read as integers
+  of milliseconds (``blobAsBigint(timestampAsBlob(col))``, valid from
+  Cassandra 2.1 to 5.x), never as driver datetimes: a stored time past year
+  9999 cannot be decoded into a datetime, and the driver answers such a
+  decode error by marking the host down for the whole process. Each task row
+  is then checked (``base.task_from_row``); a row that breaks the scheduler's
+  assumptions becomes ``UnreadableTask``, for the lifecycle to quarantine.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import collections
+import dataclasses
 import functools
 import itertools
 import os
@@ -51,16 +59,20 @@ from cassandra.query import PreparedStatement, _clean_column_name
 from leasesched import limits
 from leasesched.auth import TokenRecord
 from leasesched.config import Config
-from leasesched.model import DueEntry, RetryPolicy, Task, Timeouts, bucket_of
+from leasesched.model import DueEntry, Task, bucket_of
 from leasesched.states import TaskStatus
 from leasesched.store.page_token import decode_token, encode_token
 from leasesched.store.base import (
+    TIME_COLUMNS,
     CasResult,
     Expect,
     IdempotencyRecord,
     ListQuery,
     Page,
+    RawCondition,
     StoreUnavailable,
+    UnreadableTask,
+    task_from_row,
 )
 
 log = logging.getLogger(__name__)
@@ -89,15 +101,13 @@ _SIMPLE_COLUMNS = {
     "error_type": "error_type",
     "cancel_requested": "cancel_requested",
 }
-_TIME_COLUMNS = (
-    "lease_expires_at",
-    "created_at",
-    "run_at",
-    "first_run_at",
-    "started_at",
-    "finished_at",
-    "deadline_at",
-)
+_TIME_COLUMNS = TIME_COLUMNS
+
+
+def _ms_column(column: str) -> str:
+    """A timestamp column selected as a bigint of ms, under its own name: the
+    driver never builds a datetime (nor fails to) for it."""
+    return f"blobAsBigint(timestampAsBlob({column})) AS {column}"
 
 
 def _to_ms(value: dt.datetime | None) -> int | None:
@@ -137,44 +147,17 @@ def _change_columns(changes: dict[str, Any]) -> dict[str, Any]:
 
 
 def _row_to_task(row: Any) -> Task:
-    return Task(
-        task_id=row.task_id,
-        namespace=row.namespace,
-        type=row.type,
-        payload=row.payload or b"",
-        shard=row.shard,
-        priority=row.priority,
-        status=TaskStatus(row.status),
-        attempt=row.attempt,
-        retry=RetryPolicy(
-            initial_interval_ms=row.retry_initial_ms,
-            backoff_coefficient=row.retry_coefficient,
-            maximum_interval_ms=row.retry_max_ms,
-            maximum_attempts=row.max_attempts,
-            non_retryable_error_types=tuple(row.non_retryable or ()),
-        ),
-        timeouts=Timeouts(
-            schedule_to_start_ms=row.schedule_to_start_ms or 0,
-            start_to_close_ms=row.start_to_close_ms or 0,
-            schedule_to_close_ms=row.schedule_to_close_ms or 0,
-        ),
-        lease_ms=row.lease_ms,
-        lease_owner=row.lease_owner,
-        lease_expires_at=_to_ms(row.lease_expires_at),
-        lease_token=row.lease_token or 0,
-        progress_percent=row.progress_percent or 0.0,
-        progress_message=row.progress_message or "",
-        result=row.result or b"",
-        error=row.error or "",
-        error_type=row.error_type or "",
-        cancel_requested=bool(row.cancel_requested),
-        created_at=_to_ms(row.created_at) or 0,
-        run_at=_to_ms(row.run_at) or 0,
-        first_run_at=_to_ms(row.first_run_at) or 0,
-        started_at=_to_ms(row.started_at),
-        finished_at=_to_ms(row.finished_at),
-        deadline_at=_to_ms(row.deadline_at),
-    )
+    """Raises ``UnreadableTask`` for a row the scheduler cannot rely on."""
+    return task_from_row(row)
+
+
+@dataclasses.dataclass
+class _UnreadableStandIn(Task):
+    """Holds an unreadable row's place in a listing, so that the page's size
+    and cursor logic stay as they are; ``list_tasks`` takes it out again and
+    hands the row back in ``Page.unreadable``. Never leaves this module."""
+
+    unreadable: UnreadableTask | None = None
 
 
 def _row_to_token(row: Any) -> TokenRecord:
@@ -315,16 +298,17 @@ class CassandraStore:
 
     def _prepare_all(self, session: Session) -> None:
         cols = list(_task_columns_names())
+        select_task = f"SELECT {_task_select_list()} FROM tasks WHERE task_id = ?"
         stmts = {
             "insert_task": f"INSERT INTO tasks ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) IF NOT EXISTS",
             "create_task": f"INSERT INTO tasks ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
             f"USING TIMESTAMP {CREATION_TIMESTAMP_US}",
-            "get_task": "SELECT * FROM tasks WHERE task_id = ?",
+            "get_task": select_task,
             "get_write_id": "SELECT write_id FROM tasks WHERE task_id = ?",
             "claim_key": "INSERT INTO idempotency_keys (namespace, idem_key, task_id, request_hash) VALUES (?, ?, ?, ?) IF NOT EXISTS",
             "add_due": "INSERT INTO due_index (shard, bucket, due_at, task_id, kind, attempt, priority, type, lease_token) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
-            "read_due": "SELECT due_at, task_id, kind, attempt, priority, type, lease_token FROM due_index "
+            "read_due": f"SELECT {_ms_column('due_at')}, task_id, kind, attempt, priority, type, lease_token FROM due_index "
             "WHERE shard = ? AND bucket = ? AND due_at >= ? AND due_at <= ?",
             "delete_due": "DELETE FROM due_index WHERE shard = ? AND bucket = ? AND due_at = ? AND task_id = ? AND kind = ?",
             "index_ns": "INSERT INTO tasks_by_namespace (namespace, day, created_at, task_id) VALUES (?, ?, ?, ?)",
@@ -340,7 +324,7 @@ class CassandraStore:
             "revoke_token": "UPDATE auth_tokens SET revoked = true WHERE token_id = ?",
         }
         self._stmts = {name: session.prepare(cql) for name, cql in stmts.items()}
-        self._stmts["get_task_serial"] = session.prepare("SELECT * FROM tasks WHERE task_id = ?")
+        self._stmts["get_task_serial"] = session.prepare(select_task)
         self._stmts["get_task_serial"].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
         self._stmts["get_write_id"].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
         # Same cells under the same timestamp: repeating it changes nothing.
@@ -471,7 +455,10 @@ class CassandraStore:
         if row is None:
             return CasResult(applied=True)
         if row is _NOT_APPLIED_UNKNOWN:
-            current = await self.get_task(task_id, serial=True)
+            try:
+                current = await self.get_task(task_id, serial=True)
+            except UnreadableTask as bad:
+                return CasResult(applied=False, current_status=bad.status, current_lease_token=bad.expect.lease_token)
             return _cas_from_task(current)
         if row.applied:
             return CasResult(applied=True)
@@ -485,7 +472,51 @@ class CassandraStore:
             current_namespace=getattr(row, "namespace", None),
         )
 
+    async def quarantine_task(self, task_id: uuid.UUID, expect: RawCondition, columns: dict[str, Any]) -> bool:
+        """One conditional write that makes an unreadable row readable again.
+
+        ``columns`` are raw ``tasks`` columns (status as text, times as ms);
+        the write applies only while status, lease token and write id are
+        still exactly what was read (a null reads as "still null"), so it
+        never overwrites a change made since. False: not applied."""
+        await self._ensure_session()
+        unknown = set(columns) - set(_task_columns_names())
+        if unknown or "task_id" in columns:
+            raise ValueError(f"not columns a quarantine may write: {sorted(unknown) or ['task_id']}")
+        write_id = self._write_ids.next()
+        cols = {**columns, "write_id": write_id}
+        conds = {"status": expect.status, "lease_token": expect.lease_token, "write_id": expect.write_id}
+        stmt = self._update_stmt(tuple(cols), tuple(conds))
+        row = await self._run_cas(stmt, [*cols.values(), task_id, *conds.values()], task_id, write_id)
+        if row is None:
+            return True  # an unknown outcome that the serial read found applied
+        if row is _NOT_APPLIED_UNKNOWN:
+            return False
+        return bool(row.applied)
+
     async def list_tasks(self, query: ListQuery) -> Page:
+        """See ``_list_tasks``. A row that cannot be read keeps its place in
+        the page (it counts toward the page size and moves the cursor like
+        any other) and comes back in ``Page.unreadable`` with its position."""
+        page = await self._list_tasks(query)
+        if not any(isinstance(t, _UnreadableStandIn) for t in page.tasks):
+            return page
+        tasks: list[Task] = []
+        unreadable: list[tuple[int, UnreadableTask]] = []
+        for position, task in enumerate(page.tasks):
+            if isinstance(task, _UnreadableStandIn) and task.unreadable is not None:
+                unreadable.append((position, task.unreadable))
+            else:
+                tasks.append(task)
+        return dataclasses.replace(page, tasks=tasks, unreadable=unreadable)
+
+    async def _read_listed(self, task_id: uuid.UUID) -> Task | None:
+        try:
+            return await self.get_task(task_id)
+        except UnreadableTask as bad:
+            return _UnreadableStandIn(task_id=task_id, namespace="", type="", payload=b"", shard=0, unreadable=bad)
+
+    async def _list_tasks(self, query: ListQuery) -> Page:
         """Newest first, walking day partitions back ``list_days`` days.
 
         A status filter reads each candidate's row (the status lives only in
@@ -507,10 +538,13 @@ class CassandraStore:
             else:
                 rows = await self._run_plain("list_ns_after", (query.namespace, day, after[0], after[1], limit))
             scanned += len(rows)
-            tasks = await asyncio.gather(*(self.get_task(r.task_id) for r in rows))
+            tasks = await asyncio.gather(*(self._read_listed(r.task_id) for r in rows))
             for row, task in zip(rows, tasks):
                 after = (_to_ms(row.created_at), row.task_id)
-                if task is not None and (query.status is None or task.status == query.status):
+                # An unreadable row is listed whatever the filter: its status is
+                # only known after the lifecycle has quarantined it.
+                unreadable = isinstance(task, _UnreadableStandIn)
+                if task is not None and (query.status is None or task.status == query.status or unreadable):
                     found.append(task)
                     if len(found) == query.page_size:
                         break
@@ -597,7 +631,7 @@ class CassandraStore:
         return [
             DueEntry(
                 shard=shard,
-                due_at=_to_ms(r.due_at) or 0,
+                due_at=r.due_at or 0,
                 task_id=r.task_id,
                 kind=r.kind,
                 attempt=r.attempt or 1,
@@ -692,6 +726,11 @@ def _cas_from_task(task: Task | None) -> CasResult:
         current_cancel_requested=task.cancel_requested,
         current_namespace=task.namespace,
     )
+
+
+def _task_select_list() -> str:
+    """Every column of ``tasks``, times as bigints of ms (see the module docstring)."""
+    return ", ".join(_ms_column(c) if c in _TIME_COLUMNS else c for c in _task_columns_names())
 
 
 def _task_columns_names() -> list[str]:

@@ -4,16 +4,77 @@ For pure unit tests of the logic above the store only: nothing that claims to
 test storage, leases or sharding may use it. ``fail_next`` injects a
 StoreUnavailable into the named operation, to test crash points; ``reads``
 counts task-row reads, for tests of code whose point is to avoid them.
+``put_raw`` stores a task as a raw row (columns as Cassandra holds them,
+times as ms) that may break what the scheduler relies on, to test how an
+unreadable row is quarantined.
 """
 
 from __future__ import annotations
 
 import copy
+import types
 import uuid
 from typing import Any
 
 from leasesched.model import DueEntry, Task
-from leasesched.store.base import CasResult, Expect, IdempotencyRecord, ListQuery, Page, StoreUnavailable
+from leasesched.states import TaskStatus
+from leasesched.store.base import (
+    CasResult,
+    Expect,
+    IdempotencyRecord,
+    ListQuery,
+    Page,
+    RawCondition,
+    StoreUnavailable,
+    UnreadableTask,
+    task_from_row,
+)
+
+
+def raw_row(task: Task, **overrides: Any) -> types.SimpleNamespace:
+    """``task`` as the raw ``tasks`` row the Cassandra store reads (status as
+    text, times as ms, the retry policy and timeouts in their own columns),
+    with ``overrides`` (column → raw value) applied."""
+    row = types.SimpleNamespace(
+        task_id=task.task_id,
+        namespace=task.namespace,
+        type=task.type,
+        payload=task.payload,
+        shard=task.shard,
+        priority=task.priority,
+        status=task.status.value,
+        attempt=task.attempt,
+        max_attempts=task.retry.maximum_attempts,
+        retry_initial_ms=task.retry.initial_interval_ms,
+        retry_coefficient=task.retry.backoff_coefficient,
+        retry_max_ms=task.retry.maximum_interval_ms,
+        non_retryable=list(task.retry.non_retryable_error_types),
+        schedule_to_start_ms=task.timeouts.schedule_to_start_ms,
+        start_to_close_ms=task.timeouts.start_to_close_ms,
+        schedule_to_close_ms=task.timeouts.schedule_to_close_ms,
+        lease_ms=task.lease_ms,
+        lease_owner=task.lease_owner,
+        lease_expires_at=task.lease_expires_at,
+        lease_token=task.lease_token,
+        progress_percent=task.progress_percent,
+        progress_message=task.progress_message,
+        result=task.result,
+        error=task.error,
+        error_type=task.error_type,
+        cancel_requested=task.cancel_requested,
+        created_at=task.created_at,
+        run_at=task.run_at,
+        first_run_at=task.first_run_at,
+        started_at=task.started_at,
+        finished_at=task.finished_at,
+        deadline_at=task.deadline_at,
+        write_id=None,
+    )
+    for column, value in overrides.items():
+        if not hasattr(row, column):
+            raise ValueError(f"no column {column!r} in tasks")
+        setattr(row, column, value)
+    return row
 
 
 class MemoryStore:
@@ -24,6 +85,8 @@ class MemoryStore:
         self.checkpoints: dict[int, int] = {}
         self.fail_next: set[str] = set()
         self.reads = 0  # get_task calls
+        self.raw: dict[uuid.UUID, types.SimpleNamespace] = {}  # rows kept as stored (see put_raw)
+        self.quarantines: list[tuple[uuid.UUID, RawCondition, dict[str, Any], bool]] = []  # (.., applied)
 
     def _maybe_fail(self, op: str) -> None:
         if op in self.fail_next:
@@ -43,14 +106,50 @@ class MemoryStore:
         self.tasks[task.task_id] = copy.deepcopy(task)
         return True
 
+    def put_raw(self, task: Task, **overrides: Any) -> None:
+        """Store ``task`` as a raw row with ``overrides`` (e.g. a time past year
+        9999): what a direct CQL write or an old version may have left."""
+        self.tasks.pop(task.task_id, None)
+        self.raw[task.task_id] = raw_row(task, **overrides)
+
+    def _settle_raw(self, task_id: uuid.UUID) -> None:
+        """A raw row that has become readable is a plain task again."""
+        try:
+            task = task_from_row(self.raw[task_id])
+        except UnreadableTask:
+            return
+        del self.raw[task_id]
+        self.tasks[task_id] = task
+
     async def get_task(self, task_id: uuid.UUID, serial: bool = False) -> Task | None:
         self._maybe_fail("get_task")
         self.reads += 1
+        if task_id in self.raw:
+            return task_from_row(copy.deepcopy(self.raw[task_id]))
         task = self.tasks.get(task_id)
         return copy.deepcopy(task) if task else None
 
+    async def quarantine_task(self, task_id: uuid.UUID, expect: RawCondition, columns: dict[str, Any]) -> bool:
+        self._maybe_fail("quarantine_task")
+        row = self.raw.get(task_id)
+        applied = row is not None and (row.status, row.lease_token, row.write_id) == (
+            expect.status,
+            expect.lease_token,
+            expect.write_id,
+        )
+        self.quarantines.append((task_id, expect, dict(columns), applied))
+        if not applied or row is None:
+            return False
+        for column, value in columns.items():
+            setattr(row, column, value)
+        row.write_id = uuid.uuid4()
+        self._settle_raw(task_id)
+        return True
+
     async def update_task(self, task_id: uuid.UUID, expect: Expect, changes: dict[str, Any]) -> CasResult:
         self._maybe_fail("update_task")
+        if task_id in self.raw:
+            return self._update_raw(task_id, expect, changes)
         task = self.tasks.get(task_id)
         if task is None:
             return CasResult(applied=False, exists=False)
@@ -63,7 +162,28 @@ class MemoryStore:
         self.tasks[task_id] = task.replace(**changes)
         return CasResult(applied=True)
 
+    def _update_raw(self, task_id: uuid.UUID, expect: Expect, changes: dict[str, Any]) -> CasResult:
+        """A conditional write on a raw row, as Cassandra would apply it (a
+        concurrent writer in tests of the quarantine)."""
+        row = self.raw[task_id]
+        ok = row.status == expect.status.value
+        ok = ok and (expect.lease_token is None or row.lease_token == expect.lease_token)
+        ok = ok and (expect.cancel_requested is None or row.cancel_requested == expect.cancel_requested)
+        ok = ok and (expect.namespace is None or row.namespace == expect.namespace)
+        if not ok:
+            known = row.status in {s.value for s in TaskStatus}
+            return CasResult(
+                False, TaskStatus(row.status) if known else None, row.lease_token, row.cancel_requested, row.namespace
+            )
+        for name, value in changes.items():
+            setattr(row, name, value.value if isinstance(value, TaskStatus) else value)
+        row.write_id = uuid.uuid4()
+        self._settle_raw(task_id)
+        return CasResult(applied=True)
+
     async def list_tasks(self, query: ListQuery) -> Page:
+        if self.raw:
+            return self._list_with_raw(query)
         rows = sorted(
             (t for t in self.tasks.values() if t.namespace == query.namespace),
             key=lambda t: (t.created_at, t.task_id.int),
@@ -74,6 +194,34 @@ class MemoryStore:
         page = rows[start : start + query.page_size]
         more = start + query.page_size < len(rows)
         return Page([copy.deepcopy(t) for t in page], str(start + query.page_size) if more else "")
+
+    def _list_with_raw(self, query: ListQuery) -> Page:
+        """``list_tasks`` when raw rows exist: an unreadable one holds its place
+        in the page and is handed back in ``Page.unreadable``."""
+        rows: list[Task | types.SimpleNamespace] = [t for t in self.tasks.values() if t.namespace == query.namespace]
+        rows += [r for r in self.raw.values() if r.namespace == query.namespace]
+
+        def created(item: Task | types.SimpleNamespace) -> int:
+            return item.created_at if isinstance(item.created_at, int) else 0
+
+        rows.sort(key=lambda item: (created(item), item.task_id.int), reverse=True)
+        readable: list[Task | UnreadableTask] = []
+        for item in rows:
+            try:
+                task = item if isinstance(item, Task) else task_from_row(copy.deepcopy(item))
+            except UnreadableTask as bad:
+                readable.append(bad)
+                continue
+            if query.status is None or task.status == query.status:
+                readable.append(task)
+        start = int(query.page_token or 0)
+        window = readable[start : start + query.page_size]
+        more = start + query.page_size < len(readable)
+        return Page(
+            [copy.deepcopy(t) for t in window if isinstance(t, Task)],
+            str(start + query.page_size) if more else "",
+            [(i, t) for i, t in enumerate(window) if isinstance(t, UnreadableTask)],
+        )
 
     async def claim_idempotency_key(self, namespace: str, key: str, record: IdempotencyRecord) -> IdempotencyRecord | None:
         self._maybe_fail("claim_idempotency_key")
