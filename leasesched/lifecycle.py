@@ -20,9 +20,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from leasesched.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, Unavailable
+from leasesched.limits import MAX_ERROR_MESSAGE
 from leasesched.model import DueEntry, Task, now_ms, shard_of
-from leasesched.states import TaskStatus, Transition, allowed, target
-from leasesched.store.base import Expect, IdempotencyRecord, ListQuery, Page, StoreUnavailable, TaskStore
+from leasesched.observability import metrics
+from leasesched.observability.logs import fields
+from leasesched.states import TaskStatus, Transition, allowed, quarantined_status, target
+from leasesched.store.base import (
+    Expect,
+    IdempotencyRecord,
+    ListQuery,
+    Page,
+    StoreUnavailable,
+    TaskStore,
+    UnreadableTask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +117,7 @@ class Lifecycle:
                             f"idempotency_key {idempotency_key!r} was already used for a different request "
                             f"(task {existing.task_id})"
                         )
-                    found = await self.store.get_task(existing.task_id)
+                    found = await self.read(existing.task_id)
                     if found is not None:
                         return Scheduled(found, created=False)
                     # An earlier attempt bound the key and died before the task
@@ -119,19 +130,35 @@ class Lifecycle:
             # Without a key the id is the one validation just drew: nobody can
             # have used it, so no conditional round is needed.
             if not await self.store.insert_task(task, new_id=not idempotency_key):
-                found = await self.store.get_task(task.task_id, serial=True)
+                found = await self.read(task.task_id, serial=True)
                 if found is None:
                     raise Unavailable("task insert raced and could not be read back; retry")
                 return Scheduled(found, created=False)
             return Scheduled(task, created=True)
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, UnreadableTask) as exc:
             raise Unavailable(str(exc)) from exc
+
+    async def read(self, task_id: uuid.UUID, serial: bool = False) -> Task | None:
+        """The task as stored, or None: every reader's way to a task row.
+
+        A row the store finds unreadable (``UnreadableTask``: a time past year
+        9999, an unknown status, ...) is quarantined here and read again, so
+        every reader (services, trigger) sees a plain FAILED task instead of
+        an error it would meet again on every read. Raises the store's errors:
+        ``StoreUnavailable``, or ``UnreadableTask`` when the row stays
+        unreadable after ``MAX_RACE_RETRIES`` tries (it kept changing)."""
+        for _ in range(MAX_RACE_RETRIES):
+            try:
+                return await self.store.get_task(task_id, serial=serial)
+            except UnreadableTask as bad:
+                await self._quarantine(bad)
+        return await self.store.get_task(task_id, serial=serial)
 
     async def get(self, task_id: uuid.UUID, namespace: str | None = None) -> Task:
         """The task; with ``namespace``, a task of another namespace is refused."""
         try:
-            task = await self.store.get_task(task_id)
-        except StoreUnavailable as exc:
+            task = await self.read(task_id)
+        except (StoreUnavailable, UnreadableTask) as exc:
             raise Unavailable(str(exc)) from exc
         if task is None:
             raise NotFound(f"task {task_id} not found")
@@ -140,9 +167,23 @@ class Lifecycle:
         return task
 
     async def list(self, query: ListQuery) -> Page:
+        """A page of tasks; unreadable rows on it are quarantined and listed
+        (as the FAILED tasks they now are) in their places."""
         try:
-            return await self.store.list_tasks(query)
-        except StoreUnavailable as exc:
+            page = await self.store.list_tasks(query)
+            if not page.unreadable:
+                return page
+            tasks = list(page.tasks)
+            dropped = 0
+            for position, bad in page.unreadable:
+                await self._quarantine(bad)
+                task = await self.read(bad.task_id)
+                if task is None or (query.status is not None and task.status != query.status):
+                    dropped += 1
+                    continue
+                tasks.insert(min(position - dropped, len(tasks)), task)
+            return Page(tasks, page.next_token)
+        except (StoreUnavailable, UnreadableTask) as exc:
             raise Unavailable(str(exc)) from exc
 
     async def cancel(self, task_id: uuid.UUID) -> Task:
@@ -344,6 +385,42 @@ class Lifecycle:
         }
         expect = Expect(task.status, lease_token=task.lease_token)
         return (await self._write(task.task_id, expect, changes)).applied
+
+    # ---------------------------------------------------------------- quarantine
+
+    async def _quarantine(self, bad: UnreadableTask) -> bool:
+        """Make an unreadable row readable with ONE conditional write, on the
+        raw status, lease token and write id that were read (never over a
+        change made since): a live task (or one whose status is unreadable)
+        becomes FAILED with error type "Unreadable" and the problems as its
+        error; every bad column gets its repair (out-of-range time → null,
+        bad priority → 5, ...). A terminal task keeps its status and outcome.
+
+        Logged at ERROR and counted only by the writer whose write applied, so
+        each task is reported once however many readers meet it at once."""
+        status = quarantined_status(bad.status)
+        problems = "; ".join(p.describe() for p in bad.problems)
+        columns: dict[str, Any] = {**bad.repairs, "status": status.value}
+        if bad.status is None or not bad.status.terminal:
+            columns.update(
+                error=f"unreadable: {problems}"[:MAX_ERROR_MESSAGE],
+                error_type="Unreadable",
+                finished_at=now_ms(),
+                lease_expires_at=None,
+            )
+        applied = await self.store.quarantine_task(bad.task_id, bad.expect, columns)
+        if applied:
+            log.error(
+                "task %s is unreadable and was quarantined (now %s): %s", bad.task_id, status.value, problems,
+                extra=fields(task_id=str(bad.task_id)),
+            )  # fmt: skip
+            metrics.tasks_quarantined.labels(bad.reason).inc()
+        else:
+            log.warning(
+                "task %s: unreadable row changed before its quarantine applied; reading it again", bad.task_id,
+                extra=fields(task_id=str(bad.task_id)),
+            )  # fmt: skip
+        return applied
 
     # ---------------------------------------------------------------- helpers
 

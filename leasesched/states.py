@@ -10,6 +10,13 @@ so an illegal or lost-race transition can never reach Cassandra.
         ├──cancel──▶ CANCELLED
         └──deadline passed──▶ FAILED
 
+    SCHEDULED / RUNNING / (a status that is no TaskStatus) ──quarantine──▶ FAILED
+
+A stored row the scheduler cannot read (a time past year 9999, an unknown
+status, ...) is *quarantined*: failed with error type "Unreadable" and its bad
+columns repaired, by one conditional write (``Lifecycle.read``). A terminal
+row keeps its status: only its bad columns are repaired.
+
 There is no persisted DISPATCHED state: a dispatch is a hint to a worker, the
 claim is the transition. That saves one conditional write per task, and a
 duplicate dispatch is harmless because only one claim can win.
@@ -45,6 +52,7 @@ class Transition(enum.Enum):
     CANCEL = "cancel"  # user cancel of a task that is not running
     CANCEL_ACK = "cancel_ack"  # worker stopped a running task after a cancel request
     DEADLINE = "deadline"  # schedule-to-close / schedule-to-start passed
+    QUARANTINE = "quarantine"  # the stored row cannot be read; see quarantined_status
 
 
 TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
@@ -61,6 +69,7 @@ TRANSITIONS: dict[Transition, tuple[frozenset[TaskStatus], TaskStatus]] = {
     Transition.CANCEL: (frozenset({_S.SCHEDULED}), _S.CANCELLED),
     Transition.CANCEL_ACK: (frozenset({_S.RUNNING}), _S.CANCELLED),
     Transition.DEADLINE: (frozenset({_S.SCHEDULED, _S.RUNNING}), _S.FAILED),
+    Transition.QUARANTINE: (frozenset({_S.SCHEDULED, _S.RUNNING}), _S.FAILED),
 }
 
 
@@ -84,3 +93,15 @@ def target(transition: Transition, current: TaskStatus) -> TaskStatus:
 
 def allowed(transition: Transition, current: TaskStatus) -> bool:
     return current in TRANSITIONS[transition][0]
+
+
+def quarantined_status(current: TaskStatus | None) -> TaskStatus:
+    """The status an unreadable row gets. ``current`` is its stored status, or
+    None when that is itself unreadable (unknown text, null): such a row is
+    failed like a live one. A terminal row keeps its status: its outcome is
+    history, and terminal states have no way out."""
+    if current is None:
+        return TRANSITIONS[Transition.QUARANTINE][1]
+    if current.terminal:
+        return current
+    return target(Transition.QUARANTINE, current)

@@ -20,7 +20,7 @@ from leasesched.model import DueEntry, now_ms
 from leasesched.observability import metrics
 from leasesched.observability.logs import fields
 from leasesched.states import TaskStatus
-from leasesched.store.base import StoreUnavailable
+from leasesched.store.base import StoreError
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services import bootstrap
@@ -50,7 +50,7 @@ class Trigger:
         self.owned: frozenset[int] = frozenset()
 
     async def _still_unclaimed(self, ready: Ready) -> bool:
-        task = await self._lifecycle.store.get_task(ready.task_id)
+        task = await self._lifecycle.read(ready.task_id)
         if task is None or ready.shard not in self.owned:
             return False
         return (task.status, task.attempt, task.lease_token) == (TaskStatus.SCHEDULED, ready.attempt, ready.lease_token)
@@ -99,8 +99,8 @@ class Trigger:
 
     async def _hint(self, scanner: ShardScanner, task_id: uuid.UUID) -> None:
         try:
-            task = await self._lifecycle.store.get_task(task_id)
-        except StoreUnavailable:
+            task = await self._lifecycle.read(task_id)
+        except StoreError:
             return  # the scan will find it
         if task is not None and task.run_at <= now_ms():
             scanner.notify(task)

@@ -14,6 +14,11 @@ re-reads from there, so an entry can be handled twice but never skipped;
 buckets behind the checkpoint are never read again, which keeps tombstones
 and expired entries out of every read.
 
+Every task read goes through ``Lifecycle.read``: a row that cannot be read is
+quarantined there (FAILED, "Unreadable") and comes back as a final task, so
+its entries are resolved like any finished task's instead of being retried
+forever.
+
 Acting. A RUN entry whose task is still SCHEDULED at the same attempt and token
 goes to the dispatcher; a LEASE entry whose task still runs under the same
 token is either re-queued (expired + grace, one conditional write on that
@@ -279,7 +284,7 @@ class ShardScanner:
         return True
 
     async def _handle_run(self, entry: DueEntry, key: Hashable) -> None:
-        task = await self._store.get_task(entry.task_id)
+        task = await self._lifecycle.read(entry.task_id)
         if task is None:
             await self._missing(entry, key)
             return
@@ -302,7 +307,7 @@ class ShardScanner:
         if self._dispatcher.lease_finished(entry.task_id, entry.lease_token):
             self._resolve(key)  # its worker's report was accepted: the lease ended normally
             return
-        task = await self._store.get_task(entry.task_id)
+        task = await self._lifecycle.read(entry.task_id)
         if task is None:
             await self._missing(entry, key)
             return
@@ -330,7 +335,7 @@ class ShardScanner:
                     metrics.tasks_failed.labels(type_, "lease_expired").inc()
                 else:
                     metrics.tasks_requeued.labels(type_, "lease_expired").inc()
-                    requeued = await self._store.get_task(task.task_id)
+                    requeued = await self._lifecycle.read(task.task_id)
                     if requeued is not None:
                         self.notify(requeued)
             self._resolve(key)

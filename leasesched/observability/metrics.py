@@ -57,6 +57,13 @@ tasks_requeued = Counter(
     ["type", "reason"], registry=None,
 )  # fmt: skip
 tasks_cancelled = Counter("leasesched_tasks_cancelled", "Running tasks that stopped on a cancel request.", ["type"], registry=None)
+tasks_quarantined = Counter(
+    "leasesched_tasks_quarantined", "Stored task rows found unreadable (a time past year 9999, an unknown status, "
+    "a value out of range) and quarantined: failed with error type Unreadable, bad columns repaired. Counted once "
+    "per task, by the process whose conditional write applied; reason = the first problem's kind (status, missing, "
+    "time, priority, attempt, lease, retry_policy, timeouts).",
+    ["reason"], registry=None,
+)  # fmt: skip
 lease_expirations = Counter(
     "leasesched_lease_expirations", "Leases the trigger found expired (+ grace) and ended by a conditional write.",
     ["type"], registry=None,
@@ -98,10 +105,13 @@ worker_execution_seconds = Histogram(
 
 _RPC = (rpc_duration,)
 _BY_ROLE: dict[str, tuple[object, ...]] = {
-    "task-service": (*_RPC, tasks_scheduled),
-    "task-updater": (*_RPC, tasks_claimed, tasks_completed, tasks_failed, tasks_requeued, tasks_cancelled, dispatch_lag),
+    "task-service": (*_RPC, tasks_scheduled, tasks_quarantined),
+    "task-updater": (
+        *_RPC, tasks_claimed, tasks_completed, tasks_failed, tasks_requeued, tasks_cancelled, dispatch_lag,
+        tasks_quarantined,
+    ),  # fmt: skip
     "trigger": (
-        *_RPC, tasks_dispatched, lease_expirations, tasks_requeued, tasks_failed, shards_owned,
+        *_RPC, tasks_dispatched, tasks_quarantined, lease_expirations, tasks_requeued, tasks_failed, shards_owned,
         shard_ownership_changes, dispatch_queued, dispatch_inflight, subscribed_workers,
     ),  # fmt: skip
     "worker": (worker_slots, worker_slots_busy, worker_executions, worker_execution_seconds),
