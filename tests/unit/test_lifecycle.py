@@ -1,14 +1,18 @@
 """The lifecycle policy over the in-memory store (pure logic; the same paths
 run against the real Cassandra in tests/integration)."""
 
+import logging
 import uuid
+from typing import Any
 
 import pytest
 
 from leasesched.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from leasesched.lifecycle import Lifecycle
 from leasesched.model import DueEntry, RetryPolicy, Task, now_ms, shard_of
+from leasesched.observability import metrics
 from leasesched.states import TaskStatus
+from leasesched.store.base import ListQuery, RawCondition
 from leasesched.store.memory import MemoryStore
 
 
@@ -157,3 +161,144 @@ async def test_delayed_task_cannot_be_claimed_early(life: Lifecycle) -> None:
     task = (await life.schedule(new_task(run_at=now_ms() + 60_000))).task
     with pytest.raises(FailedPrecondition, match="not due"):
         await life.claim(task.task_id, "w", 1)
+
+
+# -- unreadable rows: quarantined once, then an ordinary FAILED task ----------
+
+FAR = 300_000_000_000_000  # ms: year ~11 476, past what the driver can decode
+
+
+def quarantined_count(reason: str) -> float:
+    return metrics.tasks_quarantined.labels(reason)._value.get()  # type: ignore[attr-defined, no-any-return]
+
+
+async def test_unreadable_task_is_quarantined_once_and_reads_as_failed(
+    store: MemoryStore, life: Lifecycle, caplog: pytest.LogCaptureFixture
+) -> None:
+    task = new_task(lease_token=2)
+    store.put_raw(task, deadline_at=FAR, priority=42)
+    before = quarantined_count("time")
+    with caplog.at_level(logging.ERROR, logger="leasesched.lifecycle"):
+        got = await life.get(task.task_id)
+    assert got.status == TaskStatus.FAILED and got.error_type == "Unreadable"
+    assert got.error.startswith("unreadable: ") and f"deadline_at={FAR}" in got.error and "priority=42" in got.error
+    assert got.deadline_at is None and got.priority == 5 and got.lease_expires_at is None  # repaired
+    assert got.finished_at is not None and abs(got.finished_at - now_ms()) < 5000
+    assert got.payload == task.payload and got.lease_token == 2  # the rest is kept
+    assert quarantined_count("time") == before + 1
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and str(task.task_id) in errors[0].getMessage() and "deadline_at" in errors[0].getMessage()
+    # From now on it is a plain FAILED task: no second quarantine, no error.
+    assert (await life.get(task.task_id)).status == TaskStatus.FAILED
+    with pytest.raises(FailedPrecondition, match="already FAILED"):
+        await life.cancel(task.task_id)
+    with pytest.raises(FailedPrecondition):
+        await life.claim(task.task_id, "w", 1)
+    assert [applied for *_, applied in store.quarantines] == [True]
+    assert quarantined_count("time") == before + 1
+
+
+async def test_quarantine_condition_is_the_raw_row_read(store: MemoryStore, life: Lifecycle) -> None:
+    task = new_task(status=TaskStatus.RUNNING, lease_token=3, lease_owner="w1", lease_expires_at=now_ms() + 9000)
+    store.put_raw(task, status="RUNNING", started_at=-5)
+    assert await life.read(task.task_id) is not None
+    [(task_id, expect, columns, applied)] = store.quarantines
+    assert applied and task_id == task.task_id
+    assert (expect.status, expect.lease_token, expect.write_id) == ("RUNNING", 3, None)
+    assert columns["status"] == "FAILED" and columns["started_at"] is None and columns["lease_expires_at"] is None
+    # The worker that held the lease is fenced: its heartbeat finds the task gone.
+    with pytest.raises(FailedPrecondition, match="lease lost"):
+        await life.heartbeat(task.task_id, 3, 50, "")
+
+
+async def test_unknown_status_is_quarantined_too(store: MemoryStore, life: Lifecycle) -> None:
+    task = new_task()
+    store.put_raw(task, status="DISPATCHED")
+    before = quarantined_count("status")
+    got = await life.get(task.task_id)
+    assert got.status == TaskStatus.FAILED and "status='DISPATCHED'" in got.error
+    assert quarantined_count("status") == before + 1
+
+
+async def test_a_concurrent_change_is_never_overwritten(store: MemoryStore, life: Lifecycle) -> None:
+    """Between the read and the quarantine someone else writes the row: the
+    quarantine does not apply; the lifecycle reads again and quarantines
+    what is there now, keeping that change."""
+    task = new_task()
+    store.put_raw(task, run_at=FAR)
+    original = store.quarantine_task
+    concurrent_write_id = uuid.uuid4()
+
+    async def raced(task_id: uuid.UUID, expect: RawCondition, columns: dict[str, Any]) -> bool:
+        if len(store.quarantines) == 0:
+            row = store.raw[task_id]
+            row.cancel_requested, row.progress_message, row.write_id = True, "theirs", concurrent_write_id
+        return await original(task_id, expect, columns)
+
+    store.quarantine_task = raced  # type: ignore[method-assign]
+    before = quarantined_count("time")
+    got = await life.get(task.task_id)
+    assert [applied for *_, applied in store.quarantines] == [False, True]
+    assert store.quarantines[1][1].write_id == concurrent_write_id  # the retry expects what it read anew
+    assert got.status == TaskStatus.FAILED and got.cancel_requested and got.progress_message == "theirs"
+    assert quarantined_count("time") == before + 1  # counted once: only the write that applied
+
+
+async def test_losing_the_quarantine_race_to_another_process_reads_its_result(store: MemoryStore, life: Lifecycle) -> None:
+    task = new_task()
+    store.put_raw(task, created_at=-1)
+    original = store.quarantine_task
+
+    async def other_process_first(task_id: uuid.UUID, expect: RawCondition, columns: dict[str, Any]) -> bool:
+        if not store.quarantines:
+            assert await original(task_id, expect, {**columns, "error": "theirs"})  # the other process wins
+        return await original(task_id, expect, columns)
+
+    store.quarantine_task = other_process_first  # type: ignore[method-assign]
+    before = quarantined_count("time")
+    got = await life.get(task.task_id)
+    assert got.status == TaskStatus.FAILED and got.error == "theirs"
+    assert [applied for *_, applied in store.quarantines] == [True, False]
+    assert quarantined_count("time") == before  # the winner counted it, not us
+
+
+async def test_a_terminal_row_keeps_its_outcome_and_only_is_repaired(store: MemoryStore, life: Lifecycle) -> None:
+    task = new_task(status=TaskStatus.SUCCEEDED, result=b"done", finished_at=now_ms())
+    store.put_raw(task, finished_at=FAR)
+    got = await life.get(task.task_id)
+    assert got.status == TaskStatus.SUCCEEDED and got.result == b"done" and got.error_type == ""
+    assert got.finished_at is None
+
+
+async def test_store_down_during_quarantine_is_unavailable_then_retried(store: MemoryStore, life: Lifecycle) -> None:
+    task = new_task()
+    store.put_raw(task, deadline_at=FAR)
+    store.fail_next.add("quarantine_task")
+    with pytest.raises(Unavailable):
+        await life.get(task.task_id)
+    assert (await life.get(task.task_id)).status == TaskStatus.FAILED
+
+
+async def test_listing_quarantines_unreadable_rows_in_their_place(store: MemoryStore, life: Lifecycle) -> None:
+    now = now_ms()
+    older, poison, newer = (new_task(created_at=now - age) for age in (3000, 2000, 1000))
+    for t in (older, newer):
+        store.tasks[t.task_id] = t
+    store.put_raw(poison, deadline_at=FAR)
+    page = await life.list(ListQuery(namespace="ns", page_size=2))
+    assert [t.task_id for t in page.tasks] == [newer.task_id, poison.task_id]  # counted in the page size
+    assert page.tasks[1].status == TaskStatus.FAILED and page.tasks[1].error_type == "Unreadable"
+    assert not page.unreadable
+    rest = await life.list(ListQuery(namespace="ns", page_size=2, page_token=page.next_token))
+    assert [t.task_id for t in rest.tasks] == [older.task_id]
+
+
+async def test_listing_with_a_status_filter_drops_a_quarantined_row_of_another_status(
+    store: MemoryStore, life: Lifecycle
+) -> None:
+    good, poison = new_task(), new_task()
+    store.tasks[good.task_id] = good
+    store.put_raw(poison, deadline_at=FAR)
+    page = await life.list(ListQuery(namespace="ns", status=TaskStatus.SCHEDULED))
+    assert [t.task_id for t in page.tasks] == [good.task_id]
+    assert store.tasks[poison.task_id].status == TaskStatus.FAILED  # quarantined all the same

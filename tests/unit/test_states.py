@@ -2,7 +2,16 @@ import itertools
 
 import pytest
 
-from leasesched.states import TERMINAL, TRANSITIONS, IllegalTransition, TaskStatus, Transition, allowed, target
+from leasesched.states import (
+    TERMINAL,
+    TRANSITIONS,
+    IllegalTransition,
+    TaskStatus,
+    Transition,
+    allowed,
+    quarantined_status,
+    target,
+)
 
 
 @pytest.mark.parametrize("transition", list(Transition))
@@ -41,3 +50,14 @@ def test_expected_graph() -> None:
         target(Transition.CANCEL, TaskStatus.RUNNING)  # running tasks get a cancel *request*
     with pytest.raises(IllegalTransition):
         target(Transition.CLAIM, TaskStatus.RUNNING)
+
+
+def test_quarantine_fails_live_tasks_and_keeps_terminal_ones() -> None:
+    assert target(Transition.QUARANTINE, TaskStatus.SCHEDULED) == TaskStatus.FAILED
+    assert target(Transition.QUARANTINE, TaskStatus.RUNNING) == TaskStatus.FAILED
+    assert quarantined_status(TaskStatus.SCHEDULED) == TaskStatus.FAILED
+    assert quarantined_status(TaskStatus.RUNNING) == TaskStatus.FAILED
+    assert quarantined_status(None) == TaskStatus.FAILED  # the stored status itself is unreadable
+    for status in TERMINAL:
+        assert not allowed(Transition.QUARANTINE, status)
+        assert quarantined_status(status) == status  # only its bad columns are repaired
