@@ -257,7 +257,7 @@ def test_concurrency_share_counts_per_key_and_forgets_idle_keys() -> None:
 
 async def start_held(interceptor: QuotaInterceptor, n: int, handler: Handler) -> list[asyncio.Future[str]]:
     """``n`` polls that are inside the handler, blocked on its gate."""
-    calls = []
+    calls: list[asyncio.Future[str]] = []
     for _ in range(n):
         handler.entered.clear()
         calls.append(asyncio.ensure_future(call(interceptor, POLL_METHOD, pb.PollTaskRequest(), handler)))
