@@ -3,17 +3,25 @@
 Kept apart from TaskService so that worker traffic never starves users. Every
 call is one conditional write on the lease token; a stale token is answered
 FAILED_PRECONDITION "lease lost" and the worker must stop.
+
+Every field is checked against ``leasesched.limits`` before the store is
+touched (INVALID_ARGUMENT naming the field and the limit): worker_id of
+``WORKER_ID_RE``, lease tokens within ``LEASE_TOKEN`` (a forged 0 or negative
+token is malformed, not a lost lease), the claimed attempt within
+``CLAIM_ATTEMPT``, progress within ``PROGRESS_PERCENT`` and
+``MAX_PROGRESS_MESSAGE``. A failure's error text and type are cut to
+``MAX_ERROR_MESSAGE`` / ``MAX_ERROR_TYPE`` instead: the report must land.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from collections import OrderedDict
 
 import grpc
 
+from leasesched import limits
 from leasesched.auth import caller_namespace, hiding_missing
 from leasesched.config import Config
 from leasesched.errors import InvalidArgument
@@ -28,21 +36,22 @@ from services.validation import check_task_id
 
 log = logging.getLogger(__name__)
 
-MAX_WORKER_ID = 256
-MAX_MESSAGE = 4096
 TYPE_CACHE_SIZE = 50_000
 
 
 def _check_worker(worker_id: str) -> str:
-    if not worker_id or len(worker_id) > MAX_WORKER_ID:
-        raise InvalidArgument(f"worker_id must be 1-{MAX_WORKER_ID} characters")
+    """The worker's name is logged, stored as the lease owner and shown by
+    ``cluster status``: a short printable name, nothing else."""
+    if not limits.matches(limits.WORKER_ID_RE, worker_id):
+        raise InvalidArgument(
+            f"worker_id {worker_id[:80]!r} is invalid: 1-{limits.MAX_WORKER_ID} printable ASCII characters without spaces"
+        )
     return worker_id
 
 
 def _check_token(token: int) -> int:
-    if token <= 0:
-        raise InvalidArgument("lease_token must be the positive token returned by ClaimTask")
-    return token
+    """Only ClaimTask hands out tokens, and they are positive: anything else is forged."""
+    return int(limits.LEASE_TOKEN.check(token, "lease_token"))
 
 
 class TaskUpdater(pb_grpc.TaskUpdaterServicer):
@@ -60,10 +69,11 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
 
     async def ClaimTask(self, request: pb.ClaimTaskRequest, context: grpc.aio.ServicerContext) -> pb.ClaimTaskResponse:
         task_id = check_task_id(request.task_id)
+        worker_id = _check_worker(request.worker_id)
+        # 0 means "any attempt"; a negative one is malformed, not a stale dispatch.
+        attempt = int(limits.CLAIM_ATTEMPT.check(request.attempt))
         with hiding_missing(task_id):
-            lease = await self._lifecycle.claim(
-                task_id, _check_worker(request.worker_id), request.attempt, namespace=caller_namespace()
-            )
+            lease = await self._lifecycle.claim(task_id, worker_id, attempt, namespace=caller_namespace())
         task = lease.task
         log.info(
             "task %s claimed by %s (token %d, attempt %d)", task_id, request.worker_id, lease.token, task.attempt,
@@ -89,25 +99,25 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         task_id = check_task_id(request.task_id)
-        percent = request.progress.percent
-        if math.isnan(percent) or not 0.0 <= percent <= 100.0:
-            raise InvalidArgument("progress.percent must be between 0 and 100")
-        if len(request.progress.message) > MAX_MESSAGE:
-            raise InvalidArgument(f"progress.message is over {MAX_MESSAGE} characters")
-        with hiding_missing(task_id):
-            ack = await self._lifecycle.heartbeat(
-                task_id, _check_token(request.lease_token), percent, request.progress.message, namespace=caller_namespace()
+        token = _check_token(request.lease_token)
+        percent = float(limits.PROGRESS_PERCENT.check(request.progress.percent))
+        if len(request.progress.message) > limits.MAX_PROGRESS_MESSAGE:
+            raise InvalidArgument(
+                f"progress.message is {len(request.progress.message)} characters, over the limit of {limits.MAX_PROGRESS_MESSAGE}"
             )
+        if request.worker_id:  # optional here: the lease token alone proves the lease
+            _check_worker(request.worker_id)
+        with hiding_missing(task_id):
+            ack = await self._lifecycle.heartbeat(task_id, token, percent, request.progress.message, namespace=caller_namespace())
         return pb.HeartbeatResponse(lease_expires_at=ts(ack.expires_at), cancel_requested=ack.cancel_requested)
 
     async def CompleteTask(self, request: pb.CompleteTaskRequest, context: grpc.aio.ServicerContext) -> pb.CompleteTaskResponse:
         task_id = check_task_id(request.task_id)
+        token = _check_token(request.lease_token)
         if len(request.result) > self._cfg.max_result_bytes:
             raise InvalidArgument(f"result is {len(request.result)} bytes, over the limit of {self._cfg.max_result_bytes}")
         with hiding_missing(task_id):
-            status = await self._lifecycle.complete(
-                task_id, _check_token(request.lease_token), request.result, namespace=caller_namespace()
-            )
+            status = await self._lifecycle.complete(task_id, token, request.result, namespace=caller_namespace())
         log.info(
             "task %s completed under token %d", task_id, request.lease_token,
             extra=fields(task_id=str(task_id), lease_token=request.lease_token),
@@ -117,12 +127,15 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
 
     async def FailTask(self, request: pb.FailTaskRequest, context: grpc.aio.ServicerContext) -> pb.FailTaskResponse:
         task_id = check_task_id(request.task_id)
+        token = _check_token(request.lease_token)
         with hiding_missing(task_id):
             outcome = await self._lifecycle.fail(
                 task_id,
-                _check_token(request.lease_token),
-                request.error,
-                request.error_type,
+                token,
+                # Cut, not refused: a failure report must land, or the task
+                # waits for its lease to expire (limits.MAX_ERROR_MESSAGE).
+                request.error[: limits.MAX_ERROR_MESSAGE],
+                request.error_type[: limits.MAX_ERROR_TYPE],
                 non_retryable=request.non_retryable,
                 cancelled=request.cancelled,
                 released=request.released,
