@@ -30,7 +30,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import AbstractSet, Awaitable, Callable
 
 from leasesched.observability import metrics
 from leasesched.observability.logs import fields
@@ -131,7 +131,15 @@ class Dispatcher:
 
     def returned(self, task_id: uuid.UUID) -> None:
         """The worker had no free slot after all: offer the task again now."""
-        for key in [k for k in self._inflight if k[0] == task_id]:
+        self.returned_all({task_id})
+
+    def returned_all(self, task_ids: AbstractSet[uuid.UUID]) -> None:
+        """``returned`` for a whole Returned message: one pass over the
+        in-flight dispatches, not one per id (a message may carry
+        ``limits.TASK_IDS_PER_MESSAGE`` ids; a pass per id stalled the loop)."""
+        if not task_ids:
+            return
+        for key in [k for k in self._inflight if k[0] in task_ids]:
             ready, timer, _ = self._inflight.pop(key)
             timer.cancel()
             self.offer(ready)

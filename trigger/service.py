@@ -1,52 +1,164 @@
-"""The TriggerService gRPC API: worker subscriptions and due hints."""
+"""The TriggerService gRPC API: worker subscriptions and due hints.
+
+Every field a worker or a hint carries is checked against ``leasesched.limits``
+before it has any effect; a refusal is INVALID_ARGUMENT whose details name the
+field, the value and the limit.
+
+Subscribe. The first message must be a ``Hello``: worker_id of
+``limits.WORKER_ID_RE`` (it is published in the trigger's ZooKeeper
+registration, so it must stay a short printable name), a valid namespace,
+``limits.SUBSCRIBE_TASK_TYPES`` task types each of ``limits.TYPE_RE``, and a
+capacity within ``limits.WORKER_SLOTS``. Later messages: ``Credit.slots``
+within ``limits.WORKER_SLOTS``; ``Returned.task_ids`` and each of
+``Settled.claimed``/``Settled.finished`` at most
+``limits.TASK_IDS_PER_MESSAGE`` entries, every id a UUID, every attempt within
+``limits.CLAIM_ATTEMPT`` and every lease token non-negative; a second Hello is
+refused. A message with no kind set (empty, or of a kind added to the
+protocol later) is ignored: fields are only ever added.
+
+Decision: a bad message in an established stream ends the stream with
+INVALID_ARGUMENT — it is not logged and skipped. A worker that sends one is
+buggy or hostile; skipping would hide the bug (a credit of -1 silently starves
+the worker, a malformed ack silently costs a read per task) and let a hostile
+client make the trigger walk huge lists. Each message is checked whole before
+any of it is applied, so a refused message changes nothing; the worker may
+reconnect with a fresh Hello, and dispatches it had not claimed are offered
+again as for any stream that ends. Bytes that are not a ``WorkerMessage`` at
+all end the stream the same way.
+
+NotifyDue. A hint is checked whole (task_id a UUID; shard within the
+cluster's shards; attempt within ``limits.CLAIM_ATTEMPT``; lease_token ≥ 0;
+priority within ``limits.PRIORITY``; type of ``limits.TYPE_RE``, required with
+an attempt; namespace valid when given; run_at a valid timestamp no later than
+``limits.MAX_STORED_TIME_MS`` and not before the epoch) before the trigger acts
+on it: a malformed hint used to reach the dispatcher and fail there (INTERNAL),
+or worse, inside another worker's stream when it was dispatched.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import Counter
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from leasesched import limits
 from leasesched.auth import current_principal, require_namespace
 from leasesched.errors import InvalidArgument, PermissionDenied
-from services.error_mapping import code_for
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from services.error_mapping import code_for
 from services.validation import check_namespace, check_task_id
 from trigger.dispatcher import Dispatcher, WorkerLink
 
 log = logging.getLogger(__name__)
 
-MAX_TYPES = 256
+
+def _uuid(value: str, field: str) -> uuid.UUID:
+    try:
+        return check_task_id(value)
+    except InvalidArgument:
+        raise InvalidArgument(f"{field} {value[:80]!r} is not a UUID") from None
+
+
+def _id_count(values: Sequence[object], field: str) -> None:
+    limits.TASK_IDS_PER_MESSAGE.check(len(values), field)
+
+
+def _namespace(value: str, field: str) -> str:
+    """check_namespace, and the whole value must match (never before a trailing newline)."""
+    check_namespace(value)
+    if not limits.matches(limits.NAMESPACE_RE, value):
+        raise InvalidArgument(f"{field} {value[:80]!r} is invalid: 1-64 characters of letters, digits, '_', '.', '-'")
+    return value
+
+
+def check_hello(hello: pb.Hello) -> tuple[str, frozenset[str]]:
+    """The namespace and task types of a valid Hello; raises InvalidArgument otherwise."""
+    if not limits.matches(limits.WORKER_ID_RE, hello.worker_id):
+        raise InvalidArgument(
+            f"Hello.worker_id {hello.worker_id[:80]!r} is invalid: 1-{limits.MAX_WORKER_ID} printable ASCII characters without spaces"
+        )
+    namespace = _namespace(hello.namespace, "Hello.namespace")
+    limits.SUBSCRIBE_TASK_TYPES.check(len(hello.task_types), "Hello.task_types")
+    for name in hello.task_types:
+        if not limits.matches(limits.TYPE_RE, name):
+            raise InvalidArgument(f"Hello.task_types entry {name[:80]!r} is not a valid task type")
+    limits.WORKER_SLOTS.check(hello.capacity, "Hello.capacity")
+    return namespace, frozenset(hello.task_types)
+
+
+def _check_ref(ref: pb.TaskRef, field: str) -> uuid.UUID:
+    task_id = _uuid(ref.task_id, f"{field}.task_id")
+    limits.CLAIM_ATTEMPT.check(ref.attempt, f"{field}.attempt")
+    if ref.lease_token < 0:
+        raise InvalidArgument(f"{field}.lease_token {ref.lease_token} is out of range 0..{limits.INT64_MAX}")
+    return task_id
+
+
+def check_notify_due(request: pb.NotifyDueRequest, shards: int | None) -> None:
+    """A due hint is well-formed, or InvalidArgument naming the first bad field."""
+    _uuid(request.task_id, "task_id")
+    high = (shards - 1) if shards else limits.INT32_MAX
+    if not 0 <= request.shard <= high:
+        raise InvalidArgument(f"shard {request.shard} is out of range 0..{high}")
+    limits.CLAIM_ATTEMPT.check(request.attempt, "attempt")
+    if request.lease_token < 0:
+        raise InvalidArgument(f"lease_token {request.lease_token} is out of range 0..{limits.INT64_MAX}")
+    limits.PRIORITY.check(request.priority, "priority")
+    if (request.type or request.attempt > 0) and not limits.matches(limits.TYPE_RE, request.type):
+        raise InvalidArgument(f"type {request.type[:80]!r} is not a valid task type (required with an attempt)")
+    if request.namespace:
+        _namespace(request.namespace, "namespace")
+    if request.HasField("run_at"):
+        run_at = request.run_at
+        if not 0 <= run_at.nanos < 1_000_000_000:
+            raise InvalidArgument(f"run_at.nanos {run_at.nanos} is out of range 0..999999999")
+        if not 0 <= run_at.seconds * 1000 <= limits.MAX_STORED_TIME_MS:
+            raise InvalidArgument(
+                f"run_at {run_at.seconds} s is out of range 0..{limits.MAX_STORED_TIME_MS // 1000} s (1970 to 9999-12-31)"
+            )
 
 
 class TriggerService(pb_grpc.TriggerServiceServicer):
     def __init__(
-        self, dispatcher: Dispatcher, on_due_hint: Callable[[pb.NotifyDueRequest], None], max_streams_per_worker: int = 4
+        self,
+        dispatcher: Dispatcher,
+        on_due_hint: Callable[[pb.NotifyDueRequest], None],
+        max_streams_per_worker: int = 4,
+        logical_shards: int | None = None,
     ) -> None:
+        """``logical_shards``: the cluster's shard count, so a hint for a shard
+        it does not have is refused; None checks only that it is not negative."""
         self._dispatcher = dispatcher
         self._on_due_hint = on_due_hint
         self._max_streams = max_streams_per_worker
+        self._shards = logical_shards
         self._streams: Counter[str] = Counter()
         self._readers: set[asyncio.Task[None]] = set()
 
     async def Subscribe(
         self, request_iterator: AsyncIterator[pb.WorkerMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Dispatch]:
-        first = await anext(aiter(request_iterator), None)
+        try:
+            first = await anext(aiter(request_iterator), None)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of Subscribe must be a Hello; it is not a valid WorkerMessage")
+            return
         if first is None or first.WhichOneof("kind") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of Subscribe must be a Hello")
             return  # abort raised already; this tells the type checker
         hello = first.hello
-        if not hello.worker_id or not hello.task_types or len(hello.task_types) > MAX_TYPES:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello needs a worker_id and 1-{MAX_TYPES} task_types")
         try:
-            namespace = check_namespace(hello.namespace)
+            namespace, types = check_hello(hello)
             require_namespace(namespace)
         except (InvalidArgument, PermissionDenied) as exc:
             await context.abort(code_for(exc), str(exc))
+            return
         principal = current_principal.get()
         identity = f"{principal.token_id if principal else '-'}/{hello.worker_id}"
         if self._streams[identity] >= self._max_streams:
@@ -54,9 +166,10 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"worker {hello.worker_id!r} already has {self._max_streams} streams"
             )
         self._streams[identity] += 1
-        link = self._dispatcher.connect(hello.worker_id, namespace, frozenset(hello.task_types), hello.capacity)
+        link = self._dispatcher.connect(hello.worker_id, namespace, types, hello.capacity)
         reader = asyncio.create_task(self._read(request_iterator, link))
         self._readers.add(reader)
+        refused: BaseException | None = None
         try:
             while not reader.done():
                 getter = asyncio.ensure_future(link.outbox.get())
@@ -65,6 +178,8 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
                     yield getter.result()
                 else:
                     getter.cancel()
+            if not reader.cancelled():
+                refused = reader.exception()
         finally:
             reader.cancel()
             self._readers.discard(reader)
@@ -72,6 +187,13 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
             self._streams[identity] -= 1
             if self._streams[identity] <= 0:
                 del self._streams[identity]
+        if isinstance(refused, InvalidArgument):
+            log.warning("worker %s sent a bad message, stream ended: %s", hello.worker_id, refused)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(refused))
+        elif refused is not None:
+            # A bug here, not the worker's fault: say so instead of ending the stream OK.
+            log.error("stream of worker %s failed", hello.worker_id, exc_info=refused)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the trigger log")
 
     def close(self) -> None:
         """Shutdown: end every Subscribe stream now (status OK), so workers
@@ -80,26 +202,38 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
             reader.cancel()
 
     async def _read(self, request_iterator: AsyncIterator[pb.WorkerMessage], link: WorkerLink) -> None:
-        async for message in request_iterator:
-            kind = message.WhichOneof("kind")
-            if kind == "credit":
-                self._dispatcher.set_credits(link, message.credit.slots)
-            elif kind == "returned":
-                for task_id in message.returned.task_ids:
-                    try:
-                        self._dispatcher.returned(check_task_id(task_id))
-                    except InvalidArgument:
-                        log.warning("worker %s returned a malformed task id", link.worker_id)
-            elif kind == "settled":
-                try:
-                    for ref in message.settled.claimed:
-                        self._dispatcher.claimed(link, check_task_id(ref.task_id), ref.attempt, ref.lease_token)
-                    for ref in message.settled.finished:
-                        self._dispatcher.finished(link, check_task_id(ref.task_id), ref.lease_token)
-                except InvalidArgument:
-                    log.warning("worker %s acked a malformed task id", link.worker_id)
+        """Apply the worker's messages in order; raises InvalidArgument on the
+        first bad one (checked whole first, so it changes nothing)."""
+        count = 1
+        try:
+            async for message in request_iterator:
+                count += 1
+                self._apply(message, link)
+        except DecodeError:
+            raise InvalidArgument(f"message {count + 1} of the stream is not a valid WorkerMessage") from None
+
+    def _apply(self, message: pb.WorkerMessage, link: WorkerLink) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "credit":
+            self._dispatcher.set_credits(link, int(limits.WORKER_SLOTS.check(message.credit.slots, "Credit.slots")))
+        elif kind == "returned":
+            ids = message.returned.task_ids
+            _id_count(ids, "Returned.task_ids")
+            self._dispatcher.returned_all({_uuid(task_id, "Returned.task_ids entry") for task_id in ids})
+        elif kind == "settled":
+            settled = message.settled
+            _id_count(settled.claimed, "Settled.claimed")
+            _id_count(settled.finished, "Settled.finished")
+            claimed = [(_check_ref(ref, "Settled.claimed"), ref) for ref in settled.claimed]
+            finished = [(_check_ref(ref, "Settled.finished"), ref) for ref in settled.finished]
+            for task_id, ref in claimed:
+                self._dispatcher.claimed(link, task_id, ref.attempt, ref.lease_token)
+            for task_id, ref in finished:
+                self._dispatcher.finished(link, task_id, ref.lease_token)
+        elif kind == "hello":
+            raise InvalidArgument("a Hello may only be the first message of a Subscribe stream")
 
     async def NotifyDue(self, request: pb.NotifyDueRequest, context: grpc.aio.ServicerContext) -> pb.NotifyDueResponse:
-        check_task_id(request.task_id)
+        check_notify_due(request, self._shards)
         self._on_due_hint(request)
         return pb.NotifyDueResponse()
