@@ -18,7 +18,7 @@ from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services import bootstrap
 from services.auth_setup import make_authenticator
 from services.due_notifier import DueNotifier
-from services.rate_limit import QuotaInterceptor, Quotas
+from services.rate_limit import QuotaInterceptor, Quotas, transport_cap
 from services.server import build_server, stop_signal, wait_for_stop_signal
 from services.task_service import TaskService
 from services.task_updater import TaskUpdater
@@ -36,7 +36,9 @@ async def serve(cfg: Config, role: str, port: int) -> None:
     interceptors: list[Any] = []
     limit = cfg.max_concurrent_rpcs
     if role == "task-service":
-        limit = cfg.task_service_max_concurrent_rpcs
+        # The quota interceptor enforces task_service_max_concurrent_rpcs after each
+        # namespace's own limits; gRPC's cap (counted before) is only the backstop.
+        limit = transport_cap(cfg)
         notifier = DueNotifier(client, cfg)
         await notifier.start()
         service: Any = TaskService(cfg, lifecycle, meta.logical_shards, notify_due=notifier)

@@ -11,7 +11,8 @@ fills it and every other namespace gets RESOURCE_EXHAUSTED. So each caller
   ``LIST_ROWS_PER_TOKEN`` rows of the page it asks for;
   ``poll_rate_per_namespace`` / ``poll_burst``);
 * a **share of the concurrency cap**: at most ``namespace_max_concurrent_rpcs``
-  of its calls in a handler at once.
+  of its calls in a handler at once, out of ``task_service_max_concurrent_rpcs``
+  for everyone (counted here too, so that refused calls hold no slot).
 
 A call over any of them is refused at once with RESOURCE_EXHAUSTED, before
 anything is read or written; the message names the caller, the method group
@@ -60,6 +61,12 @@ LIST_DEFAULT_PAGE = 100  # what TaskService uses for page_size 0
 # The retry hint of a call refused for the concurrency share: no bucket says
 # when a slot frees; about one Cassandra round trip under load.
 CONCURRENCY_RETRY_MS = 50
+SHARE = "share"
+PROCESS = "process"
+# gRPC's own cap on calls a TaskService has accepted (before any interceptor):
+# this many times task_service_max_concurrent_rpcs, a backstop for floods of
+# outstanding calls; the real cap is counted after the quotas (ConcurrencyShare).
+TRANSPORT_CAP_FACTOR = 4
 
 
 @dataclass
@@ -107,23 +114,40 @@ class RateLimiter:
 
 
 class ConcurrencyShare:
-    """How many calls each key has in a handler; at most ``limit`` per key.
+    """Calls in a handler: at most ``per_key`` per caller and ``total`` in all (0: no bound).
 
     Only keys with calls in progress are kept, so the table is never larger
-    than the server's concurrency cap."""
+    than ``total``. The process-wide ``total`` is counted here, after the
+    caller's own limits, rather than only by gRPC's ``maximum_concurrent_rpcs``
+    (which counts every call the moment it arrives, before any interceptor):
+    that way the calls a flooding namespace gets refused never hold a slot
+    another namespace needs. gRPC's cap stays, higher, as the backstop
+    (``transport_cap``)."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, per_key: int, total: int = 0) -> None:
+        self.per_key = per_key
+        self.total = total
         self._held: dict[str, int] = {}
+        self._in_progress = 0
 
-    def try_acquire(self, key: str) -> bool:
-        held = self._held.get(key, 0)
-        if held >= self.limit:
-            return False
-        self._held[key] = held + 1
-        return True
+    def try_acquire(self, key: str | None) -> str | None:
+        """None when a slot was taken, else which limit is full: ``SHARE`` or ``PROCESS``.
 
-    def release(self, key: str) -> None:
+        ``key`` None (an admin) is bound only by the total."""
+        held = self._held.get(key, 0) if key is not None else 0
+        if key is not None and self.per_key and held >= self.per_key:
+            return SHARE
+        if self.total and self._in_progress >= self.total:
+            return PROCESS
+        if key is not None:
+            self._held[key] = held + 1
+        self._in_progress += 1
+        return None
+
+    def release(self, key: str | None) -> None:
+        self._in_progress -= 1
+        if key is None:
+            return
         held = self._held.get(key, 0) - 1
         if held > 0:
             self._held[key] = held
@@ -132,6 +156,10 @@ class ConcurrencyShare:
 
     def held(self, key: str) -> int:
         return self._held.get(key, 0)
+
+    @property
+    def in_progress(self) -> int:
+        return self._in_progress
 
     def __len__(self) -> int:
         return len(self._held)
@@ -212,8 +240,8 @@ class QuotaState:
             limiters[WRITE] = RateLimiter(quotas.write_rate, quotas.write_burst, clock)
         if quotas.read_rate > 0:
             limiters[READ] = RateLimiter(quotas.read_rate, quotas.read_burst, clock)
-        share = ConcurrencyShare(quotas.max_concurrent_per_caller) if quotas.max_concurrent_per_caller > 0 else None
-        return cls(limiters, share)
+        per_key, total = max(0, quotas.max_concurrent_per_caller), max(0, quotas.process_max_concurrent)
+        return cls(limiters, ConcurrencyShare(per_key, total) if per_key or total else None)
 
 
 async def refuse(context: grpc.aio.ServicerContext, retry_ms: int, message: str) -> NoReturn:
@@ -242,16 +270,23 @@ class QuotaInterceptor(UnaryInterceptor):
 
         async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
             caller = caller_of(context)
-            if caller is None:
-                return await inner(request, context)
-            if share is not None and not share.try_acquire(caller.key):
-                await refuse(
-                    context, CONCURRENCY_RETRY_MS,
-                    f"{caller.label} already has {share.limit} TaskService calls in progress, its share of this "
-                    f"server's {process_cap} ({name}, {group} group)",
-                )  # fmt: skip
+            key = caller.key if caller is not None else None
+            if share is not None:
+                full = share.try_acquire(key)
+                if full == SHARE and caller is not None:
+                    await refuse(
+                        context, CONCURRENCY_RETRY_MS,
+                        f"{caller.label} already has {share.per_key} TaskService calls in progress, its share of "
+                        f"this server's {process_cap} ({name}, {group} group)",
+                    )  # fmt: skip
+                if full is not None:
+                    who = caller.label if caller is not None else "an admin"
+                    await refuse(
+                        context, CONCURRENCY_RETRY_MS,
+                        f"this TaskService has {share.total} calls in progress, its limit ({name} from {who})",
+                    )  # fmt: skip
             try:
-                if limiter is not None:
+                if limiter is not None and caller is not None:
                     cost = list_cost(request, page_max) if method == LIST_METHOD else 1.0
                     wait = limiter.wait_needed(caller.key, cost)
                     if wait > 0:
@@ -263,6 +298,11 @@ class QuotaInterceptor(UnaryInterceptor):
                 return await inner(request, context)
             finally:
                 if share is not None:
-                    share.release(caller.key)
+                    share.release(key)
 
         return limited
+
+
+def transport_cap(cfg: Config) -> int:
+    """gRPC's ``maximum_concurrent_rpcs`` for a TaskService: a backstop above the real cap."""
+    return cfg.task_service_max_concurrent_rpcs * TRANSPORT_CAP_FACTOR

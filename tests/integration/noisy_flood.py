@@ -5,11 +5,12 @@ Run by tests/integration/test_noisy_neighbour.py. A separate process, so the
 flood's client-side CPU (and GIL) is not charged to the latency the test
 measures for the quiet namespace — only what the server does is.
 
-    python -m tests.integration.noisy_flood TARGET TOKEN NAMESPACE TASK_ID THREADS SCHEDULE_EVERY
+    python -m tests.integration.noisy_flood TARGET TOKEN NAMESPACE TASK_ID THREADS SCHEDULE_EVERY EXPECT
 
 Every ``SCHEDULE_EVERY``-th call of a thread is a ScheduleTask (0: polls only).
 Prints one JSON line ``{"limited": [...]}`` as soon as every flooded method
-has been refused with RESOURCE_EXHAUSTED once, then, when its stdin closes,
+has been refused with RESOURCE_EXHAUSTED by the limit ``EXPECT`` ("rate",
+"share", see ``kind``), then, when its stdin closes,
 the summary ``{"counts": {method: {code: n}}, "refusals": {method: {kind: n}},
 "messages": {method: {kind: first details}}}``.
 """
@@ -35,6 +36,7 @@ class Tally:
     """What the threads saw; one lock, since they all add to it."""
 
     methods: tuple[str, ...]
+    expect: str
     lock: threading.Lock = field(default_factory=threading.Lock)
     counts: dict[str, Counter[str]] = field(default_factory=dict)
     # RESOURCE_EXHAUSTED per method and kind (see ``kind``): the first details and how many.
@@ -48,7 +50,7 @@ class Tally:
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 self.messages.setdefault(method, {}).setdefault(kind(details), details)
                 self.refusals.setdefault(method, Counter())[kind(details)] += 1
-            if not self.announced and all(m in self.messages for m in self.methods):
+            if not self.announced and all(self.expect in self.messages.get(m, {}) for m in self.methods):
                 self.announced = True
                 print(json.dumps({"limited": sorted(self.messages)}), flush=True)
 
@@ -57,9 +59,11 @@ def kind(details: str) -> str:
     """Which limit refused a call: the namespace's rate bucket, its concurrency share, or the process cap."""
     if "rate limit" in details:
         return "rate"
-    if "calls in progress" in details:
+    if "calls in progress, its share" in details:
         return "share"
-    return "process cap" if "Concurrent RPC limit" in details else details[:80]
+    if "calls in progress, its limit" in details or "Concurrent RPC limit" in details:
+        return "process cap"  # counted after the quotas / gRPC's backstop
+    return details[:80]
 
 
 def flood(stub: pb_grpc.TaskServiceStub, namespace: str, task_id: str, schedule_every: int, tally: Tally, stop: threading.Event) -> None:
@@ -80,9 +84,9 @@ def flood(stub: pb_grpc.TaskServiceStub, namespace: str, task_id: str, schedule_
 
 
 def main(argv: list[str]) -> None:
-    target, token, namespace, task_id, threads, schedule_every = argv
+    target, token, namespace, task_id, threads, schedule_every, expect = argv
     methods = ("PollTask", "ScheduleTask") if int(schedule_every) else ("PollTask",)
-    tally, stop = Tally(methods), threading.Event()
+    tally, stop = Tally(methods, expect), threading.Event()
     cfg = Config(auth="on")
     workers = []
     for _ in range(int(threads)):

@@ -245,14 +245,29 @@ async def test_admins_have_no_quota() -> None:
 
 
 def test_concurrency_share_counts_per_key_and_forgets_idle_keys() -> None:
-    share = ConcurrencyShare(2)
-    assert share.try_acquire("a") and share.try_acquire("a") and not share.try_acquire("a")
-    assert share.try_acquire("b")
+    share = ConcurrencyShare(per_key=2)
+    assert share.try_acquire("a") is None and share.try_acquire("a") is None
+    assert share.try_acquire("a") == rate_limit.SHARE
+    assert share.try_acquire("b") is None
     share.release("a")
-    assert share.try_acquire("a")
+    assert share.try_acquire("a") is None
     for key in ("a", "a", "b"):
         share.release(key)
-    assert len(share) == 0
+    assert len(share) == 0 and share.in_progress == 0
+
+
+def test_process_total_counts_admitted_calls_only() -> None:
+    """A namespace at its share is refused without touching the total; admins count in the total."""
+    share = ConcurrencyShare(per_key=2, total=3)
+    assert share.try_acquire("a") is None and share.try_acquire("a") is None
+    for _ in range(100):  # a flood of refused calls...
+        assert share.try_acquire("a") == rate_limit.SHARE
+    assert share.in_progress == 2  # ...holds no slot
+    assert share.try_acquire(None) is None  # an admin: no share, but a slot of the total
+    assert share.try_acquire("b") == rate_limit.PROCESS
+    assert share.try_acquire("a") == rate_limit.SHARE  # its own limit is named first
+    share.release(None)
+    assert share.try_acquire("b") is None and share.in_progress == 3
 
 
 async def start_held(interceptor: QuotaInterceptor, n: int, handler: Handler) -> list[asyncio.Future[str]]:
@@ -289,7 +304,23 @@ async def test_share_refuses_beyond_the_limit_and_not_other_namespaces() -> None
     assert slow.gate is not None
     slow.gate.set()
     assert await asyncio.gather(*held) == ["ok", "ok"]
-    assert len(share) == 0
+    assert len(share) == 0 and share.in_progress == 0
+
+
+async def test_the_process_total_refuses_with_its_own_message() -> None:
+    as_principal("team-a")
+    interceptor = QuotaInterceptor(quotas(read_rate=0.0, max_concurrent_per_caller=5, process_max_concurrent=2), Clock())
+    slow = Handler(gate=asyncio.Event())
+    held = await start_held(interceptor, 2, slow)
+    ctx = FakeContext()
+    with pytest.raises(Aborted):
+        await call(interceptor, POLL_METHOD, pb.PollTaskRequest(), Handler(), ctx)
+    assert "this TaskService has 2 calls in progress, its limit (PollTask from namespace 'team-a')" in refused(ctx)
+    assert dict(ctx.trailing) == {"retry-after-ms": str(rate_limit.CONCURRENCY_RETRY_MS)}
+    assert slow.gate is not None
+    slow.gate.set()
+    await asyncio.gather(*held)
+    assert await call(interceptor, POLL_METHOD, pb.PollTaskRequest(), Handler()) == "ok"
 
 
 @pytest.mark.parametrize("ending", ["error", "abort", "rate-refused"])
@@ -310,7 +341,7 @@ async def test_share_is_released_when_the_call_fails(ending: str) -> None:
         with pytest.raises(Aborted):
             await call(interceptor, POLL_METHOD, pb.PollTaskRequest(), Handler(), ctx)
         assert "read rate limit" in refused(ctx)
-    assert share.held("namespace:team-a") == 0 and len(share) == 0
+    assert share.held("namespace:team-a") == 0 and len(share) == 0 and share.in_progress == 0
 
 
 async def test_share_is_released_when_the_call_is_cancelled() -> None:
@@ -324,7 +355,7 @@ async def test_share_is_released_when_the_call_is_cancelled() -> None:
     held.cancel()  # what grpc.aio does to the handler when the client cancels or the deadline passes
     with pytest.raises(asyncio.CancelledError):
         await held
-    assert share.held("namespace:team-a") == 0
+    assert share.held("namespace:team-a") == 0 and share.in_progress == 0
     assert await call(interceptor, POLL_METHOD, pb.PollTaskRequest(), Handler()) == "ok"
 
 
@@ -333,7 +364,9 @@ def test_quotas_come_from_the_config() -> None:
                  namespace_max_concurrent_rpcs=3, task_service_max_concurrent_rpcs=12, list_page_max=500)  # fmt: skip
     assert Quotas.from_config(cfg) == Quotas(7.0, 8.0, 9.0, 10.0, 3, 12, 500)
     state = QuotaInterceptor(Quotas.from_config(cfg.with_overrides(namespace_max_concurrent_rpcs=0))).state
-    assert state.share is None and set(state.limiters) == {"write", "read"}
+    assert state.share is not None and (state.share.per_key, state.share.total) == (0, 12)
+    assert set(state.limiters) == {"write", "read"}
+    assert rate_limit.transport_cap(cfg) == 48  # gRPC's backstop, above the cap counted after the quotas
     defaults = Config()
     assert defaults.namespace_max_concurrent_rpcs * 4 == defaults.task_service_max_concurrent_rpcs
 
