@@ -11,16 +11,17 @@ import grpc
 from leasesched.auth import hiding_missing, require_namespace, require_task_access
 from leasesched.config import Config
 from leasesched.model import Task
-from leasesched.errors import InvalidArgument
+from leasesched.errors import InvalidArgument, Unavailable
 from leasesched.lifecycle import Lifecycle
 from leasesched.model import now_ms
 from leasesched.observability import metrics
 from leasesched.observability.logs import fields
-from leasesched.store.base import ListQuery
+from leasesched.store.base import ListQuery, StoreUnavailable
 from leasesched.store.page_token import BadPageToken, decode_token
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.convert import status_from_pb, task_view, ts
+from services.page_tokens import PageTokens
 from services.poll_cache import FinishedTasks
 from services.validation import check_namespace, check_task_id, request_hash, validate_schedule
 
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # Called with (task_id, shard) after an immediate task is stored: a hint to the
 # shard's trigger so the task is dispatched in milliseconds, not at the next scan.
+PAGE_TOKEN_SECRET = "list_page_tokens"  # the name of the store's shared secret
+
 DueHint = Callable[[Task], Awaitable[None]]  # tells the shard's trigger about a task due now
 
 
@@ -38,6 +41,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         self._shards = shards
         self._notify_due = notify_due
         self._finished = FinishedTasks(cfg.poll_cache_mb * 1024 * 1024)
+        self._tokens: PageTokens | None = None
 
     async def ScheduleTask(self, request: pb.ScheduleTaskRequest, context: grpc.aio.ServicerContext) -> pb.ScheduleTaskResponse:
         now = now_ms()
@@ -87,16 +91,30 @@ class TaskService(pb_grpc.TaskServiceServicer):
             raise InvalidArgument(f"page_size must be between 0 and {self._cfg.list_page_max}")
         if request.status not in pb.TaskStatus.values():
             raise InvalidArgument(f"status {request.status} is not a TaskStatus")
+        tokens = await self._page_tokens()
+        cursor = tokens.verify(request.page_token, namespace, request.status)
         try:
-            decode_token(request.page_token)
-        except BadPageToken as exc:
-            raise InvalidArgument(str(exc)) from None
+            decode_token(cursor)
+        except BadPageToken:  # signed by a server but not a cursor: a bug, or a leaked key
+            log.error("a correctly signed page token holds no cursor: %r", cursor[:100])
+            raise InvalidArgument("page_token is not a token this server issued") from None
         query = ListQuery(
             namespace=namespace,
             status=status_from_pb(request.status),
             page_size=request.page_size or 100,
-            page_token=request.page_token,
+            page_token=cursor,
             extra={"list_days": self._cfg.list_days},
         )
         page = await self._lifecycle.list(query)
-        return pb.ListTasksResponse(tasks=[task_view(t) for t in page.tasks], next_page_token=page.next_token)
+        next_token = tokens.sign(page.next_token, namespace, request.status)
+        return pb.ListTasksResponse(tasks=[task_view(t) for t in page.tasks], next_page_token=next_token)
+
+    async def _page_tokens(self) -> PageTokens:
+        """The signer, with the cluster's shared key (read from the store once)."""
+        if self._tokens is None:
+            try:
+                secret = await self._lifecycle.store.cluster_secret(PAGE_TOKEN_SECRET)
+            except StoreUnavailable as exc:
+                raise Unavailable(f"cannot read the page-token key: {exc}") from exc
+            self._tokens = PageTokens(secret)
+        return self._tokens

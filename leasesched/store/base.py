@@ -195,6 +195,11 @@ class TaskStore(Protocol):
 
     async def delete_due(self, entry: DueEntry, bucket_s: int) -> None: ...
 
+    # -- shared secrets --
+    async def cluster_secret(self, name: str) -> bytes:
+        """A random secret shared by every process of the cluster, made once."""
+        ...
+
     # -- trigger checkpoints --
     async def get_checkpoint(self, shard: int) -> int | None: ...
 

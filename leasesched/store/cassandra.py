@@ -322,6 +322,8 @@ class CassandraStore:
             "get_token": "SELECT * FROM auth_tokens WHERE token_id = ?",
             "list_tokens": "SELECT * FROM auth_tokens",
             "revoke_token": "UPDATE auth_tokens SET revoked = true WHERE token_id = ?",
+            "get_secret": "SELECT value FROM secrets WHERE name = ?",
+            "create_secret": "INSERT INTO secrets (name, value, created_at) VALUES (?, ?, ?) IF NOT EXISTS",
         }
         self._stmts = {name: session.prepare(cql) for name, cql in stmts.items()}
         self._stmts["get_task_serial"] = session.prepare(select_task)
@@ -329,7 +331,8 @@ class CassandraStore:
         self._stmts["get_write_id"].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
         # Same cells under the same timestamp: repeating it changes nothing.
         self._stmts["create_task"].is_idempotent = True
-        for name in ("insert_task", "claim_key"):
+        self._stmts["get_secret"].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
+        for name in ("insert_task", "claim_key", "create_secret"):
             self._stmts[name].is_idempotent = False
         self._update_stmts.clear()
 
@@ -525,7 +528,9 @@ class CassandraStore:
         """
         now_day = int(time.time() * 1000) // DAY_MS
         cursor = decode_token(query.page_token)
-        day = cursor.day if cursor else now_day
+        # A cursor is signed by TaskService, but never trusted to send the walk
+        # into the future: it starts at today at the latest.
+        day = min(cursor.day, now_day) if cursor else now_day
         oldest_day = now_day - int(query.extra.get("list_days", 30))
         found: list[Task] = []
         scanned = 0
@@ -589,6 +594,23 @@ class CassandraStore:
             return False
         await self._run_plain("revoke_token", (token_id,))
         return True
+
+    # ---------------------------------------------------------------- shared secrets
+
+    async def cluster_secret(self, name: str) -> bytes:
+        """A random 256-bit secret shared by every process of the cluster, made
+        once: the first caller's conditional insert wins, everyone reads that."""
+        rows = await self._run_plain("get_secret", (name,))
+        if rows and rows[0].value:
+            return bytes(rows[0].value)
+        params = (name, os.urandom(32), int(time.time() * 1000))
+        try:
+            rows = await self._run("create_secret", params, cas=True)
+        except _UNAVAILABLE_ERRORS as exc:
+            raise StoreUnavailable(f"Cassandra request failed: {exc}") from exc
+        if rows[0].applied:
+            return params[1]
+        return bytes(rows[0].value)
 
     # ---------------------------------------------------------------- idempotency
 

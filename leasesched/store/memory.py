@@ -12,6 +12,7 @@ unreadable row is quarantined.
 from __future__ import annotations
 
 import copy
+import os
 import types
 import uuid
 from typing import Any
@@ -83,6 +84,7 @@ class MemoryStore:
         self.keys: dict[tuple[str, str], IdempotencyRecord] = {}
         self.due: set[DueEntry] = set()
         self.checkpoints: dict[int, int] = {}
+        self.secrets: dict[str, bytes] = {}
         self.fail_next: set[str] = set()
         self.reads = 0  # get_task calls
         self.raw: dict[uuid.UUID, types.SimpleNamespace] = {}  # rows kept as stored (see put_raw)
@@ -239,6 +241,9 @@ class MemoryStore:
 
     async def delete_due(self, entry: DueEntry, bucket_s: int) -> None:
         self.due.discard(entry)
+
+    async def cluster_secret(self, name: str) -> bytes:
+        return self.secrets.setdefault(name, os.urandom(32))
 
     async def get_checkpoint(self, shard: int) -> int | None:
         return self.checkpoints.get(shard)

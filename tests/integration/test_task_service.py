@@ -432,7 +432,7 @@ async def test_plain_creation_never_overrides_a_later_conditional_write(faulty_s
 # -- schema ---------------------------------------------------------------------
 
 
-EXPECTED_TABLES = {"tasks", "due_index", "idempotency_keys", "tasks_by_namespace", "shard_checkpoints", "schema_migrations"}
+EXPECTED_TABLES = {"tasks", "due_index", "idempotency_keys", "tasks_by_namespace", "shard_checkpoints", "schema_migrations", "secrets"}
 
 
 def _keyspace_meta(cfg: Config) -> tuple[Any, set[str]]:
