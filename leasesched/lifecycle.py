@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from leasesched.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, Unavailable
+from leasesched.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, Unavailable
 from leasesched.limits import MAX_ERROR_MESSAGE
 from leasesched.model import DueEntry, Task, now_ms, shard_of
 from leasesched.observability import metrics
@@ -132,7 +132,7 @@ class Lifecycle:
             if not await self.store.insert_task(task, new_id=not idempotency_key):
                 found = await self.read(task.task_id, serial=True)
                 if found is None:
-                    raise Unavailable("task insert raced and could not be read back; retry")
+                    raise Aborted("task insert raced and could not be read back; retry")
                 return Scheduled(found, created=False)
             return Scheduled(task, created=True)
         except (StoreUnavailable, UnreadableTask) as exc:
@@ -208,7 +208,7 @@ class Lifecycle:
                 expect = Expect(TaskStatus.RUNNING, lease_token=task.lease_token)
             if (await self._write(task_id, expect, changes)).applied:
                 return task.replace(**changes)
-        raise Unavailable(f"task {task_id} kept changing while cancelling; retry")
+        raise Aborted(f"task {task_id} kept changing while cancelling; retry")
 
     # ---------------------------------------------------------------- workers
 

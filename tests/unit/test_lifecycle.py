@@ -302,3 +302,19 @@ async def test_listing_with_a_status_filter_drops_a_quarantined_row_of_another_s
     page = await life.list(ListQuery(namespace="ns", status=TaskStatus.SCHEDULED))
     assert [t.task_id for t in page.tasks] == [good.task_id]
     assert store.tasks[poison.task_id].status == TaskStatus.FAILED  # quarantined all the same
+
+
+async def test_a_cancel_that_keeps_losing_races_is_aborted_not_unavailable(store: MemoryStore, life: Lifecycle) -> None:
+    """Contention is not an outage: the answer is ABORTED (retry), never UNAVAILABLE."""
+    from leasesched.errors import Aborted
+    from leasesched.store.base import CasResult
+
+    task = new_task()
+    await life.schedule(task)
+
+    async def always_raced(*args: Any, **kwargs: Any) -> CasResult:
+        return CasResult(applied=False, current_status=TaskStatus.SCHEDULED, current_lease_token=0)
+
+    store.update_task = always_raced  # type: ignore[method-assign]
+    with pytest.raises(Aborted, match="kept changing"):
+        await life.cancel(task.task_id)
