@@ -82,8 +82,8 @@ class Config:
     # ListTasks (reads) have their own; a ListTasks page costs 1 token per 10 rows.
     poll_rate_per_namespace: float = 10000.0  # read tokens per second per namespace (0 = unlimited)
     poll_burst: float = 20000.0
-    # One namespace's share of task_service_max_concurrent_rpcs (0 = no share): a
-    # flood from one namespace cannot fill the whole cap and starve the others.
+    # One namespace's share of task_service_max_concurrent_rpcs (0 = no share; auth on
+    # only): a flood from one namespace cannot fill the whole cap and starve the others.
     namespace_max_concurrent_rpcs: int = 32
     max_streams_per_worker: int = 4  # concurrent Subscribe streams per worker id, per trigger
     max_concurrent_rpcs: int = 4096  # per TaskUpdater / trigger process (streams count); beyond: RESOURCE_EXHAUSTED

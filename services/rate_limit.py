@@ -167,10 +167,12 @@ class ConcurrencyShare:
 
 @dataclass(frozen=True)
 class Caller:
-    """Whose quota a call uses: ``key`` indexes the buckets, ``label`` is for messages."""
+    """Whose quota a call uses: ``key`` indexes the buckets, ``label`` is for messages,
+    ``fair_share``: whether the per-caller concurrency share applies."""
 
     key: str
     label: str
+    fair_share: bool = True
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> Caller | None:
@@ -183,12 +185,16 @@ def caller_of(context: grpc.aio.ServicerContext) -> Caller | None:
     * auth on, admin token: no quota (operators and the services themselves,
       bounded only by the process-wide cap);
     * auth off (local development): the peer address (``ip:port``, so one
-      connection): nothing else identifies the caller.
+      connection): nothing else identifies the caller. Only the rate buckets
+      apply then, not the concurrency share: without tenants there is nobody to
+      be fair between, and gRPC clients carry all their channels to one target
+      over one connection (the load harness's four arrive as one peer), so a
+      share would cap the only client at a fraction of the process.
     """
     principal = current_principal.get()
     if principal is None:
         peer = context.peer()
-        return Caller(f"peer:{peer}", f"peer {peer!r}")
+        return Caller(f"peer:{peer}", f"peer {peer!r}", fair_share=False)
     if principal.admin:
         return None
     return Caller(f"namespace:{principal.namespace}", f"namespace {principal.namespace!r}")
@@ -270,10 +276,10 @@ class QuotaInterceptor(UnaryInterceptor):
 
         async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
             caller = caller_of(context)
-            key = caller.key if caller is not None else None
+            key = caller.key if caller is not None and caller.fair_share else None  # None: the total only
             if share is not None:
                 full = share.try_acquire(key)
-                if full == SHARE and caller is not None:
+                if full == SHARE and caller is not None:  # only with a key
                     await refuse(
                         context, CONCURRENCY_RETRY_MS,
                         f"{caller.label} already has {share.per_key} TaskService calls in progress, its share of "

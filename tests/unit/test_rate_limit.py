@@ -193,7 +193,8 @@ def test_caller_is_the_token_namespace_or_the_peer() -> None:
 
 def check_callers() -> None:
     ctx = FakeContext(peer_address="ipv4:10.0.0.7:5555")
-    assert caller_of(ctx) == rate_limit.Caller("peer:ipv4:10.0.0.7:5555", "peer 'ipv4:10.0.0.7:5555'")  # auth off
+    auth_off = rate_limit.Caller("peer:ipv4:10.0.0.7:5555", "peer 'ipv4:10.0.0.7:5555'", fair_share=False)
+    assert caller_of(ctx) == auth_off
     as_principal("team-a", token_id="tok-1")
     assert caller_of(ctx) == rate_limit.Caller("namespace:team-a", "namespace 'team-a'")
     as_principal("team-a", token_id="tok-2")  # another token of the same namespace: the same quota
@@ -227,6 +228,20 @@ async def test_without_auth_each_peer_has_its_own_quota() -> None:
         await call(interceptor, POLL_METHOD, pb.PollTaskRequest(), handler, ctx)
     assert f"peer {one!r}" in refused(ctx)
     assert await call(interceptor, POLL_METHOD, pb.PollTaskRequest(), handler, FakeContext(two)) == "ok"
+
+
+async def test_without_auth_only_the_buckets_and_the_total_apply() -> None:
+    """No per-peer concurrency share: one local client (one connection) may use the whole process."""
+    interceptor = QuotaInterceptor(quotas(read_rate=0.0, max_concurrent_per_caller=1, process_max_concurrent=3), Clock())
+    slow = Handler(gate=asyncio.Event())
+    held = await start_held(interceptor, 3, slow)  # same peer, more than its "share"
+    ctx = FakeContext()
+    with pytest.raises(Aborted):
+        await call(interceptor, POLL_METHOD, pb.PollTaskRequest(), Handler(), ctx)
+    assert "this TaskService has 3 calls in progress, its limit (PollTask from peer" in refused(ctx)
+    assert slow.gate is not None
+    slow.gate.set()
+    await asyncio.gather(*held)
 
 
 async def test_admins_have_no_quota() -> None:
