@@ -147,7 +147,9 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
         try:
             first = await anext(aiter(request_iterator), None)
         except DecodeError:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of Subscribe must be a Hello; it is not a valid WorkerMessage")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first message of Subscribe must be a Hello; it is not a valid WorkerMessage"
+            )
             return
         if first is None or first.WhichOneof("kind") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of Subscribe must be a Hello")
@@ -170,6 +172,7 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
         reader = asyncio.create_task(self._read(request_iterator, link))
         self._readers.add(reader)
         refused: BaseException | None = None
+        getter: asyncio.Future[pb.Dispatch] | None = None
         try:
             while not reader.done():
                 getter = asyncio.ensure_future(link.outbox.get())
@@ -181,6 +184,10 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
             if not reader.cancelled():
                 refused = reader.exception()
         finally:
+            # A stream cancelled while waiting (the worker went away) leaves the
+            # pending get behind: cancel it, or asyncio logs it destroyed at ERROR.
+            if getter is not None:
+                getter.cancel()
             reader.cancel()
             self._readers.discard(reader)
             self._dispatcher.disconnect(link)

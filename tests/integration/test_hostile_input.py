@@ -1087,6 +1087,11 @@ def test_still_serving_and_nothing_half_written(servers: Servers) -> None:
         assert None not in (row.namespace, row.type, row.status, row.shard, row.attempt, row.lease_token, row.created_at), row
     unknown = {str(row.task_id) for row in rows} - set(CREATED)
     assert not unknown, f"task rows no accepted request created: {sorted(unknown)[:5]}"
+    # Failures no answer shows (a background task that died, an exception in a
+    # stream's reader) reach only the logs: none may be at ERROR.
+    for proc in servers.cluster.group.processes:
+        errors = [line[:300] for line in proc.log_path.read_text(errors="replace").splitlines() if '"level": "ERROR"' in line or '"level": "CRITICAL"' in line]
+        assert not errors, f"{proc.name} logged errors: {errors[:3]}"
 
 
 def test_notify_due_shard_beyond_the_cluster(servers: Servers) -> None:
