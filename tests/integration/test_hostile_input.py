@@ -862,6 +862,34 @@ def test_subscribe_refusals_name_field_and_limit(servers: Servers) -> None:
             assert word in details, (word, details)
 
 
+@settings(SETTINGS, max_examples=25)
+@given(noise=st.lists(good_later, max_size=5))
+def test_subscribe_keeps_delivering_after_harmless_messages(batch: Servers, noise: list[pb.WorkerMessage]) -> None:
+    """Well-formed but meaningless messages (acks for tasks never dispatched
+    here, returns of unknown ids, credits, empty messages) leave the stream
+    open and delivering: a task scheduled for it arrives."""
+    type_ = f"noisy.{uuid.uuid4().hex[:8]}"
+    stop = threading.Event()
+
+    def messages() -> Iterator[pb.WorkerMessage]:
+        yield pb.WorkerMessage(hello=pb.Hello(worker_id=f"noisy-{uuid.uuid4().hex[:6]}", namespace="hostile", task_types=[type_], capacity=0))
+        yield from noise
+        yield pb.WorkerMessage(credit=pb.Credit(slots=1))
+        stop.wait(CALL_TIMEOUT)
+
+    COUNTS["Subscribe"] += 1
+    COUNTS["Subscribe messages"] += len(noise) + 2
+    stream = batch.trigger.Subscribe(messages(), timeout=CALL_TIMEOUT)
+    try:
+        task_id = batch.tasks.ScheduleTask(pb.ScheduleTaskRequest(task=pb.TaskSpec(namespace="hostile", type=type_)), timeout=CALL_TIMEOUT).task_id
+        CREATED[task_id] = "hostile"
+        dispatch = next(stream)
+    finally:
+        stop.set()
+        stream.cancel()
+    assert (dispatch.task_id, dispatch.type) == (task_id, type_)
+
+
 def test_trigger_still_serves_a_healthy_worker(batch: Servers) -> None:
     healthy_round_trip(batch)
 
