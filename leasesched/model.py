@@ -116,6 +116,13 @@ class DueEntry:
     LEASE = "lease"
 
 
+def listed_size(task: Task) -> int:
+    """About how many bytes ``task`` adds to a ListTasks answer: its variable
+    fields plus a generous allowance for the fixed ones (ids, times, numbers)."""
+    variable = (task.result, task.error, task.error_type, task.progress_message, task.lease_owner or "", task.type, task.namespace)
+    return 256 + sum(len(v) if isinstance(v, bytes) else len(v.encode()) for v in variable)
+
+
 def shard_of(task_id: uuid.UUID, shards: int) -> int:
     """Stable across processes, machines and Python versions (unlike hash())."""
     digest = hashlib.blake2b(task_id.bytes, digest_size=8).digest()

@@ -29,7 +29,11 @@ log = logging.getLogger(__name__)
 
 # Called with (task_id, shard) after an immediate task is stored: a hint to the
 # shard's trigger so the task is dispatched in milliseconds, not at the next scan.
-PAGE_TOKEN_SECRET = "list_page_tokens"  # the name of the store's shared secret
+PAGE_TOKEN_SECRET = "list_page_tokens"
+# A ListTasks page ends early past this many bytes of tasks: results are up to
+# 1 MiB each and a gRPC answer at most 4 MiB (services/server.py), so a page of
+# big results is shorter, never refused (it was RESOURCE_EXHAUSTED).
+LIST_PAGE_BYTES = 3 * 1024 * 1024  # the name of the store's shared secret
 
 DueHint = Callable[[Task], Awaitable[None]]  # tells the shard's trigger about a task due now
 
@@ -104,6 +108,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
             page_size=request.page_size or 100,
             page_token=cursor,
             extra={"list_days": self._cfg.list_days},
+            max_bytes=LIST_PAGE_BYTES,
         )
         page = await self._lifecycle.list(query)
         next_token = tokens.sign(page.next_token, namespace, request.status)

@@ -134,7 +134,7 @@ async def serve(cfg: Config, port: int) -> None:
     metrics.dispatch_queued.set_function(lambda: trigger.dispatcher.stats()["queued"])
     metrics.dispatch_inflight.set_function(lambda: trigger.dispatcher.stats()["inflight"])
     metrics.subscribed_workers.set_function(lambda: trigger.dispatcher.stats()["workers"])
-    service = TriggerService(trigger.dispatcher, trigger.due_hint, cfg.max_streams_per_worker)
+    service = TriggerService(trigger.dispatcher, trigger.due_hint, cfg.max_streams_per_worker, logical_shards=meta.logical_shards)
     server = await build_server(
         f"{cfg.bind_host}:{port}",
         [(pb_grpc.add_TriggerServiceServicer_to_server, service, "leasesched.v1.TriggerService")],

@@ -144,6 +144,9 @@ class ListQuery:
     page_size: int = 100
     page_token: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # A page ends early once its tasks' listed size reaches this many bytes
+    # (0 = no limit): a page of 1 MiB results must still fit one gRPC message.
+    max_bytes: int = 0
 
 
 class TaskStore(Protocol):

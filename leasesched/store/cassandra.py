@@ -59,7 +59,7 @@ from cassandra.query import PreparedStatement, _clean_column_name
 from leasesched import limits
 from leasesched.auth import TokenRecord
 from leasesched.config import Config
-from leasesched.model import DueEntry, Task, bucket_of
+from leasesched.model import DueEntry, Task, bucket_of, listed_size
 from leasesched.states import TaskStatus
 from leasesched.store.page_token import decode_token, encode_token
 from leasesched.store.base import (
@@ -533,6 +533,8 @@ class CassandraStore:
         day = min(cursor.day, now_day) if cursor else now_day
         oldest_day = now_day - int(query.extra.get("list_days", 30))
         found: list[Task] = []
+        size = 0  # listed bytes so far (query.max_bytes)
+        full = False
         scanned = 0
         scan_budget = max(query.page_size * 10, 200)
         after = (cursor.created_at, cursor.task_id) if cursor else None
@@ -551,9 +553,11 @@ class CassandraStore:
                 unreadable = isinstance(task, _UnreadableStandIn)
                 if task is not None and (query.status is None or task.status == query.status or unreadable):
                     found.append(task)
-                    if len(found) == query.page_size:
+                    size += listed_size(task)
+                    full = len(found) == query.page_size or 0 < query.max_bytes <= size
+                    if full:
                         break
-            if len(found) == query.page_size:
+            if full:
                 break
             if len(rows) < limit:
                 day, after = day - 1, None  # this day is exhausted

@@ -17,7 +17,7 @@ import types
 import uuid
 from typing import Any
 
-from leasesched.model import DueEntry, Task
+from leasesched.model import DueEntry, Task, listed_size
 from leasesched.states import TaskStatus
 from leasesched.store.base import (
     CasResult,
@@ -194,8 +194,14 @@ class MemoryStore:
         rows = [t for t in rows if query.status is None or t.status == query.status]
         start = int(query.page_token or 0)
         page = rows[start : start + query.page_size]
-        more = start + query.page_size < len(rows)
-        return Page([copy.deepcopy(t) for t in page], str(start + query.page_size) if more else "")
+        size = 0
+        for count, task in enumerate(page, 1):
+            size += listed_size(task)
+            if 0 < query.max_bytes <= size:
+                page = page[:count]
+                break
+        end = start + len(page)
+        return Page([copy.deepcopy(t) for t in page], str(end) if end < len(rows) else "")
 
     def _list_with_raw(self, query: ListQuery) -> Page:
         """``list_tasks`` when raw rows exist: an unreadable one holds its place
