@@ -1,13 +1,24 @@
 """One execution: claim a dispatched task, run its handler under the lease, report.
 
 The lease is proven, never assumed. A heartbeat every lease/3 renews it and
-carries progress; the worker's own ``LeaseClock`` says until when it may still
-believe it holds the lease. When that moment comes (heartbeats failing, the
-process was paused, the server said "lease lost"), the execution is stopped:
-cooperatively first (``ctx.cancelled`` turns true), then by force (the asyncio
-task is cancelled, a child process is killed), and no result is reported for
-that lease, ever. Somebody else may run the task after the lease expired;
-nobody runs it while we still believe we hold it.
+carries progress (``worker.heartbeats``: an OS thread, so a blocked event loop
+does not stop it); the worker's own ``LeaseClock`` says until when it may
+still believe it holds the lease. When that moment comes (heartbeats failing,
+the process was paused, the server said "lease lost"), the execution is
+stopped: cooperatively first (``ctx.cancelled`` turns true), then by force
+(the asyncio task is cancelled, a child process is killed), and no result is
+reported for that lease, ever. A handler that cannot be stopped (a thread
+ignoring ``ctx``, an async handler blocking the loop) is ended by the
+watchdog (``worker.watchdog``), which ends the whole worker process before
+the trigger may re-queue the task. Somebody else may run the task after the
+lease expired; nobody runs it while we still believe we hold it.
+
+A task is never given back (FailTask: released, cancelled, timeout) while its
+handler still runs: the report waits until the thread returned, the coroutine
+finished or the child was reaped, and the lease is renewed meanwhile (the slot
+stays busy; PollTask shows "stopping: <reason>"). A claim whose answer came
+too late to prove its lease is given back at once (released, no attempt
+charged) instead of being left to expire.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -28,14 +40,17 @@ from leasesched.observability import metrics
 from leasesched.observability.logs import bind
 from leasesched.transport import SERVER_GONE_CODES
 from leasesched.v1 import scheduler_pb2 as pb
-from worker.handlers import Handler, PermanentError, TaskContext
-from worker.lease import LeaseClock
+from worker.handlers import Handler, LeaseLost, PermanentError, TaskContext
+from worker.heartbeats import Beat, HeartbeatThread
+from worker.lease import ClaimBudget, LeaseClock
 from worker.process_mode import run_in_process
 from worker.updater_client import UpdaterClient
+from worker.watchdog import Watchdog, Watched
 
 log = logging.getLogger(__name__)
 
 CANCEL_GRACE_S = 2.0  # after a cancel request, how long a handler may take to notice
+SUPERVISE_POLL_S = 0.1  # the supervisor re-reads the flags the heartbeat thread sets this often
 # A report answered with one of these may be sent again (same token) while the
 # lease holds: the server was unreachable, slow, or shed the call unread.
 RETRY_REPORT_CODES = SERVER_GONE_CODES | frozenset(
@@ -78,31 +93,45 @@ class Execution:
         updater: UpdaterClient,
         worker_id: str,
         threads: concurrent.futures.ThreadPoolExecutor,
+        heartbeats: HeartbeatThread,
+        watchdog: Watchdog,
         ledger: Callable[[dict[str, Any]], None] | None = None,
         acks: Acks | None = None,
+        claim_budget: ClaimBudget | None = None,
     ) -> None:
         self._dispatch = dispatch
         self._acks = acks
         self.task_id = dispatch.task_id
         self.attempt = dispatch.attempt
         self.type = dispatch.type
-        self.outcome = ""  # an Outcome kind once decided, or "not_claimed"
+        self.outcome = ""  # an Outcome kind once decided, or "not_claimed" / "late_claim"
         self._handler = handler
         self._updater = updater
         self._worker_id = worker_id
         self._threads = threads
+        self._heartbeats = heartbeats
+        self._watchdog = watchdog
         self._ledger = ledger
+        self._claim_budget = claim_budget
         self.token = 0
         self.ctx: TaskContext | None = None
         self._clock: LeaseClock | None = None
         self._cancel_requested = False
         self._release = asyncio.Event()
-        # Set when the handler really stopped (a thread may outlive its execution).
-        self.handler_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Set when the handler really stopped (thread returned, coroutine
+        # finished, child reaped), from whichever thread saw it.
+        self.handler_stopped = threading.Event()
+        self._loop = asyncio.get_running_loop()
+        # The same, for the event loop: the slot stays busy until then.
+        self.handler_done: asyncio.Future[None] = self._loop.create_future()
 
     def release(self) -> None:
         """Shutdown: stop the handler and give the task back for an immediate re-run."""
         self._release.set()
+
+    @property
+    def handler_running(self) -> bool:
+        return self.token != 0 and not self.handler_stopped.is_set()
 
     async def run(self) -> None:
         bind(task_id=self.task_id)  # this execution's lines (its own asyncio task) carry the task id
@@ -110,26 +139,36 @@ class Execution:
             await self._run()
         finally:
             metrics.worker_executions.labels(metrics.type_label(self.type), self.outcome or "crashed").inc()
-            if not self.handler_done.done():
-                self.handler_done.set_result(None)
+            if self.ctx is None:  # no handler was started
+                self.handler_stopped.set()
+                if not self.handler_done.done():
+                    self.handler_done.set_result(None)
 
     async def _run(self) -> None:
+        timeout = self._claim_budget.timeout(self.type) if self._claim_budget is not None else None
         sent = time.monotonic()
         try:
             claim = await self._updater.call(
                 "ClaimTask",
                 pb.ClaimTaskRequest(task_id=self.task_id, worker_id=self._worker_id, attempt=self.attempt),
+                timeout=timeout,
             )
         except grpc.RpcError as err:
             log.info("task %s: not claimed (%s: %s)", self.task_id, err.code().name, err.details())
             self.outcome = "not_claimed"
             return
         lease_s = claim.lease_duration.ToMilliseconds() / 1000
+        if self._claim_budget is not None:
+            self._claim_budget.seen(self.type, lease_s)
         clock = self._clock = LeaseClock.from_claim(lease_s, sent)
         self.token = claim.lease_token
+        bind(lease_token=claim.lease_token)
+        if not clock.valid():
+            self.outcome = "late_claim"
+            await self._give_back_claim(time.monotonic() - sent)
+            return
         if self._acks is not None:
             self._acks.ack_claimed(self._dispatch)
-        bind(lease_token=claim.lease_token)
         ctx = self.ctx = TaskContext(
             task_id=self.task_id,
             type=claim.type,
@@ -143,36 +182,77 @@ class Execution:
         log.info("task %s: running attempt %d under lease token %d", self.task_id, claim.attempt, claim.lease_token)
         start_to_close = claim.start_to_close.ToMilliseconds() / 1000
         started = time.monotonic()
-        body = asyncio.ensure_future(self._invoke(ctx))
-        beats = asyncio.create_task(self._heartbeats(ctx, clock, lease_s))
+        watched = Watched(self.task_id, self.token, self.type, self._handler.mode, clock)
+        watched.stopped = self.handler_stopped
+        beat = Beat(self.task_id, self.token, self._worker_id, clock, ctx)
+        self._watchdog.watch(watched)
+        self._heartbeats.add(beat)
         try:
-            outcome = await self._supervise(body, ctx, clock, started, start_to_close)
+            body = asyncio.ensure_future(self._invoke(ctx, watched))
+            try:
+                outcome = await self._supervise(body, ctx, clock, beat, started, start_to_close)
+            finally:
+                self._heartbeats.remove(beat)
+            self.outcome = outcome.kind
+            metrics.worker_execution_seconds.observe(time.monotonic() - started)
+            await self._report(outcome, clock)
         finally:
-            beats.cancel()
-        self.outcome = outcome.kind
-        metrics.worker_execution_seconds.observe(time.monotonic() - started)
-        await self._report(outcome, clock)
+            # A handler that outlived its execution (fenced, or the execution
+            # crashed) stays watched until it stops: the watchdog ends it.
+            if self.handler_stopped.is_set():
+                self._watchdog.unwatch(watched)
+            else:
+                self.handler_done.add_done_callback(lambda _: self._watchdog.unwatch(watched))
+
+    async def _give_back_claim(self, took: float) -> None:
+        """The claim's answer came when its lease could no longer be proven:
+        give it back now (released: no attempt charged) instead of leaving the
+        task to wait for the lease to expire. A stale token is just refused."""
+        log.warning("task %s: claim answered after %.2f s, too late to prove lease %d; giving it back", self.task_id, took, self.token)
+        request = pb.FailTaskRequest(
+            task_id=self.task_id,
+            lease_token=self.token,
+            error=f"claim answered after {took:.2f} s, too late to prove the lease",
+            error_type="LateClaim",
+            released=True,
+        )
+        try:
+            reply = await self._updater.call("FailTask", request, timeout=5.0)
+        except grpc.RpcError as err:
+            log.info("task %s: give-back of lease %d refused: %s %s", self.task_id, self.token, err.code().name, err.details())
+            return
+        log.info("task %s: late claim given back, now %s", self.task_id, pb.TaskStatus.Name(reply.status))
 
     async def _supervise(
-        self, body: asyncio.Future[Outcome], ctx: TaskContext, clock: LeaseClock, started: float, start_to_close: float
+        self,
+        body: asyncio.Future[Outcome],
+        ctx: TaskContext,
+        clock: LeaseClock,
+        beat: Beat,
+        started: float,
+        start_to_close: float,
     ) -> Outcome:
         release_wait = asyncio.ensure_future(self._release.wait())
         cancel_deadline: float | None = None
         try:
             while not body.done():
                 now = time.monotonic()
+                if beat.cancel_requested.is_set():
+                    self._cancel_requested = True
                 if not clock.valid(now):
-                    return await self._stop(body, ctx, clock.stop_grace, "fenced", "lease can no longer be proven")
+                    return await self._stop(body, ctx, clock, beat, "fenced", "lease can no longer be proven")
                 if start_to_close and now - started >= start_to_close:
-                    await self._stop(body, ctx, clock.stop_grace, "timeout", "start_to_close exceeded")
+                    stopped = await self._stop(body, ctx, clock, beat, "timeout", "start_to_close exceeded")
+                    if stopped.kind != "timeout":
+                        return stopped
                     return Outcome("timeout", error=f"start_to_close of {start_to_close:.1f} s exceeded", error_type="StartToCloseTimeout")
                 if release_wait.done():
-                    return await self._stop(body, ctx, clock.stop_grace, "released", "worker shutting down")
+                    return await self._stop(body, ctx, clock, beat, "released", "worker shutting down")
                 if self._cancel_requested:
                     cancel_deadline = cancel_deadline or now + CANCEL_GRACE_S
                     if now >= cancel_deadline:
-                        return await self._stop(body, ctx, clock.stop_grace, "cancelled", "cancel requested")
-                wait = clock.remaining(now)
+                        return await self._stop(body, ctx, clock, beat, "cancelled", "cancel requested")
+                wait = min(clock.remaining(now), SUPERVISE_POLL_S)
                 if start_to_close:
                     wait = min(wait, started + start_to_close - now)
                 if cancel_deadline:
@@ -180,36 +260,75 @@ class Execution:
                 waiters: set[asyncio.Future[Any]] = {body, release_wait}
                 await asyncio.wait(waiters, timeout=max(0.001, wait), return_when=asyncio.FIRST_COMPLETED)
             outcome = body.result()
-            if self._cancel_requested:
+            await self._wait_stopped()
+            if outcome.kind == "fenced":
+                clock.revoke()
+                return outcome
+            if self._cancel_requested or beat.cancel_requested.is_set():
                 return Outcome("cancelled")  # the handler stopped after the request
             return outcome
         finally:
             release_wait.cancel()
 
-    async def _stop(self, body: asyncio.Future[Outcome], ctx: TaskContext, grace: float, kind: str, reason: str) -> Outcome:
-        """Cooperative stop, then force; returns an outcome of ``kind``."""
+    async def _stop(
+        self, body: asyncio.Future[Outcome], ctx: TaskContext, clock: LeaseClock, beat: Beat, kind: str, reason: str
+    ) -> Outcome:
+        """Cooperative stop, then force, then wait until the handler really stopped.
+
+        ``fenced``: the lease is given up for good (the clock is revoked, so the
+        watchdog ends a handler that does not stop within its slack); the
+        cooperative grace is short, an eighth of the margin, so that force
+        comes before the watchdog. Any other kind keeps the lease (heartbeats
+        go on) until the handler stopped, so that the report that gives the
+        task back is never sent while it still runs; if the lease is lost
+        meanwhile, the outcome becomes ``fenced`` (no report).
+        """
         ctx._request_stop(reason)
+        beat.stopping = reason
+        if kind == "fenced":
+            clock.revoke()
+            grace = clock.margin / 8
+        else:
+            grace = clock.stop_grace
         log.warning("task %s: stopping execution (%s)", self.task_id, reason)
         done, _ = await asyncio.wait({body}, timeout=grace)
         if not done:
-            body.cancel()  # async handler: CancelledError; process: killed; thread: abandoned
+            body.cancel()  # async handler: CancelledError; process: killed and reaped; thread: cannot be stopped
             await asyncio.wait({body}, timeout=grace)
+        if not self.handler_stopped.is_set():
+            log.warning(
+                "task %s: the %s handler has not stopped; %s until it does",
+                self.task_id,
+                self._handler.mode,
+                "the watchdog ends it" if kind == "fenced" else "keeping the lease and the slot",
+            )
+        await self._wait_stopped()
+        if kind != "fenced" and not clock.valid():
+            log.warning("task %s: lease lost while the handler was stopping; no report", self.task_id)
+            return Outcome("fenced")
         return Outcome(kind)
 
-    async def _invoke(self, ctx: TaskContext) -> Outcome:
+    async def _wait_stopped(self) -> None:
+        await asyncio.shield(self.handler_done)
+
+    async def _invoke(self, ctx: TaskContext, watched: Watched) -> Outcome:
         fn = self._handler.fn
         try:
             if self._handler.mode == "async":
                 value = await fn(ctx)
             elif self._handler.mode == "process":
-                value = await run_in_process(self._handler, ctx, self._threads)
+                value = await run_in_process(self._handler, ctx, self._threads, watched)
             else:
                 future = self._threads.submit(fn, ctx)
+                # Runs in the handler's thread when it returns (or here if it never started).
                 future.add_done_callback(lambda _: self._mark_handler_done())
                 value = await asyncio.wrap_future(future)
             return Outcome("ok", result=_as_bytes(value))
         except PermanentError as exc:
             return Outcome("permanent", error=str(exc) or type(exc).__name__, error_type=type(exc).__name__)
+        except LeaseLost as exc:
+            log.warning("task %s: handler gave up: %s", self.task_id, exc)
+            return Outcome("fenced")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a handler error is a task failure, not ours
@@ -221,40 +340,17 @@ class Execution:
                 self._mark_handler_done()
 
     def _mark_handler_done(self) -> None:
-        loop = self.handler_done.get_loop()
+        """The handler stopped: tell the watchdog (now) and the loop (when it is free)."""
+        self.handler_stopped.set()
 
         def done() -> None:
             if not self.handler_done.done():
                 self.handler_done.set_result(None)
 
-        loop.call_soon_threadsafe(done)
-
-    async def _heartbeats(self, ctx: TaskContext, clock: LeaseClock, lease_s: float) -> None:
-        interval = lease_s / 3
-        while True:
-            await asyncio.sleep(interval)
-            sent = time.monotonic()
-            request = pb.HeartbeatRequest(
-                task_id=self.task_id,
-                lease_token=self.token,
-                worker_id=self._worker_id,
-                progress=pb.Progress(percent=ctx.progress_percent, message=ctx.progress_message),
-            )
-            try:
-                reply = await self._updater.call("Heartbeat", request, timeout=interval)
-            except grpc.RpcError as err:
-                if err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
-                    log.warning("task %s: lease lost (%s)", self.task_id, err.details())
-                    clock.revoke()
-                    ctx._request_stop("lease lost")
-                    return
-                log.info("task %s: heartbeat failed (%s); lease valid %.1f s more", self.task_id, err.code().name, clock.remaining())
-                continue
-            clock.renewed(sent)
-            if reply.cancel_requested and not self._cancel_requested:
-                log.info("task %s: cancel requested", self.task_id)
-                self._cancel_requested = True
-                ctx._request_stop("cancel requested")
+        try:
+            self._loop.call_soon_threadsafe(done)
+        except RuntimeError:  # the loop is closed: the process is ending
+            pass
 
     async def _report(self, outcome: Outcome, clock: LeaseClock) -> None:
         if outcome.kind == "fenced":

@@ -34,6 +34,13 @@ class PermanentError(Exception):
     """A failure that must not be retried (bad input, missing resource)."""
 
 
+class LeaseLost(Exception):
+    """``ctx.ensure_lease()``: this worker can no longer prove it holds the task's lease.
+
+    Raised out of a handler it ends the execution without a report (the
+    lease is gone; the task runs again after it expired)."""
+
+
 @dataclass(frozen=True)
 class Handler:
     type: str
@@ -100,6 +107,19 @@ class TaskContext:
 
     def holds_lease(self) -> bool:
         return time.monotonic() < self._lease_deadline()
+
+    def ensure_lease(self) -> None:
+        """Raise ``LeaseLost`` unless the lease can still be proven at this instant.
+
+        The last-moment check before an in-process side effect. It narrows the
+        window but cannot close it: a pause (GC, SIGSTOP, a blocked loop, a
+        slow disk) can fall between this check and the action, and by then
+        the task may run elsewhere. Side effects that must happen at most once
+        therefore have to be fenced at the resource itself with
+        ``ctx.lease_token`` (a larger token wins; see ``worker/fencing.py``).
+        """
+        if not self.holds_lease():
+            raise LeaseLost(f"task {self.task_id}: lease {self.lease_token} can no longer be proven")
 
     def wait_cancelled(self, timeout: float) -> bool:
         """Sleep up to ``timeout`` s, waking early on cancel; True if cancelled."""

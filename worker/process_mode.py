@@ -5,7 +5,9 @@ A thread cannot be killed; a process can. Handlers registered with
 module and name. Progress and the result travel back over a queue; the lease
 deadline is shared as a monotonic timestamp (CLOCK_MONOTONIC is system-wide on
 Linux), so ``ctx.cancelled`` works in the child as in the parent. When the
-execution is stopped by force, the child is killed. The child ignores SIGTERM
+execution is stopped by force, the child is killed and reaped; the watchdog
+(``worker.watchdog``) can do the same from its own thread when the event loop
+is blocked, through ``Watched.kill_child``. The child ignores SIGTERM
 and SIGINT: a SIGTERM to the worker's process group must let the worker drain,
 not kill running handlers.
 """
@@ -21,6 +23,7 @@ import signal
 from typing import Any
 
 from worker.handlers import Handler, PermanentError, TaskContext
+from worker.watchdog import Watched
 
 class ChildError(Exception):
     """A handler exception raised in the child, carrying its type name."""
@@ -77,7 +80,15 @@ def _wait(proc: Any, out: Any, ctx: TaskContext, deadline: Any, stop: Any) -> tu
         return message
 
 
-async def run_in_process(handler: Handler, ctx: TaskContext, threads: concurrent.futures.ThreadPoolExecutor) -> Any:
+def _kill_and_reap(proc: Any) -> None:
+    """SIGKILL (the child ignores SIGTERM, see ``_child``), then reap it."""
+    proc.kill()
+    proc.join(2.0)
+
+
+async def run_in_process(
+    handler: Handler, ctx: TaskContext, threads: concurrent.futures.ThreadPoolExecutor, watched: Watched | None = None
+) -> Any:
     fields = {
         "task_id": ctx.task_id,
         "type": ctx.type,
@@ -100,15 +111,20 @@ async def run_in_process(handler: Handler, ctx: TaskContext, threads: concurrent
         proc.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if watched is not None:
+        watched.kill_child = lambda: _kill_and_reap(proc)
     try:
         message = await asyncio.wrap_future(threads.submit(_wait, proc, out, ctx, deadline, stop))
     except asyncio.CancelledError:
-        proc.kill()  # it ignores SIGTERM (see _child); the cooperative stop came first
-        proc.join(0.5)
+        _kill_and_reap(proc)  # the cooperative stop came first
         raise
     finally:
         if proc.is_alive():
             proc.join(0.2)
+        if proc.is_alive():
+            _kill_and_reap(proc)  # it answered but lingers: the handler is not "stopped" until it is gone
+        if watched is not None:
+            watched.kill_child = None
     if message[0] == "ok":
         return message[1]
     if message[0] == "permanent":

@@ -8,7 +8,14 @@ slots.
 On SIGTERM the worker stops taking work (it tells every trigger it has no free
 slot), lets running tasks finish for up to ``drain_timeout``, then stops the
 rest and *releases* them: their tasks are re-queued at once instead of after
-their leases expire. Then it exits 0.
+their leases expire. Then it exits 0. A handler that does not stop even then
+(a thread ignoring ``ctx``) is never given back while it runs: when the drain
+is over, the worker ends itself with ``EXIT_FAIL_STOP`` (``worker.watchdog``)
+and the task is re-queued when its lease expires.
+
+Leases are renewed by a heartbeat thread (``worker.heartbeats``) and watched
+by the watchdog thread (``worker.watchdog``), so neither depends on a free
+event loop.
 """
 
 from __future__ import annotations
@@ -35,8 +42,11 @@ from leasesched.v1 import scheduler_pb2 as pb
 from services.server import stop_signal, wait_for_stop_signal
 from worker.execution import Execution
 from worker.handlers import Handlers
+from worker.heartbeats import HeartbeatThread
+from worker.lease import ClaimBudget
 from worker.subscriptions import TriggerLink
-from worker.updater_client import UpdaterClient
+from worker.updater_client import SyncUpdaterClient, UpdaterClient
+from worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +81,16 @@ class Ledger:
 
 
 class Worker:
-    def __init__(self, cfg: Config, handlers: Handlers, zk_client: KazooClient, slots: int, worker_id: str, ledger: Ledger | None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        handlers: Handlers,
+        zk_client: KazooClient,
+        slots: int,
+        worker_id: str,
+        ledger: Ledger | None,
+        watchdog: Watchdog | None = None,
+    ) -> None:
         self._cfg = cfg
         self._handlers = handlers
         self._zk = zk_client
@@ -83,7 +102,12 @@ class Worker:
         self._links: dict[str, TriggerLink] = {}
         self._stopping = False
         self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=slots, thread_name_prefix="handler")
-        self._updater = UpdaterClient(lambda: list(registry.members(self._zk, cfg.zk_root, "task-updater")), cfg)
+        updaters = lambda: list(registry.members(self._zk, cfg.zk_root, "task-updater"))  # noqa: E731
+        self._updater = UpdaterClient(updaters, cfg)
+        self._sync_updater = SyncUpdaterClient(updaters, cfg)
+        self._heartbeats = HeartbeatThread(self._sync_updater, max_in_flight=max(2, min(slots, 16)))
+        self.watchdog = watchdog or Watchdog()
+        self._claim_budget = ClaimBudget(cfg.default_lease_s, cfg.claim_timeout_s)
         self._registration = registry.Registration(zk_client, cfg.zk_root, "worker", worker_id, self._describe())
         self._runs: set[asyncio.Task[None]] = set()
 
@@ -119,7 +143,10 @@ class Worker:
             return
         self._busy += 1
         self._announce(skip=link)
-        execution = Execution(dispatch, handler, self._updater, self.worker_id, self._threads, self._ledger, acks=link)
+        execution = Execution(
+            dispatch, handler, self._updater, self.worker_id, self._threads, self._heartbeats, self.watchdog,
+            self._ledger, acks=link, claim_budget=self._claim_budget,
+        )  # fmt: skip
         self._executions[dispatch.task_id] = execution
         run = asyncio.create_task(self._run(execution))
         self._runs.add(run)
@@ -157,6 +184,9 @@ class Worker:
             await asyncio.sleep(FOLLOW_INTERVAL_S)
 
     async def run(self, drain_timeout_s: float, stop: asyncio.Event | None = None) -> None:
+        self._heartbeats.start()
+        self.watchdog.attach_loop(asyncio.get_running_loop())
+        self.watchdog.start()
         await asyncio.to_thread(self._registration.start)
         follower = asyncio.create_task(self._follow_triggers())
         log.info("worker %s: %d slots for %s/%s", self.worker_id, self.slots, self._handlers.namespace, self._handlers.types)
@@ -176,10 +206,21 @@ class Worker:
             execution.release()
         if self._runs:
             await asyncio.wait(set(self._runs), timeout=10)
+        stuck = [e for e in self._executions.values() if e.handler_running]
+        if stuck:
+            # Never given back while running, and a thread cannot be stopped:
+            # end the process; the leases expire and the tasks are re-queued.
+            first = stuck[0]
+            self.watchdog.fail_stop(
+                first.task_id, first.token, f"{len(stuck)} handler(s) did not stop within the drain: {[e.task_id for e in stuck]}"
+            )
         for link in self._links.values():
             await link.stop()
         await asyncio.to_thread(self._registration.close)
         await self._updater.close()
+        self._heartbeats.stop()
+        self._sync_updater.close()
+        self.watchdog.stop()
         self._threads.shutdown(wait=False, cancel_futures=True)
         log.info("worker %s: stopped", self.worker_id)
 

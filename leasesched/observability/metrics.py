@@ -102,6 +102,19 @@ worker_execution_seconds = Histogram(
     "leasesched_worker_execution_seconds", "Handler run time (claim to report) of executions on this worker.",
     buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0), registry=None,
 )  # fmt: skip
+worker_loop_stalls = Counter(
+    "leasesched_worker_loop_stalls",
+    "Times the worker's event loop was blocked for more than 1 s (an async handler that does not await).",
+    registry=None,
+)
+worker_loop_blocked_seconds = Counter(
+    "leasesched_worker_loop_blocked_seconds", "Seconds the worker's event loop spent blocked in those stalls.", registry=None
+)
+worker_children_killed = Counter(
+    "leasesched_worker_children_killed",
+    "Process-mode handler children the watchdog killed because their lease could no longer be proven.",
+    registry=None,
+)
 
 _RPC = (rpc_duration,)
 _BY_ROLE: dict[str, tuple[object, ...]] = {
@@ -114,7 +127,10 @@ _BY_ROLE: dict[str, tuple[object, ...]] = {
         *_RPC, tasks_dispatched, tasks_quarantined, lease_expirations, tasks_requeued, tasks_failed, shards_owned,
         shard_ownership_changes, dispatch_queued, dispatch_inflight, subscribed_workers,
     ),  # fmt: skip
-    "worker": (worker_slots, worker_slots_busy, worker_executions, worker_execution_seconds),
+    "worker": (
+        worker_slots, worker_slots_busy, worker_executions, worker_execution_seconds, worker_loop_stalls,
+        worker_loop_blocked_seconds, worker_children_killed,
+    ),  # fmt: skip
 }
 
 
