@@ -84,3 +84,13 @@ def test_local_up_restarts_a_dead_worker_and_ctrl_c_stops_everything(module_conf
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        # On a failure, what it started runs on in sessions of its own: end it here.
+        for _, pid in STARTED.findall(out.text()):
+            _kill_group(int(pid))
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

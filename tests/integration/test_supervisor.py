@@ -148,6 +148,18 @@ def _start_supervisor(tmp_path: Path, stop_timeout_s: float) -> subprocess.Popen
     )
 
 
+def _kill_all(proc: subprocess.Popen[bytes], folder: Path) -> None:
+    """On a failure: the supervisor, and its children, which run in sessions of their own."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for pid in map(int, _lines(folder / "pids")):
+        try:
+            os.killpg(pid, signal.SIGKILL)  # a child's pid is its process group's id
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_the_supervisor_and_every_child(tmp_path: Path, signum: int) -> None:
     proc = _start_supervisor(tmp_path, stop_timeout_s=1)
@@ -166,9 +178,7 @@ def test_signal_stops_the_supervisor_and_every_child(tmp_path: Path, signum: int
         time.sleep(1.5)
         assert len(_lines(tmp_path / "crashes")) == crashes  # nothing restarted after the stop
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _kill_all(proc, tmp_path)
 
 
 def test_second_ctrl_c_kills_at_once(tmp_path: Path) -> None:
@@ -186,9 +196,7 @@ def test_second_ctrl_c_kills_at_once(tmp_path: Path) -> None:
         for pid in pids:
             wait_for(lambda pid=pid: not _pid_alive(pid), 10, f"pid {pid} to be gone")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _kill_all(proc, tmp_path)
 
 
 def test_exit_code_matches_the_worker_watchdog() -> None:
