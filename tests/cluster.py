@@ -4,13 +4,18 @@ every life-cycle and chaos test applies to what happened.
 The cluster: TaskService, TaskUpdater, N triggers and M workers running
 ``tests.chaos_handlers``, against the session's real Cassandra and ZooKeeper,
 with its own keyspace and ZooKeeper root. Handlers write an execution ledger
-(START/END per execution); workers write the accepted completions.
+(``leasesched.loadtest.ledger``: START where their code starts, END where it
+really stops); a watcher thread appends the moment it saw a process that ran
+handlers gone (kill -9, a worker's fail-stop exit, a killed handler child);
+workers write the accepted completions.
 
 The invariants (``check_invariants``):
 * none lost — every accepted task is terminal at the end;
-* no overlap — no two executions of one task overlap in time, where an
-  execution lasts from its start to the last moment it worked while it could
-  prove its lease (or to the kill -9 of its process);
+* no overlap — no two executions of one task under different lease tokens
+  overlap in time (the ledger's own intervals);
+* inside the lease (store check) — every execution under token t lies between
+  the TaskUpdater's acceptance of the claim of t and the first of: a newer
+  token claimed, a report under t accepted (from the TaskUpdaters' logs);
 * one completion — each SUCCEEDED task has at most one completion its worker
   saw accepted, under the lease token the task finished with; when the answer
   was lost (store down, worker killed), a completion was at least sent under
@@ -20,6 +25,8 @@ The invariants (``check_invariants``):
 from __future__ import annotations
 
 import json
+import math
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -31,10 +38,12 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from leasesched.config import Config
+from leasesched.loadtest import ledger as ledger_mod
 from leasesched.store import schema
 from leasesched.transport import SERVER_GONE_CODES, sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from tests.chaos_handlers import LEDGER_ENV
 from tests.processes import ProcessGroup, RunningProcess
 
 NAMESPACE = "chaos"
@@ -70,6 +79,82 @@ def cluster_config(base: Config, name: str) -> Config:
     )
 
 
+def _proc_start_time(pid: int) -> str | None:
+    """The kernel start time of a live process (None when it is gone or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields_after_name = stat[stat.rindex(")") + 2 :].split()
+    return None if fields_after_name[0] in ("Z", "X") else fields_after_name[19]
+
+
+class ExitWatch:
+    """Appends an exit line to the ledger when a process that ran a handler is seen gone.
+
+    Every pid that wrote a START is watched (workers, and the children of
+    process-mode handlers) every ``interval`` s; the time written is when
+    its end was first seen, never before it. The start time from /proc tells
+    a reused pid apart.
+    """
+
+    def __init__(self, ledger: Path, interval: float = 0.02) -> None:
+        self.ledger = ledger
+        self.interval = interval
+        self.exits: dict[int, float] = {}
+        self._watched: dict[int, str] = {}
+        self._offset = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="exit-watch", daemon=True)
+
+    def start(self) -> "ExitWatch":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def seen_gone(self, pid: int, at: float) -> None:
+        if pid not in self.exits:
+            self.exits[pid] = at
+            ledger_mod.append_record(self.ledger, ledger_mod.exit_record(pid, at))
+
+    def _new_pids(self) -> set[int]:
+        try:
+            with open(self.ledger, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return set()
+        cut = chunk.rfind(b"\n") + 1
+        self._offset += cut
+        pids = set()
+        for line in chunk[:cut].splitlines():
+            if b'"event":"start"' in line:
+                try:
+                    pids.add(int(json.loads(line)["pid"]))
+                except (ValueError, KeyError):
+                    continue
+        return pids
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for pid in self._new_pids() - set(self._watched) - set(self.exits):
+                started = _proc_start_time(pid)
+                if started is None:
+                    self.seen_gone(pid, time.time())
+                else:
+                    self._watched[pid] = started
+            for pid, started in list(self._watched.items()):
+                if _proc_start_time(pid) != started:
+                    del self._watched[pid]
+                    self.seen_gone(pid, time.time())
+
+    def live_pids(self) -> set[int]:
+        return set(self._watched)
+
+
 @dataclass
 class LiveCluster:
     cfg: Config
@@ -79,10 +164,11 @@ class LiveCluster:
     task_updater: RunningProcess | None = None
     triggers: list[RunningProcess] = field(default_factory=list)
     workers: list[RunningProcess] = field(default_factory=list)
-    killed_at: dict[int, float] = field(default_factory=dict)  # pid → time of kill -9
+    killed_at: dict[int, float] = field(default_factory=dict)  # pid → time of kill -9 (after it was gone)
     worker_token: str = ""  # with auth on: the workers' token (services use cfg.token)
     client_token: str = ""  # with auth on: the token the test client presents
     _channel: grpc.Channel | None = None
+    _watch: ExitWatch | None = None
 
     @property
     def ledger(self) -> Path:
@@ -96,6 +182,7 @@ class LiveCluster:
 
     def start(self, triggers: int = 2, workers: int = 2, slots: int = 8) -> "LiveCluster":
         schema.apply(self.cfg)
+        self._watch = ExitWatch(self.ledger).start()
         self.task_service = self.group.start_serving("task-service", self.cfg)
         self.task_updater = self.group.start_serving("task-updater", self.cfg)
         for _ in range(triggers):
@@ -114,7 +201,7 @@ class LiveCluster:
     def start_worker(self, slots: int = 8) -> RunningProcess:
         argv = ["worker", "--module", "tests.chaos_handlers", "--slots", str(slots), "--drain-timeout", "10",
                 "--ledger", str(self.completions)]  # fmt: skip
-        env = {"LEASESCHED_TEST_LEDGER": str(self.ledger)}
+        env = {LEDGER_ENV: str(self.ledger)}
         if self.worker_token:
             env["LEASESCHED_TOKEN"] = self.worker_token
         proc = self.group.start("worker", self.cfg, argv=argv, env_extra=env)
@@ -122,8 +209,8 @@ class LiveCluster:
         return proc
 
     def kill9(self, proc: RunningProcess) -> None:
-        self.killed_at[proc.pid] = time.time()
-        proc.kill9()
+        proc.kill9()  # returns once the process is gone
+        self.killed_at[proc.pid] = time.time()  # exits() merges it with the watcher's observations
 
     def zk_members(self, role: str) -> dict[str, dict[str, Any]]:
         from leasesched.coordination import registry, zk
@@ -179,6 +266,8 @@ class LiveCluster:
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()
+        if self._watch is not None:
+            self._watch.stop()
 
     def schedule(
         self,
@@ -243,6 +332,40 @@ class LiveCluster:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    def exits(self) -> dict[int, float]:
+        """pid → when it was seen gone (the test's kills and the watcher's observations)."""
+        seen = dict(self._watch.exits) if self._watch is not None else {}
+        for pid, at in self.killed_at.items():
+            seen[pid] = min(at, seen.get(pid, math.inf))
+        return seen
+
+    def open_executions(self) -> list[ledger_mod.Execution]:
+        runs, _ = ledger_mod.executions(ledger_mod.read(self.ledger), self.exits())
+        return [e for e in runs if e.ended == "open"]
+
+    def wait_executions_settled(self, timeout: float) -> list[ledger_mod.Execution]:
+        """Wait until every execution wrote its END or its process was seen gone; return
+        the ones still running at the deadline (a handler that outlives its task)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            still = self.open_executions()
+            if not still or time.monotonic() > deadline:
+                return still
+            time.sleep(0.1)
+
+    def store_events(self) -> ledger_mod.StoreEvents:
+        """Claims and reports as every TaskUpdater of this cluster logged them."""
+        records: list[dict[str, Any]] = []
+        for proc in self.group.processes:
+            if proc.name.startswith("task-updater") and proc.log_path.exists():
+                for line in proc.log_path.read_text(errors="replace").splitlines():
+                    if line.startswith("{"):
+                        try:
+                            records.append(json.loads(line))
+                        except ValueError:
+                            continue  # a line cut by a kill
+        return ledger_mod.store_events_from_logs(records)
+
 
 @dataclass
 class Report:
@@ -253,35 +376,25 @@ class Report:
     lost: list[str]
     completion_errors: list[str]
     by_status: dict[str, int]
+    store_violations: list[str] = field(default_factory=list)
+    still_running: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
             f"tasks={self.tasks} executions={self.executions} re-executions={self.re_executions} "
-            f"overlaps={len(self.overlaps)} lost={len(self.lost)} completion-errors={len(self.completion_errors)} "
-            f"status={self.by_status}"
+            f"overlaps={len(self.overlaps)} store-violations={len(self.store_violations)} lost={len(self.lost)} "
+            f"completion-errors={len(self.completion_errors)} still-running={len(self.still_running)} status={self.by_status}"
         )
 
 
-def check_invariants(cluster: LiveCluster, views: dict[str, pb.TaskView]) -> Report:
-    ledger = cluster.read_jsonl(cluster.ledger)
-    executions: dict[tuple[str, int], dict[str, Any]] = {}
-    for record in ledger:
-        key = (record["task_id"], record["token"])
-        entry = executions.setdefault(key, {"task_id": record["task_id"], "token": record["token"], "pid": record["pid"]})
-        entry[record["event"]] = record["t"]
-    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for entry in executions.values():
-        if "end" not in entry:
-            # No END: its process died. It worked at most until the kill.
-            entry["end"] = cluster.killed_at.get(entry["pid"], float("inf"))
-        by_task[entry["task_id"]].append(entry)
-    overlaps = []
-    for task_id, runs in by_task.items():
-        runs.sort(key=lambda e: e.get("start", 0))
-        for earlier, later in zip(runs, runs[1:]):
-            if earlier["end"] >= later["start"]:
-                overlaps.append(f"{task_id}: token {earlier['token']} worked until {earlier['end']:.3f}, "
-                                f"token {later['token']} started {later['start']:.3f}")  # fmt: skip
+def check_invariants(cluster: LiveCluster, views: dict[str, pb.TaskView], settle_s: float = 30.0) -> Report:
+    """The invariants over what the ledger, the TaskUpdaters' logs and the completions say.
+
+    First waits (up to ``settle_s``) until no execution is open any more: a
+    handler may outlive its task, and the checks judge whole executions.
+    """
+    cluster.wait_executions_settled(settle_s)
+    verdict = ledger_mod.check(ledger_mod.read(cluster.ledger), store=cluster.store_events(), exits=cluster.exits())
     lost = [t for t, v in views.items() if v.status not in TERMINAL]
     accepted: dict[str, list[int]] = defaultdict(list)
     sent: dict[str, set[int]] = defaultdict(set)
@@ -308,10 +421,12 @@ def check_invariants(cluster: LiveCluster, views: dict[str, pb.TaskView]) -> Rep
         statuses[pb.TaskStatus.Name(view.status)] += 1
     return Report(
         tasks=len(views),
-        executions=len(executions),
-        re_executions=sum(max(0, len(runs) - 1) for runs in by_task.values()),
-        overlaps=overlaps,
+        executions=verdict.executions,
+        re_executions=verdict.re_executions,
+        overlaps=verdict.overlaps,
         lost=lost,
         completion_errors=completion_errors,
         by_status=dict(statuses),
+        store_violations=verdict.store_violations,
+        still_running=verdict.still_running,
     )

@@ -2,11 +2,8 @@
 
 ``leasesched worker --module leasesched.loadtest.bench_handlers`` with
 ``LEASESCHED_BENCH_LEDGER=<file>`` in its environment. Every execution
-appends two JSON lines to that file (one ``write`` each on an ``O_APPEND``
-descriptor kept open, so lines of concurrent workers never interleave)::
-
-    {"e": "s", "id": <task id>, "k": <lease token>, "a": <attempt>, "t": <wall time>, "p": <pid>}
-    {"e": "e", "id": ..., "k": ..., "t": <last moment it worked while it could prove its lease>, "x": <1 if stopped>}
+appends a START and an END line to that file (``leasesched.loadtest.ledger``:
+the same format and writer as the chaos tests' handlers).
 
 The payload starts with a JSON object ``{"ms": <handler milliseconds>}``,
 padded with spaces to the requested payload size (JSON allows trailing
@@ -16,10 +13,8 @@ whitespace), so one worker serves every handler duration.
 from __future__ import annotations
 
 import json
-import os
-import time
-from typing import Any
 
+from leasesched.loadtest.ledger import LedgerWriter
 from worker.handlers import Handlers, TaskContext
 
 NAMESPACE = "bench"
@@ -27,8 +22,7 @@ TASK_TYPE = "bench.noop"
 LEDGER_ENV = "LEASESCHED_BENCH_LEDGER"
 
 handlers = Handlers(namespace=NAMESPACE)
-
-_fd: int | None = None
+ledger = LedgerWriter(LEDGER_ENV)
 
 
 def make_payload(handler_ms: float, size: int) -> bytes:
@@ -37,32 +31,15 @@ def make_payload(handler_ms: float, size: int) -> bytes:
     return head + b" " * max(0, size - len(head))
 
 
-def _append(record: dict[str, Any]) -> None:
-    global _fd
-    if _fd is None:
-        path = os.environ.get(LEDGER_ENV)
-        if not path:
-            return
-        _fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.write(_fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
-
-
 @handlers.task(TASK_TYPE)
 async def noop(ctx: TaskContext) -> bytes:
-    start = time.time()
-    _append({"e": "s", "id": ctx.task_id, "k": ctx.lease_token, "a": ctx.attempt, "t": start, "p": os.getpid()})
-    try:
-        ms = float(json.loads(ctx.payload or b"{}").get("ms", 0))
-    except ValueError:
-        ms = 0.0
-    stopped = False
-    last_ok = start
-    if ms > 0:
-        stopped = await ctx.sleep(ms / 1000.0)
-    now = time.time()
-    if ctx.holds_lease():
-        last_ok = now  # the time is taken first and kept only if the lease still held after it
-    else:
-        stopped = True
-    _append({"e": "e", "id": ctx.task_id, "k": ctx.lease_token, "t": last_ok, "x": int(stopped)})
-    return b"stopped" if stopped else b"ok"
+    with ledger.execution(ctx) as running:
+        try:
+            ms = float(json.loads(ctx.payload or b"{}").get("ms", 0))
+        except ValueError:
+            ms = 0.0
+        if ms > 0:
+            running.stopped = await ctx.sleep(ms / 1000.0)
+        # A result reported after the lease ran out would be dropped: that is no completion.
+        running.stopped = running.stopped or not ctx.holds_lease()
+    return b"stopped" if running.stopped else b"ok"

@@ -1,43 +1,150 @@
-"""Reading the benchmark's execution ledger (see ``bench_handlers``).
+"""The execution ledger: what handlers really ran, and the two checks of "at most once".
 
-An execution is one (task id, lease token) pair: it starts at its START line
-and lasts until its END line, or, without an END (its process died, or it is
-still running), until the end of time. Two executions of one task overlap when
-the later one starts before the earlier one ended: exactly what "at most one
-concurrent execution" forbids.
+One module for the chaos tests (``tests/chaos_handlers.py``) and the benchmark
+(``bench_handlers``): the same writer, the same format, the same checker.
+
+Why it records execution, not belief: a handler that ignores its context keeps
+running after its worker stopped believing in the lease; only the handler's own
+code can say when it really ran. So every execution writes, to one JSON-lines
+file (one ``write`` per line on an ``O_APPEND`` descriptor: lines of concurrent
+processes never interleave)::
+
+    {"event":"start","task_id":…,"token":<lease token>,"attempt":…,"worker":…,"pid":…,"t":<wall time>}
+    {"event":"end", …same keys…, "t":<wall time it really stopped>, "how":"returned"|"raised"|"cancelled",
+     "stopped":<it stopped early because its context told it to>, "worked_until":<optional, see below>}
+
+written by ``LedgerWriter.execution`` where the handler's code starts and in its
+``finally`` (also on ``CancelledError``). A handler whose work is a sequence of
+steps, each taken only after checking ``ctx.cancelled``, calls ``step()`` right
+before each one; its END then carries ``worked_until``, the real time of its
+last step, and the execution counts until then (the time after that was spent
+noticing it must stop, and doing nothing). Handlers that do not call ``step()``
+count until their real END.
+
+A process killed with SIGKILL or ending itself (the worker's fail-stop exit 75)
+writes no END. Whoever watches it (the test, the harness) appends::
+
+    {"event":"exit","pid":…,"t":<wall time its end was observed>,"code":<exit status, if known>}
+
+and an execution without END in that pid ends at the earliest such time (an
+observation is never earlier than the death, so this can only lengthen it).
+An execution with neither END nor exit may still be running: it lasts forever.
+
+The checks (``check``):
+
+* overlap: per task, no two executions under DIFFERENT lease tokens overlap in
+  time (touching counts as overlapping);
+* store: independently of the other executions, each execution under token t
+  lies inside [the claim of t was accepted, the first of: a newer token was
+  issued, a report under t was accepted], from the TaskUpdater's own log lines
+  (``store_events_from_logs``). A report (complete, fail, cancel, release,
+  timeout) under t means the worker said it was done with t: nothing may run
+  under t afterwards.
 """
 
 from __future__ import annotations
 
+import asyncio
+import calendar
 import json
 import math
+import os
+import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+# The TaskUpdater logs "ts" in whole milliseconds, cut down: the real moment is up to 1 ms later.
+LOG_RESOLUTION_S = 0.001
+
+
+# ---------------------------------------------------------------- writing
+
+
+class _Context(Protocol):
+    """What the writer needs of a handler's ``worker.handlers.TaskContext``."""
+
+    @property
+    def task_id(self) -> str: ...
+
+    @property
+    def lease_token(self) -> int: ...
+
+    @property
+    def attempt(self) -> int: ...
+
+    @property
+    def worker_id(self) -> str: ...
 
 
 @dataclass
-class Execution:
-    task_id: str
-    token: int
-    attempt: int = 0
-    start: float | None = None
-    end: float = math.inf  # no END line: it may still be working
+class Running:
+    """The handler's side of one execution while it runs."""
+
+    worked_until: float | None = None
     stopped: bool = False
-    pid: int = 0
+
+    def step(self) -> None:
+        """Call right before each step of work, after checking that the handler may go on."""
+        self.worked_until = time.time()
 
 
-@dataclass
-class LedgerSummary:
-    executions: int
-    tasks_started: int
-    re_executions: int
-    unfinished: int  # executions without an END line
-    overlaps: list[str] = field(default_factory=list)
-    first_start: dict[str, float] = field(default_factory=dict)  # task id → first start (wall time)
-    ends: list[float] = field(default_factory=list)  # END times of executions that were not stopped
-    bad_lines: int = 0
+class LedgerWriter:
+    """Appends ledger lines to the file named by the environment variable ``env``
+    (nothing when it is unset). The descriptor is opened per process, so a
+    process-mode handler's child writes through its own."""
+
+    def __init__(self, env: str) -> None:
+        self.env = env
+        self._fd: int | None = None
+        self._pid = 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        if self._fd is None or self._pid != os.getpid():
+            path = os.environ.get(self.env)
+            if not path:
+                return
+            self._fd, self._pid = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644), os.getpid()
+        os.write(self._fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
+
+    @contextmanager
+    def execution(self, ctx: _Context) -> Iterator[Running]:
+        """START now, END when the block is left, however it is left."""
+        base = {"task_id": ctx.task_id, "token": ctx.lease_token, "attempt": ctx.attempt, "worker": ctx.worker_id,
+                "pid": os.getpid()}  # fmt: skip
+        self.append({"event": "start", **base, "t": time.time()})
+        running = Running()
+        how = "raised"
+        try:
+            yield running
+            how = "returned"
+        except asyncio.CancelledError:
+            how = "cancelled"
+            raise
+        finally:
+            end: dict[str, Any] = {"event": "end", **base, "t": time.time(), "how": how, "stopped": running.stopped}
+            if running.worked_until is not None:
+                end["worked_until"] = running.worked_until
+            self.append(end)
+
+
+def exit_record(pid: int, t: float, code: int | None = None) -> dict[str, Any]:
+    """The line a watcher appends when it saw process ``pid`` gone at ``t``."""
+    return {"event": "exit", "pid": pid, "t": t, "code": code}
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- reading
 
 
 class LedgerTail:
@@ -59,8 +166,8 @@ class LedgerTail:
         cut = chunk.rfind(b"\n") + 1  # only whole lines
         whole = chunk[:cut]
         self._offset += cut
-        self.starts += whole.count(b'"e":"s"')
-        self.ends += whole.count(b'"e":"e"')
+        self.starts += whole.count(b'"event":"start"')
+        self.ends += whole.count(b'"event":"end"')
 
 
 def read(path: Path) -> list[dict[str, Any]]:
@@ -75,62 +182,187 @@ def read(path: Path) -> list[dict[str, Any]]:
             try:
                 records.append(json.loads(line))
             except ValueError:
-                records.append({"e": "?"})  # a torn line (a process killed mid-write)
+                records.append({"event": "?"})  # a torn line (a process killed mid-write)
     return records
 
 
-def summarize(records: list[dict[str, Any]], killed_at: dict[int, float] | None = None) -> LedgerSummary:
-    """Executions, re-executions and overlaps; ``killed_at``: pid → time it was killed."""
-    killed_at = killed_at or {}
-    executions: dict[tuple[str, int], Execution] = {}
+# ---------------------------------------------------------------- checking
+
+
+@dataclass
+class Execution:
+    task_id: str
+    token: int
+    attempt: int
+    pid: int
+    start: float
+    end: float = math.inf  # until known: it may still be working
+    ended: str = "open"  # "end" (its END line) | "exit" (its process was seen gone) | "open"
+    stopped: bool = False
+    worker: str = ""
+
+    def describe(self) -> str:
+        until = "still running" if math.isinf(self.end) else f"{self.end:.3f} ({self.ended})"
+        return f"token {self.token} (pid {self.pid}) {self.start:.3f} → {until}"
+
+
+@dataclass
+class StoreEvents:
+    """What the store accepted and when, per (task id, lease token)."""
+
+    claims: dict[tuple[str, int], float] = field(default_factory=dict)
+    reports: dict[tuple[str, int], float] = field(default_factory=dict)  # the first report accepted under it
+
+
+@dataclass
+class LedgerSummary:
+    executions: int
+    tasks_started: int
+    re_executions: int
+    unfinished: int  # executions without an END line (killed, ended itself, or still running)
+    overlaps: list[str] = field(default_factory=list)
+    store_violations: list[str] = field(default_factory=list)  # empty when no store events were given
+    still_running: list[str] = field(default_factory=list)  # neither END nor an observed exit
+    first_start: dict[str, float] = field(default_factory=dict)  # task id → first start (wall time)
+    ends: list[float] = field(default_factory=list)  # END times of executions that were not stopped
+    bad_lines: int = 0
+    by_task: dict[str, list[Execution]] = field(default_factory=dict, repr=False)
+
+
+def executions(records: Iterable[dict[str, Any]], exits: dict[int, float] | None = None) -> tuple[list[Execution], int]:
+    """The executions in ``records`` (and the number of lines that were no use).
+
+    ``exits``: pid → when it was seen gone, besides the ledger's exit lines; the earliest wins.
+    """
+    gone: dict[int, float] = dict(exits or {})
+    open_runs: dict[tuple[str, int, int], Execution] = {}
+    done: list[Execution] = []
     bad = 0
     for r in records:
-        if r.get("e") not in ("s", "e") or "id" not in r:
+        event = r.get("event")
+        try:
+            if event == "start":
+                ex = Execution(task_id=r["task_id"], token=int(r["token"]), attempt=int(r.get("attempt", 0)),
+                               pid=int(r.get("pid", 0)), start=float(r["t"]), worker=str(r.get("worker", "")))  # fmt: skip
+                key = (ex.task_id, ex.token, ex.pid)
+                if key in open_runs:
+                    done.append(open_runs[key])  # a second START under one token in one process: both count
+                open_runs[key] = ex
+            elif event == "end":
+                found = open_runs.pop((r["task_id"], int(r["token"]), int(r.get("pid", 0))), None)
+                if found is None:
+                    bad += 1  # an END without its START: a torn ledger
+                    continue
+                worked_until = r.get("worked_until")
+                found.end = float(r["t"] if worked_until is None else worked_until)
+                found.ended = "end"
+                found.stopped = bool(r.get("stopped"))
+                done.append(found)
+            elif event == "exit":
+                pid, t = int(r["pid"]), float(r["t"])
+                gone[pid] = min(t, gone.get(pid, math.inf))
+            else:
+                bad += 1
+        except (KeyError, TypeError, ValueError):
             bad += 1
-            continue
-        key = (r["id"], int(r["k"]))
-        ex = executions.get(key)
-        if ex is None:
-            ex = executions[key] = Execution(task_id=r["id"], token=int(r["k"]))
-        if r["e"] == "s":
-            ex.start = float(r["t"])
-            ex.attempt = int(r.get("a", 0))
-            ex.pid = int(r.get("p", 0))
-        else:
-            ex.end = float(r["t"])
-            ex.stopped = bool(r.get("x"))
+    for ex in open_runs.values():
+        if ex.pid in gone:
+            ex.end, ex.ended = max(ex.start, gone[ex.pid]), "exit"
+        done.append(ex)
+    return done, bad
+
+
+def check(
+    records: Iterable[dict[str, Any]],
+    store: StoreEvents | None = None,
+    exits: dict[int, float] | None = None,
+) -> LedgerSummary:
+    """Both checks over one ledger; the store check only when ``store`` is given."""
+    runs, bad = executions(records, exits)
     by_task: dict[str, list[Execution]] = defaultdict(list)
-    unfinished = 0
-    for ex in executions.values():
-        if ex.start is None:
-            bad += 1  # an END without its START: a torn ledger
-            continue
-        if math.isinf(ex.end):
-            unfinished += 1
-            ex.end = killed_at.get(ex.pid, math.inf)
+    for ex in runs:
         by_task[ex.task_id].append(ex)
     overlaps: list[str] = []
-    first_start: dict[str, float] = {}
-    ends: list[float] = []
-    for task_id, runs in by_task.items():
-        runs.sort(key=lambda e: e.start or 0.0)
-        first_start[task_id] = runs[0].start or 0.0
-        latest: Execution | None = None  # the execution that worked latest so far
-        for ex in runs:
-            if latest is not None and latest.end >= (ex.start or 0.0):
-                overlaps.append(
-                    f"{task_id}: token {latest.token} worked until {latest.end:.3f}, token {ex.token} started {ex.start:.3f}"
-                )
-            if latest is None or ex.end > latest.end:
-                latest = ex
-        ends.extend(e.end for e in runs if not e.stopped and not math.isinf(e.end))
+    for task_id, task_runs in by_task.items():
+        task_runs.sort(key=lambda e: e.start)
+        for i, a in enumerate(task_runs):
+            for b in task_runs[i + 1 :]:
+                if b.start > a.end:
+                    continue  # b starts later; later ones too, but a longer earlier one may still reach them
+                if a.token != b.token:
+                    overlaps.append(f"{task_id}: {a.describe()} overlaps {b.describe()}")
     return LedgerSummary(
-        executions=sum(len(r) for r in by_task.values()),
+        executions=len(runs),
         tasks_started=len(by_task),
         re_executions=sum(len(r) - 1 for r in by_task.values()),
-        unfinished=unfinished,
+        unfinished=sum(1 for e in runs if e.ended != "end"),
         overlaps=overlaps,
-        first_start=first_start,
-        ends=ends,
+        store_violations=check_store(runs, store) if store is not None else [],
+        still_running=[f"{e.task_id}: {e.describe()}" for e in runs if e.ended == "open"],
+        first_start={t: r[0].start for t, r in by_task.items()},
+        ends=[e.end for e in runs if e.ended == "end" and not e.stopped],
         bad_lines=bad,
+        by_task=dict(by_task),
     )
+
+
+def summarize(records: list[dict[str, Any]], killed_at: dict[int, float] | None = None) -> LedgerSummary:
+    """The overlap check alone (the load harness has no store log to read)."""
+    return check(records, exits=killed_at)
+
+
+def check_store(runs: Iterable[Execution], store: StoreEvents) -> list[str]:
+    """Each execution under token t inside [claim of t accepted, newer token issued or report under t accepted]."""
+    tokens: dict[str, list[int]] = defaultdict(list)
+    for task_id, token in store.claims:
+        tokens[task_id].append(token)
+    for found in tokens.values():
+        found.sort()
+    violations: list[str] = []
+    for ex in runs:
+        claimed = store.claims.get((ex.task_id, ex.token))
+        if claimed is None:
+            violations.append(f"{ex.task_id}: {ex.describe()}: the store never accepted a claim of token {ex.token}")
+            continue
+        if ex.start < claimed:
+            violations.append(f"{ex.task_id}: {ex.describe()} started before its claim was accepted at {claimed:.3f}")
+        limits: list[tuple[float, str]] = []
+        newer = [t for t in tokens[ex.task_id] if t > ex.token]
+        if newer:
+            limits.append((store.claims[(ex.task_id, newer[0])], f"token {newer[0]} claimed"))
+        if (ex.task_id, ex.token) in store.reports:
+            limits.append((store.reports[(ex.task_id, ex.token)], f"a report under token {ex.token} accepted"))
+        if limits:
+            limit, what = min(limits)
+            if ex.end > limit + LOG_RESOLUTION_S:
+                violations.append(f"{ex.task_id}: {ex.describe()} ran past {what} at {limit:.3f}")
+    return violations
+
+
+def _log_time(ts: str) -> float:
+    """``2025-01-31T12:00:00.123Z`` (leasesched.observability.logs) → epoch seconds."""
+    return calendar.timegm(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S")) + int(ts[20:23]) / 1000
+
+
+def store_events_from_logs(records: Iterable[dict[str, Any]]) -> StoreEvents:
+    """Claims and reports from TaskUpdater JSON log records.
+
+    A TaskUpdater logs one line per accepted claim ("task … claimed by …")
+    and per accepted report ("task … completed under token …", "… failed
+    under token …"), after the store accepted it and before it answers, with
+    ``task_id`` and ``lease_token`` fields. The line's time is therefore a
+    little after the acceptance: a claim's START can never precede it, and
+    it bounds the moment a newer token existed from above.
+    """
+    events = StoreEvents()
+    for r in records:
+        if r.get("logger") != "services.task_updater" or "lease_token" not in r or "task_id" not in r:
+            continue
+        msg = str(r.get("msg", ""))
+        key = (str(r["task_id"]), int(r["lease_token"]))
+        at = _log_time(str(r["ts"]))
+        if " claimed by " in msg:
+            events.claims[key] = min(at, events.claims.get(key, math.inf))
+        elif " completed under token " in msg or " failed under token " in msg:
+            events.reports[key] = min(at, events.reports.get(key, math.inf))
+    return events

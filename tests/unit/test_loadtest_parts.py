@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from leasesched.loadtest import ledger
 from leasesched.loadtest.arrival import open_loop
@@ -15,11 +18,11 @@ from leasesched.loadtest.report import lwt_per_task
 
 
 def _s(task: str, token: int, t: float, pid: int = 1) -> dict:
-    return {"e": "s", "id": task, "k": token, "a": token, "t": t, "p": pid}
+    return {"event": "start", "task_id": task, "token": token, "attempt": token, "worker": "w", "pid": pid, "t": t}
 
 
-def _e(task: str, token: int, t: float, stopped: int = 0) -> dict:
-    return {"e": "e", "id": task, "k": token, "t": t, "x": stopped}
+def _e(task: str, token: int, t: float, stopped: int = 0, pid: int = 1, **extra: object) -> dict:
+    return {"event": "end", "task_id": task, "token": token, "pid": pid, "t": t, "stopped": bool(stopped), **extra}
 
 
 def test_ledger_sequential_executions_do_not_overlap() -> None:
@@ -38,21 +41,94 @@ def test_ledger_finds_overlaps_also_with_an_earlier_than_previous_execution() ->
 
 
 def test_ledger_execution_without_end_lasts_until_its_kill() -> None:
-    records = [_s("a", 1, 1.0, pid=7), _s("a", 2, 5.0, pid=8), _e("a", 2, 6.0)]
+    records = [_s("a", 1, 1.0, pid=7), _s("a", 2, 5.0, pid=8), _e("a", 2, 6.0, pid=8)]
     assert len(ledger.summarize(records).overlaps) == 1  # no END, no kill known: it may still work
+    assert ledger.summarize(records).still_running != []
     assert ledger.summarize(records, killed_at={7: 4.0}).overlaps == []
     assert ledger.summarize(records).unfinished == 1
+    # The same from an exit line in the ledger (a watcher saw pid 7 gone); a later sighting does not extend it.
+    exits = [ledger.exit_record(7, 4.0, 75), ledger.exit_record(7, 9.0)]
+    verdict = ledger.check([*records, *exits])
+    assert verdict.overlaps == [] and verdict.still_running == [] and verdict.unfinished == 1
+
+
+def test_ledger_overlap_only_between_different_tokens() -> None:
+    # One token in two processes (a handler child and its worker) is one lease, not a double execution.
+    records = [_s("a", 1, 1.0, pid=1), _s("a", 1, 1.5, pid=2), _e("a", 1, 3.0, pid=2), _e("a", 1, 3.0, pid=1)]
+    assert ledger.check(records).overlaps == []
+    assert ledger.check([*records, _s("a", 2, 2.9, pid=3), _e("a", 2, 4.0, pid=3)]).overlaps != []
+
+
+def test_ledger_real_end_counts_unless_the_handler_marked_its_last_step() -> None:
+    # Token 1's code returned at 7.0 (it noticed the lost lease late), but its last step was at 2.0.
+    stepped = [_s("a", 1, 1.0), _e("a", 1, 7.0, 1, worked_until=2.0), _s("a", 2, 5.0, pid=2), _e("a", 2, 6.0, pid=2)]
+    assert ledger.check(stepped).overlaps == []
+    plain = [_s("a", 1, 1.0), _e("a", 1, 7.0, 1), _s("a", 2, 5.0, pid=2), _e("a", 2, 6.0, pid=2)]
+    assert len(ledger.check(plain).overlaps) == 1
+
+
+def _log(msg: str, task: str, token: int, ts: str) -> dict:
+    return {"ts": ts, "level": "INFO", "logger": "services.task_updater", "msg": msg, "task_id": task, "lease_token": token}
+
+
+def test_store_check_bounds_each_execution_by_claims_and_reports() -> None:
+    logs = [
+        _log("task a claimed by w1 (token 1, attempt 1)", "a", 1, "2030-01-01T00:00:10.000Z"),
+        _log("task a failed under token 1: now scheduled", "a", 1, "2030-01-01T00:00:12.000Z"),
+        _log("task a claimed by w2 (token 2, attempt 1)", "a", 2, "2030-01-01T00:00:13.500Z"),
+        _log("task a completed under token 2", "a", 2, "2030-01-01T00:00:15.000Z"),
+        {"ts": "2030-01-01T00:00:11.000Z", "logger": "trigger.scanner", "msg": "task a claimed by x", "task_id": "a", "lease_token": 9},
+    ]
+    store = ledger.store_events_from_logs(logs)
+    t0 = 1893456000.0  # 2030-01-01T00:00:00Z
+    assert store.claims == {("a", 1): t0 + 10, ("a", 2): t0 + 13.5} and store.reports[("a", 1)] == t0 + 12
+    good = [_s("a", 1, t0 + 10.01), _e("a", 1, t0 + 11.9), _s("a", 2, t0 + 13.6, pid=2), _e("a", 2, t0 + 14.9, pid=2)]
+    assert ledger.check(good, store=store).store_violations == []
+    # Token 1 went on after its release was accepted (no other execution overlaps it: only the store check sees it).
+    late = [_s("a", 1, t0 + 10.01), _e("a", 1, t0 + 12.5), _s("a", 2, t0 + 13.6, pid=2), _e("a", 2, t0 + 14.9, pid=2)]
+    [found] = ledger.check(late, store=store).store_violations
+    assert "a report under token 1" in found
+    early = [_s("a", 2, t0 + 13.4, pid=2), _e("a", 2, t0 + 14.0, pid=2), _s("a", 3, t0 + 14.0, pid=3), _e("a", 3, t0 + 14.1, pid=3)]
+    problems = ledger.check(early, store=store).store_violations
+    assert any("before its claim" in p for p in problems) and any("never accepted a claim of token 3" in p for p in problems)
+
+
+def test_ledger_writer_records_real_start_and_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "ledger.jsonl"
+    monkeypatch.setenv("LEDGER_UNDER_TEST", str(path))
+    writer = ledger.LedgerWriter("LEDGER_UNDER_TEST")
+    ctx = SimpleNamespace(task_id="a", lease_token=3, attempt=2, worker_id="w")
+
+    async def cancelled_handler() -> None:
+        with writer.execution(ctx):
+            await asyncio.sleep(10)
+
+    async def main() -> None:
+        task = asyncio.create_task(cancelled_handler())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    with writer.execution(ctx) as running:
+        running.step()
+        running.stopped = True
+    start, end, start2, end2 = ledger.read(path)
+    assert (start["event"], end["event"], end["how"], end2["how"]) == ("start", "end", "cancelled", "returned")
+    assert end["t"] >= start["t"] and "worked_until" not in end and end2["stopped"] and start2["t"] <= end2["worked_until"] <= end2["t"]
+    assert (start["task_id"], start["token"], start["attempt"], start["worker"]) == ("a", 3, 2, "w")
 
 
 def test_ledger_tail_counts_whole_lines_only(tmp_path: Path) -> None:
     path = tmp_path / "ledger.jsonl"
     tail = ledger.LedgerTail(path)
     tail.poll()  # no file yet
-    path.write_text(json.dumps(_s("a", 1, 1.0), separators=(",", ":")) + "\n" + '{"e":"e","id":"a"')
+    path.write_text(json.dumps(_s("a", 1, 1.0), separators=(",", ":")) + "\n" + '{"event":"end","task_id":"a"')
     tail.poll()
     assert (tail.starts, tail.ends) == (1, 0)
     with open(path, "a") as f:
-        f.write(',"k":1,"t":2.0}\n')
+        f.write(',"token":1,"pid":1,"t":2.0}\n')
     tail.poll()
     assert (tail.starts, tail.ends) == (1, 1)
 
