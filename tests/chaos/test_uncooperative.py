@@ -1,0 +1,433 @@
+"""Chaos with handlers that do not cooperate (issue 10): at most one execution anyway.
+
+A thread handler that never looks at ``ctx``, an async handler that blocks
+the worker's event loop with ``time.sleep``, a process-mode handler that
+ignores SIGTERM (``tests/chaos_handlers.py``). Each scenario runs a mixed
+load of 300 tasks through a cluster of real processes (several workers,
+3 s leases), breaks something, waits for every task to be final and every
+execution to have ended, and checks from the execution ledger, which records
+when handler code really ran (``leasesched.loadtest.ledger``):
+
+* no overlap: no two executions of a task under different lease tokens
+  overlap in time;
+* store check: every execution under token t lies inside [claim of t
+  accepted, newer token claimed or a report under t accepted], from the
+  TaskUpdater's log;
+* none lost, every task final, one accepted completion per SUCCEEDED task.
+
+A worker may end itself (exit code 75) when it can no longer prove a lease
+and a handler will not stop; like an operator's supervisor
+(``Restart=on-failure``), the test starts a replacement and counts it.
+
+Every scenario adds a row (tasks, re-executions, self-terminations,
+overlaps, store violations, lost) to a table printed at the end of the
+module and written to ``<session dir>/uncooperative-table.txt`` and
+``.leasesched/chaos-report.jsonl``.
+
+A scenario marked ``pending`` still fails on the current worker: it runs only
+with ``LEASESCHED_CHAOS_PENDING=1``; its reason names what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import grpc
+import pytest
+
+from leasesched.loadtest import ledger as ledger_mod
+from leasesched.transport import SERVER_GONE_CODES
+from leasesched.v1 import scheduler_pb2 as pb
+from tests.chaos.test_chaos import REPORT_FILE
+from tests.chaos_handlers import LEDGER_ENV
+from tests.cluster import NAMESPACE, TERMINAL, LiveCluster, Report, check_invariants, wait_for
+from tests.processes import REPO, RunningProcess, session_dir
+
+LEASE_S = 3.0
+TASKS = 300
+FAIL_STOP_EXIT = 75
+RUN_PENDING = os.environ.get("LEASESCHED_CHAOS_PENDING") == "1"
+
+
+def pending(reason: str) -> pytest.MarkDecorator:
+    """A scenario the current worker still fails: kept out of the default run, never weakened."""
+    return pytest.mark.skipif(not RUN_PENDING, reason=f"pending (LEASESCHED_CHAOS_PENDING=1 runs it): {reason}")
+
+
+# ------------------------------------------------------------------ load
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One share of a mixed load: a task type and how long its handler runs."""
+
+    type: str
+    share: float
+    seconds: tuple[float, float]
+    start_to_close_s: float = 0.0
+    max_attempts: int = 5
+
+
+COOPERATIVE = "chaos.work"
+STUBBORN_THREAD = "chaos.stubborn_thread"
+BLOCKING_ASYNC = "chaos.blocking_async"
+STUBBORN_PROCESS = "chaos.stubborn_process"
+
+
+class MixedLoad:
+    """Schedules ``count`` tasks of the given kinds from a background thread at a steady pace."""
+
+    def __init__(self, cluster: LiveCluster, kinds: list[Kind], count: int = TASKS, per_second: float = 40, seed: int = 10) -> None:
+        self.cluster = cluster
+        self.kinds = kinds
+        self.count = count
+        self.per_second = per_second
+        self.ids: list[str] = []
+        self.type_of: dict[str, str] = {}
+        self.errors: list[str] = []
+        self._rng = random.Random(seed)
+        self._thread = threading.Thread(target=self._run, name="mixed-load", daemon=True)
+
+    def start(self) -> "MixedLoad":
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float = 120) -> list[str]:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the load generator did not finish"
+        assert not self.errors, self.errors[:3]
+        return self.ids
+
+    def of_type(self, task_type: str) -> set[str]:
+        return {t for t, k in list(self.type_of.items()) if k == task_type}
+
+    def _pick(self) -> Kind:
+        x = self._rng.random() * sum(k.share for k in self.kinds)
+        for kind in self.kinds:
+            x -= kind.share
+            if x <= 0:
+                return kind
+        return self.kinds[-1]
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        for n in range(self.count):
+            wait = started + n / self.per_second - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            kind = self._pick()
+            try:
+                task_id = schedule(self.cluster, kind, self._rng.uniform(*kind.seconds))
+            except Exception as exc:  # noqa: BLE001 - reported by join()
+                self.errors.append(repr(exc))
+                continue
+            self.type_of[task_id] = kind.type
+            self.ids.append(task_id)
+
+
+def schedule(cluster: LiveCluster, kind: Kind, seconds: float) -> str:
+    spec = pb.TaskSpec(namespace=NAMESPACE, type=kind.type, payload=json.dumps({"seconds": seconds}).encode())
+    spec.lease_duration.FromMilliseconds(int(LEASE_S * 1000))
+    spec.retry_policy.maximum_attempts = kind.max_attempts
+    spec.retry_policy.initial_interval.FromMilliseconds(200)
+    if kind.start_to_close_s:
+        spec.timeouts.start_to_close.FromMilliseconds(int(kind.start_to_close_s * 1000))
+    request = pb.ScheduleTaskRequest(task=spec, idempotency_key=uuid.uuid4().hex)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return cluster.stub.ScheduleTask(request, timeout=10).task_id
+        except grpc.RpcError as err:
+            retriable = err.code() in SERVER_GONE_CODES or err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            if not retriable or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+# ------------------------------------------------------------------ workers
+
+
+def start_worker(cluster: LiveCluster, slots: int, drain_timeout_s: float = 10.0) -> RunningProcess:
+    argv = ["worker", "--module", "tests.chaos_handlers", "--slots", str(slots), "--drain-timeout", str(drain_timeout_s),
+            "--ledger", str(cluster.completions)]  # fmt: skip
+    proc = cluster.group.start("worker", cluster.cfg, argv=argv, env_extra={LEDGER_ENV: str(cluster.ledger)})
+    cluster.workers.append(proc)
+    return proc
+
+
+class Supervisor:
+    """Restarts a worker that ended on its own, as systemd's ``Restart=on-failure`` would,
+    and counts the fail-stop exits (75). Workers the test stops itself are left alone."""
+
+    def __init__(self, cluster: LiveCluster, slots: int) -> None:
+        self.cluster = cluster
+        self.slots = slots
+        self.deliberate: set[int] = set()
+        self.exits: dict[int, int | None] = {}  # pid → exit code, for workers that ended on their own
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+
+    def __enter__(self) -> "Supervisor":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    @property
+    def self_terminations(self) -> int:
+        return sum(1 for code in self.exits.values() if code == FAIL_STOP_EXIT)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            for proc in list(self.cluster.workers):
+                if proc.pid in self.exits or proc.pid in self.deliberate or proc.is_running():
+                    continue
+                self.exits[proc.pid] = proc.exit_code
+                start_worker(self.cluster, self.slots)
+
+
+def fail_stops(cluster: LiveCluster) -> int:
+    """Workers that ended with the fail-stop code, whoever stopped them."""
+    return sum(1 for w in cluster.workers if not w.is_running() and w.exit_code == FAIL_STOP_EXIT)
+
+
+def open_in(cluster: LiveCluster, pid: int, ids: set[str]) -> dict[str, int]:
+    """Task id → token of the executions of ``ids`` running in ``pid`` right now."""
+    runs, _ = ledger_mod.executions(ledger_mod.read(cluster.ledger), cluster.exits())
+    return {e.task_id: e.token for e in runs if e.pid == pid and e.ended == "open" and e.task_id in ids}
+
+
+# ------------------------------------------------------------------ report
+
+
+@dataclass
+class Row:
+    scenario: str
+    tasks: int
+    re_executions: int
+    self_terminations: int
+    overlaps: int
+    store_violations: int
+    lost: int
+    still_running: int
+    statuses: dict[str, int] = field(default_factory=dict)
+    worker_code: str = ""  # the last commit that changed worker/, and whether the tree differs
+
+
+ROWS: list[Row] = []
+
+
+def worker_code_version() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
+
+    dirty = " +uncommitted" if git("status", "--porcelain", "--", "worker/") else ""
+    return git("log", "-1", "--format=%h %s", "--", "worker/")[:60] + dirty
+
+
+def table(rows: list[Row]) -> str:
+    head = f"{'scenario':<34} {'tasks':>5} {'re-exec':>7} {'exit75':>6} {'overlap':>7} {'store':>5} {'lost':>4} {'running':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.scenario:<34} {r.tasks:>5} {r.re_executions:>7} {r.self_terminations:>6} {r.overlaps:>7} "
+                     f"{r.store_violations:>5} {r.lost:>4} {r.still_running:>7}")  # fmt: skip
+    if rows:
+        lines.append(f"worker code: {rows[0].worker_code}")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _scenario_table() -> Iterator[None]:
+    yield
+    if not ROWS:
+        return
+    text = table(ROWS)
+    print("\n" + text)
+    out = session_dir() / "uncooperative-table.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+
+
+def finish(cluster: LiveCluster, ids: list[str], scenario: str, supervisor: Supervisor | None = None, timeout: float = 90) -> Report:
+    """Wait for every task to be final, record the scenario's row, then assert the invariants."""
+    try:
+        views = cluster.wait_terminal(ids, timeout)
+    except AssertionError:
+        views = {t: cluster.poll(t) for t in ids}  # still judged and recorded: the lost ones show as lost
+    report = check_invariants(cluster, views, settle_s=30)
+    row = Row(
+        scenario=scenario,
+        tasks=report.tasks,
+        re_executions=report.re_executions,
+        self_terminations=fail_stops(cluster),
+        overlaps=len(report.overlaps),
+        store_violations=len(report.store_violations),
+        lost=len(report.lost),
+        still_running=len(report.still_running),
+        statuses=report.by_status,
+        worker_code=worker_code_version(),
+    )
+    ROWS.append(row)
+    REPORT_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with REPORT_FILE.open("a") as out:
+        out.write(json.dumps({**asdict(row), "t": time.time(), "examples": report.overlaps[:3] + report.store_violations[:3]}) + "\n")
+    print(f"\n[{scenario}] {report.summary()} exit75={row.self_terminations}")
+    assert report.tasks == len(ids) >= TASKS
+    assert not report.lost, [describe(views[t]) for t in report.lost[:5]]
+    assert not report.overlaps, report.overlaps[:5]
+    assert not report.store_violations, report.store_violations[:5]
+    assert not report.still_running, report.still_running[:5]
+    assert not report.completion_errors, report.completion_errors[:5]
+    return report
+
+
+def describe(view: pb.TaskView) -> str:
+    status = pb.TaskStatus.Name(view.status)
+    return f"{view.task_id}: {status} attempt {view.attempt} token {view.lease_token} cancel_requested={view.cancel_requested} {view.error_type} {view.error}"
+
+
+def wait_running(cluster: LiveCluster, pid: int, ids: Callable[[], set[str]], at_least: int, what: str) -> dict[str, int]:
+    def enough() -> dict[str, int] | None:
+        found = open_in(cluster, pid, ids())
+        return found if len(found) >= at_least else None
+
+    return wait_for(enough, 60, what)
+
+
+# ------------------------------------------------------------------ scenarios
+
+STUBBORN_MIX = [Kind(COOPERATIVE, 0.6, (0.1, 1.5)), Kind(STUBBORN_THREAD, 0.4, (0.5, 3.0))]
+
+
+@pending(
+    "the worker still ends itself (exit 75) when async handlers only block its event loop for 1-2.5 s "
+    "(4 of 4 workers at 88b5ace, 183 of 300 tasks then never ran): leases of executions on a blocked loop "
+    "must stay provable from the worker's heartbeat thread (worker/)"
+)
+def test_blocking_async_quarter_of_a_mixed_load(make_cluster) -> None:
+    """A quarter of the tasks block the event loop for longer than a heartbeat interval;
+    every task keeps its lease and finishes, once."""
+    cluster: LiveCluster = make_cluster(triggers=2, workers=4, slots=6)
+    with Supervisor(cluster, slots=6) as supervisor:
+        load = MixedLoad(cluster, [Kind(COOPERATIVE, 0.75, (0.1, 1.0)), Kind(BLOCKING_ASYNC, 0.25, (1.0, 2.5))]).start()
+        report = finish(cluster, load.join(), "async handler blocks the loop", supervisor)
+    assert report.by_status == {"SUCCEEDED": len(load.ids)}
+    assert report.re_executions == 0, "a task lost its lease while the loop was blocked"
+    assert fail_stops(cluster) == 0, "a worker ended itself while handlers only blocked its loop"
+
+
+@pending(
+    "a worker frozen past its lease resumes with its handlers mid-run: an uncooperative handler runs on after "
+    "SIGCONT (25-50 ms at 88b5ace; the watchdog allows up to stop_grace = m/2 before exit 75) while the next "
+    "lease holder already runs; no in-process mechanism runs before the resumed handler thread, so this needs "
+    "fencing at the resource (ctx.lease_token, worker/fencing.py), not a worker change"
+)
+def test_sigstop_worker_past_its_lease_then_sigcont(make_cluster) -> None:
+    cluster: LiveCluster = make_cluster(triggers=2, workers=3, slots=6)
+    with Supervisor(cluster, slots=6) as supervisor:
+        load = MixedLoad(cluster, STUBBORN_MIX).start()
+        victim = cluster.workers[0]
+        wait_running(cluster, victim.pid, lambda: load.of_type(STUBBORN_THREAD), 2, "the victim to run stubborn handlers")
+        victim.pause()
+        frozen = open_in(cluster, victim.pid, set(load.type_of))
+        try:
+            # Its leases expire, the trigger re-queues after the grace, another worker claims.
+            wait_for(lambda: all(cluster.poll(t).lease_token > k or cluster.poll(t).status in TERMINAL for t, k in frozen.items()),
+                     45, "the frozen tasks to be claimed again")  # fmt: skip
+        finally:
+            victim.resume()
+            resumed = time.time()
+        try:
+            finish(cluster, load.join(), "SIGSTOP worker past lease", supervisor)
+        finally:
+            # How long the frozen executions went on after SIGCONT, while their tasks ran elsewhere.
+            runs, _ = ledger_mod.executions(ledger_mod.read(cluster.ledger), cluster.exits())
+            after = [e.end - resumed for e in runs if e.pid == victim.pid and frozen.get(e.task_id) == e.token]
+            print(f"[SIGSTOP worker past lease] frozen executions ran on {[round(a, 3) for a in after]} s after SIGCONT")
+
+
+def test_sigstop_task_updater_past_the_lease(make_cluster) -> None:
+    cluster: LiveCluster = make_cluster(triggers=2, workers=3, slots=6)
+    updater = cluster.task_updater
+    assert updater is not None
+    # Stubborn handlers that outlast the outage: they still run when the tasks can be claimed again.
+    kinds = [Kind(COOPERATIVE, 0.7, (0.1, 1.5)), Kind(STUBBORN_THREAD, 0.3, (4.0, 8.0))]
+    with Supervisor(cluster, slots=6) as supervisor:
+        load = MixedLoad(cluster, kinds).start()
+        wait_for(lambda: len(load.ids) >= 100, 30, "load to build up")
+        victim = cluster.workers[0]
+        wait_running(cluster, victim.pid, lambda: load.of_type(STUBBORN_THREAD), 1, "a worker to run a stubborn handler")
+        updater.pause()
+        paused = time.monotonic()
+        try:
+            # The outage itself: no heartbeat gets through for longer than a lease (and its grace).
+            wait_for(lambda: time.monotonic() - paused > LEASE_S + cluster.cfg.lease_grace_s + 1.0, 30, "the leases to run out")
+        finally:
+            updater.resume()
+        finish(cluster, load.join(), "SIGSTOP TaskUpdater past lease", supervisor)
+
+
+@pending(
+    "Lifecycle.expire_lease re-queues a task whose cancel was requested as SCHEDULED with cancel_requested, "
+    "which every claim refuses ('has a cancel request'): when a handler ignores the cancel past its lease "
+    "(a cancel-requested heartbeat does not renew), the worker fail-stops and the task is never final "
+    "(32 of 300 at 88b5ace); expire_lease must make it CANCELLED (leasesched/lifecycle.py)"
+)
+def test_cancel_while_running(make_cluster) -> None:
+    cluster: LiveCluster = make_cluster(triggers=2, workers=3, slots=8)
+    with Supervisor(cluster, slots=8) as supervisor:
+        load = MixedLoad(cluster, [Kind(COOPERATIVE, 0.5, (0.5, 2.0)), Kind(STUBBORN_THREAD, 0.5, (3.0, 6.0))]).start()
+        cancelled: set[str] = set()
+
+        def cancel_running() -> bool:
+            started = {e.task_id for e in cluster.open_executions()}
+            for task_id in sorted(started - cancelled):
+                if uuid.UUID(task_id).int % 2:
+                    continue  # the other half runs to its end
+                try:
+                    cluster.stub.CancelTask(pb.CancelTaskRequest(task_id=task_id), timeout=10)
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.FAILED_PRECONDITION:  # it finished meanwhile
+                        raise
+                cancelled.add(task_id)
+            return len(load.ids) == load.count
+
+        wait_for(cancel_running, 90, "the load to be scheduled, every other task cancelled while running", interval=0.2)
+        report = finish(cluster, load.join(), "cancel while running", supervisor)
+        assert len(cancelled) >= TASKS // 4 and report.by_status.get("CANCELLED", 0) > 0
+
+
+def test_start_to_close_exceeded(make_cluster) -> None:
+    cluster: LiveCluster = make_cluster(triggers=2, workers=3, slots=8)
+    kinds = [Kind(COOPERATIVE, 0.6, (0.2, 1.0), start_to_close_s=5.0),
+             Kind(STUBBORN_THREAD, 0.4, (1.8, 2.5), start_to_close_s=1.0, max_attempts=2)]  # fmt: skip
+    with Supervisor(cluster, slots=8) as supervisor:
+        load = MixedLoad(cluster, kinds).start()
+        report = finish(cluster, load.join(), "start_to_close exceeded", supervisor)
+        assert report.by_status.get("FAILED", 0) > 0
+
+
+def test_sigterm_worker_drain_shorter_than_the_handler(make_cluster) -> None:
+    cluster: LiveCluster = make_cluster(triggers=2, workers=2, slots=6)
+    victim = start_worker(cluster, slots=6, drain_timeout_s=1.0)
+    cluster.wait_workers_subscribed()
+    kinds = [Kind(COOPERATIVE, 0.55, (0.2, 1.5)), Kind(STUBBORN_THREAD, 0.35, (1.5, 4.0)), Kind(STUBBORN_PROCESS, 0.10, (1.5, 4.0))]
+    with Supervisor(cluster, slots=6) as supervisor:
+        supervisor.deliberate.add(victim.pid)
+        load = MixedLoad(cluster, kinds).start()
+        stubborn = lambda: load.of_type(STUBBORN_THREAD) | load.of_type(STUBBORN_PROCESS)  # noqa: E731
+        # A process-mode handler's START comes from its child: look for the victim's thread handlers.
+        wait_running(cluster, victim.pid, stubborn, 2, "the victim to run stubborn handlers")
+        assert victim.terminate(45), "the victim was not running"
+        finish(cluster, load.join(), "SIGTERM worker, drain < handler", supervisor)
+        assert victim.exit_code in (0, FAIL_STOP_EXIT), f"the victim ended with {victim.exit_code}\n{victim.log_tail()}"
