@@ -330,7 +330,7 @@ def test_blocking_async_quarter_of_a_mixed_load(make_cluster) -> None:
 
 @pending(
     "a worker frozen past its lease resumes with its handlers mid-run: an uncooperative handler runs on after "
-    "SIGCONT (25-50 ms at 88b5ace; the watchdog allows up to stop_grace = m/2 before exit 75) while the next "
+    "SIGCONT (measured 1-2 ms at 88b5ace, 2 overlaps in 300 tasks; the watchdog would allow up to stop_grace = m/2 before exit 75) while the next "
     "lease holder already runs; no in-process mechanism runs before the resumed handler thread, so this needs "
     "fencing at the resource (ctx.lease_token, worker/fencing.py), not a worker change"
 )
@@ -383,7 +383,7 @@ def test_sigstop_task_updater_past_the_lease(make_cluster) -> None:
     "Lifecycle.expire_lease re-queues a task whose cancel was requested as SCHEDULED with cancel_requested, "
     "which every claim refuses ('has a cancel request'): when a handler ignores the cancel past its lease "
     "(a cancel-requested heartbeat does not renew), the worker fail-stops and the task is never final "
-    "(32 of 300 at 88b5ace); expire_lease must make it CANCELLED (leasesched/lifecycle.py)"
+    "(32 and 34 of 300 in two runs at 88b5ace); expire_lease must make it CANCELLED (leasesched/lifecycle.py)"
 )
 def test_cancel_while_running(make_cluster) -> None:
     cluster: LiveCluster = make_cluster(triggers=2, workers=3, slots=8)
