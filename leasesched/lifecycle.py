@@ -349,8 +349,19 @@ class Lifecycle:
         if now < task.lease_expires_at + self.lease_grace_ms:
             return None
         expect = Expect(TaskStatus.RUNNING, lease_token=task.lease_token)
-        if task.attempt >= task.max_attempts:
+        if task.cancel_requested:
+            # A re-queued task with a cancel request could never be claimed
+            # again (claims refuse it): it would stay SCHEDULED for ever. The
+            # user asked for it to stop, and its worker is gone: it is cancelled.
             changes: dict[str, Any] = {
+                "status": target(Transition.LEASE_EXPIRED_CANCEL, task.status),
+                "finished_at": now,
+                "error": f"cancelled by request; the lease expired on attempt {task.attempt}",
+                "error_type": "LeaseExpired",
+                "lease_expires_at": None,
+            }
+        elif task.attempt >= task.max_attempts:
+            changes = {
                 "status": target(Transition.LEASE_EXPIRED_FAIL, task.status),
                 "finished_at": now,
                 "error": f"lease expired (attempt {task.attempt} of {task.max_attempts})",

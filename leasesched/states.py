@@ -48,6 +48,7 @@ class Transition(enum.Enum):
     FAIL = "fail"  # non-retriable failure, or no attempt left
     LEASE_EXPIRED_RETRY = "lease_expired_retry"  # trigger re-queues after expiry + grace
     LEASE_EXPIRED_FAIL = "lease_expired_fail"  # expiry with no attempt left
+    LEASE_EXPIRED_CANCEL = "lease_expired_cancel"  # expiry of a task whose cancel was requested
     RELEASE = "release"  # worker gives the task back on shutdown
     CANCEL = "cancel"  # user cancel of a task that is not running
     CANCEL_ACK = "cancel_ack"  # worker stopped a running task after a cancel request
@@ -65,6 +66,7 @@ TRANSITIONS: dict[Transition, tuple[frozenset[TaskStatus], TaskStatus]] = {
     Transition.FAIL: (frozenset({_S.RUNNING}), _S.FAILED),
     Transition.LEASE_EXPIRED_RETRY: (frozenset({_S.RUNNING}), _S.SCHEDULED),
     Transition.LEASE_EXPIRED_FAIL: (frozenset({_S.RUNNING}), _S.FAILED),
+    Transition.LEASE_EXPIRED_CANCEL: (frozenset({_S.RUNNING}), _S.CANCELLED),
     Transition.RELEASE: (frozenset({_S.RUNNING}), _S.SCHEDULED),
     Transition.CANCEL: (frozenset({_S.SCHEDULED}), _S.CANCELLED),
     Transition.CANCEL_ACK: (frozenset({_S.RUNNING}), _S.CANCELLED),

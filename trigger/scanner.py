@@ -331,7 +331,9 @@ class ShardScanner:
                 )  # fmt: skip
                 type_ = metrics.type_label(task.type)
                 metrics.lease_expirations.labels(type_).inc()
-                if status != TaskStatus.SCHEDULED:
+                if status == TaskStatus.CANCELLED:
+                    metrics.tasks_cancelled.labels(type_).inc()
+                elif status != TaskStatus.SCHEDULED:
                     metrics.tasks_failed.labels(type_, "lease_expired").inc()
                 else:
                     metrics.tasks_requeued.labels(type_, "lease_expired").inc()

@@ -157,6 +157,19 @@ async def test_expiry_on_last_attempt_fails(life: Lifecycle) -> None:
     assert "lease expired" in (await life.get(task.task_id)).error
 
 
+async def test_expiry_of_a_task_with_a_cancel_request_cancels_it(life: Lifecycle) -> None:
+    """Re-queued, it could never be claimed again (claims refuse a cancel
+    request): the chaos run found 34 such tasks stuck SCHEDULED for ever."""
+    task = (await life.schedule(new_task(lease_ms=1000))).task
+    lease = await life.claim(task.task_id, "w1", 1)
+    await life.cancel(task.task_id)  # RUNNING: cancel requested, the worker never acknowledges
+    running = await life.get(task.task_id)
+    assert running.cancel_requested and running.status == TaskStatus.RUNNING
+    assert await life.expire_lease(running, now=lease.expires_at + 1) == TaskStatus.CANCELLED
+    final = await life.get(task.task_id)
+    assert final.status == TaskStatus.CANCELLED and final.finished_at is not None
+
+
 async def test_delayed_task_cannot_be_claimed_early(life: Lifecycle) -> None:
     task = (await life.schedule(new_task(run_at=now_ms() + 60_000))).task
     with pytest.raises(FailedPrecondition, match="not due"):
