@@ -32,21 +32,11 @@ from leasesched.states import TaskStatus
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.convert import dur, status_to_pb, ts
-from services.validation import check_task_id
+from services.validation import check_task_id, check_worker_id
 
 log = logging.getLogger(__name__)
 
 TYPE_CACHE_SIZE = 50_000
-
-
-def _check_worker(worker_id: str) -> str:
-    """The worker's name is logged, stored as the lease owner and shown by
-    ``cluster status``: a short printable name, nothing else."""
-    if not limits.matches(limits.WORKER_ID_RE, worker_id):
-        raise InvalidArgument(
-            f"worker_id {worker_id[:80]!r} is invalid: 1-{limits.MAX_WORKER_ID} printable ASCII characters without spaces"
-        )
-    return worker_id
 
 
 def _check_token(token: int) -> int:
@@ -69,7 +59,7 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
 
     async def ClaimTask(self, request: pb.ClaimTaskRequest, context: grpc.aio.ServicerContext) -> pb.ClaimTaskResponse:
         task_id = check_task_id(request.task_id)
-        worker_id = _check_worker(request.worker_id)
+        worker_id = check_worker_id(request.worker_id)
         # 0 means "any attempt"; a negative one is malformed, not a stale dispatch.
         attempt = int(limits.CLAIM_ATTEMPT.check(request.attempt))
         with hiding_missing(task_id):
@@ -106,7 +96,7 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
                 f"progress.message is {len(request.progress.message)} characters, over the limit of {limits.MAX_PROGRESS_MESSAGE}"
             )
         if request.worker_id:  # optional here: the lease token alone proves the lease
-            _check_worker(request.worker_id)
+            check_worker_id(request.worker_id)
         with hiding_missing(task_id):
             ack = await self._lifecycle.heartbeat(task_id, token, percent, request.progress.message, namespace=caller_namespace())
         return pb.HeartbeatResponse(lease_expires_at=ts(ack.expires_at), cancel_requested=ack.cancel_requested)

@@ -15,7 +15,6 @@ workers that are not deployed yet, so the default accepts any well-formed type.
 from __future__ import annotations
 
 import hashlib
-import math
 import uuid
 
 from google.protobuf.duration_pb2 import Duration
@@ -26,12 +25,6 @@ from leasesched.config import Config
 from leasesched.errors import InvalidArgument
 from leasesched.model import RetryPolicy, Task, Timeouts, shard_of
 from leasesched.v1 import scheduler_pb2 as pb
-
-# Re-exported for the callers that checked names against them.
-NAMESPACE_RE = limits.NAMESPACE_RE
-TYPE_RE = limits.TYPE_RE
-KEY_RE = limits.KEY_RE
-
 
 def duration_ms(d: Duration, bound: limits.Bound, field: str) -> int:
     """A protobuf Duration in ms, within ``bound`` (a proto Duration's seconds
@@ -49,14 +42,24 @@ def timestamp_ms(t: Timestamp, field: str) -> int:
     return t.seconds * 1000 + t.nanos // 1_000_000
 
 
-def check_namespace(namespace: str) -> str:
+def check_namespace(namespace: str, field: str = "namespace") -> str:
     if not namespace:
-        raise InvalidArgument("namespace is required")
+        raise InvalidArgument(f"{field} is required")
     if not limits.matches(limits.NAMESPACE_RE, namespace):
         raise InvalidArgument(
-            f"namespace {namespace[:80]!r} is invalid: 1-64 characters of letters, digits, '_', '.', '-'"
+            f"{field} {namespace[:80]!r} is invalid: 1-64 characters of letters, digits, '_', '.', '-'"
         )
     return namespace
+
+
+def check_worker_id(worker_id: str, field: str = "worker_id") -> str:
+    """A worker's name is logged, stored as the lease owner and shown by
+    ``cluster status``: a short printable name, nothing else."""
+    if not limits.matches(limits.WORKER_ID_RE, worker_id):
+        raise InvalidArgument(
+            f"{field} {worker_id[:80]!r} is invalid: 1-{limits.MAX_WORKER_ID} printable ASCII characters without spaces"
+        )
+    return worker_id
 
 
 def check_type(value: str, field: str = "type") -> str:
@@ -171,9 +174,7 @@ def _validate_retry(policy: pb.RetryPolicy, cfg: Config) -> RetryPolicy:
         raise InvalidArgument(f"retry_policy.maximum_attempts {attempts} is out of range 1..{ceiling}")
     initial = duration_ms(policy.initial_interval, limits.RETRY_INTERVAL, "retry_policy.initial_interval") or 1000
     coefficient = policy.backoff_coefficient or 2.0
-    if math.isnan(coefficient) or math.isinf(coefficient):
-        raise InvalidArgument(f"retry_policy.backoff_coefficient must be a finite number, not {coefficient}")
-    limits.BACKOFF_COEFFICIENT.check(coefficient)
+    limits.BACKOFF_COEFFICIENT.check(coefficient)  # also refuses NaN and ±inf
     maximum = duration_ms(policy.maximum_interval, limits.RETRY_INTERVAL, "retry_policy.maximum_interval")
     if not maximum:
         # Default: 100 × initial, but never past what a retry's due entry can hold.

@@ -52,7 +52,7 @@ from leasesched.errors import InvalidArgument, PermissionDenied
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.error_mapping import code_for
-from services.validation import check_namespace, check_task_id
+from services.validation import check_namespace, check_task_id, check_type, check_worker_id
 from trigger.dispatcher import Dispatcher, WorkerLink
 
 log = logging.getLogger(__name__)
@@ -69,25 +69,13 @@ def _id_count(values: Sequence[object], field: str) -> None:
     limits.TASK_IDS_PER_MESSAGE.check(len(values), field)
 
 
-def _namespace(value: str, field: str) -> str:
-    """check_namespace, and the whole value must match (never before a trailing newline)."""
-    check_namespace(value)
-    if not limits.matches(limits.NAMESPACE_RE, value):
-        raise InvalidArgument(f"{field} {value[:80]!r} is invalid: 1-64 characters of letters, digits, '_', '.', '-'")
-    return value
-
-
 def check_hello(hello: pb.Hello) -> tuple[str, frozenset[str]]:
     """The namespace and task types of a valid Hello; raises InvalidArgument otherwise."""
-    if not limits.matches(limits.WORKER_ID_RE, hello.worker_id):
-        raise InvalidArgument(
-            f"Hello.worker_id {hello.worker_id[:80]!r} is invalid: 1-{limits.MAX_WORKER_ID} printable ASCII characters without spaces"
-        )
-    namespace = _namespace(hello.namespace, "Hello.namespace")
+    check_worker_id(hello.worker_id, "Hello.worker_id")
+    namespace = check_namespace(hello.namespace, "Hello.namespace")
     limits.SUBSCRIBE_TASK_TYPES.check(len(hello.task_types), "Hello.task_types")
     for name in hello.task_types:
-        if not limits.matches(limits.TYPE_RE, name):
-            raise InvalidArgument(f"Hello.task_types entry {name[:80]!r} is not a valid task type")
+        check_type(name, "Hello.task_types entry")
     limits.WORKER_SLOTS.check(hello.capacity, "Hello.capacity")
     return namespace, frozenset(hello.task_types)
 
@@ -110,10 +98,10 @@ def check_notify_due(request: pb.NotifyDueRequest, shards: int | None) -> None:
     if request.lease_token < 0:
         raise InvalidArgument(f"lease_token {request.lease_token} is out of range 0..{limits.INT64_MAX}")
     limits.PRIORITY.check(request.priority, "priority")
-    if (request.type or request.attempt > 0) and not limits.matches(limits.TYPE_RE, request.type):
-        raise InvalidArgument(f"type {request.type[:80]!r} is not a valid task type (required with an attempt)")
+    if request.type or request.attempt > 0:  # required with an attempt
+        check_type(request.type)
     if request.namespace:
-        _namespace(request.namespace, "namespace")
+        check_namespace(request.namespace)
     if request.HasField("run_at"):
         run_at = request.run_at
         if not 0 <= run_at.nanos < 1_000_000_000:
