@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from leasesched.auth import new_token
 from leasesched.config import Config
 from leasesched.store.cassandra import CassandraStore
 from leasesched.transport import sync_channel
@@ -22,6 +21,7 @@ from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from tests.cluster import wait_for
 from tests.processes import ProcessGroup, RunningProcess
+from tests.tokens import issue_tokens
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -39,27 +39,16 @@ class Tokens:
 
 
 def _create_tokens(cfg: Config) -> Tokens:
-    async def run() -> Tokens:
-        store = CassandraStore(cfg)
-        await store.connect()
-        try:
-            made = {}
-            for name, namespace, role in [
-                ("admin", "ops", "admin"),
-                ("client_a", "team-a", "client"),
-                ("client_b", "team-b", "client"),
-                ("worker_a", "team-a", "worker"),
-                ("worker_b", "team-b", "worker"),
-                ("revocable", "team-a", "client"),
-            ]:
-                plaintext, record = new_token(namespace, role, name)
-                await store.put_token(record)
-                made[name] = (plaintext, record.token_id)
-            return Tokens(**{k: v[0] for k, v in made.items()}, revocable_id=made["revocable"][1])
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+    wanted = [
+        ("ops", "admin", "admin"),
+        ("team-a", "client", "client_a"),
+        ("team-b", "client", "client_b"),
+        ("team-a", "worker", "worker_a"),
+        ("team-b", "worker", "worker_b"),
+        ("team-a", "client", "revocable"),
+    ]
+    made = dict(zip((name for _, _, name in wanted), issue_tokens(cfg, wanted)))
+    return Tokens(**{k: v[0] for k, v in made.items()}, revocable_id=made["revocable"][1])
 
 
 @dataclass

@@ -12,7 +12,6 @@ asserted — speed is measured by the benchmarks, not asserted here.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import queue
 import statistics
@@ -28,12 +27,11 @@ from typing import Any
 import grpc
 import pytest
 
-from leasesched.auth import new_token
 from leasesched.config import Config
-from leasesched.store.cassandra import CassandraStore
 from leasesched.transport import sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from tests.tokens import issue_tokens
 from tests.processes import REPO, ProcessGroup, RunningProcess
 
 NOISY, QUIET = "noisy-a", "quiet-b"
@@ -51,20 +49,8 @@ class Tokens:
 
 
 def create_tokens(cfg: Config) -> Tokens:
-    async def run() -> Tokens:
-        store = CassandraStore(cfg)
-        await store.connect()
-        try:
-            made = []
-            for namespace, role in (("ops", "admin"), (NOISY, "client"), (QUIET, "client")):
-                plaintext, record = new_token(namespace, role, f"noisy-neighbour-{namespace}")
-                await store.put_token(record)
-                made.append(plaintext)
-            return Tokens(*made)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+    wanted = [(ns, role, f"noisy-neighbour-{ns}") for ns, role in (("ops", "admin"), (NOISY, "client"), (QUIET, "client"))]
+    return Tokens(*(plaintext for plaintext, _ in issue_tokens(cfg, wanted)))
 
 
 @dataclass
