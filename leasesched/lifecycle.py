@@ -254,18 +254,22 @@ class Lifecycle:
         now: int | None = None,
         namespace: str | None = None,
     ) -> HeartbeatAck:
-        """Extend the caller's lease; its answer carries a pending cancel request."""
+        """Extend the caller's lease; its answer carries a pending cancel request.
+
+        A cancel request does not stop the renewal: the worker keeps its lease
+        until the handler has really stopped (a handler may ignore the cancel
+        for a while, and a lease that lapsed meanwhile would let another
+        worker start the task beside it). The cancel flag comes from the read
+        before the write; a request that lands between the two is seen by the
+        next heartbeat, a third of a lease later. One conditional write either
+        way."""
         now = now_ms() if now is None else now
         task = await self.get(task_id, namespace)
         expires_at = now + task.lease_ms
         changes = {"lease_expires_at": expires_at, "progress_percent": percent, "progress_message": message}
-        expect = Expect(TaskStatus.RUNNING, lease_token=token, cancel_requested=False)
-        result = await self._write(task_id, expect, changes)
+        result = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token), changes)
         if result.applied:
-            return HeartbeatAck(expires_at, cancel_requested=False)
-        if result.current_status == TaskStatus.RUNNING and result.current_lease_token == token:
-            # Only the cancel condition failed: the lease is still ours.
-            return HeartbeatAck(task.lease_expires_at or now, cancel_requested=True)
+            return HeartbeatAck(expires_at, cancel_requested=task.cancel_requested)
         raise FailedPrecondition(f"lease lost: task {task_id} no longer runs under token {token}")
 
     async def complete(self, task_id: uuid.UUID, token: int, result: bytes, namespace: str | None = None) -> TaskStatus:

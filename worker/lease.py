@@ -45,6 +45,11 @@ class LeaseClock:
             return self._deadline
 
     @property
+    def proven_at(self) -> float:
+        """Monotonic send time of the last acknowledged claim or heartbeat: what the deadline counts from."""
+        return self.deadline - self.lease_s + safety_margin(self.lease_s)
+
+    @property
     def margin(self) -> float:
         return safety_margin(self.lease_s)
 

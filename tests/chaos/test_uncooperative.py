@@ -309,13 +309,6 @@ def wait_running(cluster: LiveCluster, pid: int, ids: Callable[[], set[str]], at
 STUBBORN_MIX = [Kind(COOPERATIVE, 0.6, (0.1, 1.5)), Kind(STUBBORN_THREAD, 0.4, (0.5, 3.0))]
 
 
-@pending(
-    "the worker still ends itself (exit 75) when async handlers only block its event loop for 1-2.5 s: "
-    "at 88b5ace, 13 fail-stops and 71 re-executions in 300 tasks. A claim answered while the loop is blocked "
-    "starts its execution late (1.5 s after the TaskUpdater accepted it) and its first renewal comes one "
-    "interval after that, past the deadline (claim sent + L - m): the heartbeat thread must renew a late-"
-    "registered lease at once, or count its first interval from the claim's send time (worker/)"
-)
 def test_blocking_async_quarter_of_a_mixed_load(make_cluster) -> None:
     """A quarter of the tasks block the event loop for longer than a heartbeat interval;
     every task keeps its lease and finishes, once."""
@@ -379,36 +372,44 @@ def test_sigstop_task_updater_past_the_lease(make_cluster) -> None:
         finish(cluster, load.join(), "SIGSTOP TaskUpdater past lease", supervisor)
 
 
-@pending(
-    "at 88b5ace 32 and 34 of 300 tasks were lost (expire_lease re-queued cancel-requested tasks no claim "
-    "accepts); fixed at c0bba76 (they become CANCELLED): a run there had 0 lost, 0 overlaps, 0 store "
-    "violations, every task final. Still missing: a heartbeat after a cancel request does not renew the "
-    "lease, so a handler that ignores the cancel makes its worker fail-stop (7 exits 75) instead of keeping "
-    "the lease until it stops (leasesched/lifecycle.py heartbeat); and the scenario's own set-up needs >= 75 "
-    "cancels of running tasks, which that run (an idle machine, tasks ending sooner) reached only 48 times"
-)
 def test_cancel_while_running(make_cluster) -> None:
+    """Cancel every stubborn handler and every other cooperative one while they run.
+
+    A stubborn handler ignores the cancel: its worker keeps the lease (heartbeats
+    renew it after the request) until the handler ends, and only then reports
+    CANCELLED. The set-up keeps cancelling until every task has started, so the
+    whole load (not just its first seconds) is exercised."""
     cluster: LiveCluster = make_cluster(triggers=2, workers=3, slots=8)
     with Supervisor(cluster, slots=8) as supervisor:
         load = MixedLoad(cluster, [Kind(COOPERATIVE, 0.5, (0.5, 2.0)), Kind(STUBBORN_THREAD, 0.5, (3.0, 6.0))]).start()
-        cancelled: set[str] = set()
+        asked: set[str] = set()  # cancel requested while its handler ran
+        applied: set[str] = set()  # ... and the request found the task still running
 
         def cancel_running() -> bool:
-            started = {e.task_id for e in cluster.open_executions()}
-            for task_id in sorted(started - cancelled):
-                if uuid.UUID(task_id).int % 2:
-                    continue  # the other half runs to its end
+            runs, _ = ledger_mod.executions(ledger_mod.read(cluster.ledger), cluster.exits())
+            stubborn = load.of_type(STUBBORN_THREAD)
+            for run in runs:
+                task_id = run.task_id
+                if run.ended != "open" or task_id in asked:
+                    continue
+                if task_id not in stubborn and uuid.UUID(task_id).int % 2:
+                    continue  # every other cooperative task runs to its end
+                asked.add(task_id)
                 try:
                     cluster.stub.CancelTask(pb.CancelTaskRequest(task_id=task_id), timeout=10)
+                    applied.add(task_id)
                 except grpc.RpcError as err:
                     if err.code() != grpc.StatusCode.FAILED_PRECONDITION:  # it finished meanwhile
                         raise
-                cancelled.add(task_id)
-            return len(load.ids) == load.count
+            started = {run.task_id for run in runs}
+            return len(load.ids) == load.count and started >= set(load.ids)
 
-        wait_for(cancel_running, 90, "the load to be scheduled, every other task cancelled while running", interval=0.2)
+        wait_for(cancel_running, 150, "every task to start, the chosen ones cancelled while running", interval=0.2)
         report = finish(cluster, load.join(), "cancel while running", supervisor)
-        assert len(cancelled) >= TASKS // 4 and report.by_status.get("CANCELLED", 0) > 0
+        cancelled = report.by_status.get("CANCELLED", 0)
+        assert len(applied) >= TASKS // 4, f"only {len(applied)} cancels reached a running task"
+        assert cancelled >= len(applied & load.of_type(STUBBORN_THREAD)) > 0, report.by_status
+        assert fail_stops(cluster) == 0, "a worker ended itself though every lease could be renewed"
 
 
 def test_start_to_close_exceeded(make_cluster) -> None:

@@ -104,7 +104,11 @@ async def test_running_cancel_reaches_worker_through_heartbeat(life: Lifecycle) 
     task = (await life.schedule(new_task())).task
     lease = await life.claim(task.task_id, "w1", 1)
     assert (await life.cancel(task.task_id)).cancel_requested
-    assert (await life.heartbeat(task.task_id, lease.token, 10, "")).cancel_requested
+    ack = await life.heartbeat(task.task_id, lease.token, 10, "", now=lease.expires_at)
+    assert ack.cancel_requested
+    # The lease is still renewed: a handler that ignores the cancel keeps it until it stops.
+    assert ack.expires_at > lease.expires_at
+    assert (await life.get(task.task_id)).lease_expires_at == ack.expires_at
     outcome = await life.fail(task.task_id, lease.token, "stopped", cancelled=True)
     assert outcome.status == TaskStatus.CANCELLED
 

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from leasesched.v1 import scheduler_pb2 as pb
+from tests.cluster import wait_for
 from worker.handlers import LeaseLost, TaskContext
 from worker.heartbeats import Beat, HeartbeatThread
 from worker.lease import ClaimBudget, LeaseClock
@@ -265,5 +266,27 @@ def test_heartbeat_thread_passes_cancel_and_lease_lost_on() -> None:
         sent = len(updater.calls)
         time.sleep(0.5)
         assert len(updater.calls) == sent, "a lost lease is not renewed any more"
+    finally:
+        beats.stop()
+
+
+def test_a_lease_registered_late_is_renewed_at_once() -> None:
+    """A claim answered while the loop was blocked registers its execution late: its
+    first renewal counts from the claim's send time, so it is sent at once, before the
+    deadline, not a whole interval after registration."""
+    updater = FakeSyncUpdater()
+    beats = HeartbeatThread(updater, tick_s=0.01)
+    lease_s = 3.0
+    sent = time.monotonic() - 1.5  # the claim went out 1.5 s ago; its deadline is 0.75 s away
+    clock = LeaseClock.from_claim(lease_s, sent)
+    ctx = TaskContext("task-1", "t.work", "ns", b"", 1, 42, "w", _lease_deadline=lambda: clock.deadline)
+    registered = time.monotonic()
+    beats.start()
+    beats.add(Beat("task-1", 42, "w", clock, ctx))
+    try:
+        wait_for(lambda: updater.calls, 2.0, "a first heartbeat")
+        first = updater.calls[0][0] - registered
+        assert first < 0.5, f"the first renewal came {first:.2f} s after registration"
+        assert clock.deadline > registered + 2.0  # renewed from that heartbeat's send time
     finally:
         beats.stop()
