@@ -10,6 +10,11 @@ END; the test observes its end and appends that.
 marks the step, so its execution counts until its last step. The others do
 not cooperate, on purpose (issue 10): they count until their code returns.
 
+``chaos.fenced_thread`` does not cooperate either, but every step of its work
+is a fenced write (``worker.fencing``) to the sink table ``SINK_TABLE``,
+recorded in the ledger with its answer: the chaos test checks that no stale
+execution's write took effect (``ledger.check_fenced``).
+
 Payload (JSON): {"seconds": run time, "fail": n first attempts fail,
 "permanent": bool, "progress": bool}.
 """
@@ -18,10 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import threading
 import time
 
+from leasesched.config import Config
 from leasesched.loadtest.ledger import LedgerWriter
+from leasesched.store.cassandra import new_cluster
+from worker.fencing import FencedTable
 from worker.handlers import Handlers, PermanentError, TaskContext
 
 LEDGER_ENV = "LEASESCHED_TEST_LEDGER"
@@ -86,5 +96,41 @@ def stubborn_process(ctx: TaskContext) -> str:
     with ledger.execution(ctx):
         finish = time.monotonic() + _seconds(ctx)
         while time.monotonic() < finish:
+            time.sleep(0.05)
+    return "done"
+
+
+SINK_TABLE = "chaos_sink"
+SINK_CQL = f"CREATE TABLE IF NOT EXISTS {SINK_TABLE} (task_id text PRIMARY KEY, step int, pid int, fence_token bigint)"
+_sink: FencedTable | None = None
+_sink_lock = threading.Lock()
+
+
+def _fenced_sink() -> FencedTable:
+    """One session per worker process, opened on first use, on the worker's own store settings."""
+    global _sink
+    with _sink_lock:
+        if _sink is None:
+            cfg = Config.from_env()
+            _sink = FencedTable(new_cluster(cfg).connect(cfg.keyspace), SINK_TABLE)
+        return _sink
+
+
+@handlers.task("chaos.fenced_thread")
+def fenced_thread(ctx: TaskContext) -> str:
+    """Like ``stubborn_thread``, but each step is a fenced write, and it looks at the
+    clock only *after* a step: a pause between the look and the next step (a frozen
+    worker, resumed) makes exactly that step late, and the sink refuses it."""
+    sink = _fenced_sink()
+    with ledger.execution(ctx):
+        finish = time.monotonic() + _seconds(ctx)
+        step = 0
+        while True:
+            step += 1
+            sent = time.time()
+            applied = sink.write({"task_id": ctx.task_id}, {"step": step, "pid": os.getpid()}, ctx.lease_token)
+            ledger.fenced(ctx, sent, applied)
+            if time.monotonic() >= finish:
+                break
             time.sleep(0.05)
     return "done"

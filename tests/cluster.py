@@ -378,6 +378,8 @@ class Report:
     by_status: dict[str, int]
     store_violations: list[str] = field(default_factory=list)
     still_running: list[str] = field(default_factory=list)
+    overlapping: list[tuple[ledger_mod.Execution, ledger_mod.Execution]] = field(default_factory=list, repr=False)
+    store_offenders: list[ledger_mod.Execution] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
         return (
@@ -429,4 +431,6 @@ def check_invariants(cluster: LiveCluster, views: dict[str, pb.TaskView], settle
         by_status=dict(statuses),
         store_violations=verdict.store_violations,
         still_running=verdict.still_running,
+        overlapping=verdict.overlapping,
+        store_offenders=verdict.store_offenders,
     )

@@ -30,6 +30,12 @@ and an execution without END in that pid ends at the earliest such time (an
 observation is never earlier than the death, so this can only lengthen it).
 An execution with neither END nor exit may still be running: it lasts forever.
 
+A handler that makes a fenced write (``worker.fencing``) records each one it
+saw answered (a write cut off by its process's end records nothing)::
+
+    {"event":"fenced","task_id":…,"token":…,"pid":…,"sent":<wall time before the write>,
+     "t":<wall time of the answer>,"applied":<true, or false: refused as stale>}
+
 The checks (``check``):
 
 * overlap: per task, no two executions under DIFFERENT lease tokens overlap in
@@ -40,6 +46,9 @@ The checks (``check``):
   (``store_events_from_logs``). A report (complete, fail, cancel, release,
   timeout) under t means the worker said it was done with t: nothing may run
   under t afterwards.
+
+And for fenced writes (``check_fenced``): no write under token t that was sent
+after a write under a newer token t' had been applied (answered) may apply.
 """
 
 from __future__ import annotations
@@ -129,6 +138,12 @@ class LedgerWriter:
             if running.worked_until is not None:
                 end["worked_until"] = running.worked_until
             self.append(end)
+
+
+    def fenced(self, ctx: _Context, sent: float, applied: bool) -> None:
+        """One answered fenced write of this execution (``sent``: wall time before it)."""
+        self.append({"event": "fenced", "task_id": ctx.task_id, "token": ctx.lease_token, "pid": os.getpid(),
+                     "sent": sent, "t": time.time(), "applied": applied})  # fmt: skip
 
 
 def exit_record(pid: int, t: float, code: int | None = None) -> dict[str, Any]:
@@ -227,6 +242,8 @@ class LedgerSummary:
     ends: list[float] = field(default_factory=list)  # END times of executions that were not stopped
     bad_lines: int = 0
     by_task: dict[str, list[Execution]] = field(default_factory=dict, repr=False)
+    overlapping: list[tuple[Execution, Execution]] = field(default_factory=list, repr=False)  # the overlaps' executions
+    store_offenders: list[Execution] = field(default_factory=list, repr=False)  # the store violations' executions
 
 
 def executions(records: Iterable[dict[str, Any]], exits: dict[int, float] | None = None) -> tuple[list[Execution], int]:
@@ -261,6 +278,8 @@ def executions(records: Iterable[dict[str, Any]], exits: dict[int, float] | None
             elif event == "exit":
                 pid, t = int(r["pid"]), float(r["t"])
                 gone[pid] = min(t, gone.get(pid, math.inf))
+            elif event == "fenced":
+                continue  # judged by check_fenced
             else:
                 bad += 1
         except (KeyError, TypeError, ValueError):
@@ -283,6 +302,7 @@ def check(
     for ex in runs:
         by_task[ex.task_id].append(ex)
     overlaps: list[str] = []
+    overlapping: list[tuple[Execution, Execution]] = []
     for task_id, task_runs in by_task.items():
         task_runs.sort(key=lambda e: e.start)
         for i, a in enumerate(task_runs):
@@ -291,18 +311,23 @@ def check(
                     continue  # b starts later; later ones too, but a longer earlier one may still reach them
                 if a.token != b.token:
                     overlaps.append(f"{task_id}: {a.describe()} overlaps {b.describe()}")
+                    overlapping.append((a, b))
+    store_offenders: list[Execution] = []
+    store_violations = check_store(runs, store, store_offenders) if store is not None else []
     return LedgerSummary(
         executions=len(runs),
         tasks_started=len(by_task),
         re_executions=sum(len(r) - 1 for r in by_task.values()),
         unfinished=sum(1 for e in runs if e.ended != "end"),
         overlaps=overlaps,
-        store_violations=check_store(runs, store) if store is not None else [],
+        store_violations=store_violations,
         still_running=[f"{e.task_id}: {e.describe()}" for e in runs if e.ended == "open"],
         first_start={t: r[0].start for t, r in by_task.items()},
         ends=[e.end for e in runs if e.ended == "end" and not e.stopped],
         bad_lines=bad,
         by_task=dict(by_task),
+        overlapping=overlapping,
+        store_offenders=store_offenders,
     )
 
 
@@ -311,8 +336,11 @@ def summarize(records: list[dict[str, Any]], killed_at: dict[int, float] | None 
     return check(records, exits=killed_at)
 
 
-def check_store(runs: Iterable[Execution], store: StoreEvents) -> list[str]:
-    """Each execution under token t inside [claim of t accepted, newer token issued or report under t accepted]."""
+def check_store(runs: Iterable[Execution], store: StoreEvents, offenders: list[Execution] | None = None) -> list[str]:
+    """Each execution under token t inside [claim of t accepted, newer token issued or report under t accepted].
+
+    The executions that break it are also appended to ``offenders``, when given."""
+    offenders = [] if offenders is None else offenders
     tokens: dict[str, list[int]] = defaultdict(list)
     for task_id, token in store.claims:
         tokens[task_id].append(token)
@@ -323,9 +351,11 @@ def check_store(runs: Iterable[Execution], store: StoreEvents) -> list[str]:
         claimed = store.claims.get((ex.task_id, ex.token))
         if claimed is None:
             violations.append(f"{ex.task_id}: {ex.describe()}: the store never accepted a claim of token {ex.token}")
+            offenders.append(ex)
             continue
         if ex.start < claimed:
             violations.append(f"{ex.task_id}: {ex.describe()} started before its claim was accepted at {claimed:.3f}")
+            offenders.append(ex)
         limits: list[tuple[float, str]] = []
         newer = [t for t in tokens[ex.task_id] if t > ex.token]
         if newer:
@@ -336,7 +366,54 @@ def check_store(runs: Iterable[Execution], store: StoreEvents) -> list[str]:
             limit, what = min(limits)
             if ex.end > limit + LOG_RESOLUTION_S:
                 violations.append(f"{ex.task_id}: {ex.describe()} ran past {what} at {limit:.3f}")
+                offenders.append(ex)
     return violations
+
+
+@dataclass
+class FencedWrite:
+    task_id: str
+    token: int
+    pid: int
+    sent: float
+    answered: float
+    applied: bool
+
+
+@dataclass
+class FenceVerdict:
+    writes: list[FencedWrite]
+    stale_applied: list[str]  # writes that applied although a newer token had written before they were sent
+
+    @property
+    def refused(self) -> int:
+        return sum(1 for w in self.writes if not w.applied)
+
+
+def check_fenced(records: Iterable[dict[str, Any]]) -> FenceVerdict:
+    """Fenced writes: none under token t sent after a newer token's write was applied may apply.
+
+    Sound with wall times of one machine: the newer write's answer came
+    before the older one was even sent, so the resource had the newer token
+    when it judged the older write."""
+    writes = [
+        FencedWrite(str(r["task_id"]), int(r["token"]), int(r.get("pid", 0)), float(r["sent"]), float(r["t"]), bool(r["applied"]))
+        for r in records
+        if r.get("event") == "fenced"
+    ]
+    first_applied: dict[str, dict[int, float]] = defaultdict(dict)  # task → token → its first applied write answered
+    for w in writes:
+        if w.applied:
+            tokens = first_applied[w.task_id]
+            tokens[w.token] = min(w.answered, tokens.get(w.token, math.inf))
+    stale: list[str] = []
+    for w in writes:
+        if not w.applied:
+            continue
+        newer = [at for token, at in first_applied[w.task_id].items() if token > w.token and at < w.sent]
+        if newer:
+            stale.append(f"{w.task_id}: token {w.token} (pid {w.pid}) wrote at {w.sent:.3f}, after a newer token's write at {min(newer):.3f}")
+    return FenceVerdict(writes, stale)
 
 
 def _log_time(ts: str) -> float:

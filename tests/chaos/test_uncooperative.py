@@ -44,10 +44,11 @@ import grpc
 import pytest
 
 from leasesched.loadtest import ledger as ledger_mod
+from leasesched.store.cassandra import new_cluster
 from leasesched.transport import SERVER_GONE_CODES
 from leasesched.v1 import scheduler_pb2 as pb
 from tests.chaos.test_chaos import REPORT_FILE
-from tests.chaos_handlers import LEDGER_ENV
+from tests.chaos_handlers import LEDGER_ENV, SINK_CQL, SINK_TABLE
 from tests.cluster import NAMESPACE, TERMINAL, LiveCluster, Report, check_invariants, wait_for
 from tests.processes import REPO, RunningProcess, session_dir
 
@@ -80,6 +81,7 @@ COOPERATIVE = "chaos.work"
 STUBBORN_THREAD = "chaos.stubborn_thread"
 BLOCKING_ASYNC = "chaos.blocking_async"
 STUBBORN_PROCESS = "chaos.stubborn_process"
+FENCED_THREAD = "chaos.fenced_thread"
 
 
 class MixedLoad:
@@ -258,8 +260,19 @@ def _scenario_table() -> Iterator[None]:
     out.write_text(text + "\n")
 
 
-def finish(cluster: LiveCluster, ids: list[str], scenario: str, supervisor: Supervisor | None = None, timeout: float = 90) -> Report:
-    """Wait for every task to be final, record the scenario's row, then assert the invariants."""
+def finish(
+    cluster: LiveCluster,
+    ids: list[str],
+    scenario: str,
+    supervisor: Supervisor | None = None,
+    timeout: float = 90,
+    tolerated: Callable[[ledger_mod.Execution], bool] | None = None,
+) -> Report:
+    """Wait for every task to be final, record the scenario's row, then assert the invariants.
+
+    ``tolerated``: executions a scenario expects to break the overlap or store
+    check (a frozen worker's handlers after SIGCONT); they are still counted in
+    the row, and every other offender fails the test."""
     try:
         views = cluster.wait_terminal(ids, timeout)
     except AssertionError:
@@ -284,8 +297,14 @@ def finish(cluster: LiveCluster, ids: list[str], scenario: str, supervisor: Supe
     print(f"\n[{scenario}] {report.summary()} exit75={row.self_terminations}")
     assert report.tasks == len(ids) >= TASKS
     assert not report.lost, [describe(views[t]) for t in report.lost[:5]]
-    assert not report.overlaps, report.overlaps[:5]
-    assert not report.store_violations, report.store_violations[:5]
+    if tolerated is None:
+        assert not report.overlaps, report.overlaps[:5]
+        assert not report.store_violations, report.store_violations[:5]
+    else:
+        # An overlap is excused when one of its two executions is tolerated (the other is its innocent successor).
+        pairs = [f"{a.task_id}: {a.describe()} / {b.describe()}" for a, b in report.overlapping if not (tolerated(a) or tolerated(b))]
+        alone = [f"{e.task_id}: {e.describe()}" for e in report.store_offenders if not tolerated(e)]
+        assert not pairs and not alone, (pairs + alone)[:5]
     assert not report.still_running, report.still_running[:5]
     assert not report.completion_errors, report.completion_errors[:5]
     return report
@@ -321,34 +340,79 @@ def test_blocking_async_quarter_of_a_mixed_load(make_cluster) -> None:
     assert fail_stops(cluster) == 0, "a worker ended itself while handlers only blocked its loop"
 
 
-@pending(
-    "a worker frozen past its lease resumes with its handlers mid-run: an uncooperative handler runs on after "
-    "SIGCONT (measured 1-2 ms at 88b5ace, 2 overlaps in 300 tasks; the watchdog would allow up to stop_grace = m/2 before exit 75) while the next "
-    "lease holder already runs; no in-process mechanism runs before the resumed handler thread, so this needs "
-    "fencing at the resource (ctx.lease_token, worker/fencing.py), not a worker change"
-)
 def test_sigstop_worker_past_its_lease_then_sigcont(make_cluster) -> None:
+    """A worker frozen (SIGSTOP) until its tasks run elsewhere, then resumed (SIGCONT).
+
+    Nothing in-process runs before a resumed handler thread, so a handler that
+    ignores its context can take steps after SIGCONT while the next lease holder
+    runs, until the watchdog ends the worker: at most ``stop_grace`` (m/2) plus a
+    tick later (measured at 88b5ace: 1-2 ms, 2 overlaps in 300 tasks). Those are
+    the only overlaps allowed here, and they are why side effects need fencing:
+    every step of ``chaos.fenced_thread`` is a fenced write, and none sent by a
+    stale execution may apply (``ledger.check_fenced``)."""
     cluster: LiveCluster = make_cluster(triggers=2, workers=3, slots=6)
-    with Supervisor(cluster, slots=6) as supervisor:
-        load = MixedLoad(cluster, STUBBORN_MIX).start()
+    kinds = [Kind(COOPERATIVE, 0.5, (0.1, 1.5)), Kind(STUBBORN_THREAD, 0.25, (0.5, 3.0)), Kind(FENCED_THREAD, 0.25, (0.5, 3.0))]
+    with Sink(cluster) as sink, Supervisor(cluster, slots=6) as supervisor:
+        load = MixedLoad(cluster, kinds).start()
         victim = cluster.workers[0]
-        wait_running(cluster, victim.pid, lambda: load.of_type(STUBBORN_THREAD), 2, "the victim to run stubborn handlers")
+        wait_running(cluster, victim.pid, lambda: load.of_type(STUBBORN_THREAD), 1, "the victim to run a stubborn handler")
+        wait_running(cluster, victim.pid, lambda: load.of_type(FENCED_THREAD), 1, "the victim to run a fenced handler")
         victim.pause()
+        paused = time.time()  # a write of the victim sent later than this was sent after SIGCONT
         frozen = open_in(cluster, victim.pid, set(load.type_of))
+        frozen_fenced = {t: k for t, k in frozen.items() if t in load.of_type(FENCED_THREAD)}
         try:
-            # Its leases expire, the trigger re-queues after the grace, another worker claims.
+            # Its leases expire, the trigger re-queues after the grace, another worker claims,
+            # and the new executions of the fenced tasks write (they write first thing).
             wait_for(lambda: all(cluster.poll(t).lease_token > k or cluster.poll(t).status in TERMINAL for t, k in frozen.items()),
                      45, "the frozen tasks to be claimed again")  # fmt: skip
+            wait_for(lambda: all(sink.token(t) > k for t, k in frozen_fenced.items()), 30, "newer tokens to write to the sink")
         finally:
             victim.resume()
             resumed = time.time()
+        bound = LEASE_S * 0.25 / 2 + 0.2  # stop_grace (m/2) + the watchdog's tick and the exit's observation
+
+        def after_sigcont(run: ledger_mod.Execution) -> bool:
+            return run.pid == victim.pid and frozen.get(run.task_id) == run.token and run.end <= resumed + bound
+
         try:
-            finish(cluster, load.join(), "SIGSTOP worker past lease", supervisor)
+            finish(cluster, load.join(), "SIGSTOP worker past lease", supervisor, tolerated=after_sigcont)
         finally:
-            # How long the frozen executions went on after SIGCONT, while their tasks ran elsewhere.
-            runs, _ = ledger_mod.executions(ledger_mod.read(cluster.ledger), cluster.exits())
-            after = [e.end - resumed for e in runs if e.pid == victim.pid and frozen.get(e.task_id) == e.token]
-            print(f"[SIGSTOP worker past lease] frozen executions ran on {[round(a, 3) for a in after]} s after SIGCONT")
+            records = ledger_mod.read(cluster.ledger)
+            runs, _ = ledger_mod.executions(records, cluster.exits())
+            after = [round(e.end - resumed, 3) for e in runs if e.pid == victim.pid and frozen.get(e.task_id) == e.token]
+            fence = ledger_mod.check_fenced(records)
+            late = [w for w in fence.writes if frozen.get(w.task_id) == w.token and w.pid == victim.pid and w.sent > paused]
+            print(f"[SIGSTOP worker past lease] frozen executions ran on {after} s after SIGCONT; fenced writes "
+                  f"{len(fence.writes)}, refused {fence.refused}; by frozen executions after SIGCONT {len(late)} "
+                  f"(applied {sum(w.applied for w in late)}); stale applied {len(fence.stale_applied)}")  # fmt: skip
+        assert not fence.stale_applied, fence.stale_applied[:5]
+        # Each frozen fenced handler took one step after SIGCONT, after a newer token had written: all refused.
+        assert len(late) >= 1 and not any(w.applied for w in late), late[:5]
+
+
+class Sink:
+    """The fenced handler's sink table in the cluster's keyspace (created here), read by the test."""
+
+    def __init__(self, cluster: LiveCluster) -> None:
+        self._cluster = new_cluster(cluster.cfg)
+        try:
+            self._session = self._cluster.connect(cluster.cfg.keyspace)
+            self._session.execute(SINK_CQL)
+        except BaseException:
+            self._cluster.shutdown()
+            raise
+
+    def __enter__(self) -> "Sink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cluster.shutdown()
+
+    def token(self, task_id: str) -> int:
+        """The lease token that last wrote the task's row (0: none yet)."""
+        row = self._session.execute(f"SELECT fence_token FROM {SINK_TABLE} WHERE task_id = %s", (task_id,)).one()
+        return int(row.fence_token or 0) if row is not None else 0
 
 
 def test_sigstop_task_updater_past_the_lease(make_cluster) -> None:

@@ -93,6 +93,31 @@ def test_store_check_bounds_each_execution_by_claims_and_reports() -> None:
     assert any("before its claim" in p for p in problems) and any("never accepted a claim of token 3" in p for p in problems)
 
 
+def _w(task: str, token: int, sent: float, answered: float, applied: bool, pid: int = 1) -> dict:
+    return {"event": "fenced", "task_id": task, "token": token, "pid": pid, "sent": sent, "t": answered, "applied": applied}
+
+
+def test_fenced_check_finds_a_stale_write_that_applied() -> None:
+    records = [
+        _s("a", 1, 1.0), _w("a", 1, 1.1, 1.12, True),
+        _s("a", 2, 3.0, pid=2), _w("a", 2, 3.1, 3.12, True), _e("a", 2, 4.0, pid=2),
+        _w("a", 1, 3.5, 3.52, False),  # token 1 resumed after token 2 wrote: refused, as it must be
+        _w("a", 1, 3.11, 3.13, True),  # sent before token 2's write was answered: the order is unknown, no verdict
+        _w("b", 1, 1.0, 1.1, True), _w("c", 5, 0.5, 0.6, True),  # another task's tokens are not compared
+    ]  # fmt: skip
+    verdict = ledger.check_fenced(records)
+    assert verdict.stale_applied == [] and verdict.refused == 1 and len(verdict.writes) == 6
+    assert ledger.check(records).bad_lines == 0  # fenced lines are no torn ledger
+    [stale] = ledger.check_fenced([*records, _w("a", 1, 3.6, 3.62, True)]).stale_applied
+    assert stale.startswith("a: token 1")
+
+
+def test_ledger_names_the_executions_behind_each_violation() -> None:
+    records = [_s("a", 1, 1.0), _e("a", 1, 5.0), _s("a", 2, 4.0, pid=2), _e("a", 2, 6.0, pid=2), _s("b", 1, 1.0), _e("b", 1, 2.0)]
+    [(a, b)] = ledger.check(records).overlapping
+    assert (a.task_id, a.token, b.task_id, b.token) == ("a", 1, "a", 2)
+
+
 def test_ledger_writer_records_real_start_and_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "ledger.jsonl"
     monkeypatch.setenv("LEDGER_UNDER_TEST", str(path))
