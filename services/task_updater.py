@@ -67,7 +67,7 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
         task = lease.task
         log.info(
             "task %s claimed by %s (token %d, attempt %d)", task_id, request.worker_id, lease.token, task.attempt,
-            extra=fields(task_id=str(task_id), lease_token=lease.token, worker=request.worker_id, shard=task.shard),
+            extra=fields(task_id=str(task_id), lease_token=lease.token, worker=request.worker_id, shard=task.shard, lease_event="claimed"),
         )  # fmt: skip
         self._types[task_id] = task.type
         if len(self._types) > TYPE_CACHE_SIZE:
@@ -110,7 +110,7 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
             status = await self._lifecycle.complete(task_id, token, request.result, namespace=caller_namespace())
         log.info(
             "task %s completed under token %d", task_id, request.lease_token,
-            extra=fields(task_id=str(task_id), lease_token=request.lease_token),
+            extra=fields(task_id=str(task_id), lease_token=request.lease_token, lease_event="reported"),
         )  # fmt: skip
         metrics.tasks_completed.labels(self._type_of(task_id, forget=True)).inc()
         return pb.CompleteTaskResponse(status=status_to_pb(status))
@@ -133,7 +133,7 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
             )
         log.info(
             "task %s failed under token %d: now %s", task_id, request.lease_token, outcome.status.value,
-            extra=fields(task_id=str(task_id), lease_token=request.lease_token),
+            extra=fields(task_id=str(task_id), lease_token=request.lease_token, lease_event="reported"),
         )  # fmt: skip
         type_ = self._type_of(task_id, forget=True)
         if outcome.status == TaskStatus.SCHEDULED:

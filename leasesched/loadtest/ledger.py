@@ -424,22 +424,21 @@ def _log_time(ts: str) -> float:
 def store_events_from_logs(records: Iterable[dict[str, Any]]) -> StoreEvents:
     """Claims and reports from TaskUpdater JSON log records.
 
-    A TaskUpdater logs one line per accepted claim ("task … claimed by …")
-    and per accepted report ("task … completed under token …", "… failed
-    under token …"), after the store accepted it and before it answers, with
-    ``task_id`` and ``lease_token`` fields. The line's time is therefore a
-    little after the acceptance: a claim's START can never precede it, and
-    it bounds the moment a newer token existed from above.
+    A TaskUpdater logs one line per accepted claim (field
+    ``lease_event="claimed"``) and per accepted report (complete or fail:
+    ``lease_event="reported"``), after the store accepted it and before it
+    answers, with ``task_id`` and ``lease_token`` fields. The line's time is
+    therefore a little after the acceptance: a claim's START can never precede
+    it, and it bounds the moment a newer token existed from above. The
+    messages are for people and may change; the fields are the contract.
     """
     events = StoreEvents()
     for r in records:
-        if r.get("logger") != "services.task_updater" or "lease_token" not in r or "task_id" not in r:
+        kind = r.get("lease_event")
+        if kind not in ("claimed", "reported") or "lease_token" not in r or "task_id" not in r:
             continue
-        msg = str(r.get("msg", ""))
         key = (str(r["task_id"]), int(r["lease_token"]))
         at = _log_time(str(r["ts"]))
-        if " claimed by " in msg:
-            events.claims[key] = min(at, events.claims.get(key, math.inf))
-        elif " completed under token " in msg or " failed under token " in msg:
-            events.reports[key] = min(at, events.reports.get(key, math.inf))
+        found = events.claims if kind == "claimed" else events.reports
+        found[key] = min(at, found.get(key, math.inf))
     return events

@@ -138,14 +138,14 @@ def check_logs(cluster: LiveCluster, ids: list[str], views: dict[str, pb.TaskVie
     assert all(isinstance(scheduled[t]["shard"], int) for t in ids)
 
     # The claim of every task names its task, lease token and worker.
-    claims = [r for r in updater if "claimed by" in r["msg"]]
+    claims = [r for r in updater if r.get("lease_event") == "claimed"]
     for task_id in ids:
         mine = [r for r in claims if r.get("task_id") == task_id]
         assert mine, f"no claim line for {task_id}"
         final = views[task_id].lease_token
         assert final in {r["lease_token"] for r in mine}
         assert all(r["worker"] and isinstance(r["shard"], int) for r in mine)
-    completed = {r["task_id"] for r in updater if "completed under token" in r["msg"] and "lease_token" in r}
+    completed = {r["task_id"] for r in updater if r.get("lease_event") == "reported" and "lease_token" in r}
     assert {t for t in ids if views[t].status == pb.SUCCEEDED} <= completed
 
     # Shard ownership: one line per acquired shard, with the shard number.

@@ -68,7 +68,9 @@ def test_ledger_real_end_counts_unless_the_handler_marked_its_last_step() -> Non
 
 
 def _log(msg: str, task: str, token: int, ts: str) -> dict:
-    return {"ts": ts, "level": "INFO", "logger": "services.task_updater", "msg": msg, "task_id": task, "lease_token": token}
+    kind = "claimed" if " claimed by " in msg else "reported"
+    return {"ts": ts, "level": "INFO", "logger": "services.task_updater", "msg": msg, "task_id": task, "lease_token": token,
+            "lease_event": kind}  # fmt: skip
 
 
 def test_store_check_bounds_each_execution_by_claims_and_reports() -> None:
@@ -78,6 +80,7 @@ def test_store_check_bounds_each_execution_by_claims_and_reports() -> None:
         _log("task a claimed by w2 (token 2, attempt 1)", "a", 2, "2030-01-01T00:00:13.500Z"),
         _log("task a completed under token 2", "a", 2, "2030-01-01T00:00:15.000Z"),
         {"ts": "2030-01-01T00:00:11.000Z", "logger": "trigger.scanner", "msg": "task a claimed by x", "task_id": "a", "lease_token": 9},
+        {"ts": "2030-01-01T00:00:11.000Z", "msg": "task a claimed by w1 (token 7)", "task_id": "a", "lease_token": 7},  # no field
     ]
     store = ledger.store_events_from_logs(logs)
     t0 = 1893456000.0  # 2030-01-01T00:00:00Z
