@@ -99,13 +99,11 @@ class Expect:
     """The condition of a conditional write: the state the writer read.
 
     ``lease_token`` fences: a write by the holder of an older lease never
-    applies. ``cancel_requested`` lets a heartbeat fail fast (and so learn of a
-    cancel) in the same round trip.
+    applies.
     """
 
     status: TaskStatus
     lease_token: int | None = None
-    cancel_requested: bool | None = None
     namespace: str | None = None  # a worker may only touch its own namespace's tasks
 
 
@@ -116,7 +114,6 @@ class CasResult:
     # not applied (what Cassandra returns with a failed lightweight transaction).
     current_status: TaskStatus | None = None
     current_lease_token: int | None = None
-    current_cancel_requested: bool | None = None
     current_namespace: str | None = None
     exists: bool = True
 

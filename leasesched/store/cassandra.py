@@ -447,8 +447,6 @@ class CassandraStore:
         conds: dict[str, Any] = {"status": expect.status.value}
         if expect.lease_token is not None:
             conds["lease_token"] = expect.lease_token
-        if expect.cancel_requested is not None:
-            conds["cancel_requested"] = expect.cancel_requested
         if expect.namespace is not None:
             conds["namespace"] = expect.namespace
         columns, conditions = tuple(cols), tuple(conds)
@@ -471,7 +469,6 @@ class CassandraStore:
             applied=False,
             current_status=TaskStatus(row.status),
             current_lease_token=getattr(row, "lease_token", None),
-            current_cancel_requested=getattr(row, "cancel_requested", None),
             current_namespace=getattr(row, "namespace", None),
         )
 
@@ -749,7 +746,6 @@ def _cas_from_task(task: Task | None) -> CasResult:
         applied=False,
         current_status=task.status,
         current_lease_token=task.lease_token,
-        current_cancel_requested=task.cancel_requested,
         current_namespace=task.namespace,
     )
 

@@ -157,10 +157,9 @@ class MemoryStore:
             return CasResult(applied=False, exists=False)
         ok = task.status == expect.status
         ok = ok and (expect.lease_token is None or task.lease_token == expect.lease_token)
-        ok = ok and (expect.cancel_requested is None or task.cancel_requested == expect.cancel_requested)
         ok = ok and (expect.namespace is None or task.namespace == expect.namespace)
         if not ok:
-            return CasResult(False, task.status, task.lease_token, task.cancel_requested, task.namespace)
+            return CasResult(False, task.status, task.lease_token, task.namespace)
         self.tasks[task_id] = task.replace(**changes)
         return CasResult(applied=True)
 
@@ -170,12 +169,11 @@ class MemoryStore:
         row = self.raw[task_id]
         ok = row.status == expect.status.value
         ok = ok and (expect.lease_token is None or row.lease_token == expect.lease_token)
-        ok = ok and (expect.cancel_requested is None or row.cancel_requested == expect.cancel_requested)
         ok = ok and (expect.namespace is None or row.namespace == expect.namespace)
         if not ok:
             known = row.status in {s.value for s in TaskStatus}
             return CasResult(
-                False, TaskStatus(row.status) if known else None, row.lease_token, row.cancel_requested, row.namespace
+                False, TaskStatus(row.status) if known else None, row.lease_token, row.namespace
             )
         for name, value in changes.items():
             setattr(row, name, value.value if isinstance(value, TaskStatus) else value)
