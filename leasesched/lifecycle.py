@@ -65,6 +65,12 @@ class FailOutcome:
     next_run_at: int | None = None
 
 
+# A task waiting for its next attempt shows no progress: the last attempt's
+# "25% step 30 of 120" would read as if the task were running. The last
+# failure's error stays, as the reason it waits (PollTask's error field).
+_FRESH_ATTEMPT: dict[str, Any] = {"progress_percent": 0.0, "progress_message": ""}
+
+
 def _entry(task: Task, kind: str, due_at: int, token: int) -> DueEntry:
     return DueEntry(
         shard=task.shard,
@@ -313,7 +319,9 @@ class Lifecycle:
             changes = {**common, "status": target(Transition.CANCEL_ACK, task.status), "finished_at": now}
             outcome = FailOutcome(TaskStatus.CANCELLED)
         elif released:
-            changes = {**common, "status": target(Transition.RELEASE, task.status), "run_at": now, "lease_owner": None}
+            # Given back unrun (shutdown, a late claim): not a failure, so no error is kept.
+            changes = {**common, **_FRESH_ATTEMPT, "error": "", "error_type": "", "status": target(Transition.RELEASE, task.status),
+                       "run_at": now, "lease_owner": None}  # fmt: skip
             await self._add_due(run_entry(task, now))
             outcome = FailOutcome(TaskStatus.SCHEDULED, now)
         else:
@@ -327,6 +335,7 @@ class Lifecycle:
                 retried = task.replace(attempt=task.attempt + 1)
                 changes = {
                     **common,
+                    **_FRESH_ATTEMPT,
                     "status": target(Transition.RETRY, task.status),
                     "attempt": task.attempt + 1,
                     "run_at": next_run,
@@ -376,6 +385,7 @@ class Lifecycle:
             retried = task.replace(attempt=task.attempt + 1)
             await self._add_due(run_entry(retried, now))
             changes = {
+                **_FRESH_ATTEMPT,
                 "status": target(Transition.LEASE_EXPIRED_RETRY, task.status),
                 "attempt": task.attempt + 1,
                 "run_at": now,

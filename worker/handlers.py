@@ -93,11 +93,16 @@ class TaskContext:
     cancel_reason: str = ""
     progress_percent: float = 0.0
     progress_message: str = ""
+    # Called after each progress change (the heartbeat thread sends it soon, coalesced).
+    _on_progress: Callable[[], None] = field(repr=False, default=lambda: None)
 
     def report_progress(self, percent: float, message: str = "") -> None:
-        """Recorded now, sent with the next heartbeat (every lease/3)."""
+        """Recorded now and sent soon: with an early heartbeat, at most one per
+        second per execution (``worker.heartbeats.PROGRESS_COALESCE_S``), or
+        with the next regular one (every lease/3), whichever comes first."""
         self.progress_percent = max(0.0, min(100.0, float(percent)))
         self.progress_message = message[:1000]
+        self._on_progress()
 
     @property
     def cancelled(self) -> bool:

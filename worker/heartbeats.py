@@ -11,6 +11,11 @@ supervisor only reads them.
 
 A heartbeat carries the handler's progress, or "stopping: <reason>" once the
 worker is stopping the handler (PollTask then shows why the task still runs).
+A progress change is sent soon, not only with the next regular heartbeat (a
+third of the lease: 10 s with the default lease): the change brings the next
+heartbeat forward to one ``PROGRESS_COALESCE_S`` after the previous one, so a
+handler that reports progress in a tight loop still costs at most one extra
+conditional write per second.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from worker.lease import LeaseClock
 log = logging.getLogger(__name__)
 
 LOST_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
+PROGRESS_COALESCE_S = 1.0  # progress changes are sent at most this often, beyond the regular heartbeats
 
 
 class SyncCaller(Protocol):
@@ -58,6 +64,7 @@ class Beat:
         self.next_due = min(time.monotonic(), clock.proven_at) + self.interval
         self.in_flight = False
         self.sent = 0  # heartbeats sent (tests read it)
+        self.last_sent = -float("inf")  # monotonic time the last heartbeat went out
 
     def request(self) -> pb.HeartbeatRequest:
         message = f"stopping: {self.stopping}"[:1000] if self.stopping else self.ctx.progress_message
@@ -94,6 +101,13 @@ class HeartbeatThread:
     def add(self, beat: Beat) -> None:
         with self._lock:
             self._beats.add(beat)
+        beat.ctx._on_progress = lambda: self._progress_changed(beat)
+        self._wake.set()
+
+    def _progress_changed(self, beat: Beat) -> None:
+        """Bring the next heartbeat forward (coalesced), from whichever thread reported."""
+        with self._lock:
+            beat.next_due = min(beat.next_due, beat.last_sent + PROGRESS_COALESCE_S)
         self._wake.set()
 
     def remove(self, beat: Beat) -> None:
@@ -104,19 +118,22 @@ class HeartbeatThread:
         while not self._stop.is_set():
             now = time.monotonic()
             wait = self._tick_s * 20
+            due: list[Beat] = []
             with self._lock:
-                beats = list(self._beats)
-            for beat in beats:
-                if beat.in_flight or beat.lost.is_set():
-                    continue
-                if now >= beat.next_due:
-                    beat.in_flight = True
-                    beat.next_due = now + beat.interval
-                    try:
-                        self._calls.submit(self._send, beat)
-                    except RuntimeError:  # shut down
-                        return
-                wait = min(wait, beat.next_due - now)
+                for beat in self._beats:
+                    if beat.in_flight or beat.lost.is_set():
+                        continue
+                    if now >= beat.next_due:
+                        beat.in_flight = True
+                        beat.last_sent = now
+                        beat.next_due = now + beat.interval
+                        due.append(beat)
+                    wait = min(wait, beat.next_due - now)
+            for beat in due:
+                try:
+                    self._calls.submit(self._send, beat)
+                except RuntimeError:  # shut down
+                    return
             self._wake.wait(max(self._tick_s, wait))
             self._wake.clear()
 

@@ -75,7 +75,7 @@ def _wait(proc: Any, out: Any, ctx: TaskContext, deadline: Any, stop: Any) -> tu
                 return ("error", "ProcessDied", f"handler process exited with code {proc.exitcode}")
             continue
         if message[0] == "progress":
-            ctx.progress_percent, ctx.progress_message = message[1], message[2]
+            ctx.report_progress(message[1], message[2])
             continue
         return message
 

@@ -357,3 +357,31 @@ async def test_a_listing_page_ends_early_past_its_byte_budget(store: MemoryStore
         if not token:
             break
     assert sorted(seen) == sorted(ids) and pages >= 2
+
+
+async def test_a_task_waiting_for_its_next_attempt_shows_no_stale_progress(life: Lifecycle) -> None:
+    """Released, retried or re-queued after its lease expired: the last attempt's progress
+    is cleared; a retry keeps its error (why it waits), a release keeps none."""
+    task = (await life.schedule(new_task(lease_ms=1000))).task
+
+    async def run_to(percent: float) -> int:
+        lease = await life.claim(task.task_id, "w1", 0)
+        await life.heartbeat(task.task_id, lease.token, percent, f"{percent}% step 30 of 120")
+        return lease.token
+
+    token = await run_to(25)
+    await life.fail(task.task_id, token, "shutting down", "Released", released=True)
+    view = await life.get(task.task_id)
+    assert (view.status, view.progress_percent, view.progress_message, view.error) == (TaskStatus.SCHEDULED, 0.0, "", "")
+
+    token = await run_to(50)
+    await life.fail(task.task_id, token, "boom", "RuntimeError")
+    view = await life.get(task.task_id)
+    assert (view.progress_percent, view.progress_message, view.error) == (0.0, "", "boom")
+
+    lease = await life.claim(task.task_id, "w1", 0, now=view.run_at)  # at the retry's time
+    await life.heartbeat(task.task_id, lease.token, 75, "75%", now=view.run_at)
+    running = await life.get(task.task_id)
+    assert await life.expire_lease(running, now=(running.lease_expires_at or 0) + 10_000) == TaskStatus.SCHEDULED
+    view = await life.get(task.task_id)
+    assert (view.progress_percent, view.progress_message) == (0.0, "")

@@ -290,3 +290,29 @@ def test_a_lease_registered_late_is_renewed_at_once() -> None:
         assert clock.deadline > registered + 2.0  # renewed from that heartbeat's send time
     finally:
         beats.stop()
+
+
+def test_progress_is_sent_soon_and_coalesced() -> None:
+    """With a 30 s lease the regular heartbeat is 10 s away; a progress change goes out
+    at once, and a burst of changes costs one more heartbeat a second later, carrying
+    the latest values."""
+    updater = FakeSyncUpdater()
+    beats = HeartbeatThread(updater, tick_s=0.01)
+    beat, clock, ctx = make_beat(30.0)
+    beats.start()
+    beats.add(beat)
+    try:
+        started = time.monotonic()
+        ctx.report_progress(10, "step 1")
+        wait_for(lambda: updater.calls, 2.0, "the first progress heartbeat")
+        assert updater.calls[0][0] - started < 0.5 and updater.calls[0][1].progress.message == "step 1"
+        for n in range(2, 50):  # a tight loop of progress reports
+            ctx.report_progress(n, f"step {n}")
+        wait_for(lambda: len(updater.calls) >= 2, 3.0, "the coalesced progress heartbeat")
+        second_at, second = updater.calls[1]
+        assert second_at - updater.calls[0][0] >= 0.9, "progress heartbeats are not coalesced"
+        assert second.progress.message == "step 49" and second.progress.percent == 49
+        time.sleep(1.5)  # nothing changed since: no more heartbeats until the regular one
+        assert len(updater.calls) == 2, [c[1].progress.message for c in updater.calls]
+    finally:
+        beats.stop()
