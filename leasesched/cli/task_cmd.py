@@ -1,57 +1,245 @@
 """``leasesched task schedule|poll|cancel|list``: the user API for people.
 
-Human-readable by default, ``--json`` for scripts (protobuf's canonical JSON).
+Human-readable by default, ``--json`` for scripts (protobuf's canonical JSON,
+with ``result`` and ``payload`` as text when they are UTF-8 and an
+``<field>_encoding`` saying which: ``utf-8`` or ``base64``). ``--json`` may be
+given before or after the sub-command.
+
+Exit codes: 0 success; 1 the server refused the call or could not be reached
+(one line ``CODE: details`` on stderr); 2 a bad command line (one line from
+click); ``task poll --wait`` adds 3 FAILED, 4 CANCELLED, 5 not final before
+``--timeout``.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import datetime as dt
 import json
+import math
+import os
 import re
-import sys
-from typing import Any, Callable
+import time
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Callable, NoReturn
 
 import click
 import grpc
 from google.protobuf import json_format
+from google.protobuf.duration_pb2 import Duration
 
 from leasesched.config import Config
 from leasesched.transport import sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 
-_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+EXIT_RPC_ERROR = 1
+EXIT_FAILED = 3
+EXIT_CANCELLED = 4
+EXIT_TIMEOUT = 5
+
+INT32_MAX = 2**31 - 1
+# protobuf's Duration range (about 10,000 years); the server's own bounds are far smaller.
+MAX_DURATION_S = 315_576_000_000
+# Calls that may go again while ``poll --wait`` follows a task (a server restarting or shedding load).
+TRANSIENT_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
+STATUSES = ["SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
+
+# ---------------------------------------------------------------- durations
+
+DURATION_HELP = "units ms, s, m, h, d, combined largest first (500ms, 90s, 1m30s, 1h30m, 2d); a bare number is seconds"
+_UNIT_SECONDS = {"d": Decimal(86400), "h": Decimal(3600), "m": Decimal(60), "s": Decimal(1), "ms": Decimal("0.001")}
+_UNIT_ORDER = list(_UNIT_SECONDS)  # largest first
+_NUMBER = r"\d+(?:\.\d+)?"
+_BARE_RE = re.compile(rf"^{_NUMBER}$")
+_COMPOUND_RE = re.compile(rf"^(?:{_NUMBER}(?:ms|s|m|h|d))+$")
+_PART_RE = re.compile(rf"({_NUMBER})(ms|s|m|h|d)")
 
 
 def parse_duration(text: str) -> float:
-    """'500ms', '10s', '5m', '2h', '1d' or plain seconds → seconds."""
-    match = _DURATION_RE.match(text.strip())
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a duration like 500ms, 10s, 5m, 2h")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    """'500ms', '10s', '1m30s', '1h30m', '2d' or a bare number of seconds → seconds.
+
+    Strict: each unit at most once and largest first, no signs, no spaces
+    inside, so a typo ('1m1h', '5 m', '1.5.2s') is refused instead of guessed.
+    Raises ``click.BadParameter`` with one line naming the value.
+    """
+    raw = text.strip()
+    if _BARE_RE.match(raw):
+        seconds = Decimal(raw)
+    elif _COMPOUND_RE.match(raw):
+        parts = _PART_RE.findall(raw)
+        ranks = [_UNIT_ORDER.index(unit) for _, unit in parts]
+        if any(a >= b for a, b in zip(ranks, ranks[1:])):
+            raise click.BadParameter(f"{text!r}: give each unit once, largest first (like 1h30m or 1m30s)")
+        seconds = sum((Decimal(number) * _UNIT_SECONDS[unit] for number, unit in parts), Decimal(0))
+    else:
+        raise click.BadParameter(f"{text!r} is not a duration ({DURATION_HELP})")
+    if seconds > MAX_DURATION_S:
+        raise click.BadParameter(f"{text!r} is too long (at most {MAX_DURATION_S} s)")
+    return float(seconds)
+
+
+class DurationType(click.ParamType):
+    """A click parameter holding a duration in seconds (a float)."""
+
+    name = "DURATION"
+
+    def __init__(self, allow_zero: bool = True) -> None:
+        self.allow_zero = allow_zero
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        seconds = parse_duration(_text(str(value), param))
+        if seconds == 0 and not self.allow_zero:
+            self.fail(f"{value!r} must be longer than 0 (leave the option out for the server's default)", param, ctx)
+        return seconds
+
+
+DURATION = DurationType()
+POSITIVE_DURATION = DurationType(allow_zero=False)
+
+
+def _proto_duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+# ---------------------------------------------------------------- other input
+
+
+def _text(value: str, param: click.Parameter | None = None) -> str:
+    """Refuse text that is not valid Unicode (undecodable bytes in argv arrive as surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise click.BadParameter(f"{value.encode('utf-8', 'backslashreplace').decode()!r} is not valid UTF-8", param=param) from None
+    return value
+
+
+def _text_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return tuple(_text(v, param) for v in value)
+    return _text(value, param)
+
+
+def _task_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise click.BadParameter(f"{value[:80]!r} is not a task id (a UUID)", param=param) from None
+
+
+def parse_run_at(text: str) -> dt.datetime:
+    """An ISO-8601 time ('2026-12-03T10:00:00Z', '2026-12-03 10:00+01:00'); UTC when no offset is given."""
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not an ISO-8601 time like 2026-12-03T10:00:00Z", param_hint="'--at'") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    try:
+        return when.astimezone(dt.timezone.utc)
+    except OverflowError:
+        raise click.BadParameter(f"{text!r} is out of range", param_hint="'--at'") from None
+
+
+def _coefficient(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and (not math.isfinite(value) or value < 1.0):
+        raise click.BadParameter(f"{value} must be a number >= 1", param=param)
+    return value
+
+
+def read_payload(payload: str | None, payload_file: Any) -> bytes:
+    """``--payload TEXT`` (``@PATH``: a file's bytes, ``-``: stdin, ``@@TEXT``: text that starts with '@'),
+    or ``--payload-file PATH|-``; not both."""
+    if payload is not None and payload_file is not None:
+        raise click.UsageError("give --payload or --payload-file, not both")
+    if payload_file is not None:
+        return bytes(payload_file.read())
+    if payload is None:
+        return b""
+    if payload == "-":
+        with click.open_file("-", "rb") as stdin:
+            data = stdin.read()
+        return bytes(data)
+    if payload.startswith("@@"):
+        return os.fsencode(payload[1:])
+    if payload.startswith("@"):
+        path = payload[1:]
+        try:
+            return Path(path).read_bytes()
+        except OSError as err:
+            raise click.BadParameter(f"cannot read {path!r}: {err.strerror or err}", param_hint="'--payload'") from None
+    return os.fsencode(payload)  # keeps bytes that are not UTF-8 as they were given
+
+
+# ---------------------------------------------------------------- output
 
 
 def _fmt_ts(ts: Any) -> str:
     if ts is None or (ts.seconds == 0 and ts.nanos == 0):
         return "-"
-    return ts.ToDatetime(tzinfo=dt.timezone.utc).isoformat(timespec="milliseconds")
+    return str(ts.ToDatetime(tzinfo=dt.timezone.utc).isoformat(timespec="milliseconds"))
 
 
-def _call(obj: dict[str, Any], fn: Callable[[pb_grpc.TaskServiceStub], Any]) -> Any:
-    with sync_channel(obj["target"], obj["cfg"]) as channel:
-        try:
-            return fn(pb_grpc.TaskServiceStub(channel))
-        except grpc.RpcError as err:
-            click.echo(f"error: {err.code().name}: {err.details()}", err=True)
-            sys.exit(1)
+def decode_bytes(raw: bytes) -> tuple[str, str]:
+    """(text, encoding): the text itself when ``raw`` is UTF-8, else its base64."""
+    try:
+        return raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return base64.b64encode(raw).decode("ascii"), "base64"
+
+
+def _view_dict(view: pb.TaskView) -> dict[str, Any]:
+    data: dict[str, Any] = json_format.MessageToDict(view, preserving_proto_field_name=True)
+    for name in ("result", "payload"):
+        raw = getattr(view, name)
+        if raw:
+            data[name], data[f"{name}_encoding"] = decode_bytes(raw)
+    return data
+
+
+def to_json(message: Any) -> dict[str, Any]:
+    """Canonical protobuf JSON, with every TaskView's bytes as text plus their encoding."""
+    data: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    if isinstance(message, pb.TaskView):
+        return _view_dict(message)
+    if isinstance(message, (pb.PollTaskResponse, pb.CancelTaskResponse)):
+        data["task"] = _view_dict(message.task)
+    elif isinstance(message, pb.ListTasksResponse):
+        data["tasks"] = [_view_dict(t) for t in message.tasks]
+    return data
 
 
 def _emit(message: Any, as_json: bool, human: Callable[[], None]) -> None:
     if as_json:
-        click.echo(json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), indent=2))
+        click.echo(json.dumps(to_json(message), indent=2, ensure_ascii=False))
     else:
         human()
+
+
+def _printable(text: str) -> str:
+    """One line for a terminal: control characters (newlines, escapes) shown escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def human_bytes(raw: bytes, limit: int = 200) -> str:
+    text, encoding = decode_bytes(raw)
+    shown = _printable(text)
+    if len(shown) > limit:
+        shown = f"{shown[:limit]}… ({len(raw)} bytes)"
+    return shown if encoding == "utf-8" else f"[base64] {shown}"
 
 
 def _print_task(view: pb.TaskView) -> None:
@@ -65,93 +253,252 @@ def _print_task(view: pb.TaskView) -> None:
         ("created", _fmt_ts(view.created_at)),
         ("started", _fmt_ts(view.started_at)),
         ("finished", _fmt_ts(view.finished_at)),
-        ("progress", f"{view.progress.percent:.0f}% {view.progress.message}".rstrip()),
+        ("progress", f"{view.progress.percent:.0f}% {_printable(view.progress.message)}".rstrip()),
     ]
     if view.lease_owner:
         lines.append(("lease", f"{view.lease_owner} token={view.lease_token} until {_fmt_ts(view.lease_expires_at)}"))
     if view.error:
-        lines.append(("error", f"{view.error_type + ': ' if view.error_type else ''}{view.error}"))
+        lines.append(("error", _printable(f"{view.error_type + ': ' if view.error_type else ''}{view.error}")))
+    if view.payload:
+        lines.append(("payload", human_bytes(view.payload)))
     if view.result:
-        lines.append(("result", view.result.decode("utf-8", "replace")[:200]))
+        lines.append(("result", human_bytes(view.result)))
     for key, value in lines:
         click.echo(f"{key:>9}  {value}")
 
 
+# ---------------------------------------------------------------- calls
+
+
+class RpcFailure(click.ClickException):
+    """A call the server refused or that could not be made: one line ``CODE: details``, exit 1."""
+
+    exit_code = EXIT_RPC_ERROR
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"{code}: {' '.join((details or '').split()) or '(no details)'}")
+
+    def show(self, file: Any = None) -> None:
+        click.echo(self.format_message(), err=True)
+
+
+def rpc_failure(err: grpc.RpcError) -> RpcFailure:
+    code = err.code() if hasattr(err, "code") else None
+    details = err.details() if hasattr(err, "details") else str(err)
+    return RpcFailure(code.name if code is not None else "UNKNOWN", details or "")
+
+
+@contextlib.contextmanager
+def open_stub(target: str, cfg: Config) -> Iterator[Any]:
+    """A TaskService stub on a channel closed afterwards (unit tests replace this function)."""
+    with sync_channel(target, cfg) as channel:
+        yield pb_grpc.TaskServiceStub(channel)
+
+
+@contextlib.contextmanager
+def _session(obj: dict[str, Any]) -> Iterator[Any]:
+    try:
+        with open_stub(obj["target"], obj["cfg"]) as stub:
+            yield stub
+    except grpc.RpcError as err:
+        raise rpc_failure(err) from None
+    except OSError as err:  # e.g. a TLS file named in the configuration cannot be read
+        raise click.ClickException(f"cannot connect to {obj['target']}: {err}") from None
+
+
+def _call(obj: dict[str, Any], fn: Callable[[Any], Any]) -> Any:
+    with _session(obj) as stub:
+        return fn(stub)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _json_flag(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and isinstance(ctx.obj, dict):
+        ctx.obj["json"] = True
+
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, expose_value=False, callback=_json_flag,
+    help="Print JSON instead of text (also accepted before the sub-command).",
+)  # fmt: skip
+
+
 @click.group()
 @click.option("--target", default=None, help="TaskService address host:port (default from config).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text (also accepted after the sub-command).")
 @click.option("--token", default=None, help="Bearer token (default: env LEASESCHED_TOKEN).")
 @click.pass_context
 def task(ctx: click.Context, target: str | None, as_json: bool, token: str | None) -> None:
-    """Schedule, poll, cancel and list tasks."""
+    """Schedule, poll, cancel and list tasks.
+
+    Exit codes: 0 ok; 1 the server refused the call or is unreachable
+    (one line CODE: details on stderr); 2 a bad command line.
+    """
     cfg: Config = ctx.obj.with_overrides(token=token)
     ctx.obj = {"target": target or cfg.task_service_target, "json": as_json, "cfg": cfg}
 
 
-@task.command()
-@click.argument("task_type")
-@click.option("--payload", default="", help="Payload as text.")
+@task.command(
+    help="Schedule a task of TASK_TYPE. Prints its task id alone on stdout, so ID=$(leasesched task schedule ...) "
+    f"works (-v: details on stderr). Durations: {DURATION_HELP}."
+)
+@click.argument("task_type", callback=_text_option)
+@click.option("--payload", default=None, help="Payload as text; @PATH reads a file, - reads stdin, @@TEXT is text starting with '@'.")
 @click.option("--payload-file", type=click.File("rb"), default=None, help="Payload from a file ('-' = stdin).")
-@click.option("--namespace", "-n", default="default", show_default=True)
-@click.option("--delay", default=None, help="Run after this long (10s, 5m, 2h).")
-@click.option("--at", "run_at", default=None, help="Run at this ISO-8601 time (UTC if no offset).")
-@click.option("--priority", type=int, default=None, help="0..9, higher first (default 5).")
-@click.option("--key", "idempotency_key", default="", help="Idempotency key: retries with it never duplicate.")
-@click.option("--max-attempts", type=int, default=0, help="Attempts before FAILED (default from server).")
-@click.option("--lease", default=None, help="Lease duration (default from server).")
+@click.option("--namespace", "-n", default="default", show_default=True, callback=_text_option)
+@click.option("--delay", type=DURATION, default=None, help=f"Run after this long ({DURATION_HELP}).")
+@click.option("--at", "run_at", default=None, help="Run at this ISO-8601 time, e.g. 2026-12-03T10:00:00Z (UTC if no offset).")
+@click.option("--priority", type=click.IntRange(0, 9), default=None, help="0..9, higher first (default 5).")
+@click.option("--key", "--idempotency-key", "idempotency_key", default="", callback=_text_option,
+              help="Idempotency key: the same key and request give the same task, never a duplicate.")
+@click.option("--lease", type=POSITIVE_DURATION, default=None, help="Lease duration a worker holds and renews (default from server).")
+@click.option("--max-attempts", type=click.IntRange(1, INT32_MAX), default=None, help="Attempts before FAILED; 1 = no retry (default from server).")
+@click.option("--initial-interval", type=POSITIVE_DURATION, default=None, help="Retry: wait before the first retry (default 1s).")
+@click.option("--backoff-coefficient", type=float, default=None, callback=_coefficient, help="Retry: each wait is this times the previous, >= 1 (default 2.0).")
+@click.option("--max-interval", type=POSITIVE_DURATION, default=None, help="Retry: longest wait between attempts (default 100 x initial interval).")
+@click.option("--non-retryable", "non_retryable", multiple=True, callback=_text_option, metavar="ERROR_TYPE",
+              help="Retry: an error type that fails the task at once (repeat the option for more).")
+@click.option("--schedule-to-start", type=POSITIVE_DURATION, default=None, help="Timeout: longest wait from due to started.")
+@click.option("--start-to-close", type=POSITIVE_DURATION, default=None, help="Timeout: longest one attempt may run.")
+@click.option("--schedule-to-close", type=POSITIVE_DURATION, default=None, help="Timeout: longest from due to final, over all attempts.")
+@click.option("-v", "--verbose", is_flag=True, help="Also say on stderr when it runs and whether it was new.")
+@json_option
 @click.pass_obj
 def schedule(
     obj: dict[str, Any],
     task_type: str,
-    payload: str,
+    payload: str | None,
     payload_file: Any,
     namespace: str,
-    delay: str | None,
+    delay: float | None,
     run_at: str | None,
     priority: int | None,
     idempotency_key: str,
-    max_attempts: int,
-    lease: str | None,
+    lease: float | None,
+    max_attempts: int | None,
+    initial_interval: float | None,
+    backoff_coefficient: float | None,
+    max_interval: float | None,
+    non_retryable: tuple[str, ...],
+    schedule_to_start: float | None,
+    start_to_close: float | None,
+    schedule_to_close: float | None,
+    verbose: bool,
 ) -> None:
-    """Schedule a task of TASK_TYPE."""
-    spec = pb.TaskSpec(namespace=namespace, type=task_type)
-    spec.payload = payload_file.read() if payload_file else payload.encode()
-    if delay and run_at:
+    if delay is not None and run_at is not None:
         raise click.UsageError("give --delay or --at, not both")
-    if delay:
-        spec.delay.FromTimedelta(dt.timedelta(seconds=parse_duration(delay)))
-    if run_at:
-        when = dt.datetime.fromisoformat(run_at)
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=dt.timezone.utc)
-        spec.run_at.FromDatetime(when)
+    spec = pb.TaskSpec(namespace=namespace, type=task_type, payload=read_payload(payload, payload_file))
+    if delay is not None:
+        spec.delay.CopyFrom(_proto_duration(delay))
+    if run_at is not None:
+        spec.run_at.FromDatetime(parse_run_at(run_at))
     if priority is not None:
         spec.priority, spec.has_priority = priority, True
-    if max_attempts:
-        spec.retry_policy.maximum_attempts = max_attempts
-    if lease:
-        spec.lease_duration.FromTimedelta(dt.timedelta(seconds=parse_duration(lease)))
+    retry = spec.retry_policy
+    if max_attempts is not None:
+        retry.maximum_attempts = max_attempts
+    if initial_interval is not None:
+        retry.initial_interval.CopyFrom(_proto_duration(initial_interval))
+    if backoff_coefficient is not None:
+        retry.backoff_coefficient = backoff_coefficient
+    if max_interval is not None:
+        retry.maximum_interval.CopyFrom(_proto_duration(max_interval))
+    retry.non_retryable_error_types.extend(non_retryable)
+    for name, value in (("schedule_to_start", schedule_to_start), ("start_to_close", start_to_close), ("schedule_to_close", schedule_to_close)):
+        if value is not None:
+            getattr(spec.timeouts, name).CopyFrom(_proto_duration(value))
+    if lease is not None:
+        spec.lease_duration.CopyFrom(_proto_duration(lease))
     request = pb.ScheduleTaskRequest(task=spec, idempotency_key=idempotency_key)
     reply = _call(obj, lambda s: s.ScheduleTask(request, timeout=10))
+    if verbose:
+        verb = "scheduled" if reply.created else "already scheduled (idempotency key matched)"
+        click.echo(f"{verb} {reply.task_id} to run at {_fmt_ts(reply.run_at)}", err=True)
+    _emit(reply, obj["json"], lambda: click.echo(reply.task_id))
 
-    def human() -> None:
-        verb = "scheduled" if reply.created else "already scheduled (idempotency key)"
-        click.echo(f"{verb} {reply.task_id} to run at {_fmt_ts(reply.run_at)}")
 
-    _emit(reply, obj["json"], human)
+def _state_line(view: pb.TaskView) -> str:
+    """What ``poll --wait`` shows of a task: a new line whenever this text changes."""
+    status = pb.TaskStatus.Name(view.status)
+    if view.cancel_requested and view.status == pb.RUNNING:
+        status += " (cancel requested)"
+    line = f"{status}  attempt {view.attempt}/{view.max_attempts}"
+    if view.progress.percent or view.progress.message:
+        line += f"  {view.progress.percent:.0f}% {_printable(view.progress.message)}".rstrip()
+    if view.error and view.status != pb.SUCCEEDED:
+        line += f"  last error: {_printable(view.error)[:120]}"
+    return line
+
+
+def _follow(stub: Any, task_id: str, timeout: float | None, interval: float) -> tuple[pb.TaskView | None, bool]:
+    """Poll until the task is final or ``timeout`` passes, printing each change on stderr.
+    Returns (last view, final?)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last: pb.TaskView | None = None
+    shown = ""
+    while True:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        try:
+            call_timeout = 10.0 if remaining is None else max(0.5, min(10.0, remaining))
+            last = stub.PollTask(pb.PollTaskRequest(task_id=task_id), timeout=call_timeout).task
+        except grpc.RpcError as err:
+            failure = rpc_failure(err)
+            if err.code() not in TRANSIENT_CODES:
+                raise failure from None
+            click.echo(f"{failure.format_message()} (trying again)", err=True)
+        if last is not None:
+            line = _state_line(last)
+            if line != shown:  # the same state again is not shown twice
+                shown = line
+                click.echo(f"{dt.datetime.now(dt.timezone.utc):%H:%M:%S}  {line}", err=True)
+            if last.status in TERMINAL:
+                return last, True
+        if deadline is not None and time.monotonic() >= deadline:
+            return last, False
+        time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
 
 
 @task.command()
-@click.argument("task_id")
+@click.argument("task_id", callback=_task_id)
+@click.option("--wait", is_flag=True, help="Follow the task until it is final, showing each change on stderr; "
+              "exit 0 if SUCCEEDED, 3 FAILED, 4 CANCELLED, 5 still not final at --timeout.")  # fmt: skip
+@click.option("--timeout", type=POSITIVE_DURATION, default=None, help=f"With --wait: give up after this long (default: no limit; {DURATION_HELP}).")
+@click.option("--interval", type=POSITIVE_DURATION, default="500ms", show_default=True, help="With --wait: time between polls.")
+@json_option
 @click.pass_obj
-def poll(obj: dict[str, Any], task_id: str) -> None:
+def poll(obj: dict[str, Any], task_id: str, wait: bool, timeout: float | None, interval: float) -> None:
     """Show a task's status, progress and result."""
-    reply = _call(obj, lambda s: s.PollTask(pb.PollTaskRequest(task_id=task_id), timeout=10))
-    _emit(reply, obj["json"], lambda: _print_task(reply.task))
+    if timeout is not None and not wait:
+        raise click.UsageError("--timeout needs --wait")
+    if not wait:
+        reply = _call(obj, lambda s: s.PollTask(pb.PollTaskRequest(task_id=task_id), timeout=10))
+        _emit(reply, obj["json"], lambda: _print_task(reply.task))
+        return
+    with _session(obj) as stub:
+        view, final = _follow(stub, task_id, timeout, interval)
+    if view is None:  # every call failed (transiently) until the timeout
+        click.echo(f"gave up after {timeout} s: the task could not be read", err=True)
+        _exit(EXIT_TIMEOUT)
+    response = pb.PollTaskResponse(task=view)
+    _emit(response, obj["json"], lambda: _print_task(view))
+    if not final:
+        click.echo(f"gave up after {timeout:g} s: the task is still {pb.TaskStatus.Name(view.status)}", err=True)
+        _exit(EXIT_TIMEOUT)
+    if view.status == pb.FAILED:
+        _exit(EXIT_FAILED)
+    if view.status == pb.CANCELLED:
+        _exit(EXIT_CANCELLED)
+
+
+def _exit(code: int) -> NoReturn:
+    raise SystemExit(code)
 
 
 @task.command()
-@click.argument("task_id")
+@click.argument("task_id", callback=_task_id)
+@json_option
 @click.pass_obj
 def cancel(obj: dict[str, Any], task_id: str) -> None:
     """Cancel a task (at once if not running; a running one is asked to stop)."""
@@ -160,20 +507,44 @@ def cancel(obj: dict[str, Any], task_id: str) -> None:
 
 
 @task.command("list")
-@click.option("--namespace", "-n", default="default", show_default=True)
-@click.option("--status", type=click.Choice(["SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]), default=None)
-@click.option("--limit", type=int, default=20, show_default=True, help="Page size.")
-@click.option("--page-token", default="")
+@click.option("--namespace", "-n", default="default", show_default=True, callback=_text_option)
+@click.option("--status", type=click.Choice(STATUSES), default=None)
+@click.option("--type", "task_type", default=None, callback=_text_option,
+              help="Only tasks of this type. ListTasks has no type filter: the CLI filters the pages itself, "
+              "reading pages until --limit matches or --max-pages pages.")  # fmt: skip
+@click.option("--limit", type=click.IntRange(1, INT32_MAX), default=20, show_default=True, help="Page size (with --type: matches wanted).")
+@click.option("--max-pages", type=click.IntRange(1, 100_000), default=50, show_default=True, help="With --type: pages read at most.")
+@click.option("--page-token", default="", callback=_text_option, help="Resume where a previous listing stopped.")
+@json_option
 @click.pass_obj
-def list_tasks(obj: dict[str, Any], namespace: str, status: str | None, limit: int, page_token: str) -> None:
+def list_tasks(
+    obj: dict[str, Any], namespace: str, status: str | None, task_type: str | None, limit: int, max_pages: int, page_token: str
+) -> None:
     """List a namespace's tasks, newest first."""
-    request = pb.ListTasksRequest(
-        namespace=namespace,
-        status=pb.TaskStatus.Value(status) if status else pb.TASK_STATUS_UNSPECIFIED,
-        page_size=limit,
-        page_token=page_token,
-    )
-    reply = _call(obj, lambda s: s.ListTasks(request, timeout=30))
+
+    def request(token: str) -> pb.ListTasksRequest:
+        return pb.ListTasksRequest(
+            namespace=namespace,
+            status=pb.TaskStatus.Value(status) if status else pb.TASK_STATUS_UNSPECIFIED,
+            page_size=limit,
+            page_token=token,
+        )
+
+    pages = 0
+    with _session(obj) as stub:
+        if task_type is None:
+            reply = stub.ListTasks(request(page_token), timeout=30)
+        else:
+            found: list[pb.TaskView] = []
+            token = page_token
+            while True:
+                page = stub.ListTasks(request(token), timeout=30)
+                pages += 1
+                found.extend(t for t in page.tasks if t.type == task_type)
+                token = page.next_page_token
+                if not token or len(found) >= limit or pages >= max_pages:
+                    break
+            reply = pb.ListTasksResponse(tasks=found, next_page_token=token)
 
     def human() -> None:
         click.echo(f"{'TASK':36}  {'STATUS':9}  {'TYPE':20}  {'ATTEMPT':7}  RUN AT")
@@ -182,6 +553,8 @@ def list_tasks(obj: dict[str, Any], namespace: str, status: str | None, limit: i
                 f"{t.task_id:36}  {pb.TaskStatus.Name(t.status):9}  {t.type[:20]:20}  "
                 f"{t.attempt}/{t.max_attempts:<5}  {_fmt_ts(t.run_at)}"
             )
+        if task_type is not None:
+            click.echo(f"({len(reply.tasks)} of type {task_type} in {pages} page(s) read)", err=True)
         if reply.next_page_token:
             click.echo(f"more: --page-token {reply.next_page_token}")
 
