@@ -419,11 +419,14 @@ def test_sigstop_task_updater_past_the_lease(make_cluster) -> None:
     cluster: LiveCluster = make_cluster(triggers=2, workers=3, slots=6)
     updater = cluster.task_updater
     assert updater is not None
-    # Stubborn handlers that outlast the outage: they still run when the tasks can be claimed again.
-    kinds = [Kind(COOPERATIVE, 0.7, (0.1, 1.5)), Kind(STUBBORN_THREAD, 0.3, (4.0, 8.0))]
+    # Stubborn handlers that outlast the outage (lease + grace + 1 s): they still run when the
+    # tasks can be claimed again. The load is paced to what 18 slots can run (about 6 tasks/s):
+    # with a backlog, re-queued tasks waited ~30 s behind it, the old worker's abandoned threads
+    # ended meanwhile, and the scenario could not tell a worker that runs a task twice.
+    kinds = [Kind(COOPERATIVE, 0.7, (0.1, 1.5)), Kind(STUBBORN_THREAD, 0.3, (6.0, 10.0))]
     with Supervisor(cluster, slots=6) as supervisor:
-        load = MixedLoad(cluster, kinds).start()
-        wait_for(lambda: len(load.ids) >= 100, 30, "load to build up")
+        load = MixedLoad(cluster, kinds, per_second=5).start()
+        wait_for(lambda: len(load.ids) >= 100, 60, "load to build up")
         victim = cluster.workers[0]
         wait_running(cluster, victim.pid, lambda: load.of_type(STUBBORN_THREAD), 1, "a worker to run a stubborn handler")
         updater.pause()
