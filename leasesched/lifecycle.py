@@ -2,8 +2,11 @@
 
 Each operation reads the task, asks ``states`` whether the transition is legal,
 and writes it with one conditional write on the status (and lease token) it
-read. If the write loses a race, the operation re-reads and decides again, so
-two actors can never both win one transition.
+read, so two actors can never both win one transition. The loser learns it
+from the write's answer: a cancel re-reads and decides again; a worker's
+claim, heartbeat or report is answered FAILED_PRECONDITION (its lease is
+gone); the trigger's lease-expiry and deadline writes report "not applied"
+and leave the task to whoever moved it.
 
 Write order keeps crashes harmless: a due-index entry is written *before* the
 task row (or the status) that makes it meaningful. A crash in between leaves

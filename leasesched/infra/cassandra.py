@@ -75,7 +75,7 @@ def java_base_packages(java: str) -> list[str]:
 def java_flags_for_cassandra(java: str = "java") -> list[str]:
     """The --add-opens/--add-exports flags that let Cassandra 2.1 run on Java 17.
 
-    DESIGN.md lists 21 packages; they are not enough: Cassandra measures
+    A fixed list of the usual 21 packages is not enough: Cassandra measures
     prepared statements with jamm, which walks object graphs by reflection
     into any JDK class (preparing a statement failed on java.nio.charset). So
     every java.base package is opened, read from the JDK at start.
