@@ -46,6 +46,7 @@ async def build_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     authenticator: Authenticator | None = None,
     max_concurrent_rpcs: int | None = None,
+    outer_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> Server:
     """``adders``: (add_XServicer_to_server, servicer, full service name).
 
@@ -57,8 +58,10 @@ async def build_server(
     the per-call time ceiling. ``max_concurrent_rpcs`` (default
     ``cfg.max_concurrent_rpcs``) bounds the work a flood of clients can queue:
     beyond it, calls get RESOURCE_EXHAUSTED before any work is done.
+    ``outer_interceptors`` run between metrics and authentication: they see
+    what authentication refused (the trigger logs refused streams so).
     """
-    chain: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
+    chain: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(), *outer_interceptors]
     if authenticator:
         chain.append(AuthInterceptor(authenticator))
     server = grpc.aio.server(

@@ -30,7 +30,7 @@ from trigger.announcer import Announcer
 from trigger.dispatcher import Dispatcher, Ready, WorkersChanged
 from trigger.ownership import ShardOwnership
 from trigger.scanner import ScanSettings, ShardScanner
-from trigger.service import TriggerService
+from trigger.service import RefusalLog, TriggerService
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,13 @@ async def serve(cfg: Config, port: int) -> None:
     metrics.dispatch_inflight.set_function(lambda: trigger.dispatcher.stats()["inflight"])
     metrics.subscribed_workers.set_function(lambda: trigger.dispatcher.stats()["workers"])
     service = TriggerService(trigger.dispatcher, trigger.due_hint, cfg.max_streams_per_worker, logical_shards=meta.logical_shards)
+    authenticator = make_authenticator(cfg, store)
     server = await build_server(
         f"{cfg.bind_host}:{port}",
         [(pb_grpc.add_TriggerServiceServicer_to_server, service, "leasesched.v1.TriggerService")],
         cfg,
-        authenticator=make_authenticator(cfg, store),
+        authenticator=authenticator,
+        outer_interceptors=[RefusalLog(authenticator)],
     )
     await server.server.start()
     address = f"{cfg.bind_host}:{server.port}"

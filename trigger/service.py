@@ -26,6 +26,17 @@ reconnect with a fresh Hello, and dispatches it had not claimed are offered
 again as for any stream that ends. Bytes that are not a ``WorkerMessage`` at
 all end the stream the same way.
 
+Refusals. A worker declares its namespace in the call's metadata
+(``worker.subscriptions.NAMESPACE_HEADER``); a token that may not act in it
+is refused PERMISSION_DENIED before anything is read, and an accepted stream
+gets initial metadata with ``ACCEPTED_HEADER`` at once, before the Hello: the
+worker writes nothing on a stream until then (a write racing the refusal
+turned it into INTERNAL on the worker's side). A token of the wrong role or
+an unknown token is refused by the auth interceptor before Subscribe runs.
+Every refused stream is logged by ``RefusalLog`` in one WARNING line naming
+the token's role and namespace (when the token is known), the namespace
+asked for and the peer.
+
 NotifyDue. A hint is checked whole (task_id a UUID; shard within the
 cluster's shards; attempt within ``limits.CLAIM_ATTEMPT``; lease_token ≥ 0;
 priority within ``limits.PRIORITY``; type of ``limits.TYPE_RE``, required with
@@ -41,14 +52,14 @@ import asyncio
 import logging
 import uuid
 from collections import Counter
-from typing import AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from leasesched import limits
-from leasesched.auth import current_principal, require_namespace
-from leasesched.errors import InvalidArgument, PermissionDenied
+from leasesched.auth import Authenticator, current_principal, require_namespace
+from leasesched.errors import InvalidArgument, PermissionDenied, SchedulerError
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.error_mapping import code_for
@@ -56,6 +67,11 @@ from services.validation import check_namespace, check_task_id, check_type, chec
 from trigger.dispatcher import Dispatcher, WorkerLink
 
 log = logging.getLogger(__name__)
+
+# Shared with the worker (worker/subscriptions.py); kept here too so the trigger does not import the worker.
+NAMESPACE_HEADER = "leasesched-namespace"
+ACCEPTED_HEADER = "leasesched-subscription"
+REFUSED_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 def _uuid(value: str, field: str) -> uuid.UUID:
@@ -112,6 +128,76 @@ def check_notify_due(request: pb.NotifyDueRequest, shards: int | None) -> None:
             )
 
 
+def _require_subscribe_namespace(namespace: str) -> None:
+    """``require_namespace`` with a message that names the token's role and namespace."""
+    try:
+        require_namespace(namespace)
+    except PermissionDenied:
+        principal = current_principal.get()
+        assert principal is not None  # require_namespace refuses only an authenticated caller
+        raise PermissionDenied(
+            f"a {principal.role} token of namespace {principal.namespace!r} may not subscribe for namespace {namespace!r}"
+        ) from None
+
+
+def _code(code: Any) -> grpc.StatusCode | None:
+    if isinstance(code, grpc.StatusCode) or code is None:
+        return code
+    return next((c for c in grpc.StatusCode if c.value[0] == code), None)  # some versions give the integer
+
+
+class RefusalLog(grpc.aio.ServerInterceptor):
+    """One WARNING line per refused Subscribe stream (UNAUTHENTICATED or
+    PERMISSION_DENIED, from the auth interceptor or from Subscribe itself):
+    which token (id, role, namespace, when it is a known token), which
+    namespace it asked for, from where. It sits outside the auth interceptor
+    (``build_server(outer_interceptors=...)``); it looks the token up again
+    through the same ``Authenticator``, whose cache makes that free."""
+
+    def __init__(self, authenticator: Authenticator | None) -> None:
+        self._authenticator = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.stream_stream is None or not details.method.endswith("/Subscribe"):
+            return handler
+        inner = handler.stream_stream
+        metadata = dict(details.invocation_metadata or ())
+
+        async def stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for reply in inner(request_iterator, context):
+                    yield reply
+            except grpc.aio.AbortError:
+                code = _code(context.code())
+                if code in REFUSED_CODES:
+                    await self._log(code, metadata, context)
+                raise
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+    async def _log(self, code: grpc.StatusCode, metadata: dict[str, Any], context: grpc.aio.ServicerContext) -> None:
+        who = "no known token"
+        authorization = metadata.get("authorization")
+        if self._authenticator is not None and isinstance(authorization, str):
+            try:
+                principal = await self._authenticator.authenticate(authorization)
+                who = f"token {principal.token_id} of role {principal.role!r}, namespace {principal.namespace!r}"
+            except SchedulerError:
+                pass
+        asked = metadata.get(NAMESPACE_HEADER)
+        log.warning(
+            "Subscribe refused %s: %s (%s; asked for namespace %s; peer %s)",
+            code.name, context.details(), who, repr(asked) if asked else "(not declared)", context.peer(),
+        )  # fmt: skip
+
+
 class TriggerService(pb_grpc.TriggerServiceServicer):
     def __init__(
         self,
@@ -132,6 +218,16 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
     async def Subscribe(
         self, request_iterator: AsyncIterator[pb.WorkerMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Dispatch]:
+        declared = dict(context.invocation_metadata() or ()).get(NAMESPACE_HEADER)
+        if isinstance(declared, str):
+            try:
+                check_namespace(declared, f"metadata {NAMESPACE_HEADER}")
+                _require_subscribe_namespace(declared)
+            except (InvalidArgument, PermissionDenied) as exc:
+                await context.abort(code_for(exc), str(exc))
+                return
+        # Accepted: tell the worker before reading anything, so it sends its Hello now.
+        await context.send_initial_metadata(((ACCEPTED_HEADER, "accepted"),))
         try:
             first = await anext(aiter(request_iterator), None)
         except DecodeError:
@@ -145,7 +241,9 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
         hello = first.hello
         try:
             namespace, types = check_hello(hello)
-            require_namespace(namespace)
+            if isinstance(declared, str) and namespace != declared:
+                raise InvalidArgument(f"Hello.namespace {namespace!r} differs from metadata {NAMESPACE_HEADER} {declared!r}")
+            _require_subscribe_namespace(namespace)
         except (InvalidArgument, PermissionDenied) as exc:
             await context.abort(code_for(exc), str(exc))
             return

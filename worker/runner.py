@@ -16,6 +16,19 @@ and the task is re-queued when its lease expires.
 Leases are renewed by a heartbeat thread (``worker.heartbeats``) and watched
 by the watchdog thread (``worker.watchdog``), so neither depends on a free
 event loop.
+
+Credentials. A worker needs a token of role ``worker`` (or ``admin``) for its
+handlers' namespace. At start it asks a TaskUpdater whether its token may use
+the worker API (a Heartbeat for no task: authentication and the role check
+come first, then the request is refused INVALID_ARGUMENT). A refusal
+(UNAUTHENTICATED, PERMISSION_DENIED), from that check or from a trigger's
+Subscribe, is logged once at ERROR, naming the token's role when the refusal
+names it and the role and namespace needed; the worker retries after
+``REFUSED_BACKOFF_S``. Refused again at start, or refused twice by every
+trigger with no stream accepted, it stops and exits with
+``EXIT_CREDENTIALS_REFUSED`` (77, EX_NOPERM): restarting it changes nothing
+until its token does. The worker registers in ZooKeeper (and so appears in
+``cluster status``) only once a trigger accepted its subscription.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import grpc
 from kazoo.client import KazooClient
 
 from leasesched.config import Config
@@ -44,13 +58,19 @@ from worker.execution import Execution
 from worker.handlers import Handlers
 from worker.heartbeats import HeartbeatThread
 from worker.lease import ClaimBudget
-from worker.subscriptions import TriggerLink
+from worker.subscriptions import REFUSED_BACKOFF_S, REFUSED_CODES, TriggerLink, role_in_details
 from worker.updater_client import SyncUpdaterClient, UpdaterClient
 from worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
 FOLLOW_INTERVAL_S = 1.0
+
+# Exit status of a worker whose credentials the servers refuse for good
+# (sysexits.h EX_NOPERM); 75 (worker.watchdog.EXIT_FAIL_STOP) is the fail-stop.
+EXIT_CREDENTIALS_REFUSED = 77
+REFUSALS_FOR_GOOD = 2  # per trigger, REFUSED_BACKOFF_S apart: a token stored a moment ago is seen by then
+CREDENTIALS_CHECK_S = 10.0  # how long the start-up check waits for a TaskUpdater to answer at all
 
 
 def load_handlers(spec: str) -> Handlers:
@@ -109,6 +129,11 @@ class Worker:
         self.watchdog = watchdog or Watchdog()
         self._claim_budget = ClaimBudget(cfg.default_lease_s, cfg.claim_timeout_s)
         self._registration = registry.Registration(zk_client, cfg.zk_root, "worker", worker_id, self._describe())
+        self._registered = False
+        self._accepted = asyncio.Event()  # a trigger accepted a stream: register now
+        self._refusal_logged = False
+        self.refused_for_good = False
+        self._refused_event = asyncio.Event()
         self._runs: set[asyncio.Task[None]] = set()
 
     @property
@@ -172,34 +197,124 @@ class Worker:
                 log.info("cannot list triggers: %s", exc)
                 live = set(self._links)
             for address in live - set(self._links):
-                link = TriggerLink(address, self._cfg, self._hello, self.on_dispatch)
+                link = TriggerLink(
+                    address, self._cfg, self._hello, self.on_dispatch,
+                    on_refused=self._on_refused, on_accepted=self._on_accepted, namespace=self._handlers.namespace,
+                )  # fmt: skip
                 self._links[address] = link
                 link.start()
             for address in set(self._links) - live:
                 await self._links.pop(address).stop()
             try:
-                await asyncio.to_thread(self._registration.update, self._describe())
+                if self._registered:
+                    await asyncio.to_thread(self._registration.update, self._describe())
+                elif self._accepted.is_set():
+                    # Listed (cluster status) only once a trigger accepted us.
+                    await asyncio.to_thread(self._registration.start)
+                    self._registered = True
             except Exception as exc:  # noqa: BLE001
                 log.debug("registration update failed: %s", exc)
-            await asyncio.sleep(FOLLOW_INTERVAL_S)
+            if self._registered or self._accepted.is_set():
+                await asyncio.sleep(FOLLOW_INTERVAL_S)
+            else:
+                try:  # register as soon as a trigger accepts us
+                    await asyncio.wait_for(self._accepted.wait(), FOLLOW_INTERVAL_S)
+                except asyncio.TimeoutError:
+                    pass
 
-    async def run(self, drain_timeout_s: float, stop: asyncio.Event | None = None) -> None:
+    def _on_accepted(self, link: TriggerLink) -> None:
+        self._accepted.set()
+
+    def _explain_refusal(self, source: str, code: grpc.StatusCode, details: str) -> str:
+        namespace = self._handlers.namespace
+        role = role_in_details(details)
+        if not self._cfg.token:
+            has = "This worker presents no token (LEASESCHED_TOKEN is empty)"
+        elif role:
+            has = f"This worker's token (LEASESCHED_TOKEN) has role {role!r}"
+        else:
+            has = "This worker's token (LEASESCHED_TOKEN) is unknown, revoked or malformed"
+        return (
+            f"credentials refused by {source}: {code.name}: {details}. {has}; a worker needs a token of role 'worker' "
+            f"for namespace {namespace!r} (leasesched token create --namespace {namespace} --role worker). "
+            f"Retrying in {REFUSED_BACKOFF_S:.0f} s; if refused again it exits with code {EXIT_CREDENTIALS_REFUSED}"
+        )
+
+    def _report_refusal(self, source: str, code: grpc.StatusCode, details: str) -> None:
+        if not self._refusal_logged:
+            self._refusal_logged = True
+            log.error("%s", self._explain_refusal(source, code, details))
+
+    def _on_refused(self, link: TriggerLink, code: grpc.StatusCode, details: str) -> None:
+        self._report_refusal(f"trigger {link.address}", code, details)
+        links = list(self._links.values())
+        if links and not any(l.connected for l in links) and all(l.refusals >= REFUSALS_FOR_GOOD for l in links):
+            self._give_up(f"every trigger ({len(links)}) refused its credentials {REFUSALS_FOR_GOOD} times")
+
+    def _give_up(self, why: str) -> None:
+        if not self.refused_for_good:
+            self.refused_for_good = True
+            log.info("worker %s: %s; stopping (exit code %d)", self.worker_id, why, EXIT_CREDENTIALS_REFUSED)
+            self._refused_event.set()
+
+    async def check_credentials(self) -> bool:
+        """Whether a TaskUpdater accepts this worker's token for the worker API
+        (True also when none answered within ``CREDENTIALS_CHECK_S``: the
+        triggers' answers decide then). Asked twice, ``REFUSED_BACKOFF_S``
+        apart, before the answer is no."""
+        refusals = 0
+        deadline = asyncio.get_running_loop().time() + CREDENTIALS_CHECK_S
+        while True:
+            try:
+                await self._updater.call("Heartbeat", pb.HeartbeatRequest(), timeout=5)
+                return True  # not expected (no task): past authentication anyway
+            except grpc.RpcError as err:
+                code = err.code()
+                if code not in REFUSED_CODES:
+                    if code == grpc.StatusCode.INVALID_ARGUMENT:
+                        return True  # authenticated, role allowed; only the probe's empty task id was refused
+                    if asyncio.get_running_loop().time() > deadline:
+                        log.info("could not check this worker's credentials with a TaskUpdater: %s", code.name)
+                        return True
+                    await asyncio.sleep(0.5)
+                    continue
+                refusals += 1
+                self._report_refusal("the TaskUpdater", code, err.details() or "")
+                if refusals >= REFUSALS_FOR_GOOD:
+                    self._give_up(f"the TaskUpdater refused its credentials {refusals} times")
+                    return False
+                await asyncio.sleep(REFUSED_BACKOFF_S)
+
+    async def run(self, drain_timeout_s: float, stop: asyncio.Event | None = None) -> int:
+        """Runs until ``stop`` (or SIGTERM/SIGINT); returns the exit status: 0,
+        or ``EXIT_CREDENTIALS_REFUSED``."""
         self._heartbeats.start()
         self.watchdog.attach_loop(asyncio.get_running_loop())
         self.watchdog.start()
-        await asyncio.to_thread(self._registration.start)
-        follower = asyncio.create_task(self._follow_triggers())
-        log.info("worker %s: %d slots for %s/%s", self.worker_id, self.slots, self._handlers.namespace, self._handlers.types)
+        follower: asyncio.Task[None] | None = None
         try:
-            await wait_for_stop_signal(stop)
+            if await self.check_credentials():
+                follower = asyncio.create_task(self._follow_triggers())
+                log.info(
+                    "worker %s: %d slots for %s/%s", self.worker_id, self.slots, self._handlers.namespace, self._handlers.types
+                )
+                stopped = asyncio.ensure_future(wait_for_stop_signal(stop))
+                refused = asyncio.ensure_future(self._refused_event.wait())
+                try:
+                    await asyncio.wait({stopped, refused}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stopped.cancel()
+                    refused.cancel()
         finally:
             await self._drain(follower, drain_timeout_s)
+        return EXIT_CREDENTIALS_REFUSED if self.refused_for_good else 0
 
-    async def _drain(self, follower: asyncio.Task[None], drain_timeout_s: float) -> None:
+    async def _drain(self, follower: asyncio.Task[None] | None, drain_timeout_s: float) -> None:
         log.info("worker %s: draining (up to %.0f s)", self.worker_id, drain_timeout_s)
         self._stopping = True
         self._announce()
-        follower.cancel()
+        if follower is not None:
+            follower.cancel()
         if self._runs:
             await asyncio.wait(set(self._runs), timeout=drain_timeout_s)
         for execution in list(self._executions.values()):
@@ -216,7 +331,8 @@ class Worker:
             )
         for link in self._links.values():
             await link.stop()
-        await asyncio.to_thread(self._registration.close)
+        if self._registered:
+            await asyncio.to_thread(self._registration.close)
         await self._updater.close()
         self._heartbeats.stop()
         self._sync_updater.close()
@@ -229,7 +345,8 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
 
 
-async def serve(cfg: Config, module: str, slots: int, drain_timeout_s: float, ledger_path: str | None) -> None:
+async def serve(cfg: Config, module: str, slots: int, drain_timeout_s: float, ledger_path: str | None) -> int:
+    """Runs a worker until SIGTERM/SIGINT; returns its exit status (0, or ``EXIT_CREDENTIALS_REFUSED``)."""
     stop = stop_signal()  # a SIGTERM during start-up also stops gracefully
     handlers = load_handlers(module)
     client = await asyncio.to_thread(zk.connect, cfg)
@@ -239,7 +356,7 @@ async def serve(cfg: Config, module: str, slots: int, drain_timeout_s: float, le
     metrics.worker_slots.set(slots)
     metrics.worker_slots_busy.set_function(lambda: worker._busy)
     try:
-        await worker.run(drain_timeout_s, stop)
+        return await worker.run(drain_timeout_s, stop)
     finally:
         client.stop()
         client.close()

@@ -83,7 +83,25 @@ def local_tokens(cfg: Config) -> dict[str, str]:
     return tokens
 
 
-def _demo(cfg: Config, say: Callable[[str], None]) -> None:
+def token_banner(tokens: dict[str, str], path: Path, exe: str = "leasesched") -> str:
+    """What ``local up`` prints: each token and which process needs it.
+
+    A worker started with the client token is refused (it needs role worker)
+    and exits with code 77; the task commands need the client token;
+    ``cluster status`` is for admins."""
+    return (
+        f"\ntokens for namespace 'default' (kept in {path}):\n"
+        f"    client token: {tokens['client']}\n"
+        f"    worker token: {tokens['worker']}\n"
+        f"    admin token:  {tokens['admin']}\n"
+        "which process needs which: the CLI's task commands and your clients (TaskService) need the client token; "
+        "a worker (leasesched worker --module ...) needs the worker token; cluster status and the services need the admin token.\n"
+        f"    export LEASESCHED_TOKEN={tokens['client']}                  # this terminal: task schedule / poll / list\n"
+        f"    LEASESCHED_TOKEN={tokens['worker']} {exe} worker --module my_handlers   # a worker of your own\n"
+    )
+
+
+def _demo(cfg: Config, say: Callable[[str], None], admin_token: str = "") -> None:
     target = cfg.task_service_target
     if not _wait_serving(target, 60, cfg):
         say("demo: TaskService did not come up; see the output above")
@@ -108,14 +126,15 @@ def _demo(cfg: Config, say: Callable[[str], None]) -> None:
                 break
             time.sleep(0.5)
     exe = shlex.quote(str(Path(sys.argv[0])))
-    token_hint = f"    export LEASESCHED_TOKEN={cfg.token}\n" if cfg.token else ""
+    token_hint = f"    export LEASESCHED_TOKEN={cfg.token}   # the client token\n" if cfg.token else ""
+    admin_hint = f"LEASESCHED_TOKEN={admin_token} " if admin_token else ""
     say(
         "\n=== leasesched is running. In another terminal try:\n"
         f"{token_hint}"
         f"    {exe} task schedule demo.sleep --payload 5\n"
         f"    {exe} task poll <task id>\n"
         f"    {exe} task list\n"
-        f"    {exe} cluster status\n"
+        f"    {admin_hint}{exe} cluster status\n"
         "=== Ctrl-C stops every process (Cassandra and ZooKeeper keep running: `leasesched infra down`).\n"
     )
 
@@ -142,8 +161,7 @@ def up(cfg: Config, workers: int, triggers: int, no_demo: bool) -> None:
         click.echo(f"applied migration {migration.version:03d}_{migration.name}")
     if cfg.auth == "on":
         tokens = local_tokens(cfg)
-        click.echo(f"\nclient token for namespace 'default' (also in {Path(cfg.home) / 'tokens.json'}):")
-        click.echo(f"    export LEASESCHED_TOKEN={tokens['client']}\n")
+        click.echo(token_banner(tokens, Path(cfg.home) / "tokens.json", shlex.quote(str(Path(sys.argv[0])))))
     else:
         tokens = {"admin": "", "worker": "", "client": ""}
         click.echo("auth is OFF (LEASESCHED_AUTH=off): local development only")
@@ -163,7 +181,7 @@ def up(cfg: Config, workers: int, triggers: int, no_demo: bool) -> None:
         programs.append(Program(f"worker-{n + 1}", command, worker_env))
     if not no_demo:
         demo_cfg = cfg.with_overrides(token=tokens["client"])
-        threading.Thread(target=_demo, args=(demo_cfg, click.echo), daemon=True).start()
+        threading.Thread(target=_demo, args=(demo_cfg, click.echo, tokens["admin"]), daemon=True).start()
     # Every program is restarted when it fails: workers because fail-stop
     # (exit 75) is part of how they keep the at-most-one guarantee; the
     # services and triggers because they are stateless and a local system

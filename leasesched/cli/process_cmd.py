@@ -79,7 +79,12 @@ def trigger(cfg: Config, port: int | None, log_format: str | None, metrics_port:
 def worker(
     cfg: Config, module: str, slots: int, drain_timeout: float, ledger: str | None, log_format: str | None, metrics_port: int | None
 ) -> None:
-    """Run a worker with the handlers of MODULE."""
+    """Run a worker with the handlers of MODULE.
+
+    Needs a token of role worker for the handlers' namespace (LEASESCHED_TOKEN).
+    Exit status: 0 after SIGTERM/SIGINT; 75 fail-stop (restart it); 77 its
+    credentials were refused for good (fix the token; see docs/operations.md).
+    """
     import sys
 
     from worker.runner import serve
@@ -88,7 +93,9 @@ def worker(
         raise click.BadParameter("must be at least 1", param_hint="--slots")
     sys.path.insert(0, ".")  # handler modules live in the user's project
     setup_process(cfg, "worker", log_format, metrics_port)
-    event_loop.run(serve(cfg, module, slots, drain_timeout, ledger), cfg)
+    status = event_loop.run(serve(cfg, module, slots, drain_timeout, ledger), cfg)
+    if status:
+        sys.exit(status)
 
 
 @click.group()
