@@ -22,6 +22,7 @@ from services.rate_limit import QuotaInterceptor, Quotas, transport_cap
 from services.server import build_server, stop_signal, wait_for_stop_signal
 from services.task_service import TaskService
 from services.task_updater import TaskUpdater
+from services.worker_directory import WorkerDirectory
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ async def serve(cfg: Config, role: str, port: int) -> None:
     core = await bootstrap.connect(cfg)
     client, meta, store, lifecycle = core.zk, core.meta, core.store, core.lifecycle
     notifier: DueNotifier | None = None
+    workers: WorkerDirectory | None = None
     adders: list[tuple[Any, Any, str]]
     interceptors: list[Any] = []
     limit = cfg.max_concurrent_rpcs
@@ -41,7 +43,9 @@ async def serve(cfg: Config, role: str, port: int) -> None:
         limit = transport_cap(cfg)
         notifier = DueNotifier(client, cfg)
         await notifier.start()
-        service: Any = TaskService(cfg, lifecycle, meta.logical_shards, notify_due=notifier)
+        workers = WorkerDirectory(client, cfg.zk_root)
+        await workers.start()
+        service: Any = TaskService(cfg, lifecycle, meta.logical_shards, notify_due=notifier, workers=workers)
         adders = [(pb_grpc.add_TaskServiceServicer_to_server, service, "leasesched.v1.TaskService")]
         # After authentication (build_server's order): quotas are per caller namespace.
         interceptors.append(QuotaInterceptor(Quotas.from_config(cfg)))
@@ -72,5 +76,7 @@ async def serve(cfg: Config, role: str, port: int) -> None:
         await server.server.stop(grace=cfg.shutdown_grace_s)
         if notifier:
             await notifier.stop()
+        if workers:
+            await workers.stop()
         await core.close()
         log.info("%s stopped", role)

@@ -16,6 +16,7 @@ from leasesched.lifecycle import Lifecycle
 from leasesched.model import now_ms
 from leasesched.observability import metrics
 from leasesched.observability.logs import fields
+from leasesched.states import TaskStatus
 from leasesched.store.base import ListQuery, StoreUnavailable
 from leasesched.store.page_token import BadPageToken, decode_token
 from leasesched.v1 import scheduler_pb2 as pb
@@ -24,6 +25,7 @@ from services.convert import status_from_pb, task_view, ts
 from services.page_tokens import PageTokens
 from services.poll_cache import FinishedTasks
 from services.validation import check_namespace, check_task_id, request_hash, validate_schedule
+from services.worker_directory import WorkerDirectory
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +41,19 @@ DueHint = Callable[[Task], Awaitable[None]]  # tells the shard's trigger about a
 
 
 class TaskService(pb_grpc.TaskServiceServicer):
-    def __init__(self, cfg: Config, lifecycle: Lifecycle, shards: int, notify_due: DueHint | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        lifecycle: Lifecycle,
+        shards: int,
+        notify_due: DueHint | None = None,
+        workers: WorkerDirectory | None = None,
+    ) -> None:
         self._cfg = cfg
         self._lifecycle = lifecycle
         self._shards = shards
         self._notify_due = notify_due
+        self._workers = workers
         self._finished = FinishedTasks(cfg.poll_cache_mb * 1024 * 1024)
         self._tokens: PageTokens | None = None
 
@@ -59,6 +69,8 @@ class TaskService(pb_grpc.TaskServiceServicer):
         )  # fmt: skip
         if outcome.created:
             metrics.tasks_scheduled.labels(metrics.type_label(stored.type)).inc()
+            if self._workers is not None and self._workers.serves(stored.namespace, stored.type) is False:
+                metrics.tasks_scheduled_without_worker.labels(metrics.type_label(stored.type)).inc()
         if outcome.created and self._notify_due is not None and stored.run_at <= now_ms():
             await self._notify_due(stored)
         return pb.ScheduleTaskResponse(task_id=str(stored.task_id), run_at=ts(stored.run_at), created=outcome.created)
@@ -70,9 +82,15 @@ class TaskService(pb_grpc.TaskServiceServicer):
             require_task_access(view.namespace, task_id)
             return pb.PollTaskResponse(task=view)
         task = await self._visible(task_id)
-        view = task_view(task)
+        view = self._view(task)
         self._finished.remember(task_id, view, final=task.status.terminal)
         return pb.PollTaskResponse(task=view)
+
+    def _view(self, task: Task) -> pb.TaskView:
+        view = task_view(task)
+        if task.status == TaskStatus.SCHEDULED and self._workers is not None:
+            view.no_worker_for_type = self._workers.serves(task.namespace, task.type) is False
+        return view
 
     async def _visible(self, task_id: uuid.UUID) -> Task:
         """The task, if the caller may see it; foreign and missing look the same."""
@@ -112,7 +130,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         )
         page = await self._lifecycle.list(query)
         next_token = tokens.sign(page.next_token, namespace, request.status)
-        return pb.ListTasksResponse(tasks=[task_view(t) for t in page.tasks], next_page_token=next_token)
+        return pb.ListTasksResponse(tasks=[self._view(t) for t in page.tasks], next_page_token=next_token)
 
     async def _page_tokens(self) -> PageTokens:
         """The signer, with the cluster's shared key (read from the store once)."""

@@ -45,6 +45,11 @@ tasks_dispatched = Counter(
     "leasesched_tasks_dispatched", "Dispatches sent to a worker (a re-dispatch after the claim timeout counts again).",
     ["type"], registry=None,
 )  # fmt: skip
+tasks_scheduled_without_worker = Counter(
+    "leasesched_tasks_scheduled_without_worker",
+    "Tasks created while no live worker served their namespace and type (they wait until one subscribes).",
+    ["type"], registry=None,
+)  # fmt: skip
 tasks_claimed = Counter("leasesched_tasks_claimed", "Successful ClaimTask calls (SCHEDULED -> RUNNING).", ["type"], registry=None)
 tasks_completed = Counter("leasesched_tasks_completed", "Tasks that became SUCCEEDED (CompleteTask).", ["type"], registry=None)
 tasks_failed = Counter(
@@ -118,7 +123,7 @@ worker_children_killed = Counter(
 
 _RPC = (rpc_duration,)
 _BY_ROLE: dict[str, tuple[object, ...]] = {
-    "task-service": (*_RPC, tasks_scheduled, tasks_quarantined),
+    "task-service": (*_RPC, tasks_scheduled, tasks_scheduled_without_worker, tasks_quarantined),
     "task-updater": (
         *_RPC, tasks_claimed, tasks_completed, tasks_failed, tasks_requeued, tasks_cancelled, dispatch_lag,
         tasks_quarantined,
