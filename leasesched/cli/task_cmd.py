@@ -50,6 +50,7 @@ TRANSIENT_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 )
 TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
+_TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
 STATUSES = ["SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
 
 # ---------------------------------------------------------------- durations
@@ -337,6 +338,10 @@ def task(ctx: click.Context, target: str | None, as_json: bool, token: str | Non
     (one line CODE: details on stderr); 2 a bad command line.
     """
     cfg: Config = ctx.obj.with_overrides(token=token)
+    if cfg.token and not _TOKEN_RE.match(cfg.token):
+        # gRPC would refuse it only at the call, with a multi-line trace from its core.
+        source = "--token" if token is not None else "LEASESCHED_TOKEN"
+        raise click.BadParameter("a bearer token is printable ASCII without spaces", param_hint=f"'{source}'")
     ctx.obj = {"target": target or cfg.task_service_target, "json": as_json, "cfg": cfg}
 
 

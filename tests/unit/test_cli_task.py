@@ -171,6 +171,8 @@ BAD_INPUT = [
     ["list", "--status", "DONE"],
     ["list", "--max-pages", "0"],
     ["list", "--type", "x\udcff"],
+    ["--token", "tök", "poll", TASK_ID],
+    ["--token", "a b", "list"],
 ]
 
 
@@ -183,6 +185,12 @@ def test_every_input_error_is_one_line_and_exit_2(stub: FakeStub, args: list[str
     assert len(errors) == 1, result.stderr
     assert "Traceback" not in result.output
     assert stub.calls == 0  # refused before any call
+
+
+def test_a_bad_token_from_the_environment_is_refused_before_any_call(stub: FakeStub) -> None:
+    result = CliRunner().invoke(task_cmd.task, ["poll", TASK_ID], obj=Config(token="line\nbreak"))
+    assert result.exit_code == 2 and "Invalid value for 'LEASESCHED_TOKEN'" in result.stderr
+    assert stub.calls == 0
 
 
 def test_at_accepts_iso_times_utc_when_no_offset(stub: FakeStub) -> None:
