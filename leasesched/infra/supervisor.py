@@ -24,6 +24,11 @@ What it does, and why:
   again: a fail-stopped worker must not leave a handler running;
 * output is read line by line and printed with the program's name, in
   honcho's format (its ``Printer``), so the local console looks as before.
+  Output is best effort: ``make run | tee run.log`` then Ctrl-C ends ``tee``
+  too, and the next line meets a closed pipe. That used to raise in the
+  middle of the stop and leave every program running; now the supervisor
+  stops printing and goes on stopping (and it stops its programs on any
+  error of its own);
   Children are started with ``subprocess`` (fork + exec), never
   multiprocessing, so a parent that already runs grpc and driver threads is
   safe.
@@ -116,6 +121,7 @@ class Supervisor:
         self._stop_timeout_s = stop_timeout_s
         self._printer: Any = Printer(output or sys.stdout, width=max((len(n) for n in names), default=6))
         self._print_lock = threading.Lock()
+        self._output_gone = False  # our reader went away: supervise silently
         self._children = [_Child(p, _COLOURS[i % len(_COLOURS)], policy.delays()) for i, p in enumerate(programs)]
         self._stop = threading.Event()
         self._kill = threading.Event()
@@ -143,6 +149,10 @@ class Supervisor:
                 return 0
             codes = [c.last_code for c in self._children if c.last_code]
             return codes[-1] if codes else 0
+        except BaseException:
+            self._kill.set()  # whatever went wrong here, never leave a program behind
+            self._stop_all()
+            raise
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -260,7 +270,24 @@ class Supervisor:
 
     def _write(self, name: str, data: bytes, colour: int | None) -> None:
         with self._print_lock:
-            self._printer.write(Message(type="line", data=data, time=datetime.datetime.now(), name=name, colour=colour))
+            if self._output_gone:
+                return
+            try:
+                self._printer.write(Message(type="line", data=data, time=datetime.datetime.now(), name=name, colour=colour))
+            except (OSError, ValueError):  # a closed pipe (BrokenPipeError), or a closed file
+                self._output_gone = True
+                _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so nothing (not even the interpreter's last
+    flush at exit) writes to a pipe nobody reads."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is no real file (tests): nothing to silence
+        pass
 
 
 def _describe(code: int) -> str:

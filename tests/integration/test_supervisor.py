@@ -202,3 +202,20 @@ def test_second_ctrl_c_kills_at_once(tmp_path: Path) -> None:
 def test_exit_code_matches_the_worker_watchdog() -> None:
     watchdog = pytest.importorskip("worker.watchdog")
     assert watchdog.EXIT_FAIL_STOP == EXIT_FAIL_STOP
+
+
+def test_ctrl_c_stops_everything_when_the_output_pipe_is_gone(tmp_path: Path) -> None:
+    """``make run 2>&1 | tee run.log`` then Ctrl-C: the terminal's SIGINT ends ``tee`` too,
+    so the supervisor's next line meets a closed pipe. Stopping must not depend on it."""
+    proc = _start_supervisor(tmp_path, stop_timeout_s=1)
+    try:
+        wait_for(lambda: len(_lines(tmp_path / "pids")) == 3, 20, "every program to start")
+        pids = [int(p) for p in _lines(tmp_path / "pids")]
+        assert proc.stdout is not None
+        proc.stdout.close()  # tee is gone: nobody reads the supervisor's output any more
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+        for pid in pids:
+            wait_for(lambda pid=pid: not _pid_alive(pid), 10, f"pid {pid} to be gone (no orphans)")
+    finally:
+        _kill_all(proc, tmp_path)
