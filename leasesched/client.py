@@ -222,6 +222,8 @@ class TaskView:
     lease_expires_at: dt.datetime | None
     lease_token: int
     payload: bytes = b""
+    # SCHEDULED and no live worker serves its namespace and type right now (a hint).
+    no_worker_for_type: bool = False
 
     @property
     def terminal(self) -> bool:
@@ -251,6 +253,7 @@ class TaskView:
             lease_expires_at=_datetime(view, "lease_expires_at"),
             lease_token=view.lease_token,
             payload=bytes(view.payload),
+            no_worker_for_type=view.no_worker_for_type,
         )
 
 

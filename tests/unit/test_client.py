@@ -308,3 +308,6 @@ def test_task_view_from_pb() -> None:
     assert task.progress.percent == 100.0 and task.progress.message == "done"
     assert task.started_at is None and task.lease_expires_at is None, "unset times are None, not 1970"
     assert not TaskView.from_pb(view("id-2", pb.RUNNING)).terminal
+    unserved = view("id-3", pb.SCHEDULED)
+    unserved.no_worker_for_type = True
+    assert TaskView.from_pb(unserved).no_worker_for_type and not task.no_worker_for_type
