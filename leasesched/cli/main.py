@@ -12,7 +12,17 @@ from leasesched.config import Config
 @click.pass_context
 def cli(ctx: click.Context, home: str | None) -> None:
     """leasesched: a lease-based distributed task scheduler."""
-    ctx.obj = Config.from_env(home=home)
+    try:
+        ctx.obj = Config.from_env(home=home)
+    except ValueError as exc:  # a LEASESCHED_* variable that does not parse: one line, exit 2
+        raise ConfigError(str(exc)) from None
+
+
+class ConfigError(click.ClickException):
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"bad configuration: {message}")
 
 
 def _register() -> None:

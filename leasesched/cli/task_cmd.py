@@ -256,6 +256,8 @@ def _print_task(view: pb.TaskView) -> None:
         ("finished", _fmt_ts(view.finished_at)),
         ("progress", f"{view.progress.percent:.0f}% {_printable(view.progress.message)}".rstrip()),
     ]
+    if view.no_worker_for_type:
+        lines.append(("waiting", f"no running worker serves {view.namespace}/{view.type}: it starts once one subscribes"))
     if view.lease_owner:
         lines.append(("lease", f"{view.lease_owner} token={view.lease_token} until {_fmt_ts(view.lease_expires_at)}"))
     if view.error:

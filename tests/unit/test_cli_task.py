@@ -434,3 +434,20 @@ def test_list_without_type_reads_one_page(stub: FakeStub) -> None:
     assert result.exit_code == 0
     assert [(r.page_size, r.page_token) for r in stub.requests["ListTasks"]] == [(5, "t0")]
     assert "more: --page-token n" in result.stdout
+
+
+def test_poll_says_when_no_worker_serves_the_type(stub: FakeStub) -> None:
+    stub.replies["PollTask"] = [pb.PollTaskResponse(task=view(no_worker_for_type=True))]
+    assert "  waiting  no running worker serves default/demo.echo" in run(["poll", TASK_ID]).stdout
+    stub.replies["PollTask"] = [pb.PollTaskResponse(task=view())]
+    assert "waiting" not in run(["poll", TASK_ID]).stdout
+
+
+def test_a_bad_configuration_variable_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    from leasesched.cli.main import _register, cli
+
+    _register()  # what main() does before running
+    monkeypatch.setenv("LEASESCHED_TASK_SERVICE_PORT", "abc")
+    result = CliRunner().invoke(cli, ["task", "poll", TASK_ID])
+    assert result.exit_code == 2 and "bad configuration: LEASESCHED_TASK_SERVICE_PORT='abc': expected int" in result.output
+    assert "Traceback" not in result.output
