@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import enum
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ from leasesched.observability import metrics
 from leasesched.observability.logs import bind
 from leasesched.transport import SERVER_GONE_CODES
 from leasesched.v1 import scheduler_pb2 as pb
-from worker.handlers import Handler, LeaseLost, PermanentError, TaskContext
+from worker.handlers import Handler, LeaseLost, Mode, PermanentError, TaskContext
 from worker.heartbeats import Beat, HeartbeatThread
 from worker.lease import ClaimBudget, LeaseClock
 from worker.process_mode import run_in_process
@@ -67,9 +68,24 @@ class Acks(Protocol):
     def ack_finished(self, task_id: str, attempt: int, lease_token: int) -> None: ...
 
 
+class Kind(enum.StrEnum):
+    """How an execution ended, which decides its report (the values are metric labels)."""
+
+    OK = "ok"  # CompleteTask
+    ERROR = "error"  # FailTask: retried per the task's policy
+    PERMANENT = "permanent"  # FailTask non_retryable (a PermanentError)
+    CANCELLED = "cancelled"  # FailTask cancelled: the handler stopped after a cancel request
+    TIMEOUT = "timeout"  # FailTask: start_to_close exceeded
+    FENCED = "fenced"  # the lease could not be proven: no report at all
+    RELEASED = "released"  # FailTask released: given back unrun (shutdown)
+    # Ends without a handler run, for the metric only:
+    NOT_CLAIMED = "not_claimed"
+    LATE_CLAIM = "late_claim"
+
+
 @dataclass
 class Outcome:
-    kind: str  # "ok" | "error" | "permanent" | "cancelled" | "timeout" | "fenced" | "released"
+    kind: Kind
     result: bytes = b""
     error: str = ""
     error_type: str = ""
@@ -104,7 +120,7 @@ class Execution:
         self.task_id = dispatch.task_id
         self.attempt = dispatch.attempt
         self.type = dispatch.type
-        self.outcome = ""  # an Outcome kind once decided, or "not_claimed" / "late_claim"
+        self.outcome: Kind | None = None  # once decided
         self._handler = handler
         self._updater = updater
         self._worker_id = worker_id
@@ -155,7 +171,7 @@ class Execution:
             )
         except grpc.RpcError as err:
             log.info("task %s: not claimed (%s: %s)", self.task_id, err.code().name, err.details())
-            self.outcome = "not_claimed"
+            self.outcome = Kind.NOT_CLAIMED
             return
         lease_s = claim.lease_duration.ToMilliseconds() / 1000
         if self._claim_budget is not None:
@@ -164,7 +180,7 @@ class Execution:
         self.token = claim.lease_token
         bind(lease_token=claim.lease_token)
         if not clock.valid():
-            self.outcome = "late_claim"
+            self.outcome = Kind.LATE_CLAIM
             await self._give_back_claim(time.monotonic() - sent)
             return
         if self._acks is not None:
@@ -240,18 +256,18 @@ class Execution:
                 if beat.cancel_requested.is_set():
                     self._cancel_requested = True
                 if not clock.valid(now):
-                    return await self._stop(body, ctx, clock, beat, "fenced", "lease can no longer be proven")
+                    return await self._stop(body, ctx, clock, beat, Kind.FENCED, "lease can no longer be proven")
                 if start_to_close and now - started >= start_to_close:
-                    stopped = await self._stop(body, ctx, clock, beat, "timeout", "start_to_close exceeded")
-                    if stopped.kind != "timeout":
+                    stopped = await self._stop(body, ctx, clock, beat, Kind.TIMEOUT, "start_to_close exceeded")
+                    if stopped.kind != Kind.TIMEOUT:
                         return stopped
-                    return Outcome("timeout", error=f"start_to_close of {start_to_close:.1f} s exceeded", error_type="StartToCloseTimeout")
+                    return Outcome(Kind.TIMEOUT, error=f"start_to_close of {start_to_close:.1f} s exceeded", error_type="StartToCloseTimeout")
                 if release_wait.done():
-                    return await self._stop(body, ctx, clock, beat, "released", "worker shutting down")
+                    return await self._stop(body, ctx, clock, beat, Kind.RELEASED, "worker shutting down")
                 if self._cancel_requested:
                     cancel_deadline = cancel_deadline or now + CANCEL_GRACE_S
                     if now >= cancel_deadline:
-                        return await self._stop(body, ctx, clock, beat, "cancelled", "cancel requested")
+                        return await self._stop(body, ctx, clock, beat, Kind.CANCELLED, "cancel requested")
                 wait = min(clock.remaining(now), SUPERVISE_POLL_S)
                 if start_to_close:
                     wait = min(wait, started + start_to_close - now)
@@ -261,17 +277,17 @@ class Execution:
                 await asyncio.wait(waiters, timeout=max(0.001, wait), return_when=asyncio.FIRST_COMPLETED)
             outcome = body.result()
             await self._wait_stopped()
-            if outcome.kind == "fenced":
+            if outcome.kind == Kind.FENCED:
                 clock.revoke()
                 return outcome
             if self._cancel_requested or beat.cancel_requested.is_set():
-                return Outcome("cancelled")  # the handler stopped after the request
+                return Outcome(Kind.CANCELLED)  # the handler stopped after the request
             return outcome
         finally:
             release_wait.cancel()
 
     async def _stop(
-        self, body: asyncio.Future[Outcome], ctx: TaskContext, clock: LeaseClock, beat: Beat, kind: str, reason: str
+        self, body: asyncio.Future[Outcome], ctx: TaskContext, clock: LeaseClock, beat: Beat, kind: Kind, reason: str
     ) -> Outcome:
         """Cooperative stop, then force, then wait until the handler really stopped.
 
@@ -285,7 +301,7 @@ class Execution:
         """
         ctx._request_stop(reason)
         beat.stopping = reason
-        if kind == "fenced":
+        if kind == Kind.FENCED:
             clock.revoke()
             grace = clock.margin / 8
         else:
@@ -300,12 +316,12 @@ class Execution:
                 "task %s: the %s handler has not stopped; %s until it does",
                 self.task_id,
                 self._handler.mode,
-                "the watchdog ends it" if kind == "fenced" else "keeping the lease and the slot",
+                "the watchdog ends it" if kind == Kind.FENCED else "keeping the lease and the slot",
             )
         await self._wait_stopped()
-        if kind != "fenced" and not clock.valid():
+        if kind != Kind.FENCED and not clock.valid():
             log.warning("task %s: lease lost while the handler was stopping; no report", self.task_id)
-            return Outcome("fenced")
+            return Outcome(Kind.FENCED)
         return Outcome(kind)
 
     async def _wait_stopped(self) -> None:
@@ -314,29 +330,29 @@ class Execution:
     async def _invoke(self, ctx: TaskContext, watched: Watched) -> Outcome:
         fn = self._handler.fn
         try:
-            if self._handler.mode == "async":
+            if self._handler.mode == Mode.ASYNC:
                 value = await fn(ctx)
-            elif self._handler.mode == "process":
+            elif self._handler.mode == Mode.PROCESS:
                 value = await run_in_process(self._handler, ctx, self._threads, watched)
             else:
                 future = self._threads.submit(fn, ctx)
                 # Runs in the handler's thread when it returns (or here if it never started).
                 future.add_done_callback(lambda _: self._mark_handler_done())
                 value = await asyncio.wrap_future(future)
-            return Outcome("ok", result=_as_bytes(value))
+            return Outcome(Kind.OK, result=_as_bytes(value))
         except PermanentError as exc:
-            return Outcome("permanent", error=str(exc) or type(exc).__name__, error_type=type(exc).__name__)
+            return Outcome(Kind.PERMANENT, error=str(exc) or type(exc).__name__, error_type=type(exc).__name__)
         except LeaseLost as exc:
             log.warning("task %s: handler gave up: %s", self.task_id, exc)
-            return Outcome("fenced")
+            return Outcome(Kind.FENCED)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a handler error is a task failure, not ours
             log.info("task %s: handler raised %s", self.task_id, "".join(traceback.format_exception_only(exc)).strip())
             error_type = getattr(exc, "error_type", type(exc).__name__)
-            return Outcome("error", error=str(exc) or error_type, error_type=error_type)
+            return Outcome(Kind.ERROR, error=str(exc) or error_type, error_type=error_type)
         finally:
-            if self._handler.mode != "thread":
+            if self._handler.mode != Mode.THREAD:
                 self._mark_handler_done()
 
     def _mark_handler_done(self) -> None:
@@ -353,10 +369,10 @@ class Execution:
             pass
 
     async def _report(self, outcome: Outcome, clock: LeaseClock) -> None:
-        if outcome.kind == "fenced":
+        if outcome.kind == Kind.FENCED:
             log.warning("task %s: abandoned lease %d without a report", self.task_id, self.token)
             return
-        if outcome.kind == "ok":
+        if outcome.kind == Kind.OK:
             request: Any = pb.CompleteTaskRequest(task_id=self.task_id, lease_token=self.token, result=outcome.result)
             method = "CompleteTask"
         else:
@@ -365,9 +381,9 @@ class Execution:
                 lease_token=self.token,
                 error=outcome.error or outcome.kind,
                 error_type=outcome.error_type,
-                non_retryable=outcome.kind == "permanent",
-                cancelled=outcome.kind == "cancelled",
-                released=outcome.kind == "released",
+                non_retryable=outcome.kind == Kind.PERMANENT,
+                cancelled=outcome.kind == Kind.CANCELLED,
+                released=outcome.kind == Kind.RELEASED,
             )
             method = "FailTask"
         delay = 0.1

@@ -21,6 +21,7 @@ that retrying cannot fix; any other exception is retried per the task's policy.
 from __future__ import annotations
 
 import asyncio
+import enum
 import inspect
 import threading
 import time
@@ -41,11 +42,19 @@ class LeaseLost(Exception):
     lease is gone; the task runs again after it expired)."""
 
 
+class Mode(enum.StrEnum):
+    """Where a handler runs, which decides how it can be stopped (README, "What is promised")."""
+
+    ASYNC = "async"  # on the worker's event loop: cancelled at its next await
+    THREAD = "thread"  # in a thread: cannot be stopped by force (fail-stop is the backstop)
+    PROCESS = "process"  # in a child process: killed by force
+
+
 @dataclass(frozen=True)
 class Handler:
     type: str
     fn: HandlerFn
-    mode: str  # "async" | "thread" | "process"
+    mode: Mode
 
 
 class Handlers:
@@ -55,12 +64,15 @@ class Handlers:
         self.namespace = namespace
         self._by_type: dict[str, Handler] = {}
 
-    def task(self, task_type: str, mode: str | None = None) -> Callable[[HandlerFn], HandlerFn]:
+    def task(self, task_type: str, mode: Mode | str | None = None) -> Callable[[HandlerFn], HandlerFn]:
         def register(fn: HandlerFn) -> HandlerFn:
-            chosen = mode or ("async" if inspect.iscoroutinefunction(fn) else "thread")
-            if chosen not in ("async", "thread", "process"):
-                raise ValueError(f"mode must be async, thread or process, not {chosen!r}")
-            if chosen == "async" and not inspect.iscoroutinefunction(fn):
+            if mode is None:
+                chosen = Mode.ASYNC if inspect.iscoroutinefunction(fn) else Mode.THREAD
+            elif mode in set(Mode):
+                chosen = Mode(mode)
+            else:
+                raise ValueError(f"mode must be async, thread or process, not {mode!r}")
+            if chosen == Mode.ASYNC and not inspect.iscoroutinefunction(fn):
                 raise ValueError(f"handler for {task_type!r}: mode 'async' needs an async def")
             if task_type in self._by_type:
                 raise ValueError(f"a handler for {task_type!r} is already registered")

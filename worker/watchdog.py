@@ -55,6 +55,7 @@ import time
 from typing import Any, Callable
 
 from leasesched.observability import metrics
+from worker.handlers import Mode
 from worker.lease import LeaseClock
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class Watched:
     handler really stopped (thread returned, coroutine finished, child reaped);
     ``kill_child`` is set for a process-mode handler while its child runs."""
 
-    def __init__(self, task_id: str, lease_token: int, task_type: str, mode: str, clock: LeaseClock) -> None:
+    def __init__(self, task_id: str, lease_token: int, task_type: str, mode: Mode, clock: LeaseClock) -> None:
         self.task_id = task_id
         self.lease_token = lease_token
         self.type = task_type
@@ -234,7 +235,7 @@ class Watchdog:
             running = sorted(
                 f"{w.type} (task {w.task_id}, running {now - w.started:.1f} s)"
                 for w in watched
-                if w.mode == "async" and not w.stopped.is_set()
+                if w.mode == Mode.ASYNC and not w.stopped.is_set()
             )
             log.warning(
                 "event loop blocked for %.1f s (leases are still renewed by the heartbeat thread); async handlers on it: %s",
