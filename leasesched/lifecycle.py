@@ -20,7 +20,7 @@ import logging
 import random
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from leasesched.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, Unavailable
 from leasesched.limits import MAX_ERROR_MESSAGE
@@ -72,6 +72,11 @@ class FailOutcome:
 # "25% step 30 of 120" would read as if the task were running. The last
 # failure's error stays, as the reason it waits (PollTask's error field).
 _FRESH_ATTEMPT: dict[str, Any] = {"progress_percent": 0.0, "progress_message": ""}
+
+
+def _ended(error: str, error_type: str) -> dict[str, Any]:
+    """What every end of an attempt writes: its error (cut to the columns' bounds), no lease."""
+    return {"error": error[:4096], "error_type": error_type[:256], "lease_expires_at": None}
 
 
 def _entry(task: Task, kind: str, due_at: int, token: int) -> DueEntry:
@@ -306,50 +311,81 @@ class Lifecycle:
         error: str,
         error_type: str = "",
         non_retryable: bool = False,
-        cancelled: bool = False,
-        released: bool = False,
         namespace: str | None = None,
     ) -> FailOutcome:
-        """A worker's failure report: retry with backoff, fail, cancel or release."""
+        """The handler failed: retried with backoff, or FAILED (permanent, deadline passed, attempts used up)."""
+
+        async def decide(task: Task, now: int) -> tuple[dict[str, Any], FailOutcome]:
+            return await self._failure(task, now, error, error_type, non_retryable)
+
+        return await self._end_attempt(task_id, token, namespace, decide)
+
+    async def acknowledge_cancel(
+        self, task_id: uuid.UUID, token: int, error: str, error_type: str = "", namespace: str | None = None
+    ) -> FailOutcome:
+        """The handler stopped after a cancel request: CANCELLED. Without a pending
+        request the report is an ordinary failure (there was nothing to acknowledge)."""
+
+        async def decide(task: Task, now: int) -> tuple[dict[str, Any], FailOutcome]:
+            if not task.cancel_requested:
+                return await self._failure(task, now, error, error_type, non_retryable=False)
+            changes = {**_ended(error, error_type), "status": target(Transition.CANCEL_ACK, task.status), "finished_at": now}
+            return changes, FailOutcome(TaskStatus.CANCELLED)
+
+        return await self._end_attempt(task_id, token, namespace, decide)
+
+    async def release(self, task_id: uuid.UUID, token: int, namespace: str | None = None) -> FailOutcome:
+        """Given back unrun (worker shutdown, a claim answered too late): due again now,
+        the attempt not charged, and no error kept (it is not a failure)."""
+
+        async def decide(task: Task, now: int) -> tuple[dict[str, Any], FailOutcome]:
+            changes = {**_ended("", ""), **_FRESH_ATTEMPT, "status": target(Transition.RELEASE, task.status),
+                       "run_at": now, "lease_owner": None}  # fmt: skip
+            await self._add_due(run_entry(task, now))
+            return changes, FailOutcome(TaskStatus.SCHEDULED, now)
+
+        return await self._end_attempt(task_id, token, namespace, decide)
+
+    async def _end_attempt(
+        self,
+        task_id: uuid.UUID,
+        token: int,
+        namespace: str | None,
+        decide: Callable[[Task, int], Awaitable[tuple[dict[str, Any], FailOutcome]]],
+    ) -> FailOutcome:
+        """The common frame of a worker's unsuccessful report: the caller must hold the
+        lease (a retried report of an already final task answers its status again)."""
         task = await self.get(task_id, namespace)
         if task.status != TaskStatus.RUNNING or task.lease_token != token:
             if task.lease_token == token and task.status.terminal:
                 return FailOutcome(task.status)  # a retried report of ours
             raise self._stale(task_id, token, True)
-        now = now_ms()
-        common: dict[str, Any] = {"error": error[:4096], "error_type": error_type[:256], "lease_expires_at": None}
-        if cancelled and task.cancel_requested:
-            changes = {**common, "status": target(Transition.CANCEL_ACK, task.status), "finished_at": now}
-            outcome = FailOutcome(TaskStatus.CANCELLED)
-        elif released:
-            # Given back unrun (shutdown, a late claim): not a failure, so no error is kept.
-            changes = {**common, **_FRESH_ATTEMPT, "error": "", "error_type": "", "status": target(Transition.RELEASE, task.status),
-                       "run_at": now, "lease_owner": None}  # fmt: skip
-            await self._add_due(run_entry(task, now))
-            outcome = FailOutcome(TaskStatus.SCHEDULED, now)
-        else:
-            permanent = non_retryable or error_type in task.retry.non_retryable_error_types
-            deadline_passed = task.deadline_at is not None and now >= task.deadline_at
-            if permanent or deadline_passed or task.attempt >= task.max_attempts:
-                changes = {**common, "status": target(Transition.FAIL, task.status), "finished_at": now}
-                outcome = FailOutcome(TaskStatus.FAILED)
-            else:
-                next_run = now + task.retry.backoff_ms(task.attempt, jitter=random.random())
-                retried = task.replace(attempt=task.attempt + 1)
-                changes = {
-                    **common,
-                    **_FRESH_ATTEMPT,
-                    "status": target(Transition.RETRY, task.status),
-                    "attempt": task.attempt + 1,
-                    "run_at": next_run,
-                    "lease_owner": None,
-                }
-                await self._add_due(run_entry(retried, next_run))
-                outcome = FailOutcome(TaskStatus.SCHEDULED, next_run)
+        changes, outcome = await decide(task, now_ms())
         result = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token), changes)
         if not result.applied:
             raise self._stale(task_id, token, result.exists)
         return outcome
+
+    async def _failure(
+        self, task: Task, now: int, error: str, error_type: str, non_retryable: bool
+    ) -> tuple[dict[str, Any], FailOutcome]:
+        permanent = non_retryable or error_type in task.retry.non_retryable_error_types
+        deadline_passed = task.deadline_at is not None and now >= task.deadline_at
+        if permanent or deadline_passed or task.attempt >= task.max_attempts:
+            changes = {**_ended(error, error_type), "status": target(Transition.FAIL, task.status), "finished_at": now}
+            return changes, FailOutcome(TaskStatus.FAILED)
+        next_run = now + task.retry.backoff_ms(task.attempt, jitter=random.random())
+        retried = task.replace(attempt=task.attempt + 1)
+        changes = {
+            **_ended(error, error_type),
+            **_FRESH_ATTEMPT,
+            "status": target(Transition.RETRY, task.status),
+            "attempt": task.attempt + 1,
+            "run_at": next_run,
+            "lease_owner": None,
+        }
+        await self._add_due(run_entry(retried, next_run))
+        return changes, FailOutcome(TaskStatus.SCHEDULED, next_run)
 
     # ---------------------------------------------------------------- trigger
 

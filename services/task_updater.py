@@ -118,19 +118,19 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
     async def FailTask(self, request: pb.FailTaskRequest, context: grpc.aio.ServicerContext) -> pb.FailTaskResponse:
         task_id = check_task_id(request.task_id)
         token = _check_token(request.lease_token)
+        # Cut, not refused: a failure report must land, or the task waits for
+        # its lease to expire (limits.MAX_ERROR_MESSAGE).
+        error, error_type = request.error[: limits.MAX_ERROR_MESSAGE], request.error_type[: limits.MAX_ERROR_TYPE]
+        namespace = caller_namespace()
         with hiding_missing(task_id):
-            outcome = await self._lifecycle.fail(
-                task_id,
-                token,
-                # Cut, not refused: a failure report must land, or the task
-                # waits for its lease to expire (limits.MAX_ERROR_MESSAGE).
-                request.error[: limits.MAX_ERROR_MESSAGE],
-                request.error_type[: limits.MAX_ERROR_TYPE],
-                non_retryable=request.non_retryable,
-                cancelled=request.cancelled,
-                released=request.released,
-                namespace=caller_namespace(),
-            )
+            if request.cancelled:  # wins over released: the user asked for the stop
+                outcome = await self._lifecycle.acknowledge_cancel(task_id, token, error, error_type, namespace=namespace)
+            elif request.released:
+                outcome = await self._lifecycle.release(task_id, token, namespace=namespace)
+            else:
+                outcome = await self._lifecycle.fail(
+                    task_id, token, error, error_type, non_retryable=request.non_retryable, namespace=namespace
+                )
         log.info(
             "task %s failed under token %d: now %s", task_id, request.lease_token, outcome.status.value,
             extra=fields(task_id=str(task_id), lease_token=request.lease_token, lease_event="reported"),

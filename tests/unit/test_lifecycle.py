@@ -109,7 +109,7 @@ async def test_running_cancel_reaches_worker_through_heartbeat(life: Lifecycle) 
     # The lease is still renewed: a handler that ignores the cancel keeps it until it stops.
     assert ack.expires_at > lease.expires_at
     assert (await life.get(task.task_id)).lease_expires_at == ack.expires_at
-    outcome = await life.fail(task.task_id, lease.token, "stopped", cancelled=True)
+    outcome = await life.acknowledge_cancel(task.task_id, lease.token, "stopped")
     assert outcome.status == TaskStatus.CANCELLED
 
 
@@ -370,7 +370,7 @@ async def test_a_task_waiting_for_its_next_attempt_shows_no_stale_progress(life:
         return lease.token
 
     token = await run_to(25)
-    await life.fail(task.task_id, token, "shutting down", "Released", released=True)
+    await life.release(task.task_id, token)
     view = await life.get(task.task_id)
     assert (view.status, view.progress_percent, view.progress_message, view.error) == (TaskStatus.SCHEDULED, 0.0, "", "")
 
@@ -385,3 +385,12 @@ async def test_a_task_waiting_for_its_next_attempt_shows_no_stale_progress(life:
     assert await life.expire_lease(running, now=(running.lease_expires_at or 0) + 10_000) == TaskStatus.SCHEDULED
     view = await life.get(task.task_id)
     assert (view.progress_percent, view.progress_message) == (0.0, "")
+
+
+async def test_a_cancel_acknowledged_without_a_request_is_an_ordinary_failure(life: Lifecycle) -> None:
+    task = (await life.schedule(new_task())).task
+    lease = await life.claim(task.task_id, "w1", 1)
+    outcome = await life.acknowledge_cancel(task.task_id, lease.token, "stopped", "Cancelled")
+    assert outcome.status == TaskStatus.SCHEDULED and outcome.next_run_at is not None  # retried, not CANCELLED
+    view = await life.get(task.task_id)
+    assert (view.attempt, view.error_type) == (2, "Cancelled")
