@@ -289,7 +289,7 @@ class Lifecycle:
     async def complete(self, task_id: uuid.UUID, token: int, result: bytes, namespace: str | None = None) -> TaskStatus:
         now = now_ms()
         changes = {
-            "status": TaskStatus.SUCCEEDED,
+            "status": target(Transition.COMPLETE, TaskStatus.RUNNING),
             "result": result,
             "finished_at": now,
             "progress_percent": 100.0,
