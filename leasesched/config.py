@@ -63,6 +63,10 @@ class Config:
     event_loop: str = "uvloop"  # "uvloop" (libuv, less CPU per call) | "asyncio" (the standard loop)
     shutdown_grace_s: float = 5.0  # on SIGTERM: how long in-flight RPCs may take before they are cancelled
     shutdown_drain_s: float = 1.0  # on SIGTERM: keep answering this long after NOT_SERVING, before the stop
+    # Clients ping an idle connection this often (a quiet Subscribe stream can be
+    # silent for hours; a dead peer is found within this + 10 s); servers accept
+    # pings down to half of it. See leasesched/transport.py.
+    grpc_keepalive_s: float = 20.0
 
     # Security. Auth is on unless explicitly switched off for local development.
     auth: str = "on"  # "on" | "off" (local development only)

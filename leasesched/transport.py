@@ -17,12 +17,50 @@ import grpc
 from leasesched.config import Config
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-]
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
+def channel_options(cfg: Config) -> list[tuple[str, int]]:
+    """Every client channel's options.
+
+    Keepalive: a ping every ``grpc_keepalive_s`` (20 s) on an idle connection,
+    and the connection is given up when the answer takes 10 s: a worker's
+    Subscribe stream can be silent for hours, and a peer that vanished
+    (a dead machine, a dropped NAT entry) must not leave it waiting on a dead
+    socket. ``max_pings_without_data = 0`` keeps pinging while nothing else is
+    sent (gRPC's default stops after 2 pings, which left quiet streams unwatched).
+    The servers must accept this rate: see ``server_options``, built from the
+    same setting.
+    """
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", int(cfg.grpc_keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options(cfg: Config) -> list[tuple[str, int]]:
+    """The ping policy of every server, matched to ``channel_options``.
+
+    gRPC servers by default accept a ping without data in between only every
+    5 minutes; more frequent ones are "strikes", and after 2 strikes the
+    server ends the connection with GOAWAY ENHANCE_YOUR_CALM "too_many_pings".
+    Our clients ping every ``grpc_keepalive_s`` (20 s), so every few minutes
+    each worker's streams were cut, logged at ERROR by gRPC, and
+    re-subscribed. Servers now accept pings down to half the client's
+    interval (timer jitter and a ping delayed behind data must never count
+    as a strike), also on connections without a call in progress (a worker's
+    TaskUpdater channel between tasks).
+    """
+    min_interval_ms = max(1, int(cfg.grpc_keepalive_s * 1000) // 2)
+    return [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", min_interval_ms),
+        ("grpc.http2.min_ping_interval_without_data_ms", min_interval_ms),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
 
 # Answers that mean "this server is gone or going": an idempotent call (ScheduleTask
 # with its idempotency key, PollTask, a worker's fenced report) may go again, to
@@ -122,17 +160,17 @@ def aio_channel(target: str, cfg: Config, token: str | None = None) -> grpc.aio.
     token = cfg.token if token is None else token
     interceptors = _aio_interceptors(token)
     if tls_enabled(cfg):
-        return grpc.aio.secure_channel(target, _client_credentials(cfg), options=CHANNEL_OPTIONS, interceptors=interceptors)
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+        return grpc.aio.secure_channel(target, _client_credentials(cfg), options=channel_options(cfg), interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=channel_options(cfg), interceptors=interceptors)
 
 
 def sync_channel(target: str, cfg: Config, token: str | None = None) -> grpc.Channel:
     """A blocking channel (CLI, tests) with ``cfg``'s TLS and token."""
     token = cfg.token if token is None else token
     if tls_enabled(cfg):
-        channel = grpc.secure_channel(target, _client_credentials(cfg), options=CHANNEL_OPTIONS)
+        channel = grpc.secure_channel(target, _client_credentials(cfg), options=channel_options(cfg))
     else:
-        channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        channel = grpc.insecure_channel(target, options=channel_options(cfg))
     return grpc.intercept_channel(channel, _SyncToken(token)) if token else channel
 
 

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from leasesched.auth import Authenticator
 from leasesched.config import Config
-from leasesched.transport import add_port
+from leasesched.transport import add_port, server_options
 from services.auth_interceptor import AuthInterceptor
 from services.error_mapping import ErrorMappingInterceptor
 from services.metrics_interceptor import MetricsInterceptor
@@ -71,6 +71,9 @@ async def build_server(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            # Accept the clients' keepalive pings (leasesched/transport.py): the
+            # default policy answered them with GOAWAY "too_many_pings".
+            *server_options(cfg),
         ],
     )
     names = []

@@ -38,7 +38,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import grpc
 
 from leasesched.config import Config
-from leasesched.transport import aio_channel
+from leasesched.transport import SERVER_GONE_CODES, aio_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 
@@ -228,8 +228,12 @@ class TriggerLink:
                     log.debug("stream to trigger %s refused: %s %s", self.address, err.code().name, err.details())
                     if self._on_refused is not None:
                         self._on_refused(self, err.code(), err.details() or "")
+                elif err.code() in SERVER_GONE_CODES:
+                    # A trigger stopping or restarting, a connection closed (GOAWAY):
+                    # known and harmless, the stream is opened again.
+                    log.info("stream to trigger %s ended: %s (%s); re-subscribing", self.address, err.code().name, err.details())
                 else:
-                    log.info("stream to trigger %s ended: %s", self.address, err.code().name)
+                    log.warning("stream to trigger %s ended: %s (%s); re-subscribing", self.address, err.code().name, err.details())
             if self._stream_accepted:
                 delay = 0.2  # it worked: come back soon
             if refused:
