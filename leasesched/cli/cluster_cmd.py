@@ -1,5 +1,16 @@
 """``leasesched cluster status``: who owns which shards, which workers hold
-which leases, and how many tasks are in each status."""
+which leases, and how many tasks are in each status.
+
+It reads ZooKeeper and Cassandra directly, not through a service, so it
+checks the caller itself: with auth on, only an **admin** token may run it
+(``LEASESCHED_TOKEN``), verified against the token store the way the
+services verify one (``leasesched.auth.Authenticator``). What it shows spans
+every namespace (workers, their task types and lease tokens, task counts),
+which a client or worker token, confined to one namespace, may not see.
+Anything else is refused with one line and exit status 1 before ZooKeeper
+or the tasks are read. (Whoever can reach ZooKeeper and Cassandra with their
+credentials can read them anyway: this check keeps the command honest, the
+network and the stores' own access control protect the data.)"""
 
 from __future__ import annotations
 
@@ -8,8 +19,12 @@ import json
 
 import click
 
+from leasesched.auth import Authenticator, Principal
 from leasesched.config import Config
 from leasesched.coordination import cluster_meta, registry, zk
+from leasesched.errors import SchedulerError
+
+STATUS_ROLE = "admin"
 
 
 def _ranges(shards: list[int]) -> str:
@@ -23,6 +38,40 @@ def _ranges(shards: list[int]) -> str:
     return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs) or "-"
 
 
+def require_admin(cfg: Config) -> Principal | None:
+    """The caller's principal when auth is on and ``cfg.token`` is a valid admin
+    token; None when auth is off; ``click.ClickException`` (exit 1) otherwise."""
+    from leasesched.store.cassandra import CassandraStore
+
+    if cfg.auth == "off":
+        return None
+    if cfg.auth != "on":
+        raise click.ClickException(f"auth must be 'on' or 'off', not {cfg.auth!r}")
+    if not cfg.token:
+        raise click.ClickException(f"cluster status needs an {STATUS_ROLE} token: set LEASESCHED_TOKEN (auth is on)")
+
+    async def check() -> Principal:
+        store = CassandraStore(cfg)
+        try:
+            await store.connect()
+            return await Authenticator(store, cache_s=0).authenticate(f"Bearer {cfg.token}")
+        finally:
+            await store.close()
+
+    try:
+        principal = asyncio.run(check())
+    except SchedulerError as exc:  # unknown, revoked or malformed token; store unavailable
+        raise click.ClickException(f"cluster status refused: {exc} (it needs an {STATUS_ROLE} token in LEASESCHED_TOKEN)") from None
+    except Exception as exc:  # noqa: BLE001 - Cassandra unreachable: fail closed, in one line
+        raise click.ClickException(f"cluster status: cannot check the token against the store: {exc}") from None
+    if principal.role != STATUS_ROLE:
+        raise click.ClickException(
+            f"cluster status refused: LEASESCHED_TOKEN is a {principal.role} token of namespace {principal.namespace!r}; "
+            f"it needs an {STATUS_ROLE} token (it shows every namespace)"
+        )
+    return principal
+
+
 @click.group()
 def cluster() -> None:
     """Cluster-wide views."""
@@ -33,9 +82,15 @@ def cluster() -> None:
 @click.option("--count-limit", type=int, default=100_000, show_default=True, help="Rows read to count tasks by status.")
 @click.pass_obj
 def status(cfg: Config, as_json: bool, count_limit: int) -> None:
-    """Triggers and their shards, services, workers and their leases, tasks by status."""
+    """Triggers and their shards, services, workers and their leases, tasks by status.
+
+    With auth on it needs an admin token (LEASESCHED_TOKEN), checked against
+    the token store: it shows every namespace. Any other token, or none, is
+    refused with one line and exit status 1.
+    """
     from leasesched.store.cassandra import CassandraStore
 
+    require_admin(cfg)
     client = zk.connect(cfg)
     try:
         meta = cluster_meta.ensure(client, cfg)

@@ -11,8 +11,10 @@ import subprocess
 import sys
 from typing import Any
 
+from leasesched.config import Config
 from leasesched.v1 import scheduler_pb2 as pb
 from tests.cluster import LiveCluster, wait_for
+from tests.tokens import issue_tokens
 
 
 def status(cluster: LiveCluster, *args: str) -> str:
@@ -57,3 +59,34 @@ def test_cluster_status_shows_shards_triggers_workers_and_leases(make_cluster) -
     assert f"lease {task_id} token {running.lease_token}" in text
     cluster.stub.CancelTask(pb.CancelTaskRequest(task_id=task_id), timeout=10)
     assert cluster.wait_terminal([task_id], 30)[task_id].status == pb.CANCELLED
+
+
+def run_status(cfg: Config, token: str | None) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "leasesched.cli.main", "cluster", "status"]
+    env = {**os.environ, **cfg.to_env(), "LEASESCHED_TOKEN": token or ""}
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_cluster_status_with_auth_on_needs_an_admin_token(module_config: Config) -> None:
+    """Decision (docs/operations.md, "Who may run cluster status"): admins only,
+    the token checked against the store; anything else is one line, exit 1."""
+    cfg = module_config.with_overrides(auth="on")
+    wanted = [("ops", "admin", "admin"), ("default", "client", "client"), ("default", "worker", "worker")]
+    tokens = {name: made[0] for (_, _, name), made in zip(wanted, issue_tokens(cfg, wanted))}
+
+    def refused(token: str | None, *needles: str) -> None:
+        result = run_status(cfg, token)
+        assert result.returncode != 0 and result.stdout == "", (result.returncode, result.stdout)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr  # one line, no traceback
+        for needle in ("admin", *needles):
+            assert needle in lines[0], lines[0]
+
+    refused(None, "LEASESCHED_TOKEN")
+    refused(tokens["client"], "client token", "'default'")
+    refused(tokens["worker"], "worker token")
+    refused("lsk_0123456789abcdef_not-the-secret", "unknown or revoked")
+    refused("not-a-token", "malformed")
+    ok = run_status(cfg, tokens["admin"])
+    assert ok.returncode == 0, ok.stderr
+    assert "logical shards:" in ok.stdout
