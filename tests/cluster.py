@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import grpc
+import psutil
 from google.protobuf.duration_pb2 import Duration
 
 from leasesched.config import Config
@@ -79,14 +80,14 @@ def cluster_config(base: Config, name: str) -> Config:
     )
 
 
-def _proc_start_time(pid: int) -> str | None:
-    """The kernel start time of a live process (None when it is gone or a zombie)."""
+def _proc_start_time(pid: int) -> float | None:
+    """The start time of a live process (None when it is gone or a zombie): tells a pid from its reuse."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            return None if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) else proc.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    fields_after_name = stat[stat.rindex(")") + 2 :].split()
-    return None if fields_after_name[0] in ("Z", "X") else fields_after_name[19]
 
 
 class ExitWatch:

@@ -15,7 +15,7 @@ and none of ours (Ctrl-C in the terminal does not reach the servers either).
 Why the start time in the PID file: PIDs are reused. A PID file left behind by a
 server that died with the machine, or was killed with SIGKILL, may name an
 unrelated live process later; comparing the kernel's start time of the process
-(field 22 of /proc/<pid>/stat) with the one recorded at start rules that out.
+(psutil's create_time) with the one recorded at start rules that out.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
+
+import psutil
 
 
 class InfraError(RuntimeError):
@@ -148,19 +150,41 @@ def find_java() -> str:
     return java
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks) of a live PID, None if there is none.
+@dataclass(frozen=True)
+class _Facts:
+    """What the kernel says of a live PID (psutil): its state and when it started."""
 
-    The command name (field 2) may contain spaces and parentheses, so the
-    fields are counted from the last ')'.
-    """
+    status: str  # psutil.STATUS_*: "running", "sleeping", "stopped", "zombie", ...
+    started: float  # psutil's create_time (epoch seconds, from the kernel's start ticks)
+
+    @property
+    def gone(self) -> bool:
+        return self.status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+
+    @property
+    def paused(self) -> bool:
+        return self.status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+
+
+def _facts(pid: int) -> _Facts | None:
+    """The process's facts, None if there is no such PID."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            return _Facts(proc.status(), proc.create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    rest = raw[raw.rindex(")") + 2 :].split()
-    # rest[0] is field 3 (state); field 22 (starttime) is rest[19].
-    return rest[0], int(rest[19])
+
+
+def _same_start(recorded: str, facts: _Facts) -> bool:
+    """Whether a PID file's start time names this process (not a later one with its PID).
+
+    Written as psutil's create_time; PID files of earlier versions hold the
+    kernel's start ticks (an integer), compared in ticks since boot."""
+    if "." not in recorded:
+        ticks = round((facts.started - psutil.boot_time()) * os.sysconf("SC_CLK_TCK"))
+        return abs(ticks - int(recorded)) <= 1
+    return abs(float(recorded) - facts.started) < 0.01
 
 
 def _fully_exited(pid: int, reap: Callable[[int], None] | None = None) -> bool:
@@ -169,20 +193,18 @@ def _fully_exited(pid: int, reap: Callable[[int], None] | None = None) -> bool:
     A multi-threaded process (any JVM) shows its main thread as a zombie
     while the other threads are still tearing down and still hold its
     sockets; only when the zombie is the last thread left is everything
-    closed. Our own children are reaped here, so they vanish from /proc.
+    closed. Our own children are reaped here, so they vanish.
     """
     (reap or _reap)(pid)
-    stat = _proc_stat(pid)
-    if stat is None:
+    facts = _facts(pid)
+    if facts is None:
         return True
-    if stat[0] not in ("Z", "X"):
+    if not facts.gone:
         return False
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
+        return psutil.Process(pid).num_threads() <= 1
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return True
-    threads = next((line.split()[1] for line in status.splitlines() if line.startswith("Threads:")), "1")
-    return int(threads) <= 1
 
 
 def _reap(pid: int) -> None:
@@ -230,13 +252,14 @@ class ManagedProcess:
         except FileNotFoundError:
             return None
         try:
-            pid, started = int(lines[0]), int(lines[1])
+            pid, started = int(lines[0]), lines[1]
+            float(started)
         except (IndexError, ValueError):
             self._forget()
             return None
         self._collect(pid)
-        stat = _proc_stat(pid)
-        if stat is None or stat[0] in ("Z", "X") or stat[1] != started:
+        facts = _facts(pid)
+        if facts is None or facts.gone or not _same_start(started, facts):
             self._forget()
             return None
         return pid
@@ -247,8 +270,8 @@ class ManagedProcess:
     def is_paused(self) -> bool:
         """True while the process is stopped by SIGSTOP (see ``pause``)."""
         pid = self.pid()
-        stat = _proc_stat(pid) if pid is not None else None
-        return stat is not None and stat[0] in ("T", "t")
+        facts = _facts(pid) if pid is not None else None
+        return facts is not None and facts.paused
 
     # -- life cycle -------------------------------------------------------
 
@@ -280,10 +303,10 @@ class ManagedProcess:
                 close_fds=True,
             )
         self._child[:] = [proc]
-        stat = _proc_stat(proc.pid)
-        started = stat[1] if stat is not None else 0
+        facts = _facts(proc.pid)
+        started = facts.started if facts is not None else 0.0
         tmp = self.pid_file.with_suffix(".tmp")
-        tmp.write_text(f"{proc.pid}\n{started}\n")
+        tmp.write_text(f"{proc.pid}\n{started:.3f}\n")
         tmp.replace(self.pid_file)  # readers never see a half-written file
         return proc.pid
 
@@ -371,8 +394,8 @@ class ManagedProcess:
         measures something must not race the signal."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            stat = _proc_stat(pid)
-            if stat is None or (stat[0] in ("T", "t")) == paused:
+            facts = _facts(pid)
+            if facts is None or facts.paused == paused:
                 return
             time.sleep(0.01)
         raise InfraError(f"{self.name} (pid {pid}) did not {'stop' if paused else 'continue'} within {timeout} s")
