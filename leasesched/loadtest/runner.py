@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import backoff
 import grpc
 import psutil
 from tqdm import tqdm
@@ -451,20 +452,18 @@ class LoadTest:
         sem = asyncio.Semaphore(self.o.verify_concurrency)
         out: dict[str, Any] = {}
 
+        @backoff.on_exception(backoff.expo, grpc.aio.AioRpcError, max_tries=5, factor=0.2, logger=None,
+                              giveup=_not_found)  # fmt: skip
+        async def poll(i: int, task_id: str) -> Any:
+            return (await stubs[i % len(stubs)].PollTask(
+                pb.PollTaskRequest(task_id=task_id), timeout=self.o.timeout_s, metadata=metadata)).task  # fmt: skip
+
         async def one(i: int, task_id: str) -> None:
             async with sem:
-                for attempt in range(5):
-                    try:
-                        reply = await stubs[i % len(stubs)].PollTask(
-                            pb.PollTaskRequest(task_id=task_id), timeout=self.o.timeout_s, metadata=metadata
-                        )
-                        out[task_id] = reply.task
-                        return
-                    except grpc.aio.AioRpcError as err:
-                        out[task_id] = err.code().name  # NOT_FOUND is a lost task; others are retried
-                        if err.code() == grpc.StatusCode.NOT_FOUND:
-                            return
-                        await asyncio.sleep(0.2 * (attempt + 1))
+                try:
+                    out[task_id] = await poll(i, task_id)
+                except grpc.aio.AioRpcError as err:
+                    out[task_id] = err.code().name  # NOT_FOUND is a lost task; others were retried
 
         await asyncio.gather(*(one(i, t) for i, t in enumerate(ids)))
         return out
@@ -484,3 +483,8 @@ def options_dict(opts: LoadOptions) -> dict[str, Any]:
 
 
 __all__ = ["LoadOptions", "LoadTest", "TERMINAL", "Counter"]
+
+
+def _not_found(err: Exception) -> bool:
+    """A PollTask that says NOT_FOUND is final (a lost task), not retried."""
+    return isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.NOT_FOUND

@@ -44,6 +44,7 @@ import time
 import uuid
 from typing import Any, Sequence
 
+import backoff
 from cassandra import ConsistencyLevel, DriverException, OperationTimedOut, RequestExecutionException
 from cassandra.connection import ConnectionException
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, ResponseFuture, Session
@@ -391,15 +392,19 @@ class CassandraStore:
             return None if applied else _NOT_APPLIED_UNKNOWN
 
     async def _resolve_unknown(self, task_id: uuid.UUID, write_id: uuid.UUID) -> bool | None:
-        """True/False when a serial read tells; None when even that fails."""
-        for _ in range(3):
-            try:
-                rows = await self._run("get_write_id", (task_id,))
-                return bool(rows) and rows[0].write_id == write_id
-            except Exception as exc:  # noqa: BLE001
-                log.warning("serial read-back of task %s failed: %s", task_id, exc)
-                await asyncio.sleep(0.2)
-        return None
+        """True/False when a serial read tells; None when even that fails (three tries)."""
+
+        @backoff.on_exception(backoff.constant, Exception, max_tries=3, interval=0.2, jitter=None, logger=None,
+                              on_backoff=lambda d: log.warning("serial read-back of task %s failed: %s", task_id, d["exception"]))  # fmt: skip
+        async def read_back() -> bool:
+            rows = await self._run("get_write_id", (task_id,))
+            return bool(rows) and rows[0].write_id == write_id
+
+        try:
+            return await read_back()
+        except Exception as exc:  # noqa: BLE001 - the outcome stays unknown
+            log.warning("serial read-back of task %s failed: %s", task_id, exc)
+            return None
 
     # ---------------------------------------------------------------- tasks
 
