@@ -60,6 +60,10 @@ from honcho.printer import Message, Printer
 # Defined in worker/watchdog.py (EXIT_FAIL_STOP); repeated here because the
 # shared core does not import the worker package. A unit test keeps them equal.
 EXIT_FAIL_STOP = 75
+# A worker whose credentials are refused for good (worker/runner.py,
+# EXIT_CREDENTIALS_REFUSED; EX_NOPERM): a restart cannot help until its token
+# is fixed, so it is not restarted (systemd: RestartPreventExitStatus=77).
+EXIT_CREDENTIALS_REFUSED = 77
 
 _COLOURS = (36, 33, 32, 35, 34, 31, 96, 93, 92, 95)  # honcho's: cyan, yellow, green, ...
 
@@ -236,7 +240,7 @@ class Supervisor:
     def _schedule_restart(self, child: _Child, code: int, ran_s: float) -> None:
         name = child.program.name
         what = _describe(code)
-        if code == 0 or not child.program.restart:
+        if code in (0, EXIT_CREDENTIALS_REFUSED) or not child.program.restart:
             self._say(f"{name} {what}; not restarted")
             return
         if ran_s >= self._policy.healthy_after_s:
@@ -291,6 +295,8 @@ def _silence_stdout() -> None:
 
 
 def _describe(code: int) -> str:
+    if code == EXIT_CREDENTIALS_REFUSED:
+        return f"exited with code {code} (its credentials were refused: fix its token, see its log)"
     if code == EXIT_FAIL_STOP:
         return f"exited with code {code} (fail-stop: it could not prove its lease and ended itself)"
     if code < 0:

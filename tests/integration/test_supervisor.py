@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from leasesched.infra.supervisor import EXIT_FAIL_STOP, Program, RestartPolicy, Supervisor
+from leasesched.infra.supervisor import EXIT_CREDENTIALS_REFUSED, EXIT_FAIL_STOP, Program, RestartPolicy, Supervisor
 from tests.cluster import wait_for
 from tests.processes import _pid_alive
 
@@ -202,6 +202,17 @@ def test_second_ctrl_c_kills_at_once(tmp_path: Path) -> None:
 def test_exit_code_matches_the_worker_watchdog() -> None:
     watchdog = pytest.importorskip("worker.watchdog")
     assert watchdog.EXIT_FAIL_STOP == EXIT_FAIL_STOP
+    runner = pytest.importorskip("worker.runner")
+    assert runner.EXIT_CREDENTIALS_REFUSED == EXIT_CREDENTIALS_REFUSED
+
+
+def test_refused_credentials_are_not_restarted(tmp_path: Path, started: list[Running]) -> None:
+    pids = tmp_path / "pids"
+    run = Running([Program("worker", ["sh", "-c", f"echo $$ >> {pids}; exit {EXIT_CREDENTIALS_REFUSED}"])])
+    started.append(run)
+    wait_for(lambda: "its credentials were refused" in run.text() and "not restarted" in run.text(), 10, "the refusal")
+    time.sleep(0.6)  # longer than any restart delay of FAST
+    assert len(_lines(pids)) == 1
 
 
 def test_ctrl_c_stops_everything_when_the_output_pipe_is_gone(tmp_path: Path) -> None:
