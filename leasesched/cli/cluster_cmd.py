@@ -41,7 +41,7 @@ def _ranges(shards: list[int]) -> str:
 def require_admin(cfg: Config) -> Principal | None:
     """The caller's principal when auth is on and ``cfg.token`` is a valid admin
     token; None when auth is off; ``click.ClickException`` (exit 1) otherwise."""
-    from leasesched.store.cassandra import CassandraStore
+    from leasesched.store.cassandra import CassandraStore, TaskCounts
 
     if cfg.auth == "off":
         return None
@@ -88,7 +88,7 @@ def status(cfg: Config, as_json: bool, count_limit: int) -> None:
     the token store: it shows every namespace. Any other token, or none, is
     refused with one line and exit status 1.
     """
-    from leasesched.store.cassandra import CassandraStore
+    from leasesched.store.cassandra import CassandraStore, TaskCounts
 
     require_admin(cfg)
     client = zk.connect(cfg)
@@ -99,16 +99,20 @@ def status(cfg: Config, as_json: bool, count_limit: int) -> None:
         client.stop()
         client.close()
 
-    async def count() -> dict[str, int]:
+    async def count() -> TaskCounts:
         store = CassandraStore(cfg)
         try:
             await store.connect()
-            return await store.count_by_status(count_limit)
+            return await store.count_tasks(count_limit)
         finally:
             await store.close()
 
+    unserved: dict[str, int] = {}  # "namespace/type" → SCHEDULED tasks no registered worker serves
     try:
-        counts: dict[str, int] | str = asyncio.run(count())
+        found = asyncio.run(count())
+        counts: dict[str, int] | str = found.by_status
+        served = {(d.get("namespace"), t) for d in roles["worker"].values() for t in d.get("types", [])}
+        unserved = {f"{ns}/{t}": n for (ns, t), n in sorted(found.scheduled_by_type.items()) if (ns, t) not in served}
     except Exception as exc:  # noqa: BLE001 - show what we can
         counts = f"unavailable: {exc}"
     owned = sorted(s for data in roles["trigger"].values() for s in data.get("shards", []))
@@ -119,6 +123,7 @@ def status(cfg: Config, as_json: bool, count_limit: int) -> None:
         "shards_without_owner": without_owner,
         "services": roles,
         "tasks_by_status": counts,
+        "scheduled_without_worker": unserved,
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -140,6 +145,8 @@ def status(cfg: Config, as_json: bool, count_limit: int) -> None:
         click.echo(f"tasks: {counts}")
     else:
         click.echo("tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "tasks: none")
+    for group, n in unserved.items():
+        click.echo(f"  NO WORKER for {group}: {n} SCHEDULED task(s) wait until one subscribes")
 
 
 def register(cli: click.Group) -> None:

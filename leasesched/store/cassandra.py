@@ -84,6 +84,12 @@ DAY_MS = 86_400_000
 # than the Paxos ballot of any conditional write, on any clock.
 CREATION_TIMESTAMP_US = 1
 
+@dataclasses.dataclass(frozen=True)
+class TaskCounts:
+    by_status: dict[str, int]
+    scheduled_by_type: dict[tuple[str, str], int]  # (namespace, type) → SCHEDULED tasks
+
+
 # Task field -> tasks column, for the fields that map one to one.
 _SIMPLE_COLUMNS = {
     "namespace": "namespace",
@@ -569,16 +575,16 @@ class CassandraStore:
             return Page(found, encode_token(day, None, None) if found or scanned else "")
         return Page(found, encode_token(day, after[0], after[1]))
 
-    async def count_by_status(self, limit: int) -> dict[str, int]:
-        """Counts over at most ``limit`` task rows (an operator's view, not a hot path)."""
-        from collections import Counter
-
+    async def count_tasks(self, limit: int) -> TaskCounts:
+        """Counts over at most ``limit`` task rows (an operator's view, not a hot path):
+        by status, and the SCHEDULED ones by namespace and type."""
         from cassandra.query import SimpleStatement
 
         session = await self._ensure_session()
-        statement = SimpleStatement(f"SELECT status FROM tasks LIMIT {int(limit)}", fetch_size=5000)
-        rows = await asyncio.to_thread(lambda: [r.status for r in session.execute(statement)])
-        return dict(Counter(rows))
+        statement = SimpleStatement(f"SELECT status, namespace, type FROM tasks LIMIT {int(limit)}", fetch_size=5000)
+        rows = await asyncio.to_thread(lambda: [(r.status, r.namespace, r.type) for r in session.execute(statement)])
+        scheduled = collections.Counter((ns, t) for status, ns, t in rows if status == TaskStatus.SCHEDULED.value)
+        return TaskCounts(dict(collections.Counter(status for status, _, _ in rows)), dict(scheduled))
 
     # ---------------------------------------------------------------- auth tokens
 

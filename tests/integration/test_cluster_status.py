@@ -57,8 +57,15 @@ def test_cluster_status_shows_shards_triggers_workers_and_leases(make_cluster) -
     assert "WITHOUT OWNER" not in text
     assert text.count("2 workers subscribed") == 2
     assert f"lease {task_id} token {running.lease_token}" in text
+    assert "NO WORKER" not in text and report["scheduled_without_worker"] == {}
     cluster.stub.CancelTask(pb.CancelTaskRequest(task_id=task_id), timeout=10)
     assert cluster.wait_terminal([task_id], 30)[task_id].status == pb.CANCELLED
+
+    # A task of a type no registered worker serves is named.
+    spec = pb.TaskSpec(namespace="chaos", type="chaos.nobody_serves_this")
+    cluster.stub.ScheduleTask(pb.ScheduleTaskRequest(task=spec), timeout=10)
+    assert json.loads(status(cluster, "--json"))["scheduled_without_worker"] == {"chaos/chaos.nobody_serves_this": 1}
+    assert "NO WORKER for chaos/chaos.nobody_serves_this: 1 SCHEDULED task(s)" in status(cluster)
 
 
 def run_status(cfg: Config, token: str | None) -> subprocess.CompletedProcess[str]:
