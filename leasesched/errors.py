@@ -1,6 +1,6 @@
 """Domain errors: what went wrong, in the scheduler's words.
 
-Services map each to one gRPC status code (``services/error_mapping.py``);
+Services map each to one gRPC status code (``leasesched/server/error_mapping.py``);
 the core never imports gRPC.
 """
 

@@ -15,11 +15,11 @@ from typing import Any
 from leasesched.config import Config
 from leasesched.coordination import registry
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
-from services import bootstrap
-from services.auth_setup import make_authenticator
+from leasesched.server import bootstrap
+from leasesched.server.auth_setup import make_authenticator
 from services.due_notifier import DueNotifier
 from services.rate_limit import QuotaInterceptor, Quotas, transport_cap
-from services.server import build_server, stop_signal, wait_for_stop_signal
+from leasesched.server.grpc_server import build_server, stop_signal, wait_for_stop_signal
 from services.task_service import TaskService
 from services.task_updater import TaskUpdater
 from services.worker_directory import WorkerDirectory

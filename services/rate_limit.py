@@ -20,7 +20,7 @@ and the limit, and the ``retry-after-ms`` trailing metadata says how long to
 wait. Buckets are per process: with N TaskService replicas the cluster-wide
 ceiling is N × rate.
 
-The interceptor must run after authentication (``services.server.build_server``
+The interceptor must run after authentication (``leasesched.server.grpc_server.build_server``
 puts it there): the caller is the principal the auth interceptor stored.
 """
 
@@ -35,7 +35,7 @@ import grpc
 
 from leasesched.auth import current_principal
 from leasesched.config import Config
-from services.unary_interceptor import Behavior, UnaryInterceptor
+from leasesched.server.unary_interceptor import Behavior, UnaryInterceptor
 
 SERVICE_PREFIX = "/leasesched.v1.TaskService/"
 SCHEDULE_METHOD = SERVICE_PREFIX + "ScheduleTask"

@@ -24,7 +24,7 @@ from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.convert import status_from_pb, task_view, ts
 from services.page_tokens import PageTokens
 from services.poll_cache import FinishedTasks
-from services.validation import check_namespace, check_task_id, request_hash, validate_schedule
+from leasesched.server.validation import check_namespace, check_task_id, request_hash, validate_schedule
 from services.worker_directory import WorkerDirectory
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # shard's trigger so the task is dispatched in milliseconds, not at the next scan.
 PAGE_TOKEN_SECRET = "list_page_tokens"
 # A ListTasks page ends early past this many bytes of tasks: results are up to
-# 1 MiB each and a gRPC answer at most 4 MiB (services/server.py), so a page of
+# 1 MiB each and a gRPC answer at most 4 MiB (leasesched/server/grpc_server.py), so a page of
 # big results is shorter, never refused (it was RESOURCE_EXHAUSTED).
 LIST_PAGE_BYTES = 3 * 1024 * 1024  # the name of the store's shared secret
 

@@ -32,7 +32,7 @@ from leasesched.states import TaskStatus
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.convert import dur, status_to_pb, ts
-from services.validation import check_task_id, check_worker_id
+from leasesched.server.validation import check_task_id, check_worker_id
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from leasesched.states import TaskStatus
 from leasesched.store.base import StoreError
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
-from services import bootstrap
-from services.auth_setup import make_authenticator
-from services.server import build_server, stop_signal, wait_for_stop_signal
+from leasesched.server import bootstrap
+from leasesched.server.auth_setup import make_authenticator
+from leasesched.server.grpc_server import build_server, stop_signal, wait_for_stop_signal
 from trigger.announcer import Announcer
 from trigger.dispatcher import Dispatcher, Ready, WorkersChanged
 from trigger.ownership import ShardOwnership

@@ -62,8 +62,8 @@ from leasesched.auth import Authenticator, current_principal, require_namespace
 from leasesched.errors import InvalidArgument, PermissionDenied, SchedulerError
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
-from services.error_mapping import code_for
-from services.validation import check_namespace, check_task_id, check_type, check_worker_id
+from leasesched.server.error_mapping import code_for
+from leasesched.server.validation import check_namespace, check_task_id, check_type, check_worker_id
 from trigger.dispatcher import Dispatcher, WorkerLink
 
 log = logging.getLogger(__name__)

@@ -53,7 +53,7 @@ from leasesched.coordination import registry, zk
 from leasesched.observability import metrics
 from leasesched.observability.logs import bind
 from leasesched.v1 import scheduler_pb2 as pb
-from services.server import stop_signal, wait_for_stop_signal
+from leasesched.server.grpc_server import stop_signal, wait_for_stop_signal
 from worker.execution import Execution
 from worker.handlers import Handlers
 from worker.heartbeats import HeartbeatThread

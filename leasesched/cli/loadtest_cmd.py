@@ -7,7 +7,7 @@ With ``--local`` (the default) it starts a complete cluster itself, from the
 same Config every command reads (``--home``, LEASESCHED_* variables):
 Cassandra and ZooKeeper (idempotent, left running unless ``--stop-infra``),
 a fresh keyspace and ZooKeeper root, TaskService, TaskUpdater, the triggers
-and workers running ``leasesched.loadtest.bench_handlers``. See
+and workers running ``worker.bench_handlers``. See
 ``leasesched/loadtest/runner.py`` for the phases and BENCHMARKS.md for results.
 """
 

@@ -12,7 +12,6 @@ newcomer sees the system work.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -26,6 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from leasesched.config import Config
+from leasesched.infra.tokens import local_tokens
 from leasesched.transport import sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
@@ -44,43 +44,6 @@ def _wait_serving(target: str, timeout_s: float, cfg: Config) -> bool:
                 pass
             time.sleep(0.3)
     return False
-
-
-def local_tokens(cfg: Config) -> dict[str, str]:
-    """role → token for the local cluster, created once and kept in <home>/tokens.json.
-
-    Local development only: the file holds secrets, inside the git-ignored
-    state folder. Tokens missing from the store (a fresh keyspace) are made anew.
-    """
-    import asyncio
-
-    from leasesched.auth import new_token, parse
-    from leasesched.store.cassandra import CassandraStore
-
-    path = Path(cfg.home) / "tokens.json"
-    saved: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
-
-    async def ensure() -> dict[str, str]:
-        store = CassandraStore(cfg)
-        await store.connect()
-        try:
-            tokens: dict[str, str] = {}
-            for role in ("admin", "worker", "client"):
-                plaintext = saved.get(role, "")
-                record = await store.get_token(parse(plaintext)[0]) if plaintext else None
-                if record is None or record.revoked:
-                    plaintext, record = new_token("default", role, name=f"local {role}")
-                    await store.put_token(record)
-                tokens[role] = plaintext
-            return tokens
-        finally:
-            await store.close()
-
-    tokens = asyncio.run(ensure())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(tokens))
-    path.chmod(0o600)
-    return tokens
 
 
 def token_banner(tokens: dict[str, str], path: Path, exe: str = "leasesched") -> str:

@@ -4,7 +4,7 @@ Modules, each small and separately testable:
 
 * ``arrival``        — open-loop pacing: requests leave on schedule, whether or not earlier ones returned;
 * ``metrics``        — per-method latency and error recording, per-second time series, percentiles;
-* ``bench_handlers`` — the worker handlers the benchmark runs, writing an execution ledger;
+* ``bench_tasks`` — what the benchmark schedules (its handlers: ``worker/bench_handlers.py``, writing an execution ledger);
 * ``ledger``         — reading that ledger: start times, executions, overlapping executions;
 * ``store_probe``    — the store's raw plain-write and LWT capacity with the product's driver settings;
 * ``cluster``        — a complete local cluster of real processes (infra, schema, services, triggers, workers);

@@ -1,7 +1,7 @@
 """A complete local leasesched cluster of real processes for one load test.
 
 TaskService, TaskUpdater, N triggers and M workers running
-``leasesched.loadtest.bench_handlers``, each the very command an operator
+``worker.bench_handlers``, each the very command an operator
 runs (``<venv>/bin/leasesched <role> --port P``), configured the way an
 operator configures it: the run's ``Config`` exported field by field as
 ``LEASESCHED_<FIELD>``. Every process is a ``ManagedProcess`` (own process
@@ -23,10 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from leasesched.config import Config
 from leasesched.infra.process import ManagedProcess, tail
-from leasesched.loadtest.bench_handlers import LEDGER_ENV
+from leasesched.loadtest.bench_tasks import BENCH_MODULE, LEDGER_ENV
 
 LEASESCHED_BIN = Path(sys.executable).with_name("leasesched")
-BENCH_MODULE = "leasesched.loadtest.bench_handlers"
 
 
 class ClusterError(RuntimeError):

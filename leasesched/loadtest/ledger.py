@@ -1,7 +1,7 @@
 """The execution ledger: what handlers really ran, and the two checks of "at most once".
 
 One module for the chaos tests (``tests/chaos_handlers.py``) and the benchmark
-(``bench_handlers``): the same writer, the same format, the same checker.
+(``worker/bench_handlers.py``): the same writer, the same format, the same checker.
 
 Why it records execution, not belief: a handler that ignores its context keeps
 running after its worker stopped believing in the lease; only the handler's own

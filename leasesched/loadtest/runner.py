@@ -39,7 +39,7 @@ from tqdm import tqdm
 from leasesched.config import Config
 from leasesched.loadtest import ledger as ledger_mod
 from leasesched.loadtest.arrival import open_loop
-from leasesched.loadtest.bench_handlers import NAMESPACE, TASK_TYPE, make_payload
+from leasesched.loadtest.bench_tasks import NAMESPACE, TASK_TYPE, make_payload
 from leasesched.loadtest.cpu import CpuMeter
 from leasesched.loadtest.metrics import MethodStats
 from leasesched.v1 import scheduler_pb2 as pb
@@ -129,7 +129,7 @@ class LoadTest:
         service_env: dict[str, str] = {}
         worker_env: dict[str, str] = {}
         if base.auth == "on":
-            from leasesched.cli.local_cmd import local_tokens
+            from leasesched.infra.tokens import local_tokens
 
             tokens = local_tokens(base)
             service_env = {"LEASESCHED_TOKEN": tokens["admin"]}

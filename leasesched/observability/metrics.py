@@ -8,7 +8,7 @@ into a metric that is not registered (unit tests, a process with
 ``metrics_port = 0``) costs the same and exports nothing.
 
 Labels are kept few and bounded: gRPC method and status code (methods are the
-registered ones only, see ``services/metrics_interceptor.py``), task type
+registered ones only, see ``leasesched/server/metrics_interceptor.py``), task type
 (capped by ``type_label``), and a small fixed set of reasons/outcomes.
 """
 

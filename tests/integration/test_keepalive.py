@@ -3,7 +3,7 @@
 Workers logged ERROR ``GOAWAY ... ENHANCE_YOUR_CALM ... too_many_pings`` every
 few minutes and re-subscribed: clients pinged every 20 s, servers accepted a
 ping without data only every 5 minutes. Here a server made by
-``services.server.build_server`` and a worker's Subscribe stream on a channel
+``leasesched.server.grpc_server.build_server`` and a worker's Subscribe stream on a channel
 made by ``leasesched.transport`` — the project's own option lists, with the
 interval shortened through the same setting (``grpc_keepalive_s``) — run for
 several pings. gRPC's own keepalive trace (stderr of a child process) shows
@@ -32,7 +32,7 @@ PINGS = 5
 
 
 async def _scenario(keepalive_s: float, pings: int) -> dict[str, object]:
-    from services.server import build_server
+    from leasesched.server.grpc_server import build_server
     from trigger.dispatcher import Dispatcher
     from trigger.service import TriggerService
     from worker.subscriptions import TriggerLink

@@ -12,7 +12,7 @@ import pytest
 
 from leasesched.loadtest import ledger
 from leasesched.loadtest.arrival import open_loop
-from leasesched.loadtest.bench_handlers import make_payload
+from leasesched.loadtest.bench_tasks import make_payload
 from leasesched.loadtest.metrics import MethodStats, percentiles
 from leasesched.loadtest.report import lwt_per_task
 

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from leasesched.infra.process import ManagedProcess
 from leasesched.observability import metrics
 from leasesched.observability.logs import JsonFormatter, TextFormatter, bind, fields, log_context
-from services.metrics_interceptor import MetricsInterceptor
+from leasesched.server.metrics_interceptor import MetricsInterceptor
 
 
 def record(msg: str = "task %s claimed", *args: object, exc: bool = False, **extra: object) -> logging.LogRecord:

@@ -5,7 +5,7 @@ from leasesched.config import Config
 from leasesched.errors import InvalidArgument
 from leasesched.model import shard_of
 from leasesched.v1 import scheduler_pb2 as pb
-from services.validation import check_task_id, request_hash, validate_schedule
+from leasesched.server.validation import check_task_id, request_hash, validate_schedule
 
 NOW = 1_800_000_000_000
 CFG = Config(max_payload_bytes=1024)

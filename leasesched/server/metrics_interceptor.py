@@ -18,7 +18,7 @@ import grpc
 from prometheus_client import Histogram
 
 from leasesched.observability import metrics
-from services.unary_interceptor import Behavior, UnaryInterceptor
+from leasesched.server.unary_interceptor import Behavior, UnaryInterceptor
 
 
 class MetricsInterceptor(UnaryInterceptor):

@@ -15,7 +15,7 @@ import grpc
 
 from leasesched.auth import Authenticator, Principal, current_principal
 from leasesched.errors import PermissionDenied, Unauthenticated, Unavailable
-from services.error_mapping import code_for
+from leasesched.server.error_mapping import code_for
 
 log = logging.getLogger(__name__)
 

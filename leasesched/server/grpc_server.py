@@ -17,9 +17,9 @@ from grpc_reflection.v1alpha import reflection
 from leasesched.auth import Authenticator
 from leasesched.config import Config
 from leasesched.transport import add_port, server_options
-from services.auth_interceptor import AuthInterceptor
-from services.error_mapping import ErrorMappingInterceptor
-from services.metrics_interceptor import MetricsInterceptor
+from leasesched.server.auth_interceptor import AuthInterceptor
+from leasesched.server.error_mapping import ErrorMappingInterceptor
+from leasesched.server.metrics_interceptor import MetricsInterceptor
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import grpc
 
 from leasesched import errors
-from services.unary_interceptor import Behavior, UnaryInterceptor
+from leasesched.server.unary_interceptor import Behavior, UnaryInterceptor
 
 log = logging.getLogger(__name__)
 

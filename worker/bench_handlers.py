@@ -1,34 +1,22 @@
 """Handlers the benchmark's workers run: a no-op or a short sleep, with an execution ledger.
 
-``leasesched worker --module leasesched.loadtest.bench_handlers`` with
+``leasesched worker --module worker.bench_handlers`` with
 ``LEASESCHED_BENCH_LEDGER=<file>`` in its environment. Every execution
 appends a START and an END line to that file (``leasesched.loadtest.ledger``:
-the same format and writer as the chaos tests' handlers).
-
-The payload starts with a JSON object ``{"ms": <handler milliseconds>}``,
-padded with spaces to the requested payload size (JSON allows trailing
-whitespace), so one worker serves every handler duration.
+the same format and writer as the chaos tests' handlers). What the tasks
+carry is defined in ``leasesched.loadtest.bench_tasks``.
 """
 
 from __future__ import annotations
 
 import json
 
+from leasesched.loadtest.bench_tasks import LEDGER_ENV, NAMESPACE, TASK_TYPE
 from leasesched.loadtest.ledger import LedgerWriter
 from worker.handlers import Handlers, TaskContext
 
-NAMESPACE = "bench"
-TASK_TYPE = "bench.noop"
-LEDGER_ENV = "LEASESCHED_BENCH_LEDGER"
-
 handlers = Handlers(namespace=NAMESPACE)
 ledger = LedgerWriter(LEDGER_ENV)
-
-
-def make_payload(handler_ms: float, size: int) -> bytes:
-    """The payload for a task whose handler runs ``handler_ms``, padded to ``size`` bytes."""
-    head = json.dumps({"ms": handler_ms}, separators=(",", ":")).encode()
-    return head + b" " * max(0, size - len(head))
 
 
 @handlers.task(TASK_TYPE)
