@@ -10,6 +10,7 @@ cluster status`` shows both (``announcer.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
@@ -114,71 +115,77 @@ class Trigger:
 
 
 async def serve(cfg: Config, port: int) -> None:
+    """Run a trigger until a stop signal.
+
+    Every step of the start-up pushes its undo onto one exit stack, so a
+    failure at any step (ZooKeeper gone, port taken) releases exactly what was
+    started before it, and a normal stop runs the same undos in reverse:
+    not serving, shards released, registration gone, workers' streams ended,
+    server stopped, connections closed."""
     stop = stop_signal()  # a SIGTERM during start-up also stops gracefully
-    core = await bootstrap.connect(cfg)
-    client, meta, store, lifecycle = core.zk, core.meta, core.store, core.lifecycle
-    settings = ScanSettings(
-        bucket_s=meta.due_bucket_s,
-        interval_s=cfg.scan_interval_s,
-        lookahead_ms=int(cfg.scan_lookahead_s * 1000),
-        settle_ms=int(cfg.scan_settle_s * 1000),
-        orphan_grace_ms=int(cfg.orphan_grace_s * 1000),
-        lease_grace_ms=int(cfg.lease_grace_s * 1000),
-        start_ms=meta.created_at_ms,
-        checkpoint_every_s=cfg.checkpoint_interval_s,
-    )
-    announcer = Announcer()
-    trigger = Trigger(cfg, lifecycle, settings, on_workers=announcer.set_workers)
-    # Read at scrape time: nothing on the dispatch path.
-    metrics.shards_owned.set_function(lambda: len(trigger.owned))
-    metrics.dispatch_queued.set_function(lambda: trigger.dispatcher.stats()["queued"])
-    metrics.dispatch_inflight.set_function(lambda: trigger.dispatcher.stats()["inflight"])
-    metrics.subscribed_workers.set_function(lambda: trigger.dispatcher.stats()["workers"])
-    service = TriggerService(trigger.dispatcher, trigger.due_hint, cfg.max_streams_per_worker, logical_shards=meta.logical_shards)
-    authenticator = make_authenticator(cfg, store)
-    server = await build_server(
-        f"{cfg.bind_host}:{port}",
-        [(pb_grpc.add_TriggerServiceServicer_to_server, service, "leasesched.v1.TriggerService")],
-        cfg,
-        authenticator=authenticator,
-        outer_interceptors=[RefusalLog(authenticator)],
-    )
-    await server.server.start()
-    address = f"{cfg.bind_host}:{server.port}"
-    registration = registry.Registration(client, cfg.zk_root, "trigger", address, announcer.data())
-    await asyncio.to_thread(registration.start)
-    announcer.start(registration)
-    loop = asyncio.get_running_loop()
+    async with contextlib.AsyncExitStack() as stack:
+        core = await bootstrap.connect(cfg)
+        stack.push_async_callback(core.close)
+        client, meta, store, lifecycle = core.zk, core.meta, core.store, core.lifecycle
+        settings = ScanSettings(
+            bucket_s=meta.due_bucket_s,
+            interval_s=cfg.scan_interval_s,
+            lookahead_ms=int(cfg.scan_lookahead_s * 1000),
+            settle_ms=int(cfg.scan_settle_s * 1000),
+            orphan_grace_ms=int(cfg.orphan_grace_s * 1000),
+            lease_grace_ms=int(cfg.lease_grace_s * 1000),
+            start_ms=meta.created_at_ms,
+            checkpoint_every_s=cfg.checkpoint_interval_s,
+        )
+        announcer = Announcer()
+        trigger = Trigger(cfg, lifecycle, settings, on_workers=announcer.set_workers)
+        # Read at scrape time: nothing on the dispatch path.
+        metrics.shards_owned.set_function(lambda: len(trigger.owned))
+        metrics.dispatch_queued.set_function(lambda: trigger.dispatcher.stats()["queued"])
+        metrics.dispatch_inflight.set_function(lambda: trigger.dispatcher.stats()["inflight"])
+        metrics.subscribed_workers.set_function(lambda: trigger.dispatcher.stats()["workers"])
+        service = TriggerService(trigger.dispatcher, trigger.due_hint, cfg.max_streams_per_worker, logical_shards=meta.logical_shards)
+        authenticator = make_authenticator(cfg, store)
+        server = await build_server(
+            f"{cfg.bind_host}:{port}",
+            [(pb_grpc.add_TriggerServiceServicer_to_server, service, "leasesched.v1.TriggerService")],
+            cfg,
+            authenticator=authenticator,
+            outer_interceptors=[RefusalLog(authenticator)],
+        )
+        await server.server.start()
+        stack.push_async_callback(server.server.stop, cfg.shutdown_grace_s)
+        stack.callback(service.close)  # end the workers' streams first; NotifyDue calls get the grace
+        address = f"{cfg.bind_host}:{server.port}"
+        registration = registry.Registration(client, cfg.zk_root, "trigger", address, announcer.data())
+        await asyncio.to_thread(registration.start)
+        stack.push_async_callback(asyncio.to_thread, registration.close)
+        announcer.start(registration)
+        stack.push_async_callback(announcer.stop)
+        loop = asyncio.get_running_loop()
 
-    def on_owned(owned: frozenset[int]) -> None:
-        # Called from kazoo's threads: hop onto the loop, then publish.
-        def apply() -> None:
-            trigger.set_owned(owned)
-            announcer.set_shards(owned)
+        def on_owned(owned: frozenset[int]) -> None:
+            # Called from kazoo's threads: hop onto the loop, then publish.
+            def apply() -> None:
+                trigger.set_owned(owned)
+                announcer.set_shards(owned)
 
-        loop.call_soon_threadsafe(apply)
+            loop.call_soon_threadsafe(apply)
 
-    ownership = ShardOwnership(
-        client,
-        f"{cfg.zk_root}/partition",
-        meta.logical_shards,
-        identifier=address,
-        on_change=on_owned,
-        settle_s=cfg.partition_settle_s,
-    )
-    ownership.start()
-    await server.set_serving(True)
-    log.info("trigger serving on %s", address)
-    try:
+        ownership = ShardOwnership(
+            client,
+            f"{cfg.zk_root}/partition",
+            meta.logical_shards,
+            identifier=address,
+            on_change=on_owned,
+            settle_s=cfg.partition_settle_s,
+        )
+        ownership.start()
+        stack.push_async_callback(asyncio.to_thread, ownership.stop)
+        stack.callback(trigger.stop)
+        await server.set_serving(True)
+        stack.push_async_callback(server.set_serving, False)
+        stack.callback(log.info, "trigger stopping: releasing shards")
+        log.info("trigger serving on %s", address)
         await wait_for_stop_signal(stop)
-    finally:
-        log.info("trigger stopping: releasing shards")
-        await server.set_serving(False)
-        trigger.stop()
-        await asyncio.to_thread(ownership.stop)
-        await announcer.stop()
-        await asyncio.to_thread(registration.close)
-        service.close()  # end the workers' streams; NotifyDue calls get the grace
-        await server.server.stop(grace=cfg.shutdown_grace_s)
-        await core.close()
-        log.info("trigger stopped")
+    log.info("trigger stopped")
