@@ -270,6 +270,15 @@ class LiveCluster:
         if self._watch is not None:
             self._watch.stop()
 
+    def dispose(self) -> None:
+        """After a test: close, stop every process started for it, drop its keyspace."""
+        self.close()
+        self.group.stop_all()
+        try:
+            schema.drop_keyspace(self.cfg)
+        except Exception:  # noqa: BLE001 - a test that left Cassandra down already failed
+            pass
+
     def schedule(
         self,
         seconds: float = 0.2,

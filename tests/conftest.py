@@ -109,7 +109,6 @@ def make_cluster(infra: LocalInfra, request: pytest.FixtureRequest, tmp_path: Pa
     """``make_cluster(triggers=2, workers=2, slots=8)`` → a started ``tests.cluster.LiveCluster``
     of real processes with its own keyspace and ZooKeeper root; stopped after the test.
     ``metrics=True``: every process serves /metrics on its own port (``tests.observe``)."""
-    from leasesched.store import schema
     from tests.cluster import LiveCluster, cluster_config
     from tests.observe import MetricsGroup
     from tests.processes import ProcessGroup
@@ -125,9 +124,4 @@ def make_cluster(infra: LocalInfra, request: pytest.FixtureRequest, tmp_path: Pa
 
     yield make
     for cluster in clusters:
-        cluster.close()
-        cluster.group.stop_all()
-        try:
-            schema.drop_keyspace(cluster.cfg)
-        except Exception:  # noqa: BLE001 - a test that left Cassandra down already failed
-            pass
+        cluster.dispose()

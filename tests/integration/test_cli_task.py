@@ -22,7 +22,6 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from leasesched.infra.local import LocalInfra
-from leasesched.store import schema
 from tests.cluster import NAMESPACE, LiveCluster, cluster_config, wait_for
 from tests.processes import LEASESCHED_BIN, REPO, ProcessGroup
 from worker.handlers import Handlers, TaskContext
@@ -52,12 +51,7 @@ def cluster(infra: LocalInfra, tmp_path_factory: pytest.TempPathFactory) -> Iter
         live.wait_workers_subscribed()
         yield live
     finally:
-        live.close()
-        live.group.stop_all()
-        try:
-            schema.drop_keyspace(cfg)
-        except Exception:  # noqa: BLE001 - a test that left Cassandra down already failed
-            pass
+        live.dispose()
 
 
 def _env() -> dict[str, str]:

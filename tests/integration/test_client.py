@@ -39,7 +39,6 @@ from leasesched.client import (
 )
 from leasesched.config import Config
 from leasesched.infra.local import LocalInfra
-from leasesched.store import schema
 from tests.cluster import NAMESPACE, LiveCluster, cluster_config, wait_for
 from tests.conftest import REPO, free_ports
 from tests.processes import ProcessGroup
@@ -64,12 +63,7 @@ def cluster(infra: LocalInfra, tmp_path_factory: pytest.TempPathFactory) -> Iter
     try:
         yield live.start(triggers=1, workers=1, slots=8)
     finally:
-        live.close()
-        live.group.stop_all()
-        try:
-            schema.drop_keyspace(cfg)
-        except Exception:  # noqa: BLE001 - a test that left Cassandra down already failed
-            pass
+        live.dispose()
 
 
 @pytest.fixture

@@ -31,7 +31,6 @@ from cassandra.cluster import Session
 
 from leasesched.infra.local import LocalInfra
 from leasesched.model import bucket_of, now_ms, shard_of
-from leasesched.store import schema
 from leasesched.store.cassandra import new_cluster
 from leasesched.v1 import scheduler_pb2 as pb
 from tests.cluster import LiveCluster, cluster_config, wait_for
@@ -50,12 +49,7 @@ def cluster(infra: LocalInfra, tmp_path_factory: pytest.TempPathFactory) -> Iter
     try:
         yield live.start(triggers=1, workers=1, slots=4)
     finally:
-        live.close()
-        live.group.stop_all()
-        try:
-            schema.drop_keyspace(cfg)
-        except Exception:  # noqa: BLE001 - a test that left Cassandra down already failed
-            pass
+        live.dispose()
 
 
 @pytest.fixture(scope="module")
