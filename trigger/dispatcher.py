@@ -92,6 +92,15 @@ ClaimCheck = Callable[[Ready], Awaitable[bool]]
 WorkersChanged = Callable[[set[str]], None]
 
 
+@dataclass
+class InFlight:
+    """A dispatch sent to a worker and not yet known to be claimed."""
+
+    ready: Ready
+    claim_check: asyncio.TimerHandle  # fires after the claim timeout: still unclaimed? dispatch again
+    link: WorkerLink  # the stream it went out on
+
+
 class Dispatcher:
     def __init__(self, claim_timeout_s: float, still_unclaimed: ClaimCheck, on_workers: WorkersChanged | None = None) -> None:
         self._claim_timeout_s = claim_timeout_s
@@ -99,7 +108,7 @@ class Dispatcher:
         self._on_workers = on_workers
         self._heaps: dict[tuple[str, str], list[Ready]] = {}
         self._links: set[WorkerLink] = set()
-        self._inflight: dict[Key, tuple[Ready, asyncio.TimerHandle, WorkerLink]] = {}
+        self._inflight: dict[Key, InFlight] = {}
         self._queued: set[Key] = set()
         self._finished: collections.OrderedDict[tuple[uuid.UUID, int], float] = collections.OrderedDict()
         self._seq = itertools.count()
@@ -140,22 +149,22 @@ class Dispatcher:
         if not task_ids:
             return
         for key in [k for k in self._inflight if k[0] in task_ids]:
-            ready, timer, _ = self._inflight.pop(key)
-            timer.cancel()
-            self.offer(ready)
+            entry = self._inflight.pop(key)
+            entry.claim_check.cancel()
+            self.offer(entry.ready)
 
     def claimed(self, link: WorkerLink, task_id: uuid.UUID, attempt: int, lease_token: int) -> None:
         """The worker claimed the dispatch (task, attempt, token as dispatched):
         its lease entry covers the task from here, no claim check is needed."""
         key = (task_id, attempt, lease_token)
         entry = self._inflight.get(key)
-        if entry is None or entry[2] is not link:
+        if entry is None or entry.link is not link:
             return  # not dispatched on this stream, or settled already
         del self._inflight[key]
-        entry[1].cancel()
+        entry.claim_check.cancel()
         if len(link.claimed) < MAX_CLAIMED_PER_LINK:
             link.claimed[task_id] = lease_token + 1  # a claim raises the token by one
-        entry[0].on_done()
+        entry.ready.on_done()
 
     def finished(self, link: WorkerLink, task_id: uuid.UUID, lease_token: int) -> None:
         """The worker's report under ``lease_token`` was accepted."""
@@ -197,11 +206,11 @@ class Dispatcher:
                     r.on_done()
             heapq.heapify(kept)
             self._heaps[group] = kept
-        for key, (ready, timer, _) in list(self._inflight.items()):
-            if ready.shard not in keep:
-                timer.cancel()
+        for key, entry in list(self._inflight.items()):
+            if entry.ready.shard not in keep:
+                entry.claim_check.cancel()
                 del self._inflight[key]
-                ready.on_done()
+                entry.ready.on_done()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -238,7 +247,7 @@ class Dispatcher:
         link.outbox.put_nowait(dispatch)
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self._claim_timeout_s, self._start_claim_check, ready.key)
-        self._inflight[ready.key] = (ready, timer, link)
+        self._inflight[ready.key] = InFlight(ready, timer, link)
         self.dispatched_total += 1
         metrics.tasks_dispatched.labels(metrics.type_label(ready.type)).inc()
         if log.isEnabledFor(logging.DEBUG):
@@ -261,7 +270,7 @@ class Dispatcher:
         entry = self._inflight.get(key)
         if entry is None:
             return
-        task = asyncio.ensure_future(self._claim_check(entry[0]))
+        task = asyncio.ensure_future(self._claim_check(entry.ready))
         self._checks.add(task)
         task.add_done_callback(self._checks.discard)
 
@@ -274,7 +283,7 @@ class Dispatcher:
             entry = self._inflight.get(ready.key)
             if entry is not None:
                 timer = loop.call_later(self._claim_timeout_s, self._start_claim_check, ready.key)
-                self._inflight[ready.key] = (ready, timer, entry[2])
+                self._inflight[ready.key] = InFlight(ready, timer, entry.link)
             return
         if self._inflight.pop(ready.key, None) is None:
             return  # dropped meanwhile (shard lost)
