@@ -35,9 +35,15 @@ def sigterm(proc: RunningProcess) -> float:
 
 
 def assert_clean_exit(proc: RunningProcess, last_words: str) -> None:
+    """Exit 0, the stop's last line logged, and no error on the way (a clean stop logs
+    no ERROR, e.g. asyncio's "Task was destroyed but it is pending!")."""
     assert proc.exit_code == 0, f"{proc} exited with {proc.exit_code} after SIGTERM\n{proc.log_tail()}"
-    messages = [r["msg"] for r in json_log_records(proc)]
+    records = json_log_records(proc)
+    messages = [r["msg"] for r in records]
     assert any(last_words in m for m in messages), f"{proc} never logged {last_words!r}\n{proc.log_tail()}"
+    errors = [r["msg"] for r in records if r.get("level") in ("ERROR", "CRITICAL")]
+    assert not errors, f"{proc} logged errors while stopping: {errors[:3]}"
+    assert "Task was destroyed" not in proc.log_path.read_text(errors="replace")
 
 
 def serving(proc: RunningProcess) -> bool:
