@@ -74,6 +74,21 @@ class FailOutcome:
 _FRESH_ATTEMPT: dict[str, Any] = {"progress_percent": 0.0, "progress_message": ""}
 
 
+def deadline_passed(task: Task, now: int) -> str | None:
+    """Why ``task`` may no longer run at ``now`` (its schedule_to_close passed, or it
+    waited past schedule_to_start), or None. Checked by the trigger when it handles
+    a due entry and by every claim."""
+    if task.deadline_at is not None and now >= task.deadline_at:
+        return f"schedule_to_close of {task.timeouts.schedule_to_close_ms} ms exceeded"
+    if (
+        task.status == TaskStatus.SCHEDULED
+        and task.timeouts.schedule_to_start_ms
+        and now >= task.run_at + task.timeouts.schedule_to_start_ms
+    ):
+        return f"schedule_to_start of {task.timeouts.schedule_to_start_ms} ms exceeded"
+    return None
+
+
 def _ended(error: str, error_type: str) -> dict[str, Any]:
     """What every end of an attempt writes: its error (cut to the columns' bounds), no lease."""
     return {"error": error[:4096], "error_type": error_type[:256], "lease_expires_at": None}
@@ -240,6 +255,14 @@ class Lifecycle:
             raise FailedPrecondition(f"task {task_id} is not due until {task.run_at}")
         if task.cancel_requested:
             raise FailedPrecondition(f"task {task_id} has a cancel request")
+        late = deadline_passed(task, now)
+        if late is not None:
+            # Never started past its deadline, however long it waited in a
+            # dispatcher queue or behind re-dispatches since the trigger looked.
+            if await self.fail_deadline(task, late):
+                log.info("task %s failed at its claim: %s", task.task_id, late, extra=fields(task_id=str(task.task_id)))
+                metrics.tasks_failed.labels(metrics.type_label(task.type), "deadline").inc()
+            raise FailedPrecondition(f"task {task_id} is past its deadline: {late}")
         token = task.lease_token + 1
         expires_at = now + task.lease_ms
         # The lease check entry goes first: if we crash after the claim, the

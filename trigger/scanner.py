@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Hashable
 
 from leasesched.errors import SchedulerError
-from leasesched.lifecycle import Lifecycle, lease_entry, run_entry
+from leasesched.lifecycle import Lifecycle, deadline_passed, lease_entry, run_entry
 from leasesched.model import DueEntry, Task, now_ms
 from leasesched.observability import metrics
 from leasesched.observability.logs import bind, fields
@@ -267,15 +267,7 @@ class ShardScanner:
             self._retry_soon(entry, key)  # the task row may still be on its way
 
     async def _deadline_passed(self, task: Task, now: int) -> bool:
-        reason = None
-        if task.deadline_at is not None and now >= task.deadline_at:
-            reason = f"schedule_to_close of {task.timeouts.schedule_to_close_ms} ms exceeded"
-        elif (
-            task.status == TaskStatus.SCHEDULED
-            and task.timeouts.schedule_to_start_ms
-            and now >= task.run_at + task.timeouts.schedule_to_start_ms
-        ):
-            reason = f"schedule_to_start of {task.timeouts.schedule_to_start_ms} ms exceeded"
+        reason = deadline_passed(task, now)
         if reason is None:
             return False
         if await self._lifecycle.fail_deadline(task, reason):

@@ -394,3 +394,20 @@ async def test_a_cancel_acknowledged_without_a_request_is_an_ordinary_failure(li
     assert outcome.status == TaskStatus.SCHEDULED and outcome.next_run_at is not None  # retried, not CANCELLED
     view = await life.get(task.task_id)
     assert (view.attempt, view.error_type) == (2, "Cancelled")
+
+
+async def test_a_claim_past_the_deadline_fails_the_task_instead_of_starting_it(life: Lifecycle) -> None:
+    """However long a task waited after the trigger looked (a dispatcher queue, re-dispatches
+    after the claim timeout), it never starts past schedule_to_start / schedule_to_close."""
+    from leasesched.model import Timeouts
+
+    waited = (await life.schedule(new_task(timeouts=Timeouts(schedule_to_start_ms=1000)))).task
+    with pytest.raises(FailedPrecondition, match="past its deadline: schedule_to_start of 1000 ms exceeded"):
+        await life.claim(waited.task_id, "w1", 1, now=waited.run_at + 1000)
+    view = await life.get(waited.task_id)
+    assert (view.status, view.error_type) == (TaskStatus.FAILED, "DeadlineExceeded")
+
+    closing = (await life.schedule(new_task(timeouts=Timeouts(schedule_to_close_ms=5000), deadline_at=now_ms() + 5000))).task
+    assert (await life.claim(closing.task_id, "w1", 1)).token == 1  # in time: runs
+    on_time = (await life.schedule(new_task(timeouts=Timeouts(schedule_to_start_ms=1000)))).task
+    assert (await life.claim(on_time.task_id, "w1", 1, now=on_time.run_at + 999)).token == 1
