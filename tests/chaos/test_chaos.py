@@ -10,72 +10,14 @@ executions, exactly one accepted completion per SUCCEEDED task.
 from __future__ import annotations
 
 import json
-import random
-import threading
 import time
 from pathlib import Path
 
-import grpc
-
-from leasesched.transport import SERVER_GONE_CODES
 from leasesched.v1 import scheduler_pb2 as pb
+from tests.chaos.load import Load, steady
 from tests.cluster import LiveCluster, Report, check_invariants, wait_for
 
 REPORT_FILE = Path(__file__).resolve().parents[2] / ".leasesched" / "chaos-report.jsonl"
-
-
-class Load:
-    """Schedules tasks from a background thread at a steady pace; every
-    accepted id is kept (a schedule retried after UNAVAILABLE or a stopping
-    server's CANCELLED keeps its key)."""
-
-    def __init__(self, cluster: LiveCluster, count: int, per_second: float, delayed_share: float = 0.2) -> None:
-        self.cluster = cluster
-        self.count = count
-        self.per_second = per_second
-        self.delayed_share = delayed_share
-        self.ids: list[str] = []
-        self.unavailable = 0
-        self.errors: list[str] = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._rng = random.Random(7)
-
-    def start(self) -> "Load":
-        self._thread.start()
-        return self
-
-    def join(self, timeout: float = 180) -> list[str]:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "the load generator did not finish"
-        assert not self.errors, self.errors[:3]
-        return self.ids
-
-    def _run(self) -> None:
-        started = time.monotonic()
-        for n in range(self.count):
-            wait = started + n / self.per_second - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            delay = self._rng.uniform(0.5, 3.0) if self._rng.random() < self.delayed_share else 0.0
-            seconds = self._rng.uniform(0.1, 1.5)
-            try:
-                self.ids.append(self._schedule(seconds, delay))
-            except Exception as exc:  # noqa: BLE001 - reported by join()
-                self.errors.append(repr(exc))
-
-    def _schedule(self, seconds: float, delay: float) -> str:
-        key = f"load-{time.time_ns()}-{self._rng.random()}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                return self.cluster.schedule(seconds=seconds, delay_s=delay, key=key, retry_unavailable=False)
-            except grpc.RpcError as err:
-                if err.code() not in SERVER_GONE_CODES and err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise
-                self.unavailable += 1
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.25)
 
 
 def running_on(cluster: LiveCluster, pid: int) -> set[tuple[str, int]]:
@@ -147,7 +89,7 @@ def test_sigstop_worker_longer_than_its_lease(make_cluster) -> None:
 
 def test_kill9_trigger_under_load(make_cluster) -> None:
     cluster = make_cluster(triggers=2, workers=2, slots=8)
-    load = Load(cluster, count=300, per_second=40, delayed_share=0.4).start()
+    load = Load(cluster, count=300, per_second=40, kinds=steady(0.4)).start()
     wait_for(lambda: len(load.ids) >= 80, 30, "load to build up in both triggers' shards")
     victim, survivor = cluster.triggers
     cluster.kill9(victim)

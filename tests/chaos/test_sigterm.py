@@ -18,7 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
-from tests.chaos.test_chaos import Load, finish, running_on
+from tests.chaos.load import Load, steady
+from tests.chaos.test_chaos import finish, running_on
 from tests.cluster import LiveCluster, wait_for
 from tests.observe import MetricsGroup, json_log_records, scrape
 from tests.processes import RunningProcess
@@ -95,7 +96,7 @@ def test_sigterm_worker_drains_then_releases_running_tasks(make_cluster) -> None
 
 def test_sigterm_trigger_hands_its_shards_over(make_cluster) -> None:
     cluster: LiveCluster = make_cluster(triggers=2, workers=2, slots=8)
-    load = Load(cluster, count=200, per_second=40, delayed_share=0.4).start()
+    load = Load(cluster, count=200, per_second=40, kinds=steady(0.4)).start()
     wait_for(lambda: len(load.ids) >= 40, 30, "load to build up in both triggers' shards")
     victim, survivor = cluster.triggers
     sigterm(victim)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import threading
 import time
@@ -45,8 +44,8 @@ import pytest
 
 from leasesched.loadtest import ledger as ledger_mod
 from leasesched.store.cassandra import new_cluster
-from leasesched.transport import SERVER_GONE_CODES
 from leasesched.v1 import scheduler_pb2 as pb
+from tests.chaos.load import COOPERATIVE, Kind, Load
 from tests.chaos.test_chaos import REPORT_FILE
 from tests.chaos_handlers import LEDGER_ENV, SINK_CQL, SINK_TABLE
 from tests.cluster import NAMESPACE, TERMINAL, LiveCluster, Report, check_invariants, wait_for
@@ -66,92 +65,15 @@ def pending(reason: str) -> pytest.MarkDecorator:
 # ------------------------------------------------------------------ load
 
 
-@dataclass(frozen=True)
-class Kind:
-    """One share of a mixed load: a task type and how long its handler runs."""
-
-    type: str
-    share: float
-    seconds: tuple[float, float]
-    start_to_close_s: float = 0.0
-    max_attempts: int = 5
-
-
-COOPERATIVE = "chaos.work"
 STUBBORN_THREAD = "chaos.stubborn_thread"
 BLOCKING_ASYNC = "chaos.blocking_async"
 STUBBORN_PROCESS = "chaos.stubborn_process"
 FENCED_THREAD = "chaos.fenced_thread"
 
 
-class MixedLoad:
-    """Schedules ``count`` tasks of the given kinds from a background thread at a steady pace."""
-
-    def __init__(self, cluster: LiveCluster, kinds: list[Kind], count: int = TASKS, per_second: float = 40, seed: int = 10) -> None:
-        self.cluster = cluster
-        self.kinds = kinds
-        self.count = count
-        self.per_second = per_second
-        self.ids: list[str] = []
-        self.type_of: dict[str, str] = {}
-        self.errors: list[str] = []
-        self._rng = random.Random(seed)
-        self._thread = threading.Thread(target=self._run, name="mixed-load", daemon=True)
-
-    def start(self) -> "MixedLoad":
-        self._thread.start()
-        return self
-
-    def join(self, timeout: float = 120) -> list[str]:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "the load generator did not finish"
-        assert not self.errors, self.errors[:3]
-        return self.ids
-
-    def of_type(self, task_type: str) -> set[str]:
-        return {t for t, k in list(self.type_of.items()) if k == task_type}
-
-    def _pick(self) -> Kind:
-        x = self._rng.random() * sum(k.share for k in self.kinds)
-        for kind in self.kinds:
-            x -= kind.share
-            if x <= 0:
-                return kind
-        return self.kinds[-1]
-
-    def _run(self) -> None:
-        started = time.monotonic()
-        for n in range(self.count):
-            wait = started + n / self.per_second - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            kind = self._pick()
-            try:
-                task_id = schedule(self.cluster, kind, self._rng.uniform(*kind.seconds))
-            except Exception as exc:  # noqa: BLE001 - reported by join()
-                self.errors.append(repr(exc))
-                continue
-            self.type_of[task_id] = kind.type
-            self.ids.append(task_id)
-
-
-def schedule(cluster: LiveCluster, kind: Kind, seconds: float) -> str:
-    spec = pb.TaskSpec(namespace=NAMESPACE, type=kind.type, payload=json.dumps({"seconds": seconds}).encode())
-    spec.lease_duration.FromMilliseconds(int(LEASE_S * 1000))
-    spec.retry_policy.maximum_attempts = kind.max_attempts
-    spec.retry_policy.initial_interval.FromMilliseconds(200)
-    if kind.start_to_close_s:
-        spec.timeouts.start_to_close.FromMilliseconds(int(kind.start_to_close_s * 1000))
-    request = pb.ScheduleTaskRequest(task=spec, idempotency_key=uuid.uuid4().hex)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            return cluster.stub.ScheduleTask(request, timeout=10).task_id
-        except grpc.RpcError as err:
-            retriable = err.code() in SERVER_GONE_CODES or err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            if not retriable or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+def mixed_load(cluster: LiveCluster, kinds: list[Kind], count: int = TASKS, per_second: float = 40) -> Load:
+    """This module's loads: 300 tasks at 40/s by default, the same random draws as before (seed 10)."""
+    return Load(cluster, count, per_second, kinds=kinds, seed=10)
 
 
 # ------------------------------------------------------------------ workers
@@ -333,7 +255,7 @@ def test_blocking_async_quarter_of_a_mixed_load(make_cluster) -> None:
     every task keeps its lease and finishes, once."""
     cluster: LiveCluster = make_cluster(triggers=2, workers=4, slots=6)
     with Supervisor(cluster, slots=6) as supervisor:
-        load = MixedLoad(cluster, [Kind(COOPERATIVE, 0.75, (0.1, 1.0)), Kind(BLOCKING_ASYNC, 0.25, (1.0, 2.5))]).start()
+        load = mixed_load(cluster, [Kind(COOPERATIVE, 0.75, (0.1, 1.0)), Kind(BLOCKING_ASYNC, 0.25, (1.0, 2.5))]).start()
         report = finish(cluster, load.join(), "async handler blocks the loop", supervisor)
     assert report.by_status == {"SUCCEEDED": len(load.ids)}
     assert report.re_executions == 0, "a task lost its lease while the loop was blocked"
@@ -353,7 +275,7 @@ def test_sigstop_worker_past_its_lease_then_sigcont(make_cluster) -> None:
     cluster: LiveCluster = make_cluster(triggers=2, workers=3, slots=6)
     kinds = [Kind(COOPERATIVE, 0.5, (0.1, 1.5)), Kind(STUBBORN_THREAD, 0.25, (0.5, 3.0)), Kind(FENCED_THREAD, 0.25, (0.5, 3.0))]
     with Sink(cluster) as sink, Supervisor(cluster, slots=6) as supervisor:
-        load = MixedLoad(cluster, kinds).start()
+        load = mixed_load(cluster, kinds).start()
         victim = cluster.workers[0]
         wait_running(cluster, victim.pid, lambda: load.of_type(STUBBORN_THREAD), 1, "the victim to run a stubborn handler")
         wait_running(cluster, victim.pid, lambda: load.of_type(FENCED_THREAD), 1, "the victim to run a fenced handler")
@@ -425,7 +347,7 @@ def test_sigstop_task_updater_past_the_lease(make_cluster) -> None:
     # ended meanwhile, and the scenario could not tell a worker that runs a task twice.
     kinds = [Kind(COOPERATIVE, 0.7, (0.1, 1.5)), Kind(STUBBORN_THREAD, 0.3, (6.0, 10.0))]
     with Supervisor(cluster, slots=6) as supervisor:
-        load = MixedLoad(cluster, kinds, per_second=5).start()
+        load = mixed_load(cluster, kinds, per_second=5).start()
         wait_for(lambda: len(load.ids) >= 100, 60, "load to build up")
         victim = cluster.workers[0]
         wait_running(cluster, victim.pid, lambda: load.of_type(STUBBORN_THREAD), 1, "a worker to run a stubborn handler")
@@ -448,7 +370,7 @@ def test_cancel_while_running(make_cluster) -> None:
     whole load (not just its first seconds) is exercised."""
     cluster: LiveCluster = make_cluster(triggers=2, workers=3, slots=8)
     with Supervisor(cluster, slots=8) as supervisor:
-        load = MixedLoad(cluster, [Kind(COOPERATIVE, 0.5, (0.5, 2.0)), Kind(STUBBORN_THREAD, 0.5, (3.0, 6.0))]).start()
+        load = mixed_load(cluster, [Kind(COOPERATIVE, 0.5, (0.5, 2.0)), Kind(STUBBORN_THREAD, 0.5, (3.0, 6.0))]).start()
         asked: set[str] = set()  # cancel requested while its handler ran
         applied: set[str] = set()  # ... and the request found the task still running
 
@@ -484,7 +406,7 @@ def test_start_to_close_exceeded(make_cluster) -> None:
     kinds = [Kind(COOPERATIVE, 0.6, (0.2, 1.0), start_to_close_s=5.0),
              Kind(STUBBORN_THREAD, 0.4, (1.8, 2.5), start_to_close_s=1.0, max_attempts=2)]  # fmt: skip
     with Supervisor(cluster, slots=8) as supervisor:
-        load = MixedLoad(cluster, kinds).start()
+        load = mixed_load(cluster, kinds).start()
         report = finish(cluster, load.join(), "start_to_close exceeded", supervisor)
         assert report.by_status.get("FAILED", 0) > 0
 
@@ -496,7 +418,7 @@ def test_sigterm_worker_drain_shorter_than_the_handler(make_cluster) -> None:
     kinds = [Kind(COOPERATIVE, 0.55, (0.2, 1.5)), Kind(STUBBORN_THREAD, 0.35, (1.5, 4.0)), Kind(STUBBORN_PROCESS, 0.10, (1.5, 4.0))]
     with Supervisor(cluster, slots=6) as supervisor:
         supervisor.deliberate.add(victim.pid)
-        load = MixedLoad(cluster, kinds).start()
+        load = mixed_load(cluster, kinds).start()
         stubborn = lambda: load.of_type(STUBBORN_THREAD) | load.of_type(STUBBORN_PROCESS)  # noqa: E731
         # A process-mode handler's START comes from its child: look for the victim's thread handlers.
         wait_running(cluster, victim.pid, stubborn, 2, "the victim to run stubborn handlers")

@@ -1,0 +1,127 @@
+"""The one load generator of the chaos tests: tasks scheduled from a background
+thread at a steady pace, every accepted id kept.
+
+A load is a mix of ``Kind``s (a task type, its share, how long its handler runs,
+its timeouts and retry policy). A schedule that meets a server going away
+(UNAVAILABLE, a stopping server's CANCELLED) or a deadline is retried with the
+same idempotency key, so it never makes two tasks, and counted
+(``unavailable``): the Cassandra-outage scenario checks clients saw them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from leasesched.transport import SERVER_GONE_CODES
+from leasesched.v1 import scheduler_pb2 as pb
+from tests.cluster import NAMESPACE, LiveCluster
+
+COOPERATIVE = "chaos.work"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One share of a load: a task type and how its tasks look."""
+
+    type: str
+    share: float
+    seconds: tuple[float, float]  # the handler's run time, drawn uniformly
+    delayed_share: float = 0.0  # this share of its tasks is due 0.5-3 s later
+    start_to_close_s: float = 0.0
+    max_attempts: int = 5
+    retry_initial_s: float = 0.2
+    lease_s: float = 3.0
+
+
+def steady(delayed_share: float = 0.2) -> list[Kind]:
+    """What test_chaos and test_sigterm run: cooperative tasks, ``delayed_share`` of them delayed."""
+    return [Kind(COOPERATIVE, 1.0, (0.1, 1.5), delayed_share=delayed_share, retry_initial_s=0.5)]
+
+
+class Load:
+    def __init__(
+        self,
+        cluster: LiveCluster,
+        count: int,
+        per_second: float,
+        kinds: list[Kind] | None = None,
+        seed: int = 7,
+    ) -> None:
+        self.cluster = cluster
+        self.kinds = kinds or steady()
+        self.count = count
+        self.per_second = per_second
+        self.ids: list[str] = []
+        self.type_of: dict[str, str] = {}
+        self.unavailable = 0  # schedules answered "server going away", then retried
+        self.errors: list[str] = []
+        self._rng = random.Random(seed)
+        self._thread = threading.Thread(target=self._run, name="chaos-load", daemon=True)
+
+    def start(self) -> "Load":
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float = 180) -> list[str]:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the load generator did not finish"
+        assert not self.errors, self.errors[:3]
+        return self.ids
+
+    def of_type(self, task_type: str) -> set[str]:
+        return {t for t, k in list(self.type_of.items()) if k == task_type}
+
+    def _pick(self) -> Kind:
+        if len(self.kinds) == 1:
+            return self.kinds[0]
+        x = self._rng.random() * sum(k.share for k in self.kinds)
+        for kind in self.kinds:
+            x -= kind.share
+            if x <= 0:
+                return kind
+        return self.kinds[-1]
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        for n in range(self.count):
+            wait = started + n / self.per_second - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            kind = self._pick()
+            delay = self._rng.uniform(0.5, 3.0) if kind.delayed_share and self._rng.random() < kind.delayed_share else 0.0
+            try:
+                task_id = self._schedule(kind, self._rng.uniform(*kind.seconds), delay)
+            except Exception as exc:  # noqa: BLE001 - reported by join()
+                self.errors.append(repr(exc))
+                continue
+            self.type_of[task_id] = kind.type
+            self.ids.append(task_id)
+
+    def _schedule(self, kind: Kind, seconds: float, delay_s: float) -> str:
+        spec = pb.TaskSpec(namespace=NAMESPACE, type=kind.type, payload=json.dumps({"seconds": seconds}).encode())
+        if delay_s:
+            spec.delay.FromMilliseconds(int(delay_s * 1000))
+        spec.lease_duration.FromMilliseconds(int(kind.lease_s * 1000))
+        spec.retry_policy.maximum_attempts = kind.max_attempts
+        spec.retry_policy.initial_interval.FromMilliseconds(int(kind.retry_initial_s * 1000))
+        if kind.start_to_close_s:
+            spec.timeouts.start_to_close.FromMilliseconds(int(kind.start_to_close_s * 1000))
+        request = pb.ScheduleTaskRequest(task=spec, idempotency_key=uuid.uuid4().hex)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                return str(self.cluster.stub.ScheduleTask(request, timeout=10).task_id)
+            except grpc.RpcError as err:
+                if err.code() not in SERVER_GONE_CODES and err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                self.unavailable += 1
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.25)
