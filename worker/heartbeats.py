@@ -152,6 +152,9 @@ class HeartbeatThread:
                 reply = self._client.call("Heartbeat", beat.request(), timeout=timeout)
             except grpc.RpcError as err:
                 code = err.code()
+                with self._lock:
+                    if beat not in self._beats:
+                        return  # reported and removed meanwhile: a lease that ended is no news
                 if code in LOST_CODES:
                     log.warning("task %s: lease %d lost (%s)", beat.task_id, beat.lease_token, err.details())
                     beat.clock.revoke()
