@@ -66,6 +66,18 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error})")
 
 
+def zk_members(cfg: Config, role: str) -> dict[str, dict[str, Any]]:
+    """The ZooKeeper registrations of ``role`` in ``cfg``'s cluster, read on a short-lived session."""
+    from leasesched.coordination import registry, zk
+
+    client = zk.connect(cfg)
+    try:
+        return registry.members(client, cfg.zk_root, role)
+    finally:
+        client.stop()
+        client.close()
+
+
 def cluster_config(base: Config, name: str) -> Config:
     """Fast leases and failover, so scenarios take seconds, not minutes."""
     tag = f"{name[:24]}_{uuid.uuid4().hex[:8]}".lower()
@@ -214,14 +226,7 @@ class LiveCluster:
         self.killed_at[proc.pid] = time.time()  # exits() merges it with the watcher's observations
 
     def zk_members(self, role: str) -> dict[str, dict[str, Any]]:
-        from leasesched.coordination import registry, zk
-
-        client = zk.connect(self.cfg)
-        try:
-            return registry.members(client, self.cfg.zk_root, role)
-        finally:
-            client.stop()
-            client.close()
+        return zk_members(self.cfg, role)
 
     def shard_owners(self) -> dict[int, list[str]]:
         owners: dict[int, list[str]] = defaultdict(list)

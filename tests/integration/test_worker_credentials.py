@@ -16,9 +16,8 @@ import grpc
 import pytest
 
 from leasesched.config import Config
-from leasesched.coordination import registry, zk
 from leasesched.v1 import scheduler_pb2 as pb
-from tests.cluster import wait_for
+from tests.cluster import wait_for, zk_members
 from tests.processes import ProcessGroup, RunningProcess
 from tests.tokens import issue_tokens
 from worker.runner import EXIT_CREDENTIALS_REFUSED
@@ -35,12 +34,7 @@ class CredCluster:
     trigger: RunningProcess
 
     def members(self, role: str) -> dict[str, dict[str, object]]:
-        client = zk.connect(self.cfg)
-        try:
-            return registry.members(client, self.cfg.zk_root, role)
-        finally:
-            client.stop()
-            client.close()
+        return zk_members(self.cfg, role)
 
     def start_worker(self, token: str) -> RunningProcess:
         argv = ["worker", "--module", "worker.demo_handlers", "--slots", "2", "--log-format", "text"]
