@@ -181,8 +181,10 @@ def test_open_loop_sends_on_schedule_even_when_answers_are_slow() -> None:
 
     due, lags, elapsed = asyncio.run(run())
     assert due == 100 and len(lags) == 100  # 200/s for 0.5 s, none waited for an answer
-    assert elapsed < 0.7
-    assert max(lags) < 0.1
+    # Answers take 1 s: a generator that waited for them would lag by a second or
+    # more. The bounds leave room for a machine busy with other work.
+    assert elapsed < 1.0
+    assert max(lags) < 0.5
 
 
 def test_open_loop_counts_requests_beyond_the_inflight_cap_as_not_sent() -> None:

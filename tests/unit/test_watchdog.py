@@ -276,8 +276,8 @@ def test_a_lease_registered_late_is_renewed_at_once() -> None:
     deadline, not a whole interval after registration."""
     updater = FakeSyncUpdater()
     beats = HeartbeatThread(updater, tick_s=0.01)
-    lease_s = 3.0
-    sent = time.monotonic() - 1.5  # the claim went out 1.5 s ago; its deadline is 0.75 s away
+    lease_s = 6.0  # a heartbeat every 2 s
+    sent = time.monotonic() - 3.0  # the claim went out 3 s ago; its deadline is 1.5 s away
     clock = LeaseClock.from_claim(lease_s, sent)
     ctx = TaskContext("task-1", "t.work", "ns", b"", 1, 42, "w", _lease_deadline=lambda: clock.deadline)
     registered = time.monotonic()
@@ -286,8 +286,8 @@ def test_a_lease_registered_late_is_renewed_at_once() -> None:
     try:
         wait_for(lambda: updater.calls, 2.0, "a first heartbeat")
         first = updater.calls[0][0] - registered
-        assert first < 0.5, f"the first renewal came {first:.2f} s after registration"
-        assert clock.deadline > registered + 2.0  # renewed from that heartbeat's send time
+        assert first < 1.0, f"the first renewal came {first:.2f} s after registration"  # not 2 s
+        assert clock.deadline > registered + 4.0  # renewed from that heartbeat's send time
     finally:
         beats.stop()
 
@@ -305,7 +305,7 @@ def test_progress_is_sent_soon_and_coalesced() -> None:
         started = time.monotonic()
         ctx.report_progress(10, "step 1")
         wait_for(lambda: updater.calls, 2.0, "the first progress heartbeat")
-        assert updater.calls[0][0] - started < 0.5 and updater.calls[0][1].progress.message == "step 1"
+        assert updater.calls[0][0] - started < 1.0 and updater.calls[0][1].progress.message == "step 1"  # not 10 s
         for n in range(2, 50):  # a tight loop of progress reports
             ctx.report_progress(n, f"step {n}")
         wait_for(lambda: len(updater.calls) >= 2, 3.0, "the coalesced progress heartbeat")
