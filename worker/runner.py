@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib
 import json
 import logging
@@ -349,14 +350,13 @@ async def serve(cfg: Config, module: str, slots: int, drain_timeout_s: float, le
     """Runs a worker until SIGTERM/SIGINT; returns its exit status (0, or ``EXIT_CREDENTIALS_REFUSED``)."""
     stop = stop_signal()  # a SIGTERM during start-up also stops gracefully
     handlers = load_handlers(module)
-    client = await asyncio.to_thread(zk.connect, cfg)
-    ledger = Ledger(str(Path(ledger_path).resolve())) if ledger_path else None
-    worker = Worker(cfg, handlers, client, slots, default_worker_id(), ledger)
-    bind(worker=worker.worker_id)  # on every line this process logs from its event loop
-    metrics.worker_slots.set(slots)
-    metrics.worker_slots_busy.set_function(lambda: worker._busy)
-    try:
+    with contextlib.ExitStack() as stack:  # the same pattern as the services and the trigger
+        client = await asyncio.to_thread(zk.connect, cfg)
+        stack.callback(client.close)
+        stack.callback(client.stop)  # runs first
+        ledger = Ledger(str(Path(ledger_path).resolve())) if ledger_path else None
+        worker = Worker(cfg, handlers, client, slots, default_worker_id(), ledger)
+        bind(worker=worker.worker_id)  # on every line this process logs from its event loop
+        metrics.worker_slots.set(slots)
+        metrics.worker_slots_busy.set_function(lambda: worker._busy)
         return await worker.run(drain_timeout_s, stop)
-    finally:
-        client.stop()
-        client.close()
