@@ -1,5 +1,5 @@
 # leasesched — the commands a person needs. `make run` and `make test` set up
-# everything they need on a fresh machine (venv, apt/npm packages, code).
+# everything they need on a fresh machine (venv, apt packages, code).
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -36,11 +36,12 @@ $(BIN)/python: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(BIN)/python
 
-## deps: system packages (Java for Cassandra, ZooKeeper) — Cassandra itself is fetched from npm on first start
+## deps: system packages — Java 17 (Cassandra 5.0 runs on 17, not newer), Maven (fetches Cassandra
+## from Maven Central on first start), ZooKeeper
 deps:
-	@command -v java >/dev/null && test -x /usr/share/zookeeper/bin/zkServer.sh || { \
-	  echo "installing system packages (zookeeper, java)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zookeeper default-jre-headless >/dev/null; }
+	@command -v mvn >/dev/null && test -x /usr/share/zookeeper/bin/zkServer.sh && ls /usr/lib/jvm/*17*/bin/java >/dev/null 2>&1 || { \
+	  echo "installing system packages (zookeeper, openjdk-17, maven)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zookeeper openjdk-17-jre-headless maven >/dev/null; }
 
 ## bench: the benchmark of issue 4 (BENCHMARKS.md): a whole local cluster under open-loop load;
 ## writes results/<run>/report.json and chart.png, then stops everything it started.

@@ -28,7 +28,7 @@ class Config:
     # Cassandra (the only store).
     cassandra_hosts: str = "127.0.0.1"  # comma-separated contact points
     cassandra_port: int = 9042
-    cassandra_protocol_version: int = 3
+    cassandra_protocol_version: int = 5  # Cassandra 5.0 speaks v5 (v4 works too)
     keyspace: str = "leasesched"
     # Replication is configuration, not code: "SimpleStrategy:1" or
     # "NetworkTopologyStrategy:dc1=3,dc2=3".

