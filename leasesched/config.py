@@ -16,6 +16,14 @@ from pathlib import Path
 from typing import Any, Mapping, get_type_hints
 
 
+LOCAL_HOST = "127.0.0.1"
+
+
+def local_hosts(count: int) -> list[str]:
+    """The loopback addresses of a local cluster's ``count`` nodes: 127.0.0.1, 127.0.0.2, ..."""
+    return [f"127.0.0.{n}" for n in range(1, count + 1)]
+
+
 def _default_home() -> str:
     return str(Path.cwd() / ".leasesched")
 
@@ -26,26 +34,36 @@ class Config:
     home: str = field(default_factory=_default_home)
 
     # Cassandra (the only store).
-    cassandra_hosts: str = "127.0.0.1"  # comma-separated contact points
+    # Comma-separated contact points. The default, 127.0.0.1, names the local
+    # cluster: with cassandra_nodes = N > 1 its nodes 127.0.0.1 ... 127.0.0.N.
+    cassandra_hosts: str = "127.0.0.1"
     cassandra_port: int = 9042
     cassandra_protocol_version: int = 5  # Cassandra 5.0 speaks v5 (v4 works too)
     keyspace: str = "leasesched"
-    # Replication is configuration, not code: "SimpleStrategy:1" or
-    # "NetworkTopologyStrategy:dc1=3,dc2=3".
-    replication: str = "SimpleStrategy:1"
+    # Replication is configuration, not code: "SimpleStrategy:3" or
+    # "NetworkTopologyStrategy:dc1=3,dc2=3". Empty: SimpleStrategy with
+    # min(3, cassandra_nodes) replicas (1 for the single local node).
+    replication: str = ""
     consistency: str = "LOCAL_QUORUM"  # reads and plain writes
     serial_consistency: str = "LOCAL_SERIAL"  # lightweight transactions
     cassandra_request_timeout_s: float = 5.0
     cassandra_local_dc: str = ""  # empty: the data centre of the first contact point
 
     # ZooKeeper (the only coordinator).
+    # kazoo connection string. A single 127.0.0.1:P with zk_nodes = N > 1 names
+    # the local ensemble: 127.0.0.1:P ... 127.0.0.N:P.
     zk_hosts: str = "127.0.0.1:2181"
     zk_root: str = "/leasesched"
     zk_session_timeout_s: float = 6.0
 
-    # Local infrastructure (leasesched infra up).
+    # Local infrastructure (leasesched infra up). A local cluster of N nodes puts
+    # node n on 127.0.0.n with the same ports (all of 127/8 is loopback on Linux).
+    cassandra_nodes: int = 1
+    zk_nodes: int = 1  # 1 (standalone) or an odd ensemble size (3, 5)
+    zk_quorum_port: int = 2888  # ensemble only: followers to leader
+    zk_election_port: int = 3888  # ensemble only: leader election
     cassandra_storage_port: int = 7000
-    cassandra_heap: str = "1G"
+    cassandra_heap: str = ""  # JVM heap per node; empty: 1G for one node, 512M each for more
     # "batch" (ack after fsync; survives kill -9 of the single local node) or
     # "periodic" (Cassandra's default, ~2x faster writes, loses the last
     # seconds of acknowledged writes on kill -9). See leasesched/infra/cassandra.py.
@@ -127,7 +145,28 @@ class Config:
 
     @property
     def cassandra_contact_points(self) -> list[str]:
-        return [h.strip() for h in self.cassandra_hosts.split(",") if h.strip()]
+        hosts = [h.strip() for h in self.cassandra_hosts.split(",") if h.strip()]
+        if hosts == [LOCAL_HOST] and self.cassandra_nodes > 1:
+            return local_hosts(self.cassandra_nodes)
+        return hosts
+
+    @property
+    def replication_spec(self) -> str:
+        """The keyspace's replication (see ``replication``)."""
+        return self.replication or f"SimpleStrategy:{min(3, max(1, self.cassandra_nodes))}"
+
+    @property
+    def zk_connection(self) -> str:
+        """The connection string kazoo uses (see ``zk_hosts``)."""
+        hosts, slash, chroot = self.zk_hosts.partition("/")
+        host, _, port = hosts.strip().rpartition(":")
+        if self.zk_nodes > 1 and host == LOCAL_HOST and port.isdigit():
+            return ",".join(f"{h}:{port}" for h in local_hosts(self.zk_nodes)) + slash + chroot
+        return self.zk_hosts
+
+    @property
+    def cassandra_heap_per_node(self) -> str:
+        return self.cassandra_heap or ("1G" if self.cassandra_nodes <= 1 else "512M")
 
     @property
     def task_service_target(self) -> str:

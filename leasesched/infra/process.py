@@ -54,6 +54,8 @@ class ServerStatus:
     paused: bool
     log_file: Path
     data_dir: Path
+    host: str = "127.0.0.1"
+    role: str = ""  # ZooKeeper: leader, follower or standalone (as its `srvr` says)
 
 
 class ServerControl:
@@ -68,6 +70,7 @@ class ServerControl:
     stop_timeout_s: ClassVar[float] = 30.0
     host: str
     data_dir: Path
+    node_name: str  # e.g. "cassandra" (a lone node) or "cassandra-2" (node 2 of a local cluster)
 
     @property
     def port(self) -> int:
@@ -104,7 +107,7 @@ class ServerControl:
         process = self.process
         pid = process.pid()
         return ServerStatus(
-            name=self.name,
+            name=self.node_name,
             running=pid is not None,
             pid=pid,
             port=self.port,
@@ -112,6 +115,7 @@ class ServerControl:
             paused=pid is not None and process.is_paused(),
             log_file=self.log_file,
             data_dir=self.data_dir,
+            host=self.host,
         )
 
 

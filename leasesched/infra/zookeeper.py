@@ -1,9 +1,13 @@
-"""A local standalone Apache ZooKeeper (Debian's ``zookeeper`` 3.8.0 package).
+"""A local Apache ZooKeeper server (Debian's ``zookeeper`` 3.8.0 package):
+standalone, or one server of a local ensemble.
 
 Started with the package's own ``zkServer.sh start-foreground <zoo.cfg>`` (it
-execs Java, so the PID we record is the server's) and a zoo.cfg of our own on
-127.0.0.1, so the data and port are per instance and the system-wide
-/etc/zookeeper configuration is never touched.
+execs Java, so the PID we record is the server's) and a zoo.cfg of our own, so
+the data and port are per instance and the system-wide /etc/zookeeper
+configuration is never touched. An ensemble's server n listens on 127.0.0.n
+with the same client, quorum and election ports as the others (as a local
+Cassandra cluster does), and names every member in its zoo.cfg
+(``server.n=127.0.0.n:quorum:election``) and itself in ``data/myid``.
 
 Two Debian quirks are handled here rather than worked around by users:
 
@@ -55,6 +59,12 @@ class ZooKeeperServer(ServerControl):
     min_session_timeout_ms: int = 1000
     max_session_timeout_ms: int = 60000
     zk_home: Path = ZK_HOME
+    server_id: int = 0  # ensemble: this server's id (its myid); 0 = standalone
+    ensemble: tuple[str, ...] = ()  # ensemble: every member's host, member n at index n-1
+    quorum_port: int = 2888
+    election_port: int = 3888
+
+    node_name: str = "zookeeper"
 
     name: ClassVar[str] = "zookeeper"
     stop_timeout_s: ClassVar[float] = 30.0
@@ -90,7 +100,7 @@ class ZooKeeperServer(ServerControl):
 
     def _managed(self, argv: list[str] | None = None, env: dict[str, str] | None = None) -> ManagedProcess:
         return ManagedProcess(
-            name=self.name,
+            name=self.node_name,
             pid_file=self.data_dir / "zookeeper.pid",
             log_file=self.log_file,
             argv=argv or (),
@@ -146,6 +156,15 @@ class ZooKeeperServer(ServerControl):
             "autopurge.snapRetainCount=3",
             "autopurge.purgeInterval=1",
         ]
+        if self.server_id:
+            # initLimit/syncLimit are in ticks: 10 s to join, 5 s to stay in sync.
+            lines += ["initLimit=20", "syncLimit=10", "quorumListenOnAllIPs=false"]
+            lines += [
+                f"server.{n}={host}:{self.quorum_port}:{self.election_port}"
+                for n, host in enumerate(self.ensemble, start=1)
+            ]
+            data.mkdir(parents=True, exist_ok=True)
+            (data / "myid").write_text(f"{self.server_id}\n")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.config_file.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
@@ -172,11 +191,16 @@ class ZooKeeperServer(ServerControl):
         self.ensure_installed()
         if self.is_running():
             raise InfraError(f"ZooKeeper is already running (pid {self.process.pid()}, data {self.data_dir})")
-        if port_in_use(self.host, self.client_port):
-            raise InfraError(
-                f"ZooKeeper client port {self.host}:{self.client_port} is already in use by another process; "
-                "stop it or choose another port (LEASESCHED_ZK_HOSTS)."
-            )
+        ports = [("client", self.client_port)]
+        if self.server_id:
+            ports += [("quorum", self.quorum_port), ("election", self.election_port)]
+        for label, port in ports:
+            if port_in_use(self.host, port):
+                raise InfraError(
+                    f"ZooKeeper {label} port {self.host}:{port} is already in use by another process; "
+                    "stop it or choose another port (LEASESCHED_ZK_HOSTS, LEASESCHED_ZK_QUORUM_PORT, "
+                    "LEASESCHED_ZK_ELECTION_PORT)."
+                )
         self.write_config()
         argv = [str(self.server_script), "start-foreground", str(self.config_file.resolve())]
         pid = self._managed(argv, self._environment()).start()
@@ -205,10 +229,25 @@ class ZooKeeperServer(ServerControl):
             client.close()
 
     def _ruok(self) -> bool:
+        return self.four_letter("ruok") == "imok"
+
+    def four_letter(self, word: str) -> str:
+        """The answer to a four-letter command (``ruok``, ``srvr``, ...), "" if none."""
         try:
             with socket.create_connection((self.host, self.client_port), timeout=1.0) as s:
-                s.sendall(b"ruok")
-                return s.recv(4) == b"imok"
+                s.sendall(word.encode())
+                chunks = []
+                while chunk := s.recv(4096):
+                    chunks.append(chunk)
+                return b"".join(chunks).decode(errors="replace")
         except OSError:
-            return False
+            return ""
+
+    def mode(self) -> str:
+        """"leader", "follower" or "standalone" as the server says (``srvr``); "" if it
+        does not answer or serves no requests (an ensemble member without quorum)."""
+        for line in self.four_letter("srvr").splitlines():
+            if line.startswith("Mode:"):
+                return line.split(":", 1)[1].strip()
+        return ""
 

@@ -101,7 +101,7 @@ def probe(cfg: Config, seconds: float = 5.0, concurrency: int = 128, payload_byt
     cluster = new_cluster(cfg)
     session = cluster.connect()
     try:
-        session.execute(f"CREATE KEYSPACE {keyspace} WITH replication = {replication_cql(cfg.replication)}", timeout=60)
+        session.execute(f"CREATE KEYSPACE {keyspace} WITH replication = {replication_cql(cfg.replication_spec)}", timeout=60)
         session.execute(f"CREATE TABLE {keyspace}.plain (id uuid PRIMARY KEY, n int, payload blob)", timeout=60)
         session.execute(f"CREATE TABLE {keyspace}.cas (id uuid PRIMARY KEY, status text, tok bigint, payload blob)", timeout=60)
         cluster.control_connection.wait_for_schema_agreement()

@@ -57,7 +57,7 @@ def apply(cfg: Config) -> list[Migration]:
     try:
         session = cluster.connect()
         session.execute(
-            f"CREATE KEYSPACE IF NOT EXISTS {cfg.keyspace} WITH replication = {replication_cql(cfg.replication)}"
+            f"CREATE KEYSPACE IF NOT EXISTS {cfg.keyspace} WITH replication = {replication_cql(cfg.replication_spec)}"
         )
         session.set_keyspace(cfg.keyspace)
         session.execute(
