@@ -46,6 +46,7 @@ from typing import Any, Sequence
 
 import backoff
 from cassandra import ConsistencyLevel, DriverException, OperationTimedOut, RequestExecutionException
+from cassandra import protocol
 from cassandra.connection import ConnectionException
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, ResponseFuture, Session
 from cassandra.policies import (
@@ -61,6 +62,8 @@ from leasesched import limits
 from leasesched.auth import TokenRecord
 from leasesched.config import Config
 from leasesched.model import DueEntry, Task, bucket_of, listed_size
+from leasesched.observability import metrics
+from leasesched.observability.logs import fields
 from leasesched.states import TaskStatus
 from leasesched.store.page_token import decode_token, encode_token
 from leasesched.store.base import (
@@ -231,6 +234,13 @@ _UNAVAILABLE_ERRORS = (
     DriverException,
     ConnectionException,
     ConnectionError,
+    # Server answers the driver raises as protocol messages, not as the
+    # exceptions above: a node going down answers "overloaded: Server is
+    # shutting down" (seen when 2 of 3 nodes stopped under load), a joining
+    # node "is bootstrapping", a coordinator's own failure "server error".
+    # Statement errors (syntax, invalid request) stay bugs: INTERNAL.
+    protocol.RequestExecutionException,
+    protocol.ServerError,
 )
 
 
@@ -393,6 +403,10 @@ class CassandraStore:
         except _UNAVAILABLE_ERRORS as exc:
             log.warning("conditional write on task %s has an unknown outcome (%s); resolving with a serial read", task_id, exc)
             applied = await self._resolve_unknown(task_id, write_id)
+            resolved = "unresolved" if applied is None else ("applied" if applied else "not_applied")
+            metrics.store_unknown_outcomes.labels(resolved).inc()
+            log.warning("conditional write on task %s: unknown outcome resolved by a serial read: %s", task_id, resolved,
+                        extra=fields(task_id=str(task_id), store_event="unknown_outcome", resolved=resolved))  # fmt: skip
             if applied is None:
                 raise StoreUnavailable(f"Cassandra did not confirm a conditional write: {exc}") from exc
             return None if applied else _NOT_APPLIED_UNKNOWN
