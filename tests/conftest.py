@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 STATE_DIR = REPO / ".leasesched"
 DIST_DIR = STATE_DIR / "dist"
 TEST_KEYSPACE = "leasesched_test"
+REPLICATED_NODES = 3
 
 
 def free_ports(count: int) -> list[int]:
@@ -62,7 +63,9 @@ def _remove_stale_test_dirs() -> None:
             continue
         if pid == os.getpid() or _pid_alive(pid):
             continue
-        LocalInfra.from_config(Config(home=str(folder)), dist_dir=DIST_DIR).down(timeout=10)
+        for nodes in (1, REPLICATED_NODES):  # the session's servers and the replicated cluster's
+            shape = Config(home=str(folder), cassandra_nodes=nodes, zk_nodes=nodes)
+            LocalInfra.from_config(shape, dist_dir=DIST_DIR).down(timeout=10)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -125,3 +128,38 @@ def make_cluster(infra: LocalInfra, request: pytest.FixtureRequest, tmp_path: Pa
     yield make
     for cluster in clusters:
         cluster.dispose()
+
+
+@pytest.fixture(scope="module")
+def replicated_infra() -> Iterator[LocalInfra]:
+    """A replicated store and coordinator for one test module: 3 Cassandra nodes
+    (127.0.0.1-3, replication factor 3, QUORUM / SERIAL) and a 3-server ZooKeeper
+    ensemble, on free ports, in this session's folder (the shapes' folders
+    differ, so it sits beside the ``infra`` fixture's single node).
+
+    Tests may kill, pause and restart any node but must leave all running."""
+    _remove_stale_test_dirs()
+    home = STATE_DIR / f"test-{os.getpid()}"
+    cassandra_port, storage_port, zk_port, quorum_port, election_port = free_ports(5)
+    config = Config(
+        home=str(home),
+        cassandra_nodes=REPLICATED_NODES,
+        zk_nodes=REPLICATED_NODES,
+        cassandra_port=cassandra_port,
+        cassandra_storage_port=storage_port,
+        zk_hosts=f"127.0.0.1:{zk_port}",
+        zk_quorum_port=quorum_port,
+        zk_election_port=election_port,
+        keyspace=TEST_KEYSPACE,
+        auth="off",
+    )
+    local = LocalInfra.from_config(config, dist_dir=DIST_DIR)
+    try:
+        local.up()
+        yield local
+    finally:
+        local.down(timeout=30)
+        if not os.environ.get("LEASESCHED_KEEP_TEST_DATA"):
+            for server in local.servers:
+                shutil.rmtree(server.data_dir, ignore_errors=True)
+

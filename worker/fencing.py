@@ -23,18 +23,16 @@ Cassandra (this module)::
     reports = FencedTable(session, "reports")
     applied = reports.write({"id": ctx.task_id}, {"body": body}, ctx.lease_token)
 
-Cassandra 2.1.0, which leasesched runs on, accepts only ``=`` in ``IF``
-conditions (``IF fence_token <= ?`` came later, CASSANDRA-6839), so the
-fence is a compare-and-set on the token last seen: ``INSERT ... IF NOT
+The fence is two lightweight transactions at most: ``INSERT ... IF NOT
 EXISTS`` for the first write; when the row exists, its answer carries the
 stored token, and if that is not larger than ours,
-``UPDATE t SET ..., fence_token = ? WHERE key = ? IF fence_token = <seen>``
-(``= null`` for a row written outside the fence). A refused condition
-answers with the token now stored, and the loop decides again. Each round
-either applies, finds a larger token (refused), or sees another writer's
-newer token; two lightweight transactions in the common case. Every
-statement may be repeated safely (the same token applies again), so a
-conditional write whose outcome is unknown (timeout) is simply retried.
+``UPDATE t SET ..., fence_token = ? WHERE key = ? IF fence_token <= ?``
+(Cassandra 4.0+; ``IF fence_token = null`` for a row written outside the
+fence, as ``null <= t`` is false). A refused condition answers with the token
+now stored, and the loop decides again: it applies, or finds a larger token
+(refused); writers with smaller tokens racing each other no longer make it go
+round. Every statement may be repeated safely (the same token applies again),
+so a conditional write whose outcome is unknown (timeout) is simply retried.
 Write fenced rows only through the fence: a plain write carries a client
 timestamp that can silently win over a lightweight transaction's (see
 leasesched/store/cassandra.py).
@@ -115,7 +113,7 @@ class FencedTable:
             elif seen is None:
                 result = self._execute(self._statement("claim", keys, cols), [*value_params, token, *key_params])
             else:
-                params = [*value_params, token, *key_params, seen]
+                params = [*value_params, token, *key_params, token]
                 result = self._execute(self._statement("update", keys, cols), params)
             applied, exists, current = self._outcome(result)
             if applied:
@@ -153,7 +151,7 @@ class FencedTable:
         sets = ", ".join(f"{c} = ?" for c in (*cols, self._token))
         where = " AND ".join(f"{k} = ?" for k in keys)
         if kind == "update":
-            cql = f"UPDATE {self._table} SET {sets} WHERE {where} IF {self._token} = ?"
+            cql = f"UPDATE {self._table} SET {sets} WHERE {where} IF {self._token} <= ?"
         elif kind == "claim":
             cql = f"UPDATE {self._table} SET {sets} WHERE {where} IF {self._token} = null"
         else:

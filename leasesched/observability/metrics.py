@@ -69,6 +69,12 @@ tasks_quarantined = Counter(
     "time, priority, attempt, lease, retry_policy, timeouts).",
     ["reason"], registry=None,
 )  # fmt: skip
+store_unknown_outcomes = Counter(
+    "leasesched_store_unknown_outcomes", "Conditional writes whose outcome was unknown (a timeout, a lost "
+    "connection) and how a SERIAL read-back resolved them: applied, not_applied, or unresolved (answered UNAVAILABLE; "
+    "never guessed).",
+    ["resolved"], registry=None,
+)  # fmt: skip
 lease_expirations = Counter(
     "leasesched_lease_expirations", "Leases the trigger found expired (+ grace) and ended by a conditional write.",
     ["type"], registry=None,
@@ -123,13 +129,15 @@ worker_children_killed = Counter(
 
 _RPC = (rpc_duration,)
 _BY_ROLE: dict[str, tuple[object, ...]] = {
-    "task-service": (*_RPC, tasks_scheduled, tasks_scheduled_without_worker, tasks_quarantined),
+    "task-service": (*_RPC, tasks_scheduled, tasks_scheduled_without_worker, tasks_quarantined, store_unknown_outcomes),
     "task-updater": (
         *_RPC, tasks_claimed, tasks_completed, tasks_failed, tasks_requeued, tasks_cancelled, dispatch_lag,
         tasks_quarantined,
+        store_unknown_outcomes,
     ),  # fmt: skip
     "trigger": (
-        *_RPC, tasks_dispatched, tasks_quarantined, lease_expirations, tasks_requeued, tasks_failed, shards_owned,
+        *_RPC, tasks_dispatched, tasks_quarantined, store_unknown_outcomes, lease_expirations, tasks_requeued,
+        tasks_failed, shards_owned,
         shard_ownership_changes, dispatch_queued, dispatch_inflight, subscribed_workers,
     ),  # fmt: skip
     "worker": (
