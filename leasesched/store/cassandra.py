@@ -148,13 +148,9 @@ def _change_columns(change: TaskChange) -> dict[str, Any]:
     a ``timestamp`` column as ms), None as null."""
     cols: dict[str, Any] = {}
     for name, value in change.set_fields().items():
-        if name == "status":
-            assert isinstance(value, TaskStatus)
-            cols["status"] = value.value
-        elif name in _SIMPLE_COLUMNS or name in _TIME_COLUMNS:
-            cols[name] = value
-        else:
+        if name != "status" and name not in _SIMPLE_COLUMNS and name not in _TIME_COLUMNS:
             raise ValueError(f"task field {name!r} cannot be changed by update_task")
+        cols[name] = value.value if isinstance(value, TaskStatus) else value
     return cols
 
 

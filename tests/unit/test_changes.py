@@ -202,9 +202,11 @@ def test_cassandra_writes_the_set_fields_as_columns() -> None:
     }  # fmt: skip
 
 
-def test_every_field_of_a_change_is_a_task_field() -> None:
+def test_every_field_of_a_change_is_a_task_field_and_a_column() -> None:
     task_fields = {f.name for f in dataclasses.fields(Task)}
     assert {f.name for f in dataclasses.fields(TaskChange)} <= task_fields
+    everything = TaskChange(**{f.name: getattr(task(), f.name) for f in dataclasses.fields(TaskChange)})
+    assert set(_change_columns(everything)) == {f.name for f in dataclasses.fields(TaskChange)}
 
 
 async def test_the_memory_store_writes_only_the_set_fields() -> None:
