@@ -1,7 +1,8 @@
 """Every change of a task's state, as the services and the trigger perform it.
 
-Each operation reads the task, asks ``states`` whether the transition is legal,
-and writes it with one conditional write on the status (and lease token) it
+Each operation reads the task, builds the write as a ``changes.TaskChange``
+(whose constructor per transition asks ``states`` whether it is legal), and
+writes it with one conditional write on the status (and lease token) it
 read, so two actors can never both win one transition. The loser learns it
 from the write's answer: a cancel re-reads and decides again; a worker's
 claim, heartbeat or report is answered FAILED_PRECONDITION (its lease is
@@ -22,13 +23,15 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from leasesched.changes import TaskChange
 from leasesched.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, Unavailable
 from leasesched.limits import MAX_ERROR_MESSAGE
 from leasesched.model import DueEntry, Task, now_ms, shard_of
 from leasesched.observability import metrics
 from leasesched.observability.logs import fields
-from leasesched.states import TaskStatus, Transition, allowed, quarantined_status, target
+from leasesched.states import TaskStatus, Transition, allowed, quarantined_status
 from leasesched.store.base import (
+    CasResult,
     Expect,
     IdempotencyRecord,
     ListQuery,
@@ -68,12 +71,6 @@ class FailOutcome:
     next_run_at: int | None = None
 
 
-# A task waiting for its next attempt shows no progress: the last attempt's
-# "25% step 30 of 120" would read as if the task were running. The last
-# failure's error stays, as the reason it waits (PollTask's error field).
-_FRESH_ATTEMPT: dict[str, Any] = {"progress_percent": 0.0, "progress_message": ""}
-
-
 def deadline_passed(task: Task, now: int) -> str | None:
     """Why ``task`` may no longer run at ``now`` (its schedule_to_close passed, or it
     waited past schedule_to_start), or None. Checked by the trigger when it handles
@@ -87,11 +84,6 @@ def deadline_passed(task: Task, now: int) -> str | None:
     ):
         return f"schedule_to_start of {task.timeouts.schedule_to_start_ms} ms exceeded"
     return None
-
-
-def _ended(error: str, error_type: str) -> dict[str, Any]:
-    """What every end of an attempt writes: its error (cut to the columns' bounds), no lease."""
-    return {"error": error[:4096], "error_type": error_type[:256], "lease_expires_at": None}
 
 
 def _entry(task: Task, kind: str, due_at: int, token: int) -> DueEntry:
@@ -223,20 +215,15 @@ class Lifecycle:
             if task.status.terminal:
                 raise FailedPrecondition(f"task {task_id} is already {task.status.value}; nothing to cancel")
             if task.status == TaskStatus.SCHEDULED:
-                changes: dict[str, Any] = {
-                    "status": target(Transition.CANCEL, task.status),
-                    "finished_at": now,
-                    "error": "cancelled by request",
-                    "cancel_requested": True,
-                }
+                change = TaskChange.cancel(task, now)
                 expect = Expect(TaskStatus.SCHEDULED, lease_token=task.lease_token)
             else:
                 if task.cancel_requested:
                     return task
-                changes = {"cancel_requested": True}
+                change = TaskChange.request_cancel(task)
                 expect = Expect(TaskStatus.RUNNING, lease_token=task.lease_token)
-            if (await self._write(task_id, expect, changes)).applied:
-                return task.replace(**changes)
+            if (await self._write(task_id, expect, change)).applied:
+                return change.apply(task)
         raise Aborted(f"task {task_id} kept changing while cancelling; retry")
 
     # ---------------------------------------------------------------- workers
@@ -268,19 +255,11 @@ class Lifecycle:
         # The lease check entry goes first: if we crash after the claim, the
         # trigger still finds the lease and re-queues it once it expires.
         await self._add_due(lease_entry(task, expires_at, self.lease_grace_ms, token))
-        changes = {
-            "status": target(Transition.CLAIM, task.status),
-            "lease_token": token,
-            "lease_owner": worker_id,
-            "lease_expires_at": expires_at,
-            "started_at": now,
-            "progress_percent": 0.0,
-            "progress_message": "",
-        }
-        result = await self._write(task_id, Expect(TaskStatus.SCHEDULED, lease_token=task.lease_token), changes)
+        change = TaskChange.claim(task, worker_id, token, expires_at, now)
+        result = await self._write(task_id, Expect(TaskStatus.SCHEDULED, lease_token=task.lease_token), change)
         if not result.applied:
             raise FailedPrecondition(f"task {task_id} was claimed by someone else")
-        return Lease(task.replace(**changes), token, expires_at)
+        return Lease(change.apply(task), token, expires_at)
 
     async def heartbeat(
         self,
@@ -303,22 +282,16 @@ class Lifecycle:
         now = now_ms() if now is None else now
         task = await self.get(task_id, namespace)
         expires_at = now + task.lease_ms
-        changes = {"lease_expires_at": expires_at, "progress_percent": percent, "progress_message": message}
-        result = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token), changes)
+        change = TaskChange.heartbeat(expires_at, percent, message)
+        result = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token), change)
         if result.applied:
             return HeartbeatAck(expires_at, cancel_requested=task.cancel_requested)
         raise FailedPrecondition(f"lease lost: task {task_id} no longer runs under token {token}")
 
     async def complete(self, task_id: uuid.UUID, token: int, result: bytes, namespace: str | None = None) -> TaskStatus:
         now = now_ms()
-        changes = {
-            "status": target(Transition.COMPLETE, TaskStatus.RUNNING),
-            "result": result,
-            "finished_at": now,
-            "progress_percent": 100.0,
-            "lease_expires_at": None,
-        }
-        outcome = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token, namespace=namespace), changes)
+        change = TaskChange.complete(TaskStatus.RUNNING, result, now)
+        outcome = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token, namespace=namespace), change)
         if outcome.applied:
             return TaskStatus.SUCCEEDED
         if namespace is not None and outcome.exists and outcome.current_namespace != namespace:
@@ -338,7 +311,7 @@ class Lifecycle:
     ) -> FailOutcome:
         """The handler failed: retried with backoff, or FAILED (permanent, deadline passed, attempts used up)."""
 
-        async def decide(task: Task, now: int) -> tuple[dict[str, Any], FailOutcome]:
+        async def decide(task: Task, now: int) -> tuple[TaskChange, FailOutcome]:
             return await self._failure(task, now, error, error_type, non_retryable)
 
         return await self._end_attempt(task_id, token, namespace, decide)
@@ -349,11 +322,10 @@ class Lifecycle:
         """The handler stopped after a cancel request: CANCELLED. Without a pending
         request the report is an ordinary failure (there was nothing to acknowledge)."""
 
-        async def decide(task: Task, now: int) -> tuple[dict[str, Any], FailOutcome]:
+        async def decide(task: Task, now: int) -> tuple[TaskChange, FailOutcome]:
             if not task.cancel_requested:
                 return await self._failure(task, now, error, error_type, non_retryable=False)
-            changes = {**_ended(error, error_type), "status": target(Transition.CANCEL_ACK, task.status), "finished_at": now}
-            return changes, FailOutcome(TaskStatus.CANCELLED)
+            return TaskChange.cancel_ack(task, error, error_type, now), FailOutcome(TaskStatus.CANCELLED)
 
         return await self._end_attempt(task_id, token, namespace, decide)
 
@@ -361,11 +333,10 @@ class Lifecycle:
         """Given back unrun (worker shutdown, a claim answered too late): due again now,
         the attempt not charged, and no error kept (it is not a failure)."""
 
-        async def decide(task: Task, now: int) -> tuple[dict[str, Any], FailOutcome]:
-            changes = {**_ended("", ""), **_FRESH_ATTEMPT, "status": target(Transition.RELEASE, task.status),
-                       "run_at": now, "lease_owner": None}  # fmt: skip
+        async def decide(task: Task, now: int) -> tuple[TaskChange, FailOutcome]:
+            change = TaskChange.release(task, now)
             await self._add_due(run_entry(task, now))
-            return changes, FailOutcome(TaskStatus.SCHEDULED, now)
+            return change, FailOutcome(TaskStatus.SCHEDULED, now)
 
         return await self._end_attempt(task_id, token, namespace, decide)
 
@@ -374,7 +345,7 @@ class Lifecycle:
         task_id: uuid.UUID,
         token: int,
         namespace: str | None,
-        decide: Callable[[Task, int], Awaitable[tuple[dict[str, Any], FailOutcome]]],
+        decide: Callable[[Task, int], Awaitable[tuple[TaskChange, FailOutcome]]],
     ) -> FailOutcome:
         """The common frame of a worker's unsuccessful report: the caller must hold the
         lease (a retried report of an already final task answers its status again)."""
@@ -383,32 +354,24 @@ class Lifecycle:
             if task.lease_token == token and task.status.terminal:
                 return FailOutcome(task.status)  # a retried report of ours
             raise self._stale(task_id, token, True)
-        changes, outcome = await decide(task, now_ms())
-        result = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token), changes)
+        change, outcome = await decide(task, now_ms())
+        result = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token), change)
         if not result.applied:
             raise self._stale(task_id, token, result.exists)
         return outcome
 
     async def _failure(
         self, task: Task, now: int, error: str, error_type: str, non_retryable: bool
-    ) -> tuple[dict[str, Any], FailOutcome]:
+    ) -> tuple[TaskChange, FailOutcome]:
         permanent = non_retryable or error_type in task.retry.non_retryable_error_types
         deadline_passed = task.deadline_at is not None and now >= task.deadline_at
         if permanent or deadline_passed or task.attempt >= task.max_attempts:
-            changes = {**_ended(error, error_type), "status": target(Transition.FAIL, task.status), "finished_at": now}
-            return changes, FailOutcome(TaskStatus.FAILED)
+            return TaskChange.fail(task, error, error_type, now), FailOutcome(TaskStatus.FAILED)
         next_run = now + task.retry.backoff_ms(task.attempt, jitter=random.random())
+        change = TaskChange.retry(task, error, error_type, next_run)
         retried = task.replace(attempt=task.attempt + 1)
-        changes = {
-            **_ended(error, error_type),
-            **_FRESH_ATTEMPT,
-            "status": target(Transition.RETRY, task.status),
-            "attempt": task.attempt + 1,
-            "run_at": next_run,
-            "lease_owner": None,
-        }
         await self._add_due(run_entry(retried, next_run))
-        return changes, FailOutcome(TaskStatus.SCHEDULED, next_run)
+        return change, FailOutcome(TaskStatus.SCHEDULED, next_run)
 
     # ---------------------------------------------------------------- trigger
 
@@ -428,50 +391,23 @@ class Lifecycle:
             # A re-queued task with a cancel request could never be claimed
             # again (claims refuse it): it would stay SCHEDULED for ever. The
             # user asked for it to stop, and its worker is gone: it is cancelled.
-            changes: dict[str, Any] = {
-                "status": target(Transition.LEASE_EXPIRED_CANCEL, task.status),
-                "finished_at": now,
-                "error": f"cancelled by request; the lease expired on attempt {task.attempt}",
-                "error_type": "LeaseExpired",
-                "lease_expires_at": None,
-            }
+            change = TaskChange.lease_expired_cancel(task, now)
         elif task.attempt >= task.max_attempts:
-            changes = {
-                "status": target(Transition.LEASE_EXPIRED_FAIL, task.status),
-                "finished_at": now,
-                "error": f"lease expired (attempt {task.attempt} of {task.max_attempts})",
-                "error_type": "LeaseExpired",
-                "lease_expires_at": None,
-            }
+            change = TaskChange.lease_expired_fail(task, now)
         else:
+            change = TaskChange.lease_expired_retry(task, now)
             retried = task.replace(attempt=task.attempt + 1)
             await self._add_due(run_entry(retried, now))
-            changes = {
-                **_FRESH_ATTEMPT,
-                "status": target(Transition.LEASE_EXPIRED_RETRY, task.status),
-                "attempt": task.attempt + 1,
-                "run_at": now,
-                "lease_owner": None,
-                "lease_expires_at": None,
-                "error": f"lease expired on attempt {task.attempt}",
-                "error_type": "LeaseExpired",
-            }
-        result = await self._write(task.task_id, expect, changes)
-        return changes["status"] if result.applied else None
+        result = await self._write(task.task_id, expect, change)
+        return change.new_status if result.applied else None
 
     async def fail_deadline(self, task: Task, reason: str) -> bool:
         """Fail a task that waited or ran past its deadline (schedule-to-close / -start)."""
         if not allowed(Transition.DEADLINE, task.status):
             return False
-        changes = {
-            "status": target(Transition.DEADLINE, task.status),
-            "finished_at": now_ms(),
-            "error": reason,
-            "error_type": "DeadlineExceeded",
-            "lease_expires_at": None,
-        }
+        change = TaskChange.deadline(task, reason, now_ms())
         expect = Expect(task.status, lease_token=task.lease_token)
-        return (await self._write(task.task_id, expect, changes)).applied
+        return (await self._write(task.task_id, expect, change)).applied
 
     # ---------------------------------------------------------------- quarantine
 
@@ -511,9 +447,9 @@ class Lifecycle:
 
     # ---------------------------------------------------------------- helpers
 
-    async def _write(self, task_id: uuid.UUID, expect: Expect, changes: dict[str, Any]) -> Any:
+    async def _write(self, task_id: uuid.UUID, expect: Expect, change: TaskChange) -> CasResult:
         try:
-            return await self.store.update_task(task_id, expect, changes)
+            return await self.store.update_task(task_id, expect, change)
         except StoreUnavailable as exc:
             raise Unavailable(str(exc)) from exc
 

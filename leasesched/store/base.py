@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from leasesched.changes import TaskChange
 from leasesched.limits import MAX_STORED_TIME_MS, PRIORITY
 from leasesched.model import DueEntry, RetryPolicy, Task, Timeouts
 from leasesched.states import TaskStatus
@@ -165,8 +166,10 @@ class TaskStore(Protocol):
         but cannot be trusted (see ``task_from_row``)."""
         ...
 
-    async def update_task(self, task_id: uuid.UUID, expect: Expect, changes: dict[str, Any]) -> CasResult:
-        """Apply ``changes`` (Task field → value) only if ``expect`` holds."""
+    async def update_task(self, task_id: uuid.UUID, expect: Expect, change: TaskChange) -> CasResult:
+        """Write the set fields of ``change`` (``TaskChange.set_fields``: Task
+        field → value, None = null) only if ``expect`` holds; its unset
+        fields are not written."""
         ...
 
     async def list_tasks(self, query: ListQuery) -> Page: ...

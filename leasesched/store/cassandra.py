@@ -60,6 +60,7 @@ from cassandra.query import PreparedStatement, _clean_column_name
 
 from leasesched import limits
 from leasesched.auth import TokenRecord
+from leasesched.changes import TaskChange
 from leasesched.config import Config
 from leasesched.model import DueEntry, Task, bucket_of, listed_size
 from leasesched.observability import metrics
@@ -144,15 +145,15 @@ def _task_columns(task: Task) -> dict[str, Any]:
     return cols
 
 
-def _change_columns(changes: dict[str, Any]) -> dict[str, Any]:
+def _change_columns(change: TaskChange) -> dict[str, Any]:
+    """The ``tasks`` columns a change sets (its set fields, in field order):
+    the status as its text, times as ints of ms (the driver writes an int to
+    a ``timestamp`` column as ms), None as null."""
     cols: dict[str, Any] = {}
-    for name, value in changes.items():
-        if name == "status":
-            cols["status"] = value.value
-        elif name in _SIMPLE_COLUMNS or name in _TIME_COLUMNS:
-            cols[name] = value
-        else:
+    for name, value in change.set_fields().items():
+        if name != "status" and name not in _SIMPLE_COLUMNS and name not in _TIME_COLUMNS:
             raise ValueError(f"task field {name!r} cannot be changed by update_task")
+        cols[name] = value.value if isinstance(value, TaskStatus) else value
     return cols
 
 
@@ -464,10 +465,10 @@ class CassandraStore:
             self._update_stmts[key] = stmt
         return stmt
 
-    async def update_task(self, task_id: uuid.UUID, expect: Expect, changes: dict[str, Any]) -> CasResult:
+    async def update_task(self, task_id: uuid.UUID, expect: Expect, change: TaskChange) -> CasResult:
         await self._ensure_session()
         write_id = self._write_ids.next()
-        cols = _change_columns(changes)
+        cols = _change_columns(change)
         cols["write_id"] = write_id
         conds: dict[str, Any] = {"status": expect.status.value}
         if expect.lease_token is not None:

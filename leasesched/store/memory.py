@@ -17,6 +17,7 @@ import types
 import uuid
 from typing import Any
 
+from leasesched.changes import TaskChange
 from leasesched.model import DueEntry, Task, listed_size
 from leasesched.states import TaskStatus
 from leasesched.store.base import (
@@ -148,10 +149,10 @@ class MemoryStore:
         self._settle_raw(task_id)
         return True
 
-    async def update_task(self, task_id: uuid.UUID, expect: Expect, changes: dict[str, Any]) -> CasResult:
+    async def update_task(self, task_id: uuid.UUID, expect: Expect, change: TaskChange) -> CasResult:
         self._maybe_fail("update_task")
         if task_id in self.raw:
-            return self._update_raw(task_id, expect, changes)
+            return self._update_raw(task_id, expect, change)
         task = self.tasks.get(task_id)
         if task is None:
             return CasResult(applied=False, exists=False)
@@ -160,10 +161,10 @@ class MemoryStore:
         ok = ok and (expect.namespace is None or task.namespace == expect.namespace)
         if not ok:
             return CasResult(False, task.status, task.lease_token, task.namespace)
-        self.tasks[task_id] = task.replace(**changes)
+        self.tasks[task_id] = change.apply(task)
         return CasResult(applied=True)
 
-    def _update_raw(self, task_id: uuid.UUID, expect: Expect, changes: dict[str, Any]) -> CasResult:
+    def _update_raw(self, task_id: uuid.UUID, expect: Expect, change: TaskChange) -> CasResult:
         """A conditional write on a raw row, as Cassandra would apply it (a
         concurrent writer in tests of the quarantine)."""
         row = self.raw[task_id]
@@ -175,7 +176,7 @@ class MemoryStore:
             return CasResult(
                 False, TaskStatus(row.status) if known else None, row.lease_token, row.namespace
             )
-        for name, value in changes.items():
+        for name, value in change.set_fields().items():
             setattr(row, name, value.value if isinstance(value, TaskStatus) else value)
         row.write_id = uuid.uuid4()
         self._settle_raw(task_id)
