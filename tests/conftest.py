@@ -25,7 +25,7 @@ import pytest
 
 from leasesched.config import Config
 from leasesched.infra.local import LocalInfra
-from tests.processes import _pid_alive
+from leasesched.testing import pid_alive
 
 REPO = Path(__file__).resolve().parent.parent
 STATE_DIR = REPO / ".leasesched"
@@ -60,7 +60,7 @@ def _remove_stale_test_dirs() -> None:
             pid = int(folder.name.removeprefix("test-"))
         except ValueError:
             continue
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         LocalInfra.from_config(Config(home=str(folder)), dist_dir=DIST_DIR).down(timeout=10)
         shutil.rmtree(folder, ignore_errors=True)
@@ -111,13 +111,13 @@ def make_cluster(infra: LocalInfra, request: pytest.FixtureRequest, tmp_path: Pa
     ``metrics=True``: every process serves /metrics on its own port (``tests.observe``)."""
     from tests.cluster import LiveCluster, cluster_config
     from tests.observe import MetricsGroup
-    from tests.processes import ProcessGroup
+    from tests.processes import SessionGroup
 
     clusters: list[LiveCluster] = []
 
     def make(overrides: dict[str, object] | None = None, metrics: bool = False, **kwargs: int) -> LiveCluster:
         cfg = cluster_config(infra.config, request.node.name).with_overrides(**(overrides or {}))
-        group = (MetricsGroup if metrics else ProcessGroup)(log_dir=tmp_path / f"logs-{len(clusters)}")
+        group = (MetricsGroup if metrics else SessionGroup)(log_dir=tmp_path / f"logs-{len(clusters)}")
         cluster = LiveCluster(cfg=cfg, group=group, folder=tmp_path)
         clusters.append(cluster)
         return cluster.start(**kwargs)

@@ -44,12 +44,13 @@ import pytest
 
 from leasesched.loadtest import ledger as ledger_mod
 from leasesched.store.cassandra import new_cluster
+from leasesched.testing import RunningProcess
 from leasesched.v1 import scheduler_pb2 as pb
 from tests.chaos.load import COOPERATIVE, Kind, Load
 from tests.chaos.test_chaos import REPORT_FILE
 from tests.chaos_handlers import LEDGER_ENV, SINK_CQL, SINK_TABLE
 from tests.cluster import NAMESPACE, TERMINAL, LiveCluster, Report, check_invariants, wait_for
-from tests.processes import REPO, RunningProcess, session_dir
+from tests.processes import REPO, session_dir
 
 LEASE_S = 3.0
 TASKS = 300

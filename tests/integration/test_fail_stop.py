@@ -28,8 +28,8 @@ from typing import Any
 from google.protobuf.duration_pb2 import Duration
 
 from leasesched.v1 import scheduler_pb2 as pb
+from leasesched.testing import RunningProcess
 from tests.cluster import LiveCluster, wait_for
-from tests.processes import RunningProcess
 from worker.watchdog import EXIT_FAIL_STOP
 
 LEASE_S = 4.0
