@@ -20,16 +20,26 @@ import pytest
 
 from leasesched.config import Config
 from leasesched.infra.process import ManagedProcess
-from leasesched.testing import Cluster, ProcessError, ProcessGroup, RunningProcess, pid_alive, stop_stale
+from leasesched.testing import Cluster, ProcessError, RunningProcess, pid_alive, stop_stale
 from tests.cluster import cluster_config, wait_for
+from tests.processes import SessionGroup
 
 
-class RecordingGroup(ProcessGroup):
-    """Remembers every process it ever started (``stop`` forgets them)."""
+class RecordingGroup(SessionGroup):
+    """Remembers every process it ever started (``stop`` forgets them); a
+    context manager that stops them in the end even if the harness did not
+    (PID files in the session folder, so a killed session's are found too)."""
 
-    def __init__(self, folder: Path) -> None:
-        super().__init__(folder)
+    def __init__(self, log_dir: Path) -> None:
+        super().__init__(log_dir)
         self.started: list[RunningProcess] = []
+
+    def __enter__(self) -> "RecordingGroup":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.started:
+            proc.terminate(5)
 
     def start(self, role: str, cfg: Config, *extra_args: str, **kwargs: object) -> RunningProcess:
         proc = super().start(role, cfg, *extra_args, **kwargs)  # type: ignore[arg-type]
@@ -59,26 +69,26 @@ def test_a_worker_that_cannot_start_fails_the_start_and_nothing_is_left(
     module_config: Config, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     cfg = cluster_config(module_config, request.node.name)
-    group = RecordingGroup(tmp_path)
-    cluster = Cluster(cfg, group, worker_module="tests.no_such_handlers_module", slots=2)
-    with pytest.raises(ProcessError) as failed:
-        cluster.start(triggers=1, workers=1, ready_timeout=60)
-    assert "worker-1" in str(failed.value) and "no_such_handlers_module" in str(failed.value)
-    assert {p.role for p in group.started} == {"task-service", "task-updater", "trigger", "worker"}
-    assert_nothing_left(group)
+    with RecordingGroup(tmp_path) as group:
+        cluster = Cluster(cfg, group, worker_module="tests.no_such_handlers_module", slots=2)
+        with pytest.raises(ProcessError) as failed:
+            cluster.start(triggers=1, workers=1, ready_timeout=60)
+        assert "worker-1" in str(failed.value) and "no_such_handlers_module" in str(failed.value)
+        assert {p.role for p in group.started} == {"task-service", "task-updater", "trigger", "worker"}
+        assert_nothing_left(group)
 
 
 def test_a_trigger_with_a_bad_flag_fails_the_start_and_nothing_is_left(
     module_config: Config, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     cfg = cluster_config(module_config, request.node.name)
-    group = RecordingGroup(tmp_path)
-    cluster = BadFlagTrigger(cfg, group, worker_module="tests.chaos_handlers", slots=2)
-    with pytest.raises(ProcessError) as failed:
-        cluster.start(triggers=2, workers=1)
-    assert "no-such-flag" in str(failed.value)
-    assert [p.name for p in group.started] == ["task-service", "task-updater", "trigger-1", "trigger-2"]
-    assert_nothing_left(group)
+    with RecordingGroup(tmp_path) as group:
+        cluster = BadFlagTrigger(cfg, group, worker_module="tests.chaos_handlers", slots=2)
+        with pytest.raises(ProcessError) as failed:
+            cluster.start(triggers=2, workers=1)
+        assert "no-such-flag" in str(failed.value)
+        assert [p.name for p in group.started] == ["task-service", "task-updater", "trigger-1", "trigger-2"]
+        assert_nothing_left(group)
 
 
 def test_stop_stale_stops_what_a_dead_session_left_and_spares_a_live_one(tmp_path: Path) -> None:
