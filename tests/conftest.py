@@ -16,37 +16,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from leasesched.config import Config
 from leasesched.infra.local import LocalInfra
-from leasesched.testing import pid_alive
+from leasesched.testing import free_ports, pid_alive
 
 REPO = Path(__file__).resolve().parent.parent
 STATE_DIR = REPO / ".leasesched"
 DIST_DIR = STATE_DIR / "dist"
 TEST_KEYSPACE = "leasesched_test"
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports that were free a moment ago.
-
-    All sockets stay bound until every port is chosen, so the kernel cannot
-    hand out the same port twice; the small race with other programs between
-    closing them and the servers binding is acceptable for tests.
-    """
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-
-
 
 
 def _remove_stale_test_dirs() -> None:

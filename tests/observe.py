@@ -1,8 +1,8 @@
 """Watching real processes from outside: their /metrics endpoints and JSON logs.
 
-``MetricsGroup`` is a ``SessionGroup`` (tests/processes.py) that gives every process it starts its
-own ``--metrics-port`` and remembers it (``make_cluster(metrics=True)`` uses
-it); ``scrape`` reads an endpoint the way Prometheus does, and ``Samples``
+``MetricsGroup`` is a ``SessionGroup`` (tests/processes.py) that gives every
+process it starts its own ``--metrics-port`` and remembers it
+(``make_cluster(metrics=True)`` uses it); ``scrape`` reads an endpoint the way Prometheus does, and ``Samples``
 answers "what is the value of this series" and "by how much did it move".
 """
 

@@ -29,9 +29,8 @@ from pathlib import Path
 
 from leasesched import testing
 from leasesched.testing import ProcessGroup
+from tests.conftest import REPO, STATE_DIR
 
-REPO = Path(__file__).resolve().parent.parent
-STATE_DIR = REPO / ".leasesched"
 # Not the infra fixture's ``test-<pid>`` folder: that one is deleted when
 # found stale, and the PID files must outlive it so the processes can be stopped.
 SESSION_PREFIX = "test-procs-"

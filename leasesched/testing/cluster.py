@@ -218,9 +218,9 @@ class Cluster:
         self.triggers.append(proc)
         return proc
 
-    def start_worker(self, slots: int | None = None) -> RunningProcess:
-        argv = worker_args(self.worker_module, slots or self.slots, *self.worker_extra_args,
-                           drain_timeout_s=self.drain_timeout_s)  # fmt: skip
+    def start_worker(self, slots: int | None = None, drain_timeout_s: float | None = None) -> RunningProcess:
+        drain = self.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        argv = worker_args(self.worker_module, slots or self.slots, *self.worker_extra_args, drain_timeout_s=drain)
         proc = self.group.start("worker", self.cfg, argv=argv, env_extra=self.worker_env)
         self.workers.append(proc)
         return proc

@@ -35,6 +35,7 @@ import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,12 +60,23 @@ class ProcessError(RuntimeError):
     """A process did not start, did not become ready, or died; the message has its log."""
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports that were free a moment ago.
+
+    All sockets stay bound until every port is chosen, so the kernel cannot
+    hand out the same port twice; the small race with other programs between
+    closing them and the servers binding them is why ``start_serving`` retries.
+    """
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for s in sockets:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (the process binds it a little later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_ports(1, host)[0]
 
 
 def _seconds(value: float) -> str:

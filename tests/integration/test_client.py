@@ -38,9 +38,10 @@ from leasesched.client import (
     WaitTimeoutError,
 )
 from leasesched.config import Config
+from leasesched.testing import free_ports
 from leasesched.infra.local import LocalInfra
 from tests.cluster import NAMESPACE, LiveCluster, cluster_config, wait_for
-from tests.conftest import REPO, free_ports
+from tests.conftest import REPO
 from tests.processes import SessionGroup
 
 WORK = "chaos.work"
