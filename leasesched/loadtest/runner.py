@@ -153,7 +153,7 @@ class LoadTest:
 
         if self.cluster is not None:
             _say("cluster: stopping processes")
-            for problem in self.cluster.stop():
+            for problem in self.cluster.stop(20):
                 _say(f"cluster: could not stop {problem}")
         if not self.o.keep_data:
             try:
