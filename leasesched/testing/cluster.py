@@ -204,7 +204,8 @@ class Cluster:
                 self.start_trigger(serving_timeout)
             for _ in range(workers):
                 self.start_worker(slots)
-            self.wait_ready(ready_timeout, watch=[*self.triggers, *self.workers])
+            started = [p for p in (self.task_service, self.task_updater) if p is not None]
+            self.wait_ready(ready_timeout, watch=[*started, *self.triggers, *self.workers])
         except BaseException:
             self.stop()
             raise
