@@ -1,9 +1,11 @@
 """A whole leasesched cluster of real processes for one test, and the checks
 every life-cycle and chaos test applies to what happened.
 
-The cluster: TaskService, TaskUpdater, N triggers and M workers running
-``tests.chaos_handlers``, against the session's real Cassandra and ZooKeeper,
-with its own keyspace and ZooKeeper root. Handlers write an execution ledger
+The cluster (``LiveCluster``): ``leasesched.testing.Cluster`` — TaskService,
+TaskUpdater, N triggers and M workers, started and waited for as the load test
+and ``local up`` do it — with workers running ``tests.chaos_handlers``, against
+the session's real Cassandra and ZooKeeper, with its own keyspace and
+ZooKeeper root. Handlers write an execution ledger
 (``leasesched.loadtest.ledger``: START where their code starts, END where it
 really stops); a watcher thread appends the moment it saw a process that ran
 handlers gone (kill -9, a worker's fail-stop exit, a killed handler child);
@@ -38,44 +40,26 @@ import grpc
 import psutil
 from google.protobuf.duration_pb2 import Duration
 
+from leasesched import testing
 from leasesched.config import Config
 from leasesched.loadtest import ledger as ledger_mod
 from leasesched.store import schema
+from leasesched.testing import Cluster, ProcessGroup, RunningProcess
 from leasesched.transport import SERVER_GONE_CODES, sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from tests.chaos_handlers import LEDGER_ENV
-from tests.processes import ProcessGroup, RunningProcess
 
 NAMESPACE = "chaos"
 TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-            if value:
-                return value
-        except Exception as exc:  # noqa: BLE001 - conditions may fail while things recover
-            last_error = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error})")
-
-
-def zk_members(cfg: Config, role: str) -> dict[str, dict[str, Any]]:
-    """The ZooKeeper registrations of ``role`` in ``cfg``'s cluster, read on a short-lived session."""
-    from leasesched.coordination import registry, zk
-
-    client = zk.connect(cfg)
+    """``leasesched.testing.wait_for`` that fails the test (AssertionError) at the deadline."""
     try:
-        return registry.members(client, cfg.zk_root, role)
-    finally:
-        client.stop()
-        client.close()
+        return testing.wait_for(condition, timeout, what, interval)
+    except testing.NotReady as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def cluster_config(base: Config, name: str) -> Config:
@@ -168,20 +152,29 @@ class ExitWatch:
         return set(self._watched)
 
 
-@dataclass
-class LiveCluster:
-    cfg: Config
-    group: ProcessGroup
-    folder: Path
-    task_service: RunningProcess | None = None
-    task_updater: RunningProcess | None = None
-    triggers: list[RunningProcess] = field(default_factory=list)
-    workers: list[RunningProcess] = field(default_factory=list)
-    killed_at: dict[int, float] = field(default_factory=dict)  # pid → time of kill -9 (after it was gone)
-    worker_token: str = ""  # with auth on: the workers' token (services use cfg.token)
-    client_token: str = ""  # with auth on: the token the test client presents
-    _channel: grpc.Channel | None = None
-    _watch: ExitWatch | None = None
+class LiveCluster(Cluster):
+    """A ``Cluster`` of chaos-handler workers with its execution ledger, the
+    exit watcher, a client, and the ledger's readers.
+
+    ``group`` owns the processes (also those a test starts through
+    ``cluster.group``); ``dispose`` stops them all.
+    """
+
+    def __init__(self, cfg: Config, group: ProcessGroup, folder: Path, client_token: str = "") -> None:
+        self.folder = folder
+        super().__init__(
+            cfg,
+            group,
+            worker_module="tests.chaos_handlers",
+            slots=8,
+            drain_timeout_s=10,
+            worker_extra_args=["--ledger", str(self.completions)],
+            worker_env={LEDGER_ENV: str(self.ledger)},
+        )
+        self.killed_at: dict[int, float] = {}  # pid → time of kill -9 (after it was gone)
+        self.client_token = client_token  # with auth on: the token the test client presents
+        self._channel: grpc.Channel | None = None
+        self._watch: ExitWatch | None = None
 
     @property
     def ledger(self) -> Path:
@@ -193,72 +186,15 @@ class LiveCluster:
 
     # ------------------------------------------------------------ processes
 
-    def start(self, triggers: int = 2, workers: int = 2, slots: int = 8) -> "LiveCluster":
+    def start(self, triggers: int = 2, workers: int = 2, slots: int | None = 8, **kwargs: float) -> "LiveCluster":
         schema.apply(self.cfg)
         self._watch = ExitWatch(self.ledger).start()
-        self.task_service = self.group.start_serving("task-service", self.cfg)
-        self.task_updater = self.group.start_serving("task-updater", self.cfg)
-        for _ in range(triggers):
-            self.start_trigger()
-        for _ in range(workers):
-            self.start_worker(slots)
-        self.wait_all_shards_owned()
-        self.wait_workers_subscribed()
+        super().start(triggers, workers, slots, **kwargs)
         return self
-
-    def start_trigger(self) -> RunningProcess:
-        proc = self.group.start_serving("trigger", self.cfg)
-        self.triggers.append(proc)
-        return proc
-
-    def start_worker(self, slots: int = 8) -> RunningProcess:
-        argv = ["worker", "--module", "tests.chaos_handlers", "--slots", str(slots), "--drain-timeout", "10",
-                "--ledger", str(self.completions)]  # fmt: skip
-        env = {LEDGER_ENV: str(self.ledger)}
-        if self.worker_token:
-            env["LEASESCHED_TOKEN"] = self.worker_token
-        proc = self.group.start("worker", self.cfg, argv=argv, env_extra=env)
-        self.workers.append(proc)
-        return proc
 
     def kill9(self, proc: RunningProcess) -> None:
         proc.kill9()  # returns once the process is gone
         self.killed_at[proc.pid] = time.time()  # exits() merges it with the watcher's observations
-
-    def zk_members(self, role: str) -> dict[str, dict[str, Any]]:
-        return zk_members(self.cfg, role)
-
-    def shard_owners(self) -> dict[int, list[str]]:
-        owners: dict[int, list[str]] = defaultdict(list)
-        for address, data in self.zk_members("trigger").items():
-            for shard in data.get("shards", []):
-                owners[int(shard)].append(address)
-        return owners
-
-    def wait_all_shards_owned(self, timeout: float = 30, by: set[str] | None = None) -> dict[int, list[str]]:
-        def check() -> dict[int, list[str]] | None:
-            owners = self.shard_owners()
-            complete = len(owners) == self.cfg.logical_shards and all(len(o) == 1 for o in owners.values())
-            if complete and (by is None or {o[0] for o in owners.values()} <= by):
-                return owners
-            return None
-
-        return wait_for(check, timeout, "every shard to have exactly one owner")
-
-    def wait_workers_subscribed(self, timeout: float = 20) -> None:
-        """Every running worker holds a stream to every running trigger: each
-        trigger publishes the workers subscribed to it in its registration."""
-
-        def check() -> bool:
-            workers = set(self.zk_members("worker"))
-            triggers = self.zk_members("trigger")
-            return (
-                len(workers) >= sum(1 for w in self.workers if w.is_running())
-                and len(triggers) >= sum(1 for t in self.triggers if t.is_running())
-                and all(workers <= set(data.get("workers", [])) for data in triggers.values())
-            )
-
-        wait_for(check, timeout, "every worker to subscribe to every trigger")
 
     # ------------------------------------------------------------ client
 

@@ -16,38 +16,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from leasesched.config import Config
 from leasesched.infra.local import LocalInfra
-from tests.processes import _pid_alive
+from leasesched.testing import free_ports, pid_alive
 
 REPO = Path(__file__).resolve().parent.parent
 STATE_DIR = REPO / ".leasesched"
 DIST_DIR = STATE_DIR / "dist"
 TEST_KEYSPACE = "leasesched_test"
 REPLICATED_NODES = 3
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports that were free a moment ago.
-
-    All sockets stay bound until every port is chosen, so the kernel cannot
-    hand out the same port twice; the small race with other programs between
-    closing them and the servers binding is acceptable for tests.
-    """
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-
-
 
 
 def _remove_stale_test_dirs() -> None:
@@ -61,7 +43,7 @@ def _remove_stale_test_dirs() -> None:
             pid = int(folder.name.removeprefix("test-"))
         except ValueError:
             continue
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         for nodes in (1, REPLICATED_NODES):  # the session's servers and the replicated cluster's
             shape = Config(home=str(folder), cassandra_nodes=nodes, zk_nodes=nodes)
@@ -114,13 +96,13 @@ def make_cluster(infra: LocalInfra, request: pytest.FixtureRequest, tmp_path: Pa
     ``metrics=True``: every process serves /metrics on its own port (``tests.observe``)."""
     from tests.cluster import LiveCluster, cluster_config
     from tests.observe import MetricsGroup
-    from tests.processes import ProcessGroup
+    from tests.processes import SessionGroup
 
     clusters: list[LiveCluster] = []
 
     def make(overrides: dict[str, object] | None = None, metrics: bool = False, **kwargs: int) -> LiveCluster:
         cfg = cluster_config(infra.config, request.node.name).with_overrides(**(overrides or {}))
-        group = (MetricsGroup if metrics else ProcessGroup)(log_dir=tmp_path / f"logs-{len(clusters)}")
+        group = (MetricsGroup if metrics else SessionGroup)(log_dir=tmp_path / f"logs-{len(clusters)}")
         cluster = LiveCluster(cfg=cfg, group=group, folder=tmp_path)
         clusters.append(cluster)
         return cluster.start(**kwargs)

@@ -1,8 +1,8 @@
 """Watching real processes from outside: their /metrics endpoints and JSON logs.
 
-``MetricsGroup`` is a ``ProcessGroup`` that gives every process it starts its
-own ``--metrics-port`` and remembers it (``make_cluster(metrics=True)`` uses
-it); ``scrape`` reads an endpoint the way Prometheus does, and ``Samples``
+``MetricsGroup`` is a ``SessionGroup`` (tests/processes.py) that gives every
+process it starts its own ``--metrics-port`` and remembers it
+(``make_cluster(metrics=True)`` uses it); ``scrape`` reads an endpoint the way Prometheus does, and ``Samples``
 answers "what is the value of this series" and "by how much did it move".
 """
 
@@ -18,10 +18,11 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from leasesched.config import Config
-from tests.processes import ProcessGroup, RunningProcess, free_port
+from leasesched.testing import RunningProcess, free_port
+from tests.processes import SessionGroup
 
 
-class MetricsGroup(ProcessGroup):
+class MetricsGroup(SessionGroup):
     """Every process started through it serves /metrics on a port of its own.
 
     ``role_args[role]``: more flags for the next processes of that role (a
@@ -37,15 +38,10 @@ class MetricsGroup(ProcessGroup):
         port = free_port()
         return port, (*extra, *self.role_args.get(role, ()), "--metrics-port", str(port))
 
-    def start(self, role: str, cfg: Config, *extra_args: str, **kwargs: object) -> RunningProcess:
+    def start(self, role: str, cfg: Config, *extra_args: str, **kwargs: Any) -> RunningProcess:
+        """Also the start of every attempt of ``start_serving``: each gets a new metrics port."""
         port, args = self._args(role, extra_args)
         proc = super().start(role, cfg, *args, **kwargs)
-        self.metrics_ports[proc.name] = port
-        return proc
-
-    def start_serving(self, role: str, cfg: Config, *extra_args: str, **kwargs: object) -> RunningProcess:
-        port, args = self._args(role, extra_args)
-        proc = super().start_serving(role, cfg, *args, **kwargs)
         self.metrics_ports[proc.name] = port
         return proc
 

@@ -6,8 +6,12 @@ supervisor (leasesched/infra/supervisor.py), which prefixes each process's
 output with its name, restarts a process that fails (a worker that ended
 itself with exit code 75 to keep the at-most-one guarantee, a crashed
 service) after a backoff of 1 s doubling to 30 s, and stops them all on
-Ctrl-C. A short demo schedules a task and follows it to the end, so a
-newcomer sees the system work.
+Ctrl-C. A short demo waits until the system is ready — the same waits the
+tests and the load test use (``leasesched.testing``: TaskService SERVING,
+every shard owned by exactly one trigger, every worker subscribed to every
+trigger) — then schedules a task and follows it to the end, so a newcomer
+sees the system work. The command lines of the programs are built by the
+same harness, so they are the commands the tests run.
 """
 
 from __future__ import annotations
@@ -21,29 +25,16 @@ from pathlib import Path
 from typing import Callable
 
 import click
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from leasesched.config import Config
 from leasesched.infra.tokens import local_tokens
+from leasesched.testing import ProcessError, server_args, wait_ready, wait_serving, worker_args
 from leasesched.transport import sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 
 
-def _wait_serving(target: str, timeout_s: float, cfg: Config) -> bool:
-    deadline = time.monotonic() + timeout_s
-    with sync_channel(target, cfg) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return True
-            except grpc.RpcError:
-                pass
-            time.sleep(0.3)
-    return False
+READY_TIMEOUT_S = 60.0
 
 
 def token_banner(tokens: dict[str, str], path: Path, exe: str = "leasesched") -> str:
@@ -64,12 +55,20 @@ def token_banner(tokens: dict[str, str], path: Path, exe: str = "leasesched") ->
     )
 
 
-def _demo(cfg: Config, say: Callable[[str], None], admin_token: str = "") -> None:
+def _demo(cfg: Config, say: Callable[[str], None], admin_token: str = "", triggers: int = 2, workers: int = 2) -> None:
     target = cfg.task_service_target
-    if not _wait_serving(target, 60, cfg):
+    try:
+        wait_serving(target, cfg, 60)
+    except ProcessError:
         say("demo: TaskService did not come up; see the output above")
         return
-    time.sleep(3)  # let the triggers divide the shards and the workers subscribe
+    # Ready: the triggers have divided the shards and every worker holds a
+    # stream to every trigger, so the demo task is dispatched at once.
+    try:
+        wait_ready(cfg, triggers, workers, READY_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - NotReady, or ZooKeeper unreachable: say so, keep running
+        say(f"demo: the cluster was not ready within {READY_TIMEOUT_S:.0f} s, no demo task scheduled ({exc}); see the output above")
+        return
     with sync_channel(target, cfg) as channel:
         stub = pb_grpc.TaskServiceStub(channel)
         spec = pb.TaskSpec(namespace="default", type="demo.sleep", payload=b"3")
@@ -133,18 +132,18 @@ def up(cfg: Config, workers: int, triggers: int, no_demo: bool) -> None:
     worker_env = {**os.environ, "LEASESCHED_TOKEN": tokens["worker"]}
     base = [exe, "--home", cfg.home]
     programs = [
-        Program("task-service", [*base, "task-service", "--log-format", "text"], service_env),
-        Program("task-updater", [*base, "task-updater", "--log-format", "text"], service_env),
+        Program("task-service", [*base, *server_args("task-service", None, "--log-format", "text")], service_env),
+        Program("task-updater", [*base, *server_args("task-updater", None, "--log-format", "text")], service_env),
     ]
     for n in range(triggers):
         port = cfg.trigger_port if n == 0 else 0
-        programs.append(Program(f"trigger-{n + 1}", [*base, "trigger", "--port", str(port), "--log-format", "text"], service_env))
+        programs.append(Program(f"trigger-{n + 1}", [*base, *server_args("trigger", port, "--log-format", "text")], service_env))
     for n in range(workers):
-        command = [*base, "worker", "--module", "worker.demo_handlers", "--slots", "4", "--log-format", "text"]
+        command = [*base, *worker_args("worker.demo_handlers", 4, "--log-format", "text")]
         programs.append(Program(f"worker-{n + 1}", command, worker_env))
     if not no_demo:
         demo_cfg = cfg.with_overrides(token=tokens["client"])
-        threading.Thread(target=_demo, args=(demo_cfg, click.echo, tokens["admin"]), daemon=True).start()
+        threading.Thread(target=_demo, args=(demo_cfg, click.echo, tokens["admin"], triggers, workers), daemon=True).start()
     # Every program is restarted when it fails: workers because fail-stop
     # (exit 75) is part of how they keep the at-most-one guarantee; the
     # services and triggers because they are stateless and a local system

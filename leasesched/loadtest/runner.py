@@ -39,9 +39,10 @@ from tqdm import tqdm
 from leasesched.config import Config
 from leasesched.loadtest import ledger as ledger_mod
 from leasesched.loadtest.arrival import open_loop
-from leasesched.loadtest.bench_tasks import NAMESPACE, TASK_TYPE, make_payload
+from leasesched.loadtest.bench_tasks import BENCH_MODULE, LEDGER_ENV, NAMESPACE, TASK_TYPE, make_payload
 from leasesched.loadtest.cpu import CpuMeter
 from leasesched.loadtest.metrics import MethodStats
+from leasesched.testing import Cluster, ProcessGroup
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 
@@ -101,7 +102,7 @@ class LoadTest:
         self.infra_pids: dict[str, int] = {}
         name = f"{_now_tag()}-{opts.label or 'run'}-{self.run_id}"
         self.folder = Path(opts.results_dir).resolve() / name
-        self.cluster: Any = None
+        self.cluster: Cluster | None = None
         self.tasks: dict[str, tuple[float, int, bool]] = {}  # task id → (intended send wall time, run_at ms, immediate)
         self.accepted: list[str] = []
         self.preflight = 0
@@ -114,7 +115,6 @@ class LoadTest:
 
     def _setup_local(self) -> None:
         from leasesched.infra.local import LocalInfra
-        from leasesched.loadtest.cluster import LocalCluster
         from leasesched.store import schema
 
         base = self.cfg.with_overrides(keyspace=f"bench_{self.run_id}", zk_root=f"/leasesched-bench/{self.run_id}")
@@ -136,16 +136,16 @@ class LoadTest:
             worker_env = {"LEASESCHED_TOKEN": tokens["admin"]}
             self.cfg = base.with_overrides(token=tokens["admin"])
         _say(f"cluster: task-service, task-updater, {self.o.triggers} triggers, {self.o.workers} workers × {self.o.slots} slots")
-        self.cluster = LocalCluster(self.cfg, self.folder, self.o.triggers, self.o.workers, self.o.slots,
-                                    worker_env=worker_env, service_env=service_env)  # fmt: skip
-        try:
-            self.cluster.start()
-        except Exception:
-            self.cluster.stop()
-            raise
-        self.cfg = self.cluster.cfg
-        self.target = self.cfg.task_service_target
-        self.ledger_path: Path | None = self.cluster.ledger
+        # Processes, logs and PID files in the results folder; the bench
+        # workers append to the execution ledger there.
+        ledger = self.folder / "ledger.jsonl"
+        self.cluster = Cluster(self.cfg, ProcessGroup(self.folder), worker_module=BENCH_MODULE, slots=self.o.slots,
+                               drain_timeout_s=10, worker_env={LEDGER_ENV: str(ledger), **worker_env},
+                               service_env=service_env)  # fmt: skip
+        self.cluster.start(self.o.triggers, self.o.workers, serving_timeout=90, ready_timeout=90)  # stops what it started if it fails
+        assert self.cluster.task_service is not None and self.cluster.task_service.target is not None
+        self.target = self.cluster.task_service.target
+        self.ledger_path: Path | None = ledger
 
     def _teardown_local(self) -> None:
         from leasesched.infra.local import LocalInfra
@@ -153,7 +153,8 @@ class LoadTest:
 
         if self.cluster is not None:
             _say("cluster: stopping processes")
-            self.cluster.stop()
+            for problem in self.cluster.stop(20):
+                _say(f"cluster: could not stop {problem}")
         if not self.o.keep_data:
             try:
                 schema.drop_keyspace(self.cfg)

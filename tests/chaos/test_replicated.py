@@ -43,7 +43,7 @@ from leasesched.v1 import scheduler_pb2 as pb
 from tests.chaos.load import Kind, Load, steady
 from tests.chaos.test_chaos import REPORT_FILE, finish
 from tests.cluster import NAMESPACE, LiveCluster, cluster_config, wait_for
-from tests.processes import ProcessGroup
+from tests.processes import SessionGroup
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +57,7 @@ def make_replicated(replicated_infra: LocalInfra, request: pytest.FixtureRequest
     def make(**kwargs: int) -> LiveCluster:
         cfg = cluster_config(replicated_infra.config, request.node.name)
         assert cfg.replication_spec == "SimpleStrategy:3" and len(cfg.cassandra_contact_points) == 3
-        cluster = LiveCluster(cfg=cfg, group=ProcessGroup(log_dir=tmp_path / f"logs-{len(clusters)}"), folder=tmp_path)
+        cluster = LiveCluster(cfg=cfg, group=SessionGroup(log_dir=tmp_path / f"logs-{len(clusters)}"), folder=tmp_path)
         clusters.append(cluster)
         return cluster.start(**kwargs)
 

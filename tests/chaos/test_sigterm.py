@@ -18,11 +18,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from leasesched.testing import RunningProcess
 from tests.chaos.load import Load, steady
 from tests.chaos.test_chaos import finish, running_on
 from tests.cluster import LiveCluster, wait_for
 from tests.observe import MetricsGroup, json_log_records, scrape
-from tests.processes import RunningProcess
 
 # Longer than any graceful stop takes; a process still running then gets SIGKILL (exit code -9).
 TERMINATE_TIMEOUT_S = 45.0

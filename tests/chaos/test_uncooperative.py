@@ -44,12 +44,13 @@ import pytest
 
 from leasesched.loadtest import ledger as ledger_mod
 from leasesched.store.cassandra import new_cluster
+from leasesched.testing import RunningProcess
 from leasesched.v1 import scheduler_pb2 as pb
 from tests.chaos.load import COOPERATIVE, Kind, Load
 from tests.chaos.test_chaos import REPORT_FILE
-from tests.chaos_handlers import LEDGER_ENV, SINK_CQL, SINK_TABLE
+from tests.chaos_handlers import SINK_CQL, SINK_TABLE
 from tests.cluster import NAMESPACE, TERMINAL, LiveCluster, Report, check_invariants, wait_for
-from tests.processes import REPO, RunningProcess, session_dir
+from tests.processes import REPO, session_dir
 
 LEASE_S = 3.0
 TASKS = 300
@@ -80,11 +81,7 @@ def mixed_load(cluster: LiveCluster, kinds: list[Kind], count: int = TASKS, per_
 
 
 def start_worker(cluster: LiveCluster, slots: int, drain_timeout_s: float = 10.0) -> RunningProcess:
-    argv = ["worker", "--module", "tests.chaos_handlers", "--slots", str(slots), "--drain-timeout", str(drain_timeout_s),
-            "--ledger", str(cluster.completions)]  # fmt: skip
-    proc = cluster.group.start("worker", cluster.cfg, argv=argv, env_extra={LEDGER_ENV: str(cluster.ledger)})
-    cluster.workers.append(proc)
-    return proc
+    return cluster.start_worker(slots, drain_timeout_s=drain_timeout_s)
 
 
 class Supervisor:

@@ -3,8 +3,9 @@
 * ``module_config`` — a Config for this test module: its own keyspace (schema
   applied at module start, dropped at module end) and its own ZooKeeper root,
   so modules never see each other's tasks, shards or registrations;
-* ``processes`` — start leasesched processes (tests/processes.py); every one
-  is stopped when the test ends, passed or failed;
+* ``processes_group`` — start leasesched processes (``leasesched.testing``, in
+  this session's folder: tests/processes.py); every one is stopped when the
+  test ends, passed or failed;
 * ``task_service`` — a real ``leasesched task-service`` subprocess, SERVING;
 * ``task_stub`` — a TaskService stub on a channel to it.
 """
@@ -22,9 +23,10 @@ import pytest
 from leasesched.config import Config
 from leasesched.infra.local import LocalInfra
 from leasesched.store import schema
+from leasesched.testing import RunningProcess
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from tests import processes
-from tests.processes import ProcessGroup, RunningProcess
+from tests.processes import SessionGroup
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -57,10 +59,10 @@ def module_config(infra: LocalInfra, request: pytest.FixtureRequest) -> Iterator
 
 
 @pytest.fixture
-def processes_group(request: pytest.FixtureRequest) -> Iterator[ProcessGroup]:
+def processes_group(request: pytest.FixtureRequest) -> Iterator[SessionGroup]:
     """Start processes with ``processes_group.start(...)``; all are stopped after the test."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[:80]
-    group = ProcessGroup(log_dir=processes.session_dir() / "logs" / safe)
+    group = SessionGroup(log_dir=processes.session_dir() / "logs" / safe)
     try:
         yield group
     finally:
@@ -68,7 +70,7 @@ def processes_group(request: pytest.FixtureRequest) -> Iterator[ProcessGroup]:
 
 
 @pytest.fixture
-def task_service(module_config: Config, processes_group: ProcessGroup) -> RunningProcess:
+def task_service(module_config: Config, processes_group: SessionGroup) -> RunningProcess:
     """A real TaskService process against the test Cassandra and ZooKeeper, SERVING."""
     return processes_group.start_serving("task-service", module_config)
 

@@ -16,11 +16,12 @@ import pytest
 
 from leasesched.config import Config
 from leasesched.store.cassandra import CassandraStore
+from leasesched.testing import RunningProcess
 from leasesched.transport import sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from tests.cluster import wait_for
-from tests.processes import ProcessGroup, RunningProcess
+from tests.processes import SessionGroup
 from tests.tokens import issue_tokens
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
@@ -72,7 +73,7 @@ def auth_cluster(module_config: Config) -> Iterator[AuthCluster]:
     base = module_config.with_overrides(auth="on", auth_cache_s=1.0, schedule_rate_per_namespace=5.0, schedule_burst=5.0)
     tokens = _create_tokens(base)
     cfg = base.with_overrides(token=tokens.admin)  # the services' own identity
-    group = ProcessGroup()
+    group = SessionGroup()
     try:
         yield AuthCluster(cfg, tokens, group.start_serving("task-service", cfg), group.start_serving("task-updater", cfg))
     finally:

@@ -22,8 +22,9 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from leasesched.infra.local import LocalInfra
+from leasesched.testing import LEASESCHED_BIN
 from tests.cluster import NAMESPACE, LiveCluster, cluster_config, wait_for
-from tests.processes import LEASESCHED_BIN, REPO, ProcessGroup
+from tests.processes import REPO, SessionGroup
 from worker.handlers import Handlers, TaskContext
 
 WAIT = ["--timeout", "90s"]  # generous on a loaded machine; a hang still ends
@@ -43,7 +44,7 @@ def binary_result(ctx: TaskContext) -> bytes:
 def cluster(infra: LocalInfra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
     folder = tmp_path_factory.mktemp("cli-task")
     cfg = cluster_config(infra.config, "test_cli_task")
-    live = LiveCluster(cfg=cfg, group=ProcessGroup(log_dir=folder / "logs"), folder=folder)
+    live = LiveCluster(cfg=cfg, group=SessionGroup(log_dir=folder / "logs"), folder=folder)
     try:
         live.start(triggers=1, workers=1, slots=4)
         argv = ["worker", "--module", f"{__name__}:binary_handlers", "--slots", "2", "--drain-timeout", "5"]

@@ -38,10 +38,11 @@ from leasesched.client import (
     WaitTimeoutError,
 )
 from leasesched.config import Config
+from leasesched.testing import free_ports
 from leasesched.infra.local import LocalInfra
 from tests.cluster import NAMESPACE, LiveCluster, cluster_config, wait_for
-from tests.conftest import REPO, free_ports
-from tests.processes import ProcessGroup
+from tests.conftest import REPO
+from tests.processes import SessionGroup
 
 WORK = "chaos.work"
 UTC = dt.timezone.utc
@@ -59,7 +60,7 @@ def new_ns() -> str:
 def cluster(infra: LocalInfra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
     folder = tmp_path_factory.mktemp("client-cluster")
     cfg = cluster_config(infra.config, "client")
-    live = LiveCluster(cfg=cfg, group=ProcessGroup(log_dir=folder / "logs"), folder=folder)
+    live = LiveCluster(cfg=cfg, group=SessionGroup(log_dir=folder / "logs"), folder=folder)
     try:
         yield live.start(triggers=1, workers=1, slots=8)
     finally:

@@ -28,8 +28,8 @@ from typing import Any
 from google.protobuf.duration_pb2 import Duration
 
 from leasesched.v1 import scheduler_pb2 as pb
+from leasesched.testing import RunningProcess, workers_subscribed
 from tests.cluster import LiveCluster, wait_for
-from tests.processes import RunningProcess
 from worker.watchdog import EXIT_FAIL_STOP
 
 LEASE_S = 4.0
@@ -43,11 +43,7 @@ def start_worker(cluster: LiveCluster, slots: int) -> RunningProcess:
 def workers_ready(cluster: LiveCluster, count: int) -> None:
     wait_for(lambda: len(cluster.zk_members("worker")) == count, 30, f"{count} worker(s) to register")
 
-    def subscribed() -> bool:
-        workers = set(cluster.zk_members("worker"))
-        return all(workers <= set(data.get("workers", [])) for data in cluster.zk_members("trigger").values())
-
-    wait_for(subscribed, 30, "the workers to subscribe to the trigger")
+    wait_for(lambda: workers_subscribed(cluster.cfg, count, 0), 30, "the workers to subscribe to the trigger")
 
 
 def schedule(cluster: LiveCluster, task_type: str, start_to_close_s: float = 0.0, **payload: Any) -> str:

@@ -36,7 +36,7 @@ from leasesched.model import now_ms
 from leasesched.store.cassandra import new_cluster
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
-from tests.processes import ProcessGroup
+from tests.processes import SessionGroup
 
 RPC_TIMEOUT = 10.0
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -51,7 +51,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(module_config: Config) -> Iterator[Cluster]:
-    group = ProcessGroup()
+    group = SessionGroup()
     db = new_cluster(module_config)
     try:
         service = group.start_serving("task-service", module_config)

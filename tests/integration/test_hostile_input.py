@@ -58,7 +58,7 @@ from leasesched.store.cassandra import new_cluster
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from tests.cluster import LiveCluster
-from tests.processes import ProcessGroup
+from tests.processes import SessionGroup
 
 Code = grpc.StatusCode
 OK = Code.OK
@@ -305,7 +305,7 @@ def servers(module_config: Config, tmp_path_factory: pytest.TempPathFactory, req
     process (the tests play the worker). Prints the request counts at the end."""
     cfg = module_config.with_overrides(claim_timeout_s=3.0, scan_interval_s=0.3, partition_settle_s=0.5)
     folder = tmp_path_factory.mktemp("hostile")
-    cluster = LiveCluster(cfg=cfg, group=ProcessGroup(log_dir=folder / "logs"), folder=folder)
+    cluster = LiveCluster(cfg=cfg, group=SessionGroup(log_dir=folder / "logs"), folder=folder)
     options = [("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20)]
     try:
         cluster.start(triggers=1, workers=0)

@@ -14,7 +14,7 @@ import pytest
 from leasesched.config import Config
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
-from tests.processes import ProcessGroup
+from tests.processes import SessionGroup
 
 
 async def _open(stub: pb_grpc.TriggerServiceStub, worker_id: str, stop: asyncio.Event) -> grpc.aio.StreamStreamCall:
@@ -46,7 +46,7 @@ async def _refused(call: grpc.aio.StreamStreamCall, within: float) -> grpc.Statu
 
 def test_subscribe_streams_per_worker_are_bounded(module_config: Config, tmp_path: Path) -> None:
     cfg = module_config.with_overrides(max_streams_per_worker=2)
-    group = ProcessGroup(log_dir=tmp_path)
+    group = SessionGroup(log_dir=tmp_path)
     try:
         trigger = group.start_serving("trigger", cfg)
 
@@ -80,7 +80,7 @@ def test_task_service_quotas_without_auth_follow_the_connection(module_config: C
     cfg = module_config.with_overrides(
         auth="off", poll_rate_per_namespace=0.01, poll_burst=25.0, schedule_rate_per_namespace=0.01, schedule_burst=2.0
     )  # refill ~never: what passes is exactly the burst
-    group = ProcessGroup(log_dir=tmp_path)
+    group = SessionGroup(log_dir=tmp_path)
     try:
         service = group.start_serving("task-service", cfg)
         assert service.target

@@ -17,9 +17,9 @@ import threading
 from pathlib import Path
 
 from leasesched.config import Config
+from leasesched.testing import free_port, pid_alive
 from tests.cluster import wait_for
 from tests.conftest import DIST_DIR
-from tests.processes import _pid_alive, free_port
 
 STARTED = re.compile(r"(\S+) started \(pid (\d+)\)")
 
@@ -71,7 +71,7 @@ def test_local_up_restarts_a_dead_worker_and_ctrl_c_stops_everything(module_conf
         wait_for(lambda: len(out.pids("worker-1")) == 2, 30, "the worker to be restarted")
         assert "worker-1 was killed by SIGKILL" in out.text()
         assert "restarting in 1 s" in out.text()
-        assert proc.poll() is None and _pid_alive(service)  # nothing else was stopped
+        assert proc.poll() is None and pid_alive(service)  # nothing else was stopped
         assert out.pids("task-service") == [service]
 
         proc.send_signal(signal.SIGINT)  # Ctrl-C
@@ -79,7 +79,7 @@ def test_local_up_restarts_a_dead_worker_and_ctrl_c_stops_everything(module_conf
         assert proc.returncode == 0, out.text()[-3000:]
         every = [int(pid) for _, pid in STARTED.findall(out.text())]
         for pid in every:
-            wait_for(lambda pid=pid: not _pid_alive(pid), 10, f"pid {pid} to be gone")
+            wait_for(lambda pid=pid: not pid_alive(pid), 10, f"pid {pid} to be gone")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -28,11 +28,12 @@ import grpc
 import pytest
 
 from leasesched.config import Config
+from leasesched.testing import ProcessGroup, RunningProcess
 from leasesched.transport import sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from tests.tokens import issue_tokens
-from tests.processes import REPO, ProcessGroup, RunningProcess
+from tests.processes import REPO
 
 NOISY, QUIET = "noisy-a", "quiet-b"
 FLOOD_THREADS = 24  # more than the whole cap below: without a per-namespace share, A alone fills it

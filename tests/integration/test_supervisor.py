@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from leasesched.infra.supervisor import EXIT_CREDENTIALS_REFUSED, EXIT_FAIL_STOP, Program, RestartPolicy, Supervisor
+from leasesched.testing import pid_alive
 from tests.cluster import wait_for
-from tests.processes import _pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = RestartPolicy(first_delay_s=0.2, max_delay_s=0.8, healthy_after_s=100)
@@ -101,9 +101,9 @@ def test_clean_exit_is_not_restarted_and_others_keep_running(tmp_path: Path, sta
     time.sleep(0.6)  # longer than any restart delay of FAST
     assert len(_lines(pids)) == 1
     service_pid = run.supervisor.pids()["service"]
-    assert service_pid is not None and _pid_alive(service_pid)
+    assert service_pid is not None and pid_alive(service_pid)
     assert run.stop() == 0
-    assert not _pid_alive(service_pid)
+    assert not pid_alive(service_pid)
 
 
 def test_leftovers_of_an_exited_child_are_killed_before_the_restart(tmp_path: Path, started: list[Running]) -> None:
@@ -114,10 +114,10 @@ def test_leftovers_of_an_exited_child_are_killed_before_the_restart(tmp_path: Pa
     started.append(run)
     wait_for(lambda: len(_lines(grandchildren)) >= 2, 20, "a restart")
     first = int(_lines(grandchildren)[0])
-    wait_for(lambda: not _pid_alive(first), 10, "the first run's handler child to be killed")
+    wait_for(lambda: not pid_alive(first), 10, "the first run's handler child to be killed")
     run.stop()
     for pid in map(int, _lines(grandchildren)):
-        wait_for(lambda pid=pid: not _pid_alive(pid), 10, f"grandchild {pid} to be gone")
+        wait_for(lambda pid=pid: not pid_alive(pid), 10, f"grandchild {pid} to be gone")
 
 
 SUPERVISOR_SCRIPT = textwrap.dedent(
@@ -173,7 +173,7 @@ def test_signal_stops_the_supervisor_and_every_child(tmp_path: Path, signum: int
         text = out.decode()
         assert "stubborn did not stop in 1 s: killing it" in text
         for pid in pids:
-            wait_for(lambda pid=pid: not _pid_alive(pid), 10, f"pid {pid} to be gone (no orphans)")
+            wait_for(lambda pid=pid: not pid_alive(pid), 10, f"pid {pid} to be gone (no orphans)")
         crashes = len(_lines(tmp_path / "crashes"))
         time.sleep(1.5)
         assert len(_lines(tmp_path / "crashes")) == crashes  # nothing restarted after the stop
@@ -194,7 +194,7 @@ def test_second_ctrl_c_kills_at_once(tmp_path: Path) -> None:
         assert time.monotonic() - started < 5  # not the 60 s stop timeout
         assert proc.returncode == 0
         for pid in pids:
-            wait_for(lambda pid=pid: not _pid_alive(pid), 10, f"pid {pid} to be gone")
+            wait_for(lambda pid=pid: not pid_alive(pid), 10, f"pid {pid} to be gone")
     finally:
         _kill_all(proc, tmp_path)
 
@@ -227,6 +227,6 @@ def test_ctrl_c_stops_everything_when_the_output_pipe_is_gone(tmp_path: Path) ->
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=15)
         for pid in pids:
-            wait_for(lambda pid=pid: not _pid_alive(pid), 10, f"pid {pid} to be gone (no orphans)")
+            wait_for(lambda pid=pid: not pid_alive(pid), 10, f"pid {pid} to be gone (no orphans)")
     finally:
         _kill_all(proc, tmp_path)

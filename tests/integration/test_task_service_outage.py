@@ -16,9 +16,9 @@ import grpc
 
 from leasesched.config import Config
 from leasesched.infra.local import LocalInfra
+from leasesched.testing import RunningProcess
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
-from tests.processes import RunningProcess
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ from leasesched.config import Config
 from leasesched.transport import sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
-from tests.processes import ProcessGroup
+from tests.processes import SessionGroup
 from tests.tls_certs import make_certs
 
 
@@ -47,7 +47,7 @@ def test_whole_system_over_tls(make_cluster, tmp_path: Path) -> None:
 
 def test_mutual_tls_requires_a_client_certificate(module_config: Config, tmp_path: Path) -> None:
     cfg = module_config.with_overrides(**tls_overrides(tmp_path / "certs", mutual=True))
-    group = ProcessGroup(log_dir=tmp_path / "logs")
+    group = SessionGroup(log_dir=tmp_path / "logs")
     try:
         service = group.start_serving("task-service", cfg)
         assert service.target

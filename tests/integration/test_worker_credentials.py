@@ -16,9 +16,10 @@ import grpc
 import pytest
 
 from leasesched.config import Config
+from leasesched.testing import ProcessGroup, RunningProcess, zk_members
 from leasesched.v1 import scheduler_pb2 as pb
-from tests.cluster import wait_for, zk_members
-from tests.processes import ProcessGroup, RunningProcess
+from tests.cluster import wait_for
+from tests.processes import SessionGroup
 from tests.tokens import issue_tokens
 from worker.runner import EXIT_CREDENTIALS_REFUSED
 from worker.subscriptions import TriggerLink
@@ -52,7 +53,7 @@ def cred_cluster(module_config: Config) -> Iterator[CredCluster]:
     ]
     tokens = {name: made[0] for (_, _, name), made in zip(wanted, issue_tokens(base, wanted))}
     cfg = base.with_overrides(token=tokens["admin"])  # the services' own identity
-    group = ProcessGroup()
+    group = SessionGroup()
     try:
         group.start_serving("task-updater", cfg)
         trigger = group.start_serving("trigger", cfg)

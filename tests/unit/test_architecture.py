@@ -6,7 +6,10 @@ processes do not import each other: what two of them share belongs in the
 core (the gRPC server kit is ``leasesched/server/``). The CLI
 (``leasesched/cli/``) is the entry point that starts every process, so it is
 the one part of the core allowed to import them, and nothing else in the
-core imports the CLI. Every import counts, also one inside a function.
+core imports the CLI. The cluster harness (``leasesched/testing/``) starts
+processes only as commands, and is used by the tests, the load test and
+``local up``, so it imports none of them. Every import counts, also one
+inside a function.
 """
 
 from __future__ import annotations
@@ -52,6 +55,25 @@ def test_the_core_imports_no_process_and_not_the_cli() -> None:
     core = [p for p in sources("leasesched") if "cli" not in p.relative_to(REPO / "leasesched").parts]
     assert len(core) > 40
     assert violations(core, (*PROCESSES, "leasesched.cli", "tests")) == []
+
+
+def test_the_harness_imports_none_of_its_users() -> None:
+    harness = sources("leasesched/testing")
+    assert len(harness) >= 3
+    users = (*PROCESSES, "leasesched.cli", "leasesched.loadtest", "tests")
+    assert violations(harness, users) == []
+
+
+def test_one_way_to_start_a_cluster() -> None:
+    """The load test and ``local up`` start processes and wait for them through
+    the harness; neither has a cluster of its own, and the load test does not
+    reach into the CLI for one."""
+    assert not (REPO / "leasesched" / "loadtest" / "cluster.py").exists()
+    for path in (REPO / "leasesched" / "loadtest" / "runner.py", REPO / "leasesched" / "cli" / "local_cmd.py"):
+        modules = imports_of(path)
+        assert "leasesched.testing" in modules, f"{path.name} does not use the harness"
+        assert "grpc_health.v1" not in modules, f"{path.name} has a health wait of its own"
+    assert forbidden_in(imports_of(REPO / "leasesched" / "loadtest" / "runner.py"), ("leasesched.cli",)) == []
 
 
 @pytest.mark.parametrize("process", PROCESSES)
