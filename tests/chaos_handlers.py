@@ -118,19 +118,23 @@ def _fenced_sink() -> FencedTable:
 
 @handlers.task("chaos.fenced_thread")
 def fenced_thread(ctx: TaskContext) -> str:
-    """Like ``stubborn_thread``, but each step is a fenced write, and it looks at the
-    clock only *after* a step: a pause between the look and the next step (a frozen
-    worker, resumed) makes exactly that step late, and the sink refuses it."""
+    """Like ``stubborn_thread``, but each step is a fenced write, and after its steps
+    it writes once more, as a handler commits its result. A worker frozen anywhere
+    in the steps and resumed past its lease therefore sends at least that last
+    write late, and the sink must refuse it. (Only a freeze inside the last write
+    itself sends nothing late.) Before, the loop ended right after a step, so a
+    freeze during a write — a third of the loop with 5.0's slower LWTs — sent
+    nothing late, and the run did not exercise the fence."""
     sink = _fenced_sink()
+    key = {"task_id": ctx.task_id}
     with ledger.execution(ctx):
         finish = time.monotonic() + _seconds(ctx)
         step = 0
-        while True:
+        while time.monotonic() < finish:
             step += 1
             sent = time.time()
-            applied = sink.write({"task_id": ctx.task_id}, {"step": step, "pid": os.getpid()}, ctx.lease_token)
-            ledger.fenced(ctx, sent, applied)
-            if time.monotonic() >= finish:
-                break
+            ledger.fenced(ctx, sent, sink.write(key, {"step": step, "pid": os.getpid()}, ctx.lease_token))
             time.sleep(0.05)
+        sent = time.time()
+        ledger.fenced(ctx, sent, sink.write(key, {"step": step + 1, "pid": os.getpid()}, ctx.lease_token))
     return "done"

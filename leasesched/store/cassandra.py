@@ -266,6 +266,7 @@ class CassandraStore:
 
     def __init__(self, cfg: Config) -> None:
         self._cfg = cfg
+        self._resolutions: set[asyncio.Future[bool | None]] = set()  # read-backs whose callers may be gone
         self._cluster: Cluster | None = None
         self._session: Session | None = None
         self._connect_lock = asyncio.Lock()
@@ -355,6 +356,8 @@ class CassandraStore:
         self._update_stmts.clear()
 
     async def close(self) -> None:
+        if self._resolutions:  # read-backs still running for callers that left: let them finish (bounded)
+            await asyncio.wait(set(self._resolutions), timeout=3 * self._cfg.cassandra_request_timeout_s + 1)
         if self._cluster is not None:
             await asyncio.to_thread(self._cluster.shutdown)
         self._cluster = None
@@ -403,14 +406,24 @@ class CassandraStore:
             raise StoreUnavailable(f"Cassandra is unreachable: {exc}") from exc
         except _UNAVAILABLE_ERRORS as exc:
             log.warning("conditional write on task %s has an unknown outcome (%s); resolving with a serial read", task_id, exc)
-            applied = await self._resolve_unknown(task_id, write_id)
-            resolved = "unresolved" if applied is None else ("applied" if applied else "not_applied")
-            metrics.store_unknown_outcomes.labels(resolved).inc()
-            log.warning("conditional write on task %s: unknown outcome resolved by a serial read: %s", task_id, resolved,
-                        extra=fields(task_id=str(task_id), store_event="unknown_outcome", resolved=resolved))  # fmt: skip
+            # Shielded: when the caller goes away meanwhile (its RPC's deadline
+            # passed, as it does while a node is frozen), the read-back still
+            # finishes and is counted and logged; only the answer is dropped.
+            resolution = asyncio.ensure_future(self._resolve_and_report(task_id, write_id))
+            self._resolutions.add(resolution)
+            resolution.add_done_callback(self._resolutions.discard)
+            applied = await asyncio.shield(resolution)
             if applied is None:
                 raise StoreUnavailable(f"Cassandra did not confirm a conditional write: {exc}") from exc
             return None if applied else _NOT_APPLIED_UNKNOWN
+
+    async def _resolve_and_report(self, task_id: uuid.UUID, write_id: uuid.UUID) -> bool | None:
+        applied = await self._resolve_unknown(task_id, write_id)
+        resolved = "unresolved" if applied is None else ("applied" if applied else "not_applied")
+        metrics.store_unknown_outcomes.labels(resolved).inc()
+        log.warning("conditional write on task %s: unknown outcome resolved by a serial read: %s", task_id, resolved,
+                    extra=fields(task_id=str(task_id), store_event="unknown_outcome", resolved=resolved))  # fmt: skip
+        return applied
 
     async def _resolve_unknown(self, task_id: uuid.UUID, write_id: uuid.UUID) -> bool | None:
         """True/False when a serial read tells; None when even that fails (three tries)."""

@@ -54,8 +54,8 @@ def make_replicated(replicated_infra: LocalInfra, request: pytest.FixtureRequest
     replicated infra (own keyspace with replication factor 3, own ZooKeeper root)."""
     clusters: list[LiveCluster] = []
 
-    def make(**kwargs: int) -> LiveCluster:
-        cfg = cluster_config(replicated_infra.config, request.node.name)
+    def make(overrides: dict[str, object] | None = None, **kwargs: int) -> LiveCluster:
+        cfg = cluster_config(replicated_infra.config, request.node.name).with_overrides(**(overrides or {}))
         assert cfg.replication_spec == "SimpleStrategy:3" and len(cfg.cassandra_contact_points) == 3
         cluster = LiveCluster(cfg=cfg, group=SessionGroup(log_dir=tmp_path / f"logs-{len(clusters)}"), folder=tmp_path)
         clusters.append(cluster)
@@ -207,36 +207,41 @@ def test_two_of_three_cassandra_nodes_down(make_replicated, replicated_infra: Lo
 
 
 def test_sigstop_one_cassandra_node_during_conditional_writes(make_replicated, replicated_infra: LocalInfra) -> None:
-    cluster = make_replicated(triggers=2, workers=3, slots=8)
-    # Short tasks: many claims, heartbeats and reports (all conditional writes) per second.
-    load = Load(cluster, count=400, per_second=40, kinds=[Kind("chaos.work", 1.0, (0.05, 1.5), retry_initial_s=0.5)])
+    # The driver gives up on a request after 2 s (5 s by default), so a freeze of
+    # 2.5 s turns every request in flight at the frozen coordinator into a timeout.
+    cluster = make_replicated(triggers=2, workers=3, slots=8, overrides={"cassandra_request_timeout_s": 2.0})
+    # Short tasks: many claims, heartbeats and reports (all conditional writes) per second,
+    # for as long as the freezes below may last (up to 20 × 3 s).
+    load = Load(cluster, count=1800, per_second=30, kinds=[Kind("chaos.work", 1.0, (0.05, 1.5), retry_initial_s=0.5)])
     load.start()
     wait_for(lambda: len(load.ids) >= 60, 30, "load to build up")
     victim = replicated_infra.cassandra_nodes[0]
-    # A conditional write's outcome becomes unknown only when the freeze catches it
-    # in flight at the frozen coordinator (the driver routes a task's statements to
+    # A conditional write's outcome becomes unknown only when a freeze catches it
+    # in flight at the frozen coordinator (the driver sends a task's statements to
     # one replica first, so a freeze before the read that precedes each write turns
-    # that read into a plain timeout). Freeze, thaw, repeat until some were caught.
+    # that read into a plain timeout instead). Freeze and thaw until some were caught.
     cycles = 0
-    while cycles < 10 and (cycles < 2 or not log_lines(cluster, r"has an unknown outcome")):
+    while cycles < 20 and (cycles < 2 or not log_lines(cluster, r"has an unknown outcome")):
         victim.pause()
         try:
-            time.sleep(6.0)  # past the write (2 s), CAS contention (1 s) and driver (5 s) timeouts
+            time.sleep(2.5)
         finally:
             victim.resume()
         cycles += 1
-        time.sleep(1.5)
+        time.sleep(0.5)
     report = finish(cluster, load.join(), "replicated: SIGSTOP one Cassandra node")
-    resolutions = log_lines(cluster, r'"store_event": ?"unknown_outcome"')
-    by_outcome: dict[str, int] = {}
-    for line in resolutions:
-        by_outcome[line["resolved"]] = by_outcome.get(line["resolved"], 0) + 1
     unknown = log_lines(cluster, r"has an unknown outcome")
     assert unknown, f"{cycles} freezes caught no conditional write in flight: the scenario tested nothing"
     # Every conditional write with an unknown outcome was resolved by a serial read
-    # (or, when even that failed, answered UNAVAILABLE as unresolved): one
-    # resolution per unknown outcome, none guessed.
+    # (or, when even that failed, reported unresolved and answered UNAVAILABLE):
+    # one resolution per unknown outcome, also when the caller had given up, none guessed.
+    resolutions = wait_for(
+        lambda: (found := log_lines(cluster, r'"store_event": ?"unknown_outcome"')) and len(found) >= len(unknown) and found,
+        30, "a resolution for every unknown outcome")  # fmt: skip
     assert len(resolutions) == len(unknown), (len(resolutions), len(unknown))
+    by_outcome: dict[str, int] = {}
+    for line in resolutions:
+        by_outcome[line["resolved"]] = by_outcome.get(line["resolved"], 0) + 1
     record("replicated: SIGSTOP one Cassandra node", tasks=report.tasks, re_executions=report.re_executions,
            overlaps=len(report.overlaps), lost=len(report.lost), client_retries=load.unavailable, freezes=cycles,
            unknown_outcomes=len(unknown), resolved=by_outcome)  # fmt: skip

@@ -275,7 +275,7 @@ def test_sigstop_worker_past_its_lease_then_sigcont(make_cluster) -> None:
         load = mixed_load(cluster, kinds).start()
         victim = cluster.workers[0]
         wait_running(cluster, victim.pid, lambda: load.of_type(STUBBORN_THREAD), 1, "the victim to run a stubborn handler")
-        wait_running(cluster, victim.pid, lambda: load.of_type(FENCED_THREAD), 1, "the victim to run a fenced handler")
+        wait_running(cluster, victim.pid, lambda: load.of_type(FENCED_THREAD), 2, "the victim to run two fenced handlers")
         victim.pause()
         paused = time.time()  # a write of the victim sent later than this was sent after SIGCONT
         frozen = open_in(cluster, victim.pid, set(load.type_of))
