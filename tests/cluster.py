@@ -90,16 +90,21 @@ class ExitWatch:
     """Appends an exit line to the ledger when a process that ran a handler is seen gone.
 
     Every pid that wrote a START is watched (workers, and the children of
-    process-mode handlers) every ``interval`` s; the time written is when
-    its end was first seen, never before it. The start time from /proc tells
-    a reused pid apart.
+    process-mode handlers) every ``interval`` s. Its end lies between the last
+    poll that saw it alive and the first that saw it gone; the time written is
+    the *last seen alive*, so the checks judge only what is proven (writing
+    the first-seen-gone time made a child that its worker had killed and
+    reaped before reporting look as if it ran 1 ms past that report, when the
+    poll came 20 ms late on a busy CI machine). The start time from /proc
+    tells a reused pid apart.
     """
 
     def __init__(self, ledger: Path, interval: float = 0.02) -> None:
         self.ledger = ledger
         self.interval = interval
         self.exits: dict[int, float] = {}
-        self._watched: dict[int, str] = {}
+        self._watched: dict[int, float] = {}  # pid → its start time
+        self._alive_at: dict[int, float] = {}  # pid → when a poll last saw it alive
         self._offset = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="exit-watch", daemon=True)
@@ -140,13 +145,17 @@ class ExitWatch:
             for pid in self._new_pids() - set(self._watched) - set(self.exits):
                 started = _proc_start_time(pid)
                 if started is None:
-                    self.seen_gone(pid, time.time())
+                    self.seen_gone(pid, time.time())  # never seen alive: its START line bounds it
                 else:
                     self._watched[pid] = started
+                    self._alive_at[pid] = time.time()
             for pid, started in list(self._watched.items()):
+                polled = time.time()
                 if _proc_start_time(pid) != started:
                     del self._watched[pid]
-                    self.seen_gone(pid, time.time())
+                    self.seen_gone(pid, self._alive_at.pop(pid, polled))
+                else:
+                    self._alive_at[pid] = polled
 
     def live_pids(self) -> set[int]:
         return set(self._watched)
