@@ -44,8 +44,7 @@ def _shape(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _local(cfg: Config, cassandra_nodes: int | None, zk_nodes: int | None) -> LocalInfra:
-    overrides = {"cassandra_nodes": cassandra_nodes, "zk_nodes": zk_nodes}
-    cfg = cfg.with_overrides(**{k: v for k, v in overrides.items() if v is not None})
+    cfg = cfg.with_overrides(cassandra_nodes=cassandra_nodes, zk_nodes=zk_nodes)  # flags not given are None: kept
     try:
         return LocalInfra.from_config(cfg)
     except InfraError as exc:
