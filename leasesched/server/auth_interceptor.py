@@ -24,6 +24,7 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # Method-name prefix → roles allowed to call it. The first match wins.
 ROLES_BY_METHOD: tuple[tuple[str, frozenset[str]], ...] = (
     ("/leasesched.v1.TaskService/", frozenset({"client", "admin"})),
+    ("/leasesched.v1.ScheduleService/", frozenset({"client", "admin"})),
     ("/leasesched.v1.TaskUpdater/", frozenset({"worker", "admin"})),
     ("/leasesched.v1.TriggerService/Subscribe", frozenset({"worker", "admin"})),
     ("/leasesched.v1.TriggerService/NotifyDue", frozenset({"admin"})),
