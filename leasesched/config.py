@@ -138,6 +138,9 @@ class Config:
     checkpoint_interval_s: float = 5.0
     orphan_grace_s: float = 30.0  # an index entry with no task row is dropped after this
     partition_settle_s: float = 1.0  # ZooKeeper partitioner stability window
+    # Periodic schedules: slots missed in an outage (within their catch-up
+    # window) and backfills run at most this many per second per trigger.
+    schedule_catchup_rate: float = 20.0
 
     # Cluster shape, fixed when the cluster is first created (stored in ZooKeeper).
     logical_shards: int = 64

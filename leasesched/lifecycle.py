@@ -159,6 +159,16 @@ class Lifecycle:
         except (StoreUnavailable, UnreadableTask) as exc:
             raise Unavailable(str(exc)) from exc
 
+    async def create_slot_task(self, task: Task) -> bool:
+        """Create the task of a schedule's slot if it does not exist yet (one
+        conditional insert: its id is derived from the slot, so every
+        evaluator and every retry names the same task). False: it existed."""
+        try:
+            await self.store.add_due(run_entry(task, max(task.run_at, now_ms())))
+            return await self.store.insert_task(task, new_id=False)
+        except (StoreUnavailable, UnreadableTask) as exc:
+            raise Unavailable(str(exc)) from exc
+
     async def read(self, task_id: uuid.UUID, serial: bool = False) -> Task | None:
         """The task as stored, or None: every reader's way to a task row.
 

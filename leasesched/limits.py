@@ -167,3 +167,16 @@ ALL_BOUNDS: tuple[Bound, ...] = (
     SUBSCRIBE_TASK_TYPES,
     TASK_IDS_PER_MESSAGE,
 )
+
+
+# ---------------------------------------------------------------- schedules (the gRPC edge)
+
+SCHEDULE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+MAX_SCHEDULE_NOTE = 1024
+# A spec's durations as they arrive (ScheduleSpec.check applies the exact bounds).
+SCHEDULE_EVERY_FIELD = Bound("spec duration", 0, YEAR_MS, "ms", "a schedule's period, offset and jitter are at most a year")
+CATCHUP_WINDOW = Bound(
+    "policy.catchup_window", 10 * SECOND_MS, YEAR_MS, "ms",
+    "shorter would skip slots that are only a little late (kubernetes#86647); the state records what it skips",
+)  # fmt: skip
+REMAINING_ACTIONS = Bound("remaining_actions", 0, INT32_MAX, "", "runs left before the schedule stops")

@@ -87,6 +87,8 @@ class Task:
     started_at: int | None = None
     finished_at: int | None = None
     deadline_at: int | None = None  # first_run_at + schedule_to_close, if set
+    schedule_id: str = ""  # set when a schedule created the task (leasesched.schedules)
+    nominal_time: int | None = None  # the schedule's slot it was created for
 
     @property
     def max_attempts(self) -> int:
@@ -100,7 +102,9 @@ class Task:
 class DueEntry:
     """A row of the due index: "something must happen to this task at due_at".
 
-    ``kind`` says what: RUN (dispatch it) or LEASE (check its lease).
+    ``kind`` says what: RUN (dispatch it), LEASE (check its lease) or
+    SCHEDULE (evaluate a periodic schedule: ``task_id`` is then the
+    schedule's uid and ``ref`` names it, ``namespace/schedule_id``).
     """
 
     shard: int
@@ -111,9 +115,11 @@ class DueEntry:
     priority: int = 5
     type: str = ""
     lease_token: int = 0  # the task's token when written: tells re-queues apart
+    ref: str = ""
 
     RUN = "run"
     LEASE = "lease"
+    SCHEDULE = "schedule"
 
 
 def listed_size(task: Task) -> int:

@@ -52,6 +52,9 @@ def task_view(task: Task, with_payload: bool = False) -> pb.TaskView:
         finished_at=ts(task.finished_at),
         lease_expires_at=ts(task.lease_expires_at),
     )
+    if task.schedule_id:
+        view.schedule_id = task.schedule_id
+        view.nominal_time.CopyFrom(ts(task.nominal_time))
     if with_payload:
         view.payload = task.payload
     return view

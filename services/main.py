@@ -21,6 +21,7 @@ from leasesched.server.grpc_server import build_server, stop_signal, wait_for_st
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.due_notifier import DueNotifier
 from services.rate_limit import QuotaInterceptor, Quotas, transport_cap
+from services.schedule_service import ScheduleService
 from services.task_service import TaskService
 from services.task_updater import TaskUpdater
 from services.worker_directory import WorkerDirectory
@@ -55,7 +56,11 @@ async def serve(cfg: Config, role: str, port: int) -> None:
             await workers.start()
             stack.push_async_callback(workers.stop)
             service: Any = TaskService(cfg, lifecycle, meta.logical_shards, notify_due=notifier, workers=workers)
-            adders = [(pb_grpc.add_TaskServiceServicer_to_server, service, "leasesched.v1.TaskService")]
+            schedules = ScheduleService(cfg, lifecycle, meta.logical_shards, notify_due=notifier)
+            adders = [
+                (pb_grpc.add_TaskServiceServicer_to_server, service, "leasesched.v1.TaskService"),
+                (pb_grpc.add_ScheduleServiceServicer_to_server, schedules, "leasesched.v1.ScheduleService"),
+            ]
             # After authentication (build_server's order): quotas are per caller namespace.
             interceptors.append(QuotaInterceptor(Quotas.from_config(cfg)))
         else:

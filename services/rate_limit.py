@@ -45,13 +45,20 @@ LIST_METHOD = SERVICE_PREFIX + "ListTasks"
 
 WRITE = "write"
 READ = "read"
+SCHEDULES_PREFIX = "/leasesched.v1.ScheduleService/"
 GROUP_OF_METHOD: dict[str, str] = {
     SCHEDULE_METHOD: WRITE,
     CANCEL_METHOD: WRITE,
     POLL_METHOD: READ,
     LIST_METHOD: READ,
+    # Periodic schedules share the namespace's buckets: a flood of schedule
+    # changes is a flood of writes like any other.
+    **{SCHEDULES_PREFIX + m: WRITE for m in ("CreateSchedule", "UpdateSchedule", "DeleteSchedule", "PauseSchedule",
+                                             "UnpauseSchedule", "TriggerSchedule", "BackfillSchedule")},
+    SCHEDULES_PREFIX + "DescribeSchedule": READ,
+    SCHEDULES_PREFIX + "ListSchedules": READ,
 }
-GROUP_METHODS = {WRITE: "ScheduleTask/CancelTask", READ: "PollTask/ListTasks"}
+GROUP_METHODS = {WRITE: "ScheduleTask/CancelTask and schedule changes", READ: "PollTask/ListTasks and schedule reads"}
 
 MAX_BUCKETS = 100_000
 # A ListTasks page of n rows costs ceil(n / 10) read tokens (a poll reads one

@@ -31,6 +31,7 @@ from trigger.announcer import Announcer
 from trigger.dispatcher import Dispatcher, Ready, WorkersChanged
 from trigger.ownership import ShardOwnership
 from trigger.scanner import ScanSettings, ShardScanner
+from trigger.schedule_firer import ScheduleFirer
 from trigger.service import RefusalLog, TriggerService
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Trigger:
         self._lifecycle = lifecycle
         self._settings = settings
         self.dispatcher = Dispatcher(cfg.claim_timeout_s, self._still_unclaimed, on_workers)
+        self.firer = ScheduleFirer(lifecycle, cfg.schedule_catchup_rate)
         self._scanners: dict[int, tuple[ShardScanner, asyncio.Task[None]]] = {}
         self._hints: set[asyncio.Task[None]] = set()
         self.owned: frozenset[int] = frozenset()
@@ -68,7 +70,7 @@ class Trigger:
         self.dispatcher.drop_shards(owned)
         for shard in sorted(owned):
             if shard not in self._scanners:
-                scanner = ShardScanner(shard, self._lifecycle, self.dispatcher, self._settings)
+                scanner = ShardScanner(shard, self._lifecycle, self.dispatcher, self._settings, on_schedule=self.firer.handle)
                 self._scanners[shard] = (scanner, asyncio.create_task(scanner.run()))
                 log.info("shard %d acquired", shard, extra=fields(shard=shard))
 

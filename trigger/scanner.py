@@ -35,7 +35,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Awaitable, Callable, Hashable
 
 from leasesched.errors import SchedulerError
 from leasesched.lifecycle import Lifecycle, deadline_passed, lease_entry, run_entry
@@ -47,6 +47,8 @@ from leasesched.store.base import StoreError
 from trigger.dispatcher import Dispatcher
 
 log = logging.getLogger(__name__)
+
+ScheduleHandler = Callable[[DueEntry, "ShardScanner"], Awaitable[None]]
 
 RETRY_DELAY_S = 1.0
 MAX_PENDING = 20_000
@@ -81,12 +83,18 @@ def entry_key(entry: DueEntry) -> Hashable:
     entries are re-written at each renewal, so their time is part of the key."""
     if entry.kind == DueEntry.RUN:
         return (entry.task_id, entry.kind, entry.attempt, entry.lease_token)
-    return (entry.task_id, entry.kind, entry.lease_token, entry.due_at)
+    return (entry.task_id, entry.kind, entry.lease_token, entry.due_at)  # LEASE, SCHEDULE: one per time
 
 
 class ShardScanner:
-    def __init__(self, shard: int, lifecycle: Lifecycle, dispatcher: Dispatcher, settings: ScanSettings) -> None:
+    def __init__(
+        self, shard: int, lifecycle: Lifecycle, dispatcher: Dispatcher, settings: ScanSettings,
+        on_schedule: ScheduleHandler | None = None,
+    ) -> None:
+        """``on_schedule``: evaluates a periodic schedule when its entry comes
+        due (``trigger/schedule_firer.py``); the entry is resolved when it returns."""
         self.shard = shard
+        self._on_schedule = on_schedule
         self._lifecycle = lifecycle
         self._store = lifecycle.store
         self._dispatcher = dispatcher
@@ -251,6 +259,9 @@ class ShardScanner:
                 await self._handle_run(entry, key)
             elif entry.kind == DueEntry.LEASE:
                 await self._handle_lease(entry, key)
+            elif entry.kind == DueEntry.SCHEDULE and self._on_schedule is not None:
+                await self._on_schedule(entry, self)
+                self._resolve(key)
             else:
                 log.warning("shard %d: unknown due entry kind %r", self.shard, entry.kind)
                 self._resolve(key)

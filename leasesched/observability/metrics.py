@@ -98,6 +98,30 @@ dispatch_queued = Gauge("leasesched_dispatch_queued", "Due tasks waiting for a f
 dispatch_inflight = Gauge("leasesched_dispatch_inflight", "Dispatched tasks not yet known to be claimed.", registry=None)
 subscribed_workers = Gauge("leasesched_subscribed_workers", "Open worker Subscribe streams.", registry=None)
 
+# ------------------------------------------------------------------ schedules (trigger and TaskService)
+
+schedule_fires = Counter(
+    "leasesched_schedule_fires",
+    "Tasks created by periodic schedules, by cause: schedule, catchup, buffer, trigger, backfill.",
+    ["cause"], registry=None,
+)  # fmt: skip
+schedule_skipped_slots = Counter(
+    "leasesched_schedule_skipped_slots",
+    "Slots of periodic schedules skipped, by reason: overlap, buffer_full, catchup_window, paused, no_actions_left.",
+    ["reason"], registry=None,
+)  # fmt: skip
+schedule_fire_lag = Histogram(
+    "leasesched_schedule_fire_lag_seconds",
+    "Creation time of a slot's task minus the slot's time (schedule and catchup causes); the task then waits "
+    "for its jitter and is dispatched like any due task (leasesched_dispatch_lag_seconds).",
+    buckets=LAG_BUCKETS, registry=None,
+)  # fmt: skip
+schedule_evaluations = Counter(
+    "leasesched_schedule_evaluations", "Evaluations of periodic schedules, by result: fired, idle, raced, error.",
+    ["result"], registry=None,
+)  # fmt: skip
+_SCHEDULES = (schedule_fires, schedule_skipped_slots, schedule_fire_lag, schedule_evaluations)
+
 # ------------------------------------------------------------------ worker
 
 worker_slots = Gauge("leasesched_worker_slots", "Task slots of this worker.", registry=None)
@@ -129,7 +153,9 @@ worker_children_killed = Counter(
 
 _RPC = (rpc_duration,)
 _BY_ROLE: dict[str, tuple[object, ...]] = {
-    "task-service": (*_RPC, tasks_scheduled, tasks_scheduled_without_worker, tasks_quarantined, store_unknown_outcomes),
+    "task-service": (
+        *_RPC, tasks_scheduled, tasks_scheduled_without_worker, tasks_quarantined, store_unknown_outcomes, *_SCHEDULES,
+    ),  # fmt: skip
     "task-updater": (
         *_RPC, tasks_claimed, tasks_completed, tasks_failed, tasks_requeued, tasks_cancelled, dispatch_lag,
         tasks_quarantined,
@@ -138,7 +164,7 @@ _BY_ROLE: dict[str, tuple[object, ...]] = {
     "trigger": (
         *_RPC, tasks_dispatched, tasks_quarantined, store_unknown_outcomes, lease_expirations, tasks_requeued,
         tasks_failed, shards_owned,
-        shard_ownership_changes, dispatch_queued, dispatch_inflight, subscribed_workers,
+        shard_ownership_changes, dispatch_queued, dispatch_inflight, subscribed_workers, *_SCHEDULES,
     ),  # fmt: skip
     "worker": (
         worker_slots, worker_slots_busy, worker_executions, worker_execution_seconds, worker_loop_stalls,

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from leasesched.changes import TaskChange
 from leasesched.limits import MAX_STORED_TIME_MS, PRIORITY
 from leasesched.model import DueEntry, RetryPolicy, Task, Timeouts
+from leasesched.schedules import Schedule
 from leasesched.states import TaskStatus
 
 
@@ -203,6 +204,21 @@ class TaskStore(Protocol):
         """A random secret shared by every process of the cluster, made once."""
         ...
 
+    # -- schedules (each change conditional on the stored version) --
+    async def insert_schedule(self, schedule: Schedule) -> bool:
+        """Create it if its id is free in its namespace. False: the id is taken."""
+        ...
+
+    async def get_schedule(self, namespace: str, schedule_id: str, serial: bool = False) -> Schedule | None: ...
+
+    async def update_schedule(self, schedule: Schedule, expected_version: int) -> bool:
+        """Write ``schedule`` whole only if the stored version is ``expected_version``."""
+        ...
+
+    async def delete_schedule(self, namespace: str, schedule_id: str, expected_version: int) -> bool: ...
+
+    async def list_schedules(self, namespace: str, after_id: str, limit: int) -> list[Schedule]: ...
+
     # -- trigger checkpoints --
     async def get_checkpoint(self, shard: int) -> int | None: ...
 
@@ -220,6 +236,7 @@ TIME_COLUMNS = (
     "started_at",
     "finished_at",
     "deadline_at",
+    "nominal_time",
 )
 _DEFAULT_RETRY = RetryPolicy()
 _DEFAULT_LEASE_MS = Task.__dataclass_fields__["lease_ms"].default
@@ -321,4 +338,6 @@ def task_from_row(row: Any) -> Task:
         started_at=row.started_at,
         finished_at=row.finished_at,
         deadline_at=row.deadline_at,
+        schedule_id=row.schedule_id or "",
+        nominal_time=row.nominal_time,
     )

@@ -42,7 +42,7 @@ import datetime as dt
 import logging
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import backoff
 from cassandra import ConsistencyLevel, DriverException, OperationTimedOut, RequestExecutionException
@@ -66,7 +66,9 @@ from leasesched.model import DueEntry, Task, bucket_of, listed_size
 from leasesched.observability import metrics
 from leasesched.observability.logs import fields
 from leasesched.states import TaskStatus
+from leasesched.schedules import Schedule
 from leasesched.store.page_token import decode_token, encode_token
+from leasesched.store.schedule_codec import dump_definition, dump_state, load_definition, load_state
 from leasesched.store.base import (
     TIME_COLUMNS,
     CasResult,
@@ -82,6 +84,7 @@ from leasesched.store.base import (
 
 log = logging.getLogger(__name__)
 
+WriteIdReader = Callable[[], Awaitable["uuid.UUID | None"]]
 CAS_PROFILE = "cas"
 DAY_MS = 86_400_000
 # The write time (µs since the epoch) of a task row's plain creation: older
@@ -111,6 +114,7 @@ _SIMPLE_COLUMNS = {
     "error": "error",
     "error_type": "error_type",
     "cancel_requested": "cancel_requested",
+    "schedule_id": "schedule_id",
 }
 _TIME_COLUMNS = TIME_COLUMNS
 
@@ -325,9 +329,9 @@ class CassandraStore:
             "get_task": select_task,
             "get_write_id": "SELECT write_id FROM tasks WHERE task_id = ?",
             "claim_key": "INSERT INTO idempotency_keys (namespace, idem_key, task_id, request_hash) VALUES (?, ?, ?, ?) IF NOT EXISTS",
-            "add_due": "INSERT INTO due_index (shard, bucket, due_at, task_id, kind, attempt, priority, type, lease_token) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
-            "read_due": f"SELECT {_ms_column('due_at')}, task_id, kind, attempt, priority, type, lease_token FROM due_index "
+            "add_due": "INSERT INTO due_index (shard, bucket, due_at, task_id, kind, attempt, priority, type, lease_token, ref) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
+            "read_due": f"SELECT {_ms_column('due_at')}, task_id, kind, attempt, priority, type, lease_token, ref FROM due_index "
             "WHERE shard = ? AND bucket = ? AND due_at >= ? AND due_at <= ?",
             "delete_due": "DELETE FROM due_index WHERE shard = ? AND bucket = ? AND due_at = ? AND task_id = ? AND kind = ?",
             "index_ns": "INSERT INTO tasks_by_namespace (namespace, day, created_at, task_id) VALUES (?, ?, ?, ?)",
@@ -343,6 +347,17 @@ class CassandraStore:
             "revoke_token": "UPDATE auth_tokens SET revoked = true WHERE token_id = ?",
             "get_secret": "SELECT value FROM secrets WHERE name = ?",
             "create_secret": "INSERT INTO secrets (name, value, created_at) VALUES (?, ?, ?) IF NOT EXISTS",
+            "insert_schedule": "INSERT INTO schedules (namespace, schedule_id, uid, shard, version, definition, state, "
+            "created_at, updated_at, write_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
+            "get_schedule": _SELECT_SCHEDULE,
+            "get_schedule_serial": _SELECT_SCHEDULE,
+            "get_schedule_write_id": "SELECT write_id FROM schedules WHERE namespace = ? AND schedule_id = ?",
+            "update_schedule": "UPDATE schedules SET version = ?, definition = ?, state = ?, updated_at = ?, write_id = ? "
+            "WHERE namespace = ? AND schedule_id = ? IF version = ?",
+            "delete_schedule": "DELETE FROM schedules WHERE namespace = ? AND schedule_id = ? IF version = ?",
+            "index_schedule": "INSERT INTO schedules_by_namespace (namespace, schedule_id) VALUES (?, ?)",
+            "unindex_schedule": "DELETE FROM schedules_by_namespace WHERE namespace = ? AND schedule_id = ?",
+            "list_schedules": "SELECT schedule_id FROM schedules_by_namespace WHERE namespace = ? AND schedule_id > ? LIMIT ?",
         }
         self._stmts = {name: session.prepare(cql) for name, cql in stmts.items()}
         self._stmts["get_task_serial"] = session.prepare(select_task)
@@ -351,7 +366,9 @@ class CassandraStore:
         # Same cells under the same timestamp: repeating it changes nothing.
         self._stmts["create_task"].is_idempotent = True
         self._stmts["get_secret"].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
-        for name in ("insert_task", "claim_key", "create_secret"):
+        for name in ("get_schedule_serial", "get_schedule_write_id"):
+            self._stmts[name].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
+        for name in ("insert_task", "claim_key", "create_secret", "insert_schedule", "update_schedule", "delete_schedule"):
             self._stmts[name].is_idempotent = False
         self._update_stmts.clear()
 
@@ -395,9 +412,14 @@ class CassandraStore:
         except _UNAVAILABLE_ERRORS as exc:
             raise StoreUnavailable(f"Cassandra request failed: {type(exc).__name__}: {exc}") from exc
 
-    async def _run_cas(self, stmt: str | PreparedStatement, params: Sequence[Any], task_id: uuid.UUID, write_id: uuid.UUID) -> Any:
+    async def _run_cas(
+        self, stmt: str | PreparedStatement, params: Sequence[Any], task_id: uuid.UUID | str, write_id: uuid.UUID,
+        write_id_of: WriteIdReader | None = None,
+    ) -> Any:
         """Run one lightweight transaction. Returns its first row, or None when
-        an unknown outcome was resolved as applied by a serial read."""
+        an unknown outcome was resolved as applied by a serial read.
+        ``task_id`` names the row (a task id, or a schedule's ref);
+        ``write_id_of`` reads its write id serially (default: the task's)."""
         try:
             rows = await self._run(stmt, params, cas=True)
             return rows[0]
@@ -409,7 +431,7 @@ class CassandraStore:
             # Shielded: when the caller goes away meanwhile (its RPC's deadline
             # passed, as it does while a node is frozen), the read-back still
             # finishes and is counted and logged; only the answer is dropped.
-            resolution = asyncio.ensure_future(self._resolve_and_report(task_id, write_id))
+            resolution = asyncio.ensure_future(self._resolve_and_report(task_id, write_id, write_id_of))
             self._resolutions.add(resolution)
             resolution.add_done_callback(self._resolutions.discard)
             applied = await asyncio.shield(resolution)
@@ -417,22 +439,31 @@ class CassandraStore:
                 raise StoreUnavailable(f"Cassandra did not confirm a conditional write: {exc}") from exc
             return None if applied else _NOT_APPLIED_UNKNOWN
 
-    async def _resolve_and_report(self, task_id: uuid.UUID, write_id: uuid.UUID) -> bool | None:
-        applied = await self._resolve_unknown(task_id, write_id)
+    async def _resolve_and_report(
+        self, task_id: uuid.UUID | str, write_id: uuid.UUID, write_id_of: WriteIdReader | None
+    ) -> bool | None:
+        applied = await self._resolve_unknown(task_id, write_id, write_id_of)
         resolved = "unresolved" if applied is None else ("applied" if applied else "not_applied")
         metrics.store_unknown_outcomes.labels(resolved).inc()
         log.warning("conditional write on task %s: unknown outcome resolved by a serial read: %s", task_id, resolved,
                     extra=fields(task_id=str(task_id), store_event="unknown_outcome", resolved=resolved))  # fmt: skip
         return applied
 
-    async def _resolve_unknown(self, task_id: uuid.UUID, write_id: uuid.UUID) -> bool | None:
+    async def _resolve_unknown(
+        self, task_id: uuid.UUID | str, write_id: uuid.UUID, write_id_of: WriteIdReader | None
+    ) -> bool | None:
         """True/False when a serial read tells; None when even that fails (three tries)."""
+
+        async def task_write_id() -> uuid.UUID | None:
+            rows = await self._run("get_write_id", (task_id,))
+            return rows[0].write_id if rows else None
+
+        current = write_id_of or task_write_id
 
         @backoff.on_exception(backoff.constant, Exception, max_tries=3, interval=0.2, jitter=None, logger=None,
                               on_backoff=lambda d: log.warning("serial read-back of task %s failed: %s", task_id, d["exception"]))  # fmt: skip
         async def read_back() -> bool:
-            rows = await self._run("get_write_id", (task_id,))
-            return bool(rows) and rows[0].write_id == write_id
+            return await current() == write_id
 
         try:
             return await read_back()
@@ -682,6 +713,7 @@ class CassandraStore:
                 entry.priority,
                 entry.type,
                 entry.lease_token,
+                entry.ref or None,
                 ttl,
             ),
         )
@@ -700,6 +732,7 @@ class CassandraStore:
                 priority=r.priority if r.priority is not None else 5,
                 type=r.type or "",
                 lease_token=r.lease_token or 0,
+                ref=r.ref or "",
             )
             for rows in results
             for r in rows
@@ -708,6 +741,76 @@ class CassandraStore:
     async def delete_due(self, entry: DueEntry, bucket_s: int) -> None:
         bucket = bucket_of(entry.due_at, bucket_s)
         await self._run_plain("delete_due", (entry.shard, bucket, entry.due_at, entry.task_id, entry.kind))
+
+    # ---------------------------------------------------------------- schedules
+
+    def _schedule_write_id(self, namespace: str, schedule_id: str) -> WriteIdReader:
+        async def read() -> uuid.UUID | None:
+            rows = await self._run("get_schedule_write_id", (namespace, schedule_id))
+            return rows[0].write_id if rows else None
+
+        return read
+
+    async def insert_schedule(self, schedule: Schedule) -> bool:
+        """Create the schedule if its id is free in its namespace (conditional).
+        The listing row is written first: one without its schedule is skipped."""
+        await self._run_plain("index_schedule", (schedule.namespace, schedule.schedule_id))
+        write_id = self._write_ids.next()
+        params = (
+            schedule.namespace, schedule.schedule_id, schedule.uid, schedule.shard, schedule.version,
+            dump_definition(schedule.spec, schedule.action, schedule.policy), dump_state(schedule.state),
+            schedule.created_at_ms, schedule.updated_at_ms, write_id,
+        )  # fmt: skip
+        row = await self._run_cas("insert_schedule", params, schedule.ref, write_id, self._schedule_write_id(schedule.namespace, schedule.schedule_id))
+        if row is _NOT_APPLIED_UNKNOWN:
+            raise StoreUnavailable("Cassandra did not apply the schedule insert; nothing was written")
+        return row is None or bool(row.applied)
+
+    async def get_schedule(self, namespace: str, schedule_id: str, serial: bool = False) -> Schedule | None:
+        rows = await self._run_plain("get_schedule_serial" if serial else "get_schedule", (namespace, schedule_id))
+        if not rows:
+            return None
+        r = rows[0]
+        spec, action, policy = load_definition(r.definition)
+        return Schedule(
+            namespace=r.namespace, schedule_id=r.schedule_id, uid=r.uid, shard=r.shard, spec=spec, action=action,
+            policy=policy, state=load_state(r.state), version=r.version, created_at_ms=r.created_at or 0,
+            updated_at_ms=r.updated_at or 0,
+        )  # fmt: skip
+
+    async def update_schedule(self, schedule: Schedule, expected_version: int) -> bool:
+        """Write the schedule's definition and state (and version) only if its
+        stored version is still ``expected_version``."""
+        write_id = self._write_ids.next()
+        params = (
+            schedule.version, dump_definition(schedule.spec, schedule.action, schedule.policy), dump_state(schedule.state),
+            schedule.updated_at_ms, write_id, schedule.namespace, schedule.schedule_id, expected_version,
+        )  # fmt: skip
+        row = await self._run_cas("update_schedule", params, schedule.ref, write_id, self._schedule_write_id(schedule.namespace, schedule.schedule_id))
+        if row is _NOT_APPLIED_UNKNOWN:
+            return False
+        return row is None or bool(row.applied)
+
+    async def delete_schedule(self, namespace: str, schedule_id: str, expected_version: int) -> bool:
+        """Delete the schedule if its version is ``expected_version``. Its due
+        entries stay and find nothing (or a successor with another uid)."""
+        try:
+            rows = await self._run("delete_schedule", (namespace, schedule_id, expected_version), cas=True)
+        except _UNAVAILABLE_ERRORS as exc:
+            # Unknown outcome: deleted or not, a serial read tells.
+            if await self.get_schedule(namespace, schedule_id, serial=True) is not None:
+                raise StoreUnavailable(f"Cassandra did not confirm the delete: {exc}") from exc
+            rows = []
+        if rows and not rows[0].applied:
+            return False
+        await self._run_plain("unindex_schedule", (namespace, schedule_id))
+        return True
+
+    async def list_schedules(self, namespace: str, after_id: str, limit: int) -> list[Schedule]:
+        """Up to ``limit`` schedules of ``namespace`` with ids after ``after_id``, by id."""
+        rows = await self._run_plain("list_schedules", (namespace, after_id, limit))
+        found = await asyncio.gather(*(self.get_schedule(namespace, r.schedule_id) for r in rows))
+        return [s for s in found if s is not None]
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -787,6 +890,12 @@ def _cas_from_task(task: Task | None) -> CasResult:
         current_lease_token=task.lease_token,
         current_namespace=task.namespace,
     )
+
+
+_SELECT_SCHEDULE = (
+    "SELECT namespace, schedule_id, uid, shard, version, definition, state, "
+    f"{_ms_column('created_at')}, {_ms_column('updated_at')} FROM schedules WHERE namespace = ? AND schedule_id = ?"
+)
 
 
 def _task_select_list() -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 from leasesched.changes import TaskChange
 from leasesched.model import DueEntry, Task, listed_size
+from leasesched.schedules import Schedule
 from leasesched.states import TaskStatus
 from leasesched.store.base import (
     CasResult,
@@ -31,6 +32,7 @@ from leasesched.store.base import (
     UnreadableTask,
     task_from_row,
 )
+from leasesched.store.schedule_codec import dump_definition, dump_state, load_definition, load_state
 
 
 def raw_row(task: Task, **overrides: Any) -> types.SimpleNamespace:
@@ -70,6 +72,8 @@ def raw_row(task: Task, **overrides: Any) -> types.SimpleNamespace:
         started_at=task.started_at,
         finished_at=task.finished_at,
         deadline_at=task.deadline_at,
+        schedule_id=task.schedule_id,
+        nominal_time=task.nominal_time,
         write_id=None,
     )
     for column, value in overrides.items():
@@ -90,6 +94,7 @@ class MemoryStore:
         self.reads = 0  # get_task calls
         self.raw: dict[uuid.UUID, types.SimpleNamespace] = {}  # rows kept as stored (see put_raw)
         self.quarantines: list[tuple[uuid.UUID, RawCondition, dict[str, Any], bool]] = []  # (.., applied)
+        self.schedules: dict[tuple[str, str], _Stored] = {}
 
     def _maybe_fail(self, op: str) -> None:
         if op in self.fail_next:
@@ -255,3 +260,52 @@ class MemoryStore:
 
     async def set_checkpoint(self, shard: int, at_ms: int) -> None:
         self.checkpoints[shard] = at_ms
+
+    # -- schedules: stored encoded, as Cassandra holds them, so the codec is exercised too
+
+    async def insert_schedule(self, schedule: Schedule) -> bool:
+        self._maybe_fail("insert_schedule")
+        key = (schedule.namespace, schedule.schedule_id)
+        if key in self.schedules:
+            return False
+        self.schedules[key] = _encode(schedule)
+        return True
+
+    async def get_schedule(self, namespace: str, schedule_id: str, serial: bool = False) -> Schedule | None:
+        self._maybe_fail("get_schedule")
+        stored = self.schedules.get((namespace, schedule_id))
+        return None if stored is None else _decode(stored)
+
+    async def update_schedule(self, schedule: Schedule, expected_version: int) -> bool:
+        self._maybe_fail("update_schedule")
+        key = (schedule.namespace, schedule.schedule_id)
+        stored = self.schedules.get(key)
+        if stored is None or stored[0].version != expected_version:
+            return False
+        self.schedules[key] = _encode(schedule)
+        return True
+
+    async def delete_schedule(self, namespace: str, schedule_id: str, expected_version: int) -> bool:
+        self._maybe_fail("delete_schedule")
+        stored = self.schedules.get((namespace, schedule_id))
+        if stored is None or stored[0].version != expected_version:
+            return False
+        del self.schedules[(namespace, schedule_id)]
+        return True
+
+    async def list_schedules(self, namespace: str, after_id: str, limit: int) -> list[Schedule]:
+        ids = sorted(sid for ns, sid in self.schedules if ns == namespace and sid > after_id)[:limit]
+        return [_decode(self.schedules[(namespace, sid)]) for sid in ids]
+
+
+_Stored = tuple[Schedule, str, str]
+
+
+def _encode(schedule: Schedule) -> _Stored:
+    return schedule, dump_definition(schedule.spec, schedule.action, schedule.policy), dump_state(schedule.state)
+
+
+def _decode(stored: _Stored) -> Schedule:
+    schedule, definition, state = stored
+    spec, action, policy = load_definition(definition)
+    return schedule.replace(spec=spec, action=action, policy=policy, state=load_state(state))
