@@ -105,6 +105,13 @@ WORKER_SLOTS = Bound("slots", 0, 100_000, "", "free slots a worker grants a trig
 SUBSCRIBE_TASK_TYPES = Bound("task_types", 1, 256, "entries", "types one Subscribe stream serves")
 TASK_IDS_PER_MESSAGE = Bound("task ids per message", 0, 10_000, "entries", "one stream message stays small")
 
+# ---------------------------------------------------------------- periodic schedules (schedule_spec.py)
+
+SCHEDULE_EVERY = Bound("spec.every", SECOND_MS, YEAR_MS, "ms", "a firing per second at most; a slot at least once a year")
+SCHEDULE_JITTER = Bound("spec.jitter", 0, YEAR_MS, "ms", "a slot's task is due at most this much later (and before the next slot)")
+SCHEDULE_TIME = Bound("spec.start_at / spec.end_at", 0, MAX_STORED_TIME_MS, "ms", "a slot must be a storable time")
+SCHEDULE_CRONS = Bound("spec.cron", 0, 10, "entries", "every firing evaluates each expression")
+
 # ---------------------------------------------------------------- sizes (characters)
 
 MAX_WORKER_ID = 256
@@ -112,6 +119,8 @@ MAX_PROGRESS_MESSAGE = 4096
 MAX_ERROR_MESSAGE = 4096  # longer worker error texts are cut, not refused: the report must land
 MAX_ERROR_TYPE = 256
 MAX_PAGE_TOKEN = 512
+MAX_CRON_EXPRESSION = 256
+MAX_TIME_ZONE = 64
 
 # Exact patterns: always used with ``fullmatch`` (``$`` would also match before
 # a trailing newline, so "k\n" used to pass as the key "k").
@@ -119,6 +128,9 @@ NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,127}")
 KEY_RE = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces
 WORKER_ID_RE = re.compile(r"[\x21-\x7e]{1,256}")
+# IANA names ("Europe/Berlin", "Etc/GMT+5", "America/Port-au-Prince"): never '.', so never '..',
+# never a leading '/': a name is looked up below the zone folders, not anywhere on disk.
+TIME_ZONE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_+/-]{0,63}")
 
 
 def matches(pattern: re.Pattern[str], value: str) -> bool:
@@ -166,6 +178,10 @@ ALL_BOUNDS: tuple[Bound, ...] = (
     WORKER_SLOTS,
     SUBSCRIBE_TASK_TYPES,
     TASK_IDS_PER_MESSAGE,
+    SCHEDULE_EVERY,
+    SCHEDULE_JITTER,
+    SCHEDULE_TIME,
+    SCHEDULE_CRONS,
 )
 
 
