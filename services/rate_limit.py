@@ -58,7 +58,7 @@ GROUP_OF_METHOD: dict[str, str] = {
     SCHEDULES_PREFIX + "DescribeSchedule": READ,
     SCHEDULES_PREFIX + "ListSchedules": READ,
 }
-GROUP_METHODS = {WRITE: "ScheduleTask/CancelTask and schedule changes", READ: "PollTask/ListTasks and schedule reads"}
+GROUP_METHODS = {WRITE: "ScheduleTask/CancelTask/schedule changes", READ: "PollTask/ListTasks/schedule reads"}
 
 MAX_BUCKETS = 100_000
 # A ListTasks page of n rows costs ceil(n / 10) read tokens (a poll reads one

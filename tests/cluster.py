@@ -209,10 +209,18 @@ class LiveCluster(Cluster):
 
     @property
     def stub(self) -> pb_grpc.TaskServiceStub:
+        return pb_grpc.TaskServiceStub(self._client_channel())
+
+    @property
+    def schedules(self) -> pb_grpc.ScheduleServiceStub:
+        """ScheduleService, served by the same TaskService process."""
+        return pb_grpc.ScheduleServiceStub(self._client_channel())
+
+    def _client_channel(self) -> grpc.Channel:
         if self._channel is None:
             assert self.task_service and self.task_service.target
             self._channel = sync_channel(self.task_service.target, self.cfg, token=self.client_token or None)
-        return pb_grpc.TaskServiceStub(self._channel)
+        return self._channel
 
     def close(self) -> None:
         if self._channel is not None:

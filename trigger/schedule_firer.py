@@ -80,6 +80,7 @@ class ScheduleFirer:
         if not namespace or not schedule_id:
             log.warning("schedule entry %s names no schedule (ref %r): dropped", entry.task_id, entry.ref)
             return
+        last: DueEntry | None = None
         for _ in range(MAX_STEPS):
             try:
                 result = await self._firing.evaluate(namespace, schedule_id, uid=entry.task_id, decider=self._decide)
@@ -94,12 +95,13 @@ class ScheduleFirer:
             nxt = result.plan.next_eval_ms
             if nxt is None:
                 return
+            last = schedule_entry(result.schedule, nxt)
             if nxt > now_ms():
                 # Its entry is written; timing it here makes it exact instead of scan-granular.
-                scanner.notify_entry(schedule_entry(result.schedule, nxt))
+                scanner.notify_entry(last)
                 return
-        # Still more due now (a long catch-up): continue from the entry the last evaluation wrote.
-        scanner.notify_entry(schedule_entry(result.schedule, nxt))
+        if last is not None:  # still more due now (a long catch-up): continue from the entry just written
+            scanner.notify_entry(last)
 
     @staticmethod
     def _dispatch(task: Task, scanner: Scanner) -> None:

@@ -67,7 +67,7 @@ def overlap_from_pb(value: int, field: str) -> Overlap | None:
     if value == pb.OVERLAP_POLICY_UNSPECIFIED:
         return None
     try:
-        return OVERLAP_FROM_PB[value]
+        return OVERLAP_FROM_PB[pb.OverlapPolicy.ValueType(value)]
     except KeyError:
         raise InvalidArgument(f"{field} {value} is not an OverlapPolicy") from None
 

@@ -165,7 +165,7 @@ async def test_read_bucket_covers_poll_and_list_by_page_size() -> None:
     with pytest.raises(Aborted):
         await call(interceptor, POLL_METHOD, pb.PollTaskRequest(), handler, ctx)
     message = refused(ctx)
-    assert "namespace 'team-a'" in message and "read rate limit" in message and "PollTask/ListTasks: 10/s" in message
+    assert "namespace 'team-a'" in message and "read rate limit" in message and "PollTask/ListTasks/schedule reads: 10/s" in message
     clock.now += 0.5  # 5 tokens back: not enough for a default page (10)
     ctx = FakeContext()
     with pytest.raises(Aborted):
