@@ -24,7 +24,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -203,7 +203,9 @@ def read_payload(payload: str | None, payload_file: Any) -> bytes:
 
 
 def fmt_ts(ts: Any) -> str:
-    """A proto Timestamp as ISO-8601 UTC with milliseconds; unset (or None) is '-'."""
+    """A proto Timestamp (or a datetime) as ISO-8601 UTC with milliseconds; unset (or None) is '-'."""
+    if isinstance(ts, dt.datetime):
+        return ts.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds")
     if ts is None or (ts.seconds == 0 and ts.nanos == 0):
         return "-"
     return str(ts.ToDatetime(tzinfo=dt.timezone.utc).isoformat(timespec="milliseconds"))
@@ -451,19 +453,28 @@ _ACTION_OPTIONS = (
 )  # fmt: skip
 
 
-def action_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Adds the task options (payload, priority, lease, retry policy, timeouts) to a command
-    and hands it one ``action: ActionOptions`` instead of twelve arguments."""
-    names = [f.name for f in dataclasses.fields(ActionOptions)]
+def option_group(
+    cls: type[Any], options: Sequence[Callable[[Any], Any]], argument: str
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A decorator that adds ``options`` to a command and hands the command their values
+    as one ``cls`` instance (a dataclass whose fields are the options' names) in ``argument``:
+    commands that share options share their definitions and one typed value, not a dozen arguments."""
+    names = [f.name for f in dataclasses.fields(cls)]
 
-    @functools.wraps(command)
-    def with_action(*args: Any, **kwargs: Any) -> None:
-        action = ActionOptions(**{name: kwargs.pop(name) for name in names})
-        command(*args, action=action, **kwargs)
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(command)
+        def grouped(*args: Any, **kwargs: Any) -> None:
+            kwargs[argument] = cls(**{name: kwargs.pop(name) for name in names})
+            command(*args, **kwargs)
 
-    for option in reversed(_ACTION_OPTIONS):
-        with_action = option(with_action)
-    return with_action
+        for option in reversed(options):
+            grouped = option(grouped)
+        return grouped
+
+    return decorate
+
+
+action_options = option_group(ActionOptions, _ACTION_OPTIONS, "action")
 
 
 # ---------------------------------------------------------------- commands
