@@ -1,4 +1,5 @@
-"""The Python client for TaskService: schedule, poll, wait for, cancel and list tasks.
+"""The Python client for TaskService and ScheduleService: schedule, poll, wait for,
+cancel and list tasks, and manage periodic schedules that create tasks.
 
 Two classes with the same methods: ``Client`` (blocking) and ``AsyncClient``
 (asyncio). Both take their target, token and TLS settings from the same
@@ -35,12 +36,18 @@ What the client does for you, and why:
   doubling to at most 1 s between polls, never past its timeout, then
   ``WaitTimeoutError`` (a ``TimeoutError``) with the last state seen.
 * **Listing hides pages**: ``list`` follows the opaque page token to the end.
+* **Schedules** (``create_schedule`` ... ``backfill_schedule``, served at the
+  TaskService address) are retried the same way, except ``trigger_schedule``:
+  every trigger is a new run, so it is retried only after an answer that
+  proves it did nothing (see its docstring).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
+import enum
 import logging
 import time
 import uuid
@@ -51,6 +58,7 @@ from typing import Any, TypeVar
 
 import backoff
 import grpc
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from leasesched.config import Config
@@ -68,12 +76,18 @@ __all__ = [
     "FailedPreconditionError",
     "InvalidArgumentError",
     "NotFoundError",
+    "Overlap",
     "PermissionDeniedError",
     "Progress",
     "RetryPolicy",
+    "ScheduleDefinition",
+    "ScheduleRun",
+    "ScheduleView",
+    "SkippedSlots",
     "TaskStatus",
     "TaskView",
     "Timeouts",
+    "TriggerResult",
     "UnauthenticatedError",
     "UnavailableError",
     "WaitTimeoutError",
@@ -86,6 +100,8 @@ T = TypeVar("T")
 # Answers after which a call may simply go again: the server is gone or going
 # (SERVER_GONE_CODES) or shed the call before doing any work (RESOURCE_EXHAUSTED).
 RETRYABLE_CODES = SERVER_GONE_CODES | {grpc.StatusCode.RESOURCE_EXHAUSTED}
+# Answers that prove the call did nothing: the server shed it before any work.
+SHED_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 DEFAULT_NAMESPACE = "default"
 # wait(): the first poll at once, then 50 ms, doubling, at most 1 s apart.
@@ -271,6 +287,282 @@ def _datetime(message: Any, name: str) -> dt.datetime | None:
     return stamp.ToDatetime(tzinfo=dt.timezone.utc)
 
 
+# ---------------------------------------------------------------- periodic schedules
+
+
+class Overlap(str, enum.Enum):
+    """What a slot does while the schedule's previous run is still going (proto ``OverlapPolicy``).
+
+    The values are the CLI's spellings (``--overlap buffer-one``), so a
+    script and a program name a policy the same way.
+    """
+
+    SKIP = "skip"  # the slot is skipped and recorded (the default)
+    BUFFER_ONE = "buffer-one"  # kept, run when the previous run ends; at most one kept
+    BUFFER_ALL = "buffer-all"  # every slot kept, run one after another
+    CANCEL_OTHER = "cancel-other"  # the running one is cancelled; the slot runs once it has ended
+    ALLOW_ALL = "allow-all"  # the slot runs at once, beside the running one
+
+    def to_pb(self) -> pb.OverlapPolicy:
+        value: pb.OverlapPolicy = getattr(pb, f"OVERLAP_{self.name}")
+        return value
+
+    @classmethod
+    def from_pb(cls, value: int) -> "Overlap":
+        """UNSPECIFIED is the schedule's default, SKIP (as the proto says)."""
+        if value == pb.OVERLAP_POLICY_UNSPECIFIED:
+            return cls.SKIP
+        return cls[pb.OverlapPolicy.Name(value).removeprefix("OVERLAP_")]
+
+
+Seconds = float | dt.timedelta
+"""A duration: seconds (a float keeps nanoseconds) or a timedelta."""
+
+
+@dataclass(frozen=True)
+class ScheduleDefinition:
+    """Everything a schedule is made of (proto ``Schedule`` without its name): when it
+    fires (``cron`` or ``every``), the task each slot creates, and the policy.
+
+    ``None`` and empty values leave a field to the server's default (UTC, no
+    start or end, no jitter, overlap SKIP, catch-up window 1 h, no action
+    limit). Setting both ``cron`` and ``every`` is the server's to refuse.
+    ``paused`` and ``note`` are used by ``create_schedule`` only: an update
+    keeps the schedule's pause state (``pause_schedule``/``unpause_schedule``).
+    ``remaining_actions`` limits the schedule to that many more tasks
+    (manual triggers count too); ``None`` is no limit.
+    """
+
+    type: str
+    payload: bytes = b""
+    cron: Sequence[str] = ()  # 5 fields, or 6 with seconds first; a lone string is one expression
+    every: Seconds | None = None
+    offset: Seconds | None = None
+    time_zone: str = ""  # IANA name, e.g. "Europe/Berlin"; the server's default is UTC
+    start_at: dt.datetime | None = None  # timezone-aware
+    end_at: dt.datetime | None = None  # timezone-aware
+    jitter: Seconds | None = None
+    overlap: Overlap | None = None
+    catchup_window: Seconds | None = None
+    pause_on_failure: bool = False
+    paused: bool = False
+    note: str = ""
+    remaining_actions: int | None = None
+    priority: int | None = None
+    retry_policy: RetryPolicy | None = None
+    timeouts: Timeouts | None = None
+    lease_duration: dt.timedelta | None = None
+
+    def to_pb(self, namespace: str, schedule_id: str) -> pb.Schedule:
+        """The proto ``Schedule``; a naive ``start_at``/``end_at`` raises ``ValueError`` before any call."""
+        cron = [self.cron] if isinstance(self.cron, str) else list(self.cron)
+        spec = pb.ScheduleSpec(cron=cron, time_zone=self.time_zone)
+        for name in ("every", "offset", "jitter"):
+            value: Seconds | None = getattr(self, name)
+            if value is not None:
+                getattr(spec, name).CopyFrom(duration_pb(value))
+        for name in ("start_at", "end_at"):
+            when: dt.datetime | None = getattr(self, name)
+            if when is not None:
+                getattr(spec, name).FromDatetime(_aware(name, when))
+        policy = pb.SchedulePolicy(pause_on_failure=self.pause_on_failure)
+        if self.overlap is not None:
+            policy.overlap = self.overlap.to_pb()
+        if self.catchup_window is not None:
+            policy.catchup_window.CopyFrom(duration_pb(self.catchup_window))
+        action = task_spec(self.type, self.payload, namespace=namespace, priority=self.priority,
+                           retry_policy=self.retry_policy, timeouts=self.timeouts,
+                           lease_duration=self.lease_duration)  # fmt: skip
+        return pb.Schedule(
+            namespace=namespace, schedule_id=schedule_id, spec=spec, action=action, policy=policy,
+            paused=self.paused, note=self.note, limited_actions=self.remaining_actions is not None,
+            remaining_actions=self.remaining_actions or 0,
+        )  # fmt: skip
+
+
+def schedule_ref(namespace: str, schedule_id: str) -> pb.ScheduleRef:
+    return pb.ScheduleRef(namespace=namespace, schedule_id=schedule_id)
+
+
+def format_duration(value: Seconds) -> str:
+    """A duration the way the CLI reads one (``1h30m``, ``500ms``, ``2d``), for describe and list.
+
+    Below a millisecond (which no CLI unit spells) it is a bare number of seconds.
+    """
+    seconds = value.total_seconds() if isinstance(value, dt.timedelta) else value
+    millis = round(seconds * 1000)
+    if seconds == 0:
+        return "0s"
+    if seconds < 0 or millis == 0 or abs(millis - seconds * 1000) > 1e-6:
+        return f"{seconds:g}"
+    parts = []
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)):
+        count, millis = divmod(millis, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
+
+
+def _iso(when: dt.datetime) -> str:
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def describe_spec(spec: pb.ScheduleSpec) -> str:
+    """One line saying when a schedule fires: "cron '30 2 * * *' in Europe/Berlin, jitter 30s"."""
+    parts = []
+    if spec.cron:
+        parts.append(f"cron {', '.join(repr(c) for c in spec.cron)} in {spec.time_zone or 'UTC'}")
+    if spec.HasField("every"):
+        every = f"every {format_duration(spec.every.ToTimedelta())}"
+        if spec.HasField("offset") and spec.offset.ToNanoseconds():
+            every += f" offset {format_duration(spec.offset.ToTimedelta())}"
+        parts.append(every)
+    text = " and ".join(parts) or "no times"
+    for label, name in (("from", "start_at"), ("until", "end_at")):
+        when = _datetime(spec, name)
+        if when is not None:
+            text += f", {label} {_iso(when)}"
+    if spec.HasField("jitter") and spec.jitter.ToNanoseconds():
+        text += f", jitter {format_duration(spec.jitter.ToTimedelta())}"
+    return text
+
+
+def _timedelta(message: Any, name: str) -> dt.timedelta | None:
+    return getattr(message, name).ToTimedelta() if message.HasField(name) else None
+
+
+def _datetimes(stamps: Any) -> tuple[dt.datetime, ...]:
+    return tuple(stamp.ToDatetime(tzinfo=dt.timezone.utc) for stamp in stamps)
+
+
+@dataclass(frozen=True)
+class ScheduleRun:
+    """One task a schedule created: for slot ``nominal_time``, because of ``cause``
+    ("schedule", "catchup", "trigger", "backfill", "buffer"). ``status`` is as
+    read when described, ``None`` when the server could not tell."""
+
+    nominal_time: dt.datetime | None
+    task_id: str
+    status: TaskStatus | None
+    fired_at: dt.datetime | None
+    cause: str
+
+    @classmethod
+    def from_pb(cls, run: pb.ScheduleRun) -> "ScheduleRun":
+        status = None if run.status == pb.TASK_STATUS_UNSPECIFIED else _status_from_pb(run.status)
+        return cls(_datetime(run, "nominal_time"), run.task_id, status, _datetime(run, "fired_at"), run.cause)
+
+
+@dataclass(frozen=True)
+class SkippedSlots:
+    """``count`` slots from ``first`` to ``last`` that created no task, and why
+    ("overlap", "buffer_full", "catchup_window", "paused", "no_actions_left")."""
+
+    first: dt.datetime | None
+    last: dt.datetime | None
+    count: int
+    reason: str
+    recorded_at: dt.datetime | None
+
+    @classmethod
+    def from_pb(cls, skipped: pb.SkippedSlots) -> "SkippedSlots":
+        return cls(_datetime(skipped, "first"), _datetime(skipped, "last"), skipped.count, skipped.reason,
+                   _datetime(skipped, "recorded_at"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ScheduleView:
+    """A schedule as DescribeSchedule (and the other schedule calls) show it (proto ``ScheduleDescription``).
+
+    ``spec`` is one readable line (``describe_spec``); the spec's parts are
+    fields too. Times are UTC-aware datetimes (``None`` when not set);
+    ``remaining_actions`` is ``None`` for a schedule without an action limit.
+    ``version`` is what ``update_schedule``/``delete_schedule`` may expect.
+    ``recent_runs`` and ``skipped`` are newest first (at most 10 each; ListSchedules
+    sends no runs); ``next_fire_times`` are the next 5 slots, none while paused.
+    """
+
+    namespace: str
+    schedule_id: str
+    spec: str
+    cron: tuple[str, ...]
+    every: dt.timedelta | None
+    offset: dt.timedelta | None
+    time_zone: str
+    start_at: dt.datetime | None
+    end_at: dt.datetime | None
+    jitter: dt.timedelta | None
+    type: str
+    priority: int | None
+    payload: bytes
+    overlap: Overlap
+    catchup_window: dt.timedelta | None
+    pause_on_failure: bool
+    paused: bool
+    note: str
+    remaining_actions: int | None
+    version: int
+    next_fire_times: tuple[dt.datetime, ...]
+    recent_runs: tuple[ScheduleRun, ...]
+    skipped: tuple[SkippedSlots, ...]
+    buffered: tuple[dt.datetime, ...]
+    fired_total: int
+    skipped_total: int
+    backfills_pending: int
+    created_at: dt.datetime | None
+    updated_at: dt.datetime | None
+
+    @classmethod
+    def from_pb(cls, description: pb.ScheduleDescription) -> "ScheduleView":
+        schedule, spec, action = description.schedule, description.schedule.spec, description.schedule.action
+        return cls(
+            namespace=schedule.namespace,
+            schedule_id=schedule.schedule_id,
+            spec=describe_spec(spec),
+            cron=tuple(spec.cron),
+            every=_timedelta(spec, "every"),
+            offset=_timedelta(spec, "offset"),
+            time_zone=spec.time_zone or "UTC",
+            start_at=_datetime(spec, "start_at"),
+            end_at=_datetime(spec, "end_at"),
+            jitter=_timedelta(spec, "jitter"),
+            type=action.type,
+            priority=action.priority if action.has_priority else None,
+            payload=bytes(action.payload),
+            overlap=Overlap.from_pb(schedule.policy.overlap),
+            catchup_window=_timedelta(schedule.policy, "catchup_window"),
+            pause_on_failure=schedule.policy.pause_on_failure,
+            paused=schedule.paused,
+            note=schedule.note,
+            remaining_actions=schedule.remaining_actions if schedule.limited_actions else None,
+            version=description.version,
+            next_fire_times=_datetimes(description.next_fire_times),
+            recent_runs=tuple(ScheduleRun.from_pb(run) for run in description.recent_runs),
+            skipped=tuple(SkippedSlots.from_pb(s) for s in description.skipped),
+            buffered=_datetimes(description.buffered),
+            fired_total=description.fired_total,
+            skipped_total=description.skipped_total,
+            backfills_pending=description.backfills_pending,
+            created_at=_datetime(description, "created_at"),
+            updated_at=_datetime(description, "updated_at"),
+        )
+
+
+@dataclass(frozen=True)
+class TriggerResult:
+    """What ``trigger_schedule`` did: ``task_id`` of the run it started, or empty
+    when the overlap policy buffered or skipped it (``outcome`` says which:
+    "started", "buffered", "skipped: overlap", ...). ``nominal_time`` is the slot (now)."""
+
+    task_id: str
+    outcome: str
+    nominal_time: dt.datetime | None
+
+    @property
+    def started(self) -> bool:
+        return bool(self.task_id)
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -292,15 +584,17 @@ class InvalidArgumentError(ClientError):
 
 
 class NotFoundError(ClientError):
-    """No such task (or one of another namespace, which looks the same)."""
+    """No such task or schedule (or one of another namespace, which looks the same)."""
 
 
 class AlreadyExistsError(ClientError):
-    """The idempotency key was already used for a different request in this namespace."""
+    """The idempotency key was already used for a different request in this namespace,
+    or a schedule with this id exists."""
 
 
 class FailedPreconditionError(ClientError):
-    """The task's state does not allow the call (e.g. cancelling a finished task)."""
+    """The task's state does not allow the call (e.g. cancelling a finished task), or a
+    schedule is no longer at the ``expected_version`` an update or delete named."""
 
 
 class PermissionDeniedError(ClientError):
@@ -359,6 +653,47 @@ def new_idempotency_key() -> str:
     return str(uuid.uuid4())
 
 
+def duration_pb(value: float | dt.timedelta) -> Duration:
+    """A proto Duration from seconds or a timedelta: seconds keep nanosecond precision
+    (a float through timedelta would be cut to microseconds)."""
+    duration = Duration()
+    if isinstance(value, dt.timedelta):
+        duration.FromTimedelta(value)
+    else:
+        duration.FromNanoseconds(round(value * 1e9))
+    return duration
+
+
+def _aware(name: str, when: dt.datetime) -> dt.datetime:
+    if when.tzinfo is None or when.utcoffset() is None:
+        # A naive datetime is read as local time by some code and UTC by other: refuse to guess.
+        raise ValueError(f"{name} must be timezone-aware (e.g. datetime.now(timezone.utc))")
+    return when
+
+
+def task_spec(
+    type: str,
+    payload: bytes = b"",
+    *,
+    namespace: str,
+    priority: int | None = None,
+    retry_policy: RetryPolicy | None = None,
+    timeouts: Timeouts | None = None,
+    lease_duration: dt.timedelta | None = None,
+) -> pb.TaskSpec:
+    """The TaskSpec of a task without its time: what a task and a schedule's action share."""
+    spec = pb.TaskSpec(namespace=namespace, type=type, payload=payload)
+    if priority is not None:
+        spec.priority, spec.has_priority = priority, True
+    if retry_policy is not None:
+        spec.retry_policy.CopyFrom(retry_policy.to_pb())
+    if timeouts is not None:
+        spec.timeouts.CopyFrom(timeouts.to_pb())
+    if lease_duration is not None:
+        spec.lease_duration.FromTimedelta(lease_duration)
+    return spec
+
+
 def schedule_request(
     type: str,
     payload: bytes = b"",
@@ -381,22 +716,12 @@ def schedule_request(
     """
     if run_at is not None and delay is not None:
         raise ValueError("give run_at or delay, not both")
-    spec = pb.TaskSpec(namespace=namespace, type=type, payload=payload)
+    spec = task_spec(type, payload, namespace=namespace, priority=priority, retry_policy=retry_policy,
+                     timeouts=timeouts, lease_duration=lease_duration)  # fmt: skip
     if run_at is not None:
-        if run_at.tzinfo is None or run_at.utcoffset() is None:
-            # A naive datetime is read as local time by some code and UTC by other: refuse to guess.
-            raise ValueError("run_at must be timezone-aware (e.g. datetime.now(timezone.utc))")
-        spec.run_at.FromDatetime(run_at)
+        spec.run_at.FromDatetime(_aware("run_at", run_at))
     elif delay is not None:
         spec.delay.FromTimedelta(delay)
-    if priority is not None:
-        spec.priority, spec.has_priority = priority, True
-    if retry_policy is not None:
-        spec.retry_policy.CopyFrom(retry_policy.to_pb())
-    if timeouts is not None:
-        spec.timeouts.CopyFrom(timeouts.to_pb())
-    if lease_duration is not None:
-        spec.lease_duration.FromTimedelta(lease_duration)
     key = new_idempotency_key() if idempotency_key is None else idempotency_key
     return pb.ScheduleTaskRequest(task=spec, idempotency_key=key)
 
@@ -408,6 +733,45 @@ def list_request(namespace: str, status: TaskStatus | None, page_size: int, page
         page_size=page_size,
         page_token=page_token,
     )
+
+
+def trigger_request(namespace: str, schedule_id: str, overlap: Overlap | None = None) -> pb.TriggerScheduleRequest:
+    request = pb.TriggerScheduleRequest(ref=schedule_ref(namespace, schedule_id))
+    if overlap is not None:
+        request.overlap = overlap.to_pb()
+    return request
+
+
+def backfill_request(
+    namespace: str, schedule_id: str, start_at: dt.datetime, end_at: dt.datetime, overlap: Overlap | None = None
+) -> pb.BackfillScheduleRequest:
+    """The slots of the schedule's spec in [start_at, end_at] (both timezone-aware)."""
+    request = pb.BackfillScheduleRequest(ref=schedule_ref(namespace, schedule_id))
+    request.start_at.FromDatetime(_aware("start_at", start_at))
+    request.end_at.FromDatetime(_aware("end_at", end_at))
+    if overlap is not None:
+        request.overlap = overlap.to_pb()
+    return request
+
+
+def list_schedules_request(namespace: str, page_size: int, page_token: str) -> pb.ListSchedulesRequest:
+    return pb.ListSchedulesRequest(namespace=namespace, page_size=page_size, page_token=page_token)
+
+
+def _same_definition(current: pb.Schedule, sent: pb.Schedule) -> bool:
+    """Whether the schedule the server has is the one an update sent (what the update replaces)."""
+    fields = ("spec", "action", "policy", "limited_actions", "remaining_actions")
+    return all(getattr(current, name) == getattr(sent, name) for name in fields)
+
+
+def _trigger_retry(retry: CallRetry) -> CallRetry:
+    """A trigger goes again only after an answer that proves it did nothing (a shed call).
+
+    Every trigger is a new run whose slot is *now*, so a second attempt after
+    one whose outcome is unknown (UNAVAILABLE or CANCELLED from a server going
+    away mid-call, DEADLINE_EXCEEDED) could start a second run.
+    """
+    return dataclasses.replace(retry, codes=retry.codes & SHED_CODES)
 
 
 def _seconds(value: float | dt.timedelta | None) -> float | None:
@@ -468,6 +832,7 @@ class Client:
         self._owns_channel = channel is None
         self._channel = sync_channel(target, cfg, token=token) if channel is None else channel
         self._stub = pb_grpc.TaskServiceStub(self._channel)
+        self._schedules = pb_grpc.ScheduleServiceStub(self._channel)  # served at the same address
 
     def __enter__(self) -> "Client":
         return self
@@ -479,10 +844,17 @@ class Client:
         if self._owns_channel:
             self._channel.close()
 
-    def _call(self, method: Callable[..., T], request: Any, deadline: float | None = None, tries: _Tries | None = None) -> T:
-        """``method(request)`` with the retries of ``call_retry``, none past the monotonic
-        ``deadline``; a refusal becomes a ``ClientError``. ``tries`` counts the attempts."""
-        retry = self.call_retry
+    def _call(
+        self,
+        method: Callable[..., T],
+        request: Any,
+        deadline: float | None = None,
+        tries: _Tries | None = None,
+        retry: CallRetry | None = None,
+    ) -> T:
+        """``method(request)`` with the retries of ``retry`` (default ``call_retry``), none past
+        the monotonic ``deadline``; a refusal becomes a ``ClientError``. ``tries`` counts the attempts."""
+        retry = self.call_retry if retry is None else retry
         tries = _Tries() if tries is None else tries
 
         def attempt() -> T:
@@ -595,6 +967,123 @@ class Client:
                 return
 
 
+    # ------------------------------------------------------------ periodic schedules
+
+    def create_schedule(self, schedule_id: str, definition: ScheduleDefinition, *, namespace: str | None = None) -> ScheduleView:
+        """Create schedule ``schedule_id`` in ``namespace`` (default: the client's); returns
+        its description, next fire times included.
+
+        Retried like every call when the server goes away: a schedule id is
+        unique, so a retry can never make a second schedule. If the lost
+        attempt did create it, how the retry is answered (the schedule, or
+        ``AlreadyExistsError``) is the server's choice; ALREADY_EXISTS and
+        FAILED_PRECONDITION are never retried.
+        """
+        request = pb.CreateScheduleRequest(schedule=definition.to_pb(namespace or self.namespace, schedule_id))
+        reply: pb.CreateScheduleResponse = self._call(self._schedules.CreateSchedule, request)
+        return ScheduleView.from_pb(reply.schedule)
+
+    def update_schedule(
+        self, schedule_id: str, definition: ScheduleDefinition, *, namespace: str | None = None, expected_version: int = 0
+    ) -> ScheduleView:
+        """Replace the schedule's whole definition (spec, action, policy, action limit):
+        a field left at its default goes back to the server's default, it is
+        not kept. Its pause state and note are kept (``definition.paused`` and
+        ``note`` are not sent): use ``pause_schedule``/``unpause_schedule``.
+
+        ``expected_version`` (from ``describe_schedule``; 0 = any): a schedule
+        changed since raises ``FailedPreconditionError`` and is not touched.
+        A retried update whose first attempt applied meets that refusal (the
+        version moved); the client then describes the schedule and returns it
+        when it holds exactly what was sent.
+        """
+        sent = definition.to_pb(namespace or self.namespace, schedule_id)
+        request = pb.UpdateScheduleRequest(schedule=sent, expected_version=expected_version)
+        tries = _Tries()
+        try:
+            reply: pb.UpdateScheduleResponse = self._call(self._schedules.UpdateSchedule, request, tries=tries)
+        except FailedPreconditionError:
+            if tries.count > 1:
+                current: pb.DescribeScheduleResponse = self._call(
+                    self._schedules.DescribeSchedule, pb.DescribeScheduleRequest(ref=schedule_ref(sent.namespace, schedule_id))
+                )
+                if _same_definition(current.schedule.schedule, sent):
+                    return ScheduleView.from_pb(current.schedule)
+            raise
+        return ScheduleView.from_pb(reply.schedule)
+
+    def delete_schedule(self, schedule_id: str, *, namespace: str | None = None, expected_version: int = 0) -> None:
+        """Delete the schedule (tasks it already created are not touched); ``expected_version``
+        as for ``update_schedule``. A retried delete whose first attempt applied finds
+        no schedule: that is success, not ``NotFoundError``."""
+        ref = schedule_ref(namespace or self.namespace, schedule_id)
+        tries = _Tries()
+        try:
+            self._call(self._schedules.DeleteSchedule, pb.DeleteScheduleRequest(ref=ref, expected_version=expected_version), tries=tries)
+        except NotFoundError:
+            if tries.count == 1:
+                raise
+
+    def describe_schedule(self, schedule_id: str, *, namespace: str | None = None) -> ScheduleView:
+        """The schedule with its state, next fire times, recent runs and skipped slots."""
+        request = pb.DescribeScheduleRequest(ref=schedule_ref(namespace or self.namespace, schedule_id))
+        reply: pb.DescribeScheduleResponse = self._call(self._schedules.DescribeSchedule, request)
+        return ScheduleView.from_pb(reply.schedule)
+
+    def list_schedules(self, namespace: str | None = None, page_size: int = 100) -> Iterator[ScheduleView]:
+        """Every schedule of ``namespace`` (default: the client's); pages are fetched as
+        you iterate. The views carry no recent runs (``describe_schedule`` has them)."""
+        token = ""
+        while True:
+            request = list_schedules_request(namespace or self.namespace, page_size, token)
+            reply: pb.ListSchedulesResponse = self._call(self._schedules.ListSchedules, request)
+            for description in reply.schedules:
+                yield ScheduleView.from_pb(description)
+            token = reply.next_page_token
+            if not token:
+                return
+
+    def pause_schedule(self, schedule_id: str, note: str = "", *, namespace: str | None = None) -> ScheduleView:
+        """Stop firing (slots while paused are recorded as skipped, reason "paused"); ``note`` says why.
+        Pausing a paused schedule is no error, so the call is retried like any other."""
+        request = pb.PauseScheduleRequest(ref=schedule_ref(namespace or self.namespace, schedule_id), note=note)
+        reply: pb.PauseScheduleResponse = self._call(self._schedules.PauseSchedule, request)
+        return ScheduleView.from_pb(reply.schedule)
+
+    def unpause_schedule(self, schedule_id: str, note: str = "", *, namespace: str | None = None) -> ScheduleView:
+        """Fire again from the next slot on; slots missed while paused are not caught up."""
+        request = pb.UnpauseScheduleRequest(ref=schedule_ref(namespace or self.namespace, schedule_id), note=note)
+        reply: pb.UnpauseScheduleResponse = self._call(self._schedules.UnpauseSchedule, request)
+        return ScheduleView.from_pb(reply.schedule)
+
+    def trigger_schedule(self, schedule_id: str, *, namespace: str | None = None, overlap: Overlap | None = None) -> TriggerResult:
+        """Run the schedule's action now (a slot at the current time), under its overlap
+        policy or ``overlap``; ``TriggerResult.task_id`` is empty when the run was skipped or buffered.
+
+        **Not retried after an unknown outcome.** Each trigger is a new slot
+        (now), so a retry after an attempt that may have reached the server
+        (UNAVAILABLE or CANCELLED from a server going away, a deadline) could
+        start a second run. Only RESOURCE_EXHAUSTED (shed before any work) is
+        retried; any other failure raises, and ``describe_schedule`` shows
+        whether a run with cause "trigger" was started.
+        """
+        request = trigger_request(namespace or self.namespace, schedule_id, overlap)
+        reply: pb.TriggerScheduleResponse = self._call(self._schedules.TriggerSchedule, request, retry=_trigger_retry(self.call_retry))
+        return TriggerResult(reply.task_id, reply.outcome, _datetime(reply, "nominal_time"))
+
+    def backfill_schedule(
+        self, schedule_id: str, start_at: dt.datetime, end_at: dt.datetime, *, namespace: str | None = None,
+        overlap: Overlap | None = None,
+    ) -> int:
+        """Run the spec's slots in [start_at, end_at] (timezone-aware), oldest first and paced,
+        under the overlap policy or ``overlap``; returns how many slots the range has.
+        A slot that already has its task is not run again, so a retried backfill runs nothing twice.
+        """  # fmt: skip
+        request = backfill_request(namespace or self.namespace, schedule_id, start_at, end_at, overlap)
+        reply: pb.BackfillScheduleResponse = self._call(self._schedules.BackfillSchedule, request)
+        return int(reply.slots)
+
+
 # ---------------------------------------------------------------- asyncio client
 
 
@@ -622,6 +1111,7 @@ class AsyncClient:
         self._owns_channel = channel is None
         self._channel = aio_channel(target, cfg, token=token) if channel is None else channel
         self._stub = pb_grpc.TaskServiceStub(self._channel)
+        self._schedules = pb_grpc.ScheduleServiceStub(self._channel)  # served at the same address
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -634,9 +1124,14 @@ class AsyncClient:
             await self._channel.close()
 
     async def _call(
-        self, method: Callable[..., Awaitable[T]], request: Any, deadline: float | None = None, tries: _Tries | None = None
+        self,
+        method: Callable[..., Awaitable[T]],
+        request: Any,
+        deadline: float | None = None,
+        tries: _Tries | None = None,
+        retry: CallRetry | None = None,
     ) -> T:
-        retry = self.call_retry
+        retry = self.call_retry if retry is None else retry
         tries = _Tries() if tries is None else tries
 
         async def attempt() -> T:
@@ -727,3 +1222,93 @@ class AsyncClient:
             token = reply.next_page_token
             if not token:
                 return
+
+    # ------------------------------------------------------------ periodic schedules
+
+    async def create_schedule(
+        self, schedule_id: str, definition: ScheduleDefinition, *, namespace: str | None = None
+    ) -> ScheduleView:
+        """See ``Client.create_schedule``."""
+        request = pb.CreateScheduleRequest(schedule=definition.to_pb(namespace or self.namespace, schedule_id))
+        reply: pb.CreateScheduleResponse = await self._call(self._schedules.CreateSchedule, request)
+        return ScheduleView.from_pb(reply.schedule)
+
+    async def update_schedule(
+        self, schedule_id: str, definition: ScheduleDefinition, *, namespace: str | None = None, expected_version: int = 0
+    ) -> ScheduleView:
+        """See ``Client.update_schedule`` (replaces the whole definition)."""
+        sent = definition.to_pb(namespace or self.namespace, schedule_id)
+        request = pb.UpdateScheduleRequest(schedule=sent, expected_version=expected_version)
+        tries = _Tries()
+        try:
+            reply: pb.UpdateScheduleResponse = await self._call(self._schedules.UpdateSchedule, request, tries=tries)
+        except FailedPreconditionError:
+            if tries.count > 1:
+                current: pb.DescribeScheduleResponse = await self._call(
+                    self._schedules.DescribeSchedule, pb.DescribeScheduleRequest(ref=schedule_ref(sent.namespace, schedule_id))
+                )
+                if _same_definition(current.schedule.schedule, sent):
+                    return ScheduleView.from_pb(current.schedule)
+            raise
+        return ScheduleView.from_pb(reply.schedule)
+
+    async def delete_schedule(self, schedule_id: str, *, namespace: str | None = None, expected_version: int = 0) -> None:
+        """See ``Client.delete_schedule``."""
+        ref = schedule_ref(namespace or self.namespace, schedule_id)
+        tries = _Tries()
+        try:
+            await self._call(
+                self._schedules.DeleteSchedule, pb.DeleteScheduleRequest(ref=ref, expected_version=expected_version), tries=tries
+            )
+        except NotFoundError:
+            if tries.count == 1:
+                raise
+
+    async def describe_schedule(self, schedule_id: str, *, namespace: str | None = None) -> ScheduleView:
+        """See ``Client.describe_schedule``."""
+        request = pb.DescribeScheduleRequest(ref=schedule_ref(namespace or self.namespace, schedule_id))
+        reply: pb.DescribeScheduleResponse = await self._call(self._schedules.DescribeSchedule, request)
+        return ScheduleView.from_pb(reply.schedule)
+
+    async def list_schedules(self, namespace: str | None = None, page_size: int = 100) -> AsyncIterator[ScheduleView]:
+        """See ``Client.list_schedules``: ``async for view in client.list_schedules()``."""
+        token = ""
+        while True:
+            request = list_schedules_request(namespace or self.namespace, page_size, token)
+            reply: pb.ListSchedulesResponse = await self._call(self._schedules.ListSchedules, request)
+            for description in reply.schedules:
+                yield ScheduleView.from_pb(description)
+            token = reply.next_page_token
+            if not token:
+                return
+
+    async def pause_schedule(self, schedule_id: str, note: str = "", *, namespace: str | None = None) -> ScheduleView:
+        """See ``Client.pause_schedule``."""
+        request = pb.PauseScheduleRequest(ref=schedule_ref(namespace or self.namespace, schedule_id), note=note)
+        reply: pb.PauseScheduleResponse = await self._call(self._schedules.PauseSchedule, request)
+        return ScheduleView.from_pb(reply.schedule)
+
+    async def unpause_schedule(self, schedule_id: str, note: str = "", *, namespace: str | None = None) -> ScheduleView:
+        """See ``Client.unpause_schedule``."""
+        request = pb.UnpauseScheduleRequest(ref=schedule_ref(namespace or self.namespace, schedule_id), note=note)
+        reply: pb.UnpauseScheduleResponse = await self._call(self._schedules.UnpauseSchedule, request)
+        return ScheduleView.from_pb(reply.schedule)
+
+    async def trigger_schedule(
+        self, schedule_id: str, *, namespace: str | None = None, overlap: Overlap | None = None
+    ) -> TriggerResult:
+        """See ``Client.trigger_schedule``: not retried after an unknown outcome (a retry could start a second run)."""
+        request = trigger_request(namespace or self.namespace, schedule_id, overlap)
+        reply: pb.TriggerScheduleResponse = await self._call(
+            self._schedules.TriggerSchedule, request, retry=_trigger_retry(self.call_retry)
+        )
+        return TriggerResult(reply.task_id, reply.outcome, _datetime(reply, "nominal_time"))
+
+    async def backfill_schedule(
+        self, schedule_id: str, start_at: dt.datetime, end_at: dt.datetime, *, namespace: str | None = None,
+        overlap: Overlap | None = None,
+    ) -> int:
+        """See ``Client.backfill_schedule``."""  # fmt: skip
+        request = backfill_request(namespace or self.namespace, schedule_id, start_at, end_at, overlap)
+        reply: pb.BackfillScheduleResponse = await self._call(self._schedules.BackfillSchedule, request)
+        return int(reply.slots)

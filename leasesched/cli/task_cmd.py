@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
+import functools
 import json
 import math
 import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -30,8 +33,8 @@ from typing import Any, Callable, NoReturn
 import click
 import grpc
 from google.protobuf import json_format
-from google.protobuf.duration_pb2 import Duration
 
+from leasesched.client import DEFAULT_NAMESPACE, RetryPolicy, Timeouts, duration_pb, task_spec
 from leasesched.config import Config
 from leasesched.transport import sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
@@ -108,12 +111,6 @@ DURATION = DurationType()
 POSITIVE_DURATION = DurationType(allow_zero=False)
 
 
-def _proto_duration(seconds: float) -> Duration:
-    d = Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
-    return d
-
-
 # ---------------------------------------------------------------- other input
 
 
@@ -126,7 +123,8 @@ def _text(value: str, param: click.Parameter | None = None) -> str:
     return value
 
 
-def _text_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+def text_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A click callback refusing text that is not valid Unicode (one value or a tuple of them)."""
     if value is None:
         return None
     if isinstance(value, tuple):
@@ -141,18 +139,34 @@ def _task_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
         raise click.BadParameter(f"{value[:80]!r} is not a task id (a UUID)", param=param) from None
 
 
-def parse_run_at(text: str) -> dt.datetime:
-    """An ISO-8601 time ('2026-12-03T10:00:00Z', '2026-12-03 10:00+01:00'); UTC when no offset is given."""
+def parse_run_at(text: str, option: str = "--at") -> dt.datetime:
+    """An ISO-8601 time ('2026-12-03T10:00:00Z', '2026-12-03 10:00+01:00'); UTC when no offset is given.
+    ``option`` names the option in the one-line error."""
     try:
         when = dt.datetime.fromisoformat(text.strip())
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not an ISO-8601 time like 2026-12-03T10:00:00Z", param_hint="'--at'") from None
+        raise click.BadParameter(f"{text!r} is not an ISO-8601 time like 2026-12-03T10:00:00Z", param_hint=f"'{option}'") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
     try:
         return when.astimezone(dt.timezone.utc)
     except OverflowError:
-        raise click.BadParameter(f"{text!r} is out of range", param_hint="'--at'") from None
+        raise click.BadParameter(f"{text!r} is out of range", param_hint=f"'{option}'") from None
+
+
+class TimeType(click.ParamType):
+    """A click parameter holding a time (``parse_run_at``: ISO-8601, UTC when no offset), as an aware datetime."""
+
+    name = "TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> dt.datetime:
+        if isinstance(value, dt.datetime):
+            return value
+        option = param.opts[0] if param is not None and param.opts else "--at"
+        return parse_run_at(_text(str(value), param), option)
+
+
+TIME = TimeType()
 
 
 def _coefficient(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -188,7 +202,10 @@ def read_payload(payload: str | None, payload_file: Any) -> bytes:
 # ---------------------------------------------------------------- output
 
 
-def _fmt_ts(ts: Any) -> str:
+def fmt_ts(ts: Any) -> str:
+    """A proto Timestamp (or a datetime) as ISO-8601 UTC with milliseconds; unset (or None) is '-'."""
+    if isinstance(ts, dt.datetime):
+        return ts.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds")
     if ts is None or (ts.seconds == 0 and ts.nanos == 0):
         return "-"
     return str(ts.ToDatetime(tzinfo=dt.timezone.utc).isoformat(timespec="milliseconds"))
@@ -211,8 +228,18 @@ def _view_dict(view: pb.TaskView) -> dict[str, Any]:
     return data
 
 
+def _description_dict(description: pb.ScheduleDescription) -> dict[str, Any]:
+    data: dict[str, Any] = json_format.MessageToDict(description, preserving_proto_field_name=True)
+    raw = description.schedule.action.payload
+    if raw:
+        action = data["schedule"]["action"]
+        action["payload"], action["payload_encoding"] = decode_bytes(raw)
+    return data
+
+
 def to_json(message: Any) -> dict[str, Any]:
-    """Canonical protobuf JSON, with every TaskView's bytes as text plus their encoding."""
+    """Canonical protobuf JSON, with every TaskView's bytes (and every schedule action's
+    payload) as text plus their encoding."""
     data: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
     if isinstance(message, pb.TaskView):
         return _view_dict(message)
@@ -220,24 +247,29 @@ def to_json(message: Any) -> dict[str, Any]:
         data["task"] = _view_dict(message.task)
     elif isinstance(message, pb.ListTasksResponse):
         data["tasks"] = [_view_dict(t) for t in message.tasks]
+    elif isinstance(getattr(message, "schedule", None), pb.ScheduleDescription):
+        data["schedule"] = _description_dict(message.schedule)
+    elif isinstance(message, pb.ListSchedulesResponse):
+        data["schedules"] = [_description_dict(d) for d in message.schedules]
     return data
 
 
-def _emit(message: Any, as_json: bool, human: Callable[[], None]) -> None:
+def emit(message: Any, as_json: bool, human: Callable[[], None]) -> None:
+    """Print ``message`` as JSON (``to_json``) for --json, else call ``human`` to print text."""
     if as_json:
         click.echo(json.dumps(to_json(message), indent=2, ensure_ascii=False))
     else:
         human()
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """One line for a terminal: control characters (newlines, escapes) shown escaped."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def human_bytes(raw: bytes, limit: int = 200) -> str:
     text, encoding = decode_bytes(raw)
-    shown = _printable(text)
+    shown = printable(text)
     if len(shown) > limit:
         shown = f"{shown[:limit]}… ({len(raw)} bytes)"
     return shown if encoding == "utf-8" else f"[base64] {shown}"
@@ -250,18 +282,18 @@ def _print_task(view: pb.TaskView) -> None:
         ("status", status + (" (cancel requested)" if view.cancel_requested and status == "RUNNING" else "")),
         ("type", f"{view.type}  namespace={view.namespace}  priority={view.priority}"),
         ("attempt", f"{view.attempt} of {view.max_attempts}"),
-        ("run at", _fmt_ts(view.run_at)),
-        ("created", _fmt_ts(view.created_at)),
-        ("started", _fmt_ts(view.started_at)),
-        ("finished", _fmt_ts(view.finished_at)),
-        ("progress", f"{view.progress.percent:.0f}% {_printable(view.progress.message)}".rstrip()),
+        ("run at", fmt_ts(view.run_at)),
+        ("created", fmt_ts(view.created_at)),
+        ("started", fmt_ts(view.started_at)),
+        ("finished", fmt_ts(view.finished_at)),
+        ("progress", f"{view.progress.percent:.0f}% {printable(view.progress.message)}".rstrip()),
     ]
     if view.no_worker_for_type:
         lines.append(("waiting", f"no running worker serves {view.namespace}/{view.type}: it starts once one subscribes"))
     if view.lease_owner:
-        lines.append(("lease", f"{view.lease_owner} token={view.lease_token} until {_fmt_ts(view.lease_expires_at)}"))
+        lines.append(("lease", f"{view.lease_owner} token={view.lease_token} until {fmt_ts(view.lease_expires_at)}"))
     if view.error:
-        lines.append(("error", _printable(f"{view.error_type + ': ' if view.error_type else ''}{view.error}")))
+        lines.append(("error", printable(f"{view.error_type + ': ' if view.error_type else ''}{view.error}")))
     if view.payload:
         lines.append(("payload", human_bytes(view.payload)))
     if view.result:
@@ -292,16 +324,19 @@ def rpc_failure(err: grpc.RpcError) -> RpcFailure:
 
 
 @contextlib.contextmanager
-def open_stub(target: str, cfg: Config) -> Iterator[Any]:
-    """A TaskService stub on a channel closed afterwards (unit tests replace this function)."""
+def open_stub(target: str, cfg: Config, service: Callable[[grpc.Channel], Any] = pb_grpc.TaskServiceStub) -> Iterator[Any]:
+    """A stub of ``service`` (TaskService unless told; ScheduleService is served at the
+    same address) on a channel closed afterwards (unit tests replace this function)."""
     with sync_channel(target, cfg) as channel:
-        yield pb_grpc.TaskServiceStub(channel)
+        yield service(channel)
 
 
 @contextlib.contextmanager
-def _session(obj: dict[str, Any]) -> Iterator[Any]:
+def session(obj: dict[str, Any], service: Callable[[grpc.Channel], Any] = pb_grpc.TaskServiceStub) -> Iterator[Any]:
+    """A stub for the command's target and token (``obj`` from ``connect``); a failed call
+    or connection ends the command with one line on stderr (exit 1)."""
     try:
-        with open_stub(obj["target"], obj["cfg"]) as stub:
+        with open_stub(obj["target"], obj["cfg"], service) as stub:
             yield stub
     except grpc.RpcError as err:
         raise rpc_failure(err) from None
@@ -309,12 +344,13 @@ def _session(obj: dict[str, Any]) -> Iterator[Any]:
         raise click.ClickException(f"cannot connect to {obj['target']}: {err}") from None
 
 
-def _call(obj: dict[str, Any], fn: Callable[[Any], Any]) -> Any:
-    with _session(obj) as stub:
+def call(obj: dict[str, Any], fn: Callable[[Any], Any], service: Callable[[grpc.Channel], Any] = pb_grpc.TaskServiceStub) -> Any:
+    """``fn(stub)`` in a ``session``: one call, its answer returned."""
+    with session(obj, service) as stub:
         return fn(stub)
 
 
-# ---------------------------------------------------------------- commands
+# ---------------------------------------------------------------- shared options
 
 
 def _json_flag(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -328,10 +364,124 @@ json_option = click.option(
 )  # fmt: skip
 
 
+def connection_options(group: Callable[..., None]) -> Callable[..., None]:
+    """``--target``, ``--json`` and ``--token`` of a command group that calls the services
+    (``task``, ``schedule``); the group hands them to ``connect``."""
+    for option in (
+        click.option("--token", default=None, help="Bearer token (default: env LEASESCHED_TOKEN)."),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text (also accepted after the sub-command)."),
+        click.option("--target", default=None, help="TaskService address host:port, which also serves ScheduleService (default from config)."),
+    ):  # fmt: skip
+        group = option(group)
+    return group
+
+
+def connect(cfg: Config, target: str | None, as_json: bool, token: str | None) -> dict[str, Any]:
+    """The ``ctx.obj`` a group's sub-commands use (``session``, ``call``, ``emit``): the
+    target, the --json choice and the configuration with the token. A token gRPC would
+    refuse only at the call is a command-line error (exit 2) before any call."""
+    cfg = cfg.with_overrides(token=token)
+    if cfg.token and not _TOKEN_RE.match(cfg.token):
+        # gRPC would refuse it only at the call, with a multi-line trace from its core.
+        source = "--token" if token is not None else "LEASESCHED_TOKEN"
+        raise click.BadParameter("a bearer token is printable ASCII without spaces", param_hint=f"'{source}'")
+    return {"target": target or cfg.task_service_target, "json": as_json, "cfg": cfg}
+
+
+namespace_option = click.option("--namespace", "-n", default=DEFAULT_NAMESPACE, show_default=True, callback=text_option)
+
+
+@dataclass(frozen=True)
+class ActionOptions:
+    """The options of a task a command makes (``action_options``), as given; ``None`` leaves a
+    field to the server's default. ``task schedule`` and ``schedule create|update`` share them,
+    so a task and a schedule's action are spelled and checked the same way."""
+
+    payload: str | None
+    payload_file: Any
+    priority: int | None
+    lease: float | None
+    max_attempts: int | None
+    initial_interval: float | None
+    backoff_coefficient: float | None
+    max_interval: float | None
+    non_retryable: tuple[str, ...]
+    schedule_to_start: float | None
+    start_to_close: float | None
+    schedule_to_close: float | None
+
+    def read_payload(self) -> bytes:
+        return read_payload(self.payload, self.payload_file)
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            initial_interval=_timedelta(self.initial_interval), backoff_coefficient=self.backoff_coefficient,
+            maximum_interval=_timedelta(self.max_interval), maximum_attempts=self.max_attempts,
+            non_retryable_error_types=self.non_retryable,
+        )  # fmt: skip
+
+    def timeouts(self) -> Timeouts:
+        return Timeouts(_timedelta(self.schedule_to_start), _timedelta(self.start_to_close), _timedelta(self.schedule_to_close))
+
+    def lease_duration(self) -> dt.timedelta | None:
+        return _timedelta(self.lease)
+
+    def task_spec(self, task_type: str, namespace: str) -> pb.TaskSpec:
+        """The TaskSpec without a time (a schedule's action; ``task schedule`` adds --delay/--at)."""
+        return task_spec(task_type, self.read_payload(), namespace=namespace, priority=self.priority,
+                         retry_policy=self.retry_policy(), timeouts=self.timeouts(), lease_duration=self.lease_duration())  # fmt: skip
+
+
+def _timedelta(seconds: float | None) -> dt.timedelta | None:
+    return None if seconds is None else dt.timedelta(seconds=seconds)
+
+
+_ACTION_OPTIONS = (
+    click.option("--payload", default=None, help="Payload as text; @PATH reads a file, - reads stdin, @@TEXT is text starting with '@'."),
+    click.option("--payload-file", type=click.File("rb"), default=None, help="Payload from a file ('-' = stdin)."),
+    click.option("--priority", type=click.IntRange(0, 9), default=None, help="0..9, higher first (default 5)."),
+    click.option("--lease", type=POSITIVE_DURATION, default=None, help="Lease duration a worker holds and renews (default from server)."),
+    click.option("--max-attempts", type=click.IntRange(1, INT32_MAX), default=None, help="Attempts before FAILED; 1 = no retry (default from server)."),
+    click.option("--initial-interval", type=POSITIVE_DURATION, default=None, help="Retry: wait before the first retry (default 1s)."),
+    click.option("--backoff-coefficient", type=float, default=None, callback=_coefficient, help="Retry: each wait is this times the previous, >= 1 (default 2.0)."),
+    click.option("--max-interval", type=POSITIVE_DURATION, default=None, help="Retry: longest wait between attempts (default 100 x initial interval)."),
+    click.option("--non-retryable", "non_retryable", multiple=True, callback=text_option, metavar="ERROR_TYPE",
+                 help="Retry: an error type that fails the task at once (repeat the option for more)."),
+    click.option("--schedule-to-start", type=POSITIVE_DURATION, default=None, help="Timeout: longest wait from due to started."),
+    click.option("--start-to-close", type=POSITIVE_DURATION, default=None, help="Timeout: longest one attempt may run."),
+    click.option("--schedule-to-close", type=POSITIVE_DURATION, default=None, help="Timeout: longest from due to final, over all attempts."),
+)  # fmt: skip
+
+
+def option_group(
+    cls: type[Any], options: Sequence[Callable[[Any], Any]], argument: str
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A decorator that adds ``options`` to a command and hands the command their values
+    as one ``cls`` instance (a dataclass whose fields are the options' names) in ``argument``:
+    commands that share options share their definitions and one typed value, not a dozen arguments."""
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(command)
+        def grouped(*args: Any, **kwargs: Any) -> None:
+            kwargs[argument] = cls(**{name: kwargs.pop(name) for name in names})
+            command(*args, **kwargs)
+
+        for option in reversed(options):
+            grouped = option(grouped)
+        return grouped
+
+    return decorate
+
+
+action_options = option_group(ActionOptions, _ACTION_OPTIONS, "action")
+
+
+# ---------------------------------------------------------------- commands
+
+
 @click.group()
-@click.option("--target", default=None, help="TaskService address host:port (default from config).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text (also accepted after the sub-command).")
-@click.option("--token", default=None, help="Bearer token (default: env LEASESCHED_TOKEN).")
+@connection_options
 @click.pass_context
 def task(ctx: click.Context, target: str | None, as_json: bool, token: str | None) -> None:
     """Schedule, poll, cancel and list tasks.
@@ -339,91 +489,46 @@ def task(ctx: click.Context, target: str | None, as_json: bool, token: str | Non
     Exit codes: 0 ok; 1 the server refused the call or is unreachable
     (one line CODE: details on stderr); 2 a bad command line.
     """
-    cfg: Config = ctx.obj.with_overrides(token=token)
-    if cfg.token and not _TOKEN_RE.match(cfg.token):
-        # gRPC would refuse it only at the call, with a multi-line trace from its core.
-        source = "--token" if token is not None else "LEASESCHED_TOKEN"
-        raise click.BadParameter("a bearer token is printable ASCII without spaces", param_hint=f"'{source}'")
-    ctx.obj = {"target": target or cfg.task_service_target, "json": as_json, "cfg": cfg}
+    ctx.obj = connect(ctx.obj, target, as_json, token)
 
 
 @task.command(
     help="Schedule a task of TASK_TYPE. Prints its task id alone on stdout, so ID=$(leasesched task schedule ...) "
     f"works (-v: details on stderr). Durations: {DURATION_HELP}."
 )
-@click.argument("task_type", callback=_text_option)
-@click.option("--payload", default=None, help="Payload as text; @PATH reads a file, - reads stdin, @@TEXT is text starting with '@'.")
-@click.option("--payload-file", type=click.File("rb"), default=None, help="Payload from a file ('-' = stdin).")
-@click.option("--namespace", "-n", default="default", show_default=True, callback=_text_option)
+@click.argument("task_type", callback=text_option)
+@namespace_option
 @click.option("--delay", type=DURATION, default=None, help=f"Run after this long ({DURATION_HELP}).")
 @click.option("--at", "run_at", default=None, help="Run at this ISO-8601 time, e.g. 2026-12-03T10:00:00Z (UTC if no offset).")
-@click.option("--priority", type=click.IntRange(0, 9), default=None, help="0..9, higher first (default 5).")
-@click.option("--key", "--idempotency-key", "idempotency_key", default="", callback=_text_option,
+@click.option("--key", "--idempotency-key", "idempotency_key", default="", callback=text_option,
               help="Idempotency key: the same key and request give the same task, never a duplicate.")
-@click.option("--lease", type=POSITIVE_DURATION, default=None, help="Lease duration a worker holds and renews (default from server).")
-@click.option("--max-attempts", type=click.IntRange(1, INT32_MAX), default=None, help="Attempts before FAILED; 1 = no retry (default from server).")
-@click.option("--initial-interval", type=POSITIVE_DURATION, default=None, help="Retry: wait before the first retry (default 1s).")
-@click.option("--backoff-coefficient", type=float, default=None, callback=_coefficient, help="Retry: each wait is this times the previous, >= 1 (default 2.0).")
-@click.option("--max-interval", type=POSITIVE_DURATION, default=None, help="Retry: longest wait between attempts (default 100 x initial interval).")
-@click.option("--non-retryable", "non_retryable", multiple=True, callback=_text_option, metavar="ERROR_TYPE",
-              help="Retry: an error type that fails the task at once (repeat the option for more).")
-@click.option("--schedule-to-start", type=POSITIVE_DURATION, default=None, help="Timeout: longest wait from due to started.")
-@click.option("--start-to-close", type=POSITIVE_DURATION, default=None, help="Timeout: longest one attempt may run.")
-@click.option("--schedule-to-close", type=POSITIVE_DURATION, default=None, help="Timeout: longest from due to final, over all attempts.")
+@action_options
 @click.option("-v", "--verbose", is_flag=True, help="Also say on stderr when it runs and whether it was new.")
 @json_option
 @click.pass_obj
 def schedule(
     obj: dict[str, Any],
     task_type: str,
-    payload: str | None,
-    payload_file: Any,
     namespace: str,
     delay: float | None,
     run_at: str | None,
-    priority: int | None,
     idempotency_key: str,
-    lease: float | None,
-    max_attempts: int | None,
-    initial_interval: float | None,
-    backoff_coefficient: float | None,
-    max_interval: float | None,
-    non_retryable: tuple[str, ...],
-    schedule_to_start: float | None,
-    start_to_close: float | None,
-    schedule_to_close: float | None,
+    action: ActionOptions,
     verbose: bool,
 ) -> None:
     if delay is not None and run_at is not None:
         raise click.UsageError("give --delay or --at, not both")
-    spec = pb.TaskSpec(namespace=namespace, type=task_type, payload=read_payload(payload, payload_file))
+    spec = action.task_spec(task_type, namespace)
     if delay is not None:
-        spec.delay.CopyFrom(_proto_duration(delay))
+        spec.delay.CopyFrom(duration_pb(delay))
     if run_at is not None:
         spec.run_at.FromDatetime(parse_run_at(run_at))
-    if priority is not None:
-        spec.priority, spec.has_priority = priority, True
-    retry = spec.retry_policy
-    if max_attempts is not None:
-        retry.maximum_attempts = max_attempts
-    if initial_interval is not None:
-        retry.initial_interval.CopyFrom(_proto_duration(initial_interval))
-    if backoff_coefficient is not None:
-        retry.backoff_coefficient = backoff_coefficient
-    if max_interval is not None:
-        retry.maximum_interval.CopyFrom(_proto_duration(max_interval))
-    retry.non_retryable_error_types.extend(non_retryable)
-    for name, value in (("schedule_to_start", schedule_to_start), ("start_to_close", start_to_close), ("schedule_to_close", schedule_to_close)):
-        if value is not None:
-            getattr(spec.timeouts, name).CopyFrom(_proto_duration(value))
-    if lease is not None:
-        spec.lease_duration.CopyFrom(_proto_duration(lease))
     request = pb.ScheduleTaskRequest(task=spec, idempotency_key=idempotency_key)
-    reply = _call(obj, lambda s: s.ScheduleTask(request, timeout=10))
+    reply = call(obj, lambda s: s.ScheduleTask(request, timeout=10))
     if verbose:
         verb = "scheduled" if reply.created else "already scheduled (idempotency key matched)"
-        click.echo(f"{verb} {reply.task_id} to run at {_fmt_ts(reply.run_at)}", err=True)
-    _emit(reply, obj["json"], lambda: click.echo(reply.task_id))
+        click.echo(f"{verb} {reply.task_id} to run at {fmt_ts(reply.run_at)}", err=True)
+    emit(reply, obj["json"], lambda: click.echo(reply.task_id))
 
 
 def _state_line(view: pb.TaskView) -> str:
@@ -433,9 +538,9 @@ def _state_line(view: pb.TaskView) -> str:
         status += " (cancel requested)"
     line = f"{status}  attempt {view.attempt}/{view.max_attempts}"
     if view.progress.percent or view.progress.message:
-        line += f"  {view.progress.percent:.0f}% {_printable(view.progress.message)}".rstrip()
+        line += f"  {view.progress.percent:.0f}% {printable(view.progress.message)}".rstrip()
     if view.error and view.status != pb.SUCCEEDED:
-        line += f"  last error: {_printable(view.error)[:120]}"
+        line += f"  last error: {printable(view.error)[:120]}"
     return line
 
 
@@ -480,16 +585,16 @@ def poll(obj: dict[str, Any], task_id: str, wait: bool, timeout: float | None, i
     if timeout is not None and not wait:
         raise click.UsageError("--timeout needs --wait")
     if not wait:
-        reply = _call(obj, lambda s: s.PollTask(pb.PollTaskRequest(task_id=task_id), timeout=10))
-        _emit(reply, obj["json"], lambda: _print_task(reply.task))
+        reply = call(obj, lambda s: s.PollTask(pb.PollTaskRequest(task_id=task_id), timeout=10))
+        emit(reply, obj["json"], lambda: _print_task(reply.task))
         return
-    with _session(obj) as stub:
+    with session(obj) as stub:
         view, final = _follow(stub, task_id, timeout, interval)
     if view is None:  # every call failed (transiently) until the timeout
         click.echo(f"gave up after {timeout} s: the task could not be read", err=True)
         _exit(EXIT_TIMEOUT)
     response = pb.PollTaskResponse(task=view)
-    _emit(response, obj["json"], lambda: _print_task(view))
+    emit(response, obj["json"], lambda: _print_task(view))
     if not final:
         click.echo(f"gave up after {timeout:g} s: the task is still {pb.TaskStatus.Name(view.status)}", err=True)
         _exit(EXIT_TIMEOUT)
@@ -509,19 +614,19 @@ def _exit(code: int) -> NoReturn:
 @click.pass_obj
 def cancel(obj: dict[str, Any], task_id: str) -> None:
     """Cancel a task (at once if not running; a running one is asked to stop)."""
-    reply = _call(obj, lambda s: s.CancelTask(pb.CancelTaskRequest(task_id=task_id), timeout=10))
-    _emit(reply, obj["json"], lambda: _print_task(reply.task))
+    reply = call(obj, lambda s: s.CancelTask(pb.CancelTaskRequest(task_id=task_id), timeout=10))
+    emit(reply, obj["json"], lambda: _print_task(reply.task))
 
 
 @task.command("list")
-@click.option("--namespace", "-n", default="default", show_default=True, callback=_text_option)
+@namespace_option
 @click.option("--status", type=click.Choice(STATUSES), default=None)
-@click.option("--type", "task_type", default=None, callback=_text_option,
+@click.option("--type", "task_type", default=None, callback=text_option,
               help="Only tasks of this type. ListTasks has no type filter: the CLI filters the pages itself, "
               "reading pages until --limit matches or --max-pages pages.")  # fmt: skip
 @click.option("--limit", type=click.IntRange(1, INT32_MAX), default=20, show_default=True, help="Page size (with --type: matches wanted).")
 @click.option("--max-pages", type=click.IntRange(1, 100_000), default=50, show_default=True, help="With --type: pages read at most.")
-@click.option("--page-token", default="", callback=_text_option, help="Resume where a previous listing stopped.")
+@click.option("--page-token", default="", callback=text_option, help="Resume where a previous listing stopped.")
 @json_option
 @click.pass_obj
 def list_tasks(
@@ -538,7 +643,7 @@ def list_tasks(
         )
 
     pages = 0
-    with _session(obj) as stub:
+    with session(obj) as stub:
         if task_type is None:
             reply = stub.ListTasks(request(page_token), timeout=30)
         else:
@@ -558,14 +663,14 @@ def list_tasks(
         for t in reply.tasks:
             click.echo(
                 f"{t.task_id:36}  {pb.TaskStatus.Name(t.status):9}  {t.type[:20]:20}  "
-                f"{t.attempt}/{t.max_attempts:<5}  {_fmt_ts(t.run_at)}"
+                f"{t.attempt}/{t.max_attempts:<5}  {fmt_ts(t.run_at)}"
             )
         if task_type is not None:
             click.echo(f"({len(reply.tasks)} of type {task_type} in {pages} page(s) read)", err=True)
         if reply.next_page_token:
             click.echo(f"more: --page-token {reply.next_page_token}")
 
-    _emit(reply, obj["json"], human)
+    emit(reply, obj["json"], human)
 
 
 def register(cli: click.Group) -> None:

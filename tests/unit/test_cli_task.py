@@ -86,7 +86,7 @@ def stub(monkeypatch: pytest.MonkeyPatch) -> FakeStub:
     fake = FakeStub()
 
     @contextlib.contextmanager
-    def open_stub(target: str, cfg: Config) -> Iterator[FakeStub]:
+    def open_stub(target: str, cfg: Config, service: Any = None) -> Iterator[FakeStub]:
         yield fake
 
     monkeypatch.setattr(task_cmd, "open_stub", open_stub)
