@@ -83,7 +83,10 @@ async def build_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = add_port(server, bind, cfg)
+    try:
+        port = add_port(server, bind, cfg)
+    except RuntimeError as exc:  # grpcio >= 1.60 raises where older versions returned 0
+        raise RuntimeError(f"cannot bind {bind}: {exc}") from exc
     if port == 0:
         raise RuntimeError(f"cannot bind {bind}")
     return Server(server, port, health_servicer, names)

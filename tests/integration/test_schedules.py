@@ -21,7 +21,6 @@ import pytest
 
 from leasesched.loadtest import ledger as ledger_mod
 from leasesched.testing import RunningProcess
-from leasesched.transport import sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from tests.cluster import NAMESPACE, LiveCluster, wait_for
@@ -364,20 +363,17 @@ def test_bad_backfill_trigger_and_list_requests(schedule_stub: pb_grpc.ScheduleS
     assert d.fired_total == 0 and d.backfills_pending == 0 and d.version == 1
 
 
-def test_list_pages_through_every_schedule(task_service: RunningProcess) -> None:
-    assert task_service.target is not None
-    with sync_channel(task_service.target, None) as channel:  # type: ignore[arg-type]
-        stub = pb_grpc.ScheduleServiceStub(channel)
-        for i in range(7):
-            s = _bad()
-            s.namespace, s.schedule_id = "listing", f"s{i}"
-            stub.CreateSchedule(pb.CreateScheduleRequest(schedule=s), timeout=10)
-        seen: list[str] = []
-        token = ""
-        while True:
-            page = stub.ListSchedules(pb.ListSchedulesRequest(namespace="listing", page_size=3, page_token=token), timeout=10)
-            seen += [d.schedule.schedule_id for d in page.schedules]
-            token = page.next_page_token
-            if not token:
-                break
-        assert seen == [f"s{i}" for i in range(7)]
+def test_list_pages_through_every_schedule(schedule_stub: pb_grpc.ScheduleServiceStub) -> None:
+    for i in range(7):
+        s = _bad()
+        s.namespace, s.schedule_id = "listing", f"s{i}"
+        schedule_stub.CreateSchedule(pb.CreateScheduleRequest(schedule=s), timeout=10)
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = schedule_stub.ListSchedules(pb.ListSchedulesRequest(namespace="listing", page_size=3, page_token=token), timeout=10)
+        seen += [d.schedule.schedule_id for d in page.schedules]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [f"s{i}" for i in range(7)]
