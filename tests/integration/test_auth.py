@@ -63,6 +63,10 @@ class AuthCluster:
         assert self.task_service.target
         return pb_grpc.TaskServiceStub(sync_channel(self.task_service.target, self.cfg, token=token or ""))
 
+    def schedules(self, token: str) -> pb_grpc.ScheduleServiceStub:
+        assert self.task_service.target
+        return pb_grpc.ScheduleServiceStub(sync_channel(self.task_service.target, self.cfg, token=token))
+
     def updater(self, token: str) -> pb_grpc.TaskUpdaterStub:
         assert self.task_updater.target
         return pb_grpc.TaskUpdaterStub(sync_channel(self.task_updater.target, self.cfg, token=token))
@@ -156,6 +160,34 @@ def test_workers_only_touch_their_namespace(auth_cluster: AuthCluster) -> None:
     own.CompleteTask(pb.CompleteTaskRequest(task_id=task_id, lease_token=lease.lease_token, result=b"ok"), timeout=5)
     view = auth_cluster.tasks(auth_cluster.tokens.client_a).PollTask(pb.PollTaskRequest(task_id=task_id), timeout=5).task
     assert view.status == pb.SUCCEEDED and view.result == b"ok"
+    wait_rate_budget(auth_cluster, "team-a")
+
+
+def test_schedules_are_isolated_by_namespace_and_role(auth_cluster: AuthCluster) -> None:
+    a, b = auth_cluster.schedules(auth_cluster.tokens.client_a), auth_cluster.schedules(auth_cluster.tokens.client_b)
+    mine = pb.Schedule(namespace="team-a", schedule_id="nightly")
+    mine.spec.cron.append("30 2 * * *")
+    mine.action.type = "auth.test"
+    a.CreateSchedule(pb.CreateScheduleRequest(schedule=mine), timeout=5)
+    theirs = pb.ScheduleRef(namespace="team-a", schedule_id="nightly")
+    missing = pb.ScheduleRef(namespace="team-a", schedule_id="no-such")
+    # B cannot create, see, list, change, run or delete A's schedules, and cannot tell which exist.
+    assert code_of(lambda: b.CreateSchedule(pb.CreateScheduleRequest(schedule=mine), timeout=5)) == DENIED
+    for target in (theirs, missing):
+        wait_rate_budget(auth_cluster, "team-b")  # B's write bucket holds 5
+        assert code_of(lambda: b.DescribeSchedule(pb.DescribeScheduleRequest(ref=target), timeout=5)) == DENIED
+        assert code_of(lambda: b.TriggerSchedule(pb.TriggerScheduleRequest(ref=target), timeout=5)) == DENIED
+        assert code_of(lambda: b.PauseSchedule(pb.PauseScheduleRequest(ref=target), timeout=5)) == DENIED
+        assert code_of(lambda: b.DeleteSchedule(pb.DeleteScheduleRequest(ref=target), timeout=5)) == DENIED
+    assert code_of(lambda: b.ListSchedules(pb.ListSchedulesRequest(namespace="team-a"), timeout=5)) == DENIED
+    wait_rate_budget(auth_cluster, "team-b")
+    assert code_of(lambda: b.UpdateSchedule(pb.UpdateScheduleRequest(schedule=mine), timeout=5)) == DENIED
+    # A worker token may not use the schedule API at all.
+    worker = auth_cluster.schedules(auth_cluster.tokens.worker_a)
+    assert code_of(lambda: worker.DescribeSchedule(pb.DescribeScheduleRequest(ref=theirs), timeout=5)) == DENIED
+    # A's schedule is untouched.
+    d = a.DescribeSchedule(pb.DescribeScheduleRequest(ref=theirs), timeout=5).schedule
+    assert d.version == 1 and not d.schedule.paused and d.fired_total == 0
     wait_rate_budget(auth_cluster, "team-a")
 
 
