@@ -189,6 +189,14 @@ def decide(schedule: Schedule, state: ScheduleState, now: int, may_catch_up: boo
         state = state.replace(buffered=rest)
         state, fire, cancel, outcome = _apply_overlap(schedule, state, head, now)
     # 3. The slot whose time has come.
+    elif nxt is not None and nxt <= now and state.running and _skips_all(schedule, state):
+        # Every slot due now would be skipped in turn while the run goes:
+        # one record and one write instead of one evaluation per slot (after
+        # an outage that can be thousands).
+        count = spec.count(nxt - 1, now, SKIP_COUNT_CAP)
+        reason = SkipReason.OVERLAP if schedule.policy.overlap == Overlap.SKIP else SkipReason.BUFFER_FULL
+        state = _skip(state, nxt, now, count, reason, now).replace(next_slot_ms=spec.next_after(now))
+        outcome = f"skipped: {reason.value}"
     elif nxt is not None and nxt <= now:
         late = now - nxt > LATE_MS
         if late and not may_catch_up:
@@ -217,6 +225,12 @@ def decide(schedule: Schedule, state: ScheduleState, now: int, may_catch_up: boo
     if state.buffered and state.running:
         waiting = True
     return Plan(state, fire, cancel, _next_eval(state, now, waiting, throttled), outcome)
+
+
+def _skips_all(schedule: Schedule, state: ScheduleState) -> bool:
+    """While a run goes, would the schedule's own policy skip any slot that comes?"""
+    policy = schedule.policy.overlap
+    return policy == Overlap.SKIP or (policy == Overlap.BUFFER_ONE and len(state.buffered) >= 1)
 
 
 def _next_eval(state: ScheduleState, now: int, waiting: bool, throttled: bool) -> int | None:

@@ -96,6 +96,8 @@ def _demo(cfg: Config, say: Callable[[str], None], admin_token: str = "", trigge
         f"    {exe} task schedule demo.sleep --payload 5\n"
         f"    {exe} task poll <task id>\n"
         f"    {exe} task list\n"
+        f"    {exe} schedule create ticker --every 10s --type demo.echo --payload tick\n"
+        f"    {exe} schedule describe ticker   # next fire times, runs, skipped slots\n"
         f"    {admin_hint}{exe} cluster status\n"
         "=== Ctrl-C stops every process (Cassandra and ZooKeeper keep running: `leasesched infra down`).\n"
     )

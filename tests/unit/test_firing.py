@@ -267,3 +267,20 @@ def test_an_entry_of_a_deleted_schedule_does_not_fire_its_namesake() -> None:
         assert result.schedule is None and not store.tasks
 
     asyncio.run(main())
+
+
+def test_while_a_run_goes_all_due_slots_a_skip_policy_would_skip_are_skipped_in_one_step() -> None:
+    s = running(make(Overlap.SKIP, every_s=1), T0)
+    s = s.replace(state=s.state.replace(next_slot_ms=T0 + S))
+    plan = decide(s, s.state, T0 + 600 * S)  # ten minutes of slots came while the run went on
+    assert plan.fire == ()
+    assert plan.state.skipped[-1].reason == SkipReason.OVERLAP and plan.state.skipped[-1].count == 600
+    assert plan.state.next_slot_ms == T0 + 601 * S and plan.next_eval_ms == T0 + 601 * S
+    # BUFFER_ONE with its one slot kept: the same, as buffer_full; BUFFER_ALL keeps them one by one.
+    one = running(make(Overlap.BUFFER_ONE, every_s=1), T0)
+    one = one.replace(state=decide(one, one.state.replace(next_slot_ms=T0 + S), T0 + S).state)
+    plan = decide(one, one.state, T0 + 100 * S)
+    assert plan.state.skipped[-1].reason == SkipReason.BUFFER_FULL and plan.state.skipped[-1].count == 99
+    everything = running(make(Overlap.BUFFER_ALL, every_s=1), T0)
+    plan = decide(everything, everything.state.replace(next_slot_ms=T0 + S), T0 + 100 * S)
+    assert len(plan.state.buffered) == 1 and plan.next_eval_ms == T0 + 100 * S
