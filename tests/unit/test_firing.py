@@ -284,3 +284,39 @@ def test_while_a_run_goes_all_due_slots_a_skip_policy_would_skip_are_skipped_in_
     everything = running(make(Overlap.BUFFER_ALL, every_s=1), T0)
     plan = decide(everything, everything.state.replace(next_slot_ms=T0 + S), T0 + 100 * S)
     assert len(plan.state.buffered) == 1 and plan.next_eval_ms == T0 + 100 * S
+
+
+def _utc(*parts: int) -> int:
+    import datetime as dt
+
+    return int(dt.datetime(*parts, tzinfo=dt.timezone.utc).timestamp() * 1000)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "expected"),
+    [
+        # Spring forward (29 March 2026): 02:30 does not exist; it runs at 03:00 CEST = 01:00 UTC, once.
+        ((2026, 3, 27), (2026, 3, 31), [(2026, 3, 27, 1, 30), (2026, 3, 28, 1, 30), (2026, 3, 29, 1, 0), (2026, 3, 30, 0, 30)]),
+        # Fall back (25 October 2026): 02:30 happens twice; it runs at the first (CEST = 00:30 UTC) only.
+        ((2026, 10, 23), (2026, 10, 27), [(2026, 10, 23, 0, 30), (2026, 10, 24, 0, 30), (2026, 10, 25, 0, 30), (2026, 10, 26, 1, 30)]),
+    ],
+)
+def test_a_daily_0230_berlin_schedule_fires_through_the_dst_days_as_documented(
+    start: tuple[int, ...], end: tuple[int, ...], expected: list[tuple[int, ...]]
+) -> None:
+    """The engine on a test clock: evaluate whenever it asks to be evaluated
+    (and every 10 minutes besides, as stale entries would), from ``start``
+    to ``end``; every run it starts is one slot, once."""
+    spec = ScheduleSpec(cron=("30 2 * * *",), time_zone="Europe/Berlin")
+    begin = _utc(*start)
+    s = make().replace(spec=spec, state=ScheduleState(next_slot_ms=spec.next_after(begin)))
+    fired: list[int] = []
+    clock, stop = begin, _utc(*end)
+    wake = s.state.next_slot_ms
+    while clock < stop:
+        clock = min(wake or stop, clock + 600_000)
+        plan = decide(s, s.state.replace(running=()), clock)
+        fired += [r.slot_ms for r in plan.fire]
+        s = s.replace(state=plan.state)
+        wake = plan.next_eval_ms
+    assert fired == [_utc(*t) for t in expected]
