@@ -265,7 +265,7 @@ def trigger_now(schedule: Schedule, state: ScheduleState, now: int, overlap: Ove
 class ScheduleStore(Protocol):
     async def get_schedule(self, namespace: str, schedule_id: str, serial: bool = False) -> Schedule | None: ...
 
-    async def update_schedule(self, schedule: Schedule, expected_version: int) -> bool: ...
+    async def update_schedule(self, schedule: Schedule, expected_version: int, definition: bool = True) -> bool: ...
 
     async def add_due(self, entry: DueEntry) -> None: ...
 
@@ -338,7 +338,8 @@ class Firing:
             if base == read and plan.state == read.state and not plan.fire and not plan.cancel:
                 return Evaluated(read, plan)  # nothing to write
             written = base.replace(state=plan.state, version=read.version + 1, updated_at_ms=at)
-            if not await self._store.update_schedule(written, read.version):
+            same_definition = (base.spec, base.action, base.policy) == (read.spec, read.action, read.policy)
+            if not await self._store.update_schedule(written, read.version, definition=not same_definition):
                 metrics.schedule_evaluations.labels("raced").inc()
                 serial = True
                 continue

@@ -211,8 +211,9 @@ class TaskStore(Protocol):
 
     async def get_schedule(self, namespace: str, schedule_id: str, serial: bool = False) -> Schedule | None: ...
 
-    async def update_schedule(self, schedule: Schedule, expected_version: int) -> bool:
-        """Write ``schedule`` whole only if the stored version is ``expected_version``."""
+    async def update_schedule(self, schedule: Schedule, expected_version: int, definition: bool = True) -> bool:
+        """Write ``schedule`` only if the stored version is ``expected_version``:
+        its state and version, and its definition unless ``definition`` is False."""
         ...
 
     async def delete_schedule(self, namespace: str, schedule_id: str, expected_version: int) -> bool: ...

@@ -354,6 +354,8 @@ class CassandraStore:
             "get_schedule_write_id": "SELECT write_id FROM schedules WHERE namespace = ? AND schedule_id = ?",
             "update_schedule": "UPDATE schedules SET version = ?, definition = ?, state = ?, updated_at = ?, write_id = ? "
             "WHERE namespace = ? AND schedule_id = ? IF version = ?",
+            "update_schedule_state": "UPDATE schedules SET version = ?, state = ?, updated_at = ?, write_id = ? "
+            "WHERE namespace = ? AND schedule_id = ? IF version = ?",
             "delete_schedule": "DELETE FROM schedules WHERE namespace = ? AND schedule_id = ? IF version = ?",
             "index_schedule": "INSERT INTO schedules_by_namespace (namespace, schedule_id) VALUES (?, ?)",
             "unindex_schedule": "DELETE FROM schedules_by_namespace WHERE namespace = ? AND schedule_id = ?",
@@ -368,7 +370,8 @@ class CassandraStore:
         self._stmts["get_secret"].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
         for name in ("get_schedule_serial", "get_schedule_write_id"):
             self._stmts[name].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
-        for name in ("insert_task", "claim_key", "create_secret", "insert_schedule", "update_schedule", "delete_schedule"):
+        for name in ("insert_task", "claim_key", "create_secret", "insert_schedule", "update_schedule", "update_schedule_state",
+                     "delete_schedule"):
             self._stmts[name].is_idempotent = False
         self._update_stmts.clear()
 
@@ -778,15 +781,23 @@ class CassandraStore:
             updated_at_ms=r.updated_at or 0,
         )  # fmt: skip
 
-    async def update_schedule(self, schedule: Schedule, expected_version: int) -> bool:
-        """Write the schedule's definition and state (and version) only if its
-        stored version is still ``expected_version``."""
+    async def update_schedule(self, schedule: Schedule, expected_version: int, definition: bool = True) -> bool:
+        """Write the schedule's state and version (and its definition, unless
+        ``definition`` is False: a firing changes only the state, and the
+        definition holds the action's payload) only if its stored version is
+        still ``expected_version``."""
         write_id = self._write_ids.next()
-        params = (
-            schedule.version, dump_definition(schedule.spec, schedule.action, schedule.policy), dump_state(schedule.state),
-            schedule.updated_at_ms, write_id, schedule.namespace, schedule.schedule_id, expected_version,
-        )  # fmt: skip
-        row = await self._run_cas("update_schedule", params, schedule.ref, write_id, self._schedule_write_id(schedule.namespace, schedule.schedule_id))
+        key = (schedule.namespace, schedule.schedule_id, expected_version)
+        if definition:
+            statement = "update_schedule"
+            params: tuple[Any, ...] = (
+                schedule.version, dump_definition(schedule.spec, schedule.action, schedule.policy),
+                dump_state(schedule.state), schedule.updated_at_ms, write_id, *key,
+            )  # fmt: skip
+        else:
+            statement = "update_schedule_state"
+            params = (schedule.version, dump_state(schedule.state), schedule.updated_at_ms, write_id, *key)
+        row = await self._run_cas(statement, params, schedule.ref, write_id, self._schedule_write_id(schedule.namespace, schedule.schedule_id))
         if row is _NOT_APPLIED_UNKNOWN:
             return False
         return row is None or bool(row.applied)

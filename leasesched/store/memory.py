@@ -276,12 +276,15 @@ class MemoryStore:
         stored = self.schedules.get((namespace, schedule_id))
         return None if stored is None else _decode(stored)
 
-    async def update_schedule(self, schedule: Schedule, expected_version: int) -> bool:
+    async def update_schedule(self, schedule: Schedule, expected_version: int, definition: bool = True) -> bool:
         self._maybe_fail("update_schedule")
         key = (schedule.namespace, schedule.schedule_id)
         stored = self.schedules.get(key)
         if stored is None or stored[0].version != expected_version:
             return False
+        if not definition:  # as Cassandra: only the state (and version) is written
+            kept = _decode(stored)
+            schedule = schedule.replace(spec=kept.spec, action=kept.action, policy=kept.policy)
         self.schedules[key] = _encode(schedule)
         return True
 

@@ -294,3 +294,43 @@ def test_list_type_filters_client_side_over_pages(cluster: LiveCluster) -> None:
     assert "cli.other" not in human.stdout
     for task_id in wanted:
         ok(cli(cluster, "cancel", task_id))
+
+
+# ---------------------------------------------------------------- issue 14: leasesched schedule ...
+
+
+def schedule_cli(cluster: LiveCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    """``leasesched schedule --target <TaskService> ARGS``, as a user types it."""
+    assert cluster.task_service is not None and cluster.task_service.target
+    argv = [str(LEASESCHED_BIN), "schedule", "--target", cluster.task_service.target, *args]
+    return subprocess.run(argv, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=150)
+
+
+def test_schedule_commands_end_to_end(cluster: LiveCluster) -> None:
+    """create → describe (text and JSON) → trigger (the id alone) → the runs → pause → list → delete."""
+    out = ok(schedule_cli(cluster, "create", "cli-every", "-n", NAMESPACE, "--every", "1s", "--type", "chaos.work",
+                          "--payload", work(0.1), "--overlap", "allow-all")).stdout  # fmt: skip
+    assert "chaos/cli-every" in out and "every 1s" in out
+    described = json.loads(ok(schedule_cli(cluster, "describe", "cli-every", "-n", NAMESPACE, "--json")).stdout)
+    assert len(described["schedule"]["nextFireTimes"]) == 5
+    triggered = ok(schedule_cli(cluster, "trigger", "cli-every", "-n", NAMESPACE)).stdout
+    task_id = triggered.strip()
+    assert triggered == f"{task_id}\n" and str(uuid.UUID(task_id)) == task_id
+    wait_for(lambda: poll_json(cluster, task_id)["status"] == "SUCCEEDED", 60, "the triggered run")
+    assert poll_json(cluster, task_id)["scheduleId"] == "cli-every"
+
+    def runs() -> int:
+        d = json.loads(ok(schedule_cli(cluster, "describe", "cli-every", "-n", NAMESPACE, "--json")).stdout)["schedule"]
+        return int(d.get("firedTotal", 0))
+
+    wait_for(lambda: runs() >= 4, 30, "the schedule's own runs")
+    text = ok(schedule_cli(cluster, "describe", "cli-every", "-n", NAMESPACE)).stdout
+    assert "trigger" in text and "schedule" in text  # the runs' causes
+    ok(schedule_cli(cluster, "pause", "cli-every", "-n", NAMESPACE, "--note", "done"))
+    listed = ok(schedule_cli(cluster, "list", "-n", NAMESPACE)).stdout
+    assert "cli-every" in listed and "paused" in listed
+    bad = schedule_cli(cluster, "create", "cli-bad", "-n", NAMESPACE, "--cron", "61 * * * *", "--type", "chaos.work")
+    assert bad.returncode != 0 and "spec.cron[0]" in bad.stderr and "Traceback" not in bad.stderr
+    ok(schedule_cli(cluster, "delete", "cli-every", "-n", NAMESPACE))
+    gone = schedule_cli(cluster, "describe", "cli-every", "-n", NAMESPACE)
+    assert gone.returncode != 0 and "NOT_FOUND" in gone.stderr

@@ -275,7 +275,7 @@ def test_the_examples_in_docs_client_md_run(cluster: LiveCluster) -> None:
     host, port = cluster.task_service.target.rsplit(":", 1)
     env = {**os.environ, **cluster.cfg.to_env(), "LEASESCHED_BIND_HOST": host, "LEASESCHED_TASK_SERVICE_PORT": port}
     blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "client.md").read_text(), re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     outputs = [
         subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
         for code in blocks
@@ -283,3 +283,5 @@ def test_the_examples_in_docs_client_md_run(cluster: LiveCluster) -> None:
     assert all(out.returncode == 0 for out in outputs), [out.stderr[-2000:] for out in outputs]
     assert "SUCCEEDED hello" in outputs[0].stdout
     assert "slept 2 s" in outputs[1].stdout
+    lines = outputs[2].stdout.splitlines()  # the schedules example: its spec, a run now, 30 November slots, the list
+    assert lines[0].startswith("cron '30 2 * * *' in Europe/Berlin") and "30" in lines and lines[-1].startswith("nightly False ")
