@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from leasesched.config import Config
+from leasesched.schedules import Overlap
 
 
 def _range(text: str, kind: type = float) -> tuple:  # "1-10" or "5"
@@ -44,6 +45,12 @@ def _range(text: str, kind: type = float) -> tuple:  # "1-10" or "5"
 @click.option("--probe-seconds", type=float, default=5.0, show_default=True, help="Store probe per kind (plain, LWT); 0 = no probe.")
 @click.option("--probe-concurrency", type=int, default=128, show_default=True)
 @click.option("--profile", multiple=True, help="py-spy this process or role during the load (task-service, task-updater, trigger, worker, client, all).")
+@click.option("--schedules", type=int, default=0, show_default=True, help="Periodic schedules created before the load, firing over exactly the load window (0 = none).")
+@click.option("--every", "schedule_every", type=float, default=10.0, show_default=True, help="Their period, seconds (offsets spread evenly over it).")
+@click.option("--schedule-jitter", type=float, default=0.0, show_default=True, help="Their spec.jitter, seconds (< --every).")
+@click.option("--schedule-handler-ms", type=float, default=0.0, show_default=True, help="How long the bench handler of a slot's task sleeps.")
+@click.option("--schedule-overlap", type=click.Choice([o.value for o in Overlap]), default=Overlap.ALLOW_ALL.value, show_default=True,
+              help="Their overlap policy; with allow_all every slot must get a task (a skipped slot counts as missed).")
 @click.option("--local/--no-local", default=True, show_default=True, help="Start a complete local cluster (else drive --target).")
 @click.option("--target", default="", help="TaskService host:port of a running cluster (with --no-local).")
 @click.option("--ledger", default="", help="With --no-local: the execution ledger the cluster's bench workers write (LEASESCHED_BENCH_LEDGER).")
@@ -77,13 +84,16 @@ def loadtest(cfg: Config, delay: str, priorities: str, quiet: bool, as_json: boo
         local=kw["local"], target=kw["target"], ledger=kw["ledger"], triggers=kw["triggers"],
         workers=kw["workers"], slots=kw["slots"], start_infra=kw["start_infra"], stop_infra=kw["stop_infra"],
         keep_data=kw["keep_data"], results_dir=kw["results_dir"], label=kw["label"],
+        schedules=kw["schedules"], schedule_every_s=kw["schedule_every"], schedule_jitter_s=kw["schedule_jitter"],
+        schedule_handler_ms=kw["schedule_handler_ms"], schedule_overlap=kw["schedule_overlap"],
     )  # fmt: skip
     report = LoadTest(opts, cfg).run()
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     else:
         click.echo(text_summary(report))
-    if report["tasks"]["lost"] or report["tasks"]["overlaps"]:
+    sc = report.get("schedules") or {}
+    if report["tasks"]["lost"] or report["tasks"]["overlaps"] or sc.get("missed") or sc.get("duplicates") or sc.get("overlaps"):
         sys.exit(2)  # correctness broken: make the failure visible to scripts
 
 

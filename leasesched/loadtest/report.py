@@ -11,6 +11,16 @@ Definitions (also written into the report under ``definitions``):
 * lost: accepted (ScheduleTask answered OK) but not terminal after the drain,
   or not found;
 * overlaps: two executions of one task overlapping in time (ledger);
+* schedules (``--schedules``): expected = the slots of each schedule in the
+  load window (its spec's start_at..end_at); found = distinct tasks that
+  name one of the run's schedules (ListTasks); duplicates = tasks beyond the
+  first at one (schedule_id, nominal_time); missed = expected slots with no
+  task; firing lag = a slot task's started_at − run_at (run_at = slot +
+  jitter), creation lag = created_at − nominal_time; fired/s = slot tasks
+  created in the load window ÷ its length; CPU per fire = CPU seconds of the
+  store (Cassandra) and of the leasesched processes over the load ÷ those
+  fires (everything else they did, e.g. ScheduleTask load, included);
+  counters = DescribeSchedule's fired_total and skipped_total, summed;
 * efficiency: (LWTs per task × completed/s) ÷ the store's LWT/s measured by
   the probe in the same run. leasesched writes 2 LWTs per task (claim,
   complete; a key-less task's row is created by a plain insert), +1 per
@@ -31,6 +41,8 @@ import numpy as np
 
 from leasesched.loadtest.metrics import percentiles
 from leasesched.v1 import scheduler_pb2 as pb
+
+from leasesched.loadtest.schedule_load import schedule_section
 
 if TYPE_CHECKING:
     from leasesched.loadtest.ledger import LedgerSummary
@@ -177,12 +189,43 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
             f"other processes used {cpu_info['others_cpu_s']:.0f} CPU seconds during the {cpu_info['window_s']:.0f} s load "
             f"(machine busy {100 * cpu_info['machine_busy_fraction']:.0f}%): the machine was shared"
         )
-    unacknowledged = sorted(set(ledger.first_start) - set(accepted)) if ledger is not None else []
+    slot_task_ids = {t.task_id for t in lt.schedule_tasks}  # created by the schedules, never "accepted"
+    unacknowledged = sorted(set(ledger.first_start) - set(accepted) - slot_task_ids) if ledger is not None else []
     if unacknowledged:
         warnings.append(
             f"{len(unacknowledged)} tasks ran whose ScheduleTask answer the client never got (deadline or cancel): "
             "created server-side, not counted as accepted"
         )
+
+    schedules = None
+    if lt.plan is not None:
+        per_process = load["cpu"]["per_process"]
+        store_cpu = sum(v["cpu_s"] for k, v in per_process.items() if v and k.startswith("cassandra"))
+        python_cpu = sum(v["cpu_s"] for k, v in per_process.items()
+                         if v and not k.startswith(("cassandra", "zookeeper")) and k != "loadtest-client")  # fmt: skip
+        schedules = schedule_section(
+            lt.plan, lt.schedule_tasks, lt.schedule_counters,
+            {task_id: len(runs) for task_id, runs in ledger.by_task.items()} if ledger is not None else {},
+            {a.task_id for a, _ in ledger.overlapping} if ledger is not None else (),
+            (t0, t0 + seconds), {"store": store_cpu, "python": python_cpu}, lt.schedule_create_s,
+        )  # fmt: skip
+        schedules["create_failed"] = lt.schedule_create_failed
+        checks["schedule_slots_add_up"] = (
+            schedules["slots_with_task"] + schedules["missed"] == schedules["expected"]
+            and schedules["found"] == schedules["slots_with_task"] + schedules["duplicates"] + schedules["unexpected"]
+        )
+        late = lt.schedule_created_at - lt.plan.start_ms / 1000
+        if late > 0:
+            warnings.append(f"schedules: creating them ended {late:.1f} s after their first slot: early slots fired late")
+        if lt.schedule_create_failed:
+            warnings.append(f"schedules: {lt.schedule_create_failed} could not be created: their slots count as missed")
+        if schedules["missed"] or schedules["duplicates"] or schedules["overlaps"]:
+            warnings.append(
+                f"schedules: {schedules['missed']} missed slots, {schedules['duplicates']} duplicate tasks, "
+                f"{schedules['overlaps']} overlapping executions (examples in the report)"
+            )
+        if ledger is None:
+            warnings.append("schedules: no execution ledger, so executions per slot task were not checked")
 
     series = {
         "second": list(range(horizon)),
@@ -243,6 +286,7 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
             "executed_not_accepted": len(unacknowledged),
             "overlap_examples": ledger.overlaps[:10] if ledger else [],
         },
+        "schedules": schedules,
         "dispatch_lag_ms": percentiles(lag_all),
         "dispatch_lag_delayed_ms": percentiles(lag_delayed),
         "immediate_schedule_to_start_ms": percentiles(imm_start),
@@ -308,6 +352,16 @@ def text_summary(r: dict[str, Any]) -> str:
         f"correctness   lost {t['lost']}  overlaps {t['overlaps']}  executions {t['executions']} (re-executions {t['re_executions']})  "
         f"counts add up: {r['consistent']}",
     ]
+    sc = r.get("schedules")
+    if sc:
+        c = sc["counters"]
+        lines.append(
+            f"schedules     {sc['schedules']} every {sc['every_s']:g} s: expected {sc['expected']} found {sc['found']}  "
+            f"missed {sc['missed']} duplicates {sc['duplicates']} overlaps {sc['overlaps']}  fired {sc['fired_per_s_in_window']}/s  "
+            f"firing lag p50 {_ms(sc['firing_lag_ms']['p50'])} p99 {_ms(sc['firing_lag_ms']['p99'])} max {_ms(sc['firing_lag_ms']['max'])}  "
+            f"creation lag p50 {_ms(sc['creation_lag_ms']['p50'])} p99 {_ms(sc['creation_lag_ms']['p99'])}  "
+            f"counters fired {c['fired_total']} skipped {c['skipped_total']}"
+        )
     if r.get("store_probe"):
         e = r["efficiency"]
         lines.append(

@@ -7,9 +7,14 @@
    PollTask at its own rate on random already-accepted tasks, a live progress
    bar with current rates; CPU seconds per process over that window; optional
    py-spy profiles;
-4. drain: wait until every accepted task has finished (or ``drain`` s passed),
-   then read every accepted task back with PollTask: its final status and
-   finish time;
+   With ``schedules`` > 0, before the load: create that many periodic
+   schedules (``schedule_load.SchedulePlan``) whose slots span exactly the
+   load window, and start the window at their first slot;
+4. drain: wait until every accepted task, and every expected slot's task,
+   has finished (or ``drain`` s passed), then read every accepted task back
+   with PollTask: its final status and finish time; the schedules' tasks
+   are read with ListTasks of the namespace, their counters with
+   DescribeSchedule, and the schedules deleted;
 5. read the execution ledger: dispatch lag, executions, overlaps;
 6. write ``report.json`` and ``chart.png`` to the results folder;
 7. stop what it started.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -27,9 +33,10 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import backoff
 import grpc
@@ -42,6 +49,8 @@ from leasesched.loadtest.arrival import open_loop
 from leasesched.loadtest.bench_tasks import BENCH_MODULE, LEDGER_ENV, NAMESPACE, TASK_TYPE, make_payload
 from leasesched.loadtest.cpu import CpuMeter
 from leasesched.loadtest.metrics import MethodStats
+from leasesched.loadtest.schedule_load import Counters, SchedulePlan, SlotTask
+from leasesched.schedules import Overlap
 from leasesched.testing import Cluster, ProcessGroup
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
@@ -51,6 +60,8 @@ log = logging.getLogger(__name__)
 TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
 MAX_DRAIN_EXTENSION_S = 300.0  # the drain waits for delayed tasks due at most this long after the load
 DUE_MARGIN_S = 5.0  # a task due this close to the drain's end is not expected to have finished
+SCHEDULE_CONCURRENCY = 64  # schedule RPCs (create, describe, delete) in flight at once
+LIST_PAGE_SIZE = 500  # ListTasks page size when reading the schedules' tasks back
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20)]
 
 
@@ -88,6 +99,13 @@ class LoadOptions:
     keep_data: bool = False
     results_dir: str = "results"
     label: str = ""
+    # Periodic schedules (0: none): created before the load, firing the bench no-op over exactly the load window.
+    schedules: int = 0
+    schedule_every_s: float = 10.0
+    schedule_jitter_s: float = 0.0
+    schedule_handler_ms: float = 0.0
+    # ALLOW_ALL by default: every slot must then have a task, so "missed" is never a legitimate skip.
+    schedule_overlap: str = Overlap.ALLOW_ALL.value
 
 
 def _now_tag() -> str:
@@ -109,6 +127,12 @@ class LoadTest:
         self.final: dict[str, Any] = {}
         self.due_by_ms = 0
         self.machine_series: list[dict[str, float]] = []  # machine CPU busy % and load average, every second of the load
+        self.plan: SchedulePlan | None = None  # the run's schedules, when it has any
+        self.schedule_tasks: list[SlotTask] = []  # the tasks they created, as listed after the drain
+        self.schedule_counters = Counters()
+        self.schedule_create_s = 0.0
+        self.schedule_create_failed = 0
+        self.schedule_created_at = 0.0  # wall time the creation ended
         self.report: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ set-up
@@ -254,20 +278,26 @@ class LoadTest:
         metadata = (("authorization", f"Bearer {self.cfg.token}"),) if self.cfg.token else None
         channels = [grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS) for _ in range(max(1, o.channels))]
         stubs = [pb_grpc.TaskServiceStub(c) for c in channels]
+        schedule_stubs = [pb_grpc.ScheduleServiceStub(c) for c in channels]
         try:
             for c in channels:
                 await asyncio.wait_for(c.channel_ready(), 15)
-            return await self._drive(stubs, metadata)
+            return await self._drive(stubs, schedule_stubs, metadata)
         finally:
             for c in channels:
                 await c.close()
 
-    async def _drive(self, stubs: list[pb_grpc.TaskServiceStub], metadata: Any) -> dict[str, Any]:
+    async def _drive(
+        self, stubs: list[pb_grpc.TaskServiceStub], schedule_stubs: list[pb_grpc.ScheduleServiceStub], metadata: Any
+    ) -> dict[str, Any]:
         o = self.o
         loop = asyncio.get_running_loop()
         payload = make_payload(o.handler_ms, o.payload_bytes)
         rng = random.Random(self.run_id)
         key_prefix = f"bench-{self.run_id}"
+        if o.schedules > 0:
+            self.plan = self._schedule_plan()
+            await self._create_schedules(schedule_stubs, metadata, self.plan)
 
         def spec_for(i: int) -> tuple[pb.ScheduleTaskRequest, bool]:
             spec = pb.TaskSpec(namespace=NAMESPACE, type=TASK_TYPE, payload=payload)
@@ -289,6 +319,8 @@ class LoadTest:
             self.accepted.append(reply.task_id)
             await stubs[0].PollTask(pb.PollTaskRequest(task_id=reply.task_id), timeout=o.timeout_s, metadata=metadata)
 
+        if self.plan is not None:  # the window starts at the schedules' first slot
+            await asyncio.sleep(max(0.0, self.plan.start_ms / 1000.0 - 0.2 - time.time()))
         t0 = loop.time() + 0.2
         t0_wall = time.time() + 0.2
         end = t0 + o.duration_s
@@ -338,6 +370,8 @@ class LoadTest:
         profiles = profiler.finish() if profiler else {}
         seconds = o.duration_s
         drain_info = await self._drain(stubs, metadata, tail)
+        if self.plan is not None:
+            drain_info["schedules"] = await self._finish_schedules(stubs, schedule_stubs, metadata, drain_info["deadline"])
         return {
             "t0_wall": t0_wall,
             "seconds": seconds,
@@ -411,11 +445,15 @@ class LoadTest:
         """
         o = self.o
         now = time.time()
-        latest_due = max((run_at for _, run_at, _ in self.tasks.values()), default=0) / 1000.0
+        run_ats = [run_at for _, run_at, _ in self.tasks.values()]
+        slot_tasks = sum(len(slots) for slots in self.plan.expected().values()) if self.plan is not None else 0
+        if self.plan is not None:
+            run_ats.append(self.plan.last_due_ms())
+        latest_due = max(run_ats, default=0) / 1000.0
         deadline = now + o.drain_s + max(0.0, min(latest_due, now + MAX_DRAIN_EXTENSION_S) - now)
         self.due_by_ms = int((deadline - DUE_MARGIN_S) * 1000)
         due_times = [run_at for _, run_at, _ in self.tasks.values() if run_at <= self.due_by_ms]
-        due, last_due = len(due_times), max(due_times, default=0) / 1000.0
+        due, last_due = len(due_times) + slot_tasks, max(due_times + run_ats[len(self.tasks):], default=0) / 1000.0
         bar = tqdm(total=due, unit="task", desc="drain", disable=not o.progress, file=sys.stderr)
         try:
             if tail is not None:
@@ -447,7 +485,94 @@ class LoadTest:
             "due_tasks": due,
             "verify_passes": passes,
             "deadline_reached": bool(remaining),
+            "deadline": deadline,
         }
+
+    # ------------------------------------------------------------------ schedules
+
+    def _schedule_plan(self) -> SchedulePlan:
+        """Slots from a whole second far enough ahead for the creation to end
+        first (a schedule created after its first slot would fire it late, as
+        a catch-up), to the end of the load window."""
+        o = self.o
+        allowance_s = 3.0 + o.schedules / 200.0
+        start_ms = int(math.ceil(time.time() + allowance_s)) * 1000
+        return SchedulePlan(
+            count=o.schedules, every_ms=int(round(o.schedule_every_s * 1000)), start_ms=start_ms,
+            end_ms=start_ms + int(round(o.duration_s * 1000)) - 1, jitter_ms=int(round(o.schedule_jitter_s * 1000)),
+            overlap=Overlap(o.schedule_overlap),
+        )  # fmt: skip
+
+    async def _create_schedules(self, stubs: list[pb_grpc.ScheduleServiceStub], metadata: Any, plan: SchedulePlan) -> None:
+        payload = make_payload(self.o.schedule_handler_ms, self.o.payload_bytes)
+        began = time.time()
+        _say(f"schedules: creating {plan.count} (every {plan.every_ms / 1000:g} s, overlap {plan.overlap.value})")
+
+        async def create(i: int) -> None:
+            request = pb.CreateScheduleRequest(schedule=plan.to_pb(i, NAMESPACE, TASK_TYPE, payload))
+            await stubs[i % len(stubs)].CreateSchedule(request, timeout=self.o.timeout_s, metadata=metadata)
+
+        self.schedule_create_failed = await _bounded(SCHEDULE_CONCURRENCY, plan.count, create)
+        self.schedule_created_at = time.time()
+        self.schedule_create_s = self.schedule_created_at - began
+        late = time.time() - plan.start_ms / 1000.0
+        _say(f"schedules: created in {self.schedule_create_s:.1f} s" + (f", {late:.1f} s after their first slot" if late > 0 else ""))
+
+    async def _finish_schedules(
+        self, stubs: list[pb_grpc.TaskServiceStub], schedule_stubs: list[pb_grpc.ScheduleServiceStub], metadata: Any,
+        deadline: float,
+    ) -> dict[str, Any]:
+        """Read the schedules' tasks back (ListTasks of the namespace, again
+        until every expected slot has a finished task or the drain's deadline),
+        then their counters (DescribeSchedule), then delete them."""
+        assert self.plan is not None
+        expected = sum(len(s) for s in self.plan.expected().values())
+        began, passes = time.time(), 0
+        terminal_ok = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
+        while True:
+            passes += 1
+            self.schedule_tasks = await self._list_slot_tasks(stubs[0], metadata)
+            done = sum(1 for t in self.schedule_tasks if t.status in terminal_ok)
+            if (len(self.schedule_tasks) >= expected and done == len(self.schedule_tasks)) or time.time() >= deadline:
+                break
+            await asyncio.sleep(2.0)
+        ids = [self.plan.schedule_id(i) for i in range(self.plan.count)]
+        described: list[pb.ScheduleDescription | None] = [None] * len(ids)
+
+        async def describe(i: int) -> None:
+            ref = pb.ScheduleRef(namespace=NAMESPACE, schedule_id=ids[i])
+            reply = await schedule_stubs[i % len(schedule_stubs)].DescribeSchedule(
+                pb.DescribeScheduleRequest(ref=ref), timeout=self.o.timeout_s, metadata=metadata)  # fmt: skip
+            described[i] = reply.schedule
+
+        async def delete(i: int) -> None:
+            ref = pb.ScheduleRef(namespace=NAMESPACE, schedule_id=ids[i])
+            await schedule_stubs[i % len(schedule_stubs)].DeleteSchedule(
+                pb.DeleteScheduleRequest(ref=ref), timeout=self.o.timeout_s, metadata=metadata)  # fmt: skip
+
+        failures = await _bounded(SCHEDULE_CONCURRENCY, len(ids), describe)
+        found = [d for d in described if d is not None]
+        self.schedule_counters = Counters(
+            described=len(found), fired_total=sum(d.fired_total for d in found),
+            skipped_total=sum(d.skipped_total for d in found), errors=failures,
+        )  # fmt: skip
+        not_deleted = await _bounded(SCHEDULE_CONCURRENCY, len(ids), delete)
+        return {"seconds": round(time.time() - began, 1), "list_passes": passes, "not_deleted": not_deleted}
+
+    async def _list_slot_tasks(self, stub: pb_grpc.TaskServiceStub, metadata: Any) -> list[SlotTask]:
+        """Every task of the namespace that a schedule created, all pages."""
+        found: list[SlotTask] = []
+        token = ""
+        while True:
+            request = pb.ListTasksRequest(namespace=NAMESPACE, page_size=LIST_PAGE_SIZE, page_token=token)
+            reply = await _retried(lambda: stub.ListTasks(request, timeout=self.o.timeout_s, metadata=metadata))
+            for view in reply.tasks:
+                task = SlotTask.from_view(view)
+                if task is not None:
+                    found.append(task)
+            token = reply.next_page_token
+            if not token:
+                return found
 
     async def _read_all(self, stubs: list[pb_grpc.TaskServiceStub], metadata: Any, ids: list[str]) -> dict[str, Any]:
         sem = asyncio.Semaphore(self.o.verify_concurrency)
@@ -484,6 +609,47 @@ def options_dict(opts: LoadOptions) -> dict[str, Any]:
 
 
 __all__ = ["LoadOptions", "LoadTest", "TERMINAL", "Counter"]
+
+
+async def _bounded(limit: int, n: int, call: Callable[[int], Awaitable[None]]) -> int:
+    """``call(i)`` for i in 0..n-1, at most ``limit`` at a time, each retried
+    on transient errors; the number that failed (the first few are said)."""
+    sem = asyncio.Semaphore(limit)
+    failed = 0
+
+    async def one(i: int) -> None:
+        nonlocal failed
+        async with sem:
+            try:
+                await _retried(lambda: call(i))
+            except grpc.aio.AioRpcError as err:
+                failed += 1
+                if failed <= 5:
+                    _say(f"schedules: {err.code().name}: {err.details()}")
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return failed
+
+
+T = TypeVar("T")
+
+
+async def _retried(call: Callable[[], Awaitable[T]]) -> T:
+    """A schedule or list RPC, retried on transient errors (the harness's own
+    reads must not turn an overloaded moment into "missed" slots)."""
+
+    @backoff.on_exception(backoff.expo, grpc.aio.AioRpcError, max_tries=5, factor=0.2, logger=None,
+                          giveup=lambda e: not _transient(e))  # fmt: skip
+    async def attempt() -> T:
+        return await call()
+
+    return await attempt()
+
+
+def _transient(err: Exception) -> bool:
+    return isinstance(err, grpc.RpcError) and err.code() in (
+        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+    )  # fmt: skip
 
 
 def _not_found(err: Exception) -> bool:

@@ -1,6 +1,7 @@
 """A Markdown table of several load-test reports (for BENCHMARKS.md).
 
     .venv/bin/python -m leasesched.loadtest.table results/*/report.json
+    .venv/bin/python -m leasesched.loadtest.table --schedules results/*/report.json   # the periodic-schedule columns
 """
 
 from __future__ import annotations
@@ -49,12 +50,41 @@ HEADER = [
 ]  # fmt: skip
 
 
+def schedule_row(r: dict[str, Any]) -> list[str]:
+    """The periodic-schedule figures of one report (``--schedules`` runs)."""
+    sc, cpu = r["schedules"], r["cpu"]
+    per_fire = sc["cpu_ms_per_fire"]
+    return [
+        r["run"]["label"] or r["run"]["id"],
+        f"{sc['schedules']} × {sc['every_s']:g} s",
+        _f(sc["offered_fires_per_s"], 1),
+        _f(sc["fired_per_s_in_window"], 1),
+        f"{sc['expected']} / {sc['found']}",
+        f"{sc['missed']} / {sc['duplicates']} / {sc['overlaps']}",
+        f"{_f(sc['firing_lag_ms']['p50'])} / {_f(sc['firing_lag_ms']['p99'])} / {_f(sc['firing_lag_ms']['max'])}",
+        f"{_f(sc['creation_lag_ms']['p50'])} / {_f(sc['creation_lag_ms']['p99'])}",
+        f"{sc['counters']['fired_total']} / {sc['counters']['skipped_total']}",
+        f"{_f(per_fire.get('store'), 1)} / {_f(per_fire.get('python'), 1)}",
+        f"{100 * cpu['machine_busy_fraction']:.0f}% ({cpu['others_cpu_s']:.0f} s)",
+    ]
+
+
+SCHEDULE_HEADER = [
+    "run", "schedules × every", "offered fires/s", "fired/s", "expected / found", "missed / duplicates / overlaps",
+    "firing lag p50/p99/max ms", "creation lag p50/p99 ms", "fired_total / skipped_total", "CPU ms per fire, Cassandra / Python",
+    "machine busy (others' CPU s)",
+]  # fmt: skip
+
+
 def main(paths: list[str]) -> None:
-    reports = [json.loads(Path(p).read_text()) for p in paths]
-    print("| " + " | ".join(HEADER) + " |")
-    print("|" + "---|" * len(HEADER))
+    schedules = "--schedules" in paths
+    reports = [json.loads(Path(p).read_text()) for p in paths if p != "--schedules"]
+    header, make = (SCHEDULE_HEADER, schedule_row) if schedules else (HEADER, row)
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     for r in reports:
-        print("| " + " | ".join(row(r)) + " |")
+        if not schedules or r.get("schedules"):
+            print("| " + " | ".join(make(r)) + " |")
 
 
 if __name__ == "__main__":

@@ -80,3 +80,28 @@ def test_loadtest_report_adds_up(infra: LocalInfra, tmp_path: Path) -> None:
     for row in rows:
         assert row["status"] == "SUCCEEDED", row
         assert int(row["run_at_ms"]) - 50 <= int(row["first_start_ms"]) <= int(row["finished_ms"]) + 50, row
+
+
+def test_loadtest_schedules_fire_every_slot_once(infra: LocalInfra, tmp_path: Path) -> None:
+    """20 schedules every second for 10 s, no other load: every slot has exactly
+    one task, each executed once, and the firing lag is measured."""
+    opts = LoadOptions(
+        schedule_rate=0, poll_rate=0, duration_s=10, drain_s=30, probe_s=0, progress=False, triggers=1, workers=1,
+        slots=16, start_infra=False, results_dir=str(tmp_path), label="schedules",
+        schedules=20, schedule_every_s=1, schedule_jitter_s=0.2,
+    )  # fmt: skip
+    report = LoadTest(opts, infra.config).run()
+
+    sc = report["schedules"]
+    assert report["consistent"], report["checks"]
+    assert sc["expected"] == 200 and sc["found"] == 200, sc
+    assert sc["missed"] == 0 and sc["duplicates"] == 0 and sc["unexpected"] == 0, sc
+    assert sc["overlaps"] == 0 and sc["executed_more_than_once"] == 0 and sc["never_executed"] == 0, sc
+    assert sc["by_status"] == {"SUCCEEDED": 200} and sc["not_terminal"] == 0, sc
+    assert sc["firing_lag_ms"]["n"] == 200 and sc["firing_lag_ms"]["p99"] is not None and sc["firing_lag_ms"]["p50"] >= 0
+    assert sc["creation_lag_ms"]["n"] == 200
+    assert sc["counters"] == {"fired_total": 200, "skipped_total": 0, "described": 20, "errors": 0}, sc["counters"]
+    assert report["drain"]["schedules"]["not_deleted"] == 0
+    # Slot tasks are the schedules', not unacknowledged ScheduleTask answers.
+    assert report["tasks"]["executed_not_accepted"] == 0
+    assert "schedules" in json.loads((Path(report["files"]["folder"]) / "report.json").read_text())
