@@ -32,6 +32,7 @@ may overlap in time; the version decides.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import uuid
@@ -67,6 +68,7 @@ LATE_MS = 5_000  # a slot decided later than this after its time is a catch-up (
 RECHECK_MS = 1_000  # while a buffered slot or backfill waits for a run to end, look this often
 CONFIRM_MS = 5_000  # an RPC that fires looks again this soon, to finish a creation it may not have done
 MAX_AHEAD_MS = 30 * 86_400_000  # a due entry never further ahead (its TTL bound): a later slot gets a no-op look first
+ALLOW_ALL_TRACKED = 10  # runs an ALLOW_ALL schedule watches for pause_on_failure
 SKIP_COUNT_CAP = 10_000_000  # counting skipped slots stops here (an every-second schedule down for 115 days)
 
 
@@ -96,8 +98,11 @@ def _skip(state: ScheduleState, first: int, last: int, count: int, reason: SkipR
 def _start(schedule: Schedule, state: ScheduleState, slot: int, cause: Cause, now: int) -> tuple[ScheduleState, Run]:
     run = Run(slot, slot_task_id(schedule.uid, slot), now, cause)
     remaining = state.remaining_actions - 1 if state.limited_actions else state.remaining_actions
+    # Each tracked run costs a read per evaluation. ALLOW_ALL never waits for
+    # a run, so it tracks only the last few (for pause_on_failure).
+    tracked = ALLOW_ALL_TRACKED if schedule.policy.overlap == Overlap.ALLOW_ALL else RUNNING_LIMIT
     state = state.replace(
-        running=(state.running + (run,))[-RUNNING_LIMIT:],
+        running=(state.running + (run,))[-tracked:],
         creating=state.creating + (run,),
         recent=(state.recent + (run,))[-RECENT_RUNS:],
         fired_total=state.fired_total + 1,
@@ -275,7 +280,7 @@ class TaskActions(Protocol):
 
     async def read(self, task_id: uuid.UUID, serial: bool = False) -> Task | None: ...
 
-    async def create_slot_task(self, task: Task) -> bool: ...
+    async def create_slot_task(self, task: Task) -> None: ...
 
     async def cancel(self, task_id: uuid.UUID) -> Task: ...
 
@@ -351,15 +356,15 @@ class Firing:
         raise Aborted(f"schedule {namespace}/{schedule_id} kept changing while it was evaluated; retry")
 
     async def _finish_creating(self, schedule: Schedule) -> None:
+        """Make the tasks of runs decided earlier (a no-op write when their
+        creator did it; the trigger's scan dispatches them either way)."""
         for run in schedule.state.creating:
-            await self._tasks.create_slot_task(slot_task(schedule, run.slot_ms, now_ms()))
+            await self._tasks.create_slot_task(slot_task(schedule, run))
 
     async def _statuses(self, schedule: Schedule) -> dict[uuid.UUID, TaskStatus | None]:
-        statuses: dict[uuid.UUID, TaskStatus | None] = {}
-        for run in schedule.state.running:
-            task = await self._tasks.read(run.task_id)
-            statuses[run.task_id] = None if task is None else task.status
-        return statuses
+        runs = schedule.state.running
+        tasks = await asyncio.gather(*(self._tasks.read(run.task_id) for run in runs))
+        return {run.task_id: (None if task is None else task.status) for run, task in zip(runs, tasks)}
 
     async def _act(self, schedule: Schedule, plan: Plan, now: int) -> tuple[Task, ...]:
         created = []
@@ -367,11 +372,11 @@ class Firing:
             metrics.schedule_fires.labels(run.cause.value).inc()
             if run.cause in (Cause.SCHEDULE, Cause.CATCHUP):
                 metrics.schedule_fire_lag.observe(max(0, now - run.slot_ms) / 1000)
-            task = slot_task(schedule, run.slot_ms, now)
-            if await self._tasks.create_slot_task(task):
-                created.append(task)
-                if self._on_created is not None:
-                    await self._on_created(task)
+            task = slot_task(schedule, run)
+            await self._tasks.create_slot_task(task)  # decided by the write just made: a new task
+            created.append(task)
+            if self._on_created is not None:
+                await self._on_created(task)
             log.info(
                 "schedule %s: slot %d %s, task %s", schedule.ref, run.slot_ms, run.cause.value, run.task_id,
             )

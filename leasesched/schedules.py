@@ -177,11 +177,14 @@ def slot_task_id(uid: uuid.UUID, slot_ms: int) -> uuid.UUID:
     return uuid.uuid5(uid, f"slot:{slot_ms}")
 
 
-def slot_task(schedule: Schedule, slot_ms: int, now: int) -> Task:
-    """The task of ``slot_ms``: due at the slot plus its jitter, in the
+def slot_task(schedule: Schedule, run: Run) -> Task:
+    """The task of ``run``: due at its slot plus the slot's jitter, in the
     schedule's own shard (so the trigger that fires the schedule also
-    dispatches its tasks, without a hint across processes)."""
+    dispatches its tasks, without a hint across processes). Every value is
+    a function of the schedule and the run, so whoever builds it builds the
+    same row (``Lifecycle.create_slot_task`` relies on that)."""
     action = schedule.action
+    slot_ms, now = run.slot_ms, run.fired_at_ms
     run_at = slot_ms + schedule.spec.jitter_for(schedule.uid.bytes, slot_ms)
     schedule_to_close = action.timeouts.schedule_to_close_ms
     return Task(
