@@ -140,7 +140,7 @@ class Config:
     partition_settle_s: float = 1.0  # ZooKeeper partitioner stability window
     # Periodic schedules: slots missed in an outage (within their catch-up
     # window) and backfills run at most this many per second per trigger.
-    schedule_catchup_rate: float = 20.0
+    schedule_catchup_rate: float = 100.0
 
     # Cluster shape, fixed when the cluster is first created (stored in ZooKeeper).
     logical_shards: int = 64

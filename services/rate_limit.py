@@ -35,6 +35,7 @@ import grpc
 
 from leasesched.auth import current_principal
 from leasesched.config import Config
+from leasesched.token_bucket import TokenBucket
 from leasesched.server.unary_interceptor import Behavior, UnaryInterceptor
 
 SERVICE_PREFIX = "/leasesched.v1.TaskService/"
@@ -74,23 +75,6 @@ PROCESS = "process"
 # this many times task_service_max_concurrent_rpcs, a backstop for floods of
 # outstanding calls; the real cap is counted after the quotas (ConcurrencyShare).
 TRANSPORT_CAP_FACTOR = 4
-
-
-@dataclass
-class TokenBucket:
-    rate: float
-    burst: float
-    tokens: float
-    updated: float
-
-    def take(self, now: float, cost: float = 1.0) -> float:
-        """0.0 when ``cost`` tokens were taken, else the seconds until they are available."""
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= cost:
-            self.tokens -= cost
-            return 0.0
-        return (cost - self.tokens) / self.rate
 
 
 class RateLimiter:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 from leasesched.firing import LATE_MS, Firing, Plan, decide, schedule_entry
 from leasesched.lifecycle import Lifecycle, run_entry
@@ -33,6 +33,7 @@ from leasesched.model import DueEntry, Task, now_ms
 from leasesched.observability import metrics
 from leasesched.schedules import Schedule, ScheduleState, parse_ref
 from leasesched.store.schedule_codec import BadScheduleDocument
+from leasesched.token_bucket import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +51,14 @@ class Scanner(Protocol):
 class Pace:
     """At most ``rate`` late firings per second, in a burst of at most ``burst``."""
 
-    def __init__(self, rate: float, burst: int = 10) -> None:
-        self._interval = 1.0 / rate if rate > 0 else 0.0
-        self._burst = burst
-        self._allowed_at = time.monotonic() - burst * self._interval
+    def __init__(self, rate: float, burst: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        """``burst``: default one second's worth (at least 10)."""
+        size = float(burst if burst is not None else max(10, int(rate)))
+        self._clock = clock
+        self._bucket = TokenBucket(rate, size, size, clock())
 
     def take(self) -> bool:
-        now = time.monotonic()
-        floor = now - self._burst * self._interval
-        self._allowed_at = max(self._allowed_at, floor)
-        if self._allowed_at > now:
-            return False
-        self._allowed_at += self._interval
-        return True
+        return self._bucket.take(self._clock()) == 0.0
 
 
 class ScheduleFirer:

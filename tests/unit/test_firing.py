@@ -320,3 +320,15 @@ def test_a_daily_0230_berlin_schedule_fires_through_the_dst_days_as_documented(
         s = s.replace(state=plan.state)
         wake = plan.next_eval_ms
     assert fired == [_utc(*t) for t in expected]
+
+
+def test_the_catch_up_pace_allows_a_burst_then_its_rate() -> None:
+    from trigger.schedule_firer import Pace
+
+    now = [100.0]
+    pace = Pace(rate=20, clock=lambda: now[0])
+    assert sum(pace.take() for _ in range(50)) == 20  # one second's worth at once
+    now[0] += 0.5
+    assert sum(pace.take() for _ in range(50)) == 10  # then 20/s
+    now[0] += 60  # idle: the burst refills, never beyond it
+    assert sum(pace.take() for _ in range(50)) == 20
