@@ -63,7 +63,7 @@ from leasesched.states import TaskStatus
 log = logging.getLogger(__name__)
 
 MAX_RACE_RETRIES = 5
-LATE_MS = 10_000  # a slot decided later than this after its time is a catch-up (paced)
+LATE_MS = 5_000  # a slot decided later than this after its time is a catch-up (paced); below catchup_window's 10 s minimum
 RECHECK_MS = 1_000  # while a buffered slot or backfill waits for a run to end, look this often
 CONFIRM_MS = 5_000  # an RPC that fires looks again this soon, to finish a creation it may not have done
 MAX_AHEAD_MS = 30 * 86_400_000  # a due entry never further ahead (its TTL bound): a later slot gets a no-op look first
