@@ -23,8 +23,10 @@ to a thousand late schedules does not flood the workers and the store.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import uuid
 from typing import Callable, Protocol
 
 from leasesched.firing import LATE_MS, Firing, Plan, decide, schedule_entry
@@ -65,13 +67,45 @@ class ScheduleFirer:
     def __init__(self, lifecycle: Lifecycle, catchup_rate: float) -> None:
         self._firing = Firing(lifecycle.store, lifecycle)
         self._pace = Pace(catchup_rate)
+        self._locks: dict[uuid.UUID, asyncio.Lock] = {}  # schedule uid → held while one entry of it is evaluated
+        self._queued: set[uuid.UUID] = set()  # schedules with an entry waiting for that lock
 
     def _decide(self, schedule: Schedule, state: ScheduleState, now: int) -> Plan:
         late_work = (state.next_slot_ms is not None and state.next_slot_ms < now - LATE_MS) or bool(state.backfills)
         return decide(schedule, state, now, may_catch_up=self._pace.take() if late_work else True)
 
     async def handle(self, entry: DueEntry, scanner: Scanner) -> None:
-        """Evaluate the entry's schedule until nothing more is due now."""
+        """Evaluate the entry's schedule until nothing more is due now.
+
+        One evaluation of a schedule at a time in this process. A schedule can
+        have many entries due at once (after a failover the new owner reads
+        every entry since the checkpoint, and each step of a catch-up writes
+        one); evaluated side by side they only lose the conditional write to
+        each other (``Aborted`` after ``MAX_RACE_RETRIES``, retried a second
+        later, writing more entries), so a schedule behind on a busy store fell
+        further behind. An entry that comes while another waits for the lock
+        is done at once: the waiting one reads the schedule after it came."""
+        uid = entry.task_id
+        if uid in self._queued:
+            return
+        lock = self._locks.setdefault(uid, asyncio.Lock())
+        waiting = lock.locked()
+        if waiting:
+            self._queued.add(uid)
+        acquired = False
+        try:
+            async with lock:
+                acquired = True
+                if waiting:
+                    self._queued.discard(uid)
+                await self._handle(entry, scanner)
+        finally:
+            if waiting and not acquired:  # cancelled while waiting (the shard was released)
+                self._queued.discard(uid)
+            if not lock.locked() and uid not in self._queued:
+                self._locks.pop(uid, None)
+
+    async def _handle(self, entry: DueEntry, scanner: Scanner) -> None:
         namespace, schedule_id = parse_ref(entry.ref)
         if not namespace or not schedule_id:
             log.warning("schedule entry %s names no schedule (ref %r): dropped", entry.task_id, entry.ref)

@@ -490,10 +490,19 @@ class CassandraStore:
             if row is _NOT_APPLIED_UNKNOWN:
                 raise StoreUnavailable("Cassandra did not apply the task insert; nothing was written")
             applied = row is None or row.applied
-        if applied:
+        created_at: int | None = task.created_at
+        namespace: str | None = task.namespace
+        if not applied:
+            # The row existed. Its creator may have stopped between its insert
+            # and the index write below (a trigger killed, or its shard released,
+            # in the middle of a schedule's firing; the retry finds the row):
+            # whoever finds it writes the listing entry again, from the row, or
+            # the task would never be listed. The same key as the creator's.
+            created_at, namespace = _to_ms(getattr(row, "created_at", None)), getattr(row, "namespace", None)
+        if created_at is not None and namespace:
             # Plain write to another table: listing only, never read by the scheduler.
-            day = task.created_at // DAY_MS
-            await self._run_plain("index_ns", (task.namespace, day, task.created_at, task.task_id))
+            day = created_at // DAY_MS
+            await self._run_plain("index_ns", (namespace, day, created_at, task.task_id))
         return bool(applied)
 
     async def get_task(self, task_id: uuid.UUID, serial: bool = False) -> Task | None:
