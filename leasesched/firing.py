@@ -56,8 +56,8 @@ from leasesched.schedules import (
     ScheduleState,
     Skipped,
     SkipReason,
+    run_task_id,
     slot_task,
-    slot_task_id,
 )
 from leasesched.states import TaskStatus
 
@@ -96,7 +96,7 @@ def _skip(state: ScheduleState, first: int, last: int, count: int, reason: SkipR
 
 
 def _start(schedule: Schedule, state: ScheduleState, slot: int, cause: Cause, now: int) -> tuple[ScheduleState, Run]:
-    run = Run(slot, slot_task_id(schedule.uid, slot), now, cause)
+    run = Run(slot, run_task_id(schedule.uid, slot, cause), now, cause)
     remaining = state.remaining_actions - 1 if state.limited_actions else state.remaining_actions
     # Each tracked run costs a read per evaluation. ALLOW_ALL never waits for
     # a run, so it tracks only the last few (for pause_on_failure).
@@ -220,7 +220,9 @@ def decide(schedule: Schedule, state: ScheduleState, now: int, may_catch_up: boo
             waiting = True  # a backfill is its own buffer: its next slot waits for the run to end
         else:
             slot = spec.next_after(backfill.next_ms - 1)
-            if slot is None or slot > backfill.end_ms:
+            # Slots from the next regular one on are the regular firing's, never a backfill's.
+            end = backfill.end_ms if nxt is None else min(backfill.end_ms, nxt - 1)
+            if slot is None or slot > end:
                 state = state.replace(backfills=state.backfills[1:])
                 outcome = "backfill done"
             else:
@@ -280,7 +282,7 @@ class TaskActions(Protocol):
 
     async def read(self, task_id: uuid.UUID, serial: bool = False) -> Task | None: ...
 
-    async def create_slot_task(self, task: Task) -> None: ...
+    async def create_slot_task(self, task: Task, may_exist: bool = False) -> bool: ...
 
     async def cancel(self, task_id: uuid.UUID) -> Task: ...
 
@@ -359,7 +361,7 @@ class Firing:
         """Make the tasks of runs decided earlier (a no-op write when their
         creator did it; the trigger's scan dispatches them either way)."""
         for run in schedule.state.creating:
-            await self._tasks.create_slot_task(slot_task(schedule, run))
+            await self._tasks.create_slot_task(slot_task(schedule, run), may_exist=run.cause == Cause.BACKFILL)
 
     async def _statuses(self, schedule: Schedule) -> dict[uuid.UUID, TaskStatus | None]:
         runs = schedule.state.running
@@ -373,7 +375,11 @@ class Firing:
             if run.cause in (Cause.SCHEDULE, Cause.CATCHUP):
                 metrics.schedule_fire_lag.observe(max(0, now - run.slot_ms) / 1000)
             task = slot_task(schedule, run)
-            await self._tasks.create_slot_task(task)  # decided by the write just made: a new task
+            # Decided by the write just made: a new task, except a backfilled
+            # slot that the regular firing ran before (not run again).
+            if not await self._tasks.create_slot_task(task, may_exist=run.cause == Cause.BACKFILL):
+                log.info("schedule %s: backfilled slot %d already had its task %s", schedule.ref, run.slot_ms, run.task_id)
+                continue
             created.append(task)
             if self._on_created is not None:
                 await self._on_created(task)

@@ -177,6 +177,15 @@ def slot_task_id(uid: uuid.UUID, slot_ms: int) -> uuid.UUID:
     return uuid.uuid5(uid, f"slot:{slot_ms}")
 
 
+def run_task_id(uid: uuid.UUID, slot_ms: int, cause: Cause) -> uuid.UUID:
+    """The task id of a run: its slot's, except for a TriggerSchedule run,
+    whose nominal time is the moment it was asked for (not a slot of the
+    spec: a run now must never take, or be taken for, a slot's task)."""
+    if cause == Cause.TRIGGER:
+        return uuid.uuid5(uid, f"trigger:{slot_ms}")
+    return slot_task_id(uid, slot_ms)
+
+
 def slot_task(schedule: Schedule, run: Run) -> Task:
     """The task of ``run``: due at its slot plus the slot's jitter, in the
     schedule's own shard (so the trigger that fires the schedule also
@@ -188,7 +197,7 @@ def slot_task(schedule: Schedule, run: Run) -> Task:
     run_at = slot_ms + schedule.spec.jitter_for(schedule.uid.bytes, slot_ms)
     schedule_to_close = action.timeouts.schedule_to_close_ms
     return Task(
-        task_id=slot_task_id(schedule.uid, slot_ms),
+        task_id=run.task_id,
         namespace=schedule.namespace,
         type=action.type,
         payload=action.payload,

@@ -247,7 +247,10 @@ class ScheduleService(pb_grpc.ScheduleServiceServicer):
         if end < start:
             raise InvalidArgument("end_at is before start_at")
         current = await self._get(namespace, schedule_id)
-        slots = current.spec.count(start - 1, end, BACKFILL_LIMIT + 1)
+        # Slots from the next regular one on are left to the regular firing (counted as it will be worked).
+        nxt = current.state.next_slot_ms
+        counted_end = end if nxt is None else min(end, nxt - 1)
+        slots = current.spec.count(start - 1, counted_end, BACKFILL_LIMIT + 1) if counted_end >= start else 0
         if slots > BACKFILL_LIMIT:
             raise InvalidArgument(f"the range holds more than {BACKFILL_LIMIT} slots; backfill it in parts")
         backfill = Backfill(start, end, overlap)

@@ -332,3 +332,16 @@ def test_the_catch_up_pace_allows_a_burst_then_its_rate() -> None:
     assert sum(pace.take() for _ in range(50)) == 10  # then 20/s
     now[0] += 60  # idle: the burst refills, never beyond it
     assert sum(pace.take() for _ in range(50)) == 20
+
+
+def test_a_backfill_stops_before_the_next_regular_slot_and_a_trigger_never_takes_a_slots_task() -> None:
+    s = make(Overlap.ALLOW_ALL, every_s=10)
+    state = s.state.replace(backfills=(Backfill(T0 - 30 * S, T0 + 100 * S, None),))  # reaches past the next slot T0
+    fired = []
+    for _ in range(10):
+        plan = decide(s, state, T0 - 1)
+        fired += [r.slot_ms for r in plan.fire]
+        state = plan.state
+    assert fired == [T0 - 30 * S, T0 - 20 * S, T0 - 10 * S] and state.backfills == ()
+    run = trigger_now(s, s.state, T0, None).fire[0]
+    assert run.slot_ms == T0 and run.task_id != slot_task_id(s.uid, T0)
