@@ -59,6 +59,8 @@ GROUP_OF_METHOD: dict[str, str] = {
     SCHEDULES_PREFIX + "DescribeSchedule": READ,
     SCHEDULES_PREFIX + "ListSchedules": READ,
 }
+# A page of n rows costs by its size (``list_cost``): each row is a read.
+LIST_METHODS = (LIST_METHOD, SCHEDULES_PREFIX + "ListSchedules")
 GROUP_METHODS = {WRITE: "ScheduleTask/CancelTask/schedule changes", READ: "PollTask/ListTasks/schedule reads"}
 
 MAX_BUCKETS = 100_000
@@ -192,7 +194,7 @@ def caller_of(context: grpc.aio.ServicerContext) -> Caller | None:
 
 
 def list_cost(request: Any, page_max: int) -> float:
-    """Read tokens a ListTasks request costs: by the page size it asks for."""
+    """Read tokens a ListTasks or ListSchedules request costs: by the page size it asks for."""
     size = getattr(request, "page_size", 0)
     rows = LIST_DEFAULT_PAGE if size == 0 else min(max(size, 1), page_max)
     return float(max(1, math.ceil(rows / LIST_ROWS_PER_TOKEN)))
@@ -284,7 +286,7 @@ class QuotaInterceptor(UnaryInterceptor):
                     )  # fmt: skip
             try:
                 if limiter is not None and caller is not None:
-                    cost = list_cost(request, page_max) if method == LIST_METHOD else 1.0
+                    cost = list_cost(request, page_max) if method in LIST_METHODS else 1.0
                     wait = limiter.wait_needed(caller.key, cost)
                     if wait > 0:
                         await refuse(
