@@ -18,7 +18,7 @@ from leasesched.config import Config
 from leasesched.errors import InvalidArgument
 from leasesched.schedule_spec import ScheduleSpec
 from leasesched.schedules import Overlap, SchedulePolicy, TaskTemplate
-from leasesched.server.validation import check_namespace, duration_ms, timestamp_ms, validate_schedule
+from leasesched.server.validation import check_name, check_namespace, duration_ms, timestamp_ms, validate_schedule
 from leasesched.v1 import scheduler_pb2 as pb
 
 OVERLAP_FROM_PB = {
@@ -49,13 +49,9 @@ class Definition:
 
 
 def check_schedule_id(value: str, field: str = "schedule_id") -> str:
-    if not value:
-        raise InvalidArgument(f"{field} is required")
-    if not limits.matches(limits.SCHEDULE_ID_RE, value):
-        raise InvalidArgument(
-            f"{field} {value[:80]!r} is invalid: 1-128 characters of letters, digits, '_', '.', ':', '-', not starting with a symbol"
-        )
-    return value
+    return check_name(
+        value, field, limits.SCHEDULE_ID_RE, "1-128 characters of letters, digits, '_', '.', ':', '-', not starting with a symbol"
+    )
 
 
 def check_ref(ref: pb.ScheduleRef) -> tuple[str, str]:

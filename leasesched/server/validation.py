@@ -14,6 +14,7 @@ workers that are not deployed yet, so the default accepts any well-formed type.
 
 from __future__ import annotations
 
+import re
 import hashlib
 import uuid
 
@@ -42,14 +43,18 @@ def timestamp_ms(t: Timestamp, field: str) -> int:
     return t.seconds * 1000 + t.nanos // 1_000_000
 
 
-def check_namespace(namespace: str, field: str = "namespace") -> str:
-    if not namespace:
+def check_name(value: str, field: str, pattern: re.Pattern[str], rule: str) -> str:
+    """A required name matching ``pattern`` whole; else INVALID_ARGUMENT naming
+    ``field``, the value (cut to 80 characters) and ``rule`` in words."""
+    if not value:
         raise InvalidArgument(f"{field} is required")
-    if not limits.matches(limits.NAMESPACE_RE, namespace):
-        raise InvalidArgument(
-            f"{field} {namespace[:80]!r} is invalid: 1-64 characters of letters, digits, '_', '.', '-'"
-        )
-    return namespace
+    if not limits.matches(pattern, value):
+        raise InvalidArgument(f"{field} {value[:80]!r} is invalid: {rule}")
+    return value
+
+
+def check_namespace(namespace: str, field: str = "namespace") -> str:
+    return check_name(namespace, field, limits.NAMESPACE_RE, "1-64 characters of letters, digits, '_', '.', '-'")
 
 
 def check_worker_id(worker_id: str, field: str = "worker_id") -> str:
@@ -63,13 +68,9 @@ def check_worker_id(worker_id: str, field: str = "worker_id") -> str:
 
 
 def check_type(value: str, field: str = "type") -> str:
-    if not value:
-        raise InvalidArgument(f"{field} is required")
-    if not limits.matches(limits.TYPE_RE, value):
-        raise InvalidArgument(
-            f"{field} {value[:80]!r} is invalid: start with a letter, then up to 127 of letters, digits, '_', '.', ':', '-'"
-        )
-    return value
+    return check_name(
+        value, field, limits.TYPE_RE, "start with a letter, then up to 127 of letters, digits, '_', '.', ':', '-'"
+    )
 
 
 def check_task_id(task_id: str) -> uuid.UUID:
