@@ -175,10 +175,10 @@ def refusal(address: IPAddress, allow: tuple[IPNetwork, ...] = ()) -> str | None
         return "a link-local address (where cloud metadata services such as 169.254.169.254 answer)"
     if address.is_multicast:
         return "a multicast address"
+    if address.is_reserved:  # before private: Python counts 240.0.0.0/4 as both
+        return "a reserved address"
     if address.is_private:
         return "a private address"
-    if address.is_reserved:
-        return "a reserved address"
     if not address.is_global:
         return "not a public address"
     return None
@@ -313,16 +313,16 @@ class WebhookHandler:
         timeout = self.timeout_for(ctx)
         try:
             async with asyncio.timeout(timeout):
-                address = await self._checked_address(delivery)
+                addresses = await self._checked_addresses(delivery)
                 ctx.ensure_lease()  # the last look before the side effect; webhook-id covers the rest
-                return await self._send(ctx, delivery, address, timeout)
+                return await self._send(ctx, delivery, addresses, timeout)
         except TimeoutError:
             raise WebhookFailed(f"{delivery.host}: no answer within {timeout:g} s", "Timeout") from None
 
-    async def _checked_address(self, delivery: Delivery) -> IPAddress:
-        """The address to connect to: every address of the host must pass ``refusal``
-        (one refused address refuses the host: which one a client gets is the
-        resolver's choice, not ours); the first is used."""
+    async def _checked_addresses(self, delivery: Delivery) -> list[IPAddress]:
+        """The addresses to connect to, in the resolver's order: every address of
+        the host must pass ``refusal`` (one refused address refuses the host:
+        which one a client would get is the resolver's choice, not ours)."""
         try:
             addresses = await self._resolve(delivery.host, delivery.port)
         except OSError as exc:  # socket.gaierror: may be a passing DNS fault
@@ -336,9 +336,12 @@ class WebhookHandler:
                     f"payload.url: host {delivery.host} resolves to {address}, {why}; refused "
                     "(only public addresses unless the namespace's allow-list, webhook_allow, names it)"
                 )
-        return addresses[0]
+        return addresses
 
-    async def _send(self, ctx: TaskContext, delivery: Delivery, address: IPAddress, timeout: float) -> bytes:
+    async def _send(self, ctx: TaskContext, delivery: Delivery, addresses: list[IPAddress], timeout: float) -> bytes:
+        """One signed POST, to the first of ``addresses`` that accepts a connection
+        (``localhost`` may name ::1 first while the receiver listens on 127.0.0.1
+        only); a refused connection moves on, anything later does not."""
         sent_at = datetime.fromtimestamp(int(self._clock()), tz=timezone.utc)
         body = message_body(delivery, sent_at)
         headers = {
@@ -352,17 +355,23 @@ class WebhookHandler:
         # The checked address, never the name again (DNS rebinding); TLS still
         # sends and verifies the name.
         extensions = {"sni_hostname": delivery.host} if delivery.url.scheme == "https" else {}
-        target = delivery.url.copy_with(host=str(address))
         async with httpx.AsyncClient(
             transport=self._transport, follow_redirects=False, trust_env=False, timeout=timeout
         ) as client:
-            request = client.build_request("POST", target, content=body.encode(), headers=headers, extensions=extensions)
-            try:
-                response = await client.send(request, stream=True)
-            except httpx.TimeoutException:
-                raise WebhookFailed(f"{delivery.host}: no answer within {timeout:g} s", "Timeout") from None
-            except httpx.TransportError as exc:
-                raise WebhookFailed(f"{delivery.host} ({address}): {type(exc).__name__}: {exc}", "ConnectError") from None
+            for n, address in enumerate(addresses, 1):
+                target = delivery.url.copy_with(host=str(address))
+                request = client.build_request("POST", target, content=body.encode(), headers=headers, extensions=extensions)
+                try:
+                    response = await client.send(request, stream=True)
+                    break
+                except httpx.TimeoutException:
+                    raise WebhookFailed(f"{delivery.host}: no answer within {timeout:g} s", "Timeout") from None
+                except httpx.ConnectError as exc:
+                    if n < len(addresses):
+                        continue
+                    raise WebhookFailed(f"{delivery.host} ({address}): cannot connect: {exc}", "ConnectError") from None
+                except httpx.TransportError as exc:
+                    raise WebhookFailed(f"{delivery.host} ({address}): {type(exc).__name__}: {exc}", "ConnectError") from None
             try:
                 head = await _read_head(response, RESULT_BODY_BYTES)
             finally:
