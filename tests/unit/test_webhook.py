@@ -411,3 +411,39 @@ async def test_the_handler_runs_under_the_timeout_even_when_resolving_hangs() ->
     with pytest.raises(WebhookFailed) as failed:
         await handler(timeout_s=0.2, resolver=hang).run(ctx({"url": "https://slow-dns.example.test/"}))
     assert failed.value.error_type == "Timeout"
+
+
+async def test_https_goes_to_the_checked_address_and_verifies_the_certificate_against_the_name(tmp_path: Path) -> None:
+    """TLS with the pinned address: the server name sent and verified is the URL's host,
+    not the address connected to (the test certificate names localhost and 127.0.0.1)."""
+    import ssl
+
+    import httpx
+
+    from tests.tls_certs import make_certs
+
+    certs = make_certs(tmp_path / "tls")
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(certs.server_cert, certs.server_key)
+    server = HTTPServer(host="127.0.0.1", ssl_context=server_side, threaded=True)
+    server.start()
+    try:
+        server.expect_request("/hook").respond_with_data("secure")
+
+        async def to_loopback(host: str, port: int) -> list[IPAddress]:
+            return [ipaddress.ip_address("127.0.0.1")]
+
+        def trusting() -> httpx.AsyncHTTPTransport:
+            return httpx.AsyncHTTPTransport(verify=ssl.create_default_context(cafile=str(certs.ca)))
+
+        ok = handler(resolver=to_loopback, transport=trusting())
+        result = json.loads(await ok.run(ctx({"url": f"https://localhost:{server.port}/hook"})))
+        assert result == {"status": 200, "body": "secure"}
+        # A name the certificate does not carry fails, although the address (127.0.0.1) is in it.
+        with pytest.raises(WebhookFailed, match="hooks.example.test.*certificate") as failed:
+            url = f"https://hooks.example.test:{server.port}/hook"
+            await handler(resolver=to_loopback, transport=trusting()).run(ctx({"url": url}))
+        assert failed.value.error_type == "ConnectError"
+    finally:
+        server.clear()
+        server.stop()
