@@ -181,3 +181,16 @@ def test_retry_after_values_are_finite_and_cut_to_the_limit() -> None:
         RetryAfter(math.nan)
     with pytest.raises(ValueError, match="finite"):
         RetryAfter(math.inf)
+
+
+def asks_to_wait(ctx: TaskContext) -> None:
+    """A process-mode handler (module level: the child imports it by name)."""
+    raise RetryAfter(3, f"later (start_to_close {ctx.start_to_close_s:g} s)", error_type="HTTP429")
+
+
+async def test_a_process_handlers_retry_after_crosses_to_the_worker(harness: Harness) -> None:
+    updater = FakeUpdater(lease_s=30, start_to_close_s=20)
+    await harness.execution(asks_to_wait, updater, mode="process").run()
+    (_, method, request), = updater.reports()
+    assert method == "FailTask" and request.retry_after.ToMilliseconds() == 3000
+    assert (request.error, request.error_type) == ("later (start_to_close 20 s)", "HTTP429")

@@ -200,7 +200,7 @@ async def test_a_receiver_slower_than_the_timeout_is_retried(receiver: HTTPServe
     started = time.monotonic()
     with pytest.raises(WebhookFailed) as failed:
         await handler(timeout_s=0.3).run(ctx(payload(receiver)))
-    assert failed.value.error_type == "Timeout" and time.monotonic() - started < 1.2
+    assert failed.value.error_type == "Timeout" and time.monotonic() - started < 1.4  # the answer comes at 1.5 s
     await logged(receiver, 1)  # the late answer
 
 
