@@ -282,7 +282,9 @@ class WebhookHandler:
     """The handler of task type ``webhook``; ``run`` is what the worker calls.
 
     ``resolver``, ``transport`` and ``clock`` are for tests (a fixed DNS
-    answer, a mock transport, a fixed time); the defaults are the real ones.
+    answer, a transport that trusts a test CA, a fixed time); the defaults are
+    the real ones. ``transport`` makes one per delivery (a client closes its
+    transport when it closes).
     Each delivery opens its own connection (a client per call): nothing is
     kept between tasks, and a connection to a checked address is never reused
     for a host that resolves elsewhere by now."""
@@ -291,7 +293,7 @@ class WebhookHandler:
         self,
         settings: WebhookSettings,
         resolver: Resolver = resolve,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Callable[[], httpx.AsyncBaseTransport] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -356,7 +358,7 @@ class WebhookHandler:
         # sends and verifies the name.
         extensions = {"sni_hostname": delivery.host} if delivery.url.scheme == "https" else {}
         async with httpx.AsyncClient(
-            transport=self._transport, follow_redirects=False, trust_env=False, timeout=timeout
+            transport=self._transport() if self._transport else None, follow_redirects=False, trust_env=False, timeout=timeout
         ) as client:
             for n, address in enumerate(addresses, 1):
                 target = delivery.url.copy_with(host=str(address))

@@ -436,13 +436,13 @@ async def test_https_goes_to_the_checked_address_and_verifies_the_certificate_ag
         def trusting() -> httpx.AsyncHTTPTransport:
             return httpx.AsyncHTTPTransport(verify=ssl.create_default_context(cafile=str(certs.ca)))
 
-        ok = handler(resolver=to_loopback, transport=trusting())
+        ok = handler(resolver=to_loopback, transport=trusting)
         result = json.loads(await ok.run(ctx({"url": f"https://localhost:{server.port}/hook"})))
         assert result == {"status": 200, "body": "secure"}
         # A name the certificate does not carry fails, although the address (127.0.0.1) is in it.
         with pytest.raises(WebhookFailed, match="hooks.example.test.*certificate") as failed:
             url = f"https://hooks.example.test:{server.port}/hook"
-            await handler(resolver=to_loopback, transport=trusting()).run(ctx({"url": url}))
+            await handler(resolver=to_loopback, transport=trusting).run(ctx({"url": url}))
         assert failed.value.error_type == "ConnectError"
     finally:
         server.clear()
