@@ -142,6 +142,12 @@ class Config:
     # window) and backfills run at most this many per second per trigger.
     schedule_catchup_rate: float = 100.0
 
+    # Webhook tasks (worker/webhook.py, a worker started with --webhook; docs/webhooks.md).
+    # A worker serves one namespace, so these are that namespace's settings.
+    webhook_secret: str = ""  # the Standard Webhooks signing key, whsec_<base64>; or --webhook-secret-file
+    webhook_allow: str = ""  # comma-separated CIDRs that may be called although not public (e.g. 10.0.0.0/8)
+    webhook_timeout_s: float = 10.0  # one delivery (resolve, connect, send, answer); below start_to_close if set
+
     # Cluster shape, fixed when the cluster is first created (stored in ZooKeeper).
     logical_shards: int = 64
     due_bucket_s: int = 10

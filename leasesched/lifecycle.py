@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable
 
 from leasesched.changes import TaskChange
 from leasesched.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, Unavailable
-from leasesched.limits import MAX_ERROR_MESSAGE
+from leasesched.limits import MAX_ERROR_MESSAGE, RETRY_INTERVAL
 from leasesched.model import DueEntry, Task, now_ms, shard_of
 from leasesched.observability import metrics
 from leasesched.observability.logs import fields
@@ -336,11 +336,16 @@ class Lifecycle:
         error_type: str = "",
         non_retryable: bool = False,
         namespace: str | None = None,
+        retry_after_ms: int = 0,
     ) -> FailOutcome:
-        """The handler failed: retried with backoff, or FAILED (permanent, deadline passed, attempts used up)."""
+        """The handler failed: retried with backoff, or FAILED (permanent, deadline passed, attempts used up).
+
+        ``retry_after_ms``: the remote side asked us to wait (an HTTP
+        Retry-After, ``worker.handlers.RetryAfter``); the retry is due no
+        earlier than that (see ``_failure``)."""
 
         async def decide(task: Task, now: int) -> tuple[TaskChange, FailOutcome]:
-            return await self._failure(task, now, error, error_type, non_retryable)
+            return await self._failure(task, now, error, error_type, non_retryable, retry_after_ms)
 
         return await self._end_attempt(task_id, token, namespace, decide)
 
@@ -389,13 +394,24 @@ class Lifecycle:
         return outcome
 
     async def _failure(
-        self, task: Task, now: int, error: str, error_type: str, non_retryable: bool
+        self, task: Task, now: int, error: str, error_type: str, non_retryable: bool, retry_after_ms: int = 0
     ) -> tuple[TaskChange, FailOutcome]:
+        """FAILED, or SCHEDULED again after max(backoff, ``retry_after_ms``).
+
+        The wait is bounded by ``limits.RETRY_INTERVAL`` like any backoff (the
+        due entry's TTL must hold it). A remote side's wait that would end at
+        or past the task's schedule_to_close fails the task now: retrying
+        earlier would ignore what the remote side asked for, and waiting would
+        only meet the deadline (the same FAILED, later, with a dispatch spent)."""
         permanent = non_retryable or error_type in task.retry.non_retryable_error_types
         deadline_passed = task.deadline_at is not None and now >= task.deadline_at
         if permanent or deadline_passed or task.attempt >= task.max_attempts:
             return TaskChange.fail(task, error, error_type, now), FailOutcome(TaskStatus.FAILED)
-        next_run = now + task.retry.backoff_ms(task.attempt, jitter=random.random())
+        backoff = task.retry.backoff_ms(task.attempt, jitter=random.random())
+        next_run = now + min(max(backoff, retry_after_ms), int(RETRY_INTERVAL.high))
+        if retry_after_ms and task.deadline_at is not None and next_run >= task.deadline_at:
+            why = f"{error} (not retried: Retry-After of {retry_after_ms / 1000:g} s ends past the task's schedule_to_close)"
+            return TaskChange.fail(task, why, error_type, now), FailOutcome(TaskStatus.FAILED)
         change = TaskChange.retry(task, error, error_type, next_run)
         retried = task.replace(attempt=task.attempt + 1)
         await self._add_due(run_entry(retried, next_run))

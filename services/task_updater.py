@@ -9,8 +9,9 @@ touched (INVALID_ARGUMENT naming the field and the limit): worker_id of
 ``WORKER_ID_RE``, lease tokens within ``LEASE_TOKEN`` (a forged 0 or negative
 token is malformed, not a lost lease), the claimed attempt within
 ``CLAIM_ATTEMPT``, progress within ``PROGRESS_PERCENT`` and
-``MAX_PROGRESS_MESSAGE``. A failure's error text and type are cut to
-``MAX_ERROR_MESSAGE`` / ``MAX_ERROR_TYPE`` instead: the report must land.
+``MAX_PROGRESS_MESSAGE``, a failure's ``retry_after`` within ``RETRY_INTERVAL``.
+A failure's error text and type are cut to ``MAX_ERROR_MESSAGE`` /
+``MAX_ERROR_TYPE`` instead: the report must land.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from leasesched.states import TaskStatus
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.convert import dur, status_to_pb, ts
-from leasesched.server.validation import check_task_id, check_worker_id
+from leasesched.server.validation import check_task_id, check_worker_id, duration_ms
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,11 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
         # Cut, not refused: a failure report must land, or the task waits for
         # its lease to expire (limits.MAX_ERROR_MESSAGE).
         error, error_type = request.error[: limits.MAX_ERROR_MESSAGE], request.error_type[: limits.MAX_ERROR_TYPE]
+        # Refused, not cut: a worker cuts it to the bound before sending (worker.handlers.RetryAfter),
+        # so anything outside is malformed.
+        retry_after_ms = (
+            duration_ms(request.retry_after, limits.RETRY_INTERVAL, "retry_after") if request.HasField("retry_after") else 0
+        )
         namespace = caller_namespace()
         with hiding_missing(task_id):
             if request.cancelled:  # wins over released: the user asked for the stop
@@ -129,8 +135,9 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
                 outcome = await self._lifecycle.release(task_id, token, namespace=namespace)
             else:
                 outcome = await self._lifecycle.fail(
-                    task_id, token, error, error_type, non_retryable=request.non_retryable, namespace=namespace
-                )
+                    task_id, token, error, error_type, non_retryable=request.non_retryable, namespace=namespace,
+                    retry_after_ms=retry_after_ms,
+                )  # fmt: skip
         log.info(
             "task %s failed under token %d: now %s", task_id, request.lease_token, outcome.status.value,
             extra=fields(task_id=str(task_id), lease_token=request.lease_token, lease_event="reported"),

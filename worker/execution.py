@@ -41,7 +41,7 @@ from leasesched.observability import metrics
 from leasesched.observability.logs import bind
 from leasesched.transport import SERVER_GONE_CODES
 from leasesched.v1 import scheduler_pb2 as pb
-from worker.handlers import Handler, LeaseLost, Mode, PermanentError, TaskContext
+from worker.handlers import Handler, LeaseLost, Mode, PermanentError, RetryAfter, TaskContext
 from worker.heartbeats import Beat, HeartbeatThread
 from worker.lease import ClaimBudget, LeaseClock
 from worker.process_mode import run_in_process
@@ -89,6 +89,7 @@ class Outcome:
     result: bytes = b""
     error: str = ""
     error_type: str = ""
+    retry_after_ms: int = 0  # ERROR only: the next attempt not before this (a RetryAfter)
 
 
 def _as_bytes(value: Any) -> bytes:
@@ -199,10 +200,11 @@ class Execution:
             attempt=claim.attempt,
             lease_token=claim.lease_token,
             worker_id=self._worker_id,
+            start_to_close_s=claim.start_to_close.ToMilliseconds() / 1000,
             _lease_deadline=lambda: clock.deadline,
         )
         log.info("task %s: running attempt %d under lease token %d", self.task_id, claim.attempt, claim.lease_token)
-        start_to_close = claim.start_to_close.ToMilliseconds() / 1000
+        start_to_close = ctx.start_to_close_s
         started = time.monotonic()
         watched = Watched(self.task_id, self.token, self.type, self._handler.mode, clock)
         watched.stopped = self.handler_stopped
@@ -366,6 +368,9 @@ class Execution:
             return Outcome(Kind.OK, result=_as_bytes(value))
         except PermanentError as exc:
             return Outcome(Kind.PERMANENT, error=str(exc) or type(exc).__name__, error_type=type(exc).__name__)
+        except RetryAfter as exc:
+            log.info("task %s: handler asked to retry after %g s: %s", self.task_id, exc.seconds, exc)
+            return Outcome(Kind.ERROR, error=str(exc), error_type=exc.error_type, retry_after_ms=exc.milliseconds)
         except LeaseLost as exc:
             log.warning("task %s: handler gave up: %s", self.task_id, exc)
             return Outcome(Kind.FENCED)
@@ -409,6 +414,8 @@ class Execution:
                 cancelled=outcome.kind == Kind.CANCELLED,
                 released=outcome.kind == Kind.RELEASED,
             )
+            if outcome.retry_after_ms:
+                request.retry_after.FromMilliseconds(outcome.retry_after_ms)
             method = "FailTask"
         delay = 0.1
         sent = False

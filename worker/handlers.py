@@ -15,7 +15,9 @@ Handlers may be ``async def`` (run on the worker's loop, stopped by task
 cancellation), plain ``def`` (run in a thread: stop them by checking
 ``ctx.cancelled``), or ``mode="process"`` (run in a child process that can be
 killed when it does not stop in time). Raise ``PermanentError`` for a failure
-that retrying cannot fix; any other exception is retried per the task's policy.
+that retrying cannot fix; ``RetryAfter(seconds, message)`` for one that may be
+retried, but not before the remote side said (an HTTP Retry-After); any other
+exception is retried per the task's policy.
 """
 
 from __future__ import annotations
@@ -23,16 +25,46 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
+import math
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from leasesched.limits import RETRY_INTERVAL
 
 HandlerFn = Callable[["TaskContext"], Any]
 
 
 class PermanentError(Exception):
     """A failure that must not be retried (bad input, missing resource)."""
+
+
+class RetryAfter(Exception):
+    """A retryable failure whose next attempt must not start before ``seconds`` from now.
+
+    For a remote side that said when to come back (HTTP 429 / 503 with
+    Retry-After): the report carries the wait (``FailTaskRequest.retry_after``)
+    and the task is due again after max(its backoff, the wait); a wait that
+    ends past the task's schedule_to_close fails it instead. Still one
+    attempt used, like any failure. ``seconds`` is cut to
+    ``limits.RETRY_INTERVAL`` (a year) here rather than refused there: the
+    report must land, or the task would wait for its lease to expire.
+
+    ``error_type`` is what the task records (and what
+    ``non_retryable_error_types`` matches), e.g. ``HTTP429``."""
+
+    def __init__(self, seconds: float, message: str = "", error_type: str = "RetryAfter") -> None:
+        if not math.isfinite(seconds):
+            raise ValueError(f"RetryAfter needs a finite number of seconds, not {seconds}")
+        self.seconds = min(max(0.0, float(seconds)), RETRY_INTERVAL.high / 1000)
+        self.error_type = error_type
+        super().__init__(message or f"retry after {self.seconds:g} s")
+
+    @property
+    def milliseconds(self) -> int:
+        """The wait as the report sends it (rounded up: never earlier than asked)."""
+        return math.ceil(self.seconds * 1000)
 
 
 class LeaseLost(Exception):
@@ -100,6 +132,9 @@ class TaskContext:
     attempt: int
     lease_token: int  # fencing token: pass it to systems that can reject stale writers
     worker_id: str
+    # The task's start_to_close in seconds (0: none): the worker stops the
+    # handler then, so a handler bounds its own waits (an HTTP timeout) below it.
+    start_to_close_s: float = 0.0
     _lease_deadline: Callable[[], float] = field(repr=False, default=lambda: float("inf"))
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     cancel_reason: str = ""

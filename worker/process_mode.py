@@ -22,7 +22,7 @@ import queue
 import signal
 from typing import Any
 
-from worker.handlers import Handler, PermanentError, TaskContext
+from worker.handlers import Handler, PermanentError, RetryAfter, TaskContext
 from worker.watchdog import Watched
 
 class ChildError(Exception):
@@ -59,6 +59,8 @@ def _child(module: str, name: str, fields: dict[str, Any], deadline: Any, cancel
         out.put(("ok", fn(ctx)))
     except PermanentError as exc:
         out.put(("permanent", type(exc).__name__, str(exc)))
+    except RetryAfter as exc:
+        out.put(("retry_after", exc.error_type, str(exc), exc.seconds))
     except Exception as exc:  # noqa: BLE001 - reported to the parent as a task failure
         out.put(("error", type(exc).__name__, str(exc)))
 
@@ -97,6 +99,7 @@ async def run_in_process(
         "attempt": ctx.attempt,
         "lease_token": ctx.lease_token,
         "worker_id": ctx.worker_id,
+        "start_to_close_s": ctx.start_to_close_s,
     }
     deadline = _SPAWN.Value("d", ctx._lease_deadline())
     stop = _SPAWN.Event()
@@ -129,5 +132,7 @@ async def run_in_process(
         return message[1]
     if message[0] == "permanent":
         raise PermanentError(message[2] or message[1])
+    if message[0] == "retry_after":
+        raise RetryAfter(message[3], message[2], error_type=message[1])
     raise ChildError(message[1], message[2])
 

@@ -62,6 +62,7 @@ from worker.lease import ClaimBudget
 from worker.subscriptions import REFUSED_BACKOFF_S, REFUSED_CODES, TriggerLink, role_in_details
 from worker.updater_client import SyncUpdaterClient, UpdaterClient
 from worker.watchdog import Watchdog
+from worker.webhook import WebhookSettings, enable_webhooks
 
 log = logging.getLogger(__name__)
 
@@ -346,10 +347,23 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
 
 
-async def serve(cfg: Config, module: str, slots: int, drain_timeout_s: float, ledger_path: str | None) -> int:
-    """Runs a worker until SIGTERM/SIGINT; returns its exit status (0, or ``EXIT_CREDENTIALS_REFUSED``)."""
+async def serve(
+    cfg: Config,
+    module: str | None,
+    slots: int,
+    drain_timeout_s: float,
+    ledger_path: str | None,
+    webhook: WebhookSettings | None = None,
+    namespace: str = "default",
+) -> int:
+    """Runs a worker until SIGTERM/SIGINT; returns its exit status (0, or ``EXIT_CREDENTIALS_REFUSED``).
+
+    ``webhook``: also serve task type ``webhook`` (``worker.webhook``) in the
+    handlers' namespace; without ``module``, in ``namespace``."""
     stop = stop_signal()  # a SIGTERM during start-up also stops gracefully
-    handlers = load_handlers(module)
+    handlers = load_handlers(module) if module else Handlers(namespace)
+    if webhook is not None:
+        enable_webhooks(handlers, webhook)
     with contextlib.ExitStack() as stack:  # the same pattern as the services and the trigger
         client = await asyncio.to_thread(zk.connect, cfg)
         stack.callback(client.close)

@@ -70,16 +70,31 @@ def trigger(cfg: Config, port: int | None, log_format: str | None, metrics_port:
 
 
 @click.command("worker")
-@click.option("--module", "-m", required=True, help="Module with a `handlers` object (module or module:attribute).")
+@click.option("--module", "-m", default=None, help="Module with a `handlers` object (module or module:attribute).")
 @click.option("--slots", type=int, default=4, show_default=True, help="Tasks run at once.")
 @click.option("--drain-timeout", type=float, default=30.0, show_default=True, help="Seconds to finish work on SIGTERM.")
 @click.option("--ledger", default=None, help="Append accepted completions to this JSON-lines file.")
+@click.option("--webhook", is_flag=True, help="Also serve task type `webhook` (signed HTTP POSTs; docs/webhooks.md).")
+@click.option(
+    "--webhook-secret-file", default=None, type=click.Path(exists=True, dir_okay=False),
+    help="File holding the namespace's whsec_ signing secret (default: config webhook_secret).",
+)  # fmt: skip
+@click.option(
+    "--webhook-allow", default=None,
+    help="Comma-separated CIDRs webhooks may call although not public (default: config webhook_allow).",
+)  # fmt: skip
+@click.option(
+    "--namespace", default=None,
+    help="With --webhook and no --module: the namespace served (default: default).",
+)  # fmt: skip
 @observability_options
 @click.pass_obj
 def worker(
-    cfg: Config, module: str, slots: int, drain_timeout: float, ledger: str | None, log_format: str | None, metrics_port: int | None
-) -> None:
-    """Run a worker with the handlers of MODULE.
+    cfg: Config, module: str | None, slots: int, drain_timeout: float, ledger: str | None, webhook: bool,
+    webhook_secret_file: str | None, webhook_allow: str | None, namespace: str | None,
+    log_format: str | None, metrics_port: int | None,
+) -> None:  # fmt: skip
+    """Run a worker with the handlers of MODULE (and/or the built-in webhook handler).
 
     Needs a token of role worker for the handlers' namespace (LEASESCHED_TOKEN).
     Exit status: 0 after SIGTERM/SIGINT; 75 fail-stop (restart it); 77 its
@@ -88,12 +103,25 @@ def worker(
     import sys
 
     from worker.runner import serve
+    from worker.webhook import WebhookSettings
 
     if slots < 1:
         raise click.BadParameter("must be at least 1", param_hint="--slots")
+    if module is None and not webhook:
+        raise click.UsageError("give --module (your handlers), --webhook (the built-in webhook handler), or both")
+    if namespace is not None and module is not None:
+        raise click.UsageError("--namespace is for a webhook-only worker; with --module, the handlers name it")
+    settings = None
+    if webhook:
+        try:  # refuse to start without a usable secret, before connecting anywhere
+            settings = WebhookSettings.from_config(cfg, webhook_secret_file, webhook_allow)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+    elif webhook_secret_file or webhook_allow:
+        raise click.UsageError("--webhook-secret-file and --webhook-allow need --webhook")
     sys.path.insert(0, ".")  # handler modules live in the user's project
     setup_process(cfg, "worker", log_format, metrics_port)
-    status = event_loop.run(serve(cfg, module, slots, drain_timeout, ledger), cfg)
+    status = event_loop.run(serve(cfg, module, slots, drain_timeout, ledger, settings, namespace or "default"), cfg)
     if status:
         sys.exit(status)
 
