@@ -24,16 +24,6 @@ def new_task(**kw: object) -> Task:
     return Task(**base)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def store() -> MemoryStore:
-    return MemoryStore()
-
-
-@pytest.fixture
-def life(store: MemoryStore) -> Lifecycle:
-    return Lifecycle(store, lease_grace_ms=0)
-
-
 async def test_schedule_writes_index_before_task(store: MemoryStore, life: Lifecycle) -> None:
     task = new_task()
     store.fail_next.add("insert_task")

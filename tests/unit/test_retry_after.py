@@ -35,16 +35,6 @@ def new_task(**kw: Any) -> Task:
     return Task(**base)
 
 
-@pytest.fixture
-def store() -> MemoryStore:
-    return MemoryStore()
-
-
-@pytest.fixture
-def life(store: MemoryStore) -> Lifecycle:
-    return Lifecycle(store, lease_grace_ms=0)
-
-
 async def running(life: Lifecycle, **kw: Any) -> tuple[Task, int]:
     task = (await life.schedule(new_task(**kw))).task
     return task, (await life.claim(task.task_id, "w", 1)).token
