@@ -542,6 +542,15 @@ class CassandraStore:
                 current = await self.get_task(task_id, serial=True)
             except UnreadableTask as bad:
                 return CasResult(applied=False, current_status=bad.status, current_lease_token=bad.expect.lease_token)
+            if current is not None and _still_holds(current, expect):
+                # Not applied, yet nobody moved the task: the write failed on
+                # its way (an overloaded coordinator, a node going down), it
+                # lost no race. Answered as "not applied" it read as a lost
+                # lease: a worker dropped its completion and the trigger its
+                # lease check, and the task stayed RUNNING for good (the
+                # replicated 2-of-3-nodes-down chaos test, one CI run). The
+                # caller retries an unavailable store.
+                raise StoreUnavailable(f"Cassandra did not apply a conditional write on task {task_id}; nothing was written")
             return _cas_from_task(current)
         if row.applied:
             return CasResult(applied=True)
@@ -899,6 +908,15 @@ def _settle(future: asyncio.Future[list[Any]], rows: list[Any] | None, exc: Base
         future.set_exception(exc)
     else:
         future.set_result(rows or [])
+
+
+def _still_holds(task: Task, expect: Expect) -> bool:
+    """Whether a conditional write's expectation is still true of ``task``."""
+    return (
+        task.status == expect.status
+        and (expect.lease_token is None or task.lease_token == expect.lease_token)
+        and (expect.namespace is None or task.namespace == expect.namespace)
+    )
 
 
 def _cas_from_task(task: Task | None) -> CasResult:

@@ -34,3 +34,52 @@ def test_a_node_going_away_is_unavailable() -> None:
 def test_a_bad_statement_stays_a_bug() -> None:
     for error in (SyntaxException(0x2000, "line 1", None), InvalidRequestException(0x2200, "unknown column", None)):
         assert not isinstance(error, _UNAVAILABLE_ERRORS), type(error)
+
+
+def test_an_unknown_outcome_found_not_applied_while_the_condition_still_holds_is_unavailable() -> None:
+    """The replicated 2-of-3 scenario once: a completion's write met an overloaded
+    coordinator, the serial read-back found it not applied and the task still
+    RUNNING under the worker's token. That is a write that failed on its way,
+    not a lost lease: answered as a conflict, the worker dropped its result and
+    the trigger its lease check, and the task stayed RUNNING for good."""
+    import asyncio
+    import uuid
+    from typing import Any
+
+    import pytest
+
+    from leasesched.changes import TaskChange
+    from leasesched.config import Config
+    from leasesched.model import Task
+    from leasesched.states import TaskStatus
+    from leasesched.store import cassandra as store_mod
+    from leasesched.store.base import Expect, StoreUnavailable
+
+    task_id = uuid.uuid4()
+    running = Task(task_id=task_id, namespace="ns", type="t", payload=b"", shard=0, status=TaskStatus.RUNNING, lease_token=1)
+
+    async def main(current: Task) -> Any:
+        store = store_mod.CassandraStore(Config())
+
+        async def no_session() -> None:
+            return None
+
+        async def unknown(*args: Any, **kwargs: Any) -> Any:
+            return store_mod._NOT_APPLIED_UNKNOWN
+
+        async def read(task_id: uuid.UUID, serial: bool = False) -> Task:
+            assert serial
+            return current
+
+        store._ensure_session = no_session  # type: ignore[method-assign]
+        store._run_cas = unknown  # type: ignore[method-assign]
+        store.get_task = read  # type: ignore[method-assign]
+        store._update_stmt = lambda columns, conditions: None  # type: ignore[method-assign,assignment,return-value]
+        change = TaskChange.complete(TaskStatus.RUNNING, b"ok", 1)
+        return await store.update_task(task_id, Expect(TaskStatus.RUNNING, lease_token=1), change)
+
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(main(running))
+    # Someone did move it (a newer token): that stays a plain "not applied".
+    moved = asyncio.run(main(running.replace(lease_token=2)))
+    assert not moved.applied and moved.current_lease_token == 2
