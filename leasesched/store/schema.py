@@ -14,7 +14,9 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 
-from cassandra.cluster import Session
+import backoff
+from cassandra import InvalidRequest, OperationTimedOut, Unavailable
+from cassandra.cluster import NoHostAvailable, Session
 
 from leasesched.config import Config
 from leasesched.store.cassandra import new_cluster, replication_cql
@@ -51,18 +53,30 @@ def _wait_schema_agreement(session: Session) -> None:
         log.warning("schema agreement not reached within 30 s")
 
 
+@backoff.on_exception(
+    backoff.constant, (InvalidRequest, OperationTimedOut, Unavailable, NoHostAvailable), max_tries=5, interval=2,
+    jitter=None, on_backoff=lambda d: log.warning("schema statement failed, trying again: %s", d["exception"]),
+)  # fmt: skip
+def _execute(session: Session, statement: str, params: tuple[object, ...] | None = None) -> object:
+    """One schema statement. Every one is idempotent (IF NOT EXISTS), so a
+    failure is tried again: a node that has just rejoined may not know the
+    keyspace yet (schema disagreement) or answer in time, and a test cluster
+    whose node was just restarted met exactly that."""
+    return session.execute(statement, params)
+
+
 def apply(cfg: Config) -> list[Migration]:
     """Create the keyspace if needed and apply missing migrations; returns those applied."""
     cluster = new_cluster(cfg)
     try:
         session = cluster.connect()
-        session.execute(
-            f"CREATE KEYSPACE IF NOT EXISTS {cfg.keyspace} WITH replication = {replication_cql(cfg.replication_spec)}"
+        _execute(
+            session,
+            f"CREATE KEYSPACE IF NOT EXISTS {cfg.keyspace} WITH replication = {replication_cql(cfg.replication_spec)}",
         )
-        session.set_keyspace(cfg.keyspace)
-        session.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version int PRIMARY KEY, name text, applied_at timestamp)"
-        )
+        _wait_schema_agreement(session)
+        _execute(session, f"USE {cfg.keyspace}")  # the driver's set_keyspace, tried again like the rest
+        _execute(session, "CREATE TABLE IF NOT EXISTS schema_migrations (version int PRIMARY KEY, name text, applied_at timestamp)")
         _wait_schema_agreement(session)
         done = {row.version for row in session.execute("SELECT version FROM schema_migrations")}
         applied = []
@@ -70,9 +84,10 @@ def apply(cfg: Config) -> list[Migration]:
             if migration.version in done:
                 continue
             for statement in migration.statements:
-                session.execute(statement)
+                _execute(session, statement)
             _wait_schema_agreement(session)
-            session.execute(
+            _execute(
+                session,
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)",
                 (migration.version, migration.name, int(time.time() * 1000)),
             )
