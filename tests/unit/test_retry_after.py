@@ -21,7 +21,7 @@ from leasesched.states import TaskStatus
 from leasesched.store.memory import MemoryStore
 from leasesched.v1 import scheduler_pb2 as pb
 from services.task_updater import TaskUpdater
-from tests.unit.test_execution_stop import FakeUpdater, Harness
+from tests.unit.test_execution_stop import FakeUpdater, Harness, harness  # noqa: F401 - the fixture, not a second copy of it
 from worker.handlers import RetryAfter, TaskContext
 
 
@@ -126,15 +126,6 @@ async def test_a_fail_without_retry_after_keeps_the_backoff(life: Lifecycle) -> 
 
 
 # ---------------------------------------------------------------- the worker
-
-
-@pytest.fixture
-def harness() -> Iterator[Harness]:
-    h = Harness()
-    try:
-        yield h
-    finally:
-        h.close()
 
 
 async def test_the_worker_reports_a_handlers_retry_after(harness: Harness) -> None:
