@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 
 from leasesched.config import Config
@@ -115,6 +116,12 @@ class Trigger:
         pending = sum(s.stats()["pending"] for s, _ in self._scanners.values())
         return {"shards": sorted(self.owned), "pending": pending, **self.dispatcher.stats()}
 
+    def oldest_read_s(self) -> float:
+        """Seconds since the owned shard read longest ago was last read whole
+        (0 with no shards): a scanner that stopped reading shows here."""
+        now = time.monotonic()
+        return max((now - s.read_at for s, _ in self._scanners.values()), default=0.0)
+
 
 async def serve(cfg: Config, port: int) -> None:
     """Run a trigger until a stop signal.
@@ -146,6 +153,7 @@ async def serve(cfg: Config, port: int) -> None:
         metrics.dispatch_queued.set_function(lambda: trigger.dispatcher.stats()["queued"])
         metrics.dispatch_inflight.set_function(lambda: trigger.dispatcher.stats()["inflight"])
         metrics.subscribed_workers.set_function(lambda: trigger.dispatcher.stats()["workers"])
+        metrics.due_read_age.set_function(trigger.oldest_read_s)
         service = TriggerService(trigger.dispatcher, trigger.due_hint, cfg.max_streams_per_worker, logical_shards=meta.logical_shards)
         authenticator = make_authenticator(cfg, store)
         server = await build_server(

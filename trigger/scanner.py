@@ -109,6 +109,7 @@ class ShardScanner:
         self._saved_checkpoint = 0
         self._saved_at = 0.0
         self._stopped = False
+        self.read_at = time.monotonic()  # the last complete read of the due index (monotonic)
 
     # ------------------------------------------------------------ loop
 
@@ -148,6 +149,7 @@ class ShardScanner:
                     continue
                 for entry in entries:
                     self._consider(entry)
+                self.read_at = time.monotonic()
                 cursor = upto
                 complete_until = now - self._s.settle_ms
             await self._advance_checkpoint(now)
@@ -347,6 +349,12 @@ class ShardScanner:
             return
         # Renewed by heartbeats: look again when the renewed lease could expire.
         follow = lease_entry(task, expires, self._s.lease_grace_ms, task.lease_token)
+        if entry_key(follow) == key:
+            # Not renewed, only looked at early (this clock behind the one that
+            # wrote the entry): the follow-up would be this very entry, which
+            # counts as seen, and resolving it would end the lease's checks.
+            self._retry_later(entry, key, max(0.05, (follow.due_at - now) / 1000))
+            return
         await self._store.add_due(follow)
         self._consider(follow)
         self._resolve(key)

@@ -97,6 +97,11 @@ shard_ownership_changes = Counter(
 dispatch_queued = Gauge("leasesched_dispatch_queued", "Due tasks waiting for a free worker slot.", registry=None)
 dispatch_inflight = Gauge("leasesched_dispatch_inflight", "Dispatched tasks not yet known to be claimed.", registry=None)
 subscribed_workers = Gauge("leasesched_subscribed_workers", "Open worker Subscribe streams.", registry=None)
+due_read_age = Gauge(
+    "leasesched_due_read_age_seconds",
+    "Seconds since the owned shard read longest ago had its due index read whole (about scan_interval_s when healthy).",
+    registry=None,
+)
 
 # ------------------------------------------------------------------ schedules (trigger and TaskService)
 
@@ -164,7 +169,7 @@ _BY_ROLE: dict[str, tuple[object, ...]] = {
     "trigger": (
         *_RPC, tasks_dispatched, tasks_quarantined, store_unknown_outcomes, lease_expirations, tasks_requeued,
         tasks_failed, shards_owned,
-        shard_ownership_changes, dispatch_queued, dispatch_inflight, subscribed_workers, *_SCHEDULES,
+        shard_ownership_changes, dispatch_queued, dispatch_inflight, subscribed_workers, due_read_age, *_SCHEDULES,
     ),  # fmt: skip
     "worker": (
         worker_slots, worker_slots_busy, worker_executions, worker_execution_seconds, worker_loop_stalls,

@@ -278,6 +278,9 @@ class CassandraStore:
         self._stmts: dict[str, PreparedStatement] = {}
         self._update_stmts: dict[tuple[tuple[str, ...], tuple[str, ...]], PreparedStatement] = {}
         self._inbox: _Inbox | None = None
+        # The driver's timeout covers a request and its retries; twice that
+        # plus a second means its answer is lost, not late.
+        self._give_up_s = 2 * cfg.cassandra_request_timeout_s + 1.0
         self._write_ids = WriteIds()
 
     def _inbox_for(self, loop: asyncio.AbstractEventLoop) -> "_Inbox":
@@ -407,7 +410,15 @@ class CassandraStore:
             inbox.post(result, None, exc)
 
         future.add_callbacks(on_ok, on_err)
-        return await result
+        # Our own deadline behind the driver's: if its answer never comes (a
+        # callback lost while a node froze), the caller sees a timeout instead
+        # of waiting for ever. A scanner waiting for ever stops handling its
+        # shard, and a conditional write's timeout is resolved like any other.
+        guard = loop.call_later(self._give_up_s, _give_up, result, name if isinstance(name, str) else "statement")
+        try:
+            return await result
+        finally:
+            guard.cancel()
 
     async def _run_plain(self, name: str | PreparedStatement, params: Sequence[Any]) -> list[Any]:
         try:
@@ -899,6 +910,14 @@ class _NotAppliedUnknown:
 
 
 _NOT_APPLIED_UNKNOWN = _NotAppliedUnknown()
+
+
+def _give_up(future: asyncio.Future[list[Any]], name: str) -> None:
+    if future.done():
+        return
+    log.warning("Cassandra driver gave no answer to %s past its request timeout; treated as a timeout", name,
+                extra=fields(store_event="driver_no_answer"))  # fmt: skip
+    future.set_exception(OperationTimedOut(f"no answer from the driver to {name}"))
 
 
 def _settle(future: asyncio.Future[list[Any]], rows: list[Any] | None, exc: BaseException | None) -> None:

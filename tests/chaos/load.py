@@ -63,10 +63,18 @@ class Load:
         self.unavailable = 0  # schedules answered "server going away", then retried
         self.errors: list[str] = []
         self._rng = random.Random(seed)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="chaos-load", daemon=True)
 
     def start(self) -> "Load":
         self._thread.start()
+        return self
+
+    def stop(self) -> "Load":
+        """Schedule no more (the count is then an upper bound): for a scenario
+        whose disturbance ends when it has seen enough, on a machine too
+        loaded to schedule at the asked pace."""
+        self._stop.set()
         return self
 
     def join(self, timeout: float = 180) -> list[str]:
@@ -93,7 +101,9 @@ class Load:
         for n in range(self.count):
             wait = started + n / self.per_second - time.monotonic()
             if wait > 0:
-                time.sleep(wait)
+                self._stop.wait(wait)
+            if self._stop.is_set():
+                return
             kind = self._pick()
             delay = self._rng.uniform(0.5, 3.0) if kind.delayed_share and self._rng.random() < kind.delayed_share else 0.0
             try:

@@ -142,3 +142,23 @@ async def test_creation_hint_dispatches_without_a_read_and_the_scan_does_not_rep
     finally:
         scanner.stop()
         runner.cancel()
+
+
+async def test_lease_check_looked_at_early_comes_back_instead_of_ending(monkeypatch) -> None:
+    """A lease entry handled before its time by the trigger's clock (the clock
+    stepped back between the scan and the check) must come back at its time:
+    its follow-up would be the same entry, already seen, and resolving it
+    would leave the task RUNNING for good once its worker is gone."""
+    import trigger.scanner as scanner_module
+
+    store = MemoryStore()
+    scanner = ShardScanner(0, Lifecycle(store, lease_grace_ms=0), Dispatcher(CLAIM_TIMEOUT_S, Checks()), settings())
+    task, token = await running_task(store, lease_ms=300)
+    expires = store.tasks[task.task_id].lease_expires_at
+    assert expires is not None
+    entry = lease_entry(task, expires, 0, token)  # as the claim wrote it: nobody renews the lease
+    offset = [1000]
+    monkeypatch.setattr(scanner_module, "now_ms", lambda: now_ms() + offset[0])
+    scanner.notify_entry(entry)  # due by the scanner's clock: handled at once ...
+    offset[0] = 0  # ... by which time the clock has stepped back before the expiry
+    await wait_until(lambda: store.tasks[task.task_id].status.value == "SCHEDULED", timeout_s=5)  # re-queued

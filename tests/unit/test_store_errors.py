@@ -83,3 +83,39 @@ def test_an_unknown_outcome_found_not_applied_while_the_condition_still_holds_is
     # Someone did move it (a newer token): that stays a plain "not applied".
     moved = asyncio.run(main(running.replace(lease_token=2)))
     assert not moved.applied and moved.current_lease_token == 2
+
+
+def test_a_driver_answer_that_never_comes_is_a_timeout() -> None:
+    """A scanner awaiting a read whose driver callback never fires would stop
+    handling its shard for good (the replicated SIGSTOP scenario, suspected):
+    past twice the request timeout the store answers "unavailable" itself."""
+    import asyncio
+    import time
+    from typing import Any
+
+    import pytest
+
+    from leasesched.config import Config
+    from leasesched.store import cassandra as store_mod
+    from leasesched.store.base import StoreUnavailable
+
+    class Silent:
+        """A driver future whose callbacks are registered and never called."""
+
+        def add_callbacks(self, ok: Any, err: Any) -> None:
+            pass
+
+    class Session:
+        def execute_async(self, *args: Any, **kwargs: Any) -> Silent:
+            return Silent()
+
+    async def main() -> float:
+        store = store_mod.CassandraStore(Config(cassandra_request_timeout_s=0.1))
+        store._session = Session()  # type: ignore[assignment]
+        store._stmts["read_due"] = "SELECT"  # type: ignore[assignment]
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="no answer from the driver"):
+            await asyncio.wait_for(store.read_due(0, 0, 1000, 10), 10)  # not for ever, without the guard
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 5
