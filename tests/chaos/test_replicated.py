@@ -229,10 +229,9 @@ def test_sigstop_one_cassandra_node_during_conditional_writes(make_replicated, r
             victim.resume()
         cycles += 1
         time.sleep(0.5)
-    # Enough seen: a little more load after the last thaw, then no more (3 nodes,
-    # 2 triggers and 3 workers on 2 cores schedule at a third of the pace asked
-    # for, and a slow disk makes that less: the count is only a ceiling).
-    time.sleep(3)
+    # Enough seen: the load goes on after the last thaw until it has 300 tasks,
+    # then stops (the count is only a ceiling for the longest run of freezes).
+    wait_for(lambda: len(load.ids) >= 300, 120, "300 tasks scheduled")
     report = finish(cluster, load.stop().join(), "replicated: SIGSTOP one Cassandra node")
     unknown = log_lines(cluster, r"has an unknown outcome")
     assert unknown, f"{cycles} freezes caught no conditional write in flight: the scenario tested nothing"
