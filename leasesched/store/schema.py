@@ -17,11 +17,16 @@ from importlib import resources
 import backoff
 from cassandra import InvalidRequest, OperationTimedOut, Unavailable
 from cassandra.cluster import NoHostAvailable, Session
+from cassandra.connection import ConnectionException
 
 from leasesched.config import Config
 from leasesched.store.cassandra import new_cluster, replication_cql
 
 log = logging.getLogger(__name__)
+
+# How long a schema change may take to reach every node (a node restarted a
+# moment ago pulls the schema it missed only after a delay of up to a minute).
+SCHEMA_WAIT_S = 90
 
 
 @dataclass(frozen=True)
@@ -49,19 +54,23 @@ def _wait_schema_agreement(session: Session) -> None:
     # On a multi-node cluster a table created on one coordinator is not yet
     # known to the others; the driver can wait for every node to agree.
     cluster = session.cluster
-    if not cluster.control_connection.wait_for_schema_agreement(wait_time=30):
-        log.warning("schema agreement not reached within 30 s")
+    if not cluster.control_connection.wait_for_schema_agreement(wait_time=SCHEMA_WAIT_S):
+        log.warning("schema agreement not reached within %d s", SCHEMA_WAIT_S)
 
 
 @backoff.on_exception(
-    backoff.constant, (InvalidRequest, OperationTimedOut, Unavailable, NoHostAvailable), max_tries=5, interval=2,
-    jitter=None, on_backoff=lambda d: log.warning("schema statement failed, trying again: %s", d["exception"]),
+    backoff.constant, (InvalidRequest, OperationTimedOut, Unavailable, NoHostAvailable, ConnectionException),
+    max_time=SCHEMA_WAIT_S, interval=2, jitter=None,
+    on_backoff=lambda d: log.warning("schema statement failed, trying again: %s", d["exception"]),
 )  # fmt: skip
 def _execute(session: Session, statement: str, params: tuple[object, ...] | None = None) -> object:
     """One schema statement. Every one is idempotent (IF NOT EXISTS), so a
     failure is tried again: a node that has just rejoined may not know the
-    keyspace yet (schema disagreement) or answer in time, and a test cluster
-    whose node was just restarted met exactly that."""
+    keyspace yet (schema disagreement) or answer in time. A test cluster whose
+    two nodes had just been restarted disagreed for more than 30 s and its
+    ``USE`` failed with "Failed to set keyspace on all hosts" (a
+    ConnectionException): a restarted node pulls the schema it missed only
+    after a delay, so the statement is tried again for up to a minute and a half."""
     return session.execute(statement, params)
 
 
