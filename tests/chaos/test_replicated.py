@@ -45,7 +45,9 @@ from tests.chaos.test_chaos import REPORT_FILE, finish
 from tests.cluster import NAMESPACE, LiveCluster, cluster_config, wait_for
 from tests.processes import SessionGroup
 
-pytestmark = pytest.mark.integration
+# Each scenario stops or freezes nodes and waits for them to come back: on 2
+# shared cores that takes 3-6 minutes, more than the suite's 300 s default.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
 @pytest.fixture
@@ -120,6 +122,26 @@ def pending_hints(infra: LocalInfra, node: int) -> int:
     return total
 
 
+def _execute_within(session: Any, statement: Any, params: list[Any], deadline_s: float) -> list[Any]:
+    """``session.execute`` with a deadline of its own. Once, reading a node that
+    had just restarted from kill -9, the driver's own 10 s timeout never fired
+    and the call waited until the test's timeout (the product's store has the
+    same guard, ``CassandraStore._run``). Raises TimeoutError; wait_for retries."""
+    answered = threading.Event()
+    outcome: list[Any] = []
+
+    def settle(value: Any) -> None:
+        outcome.append(value)
+        answered.set()
+
+    session.execute_async(statement, params, timeout=10).add_callbacks(settle, settle)
+    if not answered.wait(deadline_s):
+        raise TimeoutError(f"no answer from the driver within {deadline_s:.0f} s")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return list(outcome[0] or [])
+
+
 def finished_on_node_alone(infra: LocalInfra, keyspace: str, node: int, ids: list[str]) -> int:
     """How many of ``ids`` the node reads as finished at consistency ONE, coordinating itself."""
     server = infra.cassandra_nodes[node - 1]
@@ -131,8 +153,8 @@ def finished_on_node_alone(infra: LocalInfra, keyspace: str, node: int, ids: lis
         statement = SimpleStatement("SELECT status FROM tasks WHERE task_id = %s", consistency_level=ConsistencyLevel.ONE)
         done = 0
         for task_id in ids:
-            row = session.execute(statement, [uuid.UUID(task_id)]).one()
-            done += row is not None and row.status in ("SUCCEEDED", "FAILED", "CANCELLED")
+            rows = _execute_within(session, statement, [uuid.UUID(task_id)], 15.0)
+            done += bool(rows) and rows[0].status in ("SUCCEEDED", "FAILED", "CANCELLED")
         return done
     finally:
         cluster.shutdown()
