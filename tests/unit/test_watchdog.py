@@ -232,20 +232,23 @@ def make_beat(lease_s: float) -> tuple[Beat, LeaseClock, TaskContext]:
 def test_heartbeat_thread_renews_while_the_event_loop_is_blocked() -> None:
     updater = FakeSyncUpdater()
     beats = HeartbeatThread(updater, tick_s=0.01)
-    beat, clock, ctx = make_beat(0.6)  # a heartbeat every 0.2 s; the clock alone would lapse after 0.1 s
+    # A heartbeat every 0.8 s; the clock alone would lapse after 0.4 s. (With a
+    # 0.6 s lease the margins were 0.1 s, and a machine busy with Cassandra
+    # nodes delayed the heartbeat thread past them.)
+    beat, clock, ctx = make_beat(2.4)
     ctx.report_progress(30, "a third")
     beats.start()
     beats.add(beat)
 
     async def careless_handler() -> None:
-        time.sleep(1.5)  # blocks the loop
+        time.sleep(4.0)  # blocks the loop for more than the lease
 
     started = time.monotonic()
     try:
         asyncio.run(careless_handler())
         assert clock.valid(), "the lease lapsed while the loop was blocked"
-        during = [t for t, _ in updater.calls if started < t < started + 1.5]
-        assert len(during) >= 5, len(during)
+        during = [t for t, _ in updater.calls if started < t < started + 4.0]
+        assert len(during) >= 4, len(during)
         assert updater.calls[-1][1].progress.message == "a third" and updater.calls[-1][1].lease_token == 42
     finally:
         beats.stop()
