@@ -276,6 +276,13 @@ class ShardScanner:
             log.info("task %s: dropping due entry that points at no task", entry.task_id)
             await self._store.delete_due(entry, self._s.bucket_s)
             self._resolve(key)
+            # Forgotten, not only resolved: the task may still come (a client
+            # whose ScheduleTask had an unknown outcome retries with its
+            # idempotency key and finishes the reserved id), and its new entry
+            # has this key; remembered as seen, it would be ignored and the
+            # task would stay SCHEDULED for good (replicated chaos, 2 of 3
+            # nodes down: the retry came 2 s after the drop).
+            self._seen.pop(key, None)
         else:
             self._retry_soon(entry, key)  # the task row may still be on its way
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
 
 from leasesched.lifecycle import Lifecycle, lease_entry
 from leasesched.model import DueEntry, Task, now_ms
@@ -162,3 +163,23 @@ async def test_lease_check_looked_at_early_comes_back_instead_of_ending(monkeypa
     scanner.notify_entry(entry)  # due by the scanner's clock: handled at once ...
     offset[0] = 0  # ... by which time the clock has stepped back before the expiry
     await wait_until(lambda: store.tasks[task.task_id].status.value == "SCHEDULED", timeout_s=5)  # re-queued
+
+
+async def test_a_task_created_after_its_orphan_entry_was_dropped_is_still_dispatched() -> None:
+    """A ScheduleTask with an unknown outcome leaves an entry without a task;
+    the scanner drops it after orphan_grace. When the client's retry (same
+    idempotency key) then creates the task, its new entry has the same key
+    (task, attempt, token) and must not count as already seen."""
+    store = MemoryStore()
+    dispatcher = Dispatcher(CLAIM_TIMEOUT_S, Checks())
+    link = dispatcher.connect("w1", "ns", frozenset({"t"}), 5)
+    scanner = ShardScanner(0, Lifecycle(store), dispatcher, replace(settings(), orphan_grace_ms=0))
+    now = now_ms()
+    task = Task(task_id=uuid.uuid4(), namespace="ns", type="t", payload=b"", shard=0, created_at=now, run_at=now)
+    orphan = DueEntry(shard=0, due_at=now - 1, task_id=task.task_id, kind=DueEntry.RUN, attempt=1, type="t")
+    scanner.notify_entry(orphan)
+    await wait_until(lambda: scanner.stats()["pending"] == 0)  # dropped: no task
+    await Lifecycle(store).schedule(task)  # the retry creates it
+    scanner.offer_created(DueEntry(shard=0, due_at=now_ms(), task_id=task.task_id, kind=DueEntry.RUN, attempt=1, type="t"),
+                          "ns", task.run_at)  # fmt: skip
+    assert link.outbox.qsize() == 1
