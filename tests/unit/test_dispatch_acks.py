@@ -183,3 +183,27 @@ async def test_a_task_created_after_its_orphan_entry_was_dropped_is_still_dispat
     scanner.offer_created(DueEntry(shard=0, due_at=now_ms(), task_id=task.task_id, kind=DueEntry.RUN, attempt=1, type="t"),
                           "ns", task.run_at)  # fmt: skip
     assert link.outbox.qsize() == 1
+
+
+async def test_the_checkpoint_stays_behind_a_pending_entry_timed_late() -> None:
+    """A creation hint is timed by the trigger's clock on arrival, a little
+    after the stored entry's time. While that task waits (no worker), the
+    checkpoint must not pass the stored entry, or a new owner of the shard
+    reading from the checkpoint would never see the task."""
+    store = MemoryStore()
+    dispatcher = Dispatcher(CLAIM_TIMEOUT_S, Checks())  # no worker: the task stays pending
+    scanner = ShardScanner(0, Lifecycle(store), dispatcher, settings())  # settle 100 ms
+    stored_at = now_ms() - 1000
+    task = Task(task_id=uuid.uuid4(), namespace="ns", type="t", payload=b"", shard=0, created_at=stored_at, run_at=stored_at)
+    await Lifecycle(store).schedule(task)
+    hinted = DueEntry(shard=0, due_at=stored_at + 50, task_id=task.task_id, kind=DueEntry.RUN, attempt=1, type="t")
+    scanner.offer_created(hinted, "ns", task.run_at)
+    runner = asyncio.create_task(scanner.run())
+    try:
+        await wait_until(lambda: scanner.stats()["checkpoint"] > 0)
+        await asyncio.sleep(0.3)  # a few passes
+        assert scanner.stats()["pending"] == 1
+        assert 0 < scanner.stats()["checkpoint"] <= stored_at
+    finally:
+        scanner.stop()
+        runner.cancel()
