@@ -38,10 +38,13 @@ from services.convert import ts
 MAX_RACE_RETRIES = 5
 LIST_PAGE_MAX = 1000
 WARMUP = limits.Bound("definition.warmup", 0, gates.MAX_WARMUP_MS, "ms", "a ramp longer than a day is no ramp")
-# How long GateBook trusts what it read: a gate created this long ago may be
-# refused by ScheduleTask still (no: a miss is never cached), one deleted may
-# still be accepted for this long.
+# How long GateBook trusts what it read for ScheduleTask's check: a gate
+# deleted this long ago may still be named (its tasks then wait; a miss is
+# never cached, so a gate just created is found at once).
 GATE_CACHE_S = 5.0
+# How old the gate behind PollTask's waiting_reason may be: one read per
+# gate per second at most, however often its tasks are polled.
+REASON_CACHE_S = 1.0
 
 
 def gate_view(gate: Gate, now: int | None = None) -> pb.GateView:
@@ -86,10 +89,12 @@ class GateBook:
         self._clock = clock
         self._known: dict[tuple[str, str], tuple[float, Gate]] = {}
 
-    async def get(self, namespace: str, name: str, fresh: bool = False) -> Gate | None:
+    async def get(self, namespace: str, name: str, max_age_s: float | None = None) -> Gate | None:
+        """The gate, as read at most ``max_age_s`` (default: the cache's time) ago."""
         key = (namespace, name)
         hit = self._known.get(key)
-        if hit is not None and not fresh and self._clock() - hit[0] < self._cache_s:
+        age = self._cache_s if max_age_s is None else max_age_s
+        if hit is not None and self._clock() - hit[0] < age:
             return hit[1]
         try:
             gate = await self._store.get_gate(namespace, name)

@@ -22,7 +22,7 @@ from leasesched.store.page_token import BadPageToken, decode_token
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.convert import status_from_pb, task_view, ts
-from services.gate_service import GateBook, waiting_reason
+from services.gate_service import REASON_CACHE_S, GateBook, waiting_reason
 from services.page_tokens import PageTokens
 from services.poll_cache import FinishedTasks
 from leasesched.server.validation import check_namespace, check_task_id, request_hash, validate_schedule
@@ -92,7 +92,9 @@ class TaskService(pb_grpc.TaskServiceServicer):
         view = self._view(task)
         if task.gate and task.status == TaskStatus.SCHEDULED:
             # One read of the gate row (cached a few seconds), only for a gated task that waits.
-            view.waiting_reason = waiting_reason(await self._gates.get(task.namespace, task.gate), task.gate, now_ms())
+            view.waiting_reason = waiting_reason(
+                await self._gates.get(task.namespace, task.gate, max_age_s=REASON_CACHE_S), task.gate, now_ms()
+            )
         self._finished.remember(task_id, view, final=task.status.terminal)
         return pb.PollTaskResponse(task=view)
 
