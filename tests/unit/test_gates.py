@@ -20,7 +20,11 @@ from leasesched.model import DueEntry, Task, now_ms
 from leasesched.states import TaskStatus
 from leasesched.store.memory import MemoryStore
 from leasesched.v1 import scheduler_pb2 as pb
+from leasesched.config import Config
 from services.gate_service import GateBook, GateService, waiting_reason
+from services.task_updater import TaskUpdater
+from tests.unit.test_execution_stop import FakeUpdater, Harness, harness  # noqa: F401 - the fixture
+from worker.handlers import RateLimited, TaskContext
 from trigger.dispatcher import Dispatcher, Ready, WorkerLink
 from trigger.gates import GateKeeper
 
@@ -363,3 +367,37 @@ def test_waiting_reason_says_why() -> None:
     assert "closed until" in waiting_reason(gate(closed_until_ms=now + 1), "api", now)
     assert "does not exist" in waiting_reason(None, "api", now)
     assert waiting_reason(gate(), "api", now) == ""
+
+
+# ------------------------------------------------------------------ the report: worker and TaskUpdater
+
+
+async def test_the_worker_reports_a_handlers_rate_limit(harness: Harness) -> None:
+    async def handler(ctx: TaskContext) -> bytes:
+        raise RateLimited(retry_after=4, message="HTTP 429 from api")
+
+    updater = FakeUpdater(lease_s=30)
+    await harness.execution(handler, updater, mode="async").run()
+    (_, method, request), = updater.reports()
+    assert method == "FailTask" and request.rate_limited and not request.non_retryable
+    assert request.retry_after.ToMilliseconds() == 4000 and request.error_type == "RateLimited"
+
+
+def test_rate_limited_needs_a_positive_wait() -> None:
+    with pytest.raises(ValueError, match="retry_after > 0"):
+        RateLimited(0)
+
+
+async def test_the_task_updater_closes_the_gate_on_a_rate_limited_report(store: MemoryStore, life: Lifecycle) -> None:
+    updater = TaskUpdater(Config(), life)
+    await store.insert_gate(gate())
+    task = (await life.schedule(new_task(gate="api"))).task
+    token = (await life.claim(task.task_id, "w", 1)).token
+    request = pb.FailTaskRequest(task_id=str(task.task_id), lease_token=token, error="429", rate_limited=True)
+    with pytest.raises(InvalidArgument, match="retry_after"):
+        await updater.FailTask(request, None)  # type: ignore[arg-type]
+    request.retry_after.FromMilliseconds(3000)
+    reply = await updater.FailTask(request, None)  # type: ignore[arg-type]
+    stored = await life.get(task.task_id)
+    assert reply.status == pb.SCHEDULED and stored.attempt == 1 and stored.error_type == "RateLimited"
+    assert (await store.get_gate("ns", "api")).closed_until_ms == reply.next_run_at.ToMilliseconds()  # type: ignore[union-attr]
