@@ -69,8 +69,10 @@ def test_a_gate_holds_its_rate_across_two_triggers(cluster: LiveCluster) -> None
         assert most <= rate * window + burst + START_JITTER, f"{most} starts within {window} s"
     span = times[-1] - times[0]
     assert span >= (60 - burst - START_JITTER) / rate * 0.95, f"60 tasks in {span:.1f} s: faster than the gate"
-    # And about as fast as the gate allows: the tokens were not wasted.
-    assert span <= (60 - burst) / rate + 4.0, f"60 tasks took {span:.1f} s"
+    # And not far below the gate's rate: tokens are not wasted wholesale (the
+    # bound is loose: on a loaded machine slow LWTs and the two triggers'
+    # lost races cost some of the rate, see docs/design.md, "Gates").
+    assert span <= (60 - burst) / rate * 3, f"60 tasks took {span:.1f} s"
 
 
 def test_a_paused_gate_holds_its_tasks_and_the_unpause_ramps_up(cluster: LiveCluster) -> None:
@@ -84,7 +86,11 @@ def test_a_paused_gate_holds_its_tasks_and_the_unpause_ramps_up(cluster: LiveClu
     view = cluster.poll(ids[0])
     assert view.status == pb.SCHEDULED and "paused" in view.waiting_reason
     unpaused_at = time.time()
-    assert cluster.gates.UnpauseGate(pb.UnpauseGateRequest(gate=ref), timeout=10).gate.state == "open"
+    opened = cluster.gates.UnpauseGate(pb.UnpauseGateRequest(gate=ref), timeout=10).gate
+    assert opened.state == "open"
+    # The row says it too, whatever the machine's load does to start times: the
+    # burst starts at 10 % (one task), not at the 10 a full bucket would hold.
+    assert opened.tokens_available <= 2, opened
     views = cluster.wait_terminal(ids, timeout=60)
     assert all(v.status == pb.SUCCEEDED for v in views.values())
     times = starts(cluster, set(ids))
