@@ -213,6 +213,23 @@ class TaskChange:
             progress_message=_FRESH_MESSAGE,
         )
 
+    @classmethod
+    def rate_limited(cls, task: Task, error: str, error_type: str, run_at: int) -> TaskChange:
+        """The handler was rate limited (``worker.handlers.RateLimited``): due
+        again at ``run_at``, when its gate opens again, as the *same* attempt
+        (the remote side refused the call, the task did not fail). The error
+        is kept as the reason it waits."""
+        return cls(
+            status=target(Transition.RATE_LIMITED, task.status),
+            run_at=run_at,
+            lease_owner=None,
+            error=_cut_error(error),
+            error_type=_cut_error_type(error_type),
+            lease_expires_at=None,
+            progress_percent=_FRESH_PERCENT,
+            progress_message=_FRESH_MESSAGE,
+        )
+
     # ------------------------------------------------------------ trigger
 
     @classmethod

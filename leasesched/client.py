@@ -240,6 +240,9 @@ class TaskView:
     payload: bytes = b""
     # SCHEDULED and no live worker serves its namespace and type right now (a hint).
     no_worker_for_type: bool = False
+    gate: str = ""  # the gate it waits for before each start ("" = none; docs/gates.md)
+    # SCHEDULED and held by its gate: why (paused, closed until ..., no such gate); "" otherwise.
+    waiting_reason: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -270,6 +273,8 @@ class TaskView:
             lease_token=view.lease_token,
             payload=bytes(view.payload),
             no_worker_for_type=view.no_worker_for_type,
+            gate=view.gate,
+            waiting_reason=view.waiting_reason,
         )
 
 
@@ -378,6 +383,48 @@ class ScheduleDefinition:
             paused=self.paused, note=self.note, limited_actions=self.remaining_actions is not None,
             remaining_actions=self.remaining_actions or 0,
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GateView:
+    """A gate as GateService shows it (proto ``GateView``; docs/gates.md)."""
+
+    namespace: str
+    name: str
+    rate: float
+    burst: int
+    warmup: dt.timedelta
+    paused: bool
+    state: str  # open, paused or closed
+    closed_until: dt.datetime | None  # set while a handler's RateLimited holds it
+    tokens_available: float
+    version: int
+
+    @classmethod
+    def from_pb(cls, view: pb.GateView) -> "GateView":
+        return cls(
+            namespace=view.namespace, name=view.name, rate=view.definition.rate, burst=view.definition.burst,
+            warmup=view.definition.warmup.ToTimedelta(), paused=view.paused, state=view.state,
+            closed_until=_datetime(view, "closed_until"), tokens_available=view.tokens_available, version=view.version,
+        )  # fmt: skip
+
+
+def gate_ref(namespace: str, name: str) -> pb.GateRef:
+    return pb.GateRef(namespace=namespace, name=name)
+
+
+def gate_request(
+    namespace: str, name: str, rate: float, burst: int, warmup: dt.timedelta | None = None, expected_version: int = 0,
+    create_or_update: bool = True,
+) -> pb.SetGateRequest:
+    """The SetGateRequest for these options (the CLI builds the same)."""
+    definition = pb.GateDefinition(rate=rate, burst=burst)
+    if warmup is not None:
+        definition.warmup.FromTimedelta(warmup)
+    return pb.SetGateRequest(
+        gate=gate_ref(namespace, name), definition=definition, expected_version=expected_version,
+        create_or_update=create_or_update and expected_version == 0,
+    )  # fmt: skip
 
 
 def schedule_ref(namespace: str, schedule_id: str) -> pb.ScheduleRef:
@@ -680,9 +727,10 @@ def task_spec(
     retry_policy: RetryPolicy | None = None,
     timeouts: Timeouts | None = None,
     lease_duration: dt.timedelta | None = None,
+    gate: str = "",
 ) -> pb.TaskSpec:
     """The TaskSpec of a task without its time: what a task and a schedule's action share."""
-    spec = pb.TaskSpec(namespace=namespace, type=type, payload=payload)
+    spec = pb.TaskSpec(namespace=namespace, type=type, payload=payload, gate=gate)
     if priority is not None:
         spec.priority, spec.has_priority = priority, True
     if retry_policy is not None:
@@ -706,6 +754,7 @@ def schedule_request(
     timeouts: Timeouts | None = None,
     lease_duration: dt.timedelta | None = None,
     idempotency_key: str | None = None,
+    gate: str = "",
 ) -> pb.ScheduleTaskRequest:
     """The ScheduleTaskRequest for these options, built once so every retry sends the same bytes.
 
@@ -717,7 +766,7 @@ def schedule_request(
     if run_at is not None and delay is not None:
         raise ValueError("give run_at or delay, not both")
     spec = task_spec(type, payload, namespace=namespace, priority=priority, retry_policy=retry_policy,
-                     timeouts=timeouts, lease_duration=lease_duration)  # fmt: skip
+                     timeouts=timeouts, lease_duration=lease_duration, gate=gate)  # fmt: skip
     if run_at is not None:
         spec.run_at.FromDatetime(_aware("run_at", run_at))
     elif delay is not None:
@@ -833,6 +882,7 @@ class Client:
         self._channel = sync_channel(target, cfg, token=token) if channel is None else channel
         self._stub = pb_grpc.TaskServiceStub(self._channel)
         self._schedules = pb_grpc.ScheduleServiceStub(self._channel)  # served at the same address
+        self._gates = pb_grpc.GateServiceStub(self._channel)  # served at the same address
 
     def __enter__(self) -> "Client":
         return self
@@ -885,6 +935,7 @@ class Client:
         timeouts: Timeouts | None = None,
         lease_duration: dt.timedelta | None = None,
         idempotency_key: str | None = None,
+        gate: str | None = None,
     ) -> str:
         """Schedule a task of ``type``; returns its id.
 
@@ -898,6 +949,7 @@ class Client:
         request = schedule_request(
             type, payload, namespace=namespace or self.namespace, run_at=run_at, delay=delay, priority=priority,
             retry_policy=retry_policy, timeouts=timeouts, lease_duration=lease_duration, idempotency_key=idempotency_key,
+            gate=gate or "",
         )  # fmt: skip
         reply: pb.ScheduleTaskResponse = self._call(self._stub.ScheduleTask, request)
         return str(reply.task_id)
@@ -966,6 +1018,66 @@ class Client:
             if not token:
                 return
 
+
+    # ------------------------------------------------------------ gates (docs/gates.md)
+
+    def set_gate(
+        self,
+        name: str,
+        rate: float,
+        burst: int,
+        *,
+        warmup: dt.timedelta | None = None,
+        namespace: str | None = None,
+        expected_version: int = 0,
+        create_or_update: bool = True,
+    ) -> GateView:
+        """Create or change gate ``name``: ``rate`` tasks a second, ``burst`` at once,
+        a ramp over ``warmup`` after an unpause or a long idle. Admin token.
+        ``expected_version`` (from ``get_gate``): change only that version
+        (``FailedPreconditionError`` otherwise); 0 with ``create_or_update``: either.
+        Setting the same definition twice is harmless, so the call is retried."""
+        request = gate_request(namespace or self.namespace, name, rate, burst, warmup, expected_version, create_or_update)
+        reply: pb.SetGateResponse = self._call(self._gates.SetGate, request)
+        return GateView.from_pb(reply.gate)
+
+    def get_gate(self, name: str, *, namespace: str | None = None) -> GateView:
+        """The gate: definition, state (open/paused/closed), tokens available now, version."""
+        reply: pb.GetGateResponse = self._call(self._gates.GetGate, pb.GetGateRequest(gate=gate_ref(namespace or self.namespace, name)))
+        return GateView.from_pb(reply.gate)
+
+    def list_gates(self, namespace: str | None = None, page_size: int = 100) -> Iterator[GateView]:
+        """Every gate of ``namespace`` (default: the client's), by name; pages fetched as you iterate."""
+        token = ""
+        while True:
+            request = pb.ListGatesRequest(namespace=namespace or self.namespace, page_size=page_size, page_token=token)
+            reply: pb.ListGatesResponse = self._call(self._gates.ListGates, request)
+            for view in reply.gates:
+                yield GateView.from_pb(view)
+            token = reply.next_page_token
+            if not token:
+                return
+
+    def pause_gate(self, name: str, *, namespace: str | None = None) -> GateView:
+        """No task of the gate starts until ``unpause_gate`` (admin). Idempotent."""
+        reply: pb.PauseGateResponse = self._call(self._gates.PauseGate, pb.PauseGateRequest(gate=gate_ref(namespace or self.namespace, name)))
+        return GateView.from_pb(reply.gate)
+
+    def unpause_gate(self, name: str, *, namespace: str | None = None) -> GateView:
+        """Open the gate again (also one a handler closed), at the warm-up's ramp (admin). Idempotent."""
+        reply: pb.UnpauseGateResponse = self._call(self._gates.UnpauseGate, pb.UnpauseGateRequest(gate=gate_ref(namespace or self.namespace, name)))
+        return GateView.from_pb(reply.gate)
+
+    def delete_gate(self, name: str, *, namespace: str | None = None, expected_version: int = 0) -> None:
+        """Delete the gate (admin); its waiting tasks wait until a gate of that name exists again.
+        A retried delete whose first attempt applied finds no gate: that is success."""
+        tries = _Tries()
+        request = pb.DeleteGateRequest(gate=gate_ref(namespace or self.namespace, name), expected_version=expected_version)
+        try:
+            self._call(self._gates.DeleteGate, request, tries=tries)
+        except NotFoundError:
+            if tries.count == 1:
+                raise
 
     # ------------------------------------------------------------ periodic schedules
 

@@ -373,6 +373,43 @@ class Lifecycle:
 
         return await self._end_attempt(task_id, token, namespace, decide)
 
+    async def rate_limited(
+        self,
+        task_id: uuid.UUID,
+        token: int,
+        retry_after_ms: int,
+        error: str,
+        error_type: str = "RateLimited",
+        namespace: str | None = None,
+    ) -> FailOutcome:
+        """The handler was rate limited (``worker.handlers.RateLimited``): the
+        task's gate is closed until now + ``retry_after_ms`` (so the gate's
+        other tasks wait too) and the task is due again then, as the same
+        attempt: being refused by the remote side is no failure of the task.
+
+        The close is written first (a max, so a repeat is harmless): once the
+        task is SCHEDULED again, its gate already holds it. A task without a
+        gate has nothing to close: its report is an ordinary ``RetryAfter``
+        failure (an attempt is charged; otherwise a handler that always answers
+        "rate limited" would retry for ever). A wait ending at or past the
+        task's schedule_to_close fails it now, as for ``RetryAfter``."""
+
+        async def decide(task: Task, now: int) -> tuple[TaskChange, FailOutcome]:
+            if not task.gate:
+                return await self._failure(task, now, error, error_type, False, retry_after_ms)
+            until = now + min(max(retry_after_ms, 1), int(RETRY_INTERVAL.high))
+            if task.deadline_at is not None and until >= task.deadline_at:
+                why = f"{error} (not retried: rate limited until past the task's schedule_to_close)"
+                return TaskChange.fail(task, why, error_type, now), FailOutcome(TaskStatus.FAILED)
+            try:
+                await self.store.close_gate(task.namespace, task.gate, until)
+            except StoreUnavailable as exc:
+                raise Unavailable(str(exc)) from exc
+            await self._add_due(run_entry(task, until))
+            return TaskChange.rate_limited(task, error, error_type, until), FailOutcome(TaskStatus.SCHEDULED, until)
+
+        return await self._end_attempt(task_id, token, namespace, decide)
+
     async def _end_attempt(
         self,
         task_id: uuid.UUID,

@@ -187,6 +187,8 @@ ALL_BOUNDS: tuple[Bound, ...] = (
 
 # ---------------------------------------------------------------- schedules (the gRPC edge)
 
+# A gate's name (leasesched.gates): like a schedule id.
+GATE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 SCHEDULE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 MAX_SCHEDULE_NOTE = 1024
 # A spec's durations as they arrive (ScheduleSpec.check applies the exact bounds).

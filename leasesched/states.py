@@ -50,6 +50,7 @@ class Transition(enum.Enum):
     LEASE_EXPIRED_FAIL = "lease_expired_fail"  # expiry with no attempt left
     LEASE_EXPIRED_CANCEL = "lease_expired_cancel"  # expiry of a task whose cancel was requested
     RELEASE = "release"  # worker gives the task back on shutdown
+    RATE_LIMITED = "rate_limited"  # the handler was rate limited: waits for its gate, attempt not charged
     CANCEL = "cancel"  # user cancel of a task that is not running
     CANCEL_ACK = "cancel_ack"  # worker stopped a running task after a cancel request
     DEADLINE = "deadline"  # schedule-to-close / schedule-to-start passed
@@ -68,6 +69,7 @@ TRANSITIONS: dict[Transition, tuple[frozenset[TaskStatus], TaskStatus]] = {
     Transition.LEASE_EXPIRED_FAIL: (frozenset({_S.RUNNING}), _S.FAILED),
     Transition.LEASE_EXPIRED_CANCEL: (frozenset({_S.RUNNING}), _S.CANCELLED),
     Transition.RELEASE: (frozenset({_S.RUNNING}), _S.SCHEDULED),
+    Transition.RATE_LIMITED: (frozenset({_S.RUNNING}), _S.SCHEDULED),
     Transition.CANCEL: (frozenset({_S.SCHEDULED}), _S.CANCELLED),
     Transition.CANCEL_ACK: (frozenset({_S.RUNNING}), _S.CANCELLED),
     Transition.DEADLINE: (frozenset({_S.SCHEDULED, _S.RUNNING}), _S.FAILED),

@@ -89,6 +89,7 @@ class DueNotifier:
             priority=stored.priority,
             type=stored.type,
             namespace=stored.namespace,
+            gate=stored.gate,
         )
         request.run_at.FromMilliseconds(stored.run_at)
         task = asyncio.create_task(self._send(address, request))

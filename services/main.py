@@ -21,6 +21,7 @@ from leasesched.server.grpc_server import build_server, stop_signal, wait_for_st
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.due_notifier import DueNotifier
 from services.rate_limit import QuotaInterceptor, Quotas, transport_cap
+from services.gate_service import GateService
 from services.schedule_service import ScheduleService
 from services.task_service import TaskService
 from services.task_updater import TaskUpdater
@@ -60,6 +61,7 @@ async def serve(cfg: Config, role: str, port: int) -> None:
             adders = [
                 (pb_grpc.add_TaskServiceServicer_to_server, service, "leasesched.v1.TaskService"),
                 (pb_grpc.add_ScheduleServiceServicer_to_server, schedules, "leasesched.v1.ScheduleService"),
+                (pb_grpc.add_GateServiceServicer_to_server, GateService(store), "leasesched.v1.GateService"),
             ]
             # After authentication (build_server's order): quotas are per caller namespace.
             interceptors.append(QuotaInterceptor(Quotas.from_config(cfg)))

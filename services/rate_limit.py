@@ -47,6 +47,7 @@ LIST_METHOD = SERVICE_PREFIX + "ListTasks"
 WRITE = "write"
 READ = "read"
 SCHEDULES_PREFIX = "/leasesched.v1.ScheduleService/"
+GATES_PREFIX = "/leasesched.v1.GateService/"
 GROUP_OF_METHOD: dict[str, str] = {
     SCHEDULE_METHOD: WRITE,
     CANCEL_METHOD: WRITE,
@@ -58,9 +59,13 @@ GROUP_OF_METHOD: dict[str, str] = {
                                              "UnpauseSchedule", "TriggerSchedule", "BackfillSchedule")},
     SCHEDULES_PREFIX + "DescribeSchedule": READ,
     SCHEDULES_PREFIX + "ListSchedules": READ,
+    # Gates: changes are admin only, reads may come from clients.
+    **{GATES_PREFIX + m: WRITE for m in ("SetGate", "PauseGate", "UnpauseGate", "DeleteGate")},
+    GATES_PREFIX + "GetGate": READ,
+    GATES_PREFIX + "ListGates": READ,
 }
 # A page of n rows costs by its size (``list_cost``): each row is a read.
-LIST_METHODS = (LIST_METHOD, SCHEDULES_PREFIX + "ListSchedules")
+LIST_METHODS = (LIST_METHOD, SCHEDULES_PREFIX + "ListSchedules", GATES_PREFIX + "ListGates")
 GROUP_METHODS = {WRITE: "ScheduleTask/CancelTask/schedule changes", READ: "PollTask/ListTasks/schedule reads"}
 
 MAX_BUCKETS = 100_000

@@ -22,6 +22,7 @@ from leasesched.store.page_token import BadPageToken, decode_token
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.convert import status_from_pb, task_view, ts
+from services.gate_service import REASON_CACHE_S, GateBook, waiting_reason
 from services.page_tokens import PageTokens
 from services.poll_cache import FinishedTasks
 from leasesched.server.validation import check_namespace, check_task_id, request_hash, validate_schedule
@@ -56,11 +57,17 @@ class TaskService(pb_grpc.TaskServiceServicer):
         self._workers = workers
         self._finished = FinishedTasks(cfg.poll_cache_mb * 1024 * 1024)
         self._tokens: PageTokens | None = None
+        self._gates = GateBook(lifecycle.store)
 
     async def ScheduleTask(self, request: pb.ScheduleTaskRequest, context: grpc.aio.ServicerContext) -> pb.ScheduleTaskResponse:
         now = now_ms()
         require_namespace(check_namespace(request.task.namespace))
         task = validate_schedule(request, self._cfg, self._shards, now)
+        if task.gate:
+            # Decision (docs/design.md, "Gates"): a gate that does not exist is
+            # refused here, not taken as "no gate" (a typo would run the task
+            # unlimited). One read per gate per few seconds (GateBook's cache).
+            await self._gates.require(task.namespace, task.gate)
         outcome = await self._lifecycle.schedule(task, request.idempotency_key, request_hash(request), self._shards)
         stored = outcome.task
         log.info(
@@ -83,6 +90,11 @@ class TaskService(pb_grpc.TaskServiceServicer):
             return pb.PollTaskResponse(task=view)
         task = await self._visible(task_id)
         view = self._view(task)
+        if task.gate and task.status == TaskStatus.SCHEDULED:
+            # One read of the gate row (cached a few seconds), only for a gated task that waits.
+            view.waiting_reason = waiting_reason(
+                await self._gates.get(task.namespace, task.gate, max_age_s=REASON_CACHE_S), task.gate, now_ms()
+            )
         self._finished.remember(task_id, view, final=task.status.terminal)
         return pb.PollTaskResponse(task=view)
 

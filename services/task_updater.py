@@ -133,6 +133,12 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
                 outcome = await self._lifecycle.acknowledge_cancel(task_id, token, error, error_type, namespace=namespace)
             elif request.released:
                 outcome = await self._lifecycle.release(task_id, token, namespace=namespace)
+            elif request.rate_limited:
+                if retry_after_ms <= 0:
+                    raise InvalidArgument("rate_limited needs a retry_after > 0 (until when the gate is closed)")
+                outcome = await self._lifecycle.rate_limited(
+                    task_id, token, retry_after_ms, error, error_type or "RateLimited", namespace=namespace,
+                )  # fmt: skip
             else:
                 outcome = await self._lifecycle.fail(
                     task_id, token, error, error_type, non_retryable=request.non_retryable, namespace=namespace,
@@ -144,7 +150,8 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
         )  # fmt: skip
         type_ = self._type_of(task_id, forget=True)
         if outcome.status == TaskStatus.SCHEDULED:
-            metrics.tasks_requeued.labels(type_, "released" if request.released else "retry").inc()
+            reason = "released" if request.released else ("rate_limited" if request.rate_limited else "retry")
+            metrics.tasks_requeued.labels(type_, reason).inc()
         elif outcome.status == TaskStatus.FAILED:
             metrics.tasks_failed.labels(type_, "error").inc()
         elif outcome.status == TaskStatus.CANCELLED:

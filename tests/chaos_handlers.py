@@ -16,7 +16,8 @@ recorded in the ledger with its answer: the chaos test checks that no stale
 execution's write took effect (``ledger.check_fenced``).
 
 Payload (JSON): {"seconds": run time, "fail": n first attempts fail,
-"permanent": bool, "progress": bool}.
+"permanent": bool, "progress": bool, "rate_limited": s — the first claim
+(lease token 1) raises ``RateLimited(s)`` before any work}.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from leasesched.config import Config
 from leasesched.loadtest.ledger import LedgerWriter
 from leasesched.store.cassandra import new_cluster
 from worker.fencing import FencedTable
-from worker.handlers import Handlers, PermanentError, TaskContext
+from worker.handlers import Handlers, PermanentError, RateLimited, TaskContext
 
 LEDGER_ENV = "LEASESCHED_TEST_LEDGER"
 
@@ -47,6 +48,8 @@ def _seconds(ctx: TaskContext) -> float:
 @handlers.task("chaos.work")
 async def work(ctx: TaskContext) -> bytes:
     spec = json.loads(ctx.payload or b"{}")
+    if spec.get("rate_limited") and ctx.lease_token == 1:
+        raise RateLimited(float(spec["rate_limited"]), "the remote side said: too many requests")
     with ledger.execution(ctx) as running:
         finish = time.monotonic() + float(spec.get("seconds", 0.2))
         steps = 0

@@ -212,6 +212,11 @@ class LiveCluster(Cluster):
         return pb_grpc.TaskServiceStub(self._client_channel())
 
     @property
+    def gates(self) -> pb_grpc.GateServiceStub:
+        """GateService, served by the same TaskService process."""
+        return pb_grpc.GateServiceStub(self._client_channel())
+
+    @property
     def schedules(self) -> pb_grpc.ScheduleServiceStub:
         """ScheduleService, served by the same TaskService process."""
         return pb_grpc.ScheduleServiceStub(self._client_channel())
@@ -247,11 +252,14 @@ class LiveCluster(Cluster):
         key: str = "",
         retry_initial_s: float = 0.5,
         retry_unavailable: bool = True,
+        gate: str = "",
         **payload: Any,
     ) -> str:
         """Schedule one chaos.work task; retries UNAVAILABLE (and the other answers of a
         server that is going away) with the same idempotency key."""
-        spec = pb.TaskSpec(namespace=NAMESPACE, type="chaos.work", payload=json.dumps({"seconds": seconds, **payload}).encode())
+        spec = pb.TaskSpec(
+            namespace=NAMESPACE, type="chaos.work", payload=json.dumps({"seconds": seconds, **payload}).encode(), gate=gate
+        )
         if delay_s:
             spec.delay.FromMilliseconds(int(delay_s * 1000))
         if priority is not None:

@@ -12,6 +12,13 @@ after all) costs only time: after ``claim_timeout`` the trigger re-reads the
 task and, if nobody claimed it, offers it again. A worker that over-received
 (it subscribes to several triggers) returns the task at once instead.
 
+Gated tasks (``Ready.gate``) do not go to a worker when offered: they wait
+in a heap per (namespace, gate) until the trigger's ``GateKeeper``
+(``trigger/gates.py``) holds a token of that gate for them, and it asks for
+tokens only as many as there are free slots for them, so a token is spent
+the moment it is taken. A task without a gate never meets any of this (one
+test of an empty string).
+
 Acks save those reads in the common case. A worker says on its stream when
 it claimed a dispatch (no claim check is needed then) and when its report
 under that lease was accepted (the lease can never be live again, so the
@@ -30,7 +37,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AbstractSet, Awaitable, Callable
+from typing import AbstractSet, Awaitable, Callable, Protocol
 
 from leasesched.observability import metrics
 from leasesched.observability.logs import fields
@@ -62,6 +69,7 @@ class Ready:
     shard: int = field(compare=False)
     # Called once the task no longer needs this trigger (claimed, gone, shard lost).
     on_done: Callable[[], None] = field(compare=False)
+    gate: str = field(default="", compare=False)  # its gate, "" = none
 
     @property
     def key(self) -> tuple[uuid.UUID, int, int]:
@@ -90,6 +98,17 @@ def _fields(ready: Ready, worker: str | None = None) -> dict[str, object]:
 ClaimCheck = Callable[[Ready], Awaitable[bool]]
 # Told the ids of the subscribed workers whenever a stream comes or goes.
 WorkersChanged = Callable[[set[str]], None]
+GateKey = tuple[str, str]  # (namespace, gate)
+
+
+class GateWaker(Protocol):
+    """What the dispatcher tells the trigger's gate keeper (``trigger/gates.GateKeeper``)."""
+
+    def wake(self, key: GateKey) -> None:
+        """Tasks of this gate wait: take tokens for them."""
+
+    def wake_all(self) -> None:
+        """Worker slots freed: gates waiting for slots may take tokens now."""
 
 
 @dataclass
@@ -107,6 +126,8 @@ class Dispatcher:
         self._still_unclaimed = still_unclaimed
         self._on_workers = on_workers
         self._heaps: dict[tuple[str, str], list[Ready]] = {}
+        self._gated: dict[GateKey, list[Ready]] = {}  # waiting for a token of their gate
+        self.gates: GateWaker | None = None
         self._links: set[WorkerLink] = set()
         self._inflight: dict[Key, InFlight] = {}
         self._queued: set[Key] = set()
@@ -123,6 +144,7 @@ class Dispatcher:
         log.info("worker %s subscribed for %s/%s with %d slots", worker_id, namespace, sorted(types), credits)
         self._workers_changed()
         self._drain(link)
+        self._wake_gates()
         return link
 
     def disconnect(self, link: WorkerLink) -> None:
@@ -137,6 +159,7 @@ class Dispatcher:
     def set_credits(self, link: WorkerLink, slots: int) -> None:
         link.credits = max(0, slots) - link.outbox.qsize()
         self._drain(link)
+        self._wake_gates()
 
     def returned(self, task_id: uuid.UUID) -> None:
         """The worker had no free slot after all: offer the task again now."""
@@ -188,6 +211,15 @@ class Dispatcher:
             # The same entry offered twice (a hint and the scan, or a retry):
             # the copy already here resolves it when the task is claimed.
             return
+        if ready.gate and self.gates is not None:
+            key = (ready.namespace, ready.gate)
+            self._queued.add(ready.key)
+            heapq.heappush(self._gated.setdefault(key, []), ready)
+            self.gates.wake(key)
+            return
+        self._dispatch(ready)
+
+    def _dispatch(self, ready: Ready) -> None:
         link = self._pick(ready)
         if link is not None:
             self._send(link, ready)
@@ -195,17 +227,64 @@ class Dispatcher:
             self._queued.add(ready.key)
             heapq.heappush(self._heaps.setdefault((ready.namespace, ready.type), []), ready)
 
+    # ------------------------------------------------------------ gated tasks
+
+    def gated_waiting(self, key: GateKey) -> int:
+        """Tasks of gate ``key`` waiting for a token here."""
+        return len(self._gated.get(key, ()))
+
+    def gated_free_slots(self, key: GateKey) -> int:
+        """Free worker slots that tasks of gate ``key`` could use now: the
+        gate keeper takes no more tokens than this (a token is spent when it
+        is taken, so one taken without a worker to run it would be lost, and
+        tasks held back by no worker must not start as a flood later)."""
+        heap = self._gated.get(key)
+        if not heap:
+            return 0
+        types = {r.type for r in heap}
+        return sum(
+            link.credits for link in self._links if link.credits > 0 and link.namespace == key[0] and not link.types.isdisjoint(types)
+        )
+
+    def release_gated(self, key: GateKey, tokens: int) -> int:
+        """Send up to ``tokens`` tasks of gate ``key`` (highest priority first,
+        among those a free worker serves); returns how many went out."""
+        heap = self._gated.get(key)
+        sent = 0
+        held: list[Ready] = []
+        while heap and sent < tokens:
+            ready = heapq.heappop(heap)
+            link = self._pick(ready)
+            if link is None:
+                held.append(ready)  # no free worker for its type: it keeps its place
+                continue
+            self._queued.discard(ready.key)
+            self._send(link, ready)
+            sent += 1
+        for ready in held:
+            heapq.heappush(heap if heap is not None else self._gated.setdefault(key, []), ready)
+        if heap is not None and not heap:
+            self._gated.pop(key, None)
+        return sent
+
+    def gated_keys(self) -> list[GateKey]:
+        return [k for k, heap in self._gated.items() if heap]
+
+    def _wake_gates(self) -> None:
+        if self._gated and self.gates is not None:
+            self.gates.wake_all()
+
     def drop_shards(self, keep: frozenset[int]) -> None:
         """Forget tasks of shards this trigger no longer owns; their new owner
         re-reads them from its checkpoint."""
-        for group, heap in list(self._heaps.items()):
+        for group, heap in [*self._heaps.items(), *self._gated.items()]:
             kept = [r for r in heap if r.shard in keep]
             for r in heap:
                 if r.shard not in keep:
                     self._queued.discard(r.key)
                     r.on_done()
             heapq.heapify(kept)
-            self._heaps[group] = kept
+            heap[:] = kept
         for key, entry in list(self._inflight.items()):
             if entry.ready.shard not in keep:
                 entry.claim_check.cancel()
@@ -214,7 +293,8 @@ class Dispatcher:
 
     def stats(self) -> dict[str, int]:
         return {
-            "queued": sum(len(h) for h in self._heaps.values()),
+            "queued": sum(len(h) for h in self._heaps.values()) + sum(len(h) for h in self._gated.values()),
+            "gated": sum(len(h) for h in self._gated.values()),
             "inflight": len(self._inflight),
             "workers": len(self._links),
             "dispatched_total": self.dispatched_total,
@@ -307,6 +387,7 @@ class Dispatcher:
         run_at: int,
         shard: int,
         on_done: Callable[[], None],
+        gate: str = "",
     ) -> Ready:
         return Ready(
             sort_key=(-priority, run_at, next(self._seq)),
@@ -319,4 +400,5 @@ class Dispatcher:
             run_at=run_at,
             shard=shard,
             on_done=on_done,
+            gate=gate,
         )

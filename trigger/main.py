@@ -30,6 +30,7 @@ from leasesched.server.auth_setup import make_authenticator
 from leasesched.server.grpc_server import build_server, stop_signal, wait_for_stop_signal
 from trigger.announcer import Announcer
 from trigger.dispatcher import Dispatcher, Ready, WorkersChanged
+from trigger.gates import GateKeeper
 from trigger.ownership import ShardOwnership
 from trigger.scanner import ScanSettings, ShardScanner
 from trigger.schedule_firer import ScheduleFirer
@@ -48,6 +49,7 @@ class Trigger:
         self._lifecycle = lifecycle
         self._settings = settings
         self.dispatcher = Dispatcher(cfg.claim_timeout_s, self._still_unclaimed, on_workers)
+        self.gates = GateKeeper(lifecycle.store, self.dispatcher)
         self.firer = ScheduleFirer(lifecycle, cfg.schedule_catchup_rate)
         self._scanners: dict[int, tuple[ShardScanner, asyncio.Task[None]]] = {}
         self._hints: set[asyncio.Task[None]] = set()
@@ -93,7 +95,7 @@ class Trigger:
                 lease_token=request.lease_token,
             )
             if request.namespace and request.HasField("run_at"):
-                entry[0].offer_created(due, request.namespace, request.run_at.ToMilliseconds())
+                entry[0].offer_created(due, request.namespace, request.run_at.ToMilliseconds(), gate=request.gate)
             else:
                 entry[0].notify_entry(due)
             return
@@ -111,6 +113,7 @@ class Trigger:
 
     def stop(self) -> None:
         self.set_owned(frozenset())
+        self.gates.stop()
 
     def stats(self) -> dict[str, object]:
         pending = sum(s.stats()["pending"] for s, _ in self._scanners.values())
@@ -154,6 +157,7 @@ async def serve(cfg: Config, port: int) -> None:
         metrics.dispatch_inflight.set_function(lambda: trigger.dispatcher.stats()["inflight"])
         metrics.subscribed_workers.set_function(lambda: trigger.dispatcher.stats()["workers"])
         metrics.due_read_age.set_function(trigger.oldest_read_s)
+        metrics.gate_status.set_source(trigger.gates.samples)
         service = TriggerService(trigger.dispatcher, trigger.due_hint, cfg.max_streams_per_worker, logical_shards=meta.logical_shards)
         authenticator = make_authenticator(cfg, store)
         server = await build_server(

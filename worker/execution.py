@@ -41,7 +41,7 @@ from leasesched.observability import metrics
 from leasesched.observability.logs import bind
 from leasesched.transport import SERVER_GONE_CODES
 from leasesched.v1 import scheduler_pb2 as pb
-from worker.handlers import Handler, LeaseLost, Mode, PermanentError, RetryAfter, TaskContext
+from worker.handlers import Handler, LeaseLost, Mode, PermanentError, RateLimited, RetryAfter, TaskContext
 from worker.heartbeats import Beat, HeartbeatThread
 from worker.lease import ClaimBudget, LeaseClock
 from worker.process_mode import run_in_process
@@ -90,6 +90,7 @@ class Outcome:
     error: str = ""
     error_type: str = ""
     retry_after_ms: int = 0  # ERROR only: the next attempt not before this (a RetryAfter)
+    rate_limited: bool = False  # ERROR only: a RateLimited (the gate closes, no attempt used)
 
 
 def _as_bytes(value: Any) -> bytes:
@@ -369,8 +370,12 @@ class Execution:
         except PermanentError as exc:
             return Outcome(Kind.PERMANENT, error=str(exc) or type(exc).__name__, error_type=type(exc).__name__)
         except RetryAfter as exc:
-            log.info("task %s: handler asked to retry after %g s: %s", self.task_id, exc.seconds, exc)
-            return Outcome(Kind.ERROR, error=str(exc), error_type=exc.error_type, retry_after_ms=exc.milliseconds)
+            limited = isinstance(exc, RateLimited)
+            log.info("task %s: handler %s %g s: %s", self.task_id, "rate limited for" if limited else "asked to retry after",
+                     exc.seconds, exc)  # fmt: skip
+            return Outcome(
+                Kind.ERROR, error=str(exc), error_type=exc.error_type, retry_after_ms=exc.milliseconds, rate_limited=limited
+            )
         except LeaseLost as exc:
             log.warning("task %s: handler gave up: %s", self.task_id, exc)
             return Outcome(Kind.FENCED)
@@ -413,6 +418,7 @@ class Execution:
                 non_retryable=outcome.kind == Kind.PERMANENT,
                 cancelled=outcome.kind == Kind.CANCELLED,
                 released=outcome.kind == Kind.RELEASED,
+                rate_limited=outcome.rate_limited and outcome.retry_after_ms > 0,
             )
             if outcome.retry_after_ms:
                 request.retry_after.FromMilliseconds(outcome.retry_after_ms)

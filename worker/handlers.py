@@ -16,8 +16,11 @@ cancellation), plain ``def`` (run in a thread: stop them by checking
 ``ctx.cancelled``), or ``mode="process"`` (run in a child process that can be
 killed when it does not stop in time). Raise ``PermanentError`` for a failure
 that retrying cannot fix; ``RetryAfter(seconds, message)`` for one that may be
-retried, but not before the remote side said (an HTTP Retry-After); any other
-exception is retried per the task's policy.
+retried, but not before the remote side said (an HTTP Retry-After);
+``RateLimited(retry_after, message)`` when the remote side refused the call
+for its rate: the task's gate closes until then (its other tasks wait too) and
+the task runs again then without using an attempt; any other exception is
+retried per the task's policy.
 """
 
 from __future__ import annotations
@@ -65,6 +68,24 @@ class RetryAfter(Exception):
     def milliseconds(self) -> int:
         """The wait as the report sends it (rounded up: never earlier than asked)."""
         return math.ceil(self.seconds * 1000)
+
+
+class RateLimited(RetryAfter):
+    """The remote side refused the call for its rate (HTTP 429, or 503 with
+    Retry-After): nothing is wrong with the task, the *gate* is too fast.
+
+    The report (``FailTaskRequest.rate_limited`` with ``retry_after``) closes
+    the task's gate until now + ``retry_after`` seconds, so that no task of the
+    gate starts before then on any worker, and the task is due again then as
+    the same attempt (no attempt used). A task without a gate is retried as
+    for ``RetryAfter`` (an attempt used: nothing would bound the retries).
+    A ``RetryAfter`` subclass, so code that catches ``RetryAfter`` still does.
+    ``retry_after`` must be > 0."""
+
+    def __init__(self, retry_after: float, message: str = "", error_type: str = "RateLimited") -> None:
+        if not math.isfinite(retry_after) or retry_after <= 0:
+            raise ValueError(f"RateLimited needs retry_after > 0 seconds, not {retry_after}")
+        super().__init__(retry_after, message or f"rate limited for {retry_after:g} s", error_type)
 
 
 class LeaseLost(Exception):

@@ -38,8 +38,9 @@ side of this; the decisions and their reasons are here.
   that is shorter, so that the handler reports its own timeout before the
   worker stops it.
 
-Not done here: gates (issue 15). A 429 delays only its own task; the comment
-in ``_judge`` marks where a 429 will close the task's gate.
+Gates (issue 15, docs/gates.md): a 429 or 503 with a Retry-After becomes
+``RateLimited``: the task's gate closes until then, so the gate's other tasks
+wait too, and the task runs again then without using an attempt.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ import httpx
 from standardwebhooks import Webhook
 
 from leasesched.config import Config
-from worker.handlers import Handlers, Mode, PermanentError, RetryAfter, TaskContext
+from worker.handlers import Handlers, Mode, PermanentError, RateLimited, RetryAfter, TaskContext
 
 WEBHOOK_TYPE = "webhook"
 DEFAULT_EVENT_TYPE = "leasesched.webhook"
@@ -389,8 +390,11 @@ class WebhookHandler:
         what = f"HTTP {status} from {delivery.host}" + (f": {text[:ERROR_BODY_CHARS]}" if text else "")
         if status in (408, 429) or 500 <= status < 600:
             wait = retry_after_seconds(response.headers.get("retry-after"), self._clock())
-            # Gates (issue 15, not built yet): a 429 will also close the task's
-            # gate until ``wait``, so that the gate's other tasks wait too.
+            if wait is not None and wait > 0 and status in (429, 503):
+                # The remote side said it is too busy and until when: the
+                # task's gate (if it has one) closes until then, so the gate's
+                # other tasks wait too, and no attempt is used (docs/gates.md).
+                raise RateLimited(wait, f"{what} (Retry-After {wait:g} s)", error_type=f"HTTP{status}")
             if wait is not None:
                 raise RetryAfter(wait, f"{what} (Retry-After {wait:g} s)", error_type=f"HTTP{status}")
             raise WebhookFailed(what, f"HTTP{status}")

@@ -503,6 +503,7 @@ def task(ctx: click.Context, target: str | None, as_json: bool, token: str | Non
 @click.option("--key", "--idempotency-key", "idempotency_key", default="", callback=text_option,
               help="Idempotency key: the same key and request give the same task, never a duplicate.")
 @action_options
+@click.option("--gate", default="", callback=text_option, help="The gate (leasesched gate) the task waits for before it starts.")
 @click.option("-v", "--verbose", is_flag=True, help="Also say on stderr when it runs and whether it was new.")
 @json_option
 @click.pass_obj
@@ -514,11 +515,13 @@ def schedule(
     run_at: str | None,
     idempotency_key: str,
     action: ActionOptions,
+    gate: str,
     verbose: bool,
 ) -> None:
     if delay is not None and run_at is not None:
         raise click.UsageError("give --delay or --at, not both")
     spec = action.task_spec(task_type, namespace)
+    spec.gate = gate
     if delay is not None:
         spec.delay.CopyFrom(duration_pb(delay))
     if run_at is not None:

@@ -17,7 +17,12 @@ from __future__ import annotations
 import logging
 import threading
 
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,7 @@ tasks_failed = Counter(
 )  # fmt: skip
 tasks_requeued = Counter(
     "leasesched_tasks_requeued", "RUNNING tasks made SCHEDULED again: retry (after a failure), released (worker "
-    "shutdown) or lease_expired.",
+    "shutdown), rate_limited (the handler's gate closed, no attempt used) or lease_expired.",
     ["type", "reason"], registry=None,
 )  # fmt: skip
 tasks_cancelled = Counter("leasesched_tasks_cancelled", "Running tasks that stopped on a cancel request.", ["type"], registry=None)
@@ -102,6 +107,60 @@ due_read_age = Gauge(
     "Seconds since the owned shard read longest ago had its due index read whole (about scan_interval_s when healthy).",
     registry=None,
 )
+
+
+
+@dataclass(frozen=True)
+class GateSample:
+    """One gate as a trigger last read it (``trigger/gates.py``)."""
+
+    namespace: str
+    gate: str
+    tokens: float
+    state: str  # open, paused, closed
+
+
+GATE_STATES = ("open", "paused", "closed")
+MAX_GATE_LABELS = 200  # gates are made by admins, but the label set stays bounded anyway
+
+
+class GateCollector(Collector):
+    """``leasesched_gate_tokens_available`` and ``leasesched_gate_state``, computed
+    at scrape time from the trigger's last read of each gate it holds tasks
+    for (nothing on the dispatch path). At most ``MAX_GATE_LABELS`` gates."""
+
+    def __init__(self) -> None:
+        self._source: Callable[[], list[GateSample]] = list
+
+    def set_source(self, source: Callable[[], list[GateSample]]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(self._families([]))
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        return iter(self._families(sorted(self._source(), key=lambda g: (g.namespace, g.gate))[:MAX_GATE_LABELS]))
+
+    @staticmethod
+    def _families(samples: list[GateSample]) -> list[GaugeMetricFamily]:
+        tokens = GaugeMetricFamily(
+            "leasesched_gate_tokens_available",
+            "Tasks of the gate that could start at once now (its GCRA bucket, warm-up applied; 0 while paused or "
+            "closed), as this trigger last read the gate.",
+            labels=["namespace", "gate"],
+        )
+        state = GaugeMetricFamily(
+            "leasesched_gate_state", "1 for the gate's state now (open, paused, closed), 0 for the others.",
+            labels=["namespace", "gate", "state"],
+        )  # fmt: skip
+        for sample in samples:
+            tokens.add_metric([sample.namespace, sample.gate], sample.tokens)
+            for name in GATE_STATES:
+                state.add_metric([sample.namespace, sample.gate, name], 1.0 if sample.state == name else 0.0)
+        return [tokens, state]
+
+
+gate_status = GateCollector()
 
 # ------------------------------------------------------------------ schedules (trigger and TaskService)
 
@@ -170,6 +229,7 @@ _BY_ROLE: dict[str, tuple[object, ...]] = {
         *_RPC, tasks_dispatched, tasks_quarantined, store_unknown_outcomes, lease_expirations, tasks_requeued,
         tasks_failed, shards_owned,
         shard_ownership_changes, dispatch_queued, dispatch_inflight, subscribed_workers, due_read_age, *_SCHEDULES,
+        gate_status,
     ),  # fmt: skip
     "worker": (
         worker_slots, worker_slots_busy, worker_executions, worker_execution_seconds, worker_loop_stalls,

@@ -25,6 +25,10 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ROLES_BY_METHOD: tuple[tuple[str, frozenset[str]], ...] = (
     ("/leasesched.v1.TaskService/", frozenset({"client", "admin"})),
     ("/leasesched.v1.ScheduleService/", frozenset({"client", "admin"})),
+    # Gates: a client may look at its namespace's gates; every change is admin only.
+    ("/leasesched.v1.GateService/GetGate", frozenset({"client", "admin"})),
+    ("/leasesched.v1.GateService/ListGates", frozenset({"client", "admin"})),
+    ("/leasesched.v1.GateService/", frozenset({"admin"})),
     ("/leasesched.v1.TaskUpdater/", frozenset({"worker", "admin"})),
     ("/leasesched.v1.TriggerService/Subscribe", frozenset({"worker", "admin"})),
     ("/leasesched.v1.TriggerService/NotifyDue", frozenset({"admin"})),

@@ -73,6 +73,10 @@ def check_type(value: str, field: str = "type") -> str:
     )
 
 
+def check_gate_name(value: str, field: str = "gate") -> str:
+    return check_name(value, field, limits.GATE_RE, "start with a letter or digit, then up to 127 of letters, digits, '_', '.', ':', '-'")
+
+
 def check_task_id(task_id: str) -> uuid.UUID:
     try:
         return uuid.UUID(task_id)
@@ -132,6 +136,7 @@ def validate_schedule(request: pb.ScheduleTaskRequest, cfg: Config, shards: int,
         schedule_to_close_ms=duration_ms(spec.timeouts.schedule_to_close, limits.TIMEOUT, "timeouts.schedule_to_close"),
     )
     lease_ms = _lease_ms(spec.lease_duration, cfg)
+    gate = check_gate_name(spec.gate, "task.gate") if spec.gate else ""
 
     task_id = uuid.uuid4()
     return Task(
@@ -148,6 +153,7 @@ def validate_schedule(request: pb.ScheduleTaskRequest, cfg: Config, shards: int,
         run_at=run_at,
         first_run_at=run_at,
         deadline_at=run_at + timeouts.schedule_to_close_ms if timeouts.schedule_to_close_ms else None,
+        gate=gate,
     )
 
 

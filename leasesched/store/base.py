@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from leasesched.changes import TaskChange
+from leasesched.gates import Gate
 from leasesched.limits import MAX_STORED_TIME_MS, PRIORITY
 from leasesched.model import DueEntry, RetryPolicy, Task, Timeouts
 from leasesched.schedules import Schedule
@@ -220,6 +221,33 @@ class TaskStore(Protocol):
 
     async def list_schedules(self, namespace: str, after_id: str, limit: int) -> list[Schedule]: ...
 
+    # -- gates (leasesched.gates; every change conditional) --
+    async def insert_gate(self, gate: Gate) -> bool:
+        """Create it if its name is free in its namespace. False: it exists."""
+        ...
+
+    async def get_gate(self, namespace: str, name: str, serial: bool = False) -> Gate | None: ...
+
+    async def update_gate(self, gate: Gate, expected: Gate) -> bool:
+        """Write ``gate``'s definition, switches and version only if the stored
+        version and closed_until are still ``expected``'s (a close landing in
+        between is never overwritten)."""
+        ...
+
+    async def reserve_gate(self, expected: Gate, tat_us: int, ramp_from_ms: int) -> bool:
+        """Take tokens: write the new TAT (and ramp start) only if version, TAT
+        and closed_until are still ``expected``'s. False: someone else moved it."""
+        ...
+
+    async def close_gate(self, namespace: str, name: str, until_ms: int) -> bool:
+        """Raise closed_until to ``until_ms`` (never lowers it: a max, so
+        repeating it is harmless). False: there is no such gate."""
+        ...
+
+    async def delete_gate(self, namespace: str, name: str, expected_version: int) -> bool: ...
+
+    async def list_gates(self, namespace: str, after: str, limit: int) -> list[Gate]: ...
+
     # -- trigger checkpoints --
     async def get_checkpoint(self, shard: int) -> int | None: ...
 
@@ -341,4 +369,5 @@ def task_from_row(row: Any) -> Task:
         deadline_at=row.deadline_at,
         schedule_id=row.schedule_id or "",
         nominal_time=row.nominal_time,
+        gate=getattr(row, "gate", None) or "",
     )

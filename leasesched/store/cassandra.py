@@ -62,6 +62,7 @@ from leasesched import limits
 from leasesched.auth import TokenRecord
 from leasesched.changes import TaskChange
 from leasesched.config import Config
+from leasesched.gates import Gate
 from leasesched.model import DueEntry, Task, bucket_of, listed_size
 from leasesched.observability import metrics
 from leasesched.observability.logs import fields
@@ -115,6 +116,7 @@ _SIMPLE_COLUMNS = {
     "error_type": "error_type",
     "cancel_requested": "cancel_requested",
     "schedule_id": "schedule_id",
+    "gate": "gate",
 }
 _TIME_COLUMNS = TIME_COLUMNS
 
@@ -363,6 +365,20 @@ class CassandraStore:
             "index_schedule": "INSERT INTO schedules_by_namespace (namespace, schedule_id) VALUES (?, ?)",
             "unindex_schedule": "DELETE FROM schedules_by_namespace WHERE namespace = ? AND schedule_id = ?",
             "list_schedules": "SELECT schedule_id FROM schedules_by_namespace WHERE namespace = ? AND schedule_id > ? LIMIT ?",
+            "insert_gate": f"INSERT INTO gates ({_GATE_COLUMNS}) VALUES ({', '.join('?' * len(_GATE_COLUMNS.split(', ')))}) IF NOT EXISTS",
+            "get_gate": _SELECT_GATE,
+            "get_gate_serial": _SELECT_GATE,
+            "get_gate_write_id": "SELECT write_id FROM gates WHERE namespace = ? AND gate = ?",
+            "update_gate": "UPDATE gates SET rate = ?, burst = ?, warmup_ms = ?, paused = ?, closed_until_ms = ?, "
+            "ramp_from_ms = ?, version = ?, updated_at_ms = ?, write_id = ? "
+            "WHERE namespace = ? AND gate = ? IF version = ? AND closed_until_ms = ?",
+            "reserve_gate": "UPDATE gates SET tat_us = ?, ramp_from_ms = ?, write_id = ? WHERE namespace = ? AND gate = ? "
+            "IF version = ? AND tat_us = ? AND closed_until_ms = ?",
+            "close_gate": "UPDATE gates SET closed_until_ms = ?, write_id = ? WHERE namespace = ? AND gate = ? IF closed_until_ms < ?",
+            "delete_gate": "DELETE FROM gates WHERE namespace = ? AND gate = ? IF version = ?",
+            "index_gate": "INSERT INTO gates_by_namespace (namespace, gate) VALUES (?, ?)",
+            "unindex_gate": "DELETE FROM gates_by_namespace WHERE namespace = ? AND gate = ?",
+            "list_gates": "SELECT gate FROM gates_by_namespace WHERE namespace = ? AND gate > ? LIMIT ?",
         }
         self._stmts = {name: session.prepare(cql) for name, cql in stmts.items()}
         self._stmts["get_task_serial"] = session.prepare(select_task)
@@ -371,10 +387,10 @@ class CassandraStore:
         # Same cells under the same timestamp: repeating it changes nothing.
         self._stmts["create_task"].is_idempotent = True
         self._stmts["get_secret"].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
-        for name in ("get_schedule_serial", "get_schedule_write_id"):
+        for name in ("get_schedule_serial", "get_schedule_write_id", "get_gate_serial", "get_gate_write_id"):
             self._stmts[name].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
         for name in ("insert_task", "claim_key", "create_secret", "insert_schedule", "update_schedule", "update_schedule_state",
-                     "delete_schedule"):
+                     "delete_schedule", "insert_gate", "update_gate", "reserve_gate", "close_gate", "delete_gate"):
             self._stmts[name].is_idempotent = False
         self._update_stmts.clear()
 
@@ -852,6 +868,98 @@ class CassandraStore:
         found = await asyncio.gather(*(self.get_schedule(namespace, r.schedule_id) for r in rows))
         return [s for s in found if s is not None]
 
+    # ---------------------------------------------------------------- gates
+
+    def _gate_write_id(self, namespace: str, name: str) -> WriteIdReader:
+        async def read() -> uuid.UUID | None:
+            rows = await self._run("get_gate_write_id", (namespace, name))
+            return rows[0].write_id if rows else None
+
+        return read
+
+    async def insert_gate(self, gate: Gate) -> bool:
+        """Create the gate if its name is free (conditional); the listing row first."""
+        await self._run_plain("index_gate", (gate.namespace, gate.name))
+        write_id = self._write_ids.next()
+        params = (
+            gate.namespace, gate.name, gate.rate, gate.burst, gate.warmup_ms, gate.paused, gate.closed_until_ms,
+            gate.tat_us, gate.ramp_from_ms, gate.version, gate.created_at_ms, gate.updated_at_ms, write_id,
+        )  # fmt: skip
+        row = await self._run_cas("insert_gate", params, f"gate {gate.namespace}/{gate.name}", write_id, self._gate_write_id(gate.namespace, gate.name))
+        if row is _NOT_APPLIED_UNKNOWN:
+            raise StoreUnavailable("Cassandra did not apply the gate insert; nothing was written")
+        return row is None or bool(row.applied)
+
+    async def get_gate(self, namespace: str, name: str, serial: bool = False) -> Gate | None:
+        rows = await self._run_plain("get_gate_serial" if serial else "get_gate", (namespace, name))
+        if not rows:
+            return None
+        r = rows[0]
+        return Gate(
+            namespace=r.namespace, name=r.gate, rate=r.rate or 1.0, burst=r.burst or 1, warmup_ms=r.warmup_ms or 0,
+            paused=bool(r.paused), closed_until_ms=r.closed_until_ms or 0, tat_us=r.tat_us or 0,
+            ramp_from_ms=r.ramp_from_ms or 0, version=r.version or 0, created_at_ms=r.created_at_ms or 0,
+            updated_at_ms=r.updated_at_ms or 0,
+        )  # fmt: skip
+
+    async def _gate_cas(self, statement: str, params: Sequence[Any], namespace: str, name: str, write_id: uuid.UUID) -> bool:
+        """One conditional write on a gate row: applied or not (an unknown
+        outcome is resolved by a serial read of its write id)."""
+        row = await self._run_cas(statement, params, f"gate {namespace}/{name}", write_id, self._gate_write_id(namespace, name))
+        if row is _NOT_APPLIED_UNKNOWN:
+            return False
+        return row is None or bool(row.applied)
+
+    async def update_gate(self, gate: Gate, expected: Gate) -> bool:
+        write_id = self._write_ids.next()
+        params = (
+            gate.rate, gate.burst, gate.warmup_ms, gate.paused, gate.closed_until_ms, gate.ramp_from_ms, gate.version,
+            gate.updated_at_ms, write_id, gate.namespace, gate.name, expected.version, expected.closed_until_ms,
+        )  # fmt: skip
+        return await self._gate_cas("update_gate", params, gate.namespace, gate.name, write_id)
+
+    async def reserve_gate(self, expected: Gate, tat_us: int, ramp_from_ms: int) -> bool:
+        write_id = self._write_ids.next()
+        params = (
+            tat_us, ramp_from_ms, write_id, expected.namespace, expected.name, expected.version, expected.tat_us,
+            expected.closed_until_ms,
+        )  # fmt: skip
+        return await self._gate_cas("reserve_gate", params, expected.namespace, expected.name, write_id)
+
+    async def close_gate(self, namespace: str, name: str, until_ms: int) -> bool:
+        """``closed_until = max(closed_until, until_ms)``: applied, or not applied
+        because it already closes as long (both True); False when no such gate."""
+        write_id = self._write_ids.next()
+        params = (until_ms, write_id, namespace, name, until_ms)
+        row = await self._run_cas("close_gate", params, f"gate {namespace}/{name}", write_id, self._gate_write_id(namespace, name))
+        if row is None or (row is not _NOT_APPLIED_UNKNOWN and row.applied):
+            return True
+        current = await self.get_gate(namespace, name, serial=True)
+        if current is None:
+            return False
+        if current.closed_until_ms >= until_ms:
+            return True
+        raise StoreUnavailable(f"Cassandra did not apply the close of gate {namespace}/{name}; nothing was written")
+
+    async def delete_gate(self, namespace: str, name: str, expected_version: int) -> bool:
+        """Delete the gate if its version is ``expected_version``."""
+        try:
+            rows = await self._run("delete_gate", (namespace, name, expected_version), cas=True)
+        except _UNAVAILABLE_ERRORS as exc:
+            if await self.get_gate(namespace, name, serial=True) is not None:
+                raise StoreUnavailable(f"Cassandra did not confirm the delete: {exc}") from exc
+            rows = []
+        if rows and not rows[0].applied:
+            return False
+        await self._run_plain("unindex_gate", (namespace, name))
+        return True
+
+    async def list_gates(self, namespace: str, after: str, limit: int) -> list[Gate]:
+        """Up to ``limit`` gates of ``namespace`` with names after ``after``, by name."""
+        rows = await self._run_plain("list_gates", (namespace, after, limit))
+        found = await asyncio.gather(*(self.get_gate(namespace, r.gate) for r in rows))
+        return [g for g in found if g is not None]
+
     # ---------------------------------------------------------------- checkpoints
 
     async def get_checkpoint(self, shard: int) -> int | None:
@@ -952,6 +1060,15 @@ def _cas_from_task(task: Task | None) -> CasResult:
 _SELECT_SCHEDULE = (
     "SELECT namespace, schedule_id, uid, shard, version, definition, state, "
     f"{_ms_column('created_at')}, {_ms_column('updated_at')} FROM schedules WHERE namespace = ? AND schedule_id = ?"
+)
+
+_GATE_COLUMNS = (
+    "namespace, gate, rate, burst, warmup_ms, paused, closed_until_ms, tat_us, ramp_from_ms, version, created_at_ms, "
+    "updated_at_ms, write_id"
+)
+_SELECT_GATE = (
+    "SELECT namespace, gate, rate, burst, warmup_ms, paused, closed_until_ms, tat_us, ramp_from_ms, version, "
+    "created_at_ms, updated_at_ms FROM gates WHERE namespace = ? AND gate = ?"
 )
 
 

@@ -18,6 +18,7 @@ import uuid
 from typing import Any
 
 from leasesched.changes import TaskChange
+from leasesched.gates import Gate
 from leasesched.model import DueEntry, Task, listed_size
 from leasesched.schedules import Schedule
 from leasesched.states import TaskStatus
@@ -74,6 +75,7 @@ def raw_row(task: Task, **overrides: Any) -> types.SimpleNamespace:
         deadline_at=task.deadline_at,
         schedule_id=task.schedule_id,
         nominal_time=task.nominal_time,
+        gate=task.gate,
         write_id=None,
     )
     for column, value in overrides.items():
@@ -95,6 +97,8 @@ class MemoryStore:
         self.raw: dict[uuid.UUID, types.SimpleNamespace] = {}  # rows kept as stored (see put_raw)
         self.quarantines: list[tuple[uuid.UUID, RawCondition, dict[str, Any], bool]] = []  # (.., applied)
         self.schedules: dict[tuple[str, str], _Stored] = {}
+        self.gates: dict[tuple[str, str], Gate] = {}
+        self.gate_writes = 0  # conditional writes on gate rows (reservations, closes, changes)
 
     def _maybe_fail(self, op: str) -> None:
         if op in self.fail_next:
@@ -299,6 +303,65 @@ class MemoryStore:
     async def list_schedules(self, namespace: str, after_id: str, limit: int) -> list[Schedule]:
         ids = sorted(sid for ns, sid in self.schedules if ns == namespace and sid > after_id)[:limit]
         return [_decode(self.schedules[(namespace, sid)]) for sid in ids]
+
+
+    # -- gates: the same conditions as the Cassandra store's lightweight transactions
+
+    async def insert_gate(self, gate: Gate) -> bool:
+        self._maybe_fail("insert_gate")
+        self.gate_writes += 1
+        key = (gate.namespace, gate.name)
+        if key in self.gates:
+            return False
+        self.gates[key] = gate
+        return True
+
+    async def get_gate(self, namespace: str, name: str, serial: bool = False) -> Gate | None:
+        self._maybe_fail("get_gate")
+        return self.gates.get((namespace, name))
+
+    async def update_gate(self, gate: Gate, expected: Gate) -> bool:
+        self._maybe_fail("update_gate")
+        self.gate_writes += 1
+        stored = self.gates.get((gate.namespace, gate.name))
+        if stored is None or (stored.version, stored.closed_until_ms) != (expected.version, expected.closed_until_ms):
+            return False
+        self.gates[(gate.namespace, gate.name)] = gate.replace(tat_us=stored.tat_us)
+        return True
+
+    async def reserve_gate(self, expected: Gate, tat_us: int, ramp_from_ms: int) -> bool:
+        self._maybe_fail("reserve_gate")
+        self.gate_writes += 1
+        key = (expected.namespace, expected.name)
+        stored = self.gates.get(key)
+        if stored is None or (stored.version, stored.tat_us, stored.closed_until_ms) != (
+            expected.version, expected.tat_us, expected.closed_until_ms,
+        ):  # fmt: skip
+            return False
+        self.gates[key] = stored.replace(tat_us=tat_us, ramp_from_ms=ramp_from_ms)
+        return True
+
+    async def close_gate(self, namespace: str, name: str, until_ms: int) -> bool:
+        self._maybe_fail("close_gate")
+        self.gate_writes += 1
+        stored = self.gates.get((namespace, name))
+        if stored is None:
+            return False
+        if stored.closed_until_ms < until_ms:
+            self.gates[(namespace, name)] = stored.replace(closed_until_ms=until_ms)
+        return True
+
+    async def delete_gate(self, namespace: str, name: str, expected_version: int) -> bool:
+        self._maybe_fail("delete_gate")
+        stored = self.gates.get((namespace, name))
+        if stored is None or stored.version != expected_version:
+            return False
+        del self.gates[(namespace, name)]
+        return True
+
+    async def list_gates(self, namespace: str, after: str, limit: int) -> list[Gate]:
+        names = sorted(n for ns, n in self.gates if ns == namespace and n > after)[:limit]
+        return [self.gates[(namespace, n)] for n in names]
 
 
 _Stored = tuple[Schedule, str, str]

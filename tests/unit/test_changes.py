@@ -76,6 +76,12 @@ CASES: dict[str, tuple[Transition, Callable[[TaskStatus], TaskChange], dict[str,
         {"error": "", "error_type": "", "lease_expires_at": None, "progress_percent": 0.0, "progress_message": "",
          "status": S.SCHEDULED, "run_at": NOW, "lease_owner": None},
     ),
+    "rate_limited": (
+        Transition.RATE_LIMITED,
+        lambda s: TaskChange.rate_limited(task(s), "HTTP 429", "HTTP429", NOW + 5000),
+        {"error": "HTTP 429", "error_type": "HTTP429", "lease_expires_at": None, "progress_percent": 0.0,
+         "progress_message": "", "status": S.SCHEDULED, "run_at": NOW + 5000, "lease_owner": None},
+    ),
     "cancel": (
         Transition.CANCEL,
         lambda s: TaskChange.cancel(task(s), NOW),

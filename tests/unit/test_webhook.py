@@ -24,7 +24,7 @@ from werkzeug import Request, Response
 from leasesched.cli import process_cmd
 from leasesched.config import Config
 from leasesched.limits import RETRY_INTERVAL
-from worker.handlers import Handlers, PermanentError, RetryAfter, TaskContext
+from worker.handlers import Handlers, PermanentError, RateLimited, RetryAfter, TaskContext
 from worker.webhook import (
     WEBHOOK_TYPE,
     IPAddress,
@@ -176,6 +176,17 @@ async def test_a_503_with_retry_after_as_an_http_date(receiver: HTTPServer) -> N
     with pytest.raises(RetryAfter) as raised:
         await handler(clock=lambda: now).run(ctx(payload(receiver)))
     assert raised.value.seconds == 30 and raised.value.error_type == "HTTP503"
+
+
+@pytest.mark.parametrize("status,limited", [(429, True), (503, True), (408, False), (502, False)])
+async def test_a_429_or_503_with_retry_after_closes_the_gate(receiver: HTTPServer, status: int, limited: bool) -> None:
+    """429/503 with Retry-After: RateLimited (the task's gate closes, no attempt used); other
+    statuses with Retry-After stay a plain RetryAfter (docs/gates.md)."""
+    receiver.expect_request("/hook").respond_with_data("busy", status=status, headers={"Retry-After": "3"})
+    with pytest.raises(RetryAfter) as raised:
+        await handler().run(ctx(payload(receiver)))
+    assert isinstance(raised.value, RateLimited) is limited
+    assert raised.value.seconds == 3 and raised.value.error_type == f"HTTP{status}"
 
 
 def test_retry_after_values() -> None:
