@@ -247,11 +247,15 @@ class LiveCluster(Cluster):
         key: str = "",
         retry_initial_s: float = 0.5,
         retry_unavailable: bool = True,
+        concurrency_key: str = "",
         **payload: Any,
     ) -> str:
         """Schedule one chaos.work task; retries UNAVAILABLE (and the other answers of a
         server that is going away) with the same idempotency key."""
-        spec = pb.TaskSpec(namespace=NAMESPACE, type="chaos.work", payload=json.dumps({"seconds": seconds, **payload}).encode())
+        spec = pb.TaskSpec(
+            namespace=NAMESPACE, type="chaos.work", payload=json.dumps({"seconds": seconds, **payload}).encode(),
+            concurrency_key=concurrency_key,
+        )
         if delay_s:
             spec.delay.FromMilliseconds(int(delay_s * 1000))
         if priority is not None:

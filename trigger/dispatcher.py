@@ -62,6 +62,8 @@ class Ready:
     shard: int = field(compare=False)
     # Called once the task no longer needs this trigger (claimed, gone, shard lost).
     on_done: Callable[[], None] = field(compare=False)
+    # The fair-share group: the task's concurrency key ("" = none) within its namespace.
+    group: str = field(default="", compare=False)
 
     @property
     def key(self) -> tuple[uuid.UUID, int, int]:
@@ -307,6 +309,7 @@ class Dispatcher:
         run_at: int,
         shard: int,
         on_done: Callable[[], None],
+        group: str = "",
     ) -> Ready:
         return Ready(
             sort_key=(-priority, run_at, next(self._seq)),
@@ -319,4 +322,5 @@ class Dispatcher:
             run_at=run_at,
             shard=shard,
             on_done=on_done,
+            group=group,
         )

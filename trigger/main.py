@@ -93,7 +93,7 @@ class Trigger:
                 lease_token=request.lease_token,
             )
             if request.namespace and request.HasField("run_at"):
-                entry[0].offer_created(due, request.namespace, request.run_at.ToMilliseconds())
+                entry[0].offer_created(due, request.namespace, request.run_at.ToMilliseconds(), request.concurrency_key)
             else:
                 entry[0].notify_entry(due)
             return

@@ -178,26 +178,29 @@ class ShardScanner:
         if task.status == TaskStatus.SCHEDULED:
             self.notify_entry(run_entry(task, now_ms()))
 
-    def offer_created(self, entry: DueEntry, namespace: str, run_at: int) -> None:
+    def offer_created(self, entry: DueEntry, namespace: str, run_at: int, group: str = "") -> None:
         """A hint from TaskService about a task it has just created, carrying
         the whole entry: the row exists and is SCHEDULED at exactly this
         version, so the task goes to the dispatcher without a read. (Had it
         been cancelled meanwhile, the claim is refused and the claim check
-        settles it.)"""
+        settles it.) ``group``: the task's concurrency key, from the hint."""
         key = entry_key(entry)
         if self._stopped or (key in self._seen and key not in self._waiting):
             return  # already being handled
         self._seen[key] = entry.due_at
         self._pending[key] = entry.due_at
         self._waiting.pop(key, None)
-        self._offer(key, entry.task_id, namespace, entry.type, entry.attempt, entry.lease_token, entry.priority, run_at)
+        self._offer(key, entry.task_id, namespace, entry.type, entry.attempt, entry.lease_token, entry.priority, run_at, group)
 
     def _offer(
-        self, key: Hashable, task_id: uuid.UUID, namespace: str, type_: str, attempt: int, lease_token: int, priority: int, run_at: int
+        self, key: Hashable, task_id: uuid.UUID, namespace: str, type_: str, attempt: int, lease_token: int, priority: int, run_at: int,
+        group: str,
     ) -> None:
-        """Hand a due task (at this version) to the dispatcher; ``key`` is resolved once it is settled."""
+        """Hand a due task (at this version) to the dispatcher; ``key`` is resolved once it is settled.
+        ``group``: its concurrency key (fair share), known without a read on both paths."""
         ready = self._dispatcher.make_ready(
-            task_id, namespace, type_, attempt, lease_token, priority, run_at, self.shard, on_done=lambda: self._resolve(key)
+            task_id, namespace, type_, attempt, lease_token, priority, run_at, self.shard, on_done=lambda: self._resolve(key),
+            group=group,
         )
         self._dispatcher.offer(ready)
 
@@ -306,7 +309,10 @@ class ShardScanner:
         if await self._deadline_passed(task, now):
             self._resolve(key)
             return
-        self._offer(key, task.task_id, task.namespace, task.type, task.attempt, task.lease_token, task.priority, task.run_at)
+        self._offer(
+            key, task.task_id, task.namespace, task.type, task.attempt, task.lease_token, task.priority, task.run_at,
+            task.concurrency_key,
+        )
 
     async def _handle_lease(self, entry: DueEntry, key: Hashable) -> None:
         if self._dispatcher.lease_finished(entry.task_id, entry.lease_token):

@@ -341,4 +341,5 @@ def task_from_row(row: Any) -> Task:
         deadline_at=row.deadline_at,
         schedule_id=row.schedule_id or "",
         nominal_time=row.nominal_time,
+        concurrency_key=row.concurrency_key or "",
     )
