@@ -29,7 +29,7 @@ from leasesched.server import bootstrap
 from leasesched.server.auth_setup import make_authenticator
 from leasesched.server.grpc_server import build_server, stop_signal, wait_for_stop_signal
 from trigger.announcer import Announcer
-from trigger.dispatcher import Dispatcher, Ready, WorkersChanged
+from trigger.dispatcher import Dispatcher, DispatchPolicy, Ready, WorkersChanged
 from trigger.ownership import ShardOwnership
 from trigger.scanner import ScanSettings, ShardScanner
 from trigger.schedule_firer import ScheduleFirer
@@ -47,7 +47,9 @@ class Trigger:
         self._cfg = cfg
         self._lifecycle = lifecycle
         self._settings = settings
-        self.dispatcher = Dispatcher(cfg.claim_timeout_s, self._still_unclaimed, on_workers)
+        self.dispatcher = Dispatcher(
+            cfg.claim_timeout_s, self._still_unclaimed, on_workers, policy=DispatchPolicy.from_config(cfg.fair_share_weights)
+        )
         self.firer = ScheduleFirer(lifecycle, cfg.schedule_catchup_rate)
         self._scanners: dict[int, tuple[ShardScanner, asyncio.Task[None]]] = {}
         self._hints: set[asyncio.Task[None]] = set()
