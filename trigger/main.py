@@ -48,7 +48,7 @@ class Trigger:
         self._lifecycle = lifecycle
         self._settings = settings
         self.dispatcher = Dispatcher(
-            cfg.claim_timeout_s, self._still_unclaimed, on_workers, policy=DispatchPolicy.from_config(cfg.fair_share_weights)
+            cfg.claim_timeout_s, self._still_unclaimed, on_workers, policy=DispatchPolicy.from_config(cfg)
         )
         self.firer = ScheduleFirer(lifecycle, cfg.schedule_catchup_rate)
         self._scanners: dict[int, tuple[ShardScanner, asyncio.Task[None]]] = {}
