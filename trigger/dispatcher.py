@@ -481,6 +481,15 @@ class Dispatcher:
                 del self._inflight[key]
                 entry.ready.on_done()
 
+    def queued_by_group(self) -> dict[str, int]:
+        """Queued tasks per fair-share group, ``namespace/key`` (summed over
+        types): for the scrape-time gauge, O(groups), never on the dispatch path."""
+        counts: dict[str, int] = collections.Counter()
+        for (namespace, _), queue in self._queues.items():
+            for name, group in queue.groups.items():
+                counts[f"{namespace}/{name}"] += group.size
+        return dict(counts)
+
     def stats(self) -> dict[str, int]:
         return {
             "queued": sum(len(q) for q in self._queues.values()),

@@ -225,3 +225,25 @@ async def test_dispatch_cost_per_task() -> None:
         per = (time.process_time() - started) / len(readies) * 1e6
         print(f"{groups} groups: {per:.2f} µs per dispatch")
         assert len(sent) == len(readies) and per < 50
+
+
+async def test_the_queued_by_group_gauge_shows_the_largest_groups_and_sums_the_rest() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from leasesched.observability.metrics import QueuedByGroup
+
+    q = Queued()
+    q.offer("a", 5)
+    q.offer("b", 3)
+    q.offer("", 2)
+    q.offer("c", 1, type_="other-type")
+    assert q.dispatcher.queued_by_group() == {"ns/a": 5, "ns/b": 3, "ns/": 2, "ns/c": 1}
+    gauge = QueuedByGroup(top=2)
+    gauge.set_function(q.dispatcher.queued_by_group)
+    registry = CollectorRegistry()
+    registry.register(gauge)  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    assert 'leasesched_dispatch_queued_by_group{group="ns/a"} 5.0' in text
+    assert 'leasesched_dispatch_queued_by_group{group="ns/b"} 3.0' in text
+    assert 'leasesched_dispatch_queued_by_group{group="other"} 3.0' in text
+    assert "ns/c" not in text
