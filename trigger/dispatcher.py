@@ -133,7 +133,8 @@ class DispatchPolicy:
     ``weights``: (namespace, concurrency key) → dispatches in a row per
     round-robin turn (default 1). Ageing: a queued task's effective priority
     is ``min(ageing_cap, priority + wait // ageing_step_ms)`` (never below its
-    own), ``wait`` counted from its ``run_at``; ``ageing_step_ms`` 0 turns it
+    own), ``wait`` counted from its ``run_at`` or its group's last dispatch
+    at that priority, whichever is later; ``ageing_step_ms`` 0 turns it
     off. So a low-priority task under a steady stream of high-priority work
     still starts, within ``(cap - priority) × step`` plus one free slot."""
 
@@ -189,6 +190,14 @@ class _Group:
     stamp: int = 0  # raised when it leaves a rotation: that rotation's entry for it is stale
     served: int = 0  # dispatches in its current turn
     promote_at: int | None = None  # when ageing next raises its level (ms); None: it cannot
+    # priority → when this group last had a task of that priority dispatched (ms):
+    # ageing counts from there, so a group that is being served does not age.
+    served_at: dict[int, int] = field(default_factory=dict)
+
+    def waiting_since(self, priority: int, run_at: int) -> int:
+        """Where ageing counts from for this group's oldest task of ``priority``."""
+        served = self.served_at.get(priority)
+        return run_at if served is None or served < run_at else served
 
 
 class _Queue:
@@ -271,7 +280,11 @@ class _Queue:
             group.promote_at = None
             del self.groups[group.name]
             return ready
-        new_level = self._effective(priority, heap[0][0], now) if len(heaps) == 1 and heap else self._assess(group, now)[0]
+        group.served_at[priority] = now
+        new_level = (
+            self._effective(priority, group.waiting_since(priority, heap[0][0]), now)
+            if len(heaps) == 1 and heap else self._assess(group, now)[0]
+        )  # fmt: skip
         if new_level != level:
             ring.popleft()
             self._move(group, new_level)
@@ -296,9 +309,10 @@ class _Queue:
         chosen = -1
         for priority, heap in group.heaps.items():
             run_at, seq, _ = heap[0]
+            since = group.waiting_since(priority, run_at)
             effective = priority
-            if step and priority < cap and now - run_at >= step:
-                effective = min(cap, priority + (now - run_at) // step)
+            if step and priority < cap and now - since >= step:
+                effective = min(cap, priority + (now - since) // step)
             key = (effective, -run_at, -seq)
             if best is None or key > best:
                 best, chosen = key, priority
@@ -313,7 +327,7 @@ class _Queue:
         when: int | None = None
         if self._step and level < self._cap:
             for priority, heap in group.heaps.items():
-                at = heap[0][0] + (level + 1 - priority) * self._step
+                at = group.waiting_since(priority, heap[0][0]) + (level + 1 - priority) * self._step
                 if when is None or at < when:
                     when = at
             when = max(when or 0, now + 1)

@@ -73,12 +73,18 @@ async def test_an_aged_group_joins_the_round_robin_of_the_top_priority() -> None
     assert q.groups(order).count("A") == 3
 
 
-async def test_a_flood_that_has_aged_keeps_fair_share_with_groups_of_its_age() -> None:
-    """Two groups flooded at the same moment age together: still round robin,
-    and both stay at their aged level (8) after each dispatch, above fresh 7s."""
+async def test_ageing_counts_from_a_groups_last_dispatch_so_a_served_flood_does_not_outrank_newcomers() -> None:
+    """Ageing prevents starvation; it is not a reward for a long queue. Two
+    groups flooded 3 steps ago (no worker meanwhile) are worth 8 until each is
+    served once; then they count from that dispatch, back at 5, below fresh
+    7s. And a group arriving at the flood's own priority while the flood is
+    being served takes turns with it at once (counted from run_at, the flood
+    would be 3 levels above the newcomer for 3 steps: TwTasks' flood)."""
     q = Queued(DispatchPolicy(ageing_step_ms=STEP))
     q.offer("A", 100, priority=5, run_at=NOW)
     q.offer("B", 100, priority=5, run_at=NOW)
     q.now = NOW + 3 * STEP
     q.offer("C", 5, priority=7, run_at=q.now)
-    assert q.groups(q.drain(10)) == "ABABABABAB"
+    assert q.groups(q.drain(10)) == "ABCCCCCABA"
+    q.offer("D", 3, priority=5, run_at=q.now)
+    assert q.groups(q.drain(6)).count("D") == 2
