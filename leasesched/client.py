@@ -240,6 +240,8 @@ class TaskView:
     payload: bytes = b""
     # SCHEDULED and no live worker serves its namespace and type right now (a hint).
     no_worker_for_type: bool = False
+    # Its fair-share group ("" = none): see ``Client.schedule``.
+    concurrency_key: str = ""
     gate: str = ""  # the gate it waits for before each start ("" = none; docs/gates.md)
     # SCHEDULED and held by its gate: why (paused, closed until ..., no such gate); "" otherwise.
     waiting_reason: str = ""
@@ -273,6 +275,7 @@ class TaskView:
             lease_token=view.lease_token,
             payload=bytes(view.payload),
             no_worker_for_type=view.no_worker_for_type,
+            concurrency_key=view.concurrency_key,
             gate=view.gate,
             waiting_reason=view.waiting_reason,
         )
@@ -754,6 +757,7 @@ def schedule_request(
     timeouts: Timeouts | None = None,
     lease_duration: dt.timedelta | None = None,
     idempotency_key: str | None = None,
+    concurrency_key: str = "",
     gate: str = "",
 ) -> pb.ScheduleTaskRequest:
     """The ScheduleTaskRequest for these options, built once so every retry sends the same bytes.
@@ -767,6 +771,7 @@ def schedule_request(
         raise ValueError("give run_at or delay, not both")
     spec = task_spec(type, payload, namespace=namespace, priority=priority, retry_policy=retry_policy,
                      timeouts=timeouts, lease_duration=lease_duration, gate=gate)  # fmt: skip
+    spec.concurrency_key = concurrency_key
     if run_at is not None:
         spec.run_at.FromDatetime(_aware("run_at", run_at))
     elif delay is not None:
@@ -935,6 +940,7 @@ class Client:
         timeouts: Timeouts | None = None,
         lease_duration: dt.timedelta | None = None,
         idempotency_key: str | None = None,
+        concurrency_key: str = "",
         gate: str | None = None,
     ) -> str:
         """Schedule a task of ``type``; returns its id.
@@ -944,11 +950,15 @@ class Client:
         how long a worker holds it between heartbeats (server default 30 s).
         Without ``idempotency_key`` a random one is generated for this call;
         the same key with the same request returns the same id, with another
-        request raises ``AlreadyExistsError``.
+        request raises ``AlreadyExistsError``. ``concurrency_key`` (e.g. a
+        partner id; empty = none) puts the task in a fair-share group: due
+        tasks of one priority are handed out round robin across groups, so a
+        flood under one key does not delay the others.
         """
         request = schedule_request(
             type, payload, namespace=namespace or self.namespace, run_at=run_at, delay=delay, priority=priority,
             retry_policy=retry_policy, timeouts=timeouts, lease_duration=lease_duration, idempotency_key=idempotency_key,
+            concurrency_key=concurrency_key,
             gate=gate or "",
         )  # fmt: skip
         reply: pb.ScheduleTaskResponse = self._call(self._stub.ScheduleTask, request)
@@ -1274,11 +1284,13 @@ class AsyncClient:
         timeouts: Timeouts | None = None,
         lease_duration: dt.timedelta | None = None,
         idempotency_key: str | None = None,
+        concurrency_key: str = "",
     ) -> str:
         """See ``Client.schedule``."""
         request = schedule_request(
             type, payload, namespace=namespace or self.namespace, run_at=run_at, delay=delay, priority=priority,
             retry_policy=retry_policy, timeouts=timeouts, lease_duration=lease_duration, idempotency_key=idempotency_key,
+            concurrency_key=concurrency_key,
         )  # fmt: skip
         reply: pb.ScheduleTaskResponse = await self._call(self._stub.ScheduleTask, request)
         return str(reply.task_id)

@@ -128,6 +128,9 @@ NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,127}")
 KEY_RE = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces
 WORKER_ID_RE = re.compile(r"[\x21-\x7e]{1,256}")
+# A task's fair-share group (a partner or tenant id): a short name, shown in
+# PollTask and (the busiest ones) as a metric label, so nothing exotic.
+CONCURRENCY_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 # IANA names ("Europe/Berlin", "Etc/GMT+5", "America/Port-au-Prince"): never '.', so never '..',
 # never a leading '/': a name is looked up below the zone folders, not anywhere on disk.
 TIME_ZONE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_+/-]{0,63}")

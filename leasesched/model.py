@@ -89,6 +89,7 @@ class Task:
     deadline_at: int | None = None  # first_run_at + schedule_to_close, if set
     schedule_id: str = ""  # set when a schedule created the task (leasesched.schedules)
     nominal_time: int | None = None  # the schedule's slot it was created for
+    concurrency_key: str = ""  # fair-share group within the namespace; "" = none
     gate: str = ""  # the gate (leasesched.gates) it waits for before each dispatch; "" = none
 
     @property

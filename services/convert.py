@@ -55,6 +55,8 @@ def task_view(task: Task, with_payload: bool = False) -> pb.TaskView:
     if task.schedule_id:
         view.schedule_id = task.schedule_id
         view.nominal_time.CopyFrom(ts(task.nominal_time))
+    if task.concurrency_key:
+        view.concurrency_key = task.concurrency_key
     if task.gate:
         view.gate = task.gate
     if with_payload:

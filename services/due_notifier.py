@@ -89,6 +89,7 @@ class DueNotifier:
             priority=stored.priority,
             type=stored.type,
             namespace=stored.namespace,
+            concurrency_key=stored.concurrency_key,
             gate=stored.gate,
         )
         request.run_at.FromMilliseconds(stored.run_at)

@@ -252,13 +252,15 @@ class LiveCluster(Cluster):
         key: str = "",
         retry_initial_s: float = 0.5,
         retry_unavailable: bool = True,
+        concurrency_key: str = "",
         gate: str = "",
         **payload: Any,
     ) -> str:
         """Schedule one chaos.work task; retries UNAVAILABLE (and the other answers of a
         server that is going away) with the same idempotency key."""
         spec = pb.TaskSpec(
-            namespace=NAMESPACE, type="chaos.work", payload=json.dumps({"seconds": seconds, **payload}).encode(), gate=gate
+            namespace=NAMESPACE, type="chaos.work", payload=json.dumps({"seconds": seconds, **payload}).encode(), gate=gate,
+            concurrency_key=concurrency_key,
         )
         if delay_s:
             spec.delay.FromMilliseconds(int(delay_s * 1000))

@@ -178,29 +178,32 @@ class ShardScanner:
         if task.status == TaskStatus.SCHEDULED:
             self.notify_entry(run_entry(task, now_ms()))
 
-    def offer_created(self, entry: DueEntry, namespace: str, run_at: int, gate: str = "") -> None:
+    def offer_created(self, entry: DueEntry, namespace: str, run_at: int, group: str = "", gate: str = "") -> None:
         """A hint from TaskService about a task it has just created, carrying
         the whole entry: the row exists and is SCHEDULED at exactly this
         version, so the task goes to the dispatcher without a read. (Had it
         been cancelled meanwhile, the claim is refused and the claim check
-        settles it.)"""
+        settles it.) ``group``: the task's concurrency key, from the hint."""
         key = entry_key(entry)
         if self._stopped or (key in self._seen and key not in self._waiting):
             return  # already being handled
         self._seen[key] = entry.due_at
         self._pending[key] = entry.due_at
         self._waiting.pop(key, None)
-        self._offer(key, entry.task_id, namespace, entry.type, entry.attempt, entry.lease_token, entry.priority, run_at, gate)
+        self._offer(
+            key, entry.task_id, namespace, entry.type, entry.attempt, entry.lease_token, entry.priority, run_at, group, gate
+        )
 
     def _offer(
         self, key: Hashable, task_id: uuid.UUID, namespace: str, type_: str, attempt: int, lease_token: int, priority: int,
-        run_at: int, gate: str = "",
+        run_at: int, group: str, gate: str = "",
     ) -> None:
         """Hand a due task (at this version) to the dispatcher; ``key`` is resolved once it is settled.
-        A task with a ``gate`` waits there for a token of it (``trigger/gates.py``)."""
+        ``group``: its concurrency key (fair share), known without a read on both paths. A task with
+        a ``gate`` waits there for a token of it (``trigger/gates.py``)."""
         ready = self._dispatcher.make_ready(
             task_id, namespace, type_, attempt, lease_token, priority, run_at, self.shard, on_done=lambda: self._resolve(key),
-            gate=gate,
+            group=group, gate=gate,
         )
         self._dispatcher.offer(ready)
 
@@ -317,7 +320,8 @@ class ShardScanner:
             self._resolve(key)
             return
         self._offer(
-            key, task.task_id, task.namespace, task.type, task.attempt, task.lease_token, task.priority, task.run_at, task.gate
+            key, task.task_id, task.namespace, task.type, task.attempt, task.lease_token, task.priority, task.run_at,
+            task.concurrency_key, task.gate,
         )
 
     async def _handle_lease(self, entry: DueEntry, key: Hashable) -> None:

@@ -63,7 +63,7 @@ from leasesched.errors import InvalidArgument, PermissionDenied, SchedulerError
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from leasesched.server.error_mapping import code_for
-from leasesched.server.validation import check_namespace, check_task_id, check_type, check_worker_id
+from leasesched.server.validation import check_concurrency_key, check_namespace, check_task_id, check_type, check_worker_id
 from trigger.dispatcher import Dispatcher, WorkerLink
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ def check_notify_due(request: pb.NotifyDueRequest, shards: int | None) -> None:
         check_type(request.type)
     if request.namespace:
         check_namespace(request.namespace)
+    check_concurrency_key(request.concurrency_key)
     if request.HasField("run_at"):
         run_at = request.run_at
         if not 0 <= run_at.nanos < 1_000_000_000:

@@ -280,7 +280,8 @@ def _print_task(view: pb.TaskView) -> None:
     lines = [
         ("task", view.task_id),
         ("status", status + (" (cancel requested)" if view.cancel_requested and status == "RUNNING" else "")),
-        ("type", f"{view.type}  namespace={view.namespace}  priority={view.priority}"),
+        ("type", f"{view.type}  namespace={view.namespace}  priority={view.priority}"
+                 + (f"  concurrency_key={view.concurrency_key}" if view.concurrency_key else "")),
         ("attempt", f"{view.attempt} of {view.max_attempts}"),
         ("run at", fmt_ts(view.run_at)),
         ("created", fmt_ts(view.created_at)),
@@ -502,6 +503,8 @@ def task(ctx: click.Context, target: str | None, as_json: bool, token: str | Non
 @click.option("--at", "run_at", default=None, help="Run at this ISO-8601 time, e.g. 2026-12-03T10:00:00Z (UTC if no offset).")
 @click.option("--key", "--idempotency-key", "idempotency_key", default="", callback=text_option,
               help="Idempotency key: the same key and request give the same task, never a duplicate.")
+@click.option("--concurrency-key", default="", callback=text_option,
+              help="Fair-share group (e.g. a partner id): due tasks of one priority go out round robin across groups.")
 @action_options
 @click.option("--gate", default="", callback=text_option, help="The gate (leasesched gate) the task waits for before it starts.")
 @click.option("-v", "--verbose", is_flag=True, help="Also say on stderr when it runs and whether it was new.")
@@ -514,6 +517,7 @@ def schedule(
     delay: float | None,
     run_at: str | None,
     idempotency_key: str,
+    concurrency_key: str,
     action: ActionOptions,
     gate: str,
     verbose: bool,
@@ -521,6 +525,7 @@ def schedule(
     if delay is not None and run_at is not None:
         raise click.UsageError("give --delay or --at, not both")
     spec = action.task_spec(task_type, namespace)
+    spec.concurrency_key = concurrency_key
     spec.gate = gate
     if delay is not None:
         spec.delay.CopyFrom(duration_pb(delay))

@@ -106,6 +106,9 @@ def action_from_pb(action: pb.TaskSpec, namespace: str, cfg: Config, now: int) -
         raise InvalidArgument(f"action.namespace {action.namespace[:80]!r} differs from the schedule's namespace {namespace!r}")
     if action.WhichOneof("when") is not None:
         raise InvalidArgument(f"action.{action.WhichOneof('when')} must be unset: each slot says when its task runs")
+    if action.concurrency_key:
+        # Not carried by a schedule's task template (yet): refused rather than dropped unseen.
+        raise InvalidArgument("action.concurrency_key is not supported for schedules yet")
     request = pb.ScheduleTaskRequest(task=action)
     request.task.namespace = namespace
     try:

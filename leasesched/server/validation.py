@@ -73,6 +73,15 @@ def check_type(value: str, field: str = "type") -> str:
     )
 
 
+def check_concurrency_key(value: str, field: str = "concurrency_key") -> str:
+    """Optional: empty means "no group" (the namespace's default fair-share group)."""
+    if not value:
+        return ""
+    return check_name(
+        value, field, limits.CONCURRENCY_KEY_RE, "empty, or 1-64 of letters, digits, '_', '.', ':', '-' starting with a letter or digit"
+    )
+
+
 def check_gate_name(value: str, field: str = "gate") -> str:
     return check_name(value, field, limits.GATE_RE, "start with a letter or digit, then up to 127 of letters, digits, '_', '.', ':', '-'")
 
@@ -85,7 +94,10 @@ def check_task_id(task_id: str) -> uuid.UUID:
 
 
 def request_hash(request: pb.ScheduleTaskRequest) -> bytes:
-    """Fingerprint of what was asked, to tell a retry from a different request."""
+    """Fingerprint of what was asked, to tell a retry from a different request.
+    The whole TaskSpec, so every field counts (``concurrency_key`` too: the
+    same key with another group is another request); an unset field is not
+    serialized, so hashes of requests without the newer fields do not change."""
     return hashlib.sha256(request.task.SerializeToString(deterministic=True)).digest()
 
 
@@ -98,6 +110,7 @@ def validate_schedule(request: pb.ScheduleTaskRequest, cfg: Config, shards: int,
     spec = request.task
     namespace = check_namespace(spec.namespace)
     check_type(spec.type)
+    concurrency_key = check_concurrency_key(spec.concurrency_key)
     allowed = {t.strip() for t in cfg.allowed_task_types.split(",") if t.strip()}
     if allowed and spec.type not in allowed:
         raise InvalidArgument(f"type {spec.type!r} is unknown (allowed: {', '.join(sorted(allowed))})")
@@ -153,6 +166,7 @@ def validate_schedule(request: pb.ScheduleTaskRequest, cfg: Config, shards: int,
         run_at=run_at,
         first_run_at=run_at,
         deadline_at=run_at + timeouts.schedule_to_close_ms if timeouts.schedule_to_close_ms else None,
+        concurrency_key=concurrency_key,
         gate=gate,
     )
 

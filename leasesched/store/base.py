@@ -369,5 +369,6 @@ def task_from_row(row: Any) -> Task:
         deadline_at=row.deadline_at,
         schedule_id=row.schedule_id or "",
         nominal_time=row.nominal_time,
+        concurrency_key=row.concurrency_key or "",
         gate=getattr(row, "gate", None) or "",
     )

@@ -116,6 +116,7 @@ _SIMPLE_COLUMNS = {
     "error_type": "error_type",
     "cancel_requested": "cancel_requested",
     "schedule_id": "schedule_id",
+    "concurrency_key": "concurrency_key",
     "gate": "gate",
 }
 _TIME_COLUMNS = TIME_COLUMNS

@@ -75,6 +75,7 @@ def raw_row(task: Task, **overrides: Any) -> types.SimpleNamespace:
         deadline_at=task.deadline_at,
         schedule_id=task.schedule_id,
         nominal_time=task.nominal_time,
+        concurrency_key=task.concurrency_key,
         gate=task.gate,
         write_id=None,
     )

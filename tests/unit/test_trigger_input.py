@@ -55,6 +55,7 @@ def hint(**changes: object) -> pb.NotifyDueRequest:
 
 def test_good_hints() -> None:
     check_notify_due(hint(), 64)
+    check_notify_due(hint(concurrency_key="partner-7"), 64)
     check_notify_due(pb.NotifyDueRequest(task_id=str(uuid.uuid4()), shard=0), 64)  # a bare hint: the trigger reads the row
     at = hint()
     at.run_at.FromMilliseconds(limits.MAX_STORED_TIME_MS)
@@ -74,6 +75,7 @@ def test_good_hints() -> None:
         ({"type": ""}, "type"),  # required with an attempt
         ({"type": "t\n"}, "type"),
         ({"namespace": "ns\n"}, "namespace"),
+        ({"concurrency_key": "a b"}, "concurrency_key"),
     ],
 )
 def test_bad_hints_name_the_field(changes: dict[str, object], word: str) -> None:
