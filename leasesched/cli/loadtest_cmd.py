@@ -2,12 +2,15 @@
 
     leasesched --home /tmp/lsbench loadtest --schedule-rate 1000 --poll-rate 3000 --duration 60
     leasesched loadtest --target 10.0.0.5:50051 --no-local --ledger /shared/ledger.jsonl
+    leasesched loadtest --groups 11 --flood 10000 --flood-share 0 --schedule-rate 2 --duration 5   # one flooding group
 
 With ``--local`` (the default) it starts a complete cluster itself, from the
 same Config every command reads (``--home``, LEASESCHED_* variables):
 Cassandra and ZooKeeper (idempotent, left running unless ``--stop-infra``),
 a fresh keyspace and ZooKeeper root, TaskService, TaskUpdater, the triggers
-and workers running ``worker.bench_handlers``. See
+and workers running ``worker.bench_handlers``. ``--groups`` gives the tasks
+concurrency keys and reports start lag per group and concurrency per key
+(``leasesched/loadtest/groups.py``). See
 ``leasesched/loadtest/runner.py`` for the phases and BENCHMARKS.md for results.
 """
 
