@@ -197,6 +197,21 @@ def flood_throughput(tasks: Iterable[GroupedTask], by_task: Mapping[str, Sequenc
     }
 
 
+def backlog_when_others_due(tasks: Sequence[GroupedTask], first_start: Mapping[str, float]) -> int | None:
+    """How many g0 tasks were due but not started when the first task of
+    another group became due: the queue that task would wait behind without
+    fair share (None when there is no other group's task). Shows that a run's
+    flood was a real backlog and not already drained."""
+    others_due = min((t.run_at_ms for t in tasks if t.group != FLOOD_GROUP), default=None)
+    if others_due is None:
+        return None
+    return sum(
+        1 for t in tasks
+        if t.group == FLOOD_GROUP and t.run_at_ms <= others_due
+        and (t.task_id not in first_start or first_start[t.task_id] * 1000.0 > others_due)
+    )  # fmt: skip
+
+
 def group_section(
     plan: GroupPlan,
     tasks: Sequence[GroupedTask],
@@ -239,6 +254,7 @@ def group_section(
             "others": {"keys": f"{plan.key(1)}..{plan.key(plan.groups - 1)}" if plan.groups > 1 else "",
                        **_lag_row(others, first_start)},  # fmt: skip
         },
+        "g0_backlog_when_others_first_due": backlog_when_others_due(tasks, first_start),
         "per_group": rows,
         "per_group_rows_left_out": max(0, plan.groups - MAX_GROUP_ROWS),
         "max_concurrency": {

@@ -416,7 +416,8 @@ def group_lines(g: dict[str, Any]) -> list[str]:
         f"groups        {g['groups']} keys, g0 share {g['flood_share']:g}; flood {b['accepted']}/{b['requested']} accepted in "
         f"{b['seconds']} s ({b['accepted_per_s']}/s), executed {b['executed']} at {b['executed_per_s']}/s"
         + (f", failed {b['errors']}" if b["failed"] else ""),
-        f"  flood g0    {lag(c['flood'])}",
+        f"  flood g0    {lag(c['flood'])}; g0 tasks waiting when the first other group's task was due: "
+        f"{g.get('g0_backlog_when_others_first_due')}",
         f"  others      {lag(c['others'])}",
     ]
     lines.extend(f"  {row['key']:<11} {lag(row)}" for row in g["per_group"])

@@ -91,6 +91,7 @@ def group_row(r: dict[str, Any]) -> list[str]:
         f"{g['groups']} (g0 share {g['flood_share']:g})",
         f"{b['accepted']} in {_f(b['seconds'], 1)} s",
         _f(b["executed_per_s"], 1),
+        _f(g.get("g0_backlog_when_others_first_due")),
         lag(c["others"]),
         lag(c["flood"]),
         f"{_f(mc['max_over_keys'])} / {_f(mc.get('g0'))} / {_f(mc['others_max'])}",
@@ -100,7 +101,7 @@ def group_row(r: dict[str, Any]) -> list[str]:
 
 
 GROUP_HEADER = [
-    "run", "groups", "flood burst accepted", "flood executed/s", "others start lag p50/p99/max ms",
+    "run", "groups", "flood burst accepted", "flood executed/s", "g0 backlog when others due", "others start lag p50/p99/max ms",
     "g0 start lag p50/p99/max ms", "max concurrency per key: any / g0 / others", "lost/overlaps",
     "machine busy (others' CPU s)",
 ]  # fmt: skip

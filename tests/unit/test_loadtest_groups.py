@@ -16,6 +16,7 @@ from fractions import Fraction
 import pytest
 
 from leasesched.loadtest.groups import (
+    backlog_when_others_due,
     BurstStats,
     GroupedTask,
     GroupPlan,
@@ -166,6 +167,8 @@ def test_section_lag_per_group_and_class() -> None:
     assert list(rows) == ["g0", "g1", "g2"]
     assert (rows["g1"]["count"], rows["g1"]["started"], rows["g1"]["start_lag_ms"]["max"]) == (2, 1, 100)
     assert rows["g2"]["start_lag_ms"]["max"] == 300
+    # When x1 was due (2.0 s) f1 and f2 had started; f3 (started 3.5 s) waited. y0 was not due yet.
+    assert section["g0_backlog_when_others_first_due"] == 1
     mc = section["max_concurrency"]
     assert (mc["max_over_keys"], mc["key"], mc["g0"], mc["others_max"], mc["keys_seen"]) == (2, "g0", 2, 1, 3)
     burst = section["flood_burst"]
@@ -180,3 +183,10 @@ def test_section_keeps_at_most_a_dozen_group_rows() -> None:
     assert len(section["per_group"]) == 12 and section["per_group_rows_left_out"] == 28
     assert section["classes"]["others"]["count"] == 1 and section["classes"]["others"]["started"] == 0
     assert section["max_concurrency"]["max_over_keys"] is None and section["flood_burst"]["executed_per_s"] is None
+    assert group_section(plan, [GroupedTask("t", 0, 0)], {}, {}, BurstStats())["g0_backlog_when_others_first_due"] is None
+
+
+def test_backlog_counts_g0_tasks_due_and_not_started_including_never_started() -> None:
+    tasks = [GroupedTask("a", 0, 1_000), GroupedTask("b", 0, 1_000), GroupedTask("c", 0, 1_500), GroupedTask("x", 1, 2_000)]
+    # a started before x was due, b after it, c never: two waited.
+    assert backlog_when_others_due(tasks, {"a": 1.5, "b": 2.5, "x": 2.1}) == 2
