@@ -517,9 +517,10 @@ class LoadTest:
 
     async def _flood(self, stubs: list[pb_grpc.TaskServiceStub], metadata: Any, groups: GroupPlan, payload: bytes) -> None:
         """``groups.flood`` immediate tasks for g0, ``FLOOD_CONCURRENCY`` in flight,
-        each retried on transient errors: a backlog of one group that exists
-        before the other groups' tasks arrive. They are accepted tasks like
-        any other (read back and checked after the drain)."""
+        each sent again while the service refuses it (RESOURCE_EXHAUSTED): a
+        backlog of one group that exists before the other groups' tasks
+        arrive. They are accepted tasks like any other (read back and checked
+        after the drain); the ones that failed are counted in ``burst``."""
         o = self.o
         n = groups.flood
         self.burst = BurstStats(requested=n)
