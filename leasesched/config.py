@@ -141,6 +141,14 @@ class Config:
     # Periodic schedules: slots missed in an outage (within their catch-up
     # window) and backfills run at most this many per second per trigger.
     schedule_catchup_rate: float = 100.0
+    # Fair share (trigger/dispatcher.py): within one priority, queued tasks go out
+    # round robin across concurrency keys. "namespace/key=weight,..." gives a key
+    # that many dispatches per turn ("namespace/" = tasks without a key); default 1.
+    fair_share_weights: str = ""
+    # Priority ageing: a queued task's effective priority is
+    # min(cap, priority + waited // step), waited counted from its run_at; 0 = off.
+    priority_ageing_step_s: float = 60.0
+    priority_ageing_cap: int = 9
 
     # Webhook tasks (worker/webhook.py, a worker started with --webhook; docs/webhooks.md).
     # A worker serves one namespace, so these are that namespace's settings.

@@ -1,10 +1,29 @@
-"""Handing due tasks to subscribed workers, highest priority first.
+"""Handing due tasks to subscribed workers: highest priority first, fair
+across groups within a priority.
 
 Workers keep one long-lived Subscribe stream per trigger and tell it how many
 free slots they have (``Credit``, an absolute number). The trigger sends at
-most that many dispatches; a task with no free worker waits in a priority heap
-per (namespace, type) and goes out the moment a slot frees. Only due tasks
-ever enter the dispatcher: a delayed task never sits in a worker's memory.
+most that many dispatches; a task with no free worker waits in a queue per
+(namespace, type) and goes out the moment a slot frees. Only due tasks ever
+enter the dispatcher: a delayed task never sits in a worker's memory.
+
+Fair share. Within a queue, tasks are grouped by their ``concurrency_key``
+("" is a group too). The highest priority with queued tasks goes first, as
+before; among the groups that have tasks at that priority, dispatches go
+round robin, ``weight`` in a row per group (``DispatchPolicy.weights``,
+default 1), so 10,000 queued tasks of one group do not delay another group's
+ten: those go out within the next few dispatches. A group that runs empty
+leaves the rotation, so its share goes to the groups that still have work.
+Each group keeps one heap per priority (oldest first); the rotation per
+priority level is a deque.
+
+Ageing. A queued task's effective priority rises by one per
+``ageing_step_ms`` it has been due, up to ``ageing_cap``, so low priorities
+are not starved by a steady stream of high ones; rotations are per effective
+priority. A dispatch costs O(log n) (one heap pop) plus O(1) amortised for
+the rotation and O(log g) for ageing promotions: no scan over groups or
+tasks (measured in ``tests/unit/test_fair_share.py``; docs/design.md has a
+worked example).
 
 A dispatch is a hint, not a transition: the worker must still win ClaimTask.
 So a dispatch that is lost (worker died, stream broke, worker had no slot
@@ -30,8 +49,10 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AbstractSet, Awaitable, Callable
+from typing import AbstractSet, Awaitable, Callable, Iterator, Mapping
 
+from leasesched.config import Config
+from leasesched.model import now_ms
 from leasesched.observability import metrics
 from leasesched.observability.logs import fields
 from leasesched.v1 import scheduler_pb2 as pb
@@ -45,6 +66,7 @@ MAX_FINISHED = 500_000
 MAX_CLAIMED_PER_LINK = 100_000
 
 Key = tuple[uuid.UUID, int, int]
+LEVELS = 10  # priorities 0..9 (limits.PRIORITY)
 
 
 @dataclass(order=True)
@@ -82,6 +104,7 @@ class WorkerLink:
     outbox: asyncio.Queue[pb.Dispatch] = field(default_factory=asyncio.Queue)
     # Tasks this worker acked as claimed: task id → the lease token it claimed.
     claimed: dict[uuid.UUID, int] = field(default_factory=dict)
+    turn: int = 0  # round robin across its task types tied at the top priority
 
 
 def _fields(ready: Ready, worker: str | None = None) -> dict[str, object]:
@@ -103,12 +126,252 @@ class InFlight:
     link: WorkerLink  # the stream it went out on
 
 
+@dataclass(frozen=True)
+class DispatchPolicy:
+    """How queued tasks are ordered beyond priority.
+
+    ``weights``: (namespace, concurrency key) → dispatches in a row per
+    round-robin turn (default 1). Ageing: a queued task's effective priority
+    is ``min(ageing_cap, priority + wait // ageing_step_ms)`` (never below its
+    own), ``wait`` counted from its ``run_at``; ``ageing_step_ms`` 0 turns it
+    off. So a low-priority task under a steady stream of high-priority work
+    still starts, within ``(cap - priority) × step`` plus one free slot."""
+
+    weights: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    ageing_step_ms: int = 60_000
+    ageing_cap: int = LEVELS - 1
+
+    def __post_init__(self) -> None:
+        if self.ageing_step_ms < 0:
+            raise ValueError(f"priority_ageing_step_s must be >= 0, not {self.ageing_step_ms / 1000:g}")
+        if not 0 <= self.ageing_cap < LEVELS:
+            raise ValueError(f"priority_ageing_cap must be between 0 and {LEVELS - 1}, not {self.ageing_cap}")
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "DispatchPolicy":
+        return cls(
+            weights=parse_weights(cfg.fair_share_weights),
+            ageing_step_ms=int(cfg.priority_ageing_step_s * 1000),
+            ageing_cap=cfg.priority_ageing_cap,
+        )
+
+
+def parse_weights(text: str) -> dict[tuple[str, str], int]:
+    """``"ns/partner-a=3,ns/=2"`` → {("ns", "partner-a"): 3, ("ns", ""): 2}
+    ("ns/" is the namespace's tasks without a key). A mistake raises
+    ValueError naming the setting: a trigger must not start with weights it
+    silently ignores."""
+    weights: dict[tuple[str, str], int] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        name, eq, value = item.rpartition("=")
+        namespace, slash, key = name.partition("/")
+        if not eq or not slash or not namespace or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"fair_share_weights: {item!r} is not namespace/key=weight (an integer >= 1)")
+        weights[(namespace.strip(), key.strip())] = int(value)
+    return weights
+
+
+# One queued task in a group's heap: oldest first (seq breaks ties: arrival order).
+_Entry = tuple[int, int, Ready]
+
+
+@dataclass(eq=False)
+class _Group:
+    """One fair-share group's queued tasks in one (namespace, type) queue."""
+
+    name: str
+    weight: int
+    heaps: dict[int, list[_Entry]] = field(default_factory=dict)  # priority → heap; only non-empty ones
+    size: int = 0
+    level: int = -1  # the rotation (priority) it is in; -1: in none (empty)
+    stamp: int = 0  # raised when it leaves a rotation: that rotation's entry for it is stale
+    served: int = 0  # dispatches in its current turn
+    promote_at: int | None = None  # when ageing next raises its level (ms); None: it cannot
+
+
+class _Queue:
+    """The queued tasks of one (namespace, type): per priority level, a
+    rotation (deque) of the groups whose best task is at that level. The
+    group at the front of the highest non-empty rotation gives the next task;
+    after ``weight`` dispatches (or when its level changes) it moves to the
+    back. Entries of groups that moved on are left behind stale (a stamp
+    tells) and skipped when they reach the front: no O(n) removal.
+
+    Ageing. A group's level is the highest *effective* priority among its
+    heaps' heads: within one group and priority the oldest task always has
+    the highest effective priority, so at most 10 heads per group are ever
+    compared. Levels only rise with time, at moments known in advance, so
+    each group has one pending "promotion" time in a heap; due promotions
+    move groups up before each dispatch. No scan over groups or tasks."""
+
+    def __init__(self, namespace: str, policy: DispatchPolicy) -> None:
+        self._namespace = namespace
+        self._policy = policy
+        self._step = policy.ageing_step_ms
+        self._cap = policy.ageing_cap
+        self.groups: dict[str, _Group] = {}
+        self._rings: list[collections.deque[tuple[_Group, int]]] = [collections.deque() for _ in range(LEVELS)]
+        self._counts = [0] * LEVELS  # groups (live entries) in each rotation
+        self._top = -1  # no rotation above this one has a live entry
+        self._promotions: list[tuple[int, int, _Group]] = []  # (when, seq, group); stale unless group.promote_at == when
+        self._seq = itertools.count()
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def push(self, ready: Ready, now: int) -> None:
+        group = self.groups.get(ready.group)
+        if group is None:
+            weight = self._policy.weights.get((self._namespace, ready.group), 1)
+            group = self.groups[ready.group] = _Group(ready.group, weight)
+        heap = group.heaps.get(ready.priority)
+        if heap is None:
+            heap = group.heaps[ready.priority] = []
+        heapq.heappush(heap, (ready.run_at, ready.sort_key[2], ready))
+        group.size += 1
+        self.size += 1
+        if heap[0][2] is ready:  # a new head: the group's level or next promotion may change
+            level, _ = self._assess(group, now)
+            if level > group.level:
+                self._move(group, level)
+            self._schedule_promotion(group, now)
+
+    def top_level(self, now: int) -> int:
+        """The priority level the next pop serves; -1 when empty."""
+        self._promote(now)
+        while self._top >= 0 and self._counts[self._top] == 0:
+            self._top -= 1
+        return self._top
+
+    def pop(self, now: int) -> Ready:
+        level = self.top_level(now)
+        ring = self._rings[level]
+        group, stamp = ring[0]
+        while stamp != group.stamp:  # left behind when the group moved on
+            ring.popleft()
+            group, stamp = ring[0]
+        heaps = group.heaps
+        priority = next(iter(heaps)) if len(heaps) == 1 else self._assess(group, now)[1]  # one heap: the common case
+        heap = heaps[priority]
+        ready = heapq.heappop(heap)[2]
+        if not heap:
+            del heaps[priority]
+        group.size -= 1
+        self.size -= 1
+        group.served += 1
+        if not group.size:
+            ring.popleft()
+            self._counts[level] -= 1
+            if self._counts[level] == 0:
+                ring.clear()
+            group.stamp += 1
+            group.promote_at = None
+            del self.groups[group.name]
+            return ready
+        new_level = self._effective(priority, heap[0][0], now) if len(heaps) == 1 and heap else self._assess(group, now)[0]
+        if new_level != level:
+            ring.popleft()
+            self._move(group, new_level)
+        elif group.served >= group.weight:
+            ring.rotate(-1)  # to the back, same entry
+            group.served = 0
+        self._schedule_promotion(group, now)
+        return ready
+
+    def _effective(self, priority: int, run_at: int, now: int) -> int:
+        """The effective priority of a task of ``priority`` due at ``run_at``."""
+        step, cap = self._step, self._cap
+        if step and priority < cap and now - run_at >= step:
+            return min(cap, priority + (now - run_at) // step)
+        return priority
+
+    def _assess(self, group: _Group, now: int) -> tuple[int, int]:
+        """(effective priority of the group's best task, the priority of the heap holding it).
+        Best: highest effective priority, then oldest."""
+        step, cap = self._step, self._cap
+        best: tuple[int, int, int] | None = None
+        chosen = -1
+        for priority, heap in group.heaps.items():
+            run_at, seq, _ = heap[0]
+            effective = priority
+            if step and priority < cap and now - run_at >= step:
+                effective = min(cap, priority + (now - run_at) // step)
+            key = (effective, -run_at, -seq)
+            if best is None or key > best:
+                best, chosen = key, priority
+        assert best is not None
+        return best[0], chosen
+
+    def _schedule_promotion(self, group: _Group, now: int) -> None:
+        """When ``group``'s level next rises by ageing: the first moment one of
+        its heads reaches ``level + 1``. None when it cannot rise. Never at or
+        before ``now`` (already assessed), so ``_promote`` always ends."""
+        level = group.level
+        when: int | None = None
+        if self._step and level < self._cap:
+            for priority, heap in group.heaps.items():
+                at = heap[0][0] + (level + 1 - priority) * self._step
+                if when is None or at < when:
+                    when = at
+            when = max(when or 0, now + 1)
+        current = group.promote_at
+        if when == current or (when is not None and current is not None and now < current <= when):
+            return  # the earlier one stands: when it comes, the group is assessed and this is set again
+        group.promote_at = when
+        if when is not None:
+            heapq.heappush(self._promotions, (when, next(self._seq), group))
+            if len(self._promotions) > 64 + 4 * len(self.groups):  # mostly stale: rebuild
+                self._promotions = [(g.promote_at, next(self._seq), g) for g in self.groups.values() if g.promote_at is not None]
+                heapq.heapify(self._promotions)
+
+    def _promote(self, now: int) -> None:
+        promotions = self._promotions
+        while promotions and promotions[0][0] <= now:
+            when, _, group = heapq.heappop(promotions)
+            if group.promote_at != when or group.level < 0:
+                continue  # superseded
+            group.promote_at = None
+            level, _ = self._assess(group, now)
+            if level > group.level:
+                self._move(group, level)
+            self._schedule_promotion(group, now)
+
+    def _move(self, group: _Group, level: int) -> None:
+        """Put ``group`` at the back of ``level``'s rotation, leaving its old one."""
+        if group.level >= 0:
+            self._counts[group.level] -= 1
+            if self._counts[group.level] == 0:
+                self._rings[group.level].clear()  # only stale entries left
+            group.stamp += 1
+        group.level = level
+        group.served = 0
+        self._rings[level].append((group, group.stamp))
+        self._counts[level] += 1
+        if level > self._top:
+            self._top = level
+
+    def readies(self) -> Iterator[Ready]:
+        for group in self.groups.values():
+            for heap in group.heaps.values():
+                for entry in heap:
+                    yield entry[2]
+
+
 class Dispatcher:
-    def __init__(self, claim_timeout_s: float, still_unclaimed: ClaimCheck, on_workers: WorkersChanged | None = None) -> None:
+    def __init__(
+        self, claim_timeout_s: float, still_unclaimed: ClaimCheck, on_workers: WorkersChanged | None = None,
+        policy: DispatchPolicy | None = None, clock: Callable[[], int] = now_ms,
+    ) -> None:
+        """``clock``: wall time in ms, the scale of ``run_at`` (ageing counts from it)."""
         self._claim_timeout_s = claim_timeout_s
         self._still_unclaimed = still_unclaimed
         self._on_workers = on_workers
-        self._heaps: dict[tuple[str, str], list[Ready]] = {}
+        self._policy = policy or DispatchPolicy()
+        self._clock = clock
+        self._queues: dict[tuple[str, str], _Queue] = {}
         self._links: set[WorkerLink] = set()
         self._inflight: dict[Key, InFlight] = {}
         self._queued: set[Key] = set()
@@ -195,28 +458,41 @@ class Dispatcher:
             self._send(link, ready)
         else:
             self._queued.add(ready.key)
-            heapq.heappush(self._heaps.setdefault((ready.namespace, ready.type), []), ready)
+            self._queue(ready.namespace, ready.type).push(ready, self._clock())
 
     def drop_shards(self, keep: frozenset[int]) -> None:
         """Forget tasks of shards this trigger no longer owns; their new owner
         re-reads them from its checkpoint."""
-        for group, heap in list(self._heaps.items()):
-            kept = [r for r in heap if r.shard in keep]
-            for r in heap:
-                if r.shard not in keep:
+        now = self._clock()
+        for (namespace, type_), queue in list(self._queues.items()):
+            readies = list(queue.readies())
+            if all(r.shard in keep for r in readies):
+                continue
+            fresh = self._queues[(namespace, type_)] = _Queue(namespace, self._policy)
+            for r in sorted(readies, key=lambda r: r.sort_key):  # the rotation restarts, in arrival order
+                if r.shard in keep:
+                    fresh.push(r, now)
+                else:
                     self._queued.discard(r.key)
                     r.on_done()
-            heapq.heapify(kept)
-            self._heaps[group] = kept
         for key, entry in list(self._inflight.items()):
             if entry.ready.shard not in keep:
                 entry.claim_check.cancel()
                 del self._inflight[key]
                 entry.ready.on_done()
 
+    def queued_by_group(self) -> dict[str, int]:
+        """Queued tasks per fair-share group, ``namespace/key`` (summed over
+        types): for the scrape-time gauge, O(groups), never on the dispatch path."""
+        counts: dict[str, int] = collections.Counter()
+        for (namespace, _), queue in self._queues.items():
+            for name, group in queue.groups.items():
+                counts[f"{namespace}/{name}"] += group.size
+        return dict(counts)
+
     def stats(self) -> dict[str, int]:
         return {
-            "queued": sum(len(h) for h in self._heaps.values()),
+            "queued": sum(len(q) for q in self._queues.values()),
             "inflight": len(self._inflight),
             "workers": len(self._links),
             "dispatched_total": self.dispatched_total,
@@ -255,16 +531,29 @@ class Dispatcher:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("task %s dispatched to %s", ready.task_id, link.worker_id, extra=_fields(ready, link.worker_id))
 
+    def _queue(self, namespace: str, type_: str) -> _Queue:
+        queue = self._queues.get((namespace, type_))
+        if queue is None:
+            queue = self._queues[(namespace, type_)] = _Queue(namespace, self._policy)
+        return queue
+
     def _drain(self, link: WorkerLink) -> None:
+        now = self._clock()  # one drain is one moment: no ageing happens within it
         while link.credits > 0:
-            best_heap: list[Ready] | None = None
-            for t in link.types:
-                heap = self._heaps.get((link.namespace, t))
-                if heap and (best_heap is None or heap[0] < best_heap[0]):
-                    best_heap = heap
-            if best_heap is None:
+            queues = [q for t in link.types if (q := self._queues.get((link.namespace, t))) is not None and q.size]
+            if not queues:
                 return
-            ready = heapq.heappop(best_heap)
+            if len(queues) == 1:
+                queue = queues[0]
+            else:
+                # The highest priority across the link's types; types tied at it
+                # take turns, so fair share holds across types too.
+                levels = [q.top_level(now) for q in queues]
+                top = max(levels)
+                tied = [q for q, level in zip(queues, levels) if level == top]
+                queue = tied[link.turn % len(tied)]
+                link.turn += 1
+            ready = queue.pop(now)
             self._queued.discard(ready.key)
             self._send(link, ready)
 

@@ -29,7 +29,7 @@ from leasesched.server import bootstrap
 from leasesched.server.auth_setup import make_authenticator
 from leasesched.server.grpc_server import build_server, stop_signal, wait_for_stop_signal
 from trigger.announcer import Announcer
-from trigger.dispatcher import Dispatcher, Ready, WorkersChanged
+from trigger.dispatcher import Dispatcher, DispatchPolicy, Ready, WorkersChanged
 from trigger.ownership import ShardOwnership
 from trigger.scanner import ScanSettings, ShardScanner
 from trigger.schedule_firer import ScheduleFirer
@@ -47,7 +47,9 @@ class Trigger:
         self._cfg = cfg
         self._lifecycle = lifecycle
         self._settings = settings
-        self.dispatcher = Dispatcher(cfg.claim_timeout_s, self._still_unclaimed, on_workers)
+        self.dispatcher = Dispatcher(
+            cfg.claim_timeout_s, self._still_unclaimed, on_workers, policy=DispatchPolicy.from_config(cfg)
+        )
         self.firer = ScheduleFirer(lifecycle, cfg.schedule_catchup_rate)
         self._scanners: dict[int, tuple[ShardScanner, asyncio.Task[None]]] = {}
         self._hints: set[asyncio.Task[None]] = set()
@@ -151,6 +153,7 @@ async def serve(cfg: Config, port: int) -> None:
         # Read at scrape time: nothing on the dispatch path.
         metrics.shards_owned.set_function(lambda: len(trigger.owned))
         metrics.dispatch_queued.set_function(lambda: trigger.dispatcher.stats()["queued"])
+        metrics.dispatch_queued_by_group.set_function(trigger.dispatcher.queued_by_group)
         metrics.dispatch_inflight.set_function(lambda: trigger.dispatcher.stats()["inflight"])
         metrics.subscribed_workers.set_function(lambda: trigger.dispatcher.stats()["workers"])
         metrics.due_read_age.set_function(trigger.oldest_read_s)

@@ -14,10 +14,13 @@ registered ones only, see ``leasesched/server/metrics_interceptor.py``), task ty
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
+from typing import Callable, Iterator, Mapping
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,41 @@ worker_children_killed = Counter(
 )
 
 _RPC = (rpc_duration,)
+class QueuedByGroup:
+    """``leasesched_dispatch_queued_by_group{group="namespace/key"}``: the
+    trigger's queued tasks of its busiest fair-share groups, computed at
+    scrape time (nothing on the dispatch path). Keys are client input, so
+    only the ``top`` largest groups get a series; the rest are summed as
+    ``group="other"`` (a real group always has a '/')."""
+
+    NAME = "leasesched_dispatch_queued_by_group"
+    HELP = "Due tasks waiting for a worker slot, by fair-share group (namespace/concurrency key); the largest groups only."
+
+    def __init__(self, top: int = 20) -> None:
+        self._top = top
+        self._source: Callable[[], Mapping[str, int]] | None = None
+
+    def set_function(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self._source = source
+
+    def describe(self) -> list[Metric]:
+        return [GaugeMetricFamily(self.NAME, self.HELP, labels=["group"])]
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["group"])
+        counts = self._source() if self._source is not None else {}
+        largest = heapq.nlargest(self._top, counts.items(), key=lambda item: item[1])
+        for group, queued in largest:
+            family.add_metric([group], queued)
+        rest = sum(counts.values()) - sum(queued for _, queued in largest)
+        if rest:
+            family.add_metric(["other"], rest)
+        yield family
+
+
+dispatch_queued_by_group = QueuedByGroup()
+
+
 _BY_ROLE: dict[str, tuple[object, ...]] = {
     "task-service": (
         *_RPC, tasks_scheduled, tasks_scheduled_without_worker, tasks_quarantined, store_unknown_outcomes, *_SCHEDULES,
@@ -169,7 +207,8 @@ _BY_ROLE: dict[str, tuple[object, ...]] = {
     "trigger": (
         *_RPC, tasks_dispatched, tasks_quarantined, store_unknown_outcomes, lease_expirations, tasks_requeued,
         tasks_failed, shards_owned,
-        shard_ownership_changes, dispatch_queued, dispatch_inflight, subscribed_workers, due_read_age, *_SCHEDULES,
+        shard_ownership_changes, dispatch_queued, dispatch_queued_by_group, dispatch_inflight, subscribed_workers,
+        due_read_age, *_SCHEDULES,
     ),  # fmt: skip
     "worker": (
         worker_slots, worker_slots_busy, worker_executions, worker_execution_seconds, worker_loop_stalls,

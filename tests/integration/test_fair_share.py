@@ -1,12 +1,20 @@
 """Fair share on real processes (issue 15): ``concurrency_key`` survives the
-round trip through Cassandra."""
+round trip through Cassandra, and a flood under one key does not hold back a
+few tasks under another (one worker with few slots, so tasks queue in the
+trigger's dispatcher, where fair share decides)."""
 
 from __future__ import annotations
 
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from tests.cluster import LiveCluster, wait_for
+
+FLOOD = 300
+FEW = 5
 
 
 def test_concurrency_key_round_trip_through_schedule_poll_and_list(task_stub: pb_grpc.TaskServiceStub) -> None:
@@ -38,3 +46,29 @@ def test_concurrency_key_round_trip_through_schedule_poll_and_list(task_stub: pb
         assert err.code().name == "INVALID_ARGUMENT" and "concurrency_key" in err.details()  # type: ignore[attr-defined]
     else:
         raise AssertionError("a malformed concurrency_key was accepted")
+
+
+def starts(cluster: LiveCluster) -> dict[str, float]:
+    """task id → first START time, from the execution ledger."""
+    first: dict[str, float] = {}
+    for record in cluster.read_jsonl(cluster.ledger):
+        if record["event"] == "start":
+            first.setdefault(record["task_id"], record["t"])
+    return first
+
+
+def test_a_flood_under_one_key_does_not_hold_back_another_key(make_cluster) -> None:
+    cluster = make_cluster(triggers=1, workers=1, slots=2)
+    with ThreadPoolExecutor(8) as pool:
+        flood = list(pool.map(lambda _: cluster.schedule(seconds=0.2, concurrency_key="flood"), range(FLOOD)))
+    scheduled_at = time.time()
+    few = [cluster.schedule(seconds=0.05, concurrency_key="quiet") for _ in range(FEW)]
+    wait_for(lambda: all(t in starts(cluster) for t in few), 120, f"the {FEW} tasks of the second key to start")
+    seen = starts(cluster)
+    last_few = max(seen[t] for t in few)
+    flood_before = sum(1 for t in flood if t in seen and seen[t] <= last_few)
+    flood_meanwhile = sum(1 for t in flood if t in seen and scheduled_at <= seen[t] <= last_few)
+    # Without fair share the few wait behind every flood task still queued (FIFO within a priority).
+    assert flood_before < FLOOD // 2, f"{flood_before} flood tasks started before the last of the {FEW} others"
+    # With it they alternate: 5 others need about 10 dispatches (2 slots, tasks still in flight).
+    assert flood_meanwhile <= 3 * FEW + 4, f"{flood_meanwhile} flood tasks started while the {FEW} others waited"
