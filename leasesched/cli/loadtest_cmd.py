@@ -2,12 +2,15 @@
 
     leasesched --home /tmp/lsbench loadtest --schedule-rate 1000 --poll-rate 3000 --duration 60
     leasesched loadtest --target 10.0.0.5:50051 --no-local --ledger /shared/ledger.jsonl
+    leasesched loadtest --groups 11 --flood 10000 --flood-share 0 --schedule-rate 2 --duration 5   # one flooding group
 
 With ``--local`` (the default) it starts a complete cluster itself, from the
 same Config every command reads (``--home``, LEASESCHED_* variables):
 Cassandra and ZooKeeper (idempotent, left running unless ``--stop-infra``),
 a fresh keyspace and ZooKeeper root, TaskService, TaskUpdater, the triggers
-and workers running ``worker.bench_handlers``. See
+and workers running ``worker.bench_handlers``. ``--groups`` gives the tasks
+concurrency keys and reports start lag per group and concurrency per key
+(``leasesched/loadtest/groups.py``). See
 ``leasesched/loadtest/runner.py`` for the phases and BENCHMARKS.md for results.
 """
 
@@ -51,6 +54,10 @@ def _range(text: str, kind: type = float) -> tuple:  # "1-10" or "5"
 @click.option("--schedule-handler-ms", type=float, default=0.0, show_default=True, help="How long the bench handler of a slot's task sleeps.")
 @click.option("--schedule-overlap", type=click.Choice([o.value for o in Overlap]), default=Overlap.ALLOW_ALL.value, show_default=True,
               help="Their overlap policy; with allow_all every slot must get a task (a skipped slot counts as missed).")
+@click.option("--groups", type=int, default=0, show_default=True,
+              help="Give every task a concurrency key g0..g{N-1} (0 = no key); the report adds start lag per group and concurrency per key.")
+@click.option("--flood-share", type=float, default=None, help="Share of the load for g0, 0-1; the rest goes to the other groups in turn [default: uniform].")
+@click.option("--flood", type=int, default=0, show_default=True, help="Tasks for g0 scheduled in one burst before the load (a backlog of one group).")
 @click.option("--local/--no-local", default=True, show_default=True, help="Start a complete local cluster (else drive --target).")
 @click.option("--target", default="", help="TaskService host:port of a running cluster (with --no-local).")
 @click.option("--ledger", default="", help="With --no-local: the execution ledger the cluster's bench workers write (LEASESCHED_BENCH_LEDGER).")
@@ -67,6 +74,7 @@ def _range(text: str, kind: type = float) -> tuple:  # "1-10" or "5"
 @click.pass_obj
 def loadtest(cfg: Config, delay: str, priorities: str, quiet: bool, as_json: bool, **kw: Any) -> None:
     """Open-loop load test: rates, latency, dispatch lag, lost tasks, overlaps, store efficiency."""
+    from leasesched.loadtest.groups import GroupPlan
     from leasesched.loadtest.report import text_summary
     from leasesched.loadtest.runner import LoadOptions, LoadTest
 
@@ -86,7 +94,12 @@ def loadtest(cfg: Config, delay: str, priorities: str, quiet: bool, as_json: boo
         keep_data=kw["keep_data"], results_dir=kw["results_dir"], label=kw["label"],
         schedules=kw["schedules"], schedule_every_s=kw["schedule_every"], schedule_jitter_s=kw["schedule_jitter"],
         schedule_handler_ms=kw["schedule_handler_ms"], schedule_overlap=kw["schedule_overlap"],
+        groups=kw["groups"], flood_share=kw["flood_share"], flood=kw["flood"],
     )  # fmt: skip
+    try:
+        GroupPlan.from_options(opts.groups, opts.flood_share, opts.flood)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--groups / --flood-share / --flood") from err
     report = LoadTest(opts, cfg).run()
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))

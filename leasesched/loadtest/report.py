@@ -21,6 +21,14 @@ Definitions (also written into the report under ``definitions``):
   store (Cassandra) and of the leasesched processes over the load ÷ those
   fires (everything else they did, e.g. ScheduleTask load, included);
   counters = DescribeSchedule's fired_total and skipped_total, summed;
+* groups (``--groups``): every task of the load has concurrency key
+  g0..g{N-1} (``--flood`` tasks in a burst before the load: g0); per group
+  and per class (flood = g0, others = the rest together): count, started,
+  start lag = first execution start (ledger) − run_at; maximum concurrency
+  of a key = the most executions of its tasks running at one moment (ledger
+  intervals, half-open: one ending as another starts is not two at once);
+  flood executed/s = flood tasks that finished ÷ (their last end − their
+  first start);
 * efficiency: (LWTs per task × completed/s) ÷ the store's LWT/s measured by
   the probe in the same run. leasesched writes 2 LWTs per task (claim,
   complete; a key-less task's row is created by a plain insert), +1 per
@@ -42,6 +50,7 @@ import numpy as np
 from leasesched.loadtest.metrics import percentiles
 from leasesched.v1 import scheduler_pb2 as pb
 
+from leasesched.loadtest.groups import OPTION_FIELDS as GROUP_OPTIONS, group_section
 from leasesched.loadtest.schedule_load import schedule_section
 
 if TYPE_CHECKING:
@@ -165,7 +174,7 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
         "poll_sent_eq_ok_plus_errors": poll.sent == poll.ok + sum(poll.errors.values()),
         "due_eq_sent_plus_not_sent": load["due"]["ScheduleTask"] == sched.sent + sum(sched.not_sent.values())
         and load["due"]["PollTask"] == poll.sent + sum(poll.not_sent.values()),
-        "accepted_eq_schedule_ok_plus_preflight": len(accepted) == sched.ok + lt.preflight,
+        "accepted_eq_schedule_ok_plus_preflight": len(accepted) == sched.ok + lt.preflight + lt.burst.accepted,
         "accepted_ids_unique": len(set(accepted)) == len(accepted) == len(lt.tasks),
         "statuses_sum_to_accepted": sum(by_status.values()) == len(accepted),
         "terminal_plus_lost_plus_not_due_eq_accepted": terminal + len(lost) + not_due_yet == len(accepted),
@@ -227,6 +236,20 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
         if ledger is None:
             warnings.append("schedules: no execution ledger, so executions per slot task were not checked")
 
+    groups = None
+    if lt.group_plan is not None:
+        plan = lt.group_plan
+        groups = group_section(plan, list(lt.grouped.values()), ledger.first_start if ledger is not None else {},
+                               ledger.by_task if ledger is not None else {}, lt.burst)  # fmt: skip
+        checks["group_keys_round_trip"] = all(
+            isinstance(lt.final.get(t.task_id), pb.TaskView) and lt.final[t.task_id].concurrency_key == plan.key(t.group)
+            for t in lt.grouped.values()
+        )  # fmt: skip
+        if lt.burst.failed:
+            warnings.append(f"groups: {lt.burst.failed} of the {lt.burst.requested} flood tasks were not accepted: {lt.burst.errors}")
+        if ledger is None:
+            warnings.append("groups: no execution ledger, so no start lag per group and no concurrency per key")
+
     series = {
         "second": list(range(horizon)),
         "schedule": _pad(sched.series(horizon), horizon),
@@ -246,7 +269,8 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
             "wall_s": round(time.time() - started, 1),
             "mode": "local cluster" if o.local else f"external target {lt.target}",
             "git": _git_state(),
-            "options": {k: v for k, v in vars(o).items()},
+            # Without groups their options are left out: such a report has exactly the fields it always had.
+            "options": {k: v for k, v in vars(o).items() if o.groups or k not in GROUP_OPTIONS},
             "cluster": {
                 "commitlog_sync": lt.cfg.cassandra_commitlog_sync,
                 "auth": lt.cfg.auth,
@@ -287,6 +311,7 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
             "overlap_examples": ledger.overlaps[:10] if ledger else [],
         },
         "schedules": schedules,
+        **({"groups": groups} if groups is not None else {}),
         "dispatch_lag_ms": percentiles(lag_all),
         "dispatch_lag_delayed_ms": percentiles(lag_delayed),
         "immediate_schedule_to_start_ms": percentiles(imm_start),
@@ -362,6 +387,9 @@ def text_summary(r: dict[str, Any]) -> str:
             f"creation lag p50 {_ms(sc['creation_lag_ms']['p50'])} p99 {_ms(sc['creation_lag_ms']['p99'])}  "
             f"counters fired {c['fired_total']} skipped {c['skipped_total']}"
         )
+    g = r.get("groups")
+    if g:
+        lines.extend(group_lines(g))
     if r.get("store_probe"):
         e = r["efficiency"]
         lines.append(
@@ -374,6 +402,29 @@ def text_summary(r: dict[str, Any]) -> str:
     lines.extend(f"warning       {w}" for w in r.get("warnings", []))
     lines.append("targets       " + "  ".join(f"{k}={v['value']}{'✓' if v['met'] else '✗' if v['met'] is False else '?'}" for k, v in r["targets"].items()))
     return "\n".join(lines)
+
+
+def group_lines(g: dict[str, Any]) -> list[str]:
+    """The ``groups`` section for the terminal: the burst, both classes, the groups, the concurrency per key."""
+    b, c, mc = g["flood_burst"], g["classes"], g["max_concurrency"]
+
+    def lag(row: dict[str, Any]) -> str:
+        x = row["start_lag_ms"]
+        return f"{row['started']}/{row['count']} started, start lag p50 {_ms(x['p50'])} p99 {_ms(x['p99'])} max {_ms(x['max'])}"
+
+    lines = [
+        f"groups        {g['groups']} keys, g0 share {g['flood_share']:g}; flood {b['accepted']}/{b['requested']} accepted in "
+        f"{b['seconds']} s ({b['accepted_per_s']}/s), executed {b['executed']} at {b['executed_per_s']}/s"
+        + (f", failed {b['errors']}" if b["failed"] else ""),
+        f"  flood g0    {lag(c['flood'])}; g0 tasks waiting when the first other group's task was due: "
+        f"{g.get('g0_backlog_when_others_first_due')}",
+        f"  others      {lag(c['others'])}",
+    ]
+    lines.extend(f"  {row['key']:<11} {lag(row)}" for row in g["per_group"])
+    lines.append(
+        f"  concurrency max per key {mc['max_over_keys']} ({mc['key']}), g0 {mc.get('g0')}, others at most {mc['others_max']}"
+    )
+    return lines
 
 
 def _ms(v: float | None) -> str:

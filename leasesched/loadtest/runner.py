@@ -10,6 +10,9 @@
    With ``schedules`` > 0, before the load: create that many periodic
    schedules (``schedule_load.SchedulePlan``) whose slots span exactly the
    load window, and start the window at their first slot;
+   With ``groups`` > 0, every task of the load gets a concurrency key
+   ``g0..g{N-1}`` (``groups.GroupPlan``), and with ``flood`` > 0 that many
+   tasks for ``g0`` are scheduled in one burst before the window starts;
 4. drain: wait until every accepted task, and every expected slot's task,
    has finished (or ``drain`` s passed), then read every accepted task back
    with PollTask: its final status and finish time; the schedules' tasks
@@ -48,6 +51,7 @@ from leasesched.loadtest import ledger as ledger_mod
 from leasesched.loadtest.arrival import open_loop
 from leasesched.loadtest.bench_tasks import BENCH_MODULE, LEDGER_ENV, NAMESPACE, TASK_TYPE, make_payload
 from leasesched.loadtest.cpu import CpuMeter
+from leasesched.loadtest.groups import BurstStats, GroupedTask, GroupPlan
 from leasesched.loadtest.metrics import MethodStats
 from leasesched.loadtest.schedule_load import Counters, SchedulePlan, SlotTask
 from leasesched.schedules import Overlap
@@ -62,6 +66,8 @@ MAX_DRAIN_EXTENSION_S = 300.0  # the drain waits for delayed tasks due at most t
 DUE_MARGIN_S = 5.0  # a task due this close to the drain's end is not expected to have finished
 SCHEDULE_CONCURRENCY = 64  # schedule RPCs (create, describe, delete) in flight at once
 LIST_PAGE_SIZE = 500  # ListTasks page size when reading the schedules' tasks back
+FLOOD_CONCURRENCY = 128  # flood ScheduleTask calls in flight at once: "as fast as the service takes them"
+FLOOD_TRIES = 20  # a flood ScheduleTask refused with RESOURCE_EXHAUSTED is sent again, backing off, up to this often
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20)]
 
 
@@ -106,6 +112,11 @@ class LoadOptions:
     schedule_handler_ms: float = 0.0
     # ALLOW_ALL by default: every slot must then have a task, so "missed" is never a legitimate skip.
     schedule_overlap: str = Overlap.ALLOW_ALL.value
+    # Concurrency-key groups (0: none, the tasks have no key): g0..g{groups-1}; g0 gets flood_share of the load
+    # (None: uniform) and ``flood`` tasks in one burst before it. Left out of the report's options when 0.
+    groups: int = 0
+    flood_share: float | None = None
+    flood: int = 0
 
 
 def _now_tag() -> str:
@@ -133,6 +144,9 @@ class LoadTest:
         self.schedule_create_s = 0.0
         self.schedule_create_failed = 0
         self.schedule_created_at = 0.0  # wall time the creation ended
+        self.group_plan = GroupPlan.from_options(opts.groups, opts.flood_share, opts.flood)
+        self.grouped: dict[str, GroupedTask] = {}  # task id → its group, for every accepted task given a key
+        self.burst = BurstStats()
         self.report: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ set-up
@@ -256,7 +270,9 @@ class LoadTest:
         first = ledger_summary.first_start if ledger_summary else {}
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["task_id", "immediate", "sent_ms", "run_at_ms", "first_start_ms", "finished_ms", "status"])
+            grouped = self.group_plan is not None  # the group column only then: a run without groups writes what it always did
+            w.writerow(["task_id", "immediate", "sent_ms", "run_at_ms", "first_start_ms", "finished_ms", "status"]
+                       + (["group"] if grouped else []))  # fmt: skip
             for task_id in self.accepted:
                 sent, run_at, immediate = self.tasks[task_id]
                 view = self.final.get(task_id)
@@ -266,9 +282,10 @@ class LoadTest:
                 if isinstance(view, pb.TaskView):
                     finished = view.finished_at.ToMilliseconds() if view.HasField("finished_at") else ""
                     status = pb.TaskStatus.Name(view.status)
+                group = self.grouped.get(task_id)
                 w.writerow([
                     task_id, int(immediate), int(sent * 1000), run_at, int(start * 1000) if start else "", finished, status,
-                ])  # fmt: skip
+                ] + ([self.group_plan.key(group.group) if group and self.group_plan else ""] if grouped else []))  # fmt: skip
         self.report["files"]["tasks"] = str(path)
 
     # ------------------------------------------------------------------ load
@@ -299,8 +316,12 @@ class LoadTest:
             self.plan = self._schedule_plan()
             await self._create_schedules(schedule_stubs, metadata, self.plan)
 
+        groups = self.group_plan
+
         def spec_for(i: int) -> tuple[pb.ScheduleTaskRequest, bool]:
             spec = pb.TaskSpec(namespace=NAMESPACE, type=TASK_TYPE, payload=payload)
+            if groups is not None and i >= 0:  # the pre-flight tasks (i < 0) stay without a key
+                spec.concurrency_key = groups.key(groups.group_of(i))
             if o.priority_max != 5 or o.priority_min != 5:
                 spec.priority, spec.has_priority = rng.randint(o.priority_min, o.priority_max), True
             delayed = rng.random() < o.delayed_fraction
@@ -319,6 +340,8 @@ class LoadTest:
             self.accepted.append(reply.task_id)
             await stubs[0].PollTask(pb.PollTaskRequest(task_id=reply.task_id), timeout=o.timeout_s, metadata=metadata)
 
+        if groups is not None and groups.flood > 0:
+            await self._flood(stubs, metadata, groups, payload)
         if self.plan is not None:  # the window starts at the schedules' first slot
             await asyncio.sleep(max(0.0, self.plan.start_ms / 1000.0 - 0.2 - time.time()))
         t0 = loop.time() + 0.2
@@ -340,6 +363,8 @@ class LoadTest:
             sched.on_done(intended, loop.time(), None)
             self.tasks[reply.task_id] = (to_wall(intended), reply.run_at.ToMilliseconds(), immediate)
             self.accepted.append(reply.task_id)
+            if groups is not None:
+                self.grouped[reply.task_id] = GroupedTask(reply.task_id, groups.group_of(i), reply.run_at.ToMilliseconds())
 
         async def poll_one(i: int, intended: float) -> None:
             task_id = self.accepted[rng.randrange(len(self.accepted))]
@@ -487,6 +512,63 @@ class LoadTest:
             "deadline_reached": bool(remaining),
             "deadline": deadline,
         }
+
+    # ------------------------------------------------------------------ flood
+
+    async def _flood(self, stubs: list[pb_grpc.TaskServiceStub], metadata: Any, groups: GroupPlan, payload: bytes) -> None:
+        """``groups.flood`` immediate tasks for g0, ``FLOOD_CONCURRENCY`` in flight,
+        each sent again while the service refuses it (RESOURCE_EXHAUSTED): a
+        backlog of one group that exists before the other groups' tasks
+        arrive. They are accepted tasks like any other (read back and checked
+        after the drain); the ones that failed are counted in ``burst``."""
+        o = self.o
+        n = groups.flood
+        self.burst = BurstStats(requested=n)
+        errors: Counter[str] = Counter()
+        key = groups.key(0)
+        bar = tqdm(total=n, unit="task", desc="flood", disable=not o.progress, file=sys.stderr)
+        began = time.time()
+
+        async def one(i: int) -> None:
+            spec = pb.TaskSpec(namespace=NAMESPACE, type=TASK_TYPE, payload=payload, concurrency_key=key)
+            sent_wall = time.time()
+            reply = await stubs[i % len(stubs)].ScheduleTask(pb.ScheduleTaskRequest(task=spec), timeout=o.timeout_s,
+                                                            metadata=metadata)  # fmt: skip
+            run_at = reply.run_at.ToMilliseconds()
+            self.tasks[reply.task_id] = (sent_wall, run_at, True)
+            self.accepted.append(reply.task_id)
+            self.grouped[reply.task_id] = GroupedTask(reply.task_id, 0, run_at, flood=True)
+            self.burst.accepted += 1
+            bar.update(1)
+
+        async def call(i: int) -> None:
+            # Only a refusal is tried again: after a deadline the task may exist, and a second send would be
+            # another task (the flood sends no idempotency key, which would cost two more LWTs per task).
+            for attempt in range(FLOOD_TRIES):
+                try:
+                    await one(i)
+                    return
+                except grpc.aio.AioRpcError as err:
+                    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == FLOOD_TRIES - 1:
+                        errors[err.code().name] += 1
+                        return
+                    await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
+
+        sem = asyncio.Semaphore(FLOOD_CONCURRENCY)
+
+        async def bounded(i: int) -> None:
+            async with sem:
+                await call(i)
+
+        try:
+            await asyncio.gather(*(bounded(i) for i in range(n)))
+        finally:
+            bar.close()
+        self.burst.seconds = time.time() - began
+        self.burst.failed = sum(errors.values())
+        self.burst.errors = dict(errors)
+        _say(f"flood: {self.burst.accepted} of {n} tasks for {key} accepted in {self.burst.seconds:.1f} s"
+             + (f", {self.burst.failed} failed {dict(errors)}" if errors else ""))  # fmt: skip
 
     # ------------------------------------------------------------------ schedules
 

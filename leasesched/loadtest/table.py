@@ -2,6 +2,7 @@
 
     .venv/bin/python -m leasesched.loadtest.table results/*/report.json
     .venv/bin/python -m leasesched.loadtest.table --schedules results/*/report.json   # the periodic-schedule columns
+    .venv/bin/python -m leasesched.loadtest.table --groups results/*/report.json      # the concurrency-key group columns
 """
 
 from __future__ import annotations
@@ -76,14 +77,46 @@ SCHEDULE_HEADER = [
 ]  # fmt: skip
 
 
+def group_row(r: dict[str, Any]) -> list[str]:
+    """The concurrency-key group figures of one report (``--groups`` runs)."""
+    g, t = r["groups"], r["tasks"]
+    b, c, mc = g["flood_burst"], g["classes"], g["max_concurrency"]
+
+    def lag(row: dict[str, Any]) -> str:
+        x = row["start_lag_ms"]
+        return f"{_f(x['p50'])} / {_f(x['p99'])} / {_f(x['max'])} (n {row['started']}/{row['count']})"
+
+    return [
+        r["run"]["label"] or r["run"]["id"],
+        f"{g['groups']} (g0 share {g['flood_share']:g})",
+        f"{b['accepted']} in {_f(b['seconds'], 1)} s",
+        _f(b["executed_per_s"], 1),
+        _f(g.get("g0_backlog_when_others_first_due")),
+        lag(c["others"]),
+        lag(c["flood"]),
+        f"{_f(mc['max_over_keys'])} / {_f(mc.get('g0'))} / {_f(mc['others_max'])}",
+        f"{t['lost']} / {t['overlaps']}",
+        f"{100 * r['cpu']['machine_busy_fraction']:.0f}% ({r['cpu']['others_cpu_s']:.0f} s)",
+    ]
+
+
+GROUP_HEADER = [
+    "run", "groups", "flood burst accepted", "flood executed/s", "g0 backlog when others due", "others start lag p50/p99/max ms",
+    "g0 start lag p50/p99/max ms", "max concurrency per key: any / g0 / others", "lost/overlaps",
+    "machine busy (others' CPU s)",
+]  # fmt: skip
+
+MODES = {"--schedules": ("schedules", SCHEDULE_HEADER, schedule_row), "--groups": ("groups", GROUP_HEADER, group_row)}
+
+
 def main(paths: list[str]) -> None:
-    schedules = "--schedules" in paths
-    reports = [json.loads(Path(p).read_text()) for p in paths if p != "--schedules"]
-    header, make = (SCHEDULE_HEADER, schedule_row) if schedules else (HEADER, row)
+    mode = next((MODES[p] for p in paths if p in MODES), None)
+    reports = [json.loads(Path(p).read_text()) for p in paths if p not in MODES]
+    header, make = (mode[1], mode[2]) if mode else (HEADER, row)
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in reports:
-        if not schedules or r.get("schedules"):
+        if mode is None or r.get(mode[0]):
             print("| " + " | ".join(make(r)) + " |")
 
 

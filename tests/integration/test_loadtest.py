@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 
 from leasesched.infra.local import LocalInfra
+from leasesched.loadtest.report import text_summary
 from leasesched.loadtest.runner import LoadOptions, LoadTest
+from leasesched.loadtest.table import group_row
 
 
 def test_loadtest_report_adds_up(infra: LocalInfra, tmp_path: Path) -> None:
@@ -77,6 +79,9 @@ def test_loadtest_report_adds_up(infra: LocalInfra, tmp_path: Path) -> None:
     with open(report["files"]["tasks"], newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == t["accepted"] and len({r["task_id"] for r in rows}) == len(rows)
+    # A run without --groups has the fields it always had: no groups section, options or column.
+    assert "groups" not in report and not {"groups", "flood", "flood_share"} & set(report["run"]["options"])
+    assert list(rows[0]) == ["task_id", "immediate", "sent_ms", "run_at_ms", "first_start_ms", "finished_ms", "status"]
     for row in rows:
         assert row["status"] == "SUCCEEDED", row
         assert int(row["run_at_ms"]) - 50 <= int(row["first_start_ms"]) <= int(row["finished_ms"]) + 50, row
@@ -105,3 +110,48 @@ def test_loadtest_schedules_fire_every_slot_once(infra: LocalInfra, tmp_path: Pa
     # Slot tasks are the schedules', not unacknowledged ScheduleTask answers.
     assert report["tasks"]["executed_not_accepted"] == 0
     assert "schedules" in json.loads((Path(report["files"]["folder"]) / "report.json").read_text())
+
+
+def test_loadtest_groups_report_lag_per_group_and_concurrency_per_key(infra: LocalInfra, tmp_path: Path) -> None:
+    """4 groups, half of the load for g0 and a burst of 60 g0 tasks before it:
+    the report has the per-group section, its counts add up, every key came
+    back from the store as sent, and no key ran more at once than there are slots."""
+    opts = LoadOptions(
+        schedule_rate=20, poll_rate=0, duration_s=3, delayed_fraction=0, payload_bytes=64, handler_ms=20, drain_s=40,
+        probe_s=0, progress=False, triggers=1, workers=1, slots=4, start_infra=False, results_dir=str(tmp_path),
+        label="groups", groups=4, flood_share=0.5, flood=60,
+    )  # fmt: skip
+    report = LoadTest(opts, infra.config).run()
+
+    assert report["consistent"], report["checks"]
+    assert report["checks"]["group_keys_round_trip"]  # every task's TaskView names the key it was scheduled with
+    s, t, g = report["schedule"], report["tasks"], report["groups"]
+    assert s["sent"] == 60 and s["ok"] == 60, s
+    assert t["accepted"] == 60 + 60 + 10  # timed load + flood + pre-flight (the pre-flight tasks have no key)
+    assert t["lost"] == 0 and t["overlaps"] == 0 and t["by_status"] == {"SUCCEEDED": t["accepted"]}, t
+    assert report["run"]["options"]["groups"] == 4 and report["run"]["options"]["flood"] == 60
+
+    burst = g["flood_burst"]
+    assert (burst["requested"], burst["accepted"], burst["failed"]) == (60, 60, 0), burst
+    assert burst["executed"] == 60 and burst["executed_per_s"] > 0 and burst["accepted_per_s"] > 0
+    flood, others = g["classes"]["flood"], g["classes"]["others"]
+    # Timed load: 30 tasks for g0 (share 0.5), 10 each for g1..g3; the flood's 60 are g0's too.
+    assert (flood["count"], flood["started"], others["count"], others["started"]) == (90, 90, 30, 30), g["classes"]
+    assert [(r["key"], r["count"], r["started"]) for r in g["per_group"]] == [("g0", 90, 90), ("g1", 10, 10), ("g2", 10, 10), ("g3", 10, 10)]
+    for row in [flood, others, *g["per_group"]]:
+        lag = row["start_lag_ms"]
+        assert lag["n"] == row["count"]
+        # Wall clocks of two processes: the same 50 ms of slack as tasks.csv's check above.
+        assert -50 <= lag["p50"] <= lag["p99"] <= lag["max"], row
+    mc = g["max_concurrency"]
+    assert mc["keys_seen"] == 4
+    assert 1 <= mc["others_max"] <= mc["max_over_keys"] <= opts.workers * opts.slots, mc
+    assert 1 <= mc["g0"] <= mc["max_over_keys"], mc
+
+    with open(report["files"]["tasks"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({r["group"] for r in rows}) == ["", "g0", "g1", "g2", "g3"]
+    assert sum(1 for r in rows if r["group"] == "g0") == 90 and sum(1 for r in rows if not r["group"]) == 10
+    assert 0 <= g["g0_backlog_when_others_first_due"] <= 90
+    assert "flood g0" in text_summary(report) and len(group_row(report)) == 10
+    assert json.loads((Path(report["files"]["folder"]) / "report.json").read_text())["groups"]["groups"] == 4
