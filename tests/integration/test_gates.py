@@ -21,6 +21,7 @@ import pytest
 
 from leasesched.v1 import scheduler_pb2 as pb
 from tests.cluster import NAMESPACE, LiveCluster, wait_for
+from tests.unit.test_gates import max_in_window
 
 # Claims land a few ms after their dispatch, each on its own worker: a start
 # may come one token "early" against the token times. The bound allows that one.
@@ -40,15 +41,6 @@ def starts(cluster: LiveCluster, ids: set[str]) -> list[float]:
     return sorted(r["t"] for r in cluster.read_jsonl(cluster.ledger) if r["event"] == "start" and r["task_id"] in ids)
 
 
-def most_in_window(times: list[float], window: float) -> int:
-    best, lo = 0, 0
-    for hi in range(len(times)):
-        while times[hi] - times[lo] >= window:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
-
-
 @pytest.fixture
 def cluster(make_cluster: Any) -> LiveCluster:
     live: LiveCluster = make_cluster(triggers=2, workers=2, slots=8)
@@ -65,7 +57,7 @@ def test_a_gate_holds_its_rate_across_two_triggers(cluster: LiveCluster) -> None
     times = starts(cluster, set(ids))
     assert len(times) == 60
     for window in (0.5, 1.0, 2.0, 5.0, 10.0):
-        most = most_in_window(times, window)
+        most = max_in_window(times, window)
         assert most <= rate * window + burst + START_JITTER, f"{most} starts within {window} s"
     span = times[-1] - times[0]
     assert span >= (60 - burst - START_JITTER) / rate * 0.95, f"60 tasks in {span:.1f} s: faster than the gate"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -54,10 +55,12 @@ def grants_over(g: Gate, start_us: int, seconds: float, step_us: int, batch: int
     return g, times
 
 
-def max_in_window(times: list[int], window_us: int) -> int:
+def max_in_window(times: Sequence[float], window: float) -> int:
+    """The most of the sorted ``times`` in any half-open window of that length
+    (also used by the integration test on real start times)."""
     best, lo = 0, 0
     for hi in range(len(times)):
-        while times[hi] - times[lo] >= window_us:
+        while times[hi] - times[lo] >= window:
             lo += 1
         best = max(best, hi - lo + 1)
     return best
