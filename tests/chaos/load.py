@@ -54,7 +54,7 @@ class Load:
         per_second: float,
         kinds: list[Kind] | None = None,
         seed: int = 7,
-        concurrency: int = 8,
+        concurrency: int = 1,
     ) -> None:
         self.cluster = cluster
         self.kinds = kinds or steady()
@@ -101,9 +101,11 @@ class Load:
         return self.kinds[-1]
 
     def _run(self) -> None:
-        # Each schedule is sent from a small pool, so the pace holds while a
-        # call waits on a slow store (on 3 nodes with a synced commit log one
-        # ScheduleTask takes 100-250 ms here: sent one by one, 30/s became 4-8/s).
+        # With ``concurrency`` > 1 each schedule is sent from a small pool, so
+        # the pace holds while a call waits on a slow store (on 3 nodes with a
+        # synced commit log one ScheduleTask takes 100-250 ms here: sent one by
+        # one, 30/s became 4-8/s). One at a time by default: the scenarios'
+        # timings (how long a node stays down, ...) were set with that pace.
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="chaos-load") as pool:
             started = time.monotonic()
             for n in range(self.count):

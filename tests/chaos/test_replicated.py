@@ -234,7 +234,8 @@ def test_sigstop_one_cassandra_node_during_conditional_writes(make_replicated, r
     cluster = make_replicated(triggers=2, workers=3, slots=8, overrides={"cassandra_request_timeout_s": 2.0})
     # Short tasks: many claims, heartbeats and reports (all conditional writes) per second,
     # for as long as the freezes below may last (up to 20 × 3 s).
-    load = Load(cluster, count=1800, per_second=30, kinds=[Kind("chaos.work", 1.0, (0.05, 1.5), retry_initial_s=0.5)])
+    load = Load(cluster, count=1800, per_second=30, kinds=[Kind("chaos.work", 1.0, (0.05, 1.5), retry_initial_s=0.5)],
+                concurrency=8)  # fmt: skip
     load.start()
     wait_for(lambda: len(load.ids) >= 60, 30, "load to build up")
     victim = replicated_infra.cassandra_nodes[0]
