@@ -179,7 +179,8 @@ def _lease_ms(d: Duration, cfg: Config) -> int:
     ms = d.seconds * 1000 + d.nanos // 1_000_000
     if not limits.LEASE.low <= ms <= limits.LEASE.high:
         raise InvalidArgument(
-            f"lease_duration must be between {limits.LEASE.low // 1000} s and {limits.LEASE.high // 1000} s, not {ms / 1000:g} s"
+            f"lease_duration must be between {limits.LEASE.low // 1000} s and {limits.LEASE.high // 1000} s,"
+            f" not {d.seconds + d.nanos / 1e9:g} s"
         )
     return ms
 

@@ -235,8 +235,8 @@ def check_duration(d: Duration, name: str, high_ms: int, expect: Expect, low_ms:
     exact_ns = d.seconds * 10**9 + d.nanos
     if d.nanos % 10**6 and abs(exact_ns - high_ms * 10**6) < 10**6:
         expect.maybe = True  # sub-millisecond rounding at the bound
-    if ms and not low_ms <= ms <= high_ms:
-        expect.bad(name)
+    if exact_ns and not low_ms <= ms <= high_ms:
+        expect.bad(name)  # set (even to 1 ns, which is 0 whole ms) and out of bounds; unset means the default
     return ms
 
 

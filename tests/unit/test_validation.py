@@ -51,6 +51,8 @@ def test_delay_priority_and_deadline() -> None:
         ({"delay": Duration(seconds=-5)}, "delay must be a non-negative duration"),
         ({"delay": Duration(seconds=10**9)}, "delay 1000000000 s is out of range 0..31622400 s"),
         ({"lease_duration": Duration(seconds=7200)}, "lease_duration must be between"),
+        # set, though under a whole millisecond: not "unset, so the default" (found by the hostile-input test in CI)
+        ({"lease_duration": Duration(nanos=1)}, "lease_duration must be between 1 s and 3600 s, not 1e-09 s"),
     ],
 )
 def test_bad_input_is_refused_with_a_message(fields: dict, needle: str) -> None:
