@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from leasesched.changes import TaskChange
+from leasesched.concurrency import ConcurrencyLimit, LimitScope, SlotGroup, SlotHolder
 from leasesched.gates import Gate
 from leasesched.limits import MAX_STORED_TIME_MS, PRIORITY
 from leasesched.model import DueEntry, RetryPolicy, Task, Timeouts
@@ -247,6 +248,44 @@ class TaskStore(Protocol):
     async def delete_gate(self, namespace: str, name: str, expected_version: int) -> bool: ...
 
     async def list_gates(self, namespace: str, after: str, limit: int) -> list[Gate]: ...
+
+    # -- concurrency limits: definitions (leasesched.concurrency; every change conditional) --
+    async def insert_limit(self, limit: ConcurrencyLimit) -> bool:
+        """Create it if no limit of that (namespace, scope, name) exists. False: it exists."""
+        ...
+
+    async def get_limit(self, namespace: str, scope: LimitScope, name: str) -> ConcurrencyLimit | None: ...
+
+    async def update_limit(self, limit: ConcurrencyLimit, expected_version: int) -> bool:
+        """Write it (its max_running, version and updated_at) only if the stored version is ``expected_version``."""
+        ...
+
+    async def delete_limit(self, namespace: str, scope: LimitScope, name: str, expected_version: int) -> bool:
+        """Delete it; ``expected_version`` 0 = whatever it is. False: none, or another version."""
+        ...
+
+    async def list_limits(self, namespace: str | None) -> list[ConcurrencyLimit]:
+        """The limits of one namespace, or of every namespace (None): what the
+        claim path caches. Ordered by namespace, scope, name."""
+        ...
+
+    # -- concurrency limits: slots (one partition per group; every change conditional) --
+    async def read_slots(self, group: SlotGroup) -> list[SlotHolder]:
+        """The taken slots of a group, any index (also past max_running after a limit was lowered)."""
+        ...
+
+    async def take_slot(self, group: SlotGroup, holder: SlotHolder, previous: SlotHolder | None) -> bool:
+        """Take slot ``holder.index`` for ``holder`` if it is free (``previous`` None)
+        or still held by exactly ``previous`` (a takeover)."""
+        ...
+
+    async def confirm_slot(self, group: SlotGroup, holder: SlotHolder) -> bool:
+        """Mark the slot confirmed if ``holder`` (task and token) still holds it."""
+        ...
+
+    async def free_slot(self, group: SlotGroup, holder: SlotHolder) -> bool:
+        """Give the slot back if ``holder`` (task and token) still holds it."""
+        ...
 
     # -- trigger checkpoints --
     async def get_checkpoint(self, shard: int) -> int | None: ...
