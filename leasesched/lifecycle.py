@@ -23,8 +23,17 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from leasesched.admission import Admission
 from leasesched.changes import TaskChange
-from leasesched.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, Unavailable
+from leasesched.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from leasesched.limits import MAX_ERROR_MESSAGE, RETRY_INTERVAL
 from leasesched.model import DueEntry, Task, now_ms, shard_of
 from leasesched.observability import metrics
@@ -112,9 +121,11 @@ def lease_entry(task: Task, expires_at: int, grace_ms: int, token: int) -> DueEn
 class Lifecycle:
     """The one place that turns requests into conditional writes."""
 
-    def __init__(self, store: TaskStore, lease_grace_ms: int = 2000) -> None:
+    def __init__(self, store: TaskStore, lease_grace_ms: int = 2000, admission: Admission | None = None) -> None:
         self.store = store
         self.lease_grace_ms = lease_grace_ms
+        # Concurrency limits (leasesched/admission.py): slots taken at a claim, given back when the attempt ends.
+        self.admission = admission if admission is not None else Admission(store)
 
     # ------------------------------------------------------------------ users
 
@@ -280,13 +291,26 @@ class Lifecycle:
             raise FailedPrecondition(f"task {task_id} is past its deadline: {late}")
         token = task.lease_token + 1
         expires_at = now + task.lease_ms
-        # The lease check entry goes first: if we crash after the claim, the
-        # trigger still finds the lease and re-queues it once it expires.
-        await self._add_due(lease_entry(task, expires_at, self.lease_grace_ms, token))
-        change = TaskChange.claim(task, worker_id, token, expires_at, now)
-        result = await self._write(task_id, Expect(TaskStatus.SCHEDULED, lease_token=task.lease_token), change)
-        if not result.applied:
-            raise FailedPrecondition(f"task {task_id} was claimed by someone else")
+        # A slot of every concurrency limit first (LimitReached: the task stays
+        # SCHEDULED, its attempt unused), confirmed once the claim landed.
+        held = await self.admission.take(task, token, now)
+        try:
+            # The lease check entry goes first: if we crash after the claim, the
+            # trigger still finds the lease and re-queues it once it expires.
+            await self._add_due(lease_entry(task, expires_at, self.lease_grace_ms, token))
+            change = TaskChange.claim(task, worker_id, token, expires_at, now)
+            result = await self._write(task_id, Expect(TaskStatus.SCHEDULED, lease_token=task.lease_token), change)
+            if not result.applied:
+                raise FailedPrecondition(f"task {task_id} was claimed by someone else")
+            if not await self.admission.confirm(task_id, token, held):
+                # A slot was taken over while this claim was in flight (it took
+                # longer than concurrency.SLOT_CLAIM_MS): give the claim back
+                # unrun, so that two runners never share one slot.
+                await self.release(task_id, token)
+                raise ResourceExhausted(f"task {task_id}: its concurrency slot was taken over during the claim; it waits again")
+        except BaseException:
+            await self.admission.give_back(held)
+            raise
         return Lease(change.apply(task), token, expires_at)
 
     async def heartbeat(
@@ -321,6 +345,7 @@ class Lifecycle:
         change = TaskChange.complete(TaskStatus.RUNNING, result, now)
         outcome = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token, namespace=namespace), change)
         if outcome.applied:
+            await self._release_slots(task_id, token)
             return TaskStatus.SUCCEEDED
         if namespace is not None and outcome.exists and outcome.current_namespace != namespace:
             raise PermissionDenied(f"task {task_id} is not in namespace {namespace!r} or does not exist")
@@ -428,6 +453,7 @@ class Lifecycle:
         result = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token), change)
         if not result.applied:
             raise self._stale(task_id, token, result.exists)
+        await self._release_slots(task_id, token, task)
         return outcome
 
     async def _failure(
@@ -480,7 +506,10 @@ class Lifecycle:
             retried = task.replace(attempt=task.attempt + 1)
             await self._add_due(run_entry(retried, now))
         result = await self._write(task.task_id, expect, change)
-        return change.new_status if result.applied else None
+        if not result.applied:
+            return None
+        await self._release_slots(task.task_id, task.lease_token, task)
+        return change.new_status
 
     async def fail_deadline(self, task: Task, reason: str) -> bool:
         """Fail a task that waited or ran past its deadline (schedule-to-close / -start)."""
@@ -488,7 +517,10 @@ class Lifecycle:
             return False
         change = TaskChange.deadline(task, reason, now_ms())
         expect = Expect(task.status, lease_token=task.lease_token)
-        return (await self._write(task.task_id, expect, change)).applied
+        applied = (await self._write(task.task_id, expect, change)).applied
+        if applied and task.status == TaskStatus.RUNNING:
+            await self._release_slots(task.task_id, task.lease_token, task)
+        return applied
 
     # ---------------------------------------------------------------- quarantine
 
@@ -527,6 +559,19 @@ class Lifecycle:
         return applied
 
     # ---------------------------------------------------------------- helpers
+
+    async def _release_slots(self, task_id: uuid.UUID, token: int, task: Task | None = None) -> None:
+        """The attempt under ``token`` ended: give back its concurrency slots.
+        Never fails the report that ended it: a slot not given back is found
+        free by the next claim that needs it (``concurrency.holder_is_free``)."""
+        try:
+            if task is None:
+                await self.admission.release_known(task_id, token)
+            else:
+                await self.admission.release(task, token)
+        except Exception as exc:  # noqa: BLE001 - see above
+            log.warning("task %s: concurrency slots of lease %d not given back: %s", task_id, token, exc,
+                        extra=fields(task_id=str(task_id)))  # fmt: skip
 
     async def _write(self, task_id: uuid.UUID, expect: Expect, change: TaskChange) -> CasResult:
         try:

@@ -62,6 +62,7 @@ from leasesched import limits
 from leasesched.auth import TokenRecord
 from leasesched.changes import TaskChange
 from leasesched.config import Config
+from leasesched.concurrency import SlotGroup, SlotHolder
 from leasesched.gates import Gate
 from leasesched.model import DueEntry, Task, bucket_of, listed_size
 from leasesched.observability import metrics
@@ -380,6 +381,17 @@ class CassandraStore:
             "index_gate": "INSERT INTO gates_by_namespace (namespace, gate) VALUES (?, ?)",
             "unindex_gate": "DELETE FROM gates_by_namespace WHERE namespace = ? AND gate = ?",
             "list_gates": "SELECT gate FROM gates_by_namespace WHERE namespace = ? AND gate > ? LIMIT ?",
+            "read_slots": "SELECT slot, task_id, lease_token, taken_at_ms, confirmed FROM limit_slots "
+            "WHERE namespace = ? AND scope = ? AND name = ?",
+            "get_slot_write_id": "SELECT write_id FROM limit_slots WHERE namespace = ? AND scope = ? AND name = ? AND slot = ?",
+            "insert_slot": "INSERT INTO limit_slots (namespace, scope, name, slot, task_id, lease_token, taken_at_ms, confirmed, "
+            "write_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
+            "takeover_slot": "UPDATE limit_slots SET task_id = ?, lease_token = ?, taken_at_ms = ?, confirmed = ?, write_id = ? "
+            "WHERE namespace = ? AND scope = ? AND name = ? AND slot = ? IF task_id = ? AND lease_token = ?",
+            "confirm_slot": "UPDATE limit_slots SET confirmed = true, write_id = ? "
+            "WHERE namespace = ? AND scope = ? AND name = ? AND slot = ? IF task_id = ? AND lease_token = ?",
+            "free_slot": "UPDATE limit_slots SET lease_token = 0, confirmed = false, write_id = ? "
+            "WHERE namespace = ? AND scope = ? AND name = ? AND slot = ? IF task_id = ? AND lease_token = ?",
         }
         self._stmts = {name: session.prepare(cql) for name, cql in stmts.items()}
         self._stmts["get_task_serial"] = session.prepare(select_task)
@@ -388,10 +400,11 @@ class CassandraStore:
         # Same cells under the same timestamp: repeating it changes nothing.
         self._stmts["create_task"].is_idempotent = True
         self._stmts["get_secret"].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
-        for name in ("get_schedule_serial", "get_schedule_write_id", "get_gate_serial", "get_gate_write_id"):
+        for name in ("get_schedule_serial", "get_schedule_write_id", "get_gate_serial", "get_gate_write_id", "get_slot_write_id"):
             self._stmts[name].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
         for name in ("insert_task", "claim_key", "create_secret", "insert_schedule", "update_schedule", "update_schedule_state",
-                     "delete_schedule", "insert_gate", "update_gate", "reserve_gate", "close_gate", "delete_gate"):
+                     "delete_schedule", "insert_gate", "update_gate", "reserve_gate", "close_gate", "delete_gate",
+                     "insert_slot", "takeover_slot", "confirm_slot", "free_slot"):
             self._stmts[name].is_idempotent = False
         self._update_stmts.clear()
 
@@ -960,6 +973,51 @@ class CassandraStore:
         rows = await self._run_plain("list_gates", (namespace, after, limit))
         found = await asyncio.gather(*(self.get_gate(namespace, r.gate) for r in rows))
         return [g for g in found if g is not None]
+
+    # ---------------------------------------------------------------- concurrency-limit slots
+
+    async def read_slots(self, group: SlotGroup) -> list[SlotHolder]:
+        rows = await self._run_plain("read_slots", (group.namespace, group.scope.value, group.name))
+        return [
+            SlotHolder(index=r.slot, task_id=r.task_id, lease_token=r.lease_token or 0, taken_at=r.taken_at_ms or 0,
+                       confirmed=bool(r.confirmed))  # fmt: skip
+            for r in rows
+            if r.task_id is not None
+        ]
+
+    async def _slot_cas(self, statement: str, params: Sequence[Any], group: SlotGroup, index: int, write_id: uuid.UUID) -> bool:
+        """One conditional write on a slot row: applied or not (an unknown
+        outcome is resolved by a serial read of the row's write id)."""
+        key = (group.namespace, group.scope.value, group.name, index)
+
+        async def read() -> uuid.UUID | None:
+            rows = await self._run("get_slot_write_id", key)
+            return rows[0].write_id if rows else None
+
+        row = await self._run_cas(statement, params, f"slot {index} of {group.label()}", write_id, read)
+        if row is _NOT_APPLIED_UNKNOWN:
+            return False
+        return row is None or bool(row.applied)
+
+    async def take_slot(self, group: SlotGroup, holder: SlotHolder, previous: SlotHolder | None) -> bool:
+        write_id = self._write_ids.next()
+        key = (group.namespace, group.scope.value, group.name, holder.index)
+        if previous is None:
+            params: tuple[Any, ...] = (*key, holder.task_id, holder.lease_token, holder.taken_at, holder.confirmed, write_id)
+            return await self._slot_cas("insert_slot", params, group, holder.index, write_id)
+        params = (holder.task_id, holder.lease_token, holder.taken_at, holder.confirmed, write_id, *key,
+                  previous.task_id, previous.lease_token)  # fmt: skip
+        return await self._slot_cas("takeover_slot", params, group, holder.index, write_id)
+
+    async def confirm_slot(self, group: SlotGroup, holder: SlotHolder) -> bool:
+        write_id = self._write_ids.next()
+        key = (group.namespace, group.scope.value, group.name, holder.index)
+        return await self._slot_cas("confirm_slot", (write_id, *key, holder.task_id, holder.lease_token), group, holder.index, write_id)
+
+    async def free_slot(self, group: SlotGroup, holder: SlotHolder) -> bool:
+        write_id = self._write_ids.next()
+        key = (group.namespace, group.scope.value, group.name, holder.index)
+        return await self._slot_cas("free_slot", (write_id, *key, holder.task_id, holder.lease_token), group, holder.index, write_id)
 
     # ---------------------------------------------------------------- checkpoints
 

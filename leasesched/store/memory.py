@@ -12,12 +12,14 @@ unreadable row is quarantined.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import types
 import uuid
 from typing import Any
 
 from leasesched.changes import TaskChange
+from leasesched.concurrency import ConcurrencyLimit, LimitScope, SlotGroup, SlotHolder
 from leasesched.gates import Gate
 from leasesched.model import DueEntry, Task, listed_size
 from leasesched.schedules import Schedule
@@ -100,6 +102,9 @@ class MemoryStore:
         self.schedules: dict[tuple[str, str], _Stored] = {}
         self.gates: dict[tuple[str, str], Gate] = {}
         self.gate_writes = 0  # conditional writes on gate rows (reservations, closes, changes)
+        self.slots: dict[tuple[str, LimitScope, str], dict[int, SlotHolder]] = {}  # group -> index -> row
+        self.slot_writes = 0  # conditional writes on slot rows
+        self.limits: dict[tuple[str, LimitScope, str], ConcurrencyLimit] = {}
 
     def _maybe_fail(self, op: str) -> None:
         if op in self.fail_next:
@@ -305,6 +310,50 @@ class MemoryStore:
         ids = sorted(sid for ns, sid in self.schedules if ns == namespace and sid > after_id)[:limit]
         return [_decode(self.schedules[(namespace, sid)]) for sid in ids]
 
+
+    # -- concurrency-limit slots: the same conditions as the Cassandra store's lightweight transactions
+
+    async def list_limits(self, namespace: str | None) -> list[ConcurrencyLimit]:
+        self._maybe_fail("list_limits")
+        found = [limit for key, limit in sorted(self.limits.items(), key=lambda kv: (kv[0][0], kv[0][1].value, kv[0][2]))]
+        return [limit for limit in found if namespace is None or limit.namespace == namespace]
+
+    def _slot_rows(self, group: SlotGroup) -> dict[int, SlotHolder]:
+        return self.slots.setdefault((group.namespace, group.scope, group.name), {})
+
+    async def read_slots(self, group: SlotGroup) -> list[SlotHolder]:
+        self._maybe_fail("read_slots")
+        return sorted(self._slot_rows(group).values(), key=lambda h: h.index)
+
+    async def take_slot(self, group: SlotGroup, holder: SlotHolder, previous: SlotHolder | None) -> bool:
+        self._maybe_fail("take_slot")
+        self.slot_writes += 1
+        rows = self._slot_rows(group)
+        stored = rows.get(holder.index)
+        if previous is None:
+            if stored is not None:
+                return False
+        elif stored is None or (stored.task_id, stored.lease_token) != (previous.task_id, previous.lease_token):
+            return False
+        rows[holder.index] = holder
+        return True
+
+    def _set_if_held(self, group: SlotGroup, holder: SlotHolder, new: SlotHolder) -> bool:
+        self.slot_writes += 1
+        rows = self._slot_rows(group)
+        stored = rows.get(holder.index)
+        if stored is None or (stored.task_id, stored.lease_token) != (holder.task_id, holder.lease_token):
+            return False
+        rows[holder.index] = new
+        return True
+
+    async def confirm_slot(self, group: SlotGroup, holder: SlotHolder) -> bool:
+        self._maybe_fail("confirm_slot")
+        return self._set_if_held(group, holder, dataclasses.replace(holder, confirmed=True))
+
+    async def free_slot(self, group: SlotGroup, holder: SlotHolder) -> bool:
+        self._maybe_fail("free_slot")
+        return self._set_if_held(group, holder, dataclasses.replace(holder, lease_token=0, confirmed=False))
 
     # -- gates: the same conditions as the Cassandra store's lightweight transactions
 

@@ -1,0 +1,228 @@
+"""Admission: taking, confirming and giving back concurrency-limit slots.
+
+``leasesched.concurrency`` says what a limit is and when a slot is free; this
+module does it against the store, for ``Lifecycle.claim`` (take before the
+claim, confirm after it) and for every end of an attempt (give back). A
+process keeps the limits it read for ``LIMITS_REFRESH_S`` (``LimitTable``):
+a new or changed limit applies within that time, without a read per claim.
+
+Costs, per claim of a task with limits, per level: one read of the group's
+slots and one conditional write to take one, one to confirm it, one to give
+it back at the end (the holder is remembered, so the end needs no read when
+it reaches the TaskUpdater that claimed). A task without limits costs
+nothing but a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from typing import OrderedDict
+
+from leasesched.concurrency import (
+    ConcurrencyLimit,
+    LimitKey,
+    SlotGroup,
+    SlotHolder,
+    groups_for,
+    holder_is_free,
+    index_limits,
+)
+from leasesched.errors import ResourceExhausted, Unavailable
+from leasesched.model import Task
+from leasesched.observability.logs import fields
+from leasesched.states import TaskStatus
+from leasesched.store.base import StoreUnavailable, TaskStore, UnreadableTask
+
+log = logging.getLogger(__name__)
+
+LIMITS_REFRESH_S = 2.0
+# A full group whose holders were all found live is not looked at again (its
+# holders' tasks read again) for this long, unless its slots changed: refused
+# claims of a busy group cost one read of the slots, not one per holder.
+FULL_MEMORY_S = 0.5
+MAX_RACES = 5
+MAX_HELD = 100_000  # holders remembered for giving back without a read
+
+
+class LimitReached(ResourceExhausted):
+    """Every slot of ``group`` is held by a running task: the task waits."""
+
+    def __init__(self, group: SlotGroup) -> None:
+        super().__init__(f"concurrency limit {group.label()} ({group.max_running} running) reached; the task waits for a slot")
+        self.group = group
+
+
+@dataclass(frozen=True)
+class Held:
+    group: SlotGroup
+    holder: SlotHolder
+
+
+class LimitTable:
+    """The limits as last read, re-read when older than ``refresh_s``."""
+
+    def __init__(self, store: TaskStore, refresh_s: float = LIMITS_REFRESH_S) -> None:
+        self._store = store
+        self._refresh_s = refresh_s
+        self._table: dict[LimitKey, ConcurrencyLimit] | None = None
+        self._read_at = 0.0
+        self._reading: asyncio.Future[None] | None = None
+
+    async def current(self) -> dict[LimitKey, ConcurrencyLimit]:
+        if self._table is None or time.monotonic() - self._read_at >= self._refresh_s:
+            await self._refresh()
+        assert self._table is not None
+        return self._table
+
+    def snapshot(self) -> dict[LimitKey, ConcurrencyLimit]:
+        """What was read last, without reading (empty before the first read)."""
+        return self._table or {}
+
+    async def _refresh(self) -> None:
+        if self._reading is not None:  # one read at a time; the others wait for it
+            await asyncio.shield(self._reading)
+            return
+        self._reading = asyncio.get_running_loop().create_future()
+        try:
+            self._table = index_limits(await self._store.list_limits(None))
+            self._read_at = time.monotonic()
+        except StoreUnavailable as exc:
+            if self._table is None:
+                raise Unavailable(f"the concurrency limits cannot be read: {exc}") from exc
+            log.warning("concurrency limits not re-read (%s); using the ones read %.0f s ago", exc, time.monotonic() - self._read_at)
+        finally:
+            self._reading.set_result(None)
+            self._reading = None
+
+
+class Admission:
+    def __init__(self, store: TaskStore, table: LimitTable | None = None, full_memory_s: float = FULL_MEMORY_S) -> None:
+        self._store = store
+        self.table = table or LimitTable(store)
+        self._full_memory_s = full_memory_s
+        self._held: OrderedDict[tuple[uuid.UUID, int], list[Held]] = OrderedDict()
+        self._full: dict[SlotGroup, tuple[float, frozenset[tuple[int, uuid.UUID, int]]]] = {}
+
+    async def groups(self, task: Task) -> list[SlotGroup]:
+        return groups_for(task.namespace, task.type, task.concurrency_key, await self.table.current())
+
+    async def take(self, task: Task, token: int, now: int) -> list[Held]:
+        """A slot of every level for the claim that sets ``token``, outermost
+        first; LimitReached when a level is full (nothing is kept then)."""
+        held: list[Held] = []
+        try:
+            for group in await self.groups(task):
+                held.append(await self._take_one(group, task.task_id, token, now))
+        except BaseException:
+            await self.give_back(held)
+            raise
+        return held
+
+    async def confirm(self, task_id: uuid.UUID, token: int, held: list[Held]) -> bool:
+        """After the claim landed: True if every slot is still ours (now
+        confirmed), False if one was taken over meanwhile (the claim must be
+        given back unrun)."""
+        for item in held:
+            try:
+                ok = await self._store.confirm_slot(item.group, item.holder)
+            except StoreUnavailable as exc:
+                raise Unavailable(str(exc)) from exc
+            if not ok:
+                log.warning("task %s: slot %d of %s was taken over before the claim confirmed it", task_id, item.holder.index,
+                            item.group.label(), extra=fields(task_id=str(task_id)))  # fmt: skip
+                return False
+        if held:
+            self._held[(task_id, token)] = held
+            if len(self._held) > MAX_HELD:
+                self._held.popitem(last=False)
+        return True
+
+    async def release(self, task: Task, token: int) -> None:
+        """The attempt under ``token`` ended: give its slots back. Best effort:
+        a slot not given back is found free by the next claim that needs it."""
+        held = self._held.pop((task.task_id, token), None)
+        if held is None:
+            held = []
+            for group in await self.groups(task):
+                try:
+                    rows = await self._store.read_slots(group)
+                except StoreUnavailable:
+                    return
+                held += [Held(group, h) for h in rows if h.task_id == task.task_id and h.lease_token == token]
+        await self.give_back(held)
+
+    async def release_known(self, task_id: uuid.UUID, token: int) -> None:
+        """As ``release`` for a report that did not read its task: only the
+        slots this process took for that claim (others wait for a claim's check)."""
+        held = self._held.pop((task_id, token), None)
+        if held:
+            await self.give_back(held)
+
+    async def give_back(self, held: list[Held]) -> None:
+        for item in held:
+            try:
+                await self._store.free_slot(item.group, item.holder)
+            except StoreUnavailable as exc:
+                log.warning("slot %d of %s not given back (%s); the next claim that needs it finds it free",
+                            item.holder.index, item.group.label(), exc)  # fmt: skip
+
+    async def _take_one(self, group: SlotGroup, task_id: uuid.UUID, token: int, now: int) -> Held:
+        for _ in range(MAX_RACES):
+            try:
+                rows = await self._store.read_slots(group)
+            except StoreUnavailable as exc:
+                raise Unavailable(str(exc)) from exc
+            for h in rows:
+                if h.task_id == task_id and h.lease_token == token:
+                    return Held(group, h)  # a retried claim: already ours
+            taken = {h.index: h for h in rows if h.lease_token > 0}
+            live = len(taken)
+            choices: list[tuple[int, SlotHolder | None]] = []
+            if live < group.max_running:
+                existing = {h.index: h for h in rows}
+                choices = [(i, existing.get(i)) for i in range(group.max_running) if i not in taken]
+            if not choices:
+                choices = [(h.index, h) for h in await self._free_holders(group, [h for h in taken.values() if h.index < group.max_running], now)]
+            if not choices:
+                raise LimitReached(group)
+            index, previous = random.choice(choices)  # spread claims racing for one group over its free slots
+            mine = SlotHolder(index=index, task_id=task_id, lease_token=token, taken_at=now, confirmed=False)
+            try:
+                if await self._store.take_slot(group, mine, previous):
+                    self._full.pop(group, None)
+                    return Held(group, mine)
+            except StoreUnavailable as exc:
+                raise Unavailable(str(exc)) from exc
+        raise Unavailable(f"concurrency limit {group.label()}: its slots kept changing while taking one; retry")
+
+    async def _free_holders(self, group: SlotGroup, holders: list[SlotHolder], now: int) -> list[SlotHolder]:
+        """The holders of a full group whose task no longer runs under their token."""
+        seen = frozenset((h.index, h.task_id, h.lease_token) for h in holders)
+        last = self._full.get(group)
+        if last is not None and last[1] == seen and time.monotonic() - last[0] < self._full_memory_s:
+            return []
+
+        async def free(h: SlotHolder) -> bool:
+            if not h.confirmed:
+                return holder_is_free(h, None, None, now)
+            try:
+                task = await self._store.get_task(h.task_id)
+            except UnreadableTask:
+                return False  # its quarantine decides; until then it counts as running
+            if task is None:
+                return True
+            return holder_is_free(h, task.status == TaskStatus.RUNNING, task.lease_token, now)
+
+        try:
+            verdicts = await asyncio.gather(*(free(h) for h in holders))
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+        found = [h for h, ok in zip(holders, verdicts) if ok]
+        if not found:
+            self._full[group] = (time.monotonic(), seen)
+        return found
