@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import OrderedDict
 
 from leasesched.concurrency import (
+    LIMIT_REACHED,
     ConcurrencyLimit,
     LimitKey,
     SlotGroup,
@@ -53,7 +54,7 @@ class LimitReached(ResourceExhausted):
     """Every slot of ``group`` is held by a running task: the task waits."""
 
     def __init__(self, group: SlotGroup) -> None:
-        super().__init__(f"concurrency limit {group.label()} ({group.max_running} running) reached; the task waits for a slot")
+        super().__init__(f"{LIMIT_REACHED}{group.label()} ({group.max_running} running) reached; the task waits for a slot")
         self.group = group
 
 

@@ -38,6 +38,9 @@ from typing import Iterable, Mapping
 SLOT_CLAIM_MS = 30_000
 MAX_RUNNING = 1_000  # the slots of a group are one partition: read whole at a claim
 DEFAULT_KEY = "*"  # the name of the limit every concurrency key gets unless overridden
+# How a refused claim's RESOURCE_EXHAUSTED details begin: the worker tells a
+# full limit (the trigger holds the task back) from a shed call (retried).
+LIMIT_REACHED = "concurrency limit "
 
 
 class LimitScope(enum.Enum):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from leasesched.admission import Admission
+from leasesched.concurrency import LIMIT_REACHED
 from leasesched.changes import TaskChange
 from leasesched.errors import (
     Aborted,
@@ -307,7 +308,7 @@ class Lifecycle:
                 # longer than concurrency.SLOT_CLAIM_MS): give the claim back
                 # unrun, so that two runners never share one slot.
                 await self.release(task_id, token)
-                raise ResourceExhausted(f"task {task_id}: its concurrency slot was taken over during the claim; it waits again")
+                raise ResourceExhausted(f"{LIMIT_REACHED}slot of task {task_id} was taken over during the claim; it waits again")
         except BaseException:
             await self.admission.give_back(held)
             raise

@@ -71,8 +71,15 @@ log = logging.getLogger(__name__)
 FINISHED_MEMORY_S = 900.0
 MAX_FINISHED = 500_000
 MAX_CLAIMED_PER_LINK = 100_000
+# Tasks whose claim a full concurrency limit refused wait here, per (namespace,
+# type, group); one of a group is offered again when a task of that group
+# finishes or is claimed, or every PARK_PROBE_S: about one refused claim per
+# freed slot, not one per waiting task (docs/limits.md).
+PARK_PROBE_S = 1.0
+MAX_PARK_WATCH = 100_000
 
 Key = tuple[uuid.UUID, int, int]
+ParkKey = tuple[str, str, str]  # (namespace, type, group) of tasks held back by a full limit
 LEVELS = 10  # priorities 0..9 (limits.PRIORITY)
 
 
@@ -113,6 +120,10 @@ class WorkerLink:
     # Tasks this worker acked as claimed: task id → the lease token it claimed.
     claimed: dict[uuid.UUID, int] = field(default_factory=dict)
     turn: int = 0  # round robin across its task types tied at the top priority
+
+
+def _park_key(ready: Ready) -> ParkKey:
+    return (ready.namespace, ready.type, ready.group)
 
 
 def _fields(ready: Ready, worker: str | None = None) -> dict[str, object]:
@@ -411,6 +422,10 @@ class Dispatcher:
         self._inflight: dict[Key, InFlight] = {}
         self._queued: set[Key] = set()
         self._finished: collections.OrderedDict[tuple[uuid.UUID, int], float] = collections.OrderedDict()
+        self._parked: dict[ParkKey, collections.deque[Ready]] = {}  # refused by a full concurrency limit
+        # Claimed tasks' groups: the end of one offers a held-back task of its group.
+        self._park_watch: collections.OrderedDict[uuid.UUID, ParkKey] = collections.OrderedDict()
+        self._park_timer: asyncio.TimerHandle | None = None
         self._seq = itertools.count()
         self._checks: set[asyncio.Task[None]] = set()
         self.dispatched_total = 0
@@ -466,6 +481,12 @@ class Dispatcher:
         entry.claim_check.cancel()
         if len(link.claimed) < MAX_CLAIMED_PER_LINK:
             link.claimed[task_id] = lease_token + 1  # a claim raises the token by one
+        park = _park_key(entry.ready)
+        self._park_watch[task_id] = park  # its end may free a slot its group's held-back tasks wait for
+        if len(self._park_watch) > MAX_PARK_WATCH:
+            self._park_watch.popitem(last=False)  # the oldest: a lease that ended without an ack
+        if park in self._parked:
+            self._unpark(park)  # a slot was free: maybe another is
         entry.ready.on_done()
 
     def finished(self, link: WorkerLink, task_id: uuid.UUID, lease_token: int) -> None:
@@ -473,11 +494,45 @@ class Dispatcher:
         if link.claimed.get(task_id) != lease_token:
             return  # not a lease this stream acked as claimed
         del link.claimed[task_id]
+        park = self._park_watch.pop(task_id, None)
+        if park is not None:
+            self._unpark(park)  # its slot is free now
         now = time.monotonic()
         self._finished[(task_id, lease_token)] = now
         horizon = now - FINISHED_MEMORY_S
         while self._finished and (len(self._finished) > MAX_FINISHED or next(iter(self._finished.values())) < horizon):
             self._finished.popitem(last=False)
+
+    def limited_all(self, task_ids: AbstractSet[uuid.UUID]) -> None:
+        """Their claims were refused by a full concurrency limit: hold them
+        back until a task of their group ends (or the next probe)."""
+        if not task_ids:
+            return
+        for key in [k for k in self._inflight if k[0] in task_ids]:
+            entry = self._inflight.pop(key)
+            entry.claim_check.cancel()
+            self._queued.add(key)
+            self._parked.setdefault(_park_key(entry.ready), collections.deque()).append(entry.ready)
+        if self._parked and self._park_timer is None:
+            self._park_timer = asyncio.get_running_loop().call_later(PARK_PROBE_S, self._probe_parked)
+
+    def _probe_parked(self) -> None:
+        self._park_timer = None
+        for park in list(self._parked):
+            self._unpark(park)
+        if self._parked:
+            self._park_timer = asyncio.get_running_loop().call_later(PARK_PROBE_S, self._probe_parked)
+
+    def _unpark(self, park: ParkKey) -> None:
+        """Offer the longest-waiting held-back task of ``park`` again."""
+        waiting = self._parked.get(park)
+        if not waiting:
+            return
+        ready = waiting.popleft()
+        if not waiting:
+            del self._parked[park]
+        self._queued.discard(ready.key)
+        self.offer(ready)
 
     def lease_finished(self, task_id: uuid.UUID, lease_token: int) -> bool:
         """True when the lease is known to have ended by an accepted report."""
@@ -576,6 +631,13 @@ class Dispatcher:
                     r.on_done()
             heapq.heapify(kept)
             heap[:] = kept
+        for park, waiting in list(self._parked.items()):
+            for r in [r for r in waiting if r.shard not in keep]:
+                waiting.remove(r)
+                self._queued.discard(r.key)
+                r.on_done()
+            if not waiting:
+                del self._parked[park]
         for key, entry in list(self._inflight.items()):
             if entry.ready.shard not in keep:
                 entry.claim_check.cancel()
@@ -589,11 +651,15 @@ class Dispatcher:
         for (namespace, _), queue in self._queues.items():
             for name, group in queue.groups.items():
                 counts[f"{namespace}/{name}"] += group.size
+        for (namespace, _, name), waiting in self._parked.items():
+            counts[f"{namespace}/{name}"] += len(waiting)
         return dict(counts)
 
     def stats(self) -> dict[str, int]:
         return {
-            "queued": sum(len(q) for q in self._queues.values()) + sum(len(h) for h in self._gated.values()),
+            "queued": sum(len(q) for q in self._queues.values()) + sum(len(h) for h in self._gated.values())
+            + sum(len(w) for w in self._parked.values()),
+            "limited": sum(len(w) for w in self._parked.values()),
             "gated": sum(len(h) for h in self._gated.values()),
             "inflight": len(self._inflight),
             "workers": len(self._links),

@@ -311,9 +311,13 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
         if kind == "credit":
             self._dispatcher.set_credits(link, int(limits.WORKER_SLOTS.check(message.credit.slots, "Credit.slots")))
         elif kind == "returned":
-            ids = message.returned.task_ids
+            ids, limited = message.returned.task_ids, message.returned.limited_task_ids
             _id_count(ids, "Returned.task_ids")
-            self._dispatcher.returned_all({_uuid(task_id, "Returned.task_ids entry") for task_id in ids})
+            _id_count(limited, "Returned.limited_task_ids")
+            returned = {_uuid(task_id, "Returned.task_ids entry") for task_id in ids}
+            held = {_uuid(task_id, "Returned.limited_task_ids entry") for task_id in limited}
+            self._dispatcher.returned_all(returned)
+            self._dispatcher.limited_all(held)
         elif kind == "settled":
             settled = message.settled
             _id_count(settled.claimed, "Settled.claimed")

@@ -37,6 +37,7 @@ from typing import Any, Callable, Protocol
 
 import grpc
 
+from leasesched.concurrency import LIMIT_REACHED
 from leasesched.observability import metrics
 from leasesched.observability.logs import bind
 from leasesched.transport import SERVER_GONE_CODES
@@ -66,6 +67,8 @@ class Acks(Protocol):
     def ack_claimed(self, dispatch: pb.Dispatch) -> None: ...
 
     def ack_finished(self, task_id: str, attempt: int, lease_token: int) -> None: ...
+
+    def return_limited(self, task_id: str) -> None: ...
 
 
 class Kind(enum.StrEnum):
@@ -174,6 +177,9 @@ class Execution:
         except grpc.RpcError as err:
             log.info("task %s: not claimed (%s: %s)", self.task_id, err.code().name, err.details())
             self.outcome = Kind.NOT_CLAIMED
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and (err.details() or "").startswith(LIMIT_REACHED):
+                if self._acks is not None:
+                    self._acks.return_limited(self.task_id)  # its trigger holds it back until a slot may be free
             return
         lease_s = claim.lease_duration.ToMilliseconds() / 1000
         if self._claim_budget is not None:

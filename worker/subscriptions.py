@@ -95,6 +95,7 @@ class TriggerLink:
         self._generation = 0  # one per stream: the message generator of an ended stream returns
         self._credit: int | None = None
         self._returned: list[str] = []
+        self._limited: list[str] = []
         self._claimed: list[pb.TaskRef] = []
         self._finished: list[pb.TaskRef] = []
         self._dirty = asyncio.Event()
@@ -122,6 +123,11 @@ class TriggerLink:
         self._returned.append(task_id)
         self._dirty.set()
 
+    def return_limited(self, task_id: str) -> None:
+        """Its claim was refused by a full concurrency limit: the trigger holds it back."""
+        self._limited.append(task_id)
+        self._dirty.set()
+
     def ack_claimed(self, dispatch: pb.Dispatch) -> None:
         """ClaimTask succeeded for this dispatch (it came on this stream)."""
         if self.connected:
@@ -140,7 +146,7 @@ class TriggerLink:
 
     def _reset(self) -> None:
         self._credit = None
-        self._returned, self._claimed, self._finished = [], [], []
+        self._returned, self._limited, self._claimed, self._finished = [], [], [], []
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
@@ -157,9 +163,9 @@ class TriggerLink:
             if generation != self._generation:
                 return
             self._dirty.clear()
-            if self._returned:
-                returned, self._returned = self._returned, []
-                yield pb.WorkerMessage(returned=pb.Returned(task_ids=returned))
+            if self._returned or self._limited:
+                returned, limited, self._returned, self._limited = self._returned, self._limited, [], []
+                yield pb.WorkerMessage(returned=pb.Returned(task_ids=returned, limited_task_ids=limited))
             if self._claimed or self._finished:
                 if self._ack_timer is not None:
                     self._ack_timer.cancel()

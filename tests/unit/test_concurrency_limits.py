@@ -157,7 +157,7 @@ async def test_an_unconfirmed_slot_is_taken_over_only_after_the_claim_time_and_t
     assert not await store.confirm_slot(group, in_flight)
     store.limits = {}  # (the slow claim below goes through the lifecycle with its own slot taking disabled)
     slow = Lifecycle(store, admission=_Stale(store, group, in_flight))
-    with pytest.raises(ResourceExhausted, match="taken over during the claim"):
+    with pytest.raises(ResourceExhausted, match="concurrency limit slot of task .* was taken over during the claim"):
         await slow.claim(a.task_id, "w", 0)
     again = store.tasks[a.task_id]
     assert again.status == TaskStatus.SCHEDULED and again.attempt == 1  # given back: no attempt used

@@ -207,3 +207,31 @@ async def test_the_checkpoint_stays_behind_a_pending_entry_timed_late() -> None:
     finally:
         scanner.stop()
         runner.cancel()
+
+
+async def test_tasks_refused_by_a_full_limit_are_held_back_and_offered_one_at_a_time() -> None:
+    """A refused claim's task is not dispatched again at once (nor after the
+    claim timeout): one of its group goes out when a task of the group ends."""
+    checks = Checks()
+    dispatcher = Dispatcher(CLAIM_TIMEOUT_S, checks)
+    link = dispatcher.connect("w1", "ns", frozenset({"t"}), 10)
+    done: list[uuid.UUID] = []
+    readies = [
+        dispatcher.make_ready(uuid.uuid4(), "ns", "t", 1, 0, 5, now_ms(), 0, on_done=lambda: None, group="partner")
+        for _ in range(4)
+    ]
+    for ready in readies:
+        dispatcher.offer(ready)
+    sent = [link.outbox.get_nowait() for _ in range(4)]
+    running = readies[0]
+    dispatcher.claimed(link, running.task_id, sent[0].attempt, sent[0].lease_token)
+    dispatcher.limited_all({r.task_id for r in readies[1:]})
+    assert dispatcher.stats()["limited"] == 3
+    await asyncio.sleep(CLAIM_TIMEOUT_S * 4)
+    assert link.outbox.empty() and checks.checked == []  # held back: no re-dispatch, no claim check
+    dispatcher.finished(link, running.task_id, sent[0].lease_token + 1)
+    again = link.outbox.get_nowait()
+    assert again.task_id == str(readies[1].task_id) and link.outbox.empty()  # the longest waiting, alone
+    assert dispatcher.stats()["limited"] == 2
+    dispatcher.drop_shards(frozenset())  # shard lost: the held-back tasks are let go
+    assert dispatcher.stats()["limited"] == 0 and done == []
