@@ -217,6 +217,11 @@ class LiveCluster(Cluster):
         return pb_grpc.GateServiceStub(self._client_channel())
 
     @property
+    def limits(self) -> pb_grpc.LimitServiceStub:
+        """LimitService (concurrency limits), served by the same TaskService process."""
+        return pb_grpc.LimitServiceStub(self._client_channel())
+
+    @property
     def schedules(self) -> pb_grpc.ScheduleServiceStub:
         """ScheduleService, served by the same TaskService process."""
         return pb_grpc.ScheduleServiceStub(self._client_channel())

@@ -291,6 +291,18 @@ def executions(records: Iterable[dict[str, Any]], exits: dict[int, float] | None
     return done, bad
 
 
+def max_concurrent(runs: Iterable[Execution]) -> int:
+    """The most executions running at one moment (a concurrency limit's check):
+    touching counts as overlapping, as in the overlap check, so an execution
+    that starts the instant another ends counts both."""
+    events = sorted([(ex.start, 0) for ex in runs] + [(ex.end, 1) for ex in runs])  # starts first at a tie
+    running = most = 0
+    for _, kind in events:
+        running += 1 if kind == 0 else -1
+        most = max(most, running)
+    return most
+
+
 def check(
     records: Iterable[dict[str, Any]],
     store: StoreEvents | None = None,

@@ -1,0 +1,59 @@
+"""Concurrency limits against real Cassandra and ZooKeeper (docs/limits.md): a
+whole cluster (TaskService, TaskUpdater, 2 triggers, 3 workers running
+``tests.chaos_handlers``), what really ran read from the execution ledger.
+
+* 200 tasks of one concurrency key under a limit of 5 per key: never more
+  than 5 of them run at once, all 200 complete, none used an extra attempt
+  for waiting, and the limit is used (not 1 or 2 at a time);
+* another key has its own 5 slots, and a namespace-wide limit caps both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from leasesched.loadtest.ledger import executions, max_concurrent
+from leasesched.v1 import scheduler_pb2 as pb
+from tests.cluster import NAMESPACE, LiveCluster
+
+
+def set_limit(cluster: LiveCluster, scope: int, name: str, max_running: int) -> pb.LimitView:
+    request = pb.SetLimitRequest(
+        limit=pb.LimitRef(namespace=NAMESPACE, scope=scope, name=name), max_running=max_running, create_or_update=True
+    )
+    return cluster.limits.SetLimit(request, timeout=10).limit
+
+
+def most_at_once(cluster: LiveCluster, ids: set[str]) -> int:
+    runs, _ = executions(r for r in cluster.read_jsonl(cluster.ledger) if r.get("task_id", "") in ids or r["event"] == "exit")
+    return max_concurrent([ex for ex in runs if ex.task_id in ids])
+
+
+@pytest.fixture
+def cluster(make_cluster: Any) -> LiveCluster:
+    live: LiveCluster = make_cluster(triggers=2, workers=3, slots=8)
+    return live
+
+
+def test_a_limit_of_five_per_key_holds_across_two_triggers_and_three_workers(cluster: LiveCluster) -> None:
+    set_limit(cluster, pb.LIMIT_SCOPE_KEY, "*", 5)
+    ids = [cluster.schedule(seconds=0.3, concurrency_key="partner-1") for _ in range(200)]
+    views = cluster.wait_terminal(ids, timeout=240)
+    assert all(v.status == pb.SUCCEEDED for v in views.values()), {v.task_id: v.error for v in views.values() if v.status != pb.SUCCEEDED}
+    assert all(v.attempt == 1 for v in views.values()), "waiting for a slot used an attempt"
+    most = most_at_once(cluster, set(ids))
+    assert most <= 5, f"{most} tasks of one key ran at once under a limit of 5"
+    assert most >= 4, f"at most {most} ran at once: the limit of 5 was not used"
+
+
+def test_each_key_has_its_own_slots_and_the_namespace_limit_caps_them_all(cluster: LiveCluster) -> None:
+    set_limit(cluster, pb.LIMIT_SCOPE_KEY, "*", 3)
+    set_limit(cluster, pb.LIMIT_SCOPE_NAMESPACE, "", 4)
+    a = [cluster.schedule(seconds=0.5, concurrency_key="a") for _ in range(15)]
+    b = [cluster.schedule(seconds=0.5, concurrency_key="b") for _ in range(15)]
+    views = cluster.wait_terminal(a + b, timeout=180)
+    assert all(v.status == pb.SUCCEEDED for v in views.values())
+    assert most_at_once(cluster, set(a)) <= 3 and most_at_once(cluster, set(b)) <= 3
+    assert most_at_once(cluster, set(a + b)) <= 4
