@@ -61,6 +61,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from leasesched.concurrency import LimitScope
 from leasesched.config import Config
 from leasesched.states import TaskStatus
 from leasesched.transport import SERVER_GONE_CODES, aio_channel, sync_channel
@@ -75,6 +76,8 @@ __all__ = [
     "ClientError",
     "FailedPreconditionError",
     "InvalidArgumentError",
+    "LimitInfo",
+    "LimitScope",
     "NotFoundError",
     "Overlap",
     "PermissionDeniedError",
@@ -426,6 +429,59 @@ def gate_request(
         definition.warmup.FromTimedelta(warmup)
     return pb.SetGateRequest(
         gate=gate_ref(namespace, name), definition=definition, expected_version=expected_version,
+        create_or_update=create_or_update and expected_version == 0,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- concurrency limits
+
+_SCOPE_TO_PB = {
+    LimitScope.NAMESPACE: pb.LIMIT_SCOPE_NAMESPACE,
+    LimitScope.TYPE: pb.LIMIT_SCOPE_TYPE,
+    LimitScope.KEY: pb.LIMIT_SCOPE_KEY,
+}
+_SCOPE_FROM_PB = {v: k for k, v in _SCOPE_TO_PB.items()}
+
+
+@dataclass(frozen=True)
+class LimitInfo:
+    """A concurrency limit as LimitService shows it (proto ``LimitView``;
+    docs/concurrency.md): at most ``max_running`` tasks of the group run at once.
+    ``name`` is "" for a namespace limit, the task type for a type limit, the
+    concurrency key (or "*", every key without its own) for a key limit."""
+
+    namespace: str
+    scope: LimitScope
+    name: str
+    max_running: int
+    version: int
+    created_at: dt.datetime | None
+    updated_at: dt.datetime | None
+    running: int  # slots of the group held now (not reported yet: 0)
+
+    @classmethod
+    def from_pb(cls, view: pb.LimitView) -> "LimitInfo":
+        return cls(
+            namespace=view.limit.namespace, scope=_SCOPE_FROM_PB[view.limit.scope], name=view.limit.name,
+            max_running=view.max_running, version=view.version, created_at=_datetime(view, "created_at"),
+            updated_at=_datetime(view, "updated_at"), running=view.running,
+        )  # fmt: skip
+
+    def label(self) -> str:
+        """'ns', 'ns/type=export', 'ns/key=*': how the CLI and errors name it."""
+        return self.namespace if self.scope == LimitScope.NAMESPACE else f"{self.namespace}/{self.scope.value}={self.name}"
+
+
+def limit_ref(namespace: str, scope: LimitScope, name: str = "") -> pb.LimitRef:
+    return pb.LimitRef(namespace=namespace, scope=_SCOPE_TO_PB[scope], name=name)
+
+
+def limit_request(
+    namespace: str, scope: LimitScope, name: str, max_running: int, expected_version: int = 0, create_or_update: bool = True
+) -> pb.SetLimitRequest:
+    """The SetLimitRequest for these options (the CLI builds the same)."""
+    return pb.SetLimitRequest(
+        limit=limit_ref(namespace, scope, name), max_running=max_running, expected_version=expected_version,
         create_or_update=create_or_update and expected_version == 0,
     )  # fmt: skip
 
@@ -888,6 +944,7 @@ class Client:
         self._stub = pb_grpc.TaskServiceStub(self._channel)
         self._schedules = pb_grpc.ScheduleServiceStub(self._channel)  # served at the same address
         self._gates = pb_grpc.GateServiceStub(self._channel)  # served at the same address
+        self._limits = pb_grpc.LimitServiceStub(self._channel)  # served at the same address
 
     def __enter__(self) -> "Client":
         return self
@@ -1085,6 +1142,60 @@ class Client:
         request = pb.DeleteGateRequest(gate=gate_ref(namespace or self.namespace, name), expected_version=expected_version)
         try:
             self._call(self._gates.DeleteGate, request, tries=tries)
+        except NotFoundError:
+            if tries.count == 1:
+                raise
+
+    # ------------------------------------------------------------ concurrency limits (docs/concurrency.md)
+
+    def set_limit(
+        self,
+        scope: LimitScope,
+        name: str,
+        max_running: int,
+        *,
+        namespace: str | None = None,
+        expected_version: int = 0,
+        create_or_update: bool = True,
+    ) -> LimitInfo:
+        """Create or change a limit (admin token): at most ``max_running`` tasks
+        of the group run at once. ``name``: "" for ``LimitScope.NAMESPACE``, the
+        task type for ``TYPE``, the concurrency key or "*" (every key) for ``KEY``.
+        ``expected_version`` (from ``get_limit``): change only that version
+        (``FailedPreconditionError`` otherwise); 0 with ``create_or_update``: either.
+        Setting the same value twice is harmless, so the call is retried."""
+        request = limit_request(namespace or self.namespace, scope, name, max_running, expected_version, create_or_update)
+        reply: pb.SetLimitResponse = self._call(self._limits.SetLimit, request)
+        return LimitInfo.from_pb(reply.limit)
+
+    def get_limit(self, scope: LimitScope, name: str = "", *, namespace: str | None = None) -> LimitInfo:
+        """The limit; ``NotFoundError`` when the group has none."""
+        request = pb.GetLimitRequest(limit=limit_ref(namespace or self.namespace, scope, name))
+        reply: pb.GetLimitResponse = self._call(self._limits.GetLimit, request)
+        return LimitInfo.from_pb(reply.limit)
+
+    def list_limits(self, namespace: str | None = None, *, every_namespace: bool = False, page_size: int = 100) -> Iterator[LimitInfo]:
+        """The limits of ``namespace`` (default: the client's), or with
+        ``every_namespace`` of all namespaces (admin token); by namespace,
+        scope, name; pages fetched as you iterate."""
+        listed = "" if every_namespace else namespace or self.namespace
+        token = ""
+        while True:
+            request = pb.ListLimitsRequest(namespace=listed, page_size=page_size, page_token=token)
+            reply: pb.ListLimitsResponse = self._call(self._limits.ListLimits, request)
+            for view in reply.limits:
+                yield LimitInfo.from_pb(view)
+            token = reply.next_page_token
+            if not token:
+                return
+
+    def delete_limit(self, scope: LimitScope, name: str = "", *, namespace: str | None = None, expected_version: int = 0) -> None:
+        """Delete the limit (admin): the group's tasks are no longer held by it.
+        A retried delete whose first attempt applied finds none: that is success."""
+        tries = _Tries()
+        request = pb.DeleteLimitRequest(limit=limit_ref(namespace or self.namespace, scope, name), expected_version=expected_version)
+        try:
+            self._call(self._limits.DeleteLimit, request, tries=tries)
         except NotFoundError:
             if tries.count == 1:
                 raise

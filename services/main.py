@@ -22,6 +22,7 @@ from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.due_notifier import DueNotifier
 from services.rate_limit import QuotaInterceptor, Quotas, transport_cap
 from services.gate_service import GateService
+from services.limit_service import LimitService
 from services.schedule_service import ScheduleService
 from services.task_service import TaskService
 from services.task_updater import TaskUpdater
@@ -62,6 +63,7 @@ async def serve(cfg: Config, role: str, port: int) -> None:
                 (pb_grpc.add_TaskServiceServicer_to_server, service, "leasesched.v1.TaskService"),
                 (pb_grpc.add_ScheduleServiceServicer_to_server, schedules, "leasesched.v1.ScheduleService"),
                 (pb_grpc.add_GateServiceServicer_to_server, GateService(store), "leasesched.v1.GateService"),
+                (pb_grpc.add_LimitServiceServicer_to_server, LimitService(store), "leasesched.v1.LimitService"),
             ]
             # After authentication (build_server's order): quotas are per caller namespace.
             interceptors.append(QuotaInterceptor(Quotas.from_config(cfg)))

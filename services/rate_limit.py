@@ -48,6 +48,7 @@ WRITE = "write"
 READ = "read"
 SCHEDULES_PREFIX = "/leasesched.v1.ScheduleService/"
 GATES_PREFIX = "/leasesched.v1.GateService/"
+LIMITS_PREFIX = "/leasesched.v1.LimitService/"
 GROUP_OF_METHOD: dict[str, str] = {
     SCHEDULE_METHOD: WRITE,
     CANCEL_METHOD: WRITE,
@@ -63,9 +64,13 @@ GROUP_OF_METHOD: dict[str, str] = {
     **{GATES_PREFIX + m: WRITE for m in ("SetGate", "PauseGate", "UnpauseGate", "DeleteGate")},
     GATES_PREFIX + "GetGate": READ,
     GATES_PREFIX + "ListGates": READ,
+    # Concurrency limits: the same.
+    **{LIMITS_PREFIX + m: WRITE for m in ("SetLimit", "DeleteLimit")},
+    LIMITS_PREFIX + "GetLimit": READ,
+    LIMITS_PREFIX + "ListLimits": READ,
 }
 # A page of n rows costs by its size (``list_cost``): each row is a read.
-LIST_METHODS = (LIST_METHOD, SCHEDULES_PREFIX + "ListSchedules", GATES_PREFIX + "ListGates")
+LIST_METHODS = (LIST_METHOD, SCHEDULES_PREFIX + "ListSchedules", GATES_PREFIX + "ListGates", LIMITS_PREFIX + "ListLimits")
 GROUP_METHODS = {WRITE: "ScheduleTask/CancelTask/schedule changes", READ: "PollTask/ListTasks/schedule reads"}
 
 MAX_BUCKETS = 100_000

@@ -29,6 +29,10 @@ ROLES_BY_METHOD: tuple[tuple[str, frozenset[str]], ...] = (
     ("/leasesched.v1.GateService/GetGate", frozenset({"client", "admin"})),
     ("/leasesched.v1.GateService/ListGates", frozenset({"client", "admin"})),
     ("/leasesched.v1.GateService/", frozenset({"admin"})),
+    # Concurrency limits: the same (a client sees its namespace's limits).
+    ("/leasesched.v1.LimitService/GetLimit", frozenset({"client", "admin"})),
+    ("/leasesched.v1.LimitService/ListLimits", frozenset({"client", "admin"})),
+    ("/leasesched.v1.LimitService/", frozenset({"admin"})),
     ("/leasesched.v1.TaskUpdater/", frozenset({"worker", "admin"})),
     ("/leasesched.v1.TriggerService/Subscribe", frozenset({"worker", "admin"})),
     ("/leasesched.v1.TriggerService/NotifyDue", frozenset({"admin"})),

@@ -61,8 +61,8 @@ from cassandra.query import PreparedStatement, _clean_column_name
 from leasesched import limits
 from leasesched.auth import TokenRecord
 from leasesched.changes import TaskChange
+from leasesched.concurrency import ConcurrencyLimit, LimitScope, SlotGroup, SlotHolder
 from leasesched.config import Config
-from leasesched.concurrency import SlotGroup, SlotHolder
 from leasesched.gates import Gate
 from leasesched.model import DueEntry, Task, bucket_of, listed_size
 from leasesched.observability import metrics
@@ -392,6 +392,17 @@ class CassandraStore:
             "WHERE namespace = ? AND scope = ? AND name = ? AND slot = ? IF task_id = ? AND lease_token = ?",
             "free_slot": "UPDATE limit_slots SET lease_token = 0, confirmed = false, write_id = ? "
             "WHERE namespace = ? AND scope = ? AND name = ? AND slot = ? IF task_id = ? AND lease_token = ?",
+            "insert_limit": f"INSERT INTO concurrency_limits ({_LIMIT_COLUMNS}, write_id) "
+            f"VALUES ({', '.join('?' * (len(_LIMIT_COLUMNS.split(', ')) + 1))}) IF NOT EXISTS",
+            "get_limit": _SELECT_LIMITS + _ONE_LIMIT,
+            "get_limit_serial": _SELECT_LIMITS + _ONE_LIMIT,
+            "get_limit_write_id": "SELECT write_id FROM concurrency_limits" + _ONE_LIMIT,
+            "update_limit": "UPDATE concurrency_limits SET max_running = ?, version = ?, updated_at_ms = ?, write_id = ?"
+            + _ONE_LIMIT + " IF version = ?",
+            "delete_limit": "DELETE FROM concurrency_limits" + _ONE_LIMIT + " IF version = ?",
+            "delete_limit_any": "DELETE FROM concurrency_limits" + _ONE_LIMIT + " IF EXISTS",
+            "list_limits": _SELECT_LIMITS + " WHERE namespace = ?",
+            "list_all_limits": _SELECT_LIMITS,
         }
         self._stmts = {name: session.prepare(cql) for name, cql in stmts.items()}
         self._stmts["get_task_serial"] = session.prepare(select_task)
@@ -400,12 +411,19 @@ class CassandraStore:
         # Same cells under the same timestamp: repeating it changes nothing.
         self._stmts["create_task"].is_idempotent = True
         self._stmts["get_secret"].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
-        for name in ("get_schedule_serial", "get_schedule_write_id", "get_gate_serial", "get_gate_write_id", "get_slot_write_id"):
+        for name in ("get_schedule_serial", "get_schedule_write_id", "get_gate_serial", "get_gate_write_id", "get_limit_serial",
+                     "get_limit_write_id", "get_slot_write_id"):
             self._stmts[name].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
         for name in ("insert_task", "claim_key", "create_secret", "insert_schedule", "update_schedule", "update_schedule_state",
                      "delete_schedule", "insert_gate", "update_gate", "reserve_gate", "close_gate", "delete_gate",
+                     "insert_limit", "update_limit", "delete_limit", "delete_limit_any",
                      "insert_slot", "takeover_slot", "confirm_slot", "free_slot"):
             self._stmts[name].is_idempotent = False
+        # Limit definitions are a few rows per namespace, written by operators:
+        # read whole in one response (the driver's paging would hand _run only
+        # the first page).
+        for name in ("list_limits", "list_all_limits"):
+            self._stmts[name].fetch_size = None
         self._update_stmts.clear()
 
     async def close(self) -> None:
@@ -974,6 +992,79 @@ class CassandraStore:
         found = await asyncio.gather(*(self.get_gate(namespace, r.gate) for r in rows))
         return [g for g in found if g is not None]
 
+    # ---------------------------------------------------------------- concurrency limits: definitions
+
+    def _limit_write_id(self, namespace: str, scope: LimitScope, name: str) -> WriteIdReader:
+        async def read() -> uuid.UUID | None:
+            rows = await self._run("get_limit_write_id", (namespace, scope.value, name))
+            return rows[0].write_id if rows else None
+
+        return read
+
+    async def _limit_cas(self, statement: str, params: Sequence[Any], key: tuple[str, LimitScope, str], write_id: uuid.UUID) -> bool:
+        """One conditional write on a limit row: applied or not. An unknown
+        outcome is resolved by a serial read of its write id; one that even
+        that cannot resolve is StoreUnavailable (the caller may retry: every
+        change names the version it expects, so a repeat never applies twice)."""
+        namespace, scope, name = key
+        label = f"concurrency limit {namespace}/{scope.value}={name}"
+        row = await self._run_cas(statement, params, label, write_id, self._limit_write_id(namespace, scope, name))
+        if row is _NOT_APPLIED_UNKNOWN:
+            raise StoreUnavailable(f"Cassandra did not apply the change of {label}; nothing was written")
+        return row is None or bool(row.applied)
+
+    async def insert_limit(self, limit: ConcurrencyLimit) -> bool:
+        """Create the limit if none of its (namespace, scope, name) exists (conditional)."""
+        write_id = self._write_ids.next()
+        params = (
+            limit.namespace, limit.scope.value, limit.name, limit.max_running, limit.version, limit.created_at,
+            limit.updated_at, write_id,
+        )  # fmt: skip
+        return await self._limit_cas("insert_limit", params, (limit.namespace, limit.scope, limit.name), write_id)
+
+    async def get_limit(self, namespace: str, scope: LimitScope, name: str, serial: bool = False) -> ConcurrencyLimit | None:
+        rows = await self._run_plain("get_limit_serial" if serial else "get_limit", (namespace, scope.value, name))
+        found = [limit for limit in map(_limit_from_row, rows) if limit is not None]
+        return found[0] if found else None
+
+    async def update_limit(self, limit: ConcurrencyLimit, expected_version: int) -> bool:
+        """Write max_running, version and updated_at only if the stored version is ``expected_version``."""
+        write_id = self._write_ids.next()
+        params = (
+            limit.max_running, limit.version, limit.updated_at, write_id, limit.namespace, limit.scope.value, limit.name,
+            expected_version,
+        )  # fmt: skip
+        return await self._limit_cas("update_limit", params, (limit.namespace, limit.scope, limit.name), write_id)
+
+    async def delete_limit(self, namespace: str, scope: LimitScope, name: str, expected_version: int) -> bool:
+        """Delete the limit if its version is ``expected_version`` (0: whatever it is)."""
+        key = (namespace, scope.value, name)
+        try:
+            if expected_version:
+                rows = await self._run("delete_limit", (*key, expected_version), cas=True)
+            else:
+                rows = await self._run("delete_limit_any", key, cas=True)
+        except (StoreUnavailable, NoHostAvailable) as exc:
+            raise StoreUnavailable(f"Cassandra is unreachable: {exc}") from exc
+        except _UNAVAILABLE_ERRORS as exc:
+            # Unknown outcome. A deleted row has no write id to compare, so the
+            # serial read (which also finishes an in-flight Paxos round) asks
+            # whether the row is gone: gone is "deleted", by us or by a delete
+            # racing ours, which the caller cannot tell apart either way.
+            if await self.get_limit(namespace, scope, name, serial=True) is not None:
+                raise StoreUnavailable(f"Cassandra did not confirm the delete: {exc}") from exc
+            return True
+        return not rows or bool(rows[0].applied)
+
+    async def list_limits(self, namespace: str | None) -> list[ConcurrencyLimit]:
+        """The limits of ``namespace``, or of every namespace (None: a scan of
+        the whole table, which holds only definitions). By namespace, scope, name."""
+        if namespace is None:
+            rows = await self._run_plain("list_all_limits", ())
+        else:
+            rows = await self._run_plain("list_limits", (namespace,))
+        found = [limit for limit in map(_limit_from_row, rows) if limit is not None]
+        return sorted(found, key=lambda v: (v.namespace, v.scope.value, v.name))
     # ---------------------------------------------------------------- concurrency-limit slots
 
     async def read_slots(self, group: SlotGroup) -> list[SlotHolder]:
@@ -1129,6 +1220,28 @@ _SELECT_GATE = (
     "SELECT namespace, gate, rate, burst, warmup_ms, paused, closed_until_ms, tat_us, ramp_from_ms, version, "
     "created_at_ms, updated_at_ms FROM gates WHERE namespace = ? AND gate = ?"
 )
+
+_LIMIT_COLUMNS = "namespace, scope, name, max_running, version, created_at_ms, updated_at_ms"
+_SELECT_LIMITS = f"SELECT {_LIMIT_COLUMNS} FROM concurrency_limits"
+_ONE_LIMIT = " WHERE namespace = ? AND scope = ? AND name = ?"
+
+
+def _limit_from_row(r: Any) -> ConcurrencyLimit | None:
+    """A limit row as the store's value; None for a row no version of this
+    code writes (an unknown scope, a max_running that is not positive): such a
+    row limits nothing, rather than failing every claim that reads the table."""
+    try:
+        scope = LimitScope(r.scope)
+    except ValueError:
+        log.warning("concurrency_limits row %s/%s=%s has an unknown scope; ignored", r.namespace, r.scope, r.name)
+        return None
+    if not r.max_running or r.max_running < 1:
+        log.warning("concurrency_limits row %s/%s=%s has max_running %s; ignored", r.namespace, r.scope, r.name, r.max_running)
+        return None
+    return ConcurrencyLimit(
+        namespace=r.namespace, scope=scope, name=r.name, max_running=r.max_running, version=r.version or 0,
+        created_at=r.created_at_ms or 0, updated_at=r.updated_at_ms or 0,
+    )  # fmt: skip
 
 
 def _task_select_list() -> str:

@@ -19,7 +19,7 @@ import uuid
 from typing import Any
 
 from leasesched.changes import TaskChange
-from leasesched.concurrency import ConcurrencyLimit, LimitScope, SlotGroup, SlotHolder
+from leasesched.concurrency import ConcurrencyLimit, LimitKey, LimitScope, SlotGroup, SlotHolder
 from leasesched.gates import Gate
 from leasesched.model import DueEntry, Task, listed_size
 from leasesched.schedules import Schedule
@@ -104,7 +104,7 @@ class MemoryStore:
         self.gate_writes = 0  # conditional writes on gate rows (reservations, closes, changes)
         self.slots: dict[tuple[str, LimitScope, str], dict[int, SlotHolder]] = {}  # group -> index -> row
         self.slot_writes = 0  # conditional writes on slot rows
-        self.limits: dict[tuple[str, LimitScope, str], ConcurrencyLimit] = {}
+        self.limits: dict[LimitKey, ConcurrencyLimit] = {}
 
     def _maybe_fail(self, op: str) -> None:
         if op in self.fail_next:
@@ -313,11 +313,6 @@ class MemoryStore:
 
     # -- concurrency-limit slots: the same conditions as the Cassandra store's lightweight transactions
 
-    async def list_limits(self, namespace: str | None) -> list[ConcurrencyLimit]:
-        self._maybe_fail("list_limits")
-        found = [limit for key, limit in sorted(self.limits.items(), key=lambda kv: (kv[0][0], kv[0][1].value, kv[0][2]))]
-        return [limit for limit in found if namespace is None or limit.namespace == namespace]
-
     def _slot_rows(self, group: SlotGroup) -> dict[int, SlotHolder]:
         return self.slots.setdefault((group.namespace, group.scope, group.name), {})
 
@@ -412,6 +407,45 @@ class MemoryStore:
     async def list_gates(self, namespace: str, after: str, limit: int) -> list[Gate]:
         names = sorted(n for ns, n in self.gates if ns == namespace and n > after)[:limit]
         return [self.gates[(namespace, n)] for n in names]
+
+    # -- concurrency limits: definitions, the same conditions as the Cassandra store's
+
+    async def insert_limit(self, limit: ConcurrencyLimit) -> bool:
+        self._maybe_fail("insert_limit")
+        key = (limit.namespace, limit.scope, limit.name)
+        if key in self.limits:
+            return False
+        self.limits[key] = limit
+        return True
+
+    async def get_limit(self, namespace: str, scope: LimitScope, name: str) -> ConcurrencyLimit | None:
+        self._maybe_fail("get_limit")
+        return self.limits.get((namespace, scope, name))
+
+    async def update_limit(self, limit: ConcurrencyLimit, expected_version: int) -> bool:
+        self._maybe_fail("update_limit")
+        key = (limit.namespace, limit.scope, limit.name)
+        stored = self.limits.get(key)
+        if stored is None or stored.version != expected_version:
+            return False
+        # Only what the Cassandra UPDATE writes: created_at stays the stored one.
+        self.limits[key] = dataclasses.replace(
+            stored, max_running=limit.max_running, version=limit.version, updated_at=limit.updated_at
+        )
+        return True
+
+    async def delete_limit(self, namespace: str, scope: LimitScope, name: str, expected_version: int) -> bool:
+        self._maybe_fail("delete_limit")
+        stored = self.limits.get((namespace, scope, name))
+        if stored is None or (expected_version and stored.version != expected_version):
+            return False
+        del self.limits[(namespace, scope, name)]
+        return True
+
+    async def list_limits(self, namespace: str | None) -> list[ConcurrencyLimit]:
+        self._maybe_fail("list_limits")
+        found = [v for (ns, _, _), v in self.limits.items() if namespace is None or ns == namespace]
+        return sorted(found, key=lambda v: (v.namespace, v.scope.value, v.name))
 
 
 _Stored = tuple[Schedule, str, str]
