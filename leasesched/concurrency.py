@@ -1,4 +1,4 @@
-"""Concurrency limits: how many tasks of a group may run at once (issue 15, docs/limits.md).
+"""Concurrency limits: how many tasks of a group may run at once (issue 15, docs/concurrency.md).
 
 A limit caps the RUNNING tasks of one *group* at ``max_running``. Groups are
 per namespace (every task of it), per task type, and per ``concurrency_key``

@@ -74,7 +74,7 @@ MAX_CLAIMED_PER_LINK = 100_000
 # Tasks whose claim a full concurrency limit refused wait here, per (namespace,
 # type, group); one of a group is offered again when a task of that group
 # finishes or is claimed, or every PARK_PROBE_S: about one refused claim per
-# freed slot, not one per waiting task (docs/limits.md).
+# freed slot, not one per waiting task (docs/concurrency.md).
 PARK_PROBE_S = 1.0
 MAX_PARK_WATCH = 100_000
 
