@@ -67,6 +67,10 @@ class AuthCluster:
         assert self.task_service.target
         return pb_grpc.ScheduleServiceStub(sync_channel(self.task_service.target, self.cfg, token=token))
 
+    def limits(self, token: str) -> pb_grpc.LimitServiceStub:
+        assert self.task_service.target
+        return pb_grpc.LimitServiceStub(sync_channel(self.task_service.target, self.cfg, token=token))
+
     def updater(self, token: str) -> pb_grpc.TaskUpdaterStub:
         assert self.task_updater.target
         return pb_grpc.TaskUpdaterStub(sync_channel(self.task_updater.target, self.cfg, token=token))
@@ -188,6 +192,31 @@ def test_schedules_are_isolated_by_namespace_and_role(auth_cluster: AuthCluster)
     # A's schedule is untouched.
     d = a.DescribeSchedule(pb.DescribeScheduleRequest(ref=theirs), timeout=5).schedule
     assert d.version == 1 and not d.schedule.paused and d.fired_total == 0
+    wait_rate_budget(auth_cluster, "team-a")
+
+
+def test_concurrency_limits_are_read_by_their_namespace_and_changed_by_admins(auth_cluster: AuthCluster) -> None:
+    admin = auth_cluster.limits(auth_cluster.tokens.admin)
+    a, b = auth_cluster.limits(auth_cluster.tokens.client_a), auth_cluster.limits(auth_cluster.tokens.client_b)
+    mine = pb.LimitRef(namespace="team-a", scope=pb.LIMIT_SCOPE_KEY, name="*")
+    made = admin.SetLimit(pb.SetLimitRequest(limit=mine, max_running=2), timeout=5).limit
+    # A client reads its own namespace's limits ...
+    assert a.GetLimit(pb.GetLimitRequest(limit=mine), timeout=5).limit == made
+    assert [v.limit for v in a.ListLimits(pb.ListLimitsRequest(namespace="team-a"), timeout=5).limits] == [mine]
+    # ... but changes none, not even its own, and sees no other namespace's, nor every namespace at once.
+    assert code_of(lambda: a.SetLimit(pb.SetLimitRequest(limit=mine, max_running=9), timeout=5)) == DENIED
+    assert code_of(lambda: a.DeleteLimit(pb.DeleteLimitRequest(limit=mine), timeout=5)) == DENIED
+    assert code_of(lambda: b.GetLimit(pb.GetLimitRequest(limit=mine), timeout=5)) == DENIED
+    assert code_of(lambda: b.ListLimits(pb.ListLimitsRequest(namespace="team-a"), timeout=5)) == DENIED
+    assert code_of(lambda: b.ListLimits(pb.ListLimitsRequest(), timeout=5)) == DENIED
+    wait_rate_budget(auth_cluster, "team-b")
+    # A worker token may not use the limit API at all.
+    worker = auth_cluster.limits(auth_cluster.tokens.worker_a)
+    assert code_of(lambda: worker.GetLimit(pb.GetLimitRequest(limit=mine), timeout=5)) == DENIED
+    # Untouched; the admin lists every namespace and deletes it.
+    assert admin.GetLimit(pb.GetLimitRequest(limit=mine), timeout=5).limit == made
+    assert mine in [v.limit for v in admin.ListLimits(pb.ListLimitsRequest(), timeout=5).limits]
+    admin.DeleteLimit(pb.DeleteLimitRequest(limit=mine, expected_version=1), timeout=5)
     wait_rate_budget(auth_cluster, "team-a")
 
 

@@ -158,7 +158,7 @@ async def test_the_three_scopes_and_the_default_key_are_separate_limits(service:
 async def test_a_change_lost_to_a_race_is_decided_again(service: Any, store: MemoryStore) -> None:
     await service.SetLimit(set_request(max_running=3), None)
     real_update = store.update_limit
-    raced = []
+    raced: list[bool] = []
 
     async def racing_update(limit: ConcurrencyLimit, expected_version: int) -> bool:
         if not raced:  # another admin's change lands first
