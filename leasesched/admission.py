@@ -9,8 +9,10 @@ a new or changed limit applies within that time, without a read per claim.
 Costs, per claim of a task with limits, per level: one read of the group's
 slots and one conditional write to take one, one to confirm it, one to give
 it back at the end (the holder is remembered, so the end needs no read when
-it reaches the TaskUpdater that claimed). A task without limits costs
-nothing but a dictionary lookup.
+it reaches the TaskUpdater that claimed). The levels are taken, confirmed and
+given back side by side: a claim adds three round trips (read, take,
+confirm) however many levels limit it. A task without limits costs nothing
+but a dictionary lookup.
 """
 
 from __future__ import annotations
@@ -115,24 +117,29 @@ class Admission:
     async def take(self, task: Task, token: int, now: int) -> list[Held]:
         """A slot of every level for the claim that sets ``token``, outermost
         first; LimitReached when a level is full (nothing is kept then)."""
-        held: list[Held] = []
-        try:
-            for group in await self.groups(task):
-                held.append(await self._take_one(group, task.task_id, token, now))
-        except BaseException:
+        groups = await self.groups(task)
+        if not groups:
+            return []
+        # Every level at once: nothing here waits for a slot (a full level is
+        # refused at once), so the order cannot deadlock, and a claim costs one
+        # round of round trips however many levels limit it.
+        results = await asyncio.gather(*(self._take_one(g, task.task_id, token, now) for g in groups), return_exceptions=True)
+        held = [r for r in results if isinstance(r, Held)]
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
             await self.give_back(held)
-            raise
+            raise next((f for f in failures if isinstance(f, LimitReached)), failures[0])
         return held
 
     async def confirm(self, task_id: uuid.UUID, token: int, held: list[Held]) -> bool:
         """After the claim landed: True if every slot is still ours (now
         confirmed), False if one was taken over meanwhile (the claim must be
         given back unrun)."""
-        for item in held:
-            try:
-                ok = await self._store.confirm_slot(item.group, item.holder)
-            except StoreUnavailable as exc:
-                raise Unavailable(str(exc)) from exc
+        try:
+            confirmed = await asyncio.gather(*(self._store.confirm_slot(item.group, item.holder) for item in held))
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+        for item, ok in zip(held, confirmed):
             if not ok:
                 log.warning("task %s: slot %d of %s was taken over before the claim confirmed it", task_id, item.holder.index,
                             item.group.label(), extra=fields(task_id=str(task_id)))  # fmt: skip
@@ -165,12 +172,14 @@ class Admission:
             await self.give_back(held)
 
     async def give_back(self, held: list[Held]) -> None:
-        for item in held:
+        async def free(item: Held) -> None:
             try:
                 await self._store.free_slot(item.group, item.holder)
             except StoreUnavailable as exc:
                 log.warning("slot %d of %s not given back (%s); the next claim that needs it finds it free",
                             item.holder.index, item.group.label(), exc)  # fmt: skip
+
+        await asyncio.gather(*(free(item) for item in held))
 
     async def _take_one(self, group: SlotGroup, task_id: uuid.UUID, token: int, now: int) -> Held:
         for _ in range(MAX_RACES):

@@ -22,6 +22,7 @@ from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.due_notifier import DueNotifier
 from services.rate_limit import QuotaInterceptor, Quotas, transport_cap
 from services.gate_service import GateService
+from services.limit_sampler import LimitSampler
 from services.limit_service import LimitService
 from services.schedule_service import ScheduleService
 from services.task_service import TaskService
@@ -57,7 +58,12 @@ async def serve(cfg: Config, role: str, port: int) -> None:
             workers = WorkerDirectory(client, cfg.zk_root)
             await workers.start()
             stack.push_async_callback(workers.stop)
-            service: Any = TaskService(cfg, lifecycle, meta.logical_shards, notify_due=notifier, workers=workers)
+            sampler = LimitSampler(store, lifecycle.admission.table)
+            await sampler.start()
+            stack.push_async_callback(sampler.stop)
+            service: Any = TaskService(
+                cfg, lifecycle, meta.logical_shards, notify_due=notifier, workers=workers, on_key=sampler.note_key
+            )
             schedules = ScheduleService(cfg, lifecycle, meta.logical_shards, notify_due=notifier)
             adders = [
                 (pb_grpc.add_TaskServiceServicer_to_server, service, "leasesched.v1.TaskService"),

@@ -49,8 +49,12 @@ class TaskService(pb_grpc.TaskServiceServicer):
         shards: int,
         notify_due: DueHint | None = None,
         workers: WorkerDirectory | None = None,
+        on_key: Callable[[str, str], None] | None = None,
     ) -> None:
+        """``on_key``: told (namespace, concurrency key) of every task scheduled
+        with a key (``services/limit_sampler.LimitSampler.note_key``)."""
         self._cfg = cfg
+        self._on_key = on_key
         self._lifecycle = lifecycle
         self._shards = shards
         self._notify_due = notify_due
@@ -76,6 +80,8 @@ class TaskService(pb_grpc.TaskServiceServicer):
         )  # fmt: skip
         if outcome.created:
             metrics.tasks_scheduled.labels(metrics.type_label(stored.type)).inc()
+            if stored.concurrency_key and self._on_key is not None:
+                self._on_key(stored.namespace, stored.concurrency_key)
             if self._workers is not None and self._workers.serves(stored.namespace, stored.type) is False:
                 metrics.tasks_scheduled_without_worker.labels(metrics.type_label(stored.type)).inc()
         if outcome.created and self._notify_due is not None and stored.run_at <= now_ms():

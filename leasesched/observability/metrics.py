@@ -164,6 +164,52 @@ class GateCollector(Collector):
 
 gate_status = GateCollector()
 
+
+@dataclass(frozen=True)
+class LimitSample:
+    namespace: str
+    scope: str  # namespace, type, key
+    name: str
+    running: int  # slots taken now
+    max_running: int
+
+
+MAX_LIMIT_LABELS = 500
+
+
+class LimitCollector(Collector):
+    """``leasesched_limit_running`` and ``leasesched_limit_max_running`` per
+    concurrency-limit group, from the TaskService's last sampling round
+    (``services/limit_sampler.py``; nothing on the claim path). At most
+    ``MAX_LIMIT_LABELS`` groups."""
+
+    def __init__(self) -> None:
+        self._source: Callable[[], list[LimitSample]] = list
+
+    def set_source(self, source: Callable[[], list[LimitSample]]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(self._families([]))
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        return iter(self._families(self._source()[:MAX_LIMIT_LABELS]))
+
+    @staticmethod
+    def _families(samples: list[LimitSample]) -> list[GaugeMetricFamily]:
+        labels = ["namespace", "scope", "name"]
+        running = GaugeMetricFamily(
+            "leasesched_limit_running", "Tasks of the concurrency-limit group holding a slot (running), as last sampled.", labels=labels
+        )
+        limit = GaugeMetricFamily("leasesched_limit_max_running", "The group's concurrency limit (max_running).", labels=labels)
+        for sample in samples:
+            running.add_metric([sample.namespace, sample.scope, sample.name], sample.running)
+            limit.add_metric([sample.namespace, sample.scope, sample.name], sample.max_running)
+        return [running, limit]
+
+
+limit_status = LimitCollector()
+
 # ------------------------------------------------------------------ schedules (trigger and TaskService)
 
 schedule_fires = Counter(
@@ -256,6 +302,7 @@ dispatch_queued_by_group = QueuedByGroup()
 _BY_ROLE: dict[str, tuple[object, ...]] = {
     "task-service": (
         *_RPC, tasks_scheduled, tasks_scheduled_without_worker, tasks_quarantined, store_unknown_outcomes, *_SCHEDULES,
+        limit_status,
     ),  # fmt: skip
     "task-updater": (
         *_RPC, tasks_claimed, tasks_completed, tasks_failed, tasks_requeued, tasks_cancelled, dispatch_lag,

@@ -184,3 +184,22 @@ async def test_a_task_without_limits_takes_no_slot() -> None:
     for _ in range(3):
         await life.claim((await scheduled(life, concurrency_key="k")).task_id, "w", 0)
     assert store.slot_writes == 0 and not any(store.slots.values())
+
+
+async def test_the_sampler_exports_running_against_the_limit_for_concrete_limits_and_recent_keys() -> None:
+    from services.limit_sampler import LimitSampler
+
+    store = MemoryStore()
+    set_limits(store, limit(LimitScope.TYPE, "t", 10), limit(LimitScope.KEY, DEFAULT_KEY, 2), limit(LimitScope.KEY, "vip", 4))
+    life = lifecycle(store)
+    sampler = LimitSampler(store, LimitTable(store, refresh_s=0.0))
+    for key in ("p1", "p1", "p2", "vip"):
+        task = await scheduled(life, concurrency_key=key)
+        sampler.note_key("ns", key)
+        await life.claim(task.task_id, "w", 0)
+    await sampler.sample()
+    got = {(s.scope, s.name): (s.running, s.max_running) for s in sampler.samples()}
+    assert got == {("type", "t"): (4, 10), ("key", "vip"): (1, 4), ("key", "p1"): (2, 2), ("key", "p2"): (1, 2)}
+    sampler.note_key("other-ns", "p1")  # no default limit there: not sampled
+    await sampler.sample()
+    assert len(sampler.samples()) == 4
