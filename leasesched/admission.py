@@ -29,6 +29,7 @@ from leasesched.concurrency import (
     LIMIT_REACHED,
     ConcurrencyLimit,
     LimitKey,
+    LimitScope,
     SlotGroup,
     SlotHolder,
     groups_for,
@@ -50,6 +51,7 @@ LIMITS_REFRESH_S = 2.0
 FULL_MEMORY_S = 0.5
 MAX_RACES = 5
 MAX_HELD = 100_000  # holders remembered for giving back without a read
+MAX_GATE_CAPS = 10_000  # gates whose max_in_flight is remembered
 
 
 class LimitReached(ResourceExhausted):
@@ -71,13 +73,13 @@ class LimitTable:
 
     def __init__(self, store: TaskStore, refresh_s: float = LIMITS_REFRESH_S) -> None:
         self._store = store
-        self._refresh_s = refresh_s
+        self.refresh_s = refresh_s
         self._table: dict[LimitKey, ConcurrencyLimit] | None = None
         self._read_at = 0.0
         self._reading: asyncio.Future[None] | None = None
 
     async def current(self) -> dict[LimitKey, ConcurrencyLimit]:
-        if self._table is None or time.monotonic() - self._read_at >= self._refresh_s:
+        if self._table is None or time.monotonic() - self._read_at >= self.refresh_s:
             await self._refresh()
         assert self._table is not None
         return self._table
@@ -109,10 +111,34 @@ class Admission:
         self.table = table or LimitTable(store)
         self._full_memory_s = full_memory_s
         self._held: OrderedDict[tuple[uuid.UUID, int], list[Held]] = OrderedDict()
+        self._gate_caps: dict[tuple[str, str], tuple[int, float]] = {}  # (namespace, gate) -> (max_in_flight, read at)
         self._full: dict[SlotGroup, tuple[float, frozenset[tuple[int, uuid.UUID, int]]]] = {}
 
     async def groups(self, task: Task) -> list[SlotGroup]:
-        return groups_for(task.namespace, task.type, task.concurrency_key, await self.table.current())
+        found = groups_for(task.namespace, task.type, task.concurrency_key, await self.table.current())
+        if task.gate:
+            cap = await self._gate_cap(task.namespace, task.gate)
+            if cap:
+                found.append(SlotGroup(task.namespace, LimitScope.GATE, task.gate, cap))
+        return found
+
+    async def _gate_cap(self, namespace: str, gate: str) -> int:
+        """The gate's max_in_flight as read at most ``table`` refresh time ago (0: none)."""
+        key = (namespace, gate)
+        known = self._gate_caps.get(key)
+        if known is not None and time.monotonic() - known[1] < self.table.refresh_s:
+            return known[0]
+        try:
+            found = await self._store.get_gate(namespace, gate)
+        except StoreUnavailable as exc:
+            if known is not None:
+                return known[0]
+            raise Unavailable(f"gate {gate!r} cannot be read: {exc}") from exc
+        cap = found.max_in_flight if found is not None else 0
+        self._gate_caps[key] = (cap, time.monotonic())
+        if len(self._gate_caps) > MAX_GATE_CAPS:
+            self._gate_caps.pop(next(iter(self._gate_caps)))
+        return cap
 
     async def take(self, task: Task, token: int, now: int) -> list[Held]:
         """A slot of every level for the claim that sets ``token``, outermost

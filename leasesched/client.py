@@ -405,6 +405,7 @@ class GateView:
     closed_until: dt.datetime | None  # set while a handler's RateLimited holds it
     tokens_available: float
     version: int
+    max_in_flight: int = 0  # its tasks running at once at most; 0 = no cap
 
     @classmethod
     def from_pb(cls, view: pb.GateView) -> "GateView":
@@ -412,6 +413,7 @@ class GateView:
             namespace=view.namespace, name=view.name, rate=view.definition.rate, burst=view.definition.burst,
             warmup=view.definition.warmup.ToTimedelta(), paused=view.paused, state=view.state,
             closed_until=_datetime(view, "closed_until"), tokens_available=view.tokens_available, version=view.version,
+            max_in_flight=view.definition.max_in_flight,
         )  # fmt: skip
 
 
@@ -421,10 +423,10 @@ def gate_ref(namespace: str, name: str) -> pb.GateRef:
 
 def gate_request(
     namespace: str, name: str, rate: float, burst: int, warmup: dt.timedelta | None = None, expected_version: int = 0,
-    create_or_update: bool = True,
+    create_or_update: bool = True, max_in_flight: int = 0,
 ) -> pb.SetGateRequest:
     """The SetGateRequest for these options (the CLI builds the same)."""
-    definition = pb.GateDefinition(rate=rate, burst=burst)
+    definition = pb.GateDefinition(rate=rate, burst=burst, max_in_flight=max_in_flight)
     if warmup is not None:
         definition.warmup.FromTimedelta(warmup)
     return pb.SetGateRequest(
@@ -473,6 +475,8 @@ class LimitInfo:
 
 
 def limit_ref(namespace: str, scope: LimitScope, name: str = "") -> pb.LimitRef:
+    if scope not in _SCOPE_TO_PB:
+        raise ValueError(f"scope {scope.value!r} is not a limit's (a gate's cap is its definition's max_in_flight)")
     return pb.LimitRef(namespace=namespace, scope=_SCOPE_TO_PB[scope], name=name)
 
 
@@ -1098,13 +1102,17 @@ class Client:
         namespace: str | None = None,
         expected_version: int = 0,
         create_or_update: bool = True,
+        max_in_flight: int = 0,
     ) -> GateView:
         """Create or change gate ``name``: ``rate`` tasks a second, ``burst`` at once,
-        a ramp over ``warmup`` after an unpause or a long idle. Admin token.
+        a ramp over ``warmup`` after an unpause or a long idle, at most
+        ``max_in_flight`` running at once (0: no cap). Admin token.
         ``expected_version`` (from ``get_gate``): change only that version
         (``FailedPreconditionError`` otherwise); 0 with ``create_or_update``: either.
         Setting the same definition twice is harmless, so the call is retried."""
-        request = gate_request(namespace or self.namespace, name, rate, burst, warmup, expected_version, create_or_update)
+        request = gate_request(
+            namespace or self.namespace, name, rate, burst, warmup, expected_version, create_or_update, max_in_flight
+        )
         reply: pb.SetGateResponse = self._call(self._gates.SetGate, request)
         return GateView.from_pb(reply.gate)
 

@@ -47,6 +47,9 @@ class LimitScope(enum.Enum):
     NAMESPACE = "namespace"  # name is ""
     TYPE = "type"  # name is the task type
     KEY = "key"  # name is a concurrency_key, or DEFAULT_KEY for every key
+    # A gate's max_in_flight (name is the gate): slots like a limit's, but set
+    # on the gate (GateDefinition.max_in_flight), never a ConcurrencyLimit.
+    GATE = "gate"
 
 
 @dataclass(frozen=True)

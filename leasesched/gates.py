@@ -40,6 +40,7 @@ US_PER_S = 1_000_000
 MAX_RATE = 1_000_000.0
 MAX_BURST = 1_000_000
 MAX_WARMUP_MS = 86_400_000
+MAX_IN_FLIGHT = 1_000  # as concurrency.MAX_RUNNING: its slots are one partition
 
 
 class GateState(enum.Enum):
@@ -59,6 +60,7 @@ class Gate:
     rate: float  # tokens a second, > 0
     burst: int  # tokens that may be taken at once, >= 1
     warmup_ms: int = 0  # 0: no ramp
+    max_in_flight: int = 0  # its tasks running at once at most; 0: no cap (concurrency slots, leasesched/admission.py)
     paused: bool = False
     closed_until_ms: int = 0  # no token before this (a RateLimited handler); 0: never closed
     tat_us: int = 0  # GCRA theoretical arrival time
@@ -144,8 +146,10 @@ def available(gate: Gate, now_us: int) -> float:
     return max(0.0, (now_us + tolerance - max(gate.tat_us, now_us)) / interval)
 
 
-def check_definition(rate: float, burst: int, warmup_ms: int) -> None:
+def check_definition(rate: float, burst: int, warmup_ms: int, max_in_flight: int = 0) -> None:
     """Raise ``ValueError`` naming the field for a definition out of bounds."""
+    if max_in_flight < 0 or max_in_flight > MAX_IN_FLIGHT:
+        raise ValueError(f"max_in_flight must be between 0 (no cap) and {MAX_IN_FLIGHT}, not {max_in_flight}")
     if not math.isfinite(rate) or rate <= 0 or rate > MAX_RATE:
         raise ValueError(f"rate must be > 0 and at most {MAX_RATE:g} tasks a second, not {rate!r}")
     if burst < 1 or burst > MAX_BURST:

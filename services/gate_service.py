@@ -52,7 +52,7 @@ def gate_view(gate: Gate, now: int | None = None) -> pb.GateView:
     view = pb.GateView(
         namespace=gate.namespace,
         name=gate.name,
-        definition=pb.GateDefinition(rate=gate.rate, burst=gate.burst),
+        definition=pb.GateDefinition(rate=gate.rate, burst=gate.burst, max_in_flight=gate.max_in_flight),
         paused=gate.paused,
         state=gate.state(now).value,
         tokens_available=gates.available(gate, now * 1000),
@@ -122,13 +122,13 @@ def _ref(ref: pb.GateRef) -> tuple[str, str]:
     return namespace, check_gate_name(ref.name, "gate.name")
 
 
-def _definition(d: pb.GateDefinition) -> tuple[float, int, int]:
+def _definition(d: pb.GateDefinition) -> tuple[float, int, int, int]:
     warmup = duration_ms(d.warmup, WARMUP, "definition.warmup")
     try:
-        gates.check_definition(d.rate, d.burst, warmup)
+        gates.check_definition(d.rate, d.burst, warmup, d.max_in_flight)
     except ValueError as exc:
         raise InvalidArgument(f"definition.{exc}") from None
-    return d.rate, d.burst, warmup
+    return d.rate, d.burst, warmup, d.max_in_flight
 
 
 def _page_after(token: str) -> str:
@@ -181,12 +181,14 @@ class GateService(pb_grpc.GateServiceServicer):
 
     async def SetGate(self, request: pb.SetGateRequest, context: grpc.aio.ServicerContext) -> pb.SetGateResponse:
         namespace, name = _ref(request.gate)
-        rate, burst, warmup = _definition(request.definition)
+        rate, burst, warmup, max_in_flight = _definition(request.definition)
         if request.expected_version < 0:
             raise InvalidArgument("expected_version must be >= 0")
         now = now_ms()
         if request.expected_version == 0:
-            gate = Gate(namespace, name, rate, burst, warmup, version=1, created_at_ms=now, updated_at_ms=now)
+            gate = Gate(
+                namespace, name, rate, burst, warmup, max_in_flight=max_in_flight, version=1, created_at_ms=now, updated_at_ms=now
+            )
             if await self._write(self._store.insert_gate(gate)):
                 return pb.SetGateResponse(gate=gate_view(gate, now))
             if not request.create_or_update:
@@ -197,7 +199,7 @@ class GateService(pb_grpc.GateServiceServicer):
                 raise FailedPrecondition(
                     f"gate {name!r} is at version {current.version}, not expected_version {request.expected_version}"
                 )
-            return current.replace(rate=rate, burst=burst, warmup_ms=warmup)
+            return current.replace(rate=rate, burst=burst, warmup_ms=warmup, max_in_flight=max_in_flight)
 
         return pb.SetGateResponse(gate=gate_view(await self._change(namespace, name, redefine)))
 

@@ -40,8 +40,9 @@ name_argument = click.argument("name", callback=text_option)
 def _line(view: GateView) -> str:
     warmup = f", warm-up {view.warmup.total_seconds():g}s" if view.warmup else ""
     closed = f" until {view.closed_until.isoformat()}" if view.state == "closed" and view.closed_until else ""
+    cap = f", at most {view.max_in_flight} running" if view.max_in_flight else ""
     return (
-        f"{view.namespace}/{view.name}: {view.rate:g}/s burst {view.burst}{warmup}; {view.state}{closed}; "
+        f"{view.namespace}/{view.name}: {view.rate:g}/s burst {view.burst}{warmup}{cap}; {view.state}{closed}; "
         f"{view.tokens_available:.1f} tokens now; version {view.version}"
     )
 
@@ -66,13 +67,18 @@ def gate(ctx: click.Context, target: str | None, as_json: bool, token: str | Non
 @click.option("--burst", type=click.IntRange(1, None), default=1, show_default=True, help="Tasks that may start at once.")
 @click.option("--warmup", type=DURATION, default=None,
               help="After an unpause or a long idle the rate ramps from 10 %% to 100 %% over this long (default: no ramp).")
+@click.option("--max-in-flight", type=click.IntRange(0, None), default=0, show_default=True,
+              help="At most this many of the gate's tasks run at once (0 = no cap).")
 @click.option("--expected-version", type=click.IntRange(0, INT64_MAX), default=0, show_default=True,
               help="Change only if the gate is still at this version (get shows it); 0 = create or change.")
 @json_option
 @click.pass_obj
 def set_gate(obj: dict[str, Any], name: str, namespace: str, rate: float, burst: int, warmup: float | None,
-             expected_version: int) -> None:  # fmt: skip
-    request = gate_request(namespace, name, rate, burst, None if warmup is None else dt.timedelta(seconds=warmup), expected_version)
+             max_in_flight: int, expected_version: int) -> None:  # fmt: skip
+    request = gate_request(
+        namespace, name, rate, burst, None if warmup is None else dt.timedelta(seconds=warmup), expected_version,
+        max_in_flight=max_in_flight,
+    )
     _emit_gate(obj, call(obj, lambda s: s.SetGate(request, timeout=10), SERVICE))
 
 

@@ -372,7 +372,7 @@ class CassandraStore:
             "get_gate_serial": _SELECT_GATE,
             "get_gate_write_id": "SELECT write_id FROM gates WHERE namespace = ? AND gate = ?",
             "update_gate": "UPDATE gates SET rate = ?, burst = ?, warmup_ms = ?, paused = ?, closed_until_ms = ?, "
-            "ramp_from_ms = ?, version = ?, updated_at_ms = ?, write_id = ? "
+            "ramp_from_ms = ?, version = ?, updated_at_ms = ?, write_id = ?, max_in_flight = ? "
             "WHERE namespace = ? AND gate = ? IF version = ? AND closed_until_ms = ?",
             "reserve_gate": "UPDATE gates SET tat_us = ?, ramp_from_ms = ?, write_id = ? WHERE namespace = ? AND gate = ? "
             "IF version = ? AND tat_us = ? AND closed_until_ms = ?",
@@ -916,6 +916,7 @@ class CassandraStore:
         params = (
             gate.namespace, gate.name, gate.rate, gate.burst, gate.warmup_ms, gate.paused, gate.closed_until_ms,
             gate.tat_us, gate.ramp_from_ms, gate.version, gate.created_at_ms, gate.updated_at_ms, write_id,
+            gate.max_in_flight,
         )  # fmt: skip
         row = await self._run_cas("insert_gate", params, f"gate {gate.namespace}/{gate.name}", write_id, self._gate_write_id(gate.namespace, gate.name))
         if row is _NOT_APPLIED_UNKNOWN:
@@ -931,7 +932,7 @@ class CassandraStore:
             namespace=r.namespace, name=r.gate, rate=r.rate or 1.0, burst=r.burst or 1, warmup_ms=r.warmup_ms or 0,
             paused=bool(r.paused), closed_until_ms=r.closed_until_ms or 0, tat_us=r.tat_us or 0,
             ramp_from_ms=r.ramp_from_ms or 0, version=r.version or 0, created_at_ms=r.created_at_ms or 0,
-            updated_at_ms=r.updated_at_ms or 0,
+            updated_at_ms=r.updated_at_ms or 0, max_in_flight=r.max_in_flight or 0,
         )  # fmt: skip
 
     async def _gate_cas(self, statement: str, params: Sequence[Any], namespace: str, name: str, write_id: uuid.UUID) -> bool:
@@ -946,7 +947,8 @@ class CassandraStore:
         write_id = self._write_ids.next()
         params = (
             gate.rate, gate.burst, gate.warmup_ms, gate.paused, gate.closed_until_ms, gate.ramp_from_ms, gate.version,
-            gate.updated_at_ms, write_id, gate.namespace, gate.name, expected.version, expected.closed_until_ms,
+            gate.updated_at_ms, write_id, gate.max_in_flight, gate.namespace, gate.name, expected.version,
+            expected.closed_until_ms,
         )  # fmt: skip
         return await self._gate_cas("update_gate", params, gate.namespace, gate.name, write_id)
 
@@ -1214,11 +1216,11 @@ _SELECT_SCHEDULE = (
 
 _GATE_COLUMNS = (
     "namespace, gate, rate, burst, warmup_ms, paused, closed_until_ms, tat_us, ramp_from_ms, version, created_at_ms, "
-    "updated_at_ms, write_id"
+    "updated_at_ms, write_id, max_in_flight"
 )
 _SELECT_GATE = (
     "SELECT namespace, gate, rate, burst, warmup_ms, paused, closed_until_ms, tat_us, ramp_from_ms, version, "
-    "created_at_ms, updated_at_ms FROM gates WHERE namespace = ? AND gate = ?"
+    "created_at_ms, updated_at_ms, max_in_flight FROM gates WHERE namespace = ? AND gate = ?"
 )
 
 _LIMIT_COLUMNS = "namespace, scope, name, max_running, version, created_at_ms, updated_at_ms"

@@ -5,7 +5,8 @@ whole cluster (TaskService, TaskUpdater, 2 triggers, 3 workers running
 * 200 tasks of one concurrency key under a limit of 5 per key: never more
   than 5 of them run at once, all 200 complete, none used an extra attempt
   for waiting, and the limit is used (not 1 or 2 at a time);
-* another key has its own 5 slots, and a namespace-wide limit caps both.
+* another key has its own slots, and a namespace-wide limit caps both;
+* a gate's max_in_flight of 2 holds its 20 tasks to 2 at a time.
 """
 
 from __future__ import annotations
@@ -67,3 +68,13 @@ def test_each_key_has_its_own_slots_and_the_namespace_limit_caps_them_all(cluste
     assert all(v.status == pb.SUCCEEDED for v in views.values())
     assert most_at_once(cluster, set(a)) <= 3 and most_at_once(cluster, set(b)) <= 3
     assert most_at_once(cluster, set(a + b)) <= 4
+
+
+def test_a_gates_max_in_flight_caps_its_running_tasks(cluster: LiveCluster) -> None:
+    definition = pb.GateDefinition(rate=50.0, burst=10, max_in_flight=2)
+    cluster.gates.SetGate(pb.SetGateRequest(gate=pb.GateRef(namespace=NAMESPACE, name="capped"), definition=definition), timeout=10)
+    ids = [cluster.schedule(seconds=0.5, lease_s=10.0, gate="capped") for _ in range(20)]
+    views = cluster.wait_terminal(ids, timeout=180)
+    assert all(v.status == pb.SUCCEEDED for v in views.values())
+    most = most_at_once(cluster, set(ids))
+    assert most == 2, f"{most} tasks of a gate with max_in_flight 2 ran at once"

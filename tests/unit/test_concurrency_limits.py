@@ -203,3 +203,31 @@ async def test_the_sampler_exports_running_against_the_limit_for_concrete_limits
     sampler.note_key("other-ns", "p1")  # no default limit there: not sampled
     await sampler.sample()
     assert len(sampler.samples()) == 4
+
+
+async def test_a_gates_max_in_flight_caps_its_running_tasks_with_slots() -> None:
+    from leasesched.gates import Gate
+
+    store = MemoryStore()
+    await store.insert_gate(Gate("ns", "api", 100.0, 10, max_in_flight=1))
+    await store.insert_gate(Gate("ns", "open", 100.0, 10))
+    life = lifecycle(store)
+    first, second = await scheduled(life, gate="api"), await scheduled(life, gate="api")
+    lease = await life.claim(first.task_id, "w", 0)
+    with pytest.raises(LimitReached, match="ns/gate=api \\(1 running\\)"):
+        await life.claim(second.task_id, "w", 0)
+    for _ in range(3):  # a gate without a cap takes no slot
+        await life.claim((await scheduled(life, gate="open")).task_id, "w", 0)
+    await life.complete(first.task_id, lease.token, b"")
+    await life.claim(second.task_id, "w", 0)
+
+
+def test_a_gates_max_in_flight_out_of_range_is_refused_naming_it() -> None:
+    from leasesched.errors import InvalidArgument
+    from leasesched.v1 import scheduler_pb2 as pb
+    from services.gate_service import _definition
+
+    assert _definition(pb.GateDefinition(rate=1.0, burst=1, max_in_flight=1000))[3] == 1000
+    for bad in (-1, 1001):
+        with pytest.raises(InvalidArgument, match="definition.max_in_flight must be between 0 \\(no cap\\) and 1000"):
+            _definition(pb.GateDefinition(rate=1.0, burst=1, max_in_flight=bad))
