@@ -260,5 +260,7 @@ class Admission:
             raise Unavailable(str(exc)) from exc
         found = [h for h, ok in zip(holders, verdicts) if ok]
         if not found:
+            if len(self._full) >= MAX_GATE_CAPS:
+                self._full.clear()  # a memory of busy groups only: forgetting costs a read each
             self._full[group] = (time.monotonic(), seen)
         return found

@@ -5,6 +5,7 @@ trigger's dispatcher, where fair share decides)."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -72,3 +73,41 @@ def test_a_flood_under_one_key_does_not_hold_back_another_key(make_cluster) -> N
     assert flood_before < FLOOD // 2, f"{flood_before} flood tasks started before the last of the {FEW} others"
     # With it they alternate: 5 others need about 10 dispatches (2 slots, tasks still in flight).
     assert flood_meanwhile <= 3 * FEW + 4, f"{flood_meanwhile} flood tasks started while the {FEW} others waited"
+
+
+AGEING_STEP_S = 1.0
+
+
+def test_ageing_starts_a_low_priority_task_under_a_steady_high_priority_stream(make_cluster) -> None:
+    """A priority-0 task under a stream of priority-9 tasks that keeps one
+    slot's queue full: without ageing it would wait for as long as the stream
+    lasts; with a step of 1 s and the cap 9 it reaches the top level after
+    (9 - 0) x 1 s, then starts with the next free slot (DispatchPolicy)."""
+    cluster = make_cluster(
+        overrides={"priority_ageing_step_s": AGEING_STEP_S, "priority_ageing_cap": 9}, triggers=1, workers=1, slots=1
+    )
+    stop = threading.Event()
+    stream: list[str] = []
+
+    def feed() -> None:  # ~5 tasks a second of 0.3 s each into one slot (about 3 a second): the queue only grows
+        while not stop.is_set():
+            stream.append(cluster.schedule(seconds=0.3, priority=9, lease_s=10.0))
+            stop.wait(0.2)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        wait_for(lambda: len(starts(cluster)) >= 3, 60, "the priority-9 stream to run")
+        low = cluster.schedule(seconds=0.05, priority=0, lease_s=10.0)
+        due = time.time()
+        wait_for(lambda: low in starts(cluster), 60, "the priority-0 task to start")
+    finally:
+        stop.set()
+        feeder.join(10)
+    waited = starts(cluster)[low] - due
+    bound = (9 - 0) * AGEING_STEP_S + 0.3  # the promotions, then the task in the slot finishes
+    assert waited <= bound + 2.0, f"the priority-0 task waited {waited:.1f} s, over the bound of {bound:.1f} s (+2 s dispatch slack)"
+    # It really was starved until aged: priority-9 tasks kept starting before it.
+    seen = starts(cluster)
+    overtaken = sum(1 for t in stream if t in seen and due < seen[t] < seen[low])
+    assert overtaken >= 5, f"only {overtaken} priority-9 tasks started before it: the stream did not hold it back"
