@@ -69,18 +69,29 @@ class Held:
 
 
 class LimitTable:
-    """The limits as last read, re-read when older than ``refresh_s``."""
+    """The limits as last read, re-read when older than ``refresh_s``.
+
+    A claim never waits for a re-read: past ``refresh_s`` the table is read
+    again in the background and the claim goes on with the one it has; only
+    a process's first claims wait, for the first read. Why: while a Cassandra
+    node is frozen a read can take the store's whole deadline (11 s), and
+    every claim of the process would wait behind it."""
 
     def __init__(self, store: TaskStore, refresh_s: float = LIMITS_REFRESH_S) -> None:
         self._store = store
         self.refresh_s = refresh_s
         self._table: dict[LimitKey, ConcurrencyLimit] | None = None
         self._read_at = 0.0
-        self._reading: asyncio.Future[None] | None = None
+        self._first: asyncio.Future[None] | None = None
+        self._refreshing: asyncio.Task[None] | None = None
 
     async def current(self) -> dict[LimitKey, ConcurrencyLimit]:
-        if self._table is None or time.monotonic() - self._read_at >= self.refresh_s:
-            await self._refresh()
+        if self._table is None:
+            if self._first is None or self._first.done():
+                self._first = asyncio.ensure_future(self._read())
+            await asyncio.shield(self._first)  # one read however many claims wait for it
+        elif time.monotonic() - self._read_at >= self.refresh_s and self._refreshing is None:
+            self._refreshing = asyncio.create_task(self._refresh())
         assert self._table is not None
         return self._table
 
@@ -88,21 +99,21 @@ class LimitTable:
         """What was read last, without reading (empty before the first read)."""
         return self._table or {}
 
-    async def _refresh(self) -> None:
-        if self._reading is not None:  # one read at a time; the others wait for it
-            await asyncio.shield(self._reading)
-            return
-        self._reading = asyncio.get_running_loop().create_future()
+    async def _read(self) -> None:
         try:
-            self._table = index_limits(await self._store.list_limits(None))
-            self._read_at = time.monotonic()
+            table = index_limits(await self._store.list_limits(None))
         except StoreUnavailable as exc:
-            if self._table is None:
-                raise Unavailable(f"the concurrency limits cannot be read: {exc}") from exc
+            raise Unavailable(f"the concurrency limits cannot be read: {exc}") from exc
+        self._table, self._read_at = table, time.monotonic()
+
+    async def _refresh(self) -> None:
+        try:
+            await self._read()
+        except Exception as exc:  # noqa: BLE001 - keep the table we have; try again in refresh_s
             log.warning("concurrency limits not re-read (%s); using the ones read %.0f s ago", exc, time.monotonic() - self._read_at)
+            self._read_at = time.monotonic()
         finally:
-            self._reading.set_result(None)
-            self._reading = None
+            self._refreshing = None
 
 
 class Admission:
@@ -112,6 +123,7 @@ class Admission:
         self._full_memory_s = full_memory_s
         self._held: OrderedDict[tuple[uuid.UUID, int], list[Held]] = OrderedDict()
         self._gate_caps: dict[tuple[str, str], tuple[int, float]] = {}  # (namespace, gate) -> (max_in_flight, read at)
+        self._gate_reads: dict[tuple[str, str], asyncio.Task[int]] = {}  # background re-reads under way
         self._full: dict[SlotGroup, tuple[float, frozenset[tuple[int, uuid.UUID, int]]]] = {}
 
     async def groups(self, task: Task) -> list[SlotGroup]:
@@ -123,17 +135,28 @@ class Admission:
         return found
 
     async def _gate_cap(self, namespace: str, gate: str) -> int:
-        """The gate's max_in_flight as read at most ``table`` refresh time ago (0: none)."""
+        """The gate's max_in_flight (0: none). As for the limits, a claim waits
+        only for the first read of a gate; later ones happen in the background."""
         key = (namespace, gate)
         known = self._gate_caps.get(key)
-        if known is not None and time.monotonic() - known[1] < self.table.refresh_s:
-            return known[0]
+        if known is None:
+            return await self._read_gate_cap(key)
+        if time.monotonic() - known[1] >= self.table.refresh_s and key not in self._gate_reads:
+            read = asyncio.create_task(self._read_gate_cap(key, quiet=True))
+            self._gate_reads[key] = read
+            read.add_done_callback(lambda _: self._gate_reads.pop(key, None))
+        return known[0]
+
+    async def _read_gate_cap(self, key: tuple[str, str], quiet: bool = False) -> int:
         try:
-            found = await self._store.get_gate(namespace, gate)
+            found = await self._store.get_gate(*key)
         except StoreUnavailable as exc:
-            if known is not None:
-                return known[0]
-            raise Unavailable(f"gate {gate!r} cannot be read: {exc}") from exc
+            if quiet:
+                log.warning("gate %s/%s not re-read (%s); using its max_in_flight as read before", *key, exc)
+                cap = self._gate_caps.get(key, (0, 0.0))[0]
+                self._gate_caps[key] = (cap, time.monotonic())  # try again in refresh_s, not at the next claim
+                return cap
+            raise Unavailable(f"gate {key[1]!r} cannot be read: {exc}") from exc
         cap = found.max_in_flight if found is not None else 0
         self._gate_caps[key] = (cap, time.monotonic())
         if len(self._gate_caps) > MAX_GATE_CAPS:

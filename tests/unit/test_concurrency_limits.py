@@ -231,3 +231,31 @@ def test_a_gates_max_in_flight_out_of_range_is_refused_naming_it() -> None:
     for bad in (-1, 1001):
         with pytest.raises(InvalidArgument, match="definition.max_in_flight must be between 0 \\(no cap\\) and 1000"):
             _definition(pb.GateDefinition(rate=1.0, burst=1, max_in_flight=bad))
+
+
+async def test_a_claim_never_waits_for_a_re_read_of_the_limits() -> None:
+    """While a node is frozen a read can take the store's whole deadline: only
+    the first read of the table is waited for, later ones run beside the claims."""
+    import asyncio
+
+    class SlowLimits(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads_of_limits = 0
+            self.release = asyncio.Event()
+
+        async def list_limits(self, namespace: str | None) -> list[ConcurrencyLimit]:
+            self.reads_of_limits += 1
+            if self.reads_of_limits > 1:
+                await self.release.wait()  # every re-read hangs
+            return await super().list_limits(namespace)
+
+    store = SlowLimits()
+    set_limits(store, limit(LimitScope.KEY, DEFAULT_KEY, 5))
+    life = lifecycle(store)  # refresh_s 0: every claim would re-read
+    for _ in range(3):
+        task = await scheduled(life, concurrency_key="k")
+        await asyncio.wait_for(life.claim(task.task_id, "w", 0), timeout=2.0)
+    assert store.reads_of_limits == 2  # the first read, and one re-read under way (not one per claim)
+    assert sum(1 for h in await store.read_slots(SlotGroup("ns", LimitScope.KEY, "k", 5)) if h.lease_token) == 3
+    store.release.set()
