@@ -257,7 +257,11 @@ class Admission:
                     return Held(group, mine)
             except StoreUnavailable as exc:
                 raise Unavailable(str(exc)) from exc
-        raise Unavailable(f"concurrency limit {group.label()}: its slots kept changing while taking one; retry")
+        # Every free slot went to another claim meanwhile: the group is full
+        # for now, and the task waits like any other over its limit. Never
+        # UNAVAILABLE: nothing is unavailable, and a worker answered that
+        # leaves this TaskUpdater (``worker.updater_client``).
+        raise LimitReached(group)
 
     async def _free_holders(self, group: SlotGroup, holders: list[SlotHolder], now: int) -> list[SlotHolder]:
         """The holders of a full group whose task no longer runs under their token."""

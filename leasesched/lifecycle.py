@@ -291,10 +291,12 @@ class Lifecycle:
                 metrics.tasks_failed.labels(metrics.type_label(task.type), "deadline").inc()
             raise FailedPrecondition(f"task {task_id} is past its deadline: {late}")
         token = task.lease_token + 1
-        expires_at = now + task.lease_ms
         # A slot of every concurrency limit first (LimitReached: the task stays
         # SCHEDULED, its attempt unused), confirmed once the claim landed.
         held = await self.admission.take(task, token, now)
+        if held:
+            now = now_ms()  # the lease runs from the claim's write, not from before the slots were taken
+        expires_at = now + task.lease_ms
         try:
             # The lease check entry goes first: if we crash after the claim, the
             # trigger still finds the lease and re-queues it once it expires.

@@ -25,6 +25,10 @@ from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+# How long calls in flight on a channel being left may still take (longer than
+# any call's deadline: claims and reports use at most a few seconds).
+DRAIN_GRACE_S = 30.0
+
 
 class _Targets:
     """The registered TaskUpdaters, taken in turn (a failed one is left for the next)."""
@@ -48,6 +52,7 @@ class UpdaterClient:
         self._address: str | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.TaskUpdaterStub | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # old channels draining (``_drop``)
 
     async def _connect(self) -> pb_grpc.TaskUpdaterStub:
         if self._stub is not None:
@@ -58,9 +63,16 @@ class UpdaterClient:
         return self._stub
 
     async def _drop(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-        self._channel, self._stub, self._address = None, None, None
+        """Leave this TaskUpdater: new calls go to a fresh channel at once, and
+        the old one closes only after the calls still in flight on it ended.
+        Closing it at once cancelled them (as ``CancelledError``, past every
+        ``except RpcError``): a claim that had landed was neither run nor given
+        back, and its task waited for its lease to expire, one attempt spent."""
+        channel, self._channel, self._stub, self._address = self._channel, None, None, None
+        if channel is not None:
+            closing = asyncio.create_task(channel.close(grace=DRAIN_GRACE_S))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     async def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         stub = await self._connect()
@@ -72,7 +84,12 @@ class UpdaterClient:
             raise
 
     async def close(self) -> None:
-        await self._drop()
+        """At shutdown, after the executions ended: close every channel now."""
+        channel, self._channel, self._stub, self._address = self._channel, None, None, None
+        if channel is not None:
+            await channel.close()
+        for closing in list(self._closing):
+            closing.cancel()
 
 
 class SyncUpdaterClient:

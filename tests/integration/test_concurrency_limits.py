@@ -49,14 +49,14 @@ def test_a_limit_of_five_per_key_holds_across_two_triggers_and_three_workers(clu
     most = most_at_once(cluster, set(ids))
     assert most <= 5, f"{most} tasks of one key ran at once under a limit of 5"
     assert most >= 4, f"at most {most} ran at once: the limit of 5 was not used"
-    # Waiting for a slot uses no attempt. A second attempt can still come from
-    # a claim that landed after its worker had given up waiting for the answer
-    # (on this loaded machine a claim with a limit, three conditional writes
-    # more, took seconds at times): that lease lapses unrun and the task runs
-    # again. Rare, and never anything else.
+    # Waiting for a slot uses no attempt. A second attempt can only come from a
+    # claim that landed after its worker stopped waiting for the answer (its
+    # lease then lapses unrun): rare, and never anything else. (Before the
+    # worker kept in-flight calls across leaving a TaskUpdater, an UNAVAILABLE
+    # answer cancelled its other claims: 6 of 200 here.)
     extra = [(v.attempt, v.error) for v in views.values() if v.attempt > 1]
     assert all(error.startswith("lease expired on attempt") for _, error in extra), extra
-    assert len(extra) <= 4, f"{len(extra)} of 200 tasks needed another attempt: {extra}"
+    assert len(extra) <= 2, f"{len(extra)} of 200 tasks needed another attempt: {extra}"
 
 
 def test_each_key_has_its_own_slots_and_the_namespace_limit_caps_them_all(cluster: LiveCluster) -> None:
