@@ -49,6 +49,11 @@ from tests.processes import SessionGroup
 # shared cores that takes 3-6 minutes, more than the suite's 300 s default.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
+# The load schedules one task at a time, and on 3 nodes with a synced commit
+# log a ScheduleTask takes 100-250 ms (more on a busy machine): 80 tasks can
+# take longer than 30 s to schedule without anything being wrong (one CI run).
+LOAD_BUILD_UP_S = 90
+
 
 @pytest.fixture
 def make_replicated(replicated_infra: LocalInfra, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
@@ -163,7 +168,7 @@ def finished_on_node_alone(infra: LocalInfra, keyspace: str, node: int, ids: lis
 def test_kill9_one_cassandra_node_under_load(make_replicated, replicated_infra: LocalInfra) -> None:
     cluster = make_replicated(triggers=2, workers=2, slots=8)
     load = Load(cluster, count=300, per_second=40).start()
-    wait_for(lambda: len(load.ids) >= 80, 30, "load to build up")
+    wait_for(lambda: len(load.ids) >= 80, LOAD_BUILD_UP_S, "load to build up")
     victim = replicated_infra.cassandra_nodes[1]
     assert victim.kill9()
     killed_at = time.monotonic()
@@ -189,7 +194,7 @@ def test_kill9_one_cassandra_node_under_load(make_replicated, replicated_infra: 
 def test_two_of_three_cassandra_nodes_down(make_replicated, replicated_infra: LocalInfra) -> None:
     cluster = make_replicated(triggers=2, workers=2, slots=8)
     load = Load(cluster, count=300, per_second=30).start()
-    wait_for(lambda: len(load.ids) >= 80, 30, "load to build up")
+    wait_for(lambda: len(load.ids) >= 80, LOAD_BUILD_UP_S, "load to build up")
     second, third = replicated_infra.cassandra_nodes[1:]
     try:
         assert second.stop() and third.stop()
@@ -237,7 +242,7 @@ def test_sigstop_one_cassandra_node_during_conditional_writes(make_replicated, r
     load = Load(cluster, count=1800, per_second=30, kinds=[Kind("chaos.work", 1.0, (0.05, 1.5), retry_initial_s=0.5)],
                 concurrency=8)  # fmt: skip
     load.start()
-    wait_for(lambda: len(load.ids) >= 60, 30, "load to build up")
+    wait_for(lambda: len(load.ids) >= 60, LOAD_BUILD_UP_S, "load to build up")
     victim = replicated_infra.cassandra_nodes[0]
     # A conditional write's outcome becomes unknown only when a freeze catches it
     # in flight at the frozen coordinator (the driver sends a task's statements to
@@ -318,7 +323,7 @@ class OwnershipWatch:
 def test_kill_zookeeper_leader_under_load(make_replicated, replicated_infra: LocalInfra) -> None:
     cluster = make_replicated(triggers=3, workers=2, slots=8)
     load = Load(cluster, count=300, per_second=40, kinds=steady(0.4)).start()
-    wait_for(lambda: len(load.ids) >= 80, 30, "load to build up")
+    wait_for(lambda: len(load.ids) >= 80, LOAD_BUILD_UP_S, "load to build up")
     leader = next(s for s in replicated_infra.zookeeper_servers if s.mode() == "leader")
     with OwnershipWatch(cluster) as watch:
         assert leader.kill9()
@@ -343,7 +348,7 @@ def test_zookeeper_quorum_lost_and_back(make_replicated, replicated_infra: Local
     # Long tasks (6-9 s, 3 s leases: two or more renewals) run through the outage.
     kinds = [Kind("chaos.work", 0.25, (6.0, 9.0)), Kind("chaos.work", 0.75, (0.1, 1.0), delayed_share=0.3)]
     load = Load(cluster, count=300, per_second=30, kinds=kinds).start()
-    wait_for(lambda: len(load.ids) >= 90, 30, "load to build up")
+    wait_for(lambda: len(load.ids) >= 90, LOAD_BUILD_UP_S, "load to build up")
     first, second, third = replicated_infra.zookeeper_servers
     ledger_before = cluster.read_jsonl(cluster.ledger)
     running_at_loss = {(r["task_id"], r["token"]) for r in ledger_before if r["event"] == "start"} - {
