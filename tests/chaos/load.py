@@ -106,24 +106,33 @@ class Load:
         # synced commit log one ScheduleTask takes 100-250 ms here: sent one by
         # one, 30/s became 4-8/s). One at a time by default: the scenarios'
         # timings (how long a node stays down, ...) were set with that pace.
+        # At most ``concurrency`` schedules in flight, none queued: when the
+        # store is slower than the pace, the pace drops instead of a backlog
+        # building up that ``stop`` would then have to wait for (a CI run's
+        # SIGSTOP scenario: the generator did not finish within 180 s).
+        free = threading.BoundedSemaphore(self.concurrency)
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="chaos-load") as pool:
             started = time.monotonic()
             for n in range(self.count):
                 wait = started + n / self.per_second - time.monotonic()
                 if wait > 0:
                     self._stop.wait(wait)
+                while not self._stop.is_set() and not free.acquire(timeout=0.5):
+                    pass
                 if self._stop.is_set():
                     return
                 kind = self._pick()
                 delay = self._rng.uniform(0.5, 3.0) if kind.delayed_share and self._rng.random() < kind.delayed_share else 0.0
-                pool.submit(self._one, kind, self._rng.uniform(*kind.seconds), delay)
+                pool.submit(self._one, kind, self._rng.uniform(*kind.seconds), delay, free)
 
-    def _one(self, kind: Kind, seconds: float, delay_s: float) -> None:
+    def _one(self, kind: Kind, seconds: float, delay_s: float, free: threading.BoundedSemaphore) -> None:
         try:
             task_id = self._schedule(kind, seconds, delay_s)
         except Exception as exc:  # noqa: BLE001 - reported by join()
             self.errors.append(repr(exc))
             return
+        finally:
+            free.release()
         with self._lock:
             self.type_of[task_id] = kind.type
             self.ids.append(task_id)
