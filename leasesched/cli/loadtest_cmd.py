@@ -3,6 +3,8 @@
     leasesched --home /tmp/lsbench loadtest --schedule-rate 1000 --poll-rate 3000 --duration 60
     leasesched loadtest --target 10.0.0.5:50051 --no-local --ledger /shared/ledger.jsonl
     leasesched loadtest --groups 11 --flood 10000 --flood-share 0 --schedule-rate 2 --duration 5   # one flooding group
+    leasesched loadtest --groups 20 --flood-share 0.9 --limit-per-key 5 --handler-ms 500   # at most 5 running per key
+    leasesched loadtest --gate-rate 20 --gate-burst 5 --schedule-rate 40 --duration 10    # 400 tasks through one gate
 
 With ``--local`` (the default) it starts a complete cluster itself, from the
 same Config every command reads (``--home``, LEASESCHED_* variables):
@@ -10,7 +12,9 @@ Cassandra and ZooKeeper (idempotent, left running unless ``--stop-infra``),
 a fresh keyspace and ZooKeeper root, TaskService, TaskUpdater, the triggers
 and workers running ``worker.bench_handlers``. ``--groups`` gives the tasks
 concurrency keys and reports start lag per group and concurrency per key
-(``leasesched/loadtest/groups.py``). See
+(``leasesched/loadtest/groups.py``); ``--limit-per-key`` and ``--gate-rate``
+run the load under a default key limit and a gate, and report whether they
+held (``leasesched/loadtest/flow.py``). See
 ``leasesched/loadtest/runner.py`` for the phases and BENCHMARKS.md for results.
 """
 
@@ -58,6 +62,11 @@ def _range(text: str, kind: type = float) -> tuple:  # "1-10" or "5"
               help="Give every task a concurrency key g0..g{N-1} (0 = no key); the report adds start lag per group and concurrency per key.")
 @click.option("--flood-share", type=float, default=None, help="Share of the load for g0, 0-1; the rest goes to the other groups in turn [default: uniform].")
 @click.option("--flood", type=int, default=0, show_default=True, help="Tasks for g0 scheduled in one burst before the load (a backlog of one group).")
+@click.option("--limit-per-key", type=click.IntRange(1, None), default=None,
+              help="Set a default key limit '*' of N running tasks in the load's namespace before the load, removed after (needs --groups); the report says the most that ran at once per key.")
+@click.option("--gate-rate", type=click.FloatRange(0, None, min_open=True), default=None,
+              help="Create a gate of this many starts a second that every task of the load names, removed after; the report compares the starts with it.")
+@click.option("--gate-burst", type=click.IntRange(1, None), default=None, help="The gate's burst [default: 1].")
 @click.option("--local/--no-local", default=True, show_default=True, help="Start a complete local cluster (else drive --target).")
 @click.option("--target", default="", help="TaskService host:port of a running cluster (with --no-local).")
 @click.option("--ledger", default="", help="With --no-local: the execution ledger the cluster's bench workers write (LEASESCHED_BENCH_LEDGER).")
@@ -74,6 +83,7 @@ def _range(text: str, kind: type = float) -> tuple:  # "1-10" or "5"
 @click.pass_obj
 def loadtest(cfg: Config, delay: str, priorities: str, quiet: bool, as_json: bool, **kw: Any) -> None:
     """Open-loop load test: rates, latency, dispatch lag, lost tasks, overlaps, store efficiency."""
+    from leasesched.loadtest.flow import FlowPlan
     from leasesched.loadtest.groups import GroupPlan
     from leasesched.loadtest.report import text_summary
     from leasesched.loadtest.runner import LoadOptions, LoadTest
@@ -95,19 +105,26 @@ def loadtest(cfg: Config, delay: str, priorities: str, quiet: bool, as_json: boo
         schedules=kw["schedules"], schedule_every_s=kw["schedule_every"], schedule_jitter_s=kw["schedule_jitter"],
         schedule_handler_ms=kw["schedule_handler_ms"], schedule_overlap=kw["schedule_overlap"],
         groups=kw["groups"], flood_share=kw["flood_share"], flood=kw["flood"],
+        limit_per_key=kw["limit_per_key"], gate_rate=kw["gate_rate"], gate_burst=kw["gate_burst"],
     )  # fmt: skip
     try:
         GroupPlan.from_options(opts.groups, opts.flood_share, opts.flood)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--groups / --flood-share / --flood") from err
+    try:
+        FlowPlan.from_options(opts.limit_per_key, opts.gate_rate, opts.gate_burst, opts.groups, "check")
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--limit-per-key / --gate-rate / --gate-burst") from err
     report = LoadTest(opts, cfg).run()
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     else:
         click.echo(text_summary(report))
     sc = report.get("schedules") or {}
-    if report["tasks"]["lost"] or report["tasks"]["overlaps"] or sc.get("missed") or sc.get("duplicates") or sc.get("overlaps"):
-        sys.exit(2)  # correctness broken: make the failure visible to scripts
+    limit = (report.get("flow") or {}).get("limit") or {}
+    if (report["tasks"]["lost"] or report["tasks"]["overlaps"] or sc.get("missed") or sc.get("duplicates") or sc.get("overlaps")
+            or limit.get("held") is False):  # fmt: skip
+        sys.exit(2)  # correctness broken (a limit exceeded too): make the failure visible to scripts
 
 
 def register(cli: click.Group) -> None:

@@ -9,7 +9,7 @@ exists when the other groups' tasks arrive), and reports the start lag per
 group and the highest number of executions of one key that ran at once.
 
 This module is the pure part: which group a task gets, the per-group lag and
-the concurrency sweep over the ledger's execution intervals. The runner does
+the concurrency per key over the ledger's executions (``ledger.max_concurrent``). The runner does
 the RPCs; the report and the table print what ``group_section`` returns.
 
 Why groups are assigned by a fixed rule and not at random: with a share
@@ -25,11 +25,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
-from leasesched.loadtest.ledger import Execution
+from leasesched.loadtest.ledger import Execution, max_concurrent
 from leasesched.loadtest.metrics import percentiles
 
 KEY_PREFIX = "g"
@@ -95,49 +95,42 @@ class GroupPlan:
 # ---------------------------------------------------------------- concurrency
 
 
-def max_concurrency(intervals: Iterable[tuple[float, float]]) -> int:
-    """The most intervals that contain one moment.
-
-    Intervals are half-open, [start, end): an execution that ends at t and one
-    that starts at t did not run at once (a limited key's next task is only
-    dispatched after the previous one reported, which is after its END was
-    written). An interval without end (``math.inf``: no END and no known exit)
-    counts as running until the end of time."""
-    events: list[tuple[float, int]] = []
-    for start, end in intervals:
-        if end <= start:
-            continue  # took no time (or a clock step put its end first): it overlaps nothing
-        events.append((start, 1))
-        events.append((end, -1))
-    events.sort()  # at one moment the ends (-1) come before the starts (+1)
-    running = best = 0
-    for _, delta in events:
-        running += delta
-        best = max(best, running)
-    return best
-
-
-def intervals_by_key(by_task: Mapping[str, Sequence[Execution]], key_of: Mapping[str, str]) -> dict[str, list[tuple[float, float]]]:
-    """Each key's executions as (start, end). Tasks without a key are left out.
+def executions_by_key(by_task: Mapping[str, Sequence[Execution]], key_of: Mapping[str, str]) -> dict[str, list[Execution]]:
+    """Each key's executions, one per lease. Tasks without a key are left out.
 
     The records of one lease in two processes (a process-mode handler and its
     worker) are one execution, from the first start to the last end: counted
-    twice they would make one task look like two running at once."""
-    out: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    twice they would make one task look like two running at once. An end
+    before its start (a clock step between its lines) is taken as its start,
+    so it cannot take a running execution off the sweep's count. The
+    ledger's executions are copied, never changed."""
+    out: dict[str, list[Execution]] = defaultdict(list)
     for task_id, runs in by_task.items():
         key = key_of.get(task_id)
         if not key:
             continue
-        leases: dict[int, tuple[float, float]] = {}
+        leases: dict[int, Execution] = {}
         for ex in runs:
-            start, end = leases.get(ex.token, (ex.start, ex.end))
-            leases[ex.token] = (min(start, ex.start), max(end, ex.end))
+            end = max(ex.start, ex.end)
+            seen = leases.get(ex.token)
+            if seen is None:
+                leases[ex.token] = replace(ex, end=end)
+            else:
+                seen.start, seen.end = min(seen.start, ex.start), max(seen.end, end)
         out[key].extend(leases.values())
     return dict(out)
 
 
 def max_concurrency_per_key(by_task: Mapping[str, Sequence[Execution]], key_of: Mapping[str, str]) -> dict[str, int]:
-    return {key: max_concurrency(spans) for key, spans in intervals_by_key(by_task, key_of).items()}
+    """The most executions of each key running at one moment, by key.
+
+    The sweep is the ledger's ``max_concurrent``, the one the limit
+    integration tests use, so a report and a test never disagree on what
+    "at once" means: an execution that starts the instant another ends
+    counts both, which can only over-state a key's concurrency, never hide a
+    limit's breach. An execution without end (no END and no known exit)
+    counts as running until the end of time."""
+    return {key: max_concurrent(runs) for key, runs in sorted(executions_by_key(by_task, key_of).items())}
 
 
 # ---------------------------------------------------------------- lag
@@ -228,10 +221,12 @@ def group_section(
     for t in tasks:
         by_group[t.group].append(t)
     others = [t for t in tasks if t.group != FLOOD_GROUP]
+    concurrency = max_concurrency_per_key(by_task, {t.task_id: plan.key(t.group) for t in tasks})
     rows = []
     for g in range(min(plan.groups, MAX_GROUP_ROWS)):
-        rows.append({"key": plan.key(g), **_lag_row(by_group.get(g, []), first_start)})
-    concurrency = max_concurrency_per_key(by_task, {t.task_id: plan.key(t.group) for t in tasks})
+        # max_concurrent: None when no execution of the key was seen (0 would claim the ledger saw it idle).
+        rows.append({"key": plan.key(g), **_lag_row(by_group.get(g, []), first_start),
+                     "max_concurrent": concurrency.get(plan.key(g))})  # fmt: skip
     top_key = max(sorted(concurrency), key=lambda k: concurrency[k], default=None)
     flood_key = plan.key(FLOOD_GROUP)
     others_max = max((v for k, v in concurrency.items() if k != flood_key), default=None)
@@ -263,5 +258,6 @@ def group_section(
             flood_key: concurrency.get(flood_key),
             "others_max": others_max,
             "keys_seen": len(concurrency),
+            "per_key": concurrency,  # every key seen, also those past the per-group rows
         },
     }

@@ -26,9 +26,20 @@ Definitions (also written into the report under ``definitions``):
   and per class (flood = g0, others = the rest together): count, started,
   start lag = first execution start (ledger) − run_at; maximum concurrency
   of a key = the most executions of its tasks running at one moment (ledger
-  intervals, half-open: one ending as another starts is not two at once);
+  executions, ``ledger.max_concurrent``: one starting the instant another
+  ends counts as two at once; one lease recorded by two processes is one);
   flood executed/s = flood tasks that finished ÷ (their last end − their
   first start);
+* flow (``--limit-per-key``, ``--gate-rate``): limit = a default key limit
+  ``*`` of N in the load's namespace, set before the load and deleted after;
+  held = no key's maximum concurrency (as for groups) above N, used = some
+  key reached N. gate = a gate ``load-<run id>`` every task of the load
+  (flood included, pre-flight not) names, deleted after; starts = every
+  execution START of those tasks (each took a token); achieved start rate =
+  (starts − 1) ÷ (last start − first start); busiest window of w s = the most
+  starts in one closed window [t, t + w], against the gate's bound rate × w
+  + burst (handler starts, a little after the token was taken: dispatch
+  jitter can put a start or two over it);
 * efficiency: (LWTs per task × completed/s) ÷ the store's LWT/s measured by
   the probe in the same run. leasesched writes 2 LWTs per task (claim,
   complete; a key-less task's row is created by a plain insert), +1 per
@@ -50,6 +61,7 @@ import numpy as np
 from leasesched.loadtest.metrics import percentiles
 from leasesched.v1 import scheduler_pb2 as pb
 
+from leasesched.loadtest.flow import OPTION_FIELDS as FLOW_OPTIONS, flow_lines, flow_section
 from leasesched.loadtest.groups import OPTION_FIELDS as GROUP_OPTIONS, group_section
 from leasesched.loadtest.schedule_load import schedule_section
 
@@ -208,10 +220,7 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
 
     schedules = None
     if lt.plan is not None:
-        per_process = load["cpu"]["per_process"]
-        store_cpu = sum(v["cpu_s"] for k, v in per_process.items() if v and k.startswith("cassandra"))
-        python_cpu = sum(v["cpu_s"] for k, v in per_process.items()
-                         if v and not k.startswith(("cassandra", "zookeeper")) and k != "loadtest-client")  # fmt: skip
+        store_cpu, python_cpu = cpu_split(load["cpu"]["per_process"])
         schedules = schedule_section(
             lt.plan, lt.schedule_tasks, lt.schedule_counters,
             {task_id: len(runs) for task_id, runs in ledger.by_task.items()} if ledger is not None else {},
@@ -250,6 +259,31 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
         if ledger is None:
             warnings.append("groups: no execution ledger, so no start lag per group and no concurrency per key")
 
+    flow = None
+    if lt.flow_plan is not None:
+        fp = lt.flow_plan
+        flow = flow_section(fp, ledger.by_task if ledger is not None else {},
+                            {t.task_id: lt.group_plan.key(t.group) for t in lt.grouped.values()} if lt.group_plan else {},
+                            lt.gated, lt.flow_setup)  # fmt: skip
+        if fp.gate_rate is not None:
+            checks["gate_names_round_trip"] = all(
+                isinstance(lt.final.get(t), pb.TaskView) and lt.final[t].gate == fp.gate_name for t in lt.gated
+            )  # fmt: skip
+        if flow["setup"].get("errors"):
+            warnings.append(f"flow: setting up or removing the limit or gate failed: {flow['setup']['errors']}")
+        if ledger is None:
+            warnings.append("flow: no execution ledger, so neither the limit nor the gate was checked")
+        lim, gate = flow.get("limit"), flow.get("gate")
+        if lim and not lim["held"]:
+            warnings.append(f"flow: the limit of {lim['max_running']} per key was exceeded: {lim['keys_over_limit']}")
+        if lim and not lim["used"] and ledger is not None:
+            warnings.append(f"flow: no key reached the limit of {lim['max_running']} (at most {lim['max_over_keys']}): the run says nothing about it")
+        if gate and not gate["held"]:
+            warnings.append(
+                "flow: a window had more gated starts than rate × w + burst: "
+                + ", ".join(f"{w['max_starts']} in {w['seconds']:g} s (≤ {w['bound']:g})" for w in gate["windows"] if not w["within"])
+            )
+
     series = {
         "second": list(range(horizon)),
         "schedule": _pad(sched.series(horizon), horizon),
@@ -269,8 +303,9 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
             "wall_s": round(time.time() - started, 1),
             "mode": "local cluster" if o.local else f"external target {lt.target}",
             "git": _git_state(),
-            # Without groups their options are left out: such a report has exactly the fields it always had.
-            "options": {k: v for k, v in vars(o).items() if o.groups or k not in GROUP_OPTIONS},
+            # Without groups (or a limit or gate) their options are left out: such a report has exactly the fields it always had.
+            "options": {k: v for k, v in vars(o).items()
+                        if (o.groups or k not in GROUP_OPTIONS) and (lt.flow_plan is not None or k not in FLOW_OPTIONS)},
             "cluster": {
                 "commitlog_sync": lt.cfg.cassandra_commitlog_sync,
                 "auth": lt.cfg.auth,
@@ -312,11 +347,14 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
         },
         "schedules": schedules,
         **({"groups": groups} if groups is not None else {}),
+        **({"flow": flow} if flow is not None else {}),
         "dispatch_lag_ms": percentiles(lag_all),
         "dispatch_lag_delayed_ms": percentiles(lag_delayed),
         "immediate_schedule_to_start_ms": percentiles(imm_start),
         "errors_by_code": dict(errors),
         "cpu": cpu,
+        # Load start to drain end (the window above ends with the load); executions = ledger ENDs in it.
+        "cpu_through_drain": cpu_per_execution(load["cpu_through_drain"], ledger.ends if ledger is not None else []),
         "store_probe": probe,
         "efficiency": {
             "lwt_per_task": per_task,
@@ -335,6 +373,41 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
         "series": series,
         "definitions": __doc__.split("Definitions (also written into the report under ``definitions``):")[1].strip(),
         "files": {"folder": str(lt.folder)},
+    }
+
+
+def cpu_split(per_process: dict[str, Any]) -> tuple[float, float]:
+    """CPU seconds of the store (Cassandra) and of the leasesched processes
+    (ZooKeeper and the load generator left out) from a CpuMeter's per-process figures."""
+    store = sum(v["cpu_s"] for k, v in per_process.items() if v and k.startswith("cassandra"))
+    python = sum(v["cpu_s"] for k, v in per_process.items()
+                 if v and not k.startswith(("cassandra", "zookeeper")) and k != "loadtest-client")  # fmt: skip
+    return store, python
+
+
+def cpu_per_execution(cpu: dict[str, Any], ends: list[float]) -> dict[str, Any]:
+    """CPU from the load's start to the drain's end ÷ the executions that ended in it.
+
+    Over the drain too, because a run whose tasks a limit or a gate holds
+    back does much of its work after the load window: CPU of the window ÷
+    the tasks done in it would count work for tasks it never ran.
+    ``cpu``: a CpuMeter's figures plus ``began_wall``/``ended_wall``;
+    ``ends``: the ledger's END times of executions that were not stopped."""
+    began, ended = float(cpu["began_wall"]), float(cpu["ended_wall"])
+    n = sum(1 for t in ends if began <= t <= ended)
+    store, python = cpu_split(cpu["per_process"])
+
+    def per(cpu_s: float) -> float | None:
+        return round(1000.0 * cpu_s / n, 2) if n else None
+
+    return {
+        "window_s": cpu["window_s"],
+        "executions": n,
+        "store_cpu_s": round(store, 2),
+        "python_cpu_s": round(python, 2),
+        "cpu_ms_per_execution": {"store": per(store), "python": per(python)},
+        "machine_busy_fraction": cpu["machine_busy_fraction"],
+        "others_cpu_s": cpu["others_cpu_s"],
     }
 
 
@@ -390,6 +463,9 @@ def text_summary(r: dict[str, Any]) -> str:
     g = r.get("groups")
     if g:
         lines.extend(group_lines(g))
+    f = r.get("flow")
+    if f:
+        lines.extend(flow_lines(f))
     if r.get("store_probe"):
         e = r["efficiency"]
         lines.append(
@@ -399,6 +475,12 @@ def text_summary(r: dict[str, Any]) -> str:
     cpu = r["cpu"]["per_process"]
     lines.append("cpu (cores)   " + "  ".join(f"{k} {v['cores']}" for k, v in cpu.items() if v) +
                  f"  | machine busy {100 * r['cpu']['machine_busy_fraction']:.0f}%")  # fmt: skip
+    ctd = r.get("cpu_through_drain")
+    if ctd:
+        per = ctd["cpu_ms_per_execution"]
+        lines.append(f"cpu per task  load start to drain end ({ctd['window_s']:.0f} s, {ctd['executions']} executions): "
+                     f"Cassandra {_ms(per['store'])}, Python {_ms(per['python'])}; machine busy "
+                     f"{100 * ctd['machine_busy_fraction']:.0f}%, others {ctd['others_cpu_s']:.0f} CPU s")  # fmt: skip
     lines.extend(f"warning       {w}" for w in r.get("warnings", []))
     lines.append("targets       " + "  ".join(f"{k}={v['value']}{'✓' if v['met'] else '✗' if v['met'] is False else '?'}" for k, v in r["targets"].items()))
     return "\n".join(lines)
@@ -420,7 +502,9 @@ def group_lines(g: dict[str, Any]) -> list[str]:
         f"{g.get('g0_backlog_when_others_first_due')}",
         f"  others      {lag(c['others'])}",
     ]
-    lines.extend(f"  {row['key']:<11} {lag(row)}" for row in g["per_group"])
+    lines.extend(f"  {row['key']:<11} {lag(row)}; at most {row.get('max_concurrent') or 0} at once" for row in g["per_group"])
+    if g.get("per_group_rows_left_out"):
+        lines.append(f"  ({g['per_group_rows_left_out']} more groups: in the JSON's max_concurrency.per_key and the others class)")
     lines.append(
         f"  concurrency max per key {mc['max_over_keys']} ({mc['key']}), g0 {mc.get('g0')}, others at most {mc['others_max']}"
     )

@@ -13,6 +13,10 @@
    With ``groups`` > 0, every task of the load gets a concurrency key
    ``g0..g{N-1}`` (``groups.GroupPlan``), and with ``flood`` > 0 that many
    tasks for ``g0`` are scheduled in one burst before the window starts;
+   With ``limit_per_key`` and/or ``gate_rate`` (``flow.FlowPlan``), before
+   the load: a default key limit ``*`` in the load's namespace and/or a gate
+   ``load-<run id>`` that every task of the load names; both removed (a
+   limit that was there before: put back) once the load has drained;
 4. drain: wait until every accepted task, and every expected slot's task,
    has finished (or ``drain`` s passed), then read every accepted task back
    with PollTask: its final status and finish time; the schedules' tasks
@@ -51,6 +55,7 @@ from leasesched.loadtest import ledger as ledger_mod
 from leasesched.loadtest.arrival import open_loop
 from leasesched.loadtest.bench_tasks import BENCH_MODULE, LEDGER_ENV, NAMESPACE, TASK_TYPE, make_payload
 from leasesched.loadtest.cpu import CpuMeter
+from leasesched.loadtest.flow import FlowPlan
 from leasesched.loadtest.groups import BurstStats, GroupedTask, GroupPlan
 from leasesched.loadtest.metrics import MethodStats
 from leasesched.loadtest.schedule_load import Counters, SchedulePlan, SlotTask
@@ -117,6 +122,12 @@ class LoadOptions:
     groups: int = 0
     flood_share: float | None = None
     flood: int = 0
+    # Flow control (None: none): a default key limit "*" of this many running tasks (needs groups), and a gate
+    # every task of the load names (gate_burst None: 1). Set up before the load, removed after; left out of the
+    # report's options when neither is given.
+    limit_per_key: int | None = None
+    gate_rate: float | None = None
+    gate_burst: int | None = None
 
 
 def _now_tag() -> str:
@@ -147,6 +158,9 @@ class LoadTest:
         self.group_plan = GroupPlan.from_options(opts.groups, opts.flood_share, opts.flood)
         self.grouped: dict[str, GroupedTask] = {}  # task id → its group, for every accepted task given a key
         self.burst = BurstStats()
+        self.flow_plan = FlowPlan.from_options(opts.limit_per_key, opts.gate_rate, opts.gate_burst, opts.groups, self.run_id)
+        self.gated: list[str] = []  # ids of the accepted tasks that name the run's gate
+        self.flow_setup: dict[str, Any] = {}  # what setting the limit and gate up, and removing them, answered
         self.report: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ set-up
@@ -237,7 +251,11 @@ class LoadTest:
                 _say(f"store probe: {self.o.probe_s:.0f} s plain writes, {self.o.probe_s:.0f} s LWT, {self.o.probe_concurrency} in flight")
                 probe = store_probe(self.cfg, self.o.probe_s, self.o.probe_concurrency, self.o.payload_bytes)
                 _say(f"store probe: plain {probe['plain_writes']['per_s']:.0f}/s, LWT {probe['lwt_writes']['per_s']:.0f}/s")
-            load = asyncio.run(self._load())
+            self._set_up_flow()
+            try:
+                load = asyncio.run(self._load())
+            finally:
+                self._remove_flow()
             ledger_summary = self._read_ledger()
             from leasesched.loadtest.report import build
 
@@ -288,6 +306,70 @@ class LoadTest:
                 ] + ([self.group_plan.key(group.group) if group and self.group_plan else ""] if grouped else []))  # fmt: skip
         self.report["files"]["tasks"] = str(path)
 
+    # ------------------------------------------------------------------ flow control
+
+    def _set_up_flow(self) -> None:
+        """The run's key limit and gate, before any task of the load is sent.
+
+        A failure ends the run: a load that says it ran under a limit or a
+        gate it never had would measure nothing it claims to. A limit ``*``
+        that was already there (a cluster not started by this run) is
+        remembered, to be put back. Then the wait until every process has
+        read the limit: each keeps the limits it read for
+        ``admission.LIMITS_REFRESH_S``, so a task claimed sooner might not be
+        held by it."""
+        plan = self.flow_plan
+        if plan is None:
+            return
+        from leasesched.admission import LIMITS_REFRESH_S
+        from leasesched.client import Client, LimitScope, NotFoundError
+
+        _say(f"flow: {plan.describe()} in namespace {NAMESPACE}")
+        with Client(self.target, config=self.cfg, namespace=NAMESPACE) as client:
+            if plan.limit_per_key is not None:
+                try:
+                    before = client.get_limit(LimitScope.KEY, plan.limit_name)
+                    self.flow_setup["limit_before"] = before.max_running
+                except NotFoundError:
+                    self.flow_setup["limit_before"] = None
+                info = client.set_limit(LimitScope.KEY, plan.limit_name, plan.limit_per_key, create_or_update=True)
+                self.flow_setup["limit"] = {"label": info.label(), "max_running": info.max_running, "version": info.version}
+            if plan.gate_rate is not None:
+                view = client.set_gate(plan.gate_name, plan.gate_rate, plan.gate_burst, create_or_update=True)
+                self.flow_setup["gate"] = {"name": view.name, "rate": view.rate, "burst": view.burst, "version": view.version}
+        if plan.limit_per_key is not None:
+            time.sleep(LIMITS_REFRESH_S + 0.5)
+
+    def _remove_flow(self) -> None:
+        """Delete the run's gate and limit (or put back the limit that was
+        there before). Failures are recorded and said, not raised: the
+        measurement is done, and the report must still be written."""
+        plan = self.flow_plan
+        if plan is None or "removed" in self.flow_setup:
+            return
+        from leasesched.client import Client, ClientError, LimitScope
+
+        errors: list[str] = []
+        with Client(self.target, config=self.cfg, namespace=NAMESPACE) as client:
+            if "gate" in self.flow_setup:
+                try:
+                    client.delete_gate(plan.gate_name)
+                except ClientError as err:
+                    errors.append(f"gate {plan.gate_name}: {err}")
+            if "limit" in self.flow_setup:
+                before = self.flow_setup.get("limit_before")
+                try:
+                    if before is None:
+                        client.delete_limit(LimitScope.KEY, plan.limit_name)
+                    else:
+                        client.set_limit(LimitScope.KEY, plan.limit_name, int(before), create_or_update=True)
+                except ClientError as err:
+                    errors.append(f"limit {plan.limit_name}: {err}")
+        self.flow_setup["removed"] = not errors
+        if errors:
+            self.flow_setup["errors"] = errors
+            _say(f"flow: could not remove {errors}")
+
     # ------------------------------------------------------------------ load
 
     async def _load(self) -> dict[str, Any]:
@@ -317,11 +399,14 @@ class LoadTest:
             await self._create_schedules(schedule_stubs, metadata, self.plan)
 
         groups = self.group_plan
+        gate = self.flow_plan.gate_name if self.flow_plan is not None else ""
 
         def spec_for(i: int) -> tuple[pb.ScheduleTaskRequest, bool]:
             spec = pb.TaskSpec(namespace=NAMESPACE, type=TASK_TYPE, payload=payload)
             if groups is not None and i >= 0:  # the pre-flight tasks (i < 0) stay without a key
                 spec.concurrency_key = groups.key(groups.group_of(i))
+            if gate and i >= 0:  # and without the gate: they warm connections up, and are not the gate's load
+                spec.gate = gate
             if o.priority_max != 5 or o.priority_min != 5:
                 spec.priority, spec.has_priority = rng.randint(o.priority_min, o.priority_max), True
             delayed = rng.random() < o.delayed_fraction
@@ -341,7 +426,7 @@ class LoadTest:
             await stubs[0].PollTask(pb.PollTaskRequest(task_id=reply.task_id), timeout=o.timeout_s, metadata=metadata)
 
         if groups is not None and groups.flood > 0:
-            await self._flood(stubs, metadata, groups, payload)
+            await self._flood(stubs, metadata, groups, payload, gate)
         if self.plan is not None:  # the window starts at the schedules' first slot
             await asyncio.sleep(max(0.0, self.plan.start_ms / 1000.0 - 0.2 - time.time()))
         t0 = loop.time() + 0.2
@@ -365,6 +450,8 @@ class LoadTest:
             self.accepted.append(reply.task_id)
             if groups is not None:
                 self.grouped[reply.task_id] = GroupedTask(reply.task_id, groups.group_of(i), reply.run_at.ToMilliseconds())
+            if gate:
+                self.gated.append(reply.task_id)
 
         async def poll_one(i: int, intended: float) -> None:
             task_id = self.accepted[rng.randrange(len(self.accepted))]
@@ -378,9 +465,14 @@ class LoadTest:
 
         cluster_pids = self.cluster.pids() if self.cluster is not None else {}
         meter = CpuMeter({**cluster_pids, **self.infra_pids})
+        # The same processes from the load's start to the drain's end: tasks held back by a limit or a gate run
+        # after the load window, and their CPU must count for CPU per execution.
+        through_drain = CpuMeter({**cluster_pids, **self.infra_pids})
+        through_drain_began = time.time()
         profiler = self._start_profiles(cluster_pids)
         tail = ledger_mod.LedgerTail(self.ledger_path) if self.ledger_path else None
         meter.start(time.monotonic())
+        through_drain.start(time.monotonic())
         load = asyncio.gather(
             open_loop(o.schedule_rate, t0, end, schedule_one, lambda: sched.inflight, o.max_inflight, sched.on_not_sent, pending),
             open_loop(o.poll_rate, t0, end, poll_one, lambda: poll.inflight, o.max_inflight, poll.on_not_sent, pending),
@@ -397,6 +489,7 @@ class LoadTest:
         drain_info = await self._drain(stubs, metadata, tail)
         if self.plan is not None:
             drain_info["schedules"] = await self._finish_schedules(stubs, schedule_stubs, metadata, drain_info["deadline"])
+        cpu_through_drain = {**through_drain.stop(time.monotonic()), "began_wall": through_drain_began, "ended_wall": time.time()}
         return {
             "t0_wall": t0_wall,
             "seconds": seconds,
@@ -405,6 +498,7 @@ class LoadTest:
             "poll": poll,
             "due": {"ScheduleTask": due_counts[0], "PollTask": due_counts[1]},
             "cpu": cpu,
+            "cpu_through_drain": cpu_through_drain,
             "profiles": profiles,
             "drain": drain_info,
         }
@@ -515,12 +609,15 @@ class LoadTest:
 
     # ------------------------------------------------------------------ flood
 
-    async def _flood(self, stubs: list[pb_grpc.TaskServiceStub], metadata: Any, groups: GroupPlan, payload: bytes) -> None:
+    async def _flood(
+        self, stubs: list[pb_grpc.TaskServiceStub], metadata: Any, groups: GroupPlan, payload: bytes, gate: str
+    ) -> None:
         """``groups.flood`` immediate tasks for g0, ``FLOOD_CONCURRENCY`` in flight,
         each sent again while the service refuses it (RESOURCE_EXHAUSTED): a
         backlog of one group that exists before the other groups' tasks
         arrive. They are accepted tasks like any other (read back and checked
-        after the drain); the ones that failed are counted in ``burst``."""
+        after the drain); the ones that failed are counted in ``burst``.
+        With a ``gate`` (its name, or ""), every one names it."""
         o = self.o
         n = groups.flood
         self.burst = BurstStats(requested=n)
@@ -530,7 +627,7 @@ class LoadTest:
         began = time.time()
 
         async def one(i: int) -> None:
-            spec = pb.TaskSpec(namespace=NAMESPACE, type=TASK_TYPE, payload=payload, concurrency_key=key)
+            spec = pb.TaskSpec(namespace=NAMESPACE, type=TASK_TYPE, payload=payload, concurrency_key=key, gate=gate)
             sent_wall = time.time()
             reply = await stubs[i % len(stubs)].ScheduleTask(pb.ScheduleTaskRequest(task=spec), timeout=o.timeout_s,
                                                             metadata=metadata)  # fmt: skip
@@ -538,6 +635,8 @@ class LoadTest:
             self.tasks[reply.task_id] = (sent_wall, run_at, True)
             self.accepted.append(reply.task_id)
             self.grouped[reply.task_id] = GroupedTask(reply.task_id, 0, run_at, flood=True)
+            if gate:
+                self.gated.append(reply.task_id)
             self.burst.accepted += 1
             bar.update(1)
 

@@ -3,6 +3,7 @@
     .venv/bin/python -m leasesched.loadtest.table results/*/report.json
     .venv/bin/python -m leasesched.loadtest.table --schedules results/*/report.json   # the periodic-schedule columns
     .venv/bin/python -m leasesched.loadtest.table --groups results/*/report.json      # the concurrency-key group columns
+    .venv/bin/python -m leasesched.loadtest.table --flow results/*/report.json        # the limit and gate columns
 """
 
 from __future__ import annotations
@@ -106,7 +107,49 @@ GROUP_HEADER = [
     "machine busy (others' CPU s)",
 ]  # fmt: skip
 
-MODES = {"--schedules": ("schedules", SCHEDULE_HEADER, schedule_row), "--groups": ("groups", GROUP_HEADER, group_row)}
+def flow_row(r: dict[str, Any]) -> list[str]:
+    """The limit and gate figures of one report (``--limit-per-key`` / ``--gate-rate`` runs)."""
+    f, t, g = r["flow"], r["tasks"], r.get("groups")
+    lim, gate = f.get("limit"), f.get("gate")
+    ctd = r.get("cpu_through_drain") or {}
+    per = ctd.get("cpu_ms_per_execution") or {}
+
+    def lag(row: dict[str, Any]) -> str:
+        x = row["start_lag_ms"]
+        return f"{_f(x['p50'])} / {_f(x['p99'])} / {_f(x['max'])} (n {row['started']}/{row['count']})"
+
+    def window(w: dict[str, Any]) -> str:
+        return f"{w['max_starts']} / {w['bound']:g} ({w['ratio']:g})"
+
+    return [
+        r["run"]["label"] or r["run"]["id"],
+        ", ".join(x for x in (
+            f"{lim['max_running']} per key" if lim else "",
+            f"gate {gate['rate']:g}/s burst {gate['burst']}" if gate else "",
+        ) if x),
+        str(t["accepted"]),
+        f"{_f(lim['max_over_keys'])} ({lim['key']}) / {lim['max_running']}" + ("" if lim["held"] else " OVER") if lim else "–",
+        lag(g["classes"]["others"]) if g else "–",
+        lag(g["classes"]["flood"]) if g else "–",
+        f"{_f(gate['achieved_per_s'], 2)} ({_f(gate['achieved_over_rate'], 3)})" if gate else "–",
+        " ; ".join(window(w) for w in gate["windows"]) if gate else "–",
+        f"{t['lost']} / {t['overlaps']}",
+        f"{_f(per.get('store'), 1)} / {_f(per.get('python'), 1)}",
+        f"{100 * ctd.get('machine_busy_fraction', 0):.0f}% ({_f(ctd.get('others_cpu_s'), 0)} s)",
+    ]  # fmt: skip
+
+
+FLOW_HEADER = [
+    "run", "flow", "tasks", "most at once per key (key) / limit", "small groups' start lag p50/p99/max ms",
+    "g0 start lag p50/p99/max ms", "gate: starts/s (÷ rate)", "busiest 1 s ; 10 s: starts / rate×w+burst (ratio)",
+    "lost/overlaps", "CPU ms per execution, Cassandra / Python (load + drain)", "machine busy (others' CPU s)",
+]  # fmt: skip
+
+MODES = {
+    "--schedules": ("schedules", SCHEDULE_HEADER, schedule_row),
+    "--groups": ("groups", GROUP_HEADER, group_row),
+    "--flow": ("flow", FLOW_HEADER, flow_row),
+}
 
 
 def main(paths: list[str]) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from leasesched.infra.local import LocalInfra
 from leasesched.loadtest.report import text_summary
 from leasesched.loadtest.runner import LoadOptions, LoadTest
-from leasesched.loadtest.table import group_row
+from leasesched.loadtest.table import FLOW_HEADER, flow_row, group_row
 
 
 def test_loadtest_report_adds_up(infra: LocalInfra, tmp_path: Path) -> None:
@@ -81,6 +81,7 @@ def test_loadtest_report_adds_up(infra: LocalInfra, tmp_path: Path) -> None:
     assert len(rows) == t["accepted"] and len({r["task_id"] for r in rows}) == len(rows)
     # A run without --groups has the fields it always had: no groups section, options or column.
     assert "groups" not in report and not {"groups", "flood", "flood_share"} & set(report["run"]["options"])
+    assert "flow" not in report and not {"limit_per_key", "gate_rate", "gate_burst"} & set(report["run"]["options"])
     assert list(rows[0]) == ["task_id", "immediate", "sent_ms", "run_at_ms", "first_start_ms", "finished_ms", "status"]
     for row in rows:
         assert row["status"] == "SUCCEEDED", row
@@ -155,3 +156,33 @@ def test_loadtest_groups_report_lag_per_group_and_concurrency_per_key(infra: Loc
     assert 0 <= g["g0_backlog_when_others_first_due"] <= 90
     assert "flood g0" in text_summary(report) and len(group_row(report)) == 10
     assert json.loads((Path(report["files"]["folder"]) / "report.json").read_text())["groups"]["groups"] == 4
+
+
+def test_loadtest_limit_and_gate_report_what_ran(infra: LocalInfra, tmp_path: Path) -> None:
+    """3 groups under a default key limit of 2, every task through a gate of
+    10/s burst 3, a burst of 20 g0 tasks before the load: the limit and the
+    gate are set up and removed, every task names the gate, no key ran more
+    than 2 at once, and the gated starts stay within rate × w + burst (two
+    more allowed: the ledger sees handler starts, after dispatch jitter)."""
+    opts = LoadOptions(
+        schedule_rate=10, poll_rate=0, duration_s=2, delayed_fraction=0, payload_bytes=64, handler_ms=300, drain_s=60,
+        probe_s=0, progress=False, triggers=1, workers=1, slots=8, start_infra=False, results_dir=str(tmp_path),
+        label="flow", groups=3, flood_share=0.5, flood=20, limit_per_key=2, gate_rate=10.0, gate_burst=3,
+    )  # fmt: skip
+    report = LoadTest(opts, infra.config).run()
+
+    assert report["consistent"], report["checks"]
+    assert report["checks"]["gate_names_round_trip"] and report["checks"]["group_keys_round_trip"]
+    t, f = report["tasks"], report["flow"]
+    assert t["accepted"] == 20 + 20 + 10 and t["lost"] == 0 and t["overlaps"] == 0, t
+    assert t["by_status"] == {"SUCCEEDED": t["accepted"]}, t
+    assert f["setup"]["limit"]["max_running"] == 2 and f["setup"]["gate"]["rate"] == 10.0 and f["setup"]["removed"], f["setup"]
+    lim, gate = f["limit"], f["gate"]
+    assert lim["held"] and lim["max_over_keys"] <= 2 and lim["keys_seen"] == 3, lim
+    assert gate["tasks"] == 40 and gate["tasks_started"] == 40 and gate["starts"] >= 40, gate  # the pre-flight ten are not gated
+    for w in gate["windows"]:
+        assert w["max_starts"] <= w["bound"] + 2, gate
+    assert gate["achieved_per_s"] is not None and gate["achieved_per_s"] <= 10.0 * 1.2, gate
+    assert report["run"]["options"]["limit_per_key"] == 2
+    assert report["cpu_through_drain"]["executions"] >= 40
+    assert "limit         at most 2 per key" in text_summary(report) and len(flow_row(report)) == len(FLOW_HEADER)

@@ -2,10 +2,11 @@
 which group a task gets, start lag per group, and the most executions of one
 key that ran at once.
 
-The concurrency sweep decides whether a limit held, so it is tested on the
-cases a naive sweep gets wrong: intervals that only touch (not two at once),
-an execution that never ended (still running), one lease recorded by two
-processes (one execution), and one key alone."""
+The concurrency per key decides whether a limit held, so it is tested on the
+cases a naive sweep gets wrong: executions that only touch (counted as at
+once, as the ledger's ``max_concurrent`` does), an execution that never
+ended (still running), an end before its start (a clock step), one lease
+recorded by two processes (one execution), and one key alone."""
 
 from __future__ import annotations
 
@@ -20,9 +21,8 @@ from leasesched.loadtest.groups import (
     BurstStats,
     GroupedTask,
     GroupPlan,
+    executions_by_key,
     group_section,
-    intervals_by_key,
-    max_concurrency,
     max_concurrency_per_key,
 )
 from leasesched.loadtest.ledger import Execution
@@ -90,28 +90,36 @@ def test_options_that_do_not_fit_together_are_refused() -> None:
 # ---------------------------------------------------------------- concurrency
 
 
-def test_touching_intervals_are_not_concurrent() -> None:
-    assert max_concurrency([(1.0, 2.0), (2.0, 3.0), (3.0, 4.0)]) == 1
-    # Listed in another order, and with a third one starting where two end.
-    assert max_concurrency([(2.0, 3.0), (1.0, 2.0), (0.5, 2.0)]) == 2
-
-
-def test_overlapping_and_nested_intervals() -> None:
-    assert max_concurrency([(1.0, 5.0), (2.0, 3.0), (2.5, 6.0), (5.5, 7.0)]) == 3  # at 2.5..3.0
-    assert max_concurrency([(1.0, 2.0), (1.999, 2.001)]) == 2
-    assert max_concurrency([(0.0, 10.0)] * 4) == 4  # four that start and end together
-
-
-def test_an_execution_without_end_runs_on_and_empty_ones_overlap_nothing() -> None:
-    assert max_concurrency([(1.0, math.inf), (100.0, 101.0), (200.0, 201.0)]) == 2
-    assert max_concurrency([(1.0, 1.0), (1.0, 2.0)]) == 1  # took no time
-    assert max_concurrency([]) == 0
-    # One whose end is before its start (a clock step between its lines) is left out, not subtracted from the others.
-    assert max_concurrency([(0.0, 5.0), (1.5, 2.5), (3.0, 1.0)]) == 2
-
-
 def _ex(task: str, token: int, start: float, end: float, pid: int = 1) -> Execution:
     return Execution(task_id=task, token=token, attempt=token, pid=pid, start=start, end=end, ended="end")
+
+
+def _most(*spans: tuple[float, float]) -> int:
+    """The sweep over one key whose tasks ran ``spans`` (one task each)."""
+    by_task = {f"t{i}": [_ex(f"t{i}", 1, a, b)] for i, (a, b) in enumerate(spans)}
+    return max_concurrency_per_key(by_task, {t: "g0" for t in by_task}).get("g0", 0)
+
+
+def test_touching_executions_count_as_at_once() -> None:
+    # ledger.max_concurrent, as the limit integration tests: one starting the instant another ends counts both,
+    # so the figure can only over-state a key's concurrency, never hide a limit's breach.
+    assert _most((1.0, 2.0), (2.0, 3.0), (3.0, 4.0)) == 2
+    assert _most((1.0, 2.0), (2.0000001, 3.0), (3.0000001, 4.0)) == 1  # one after the other
+    assert _most((2.0, 3.0), (1.0, 2.0), (0.5, 2.0)) == 3  # listed in another order, two ending where one starts
+
+
+def test_overlapping_and_nested_executions() -> None:
+    assert _most((1.0, 5.0), (2.0, 3.0), (2.5, 6.0), (5.5, 7.0)) == 3  # at 2.5..3.0
+    assert _most((1.0, 2.0), (1.999, 2.001)) == 2
+    assert _most(*[(0.0, 10.0)] * 4) == 4  # four that start and end together
+
+
+def test_an_execution_without_end_runs_on_and_a_clock_step_takes_nothing_off() -> None:
+    assert _most((1.0, math.inf), (100.0, 101.0), (200.0, 201.0)) == 2
+    assert _most() == 0
+    # One whose end is before its start (a clock step between its lines) is taken as an instant at its start: it
+    # must not be subtracted from the one still running then (taken as is, the sweep would say 1).
+    assert _most((0.0, 5.0), (3.0, 1.0)) == 2
 
 
 def test_concurrency_per_key_one_key() -> None:
@@ -122,7 +130,7 @@ def test_concurrency_per_key_one_key() -> None:
 def test_concurrency_is_counted_per_key_and_tasks_without_a_key_are_left_out() -> None:
     by_task = {
         "a": [_ex("a", 1, 0.0, 2.0)], "b": [_ex("b", 1, 1.0, 3.0)],  # g0: two at once
-        "c": [_ex("c", 1, 0.5, 2.5)], "d": [_ex("d", 1, 2.5, 4.0)],  # g1: one after the other
+        "c": [_ex("c", 1, 0.5, 2.5)], "d": [_ex("d", 1, 2.6, 4.0)],  # g1: one after the other
         "pre": [_ex("pre", 1, 0.0, 9.0)],  # a pre-flight task: no key
     }  # fmt: skip
     assert max_concurrency_per_key(by_task, {"a": "g0", "b": "g0", "c": "g1", "d": "g1"}) == {"g0": 2, "g1": 1}
@@ -131,7 +139,9 @@ def test_concurrency_is_counted_per_key_and_tasks_without_a_key_are_left_out() -
 def test_one_lease_in_two_processes_is_one_execution_but_two_leases_are_two() -> None:
     # A process-mode handler and its worker both record token 1 of task a.
     one_lease = {"a": [_ex("a", 1, 1.0, 3.0, pid=1), _ex("a", 1, 1.2, 3.1, pid=2)]}
-    assert intervals_by_key(one_lease, {"a": "g0"}) == {"g0": [(1.0, 3.1)]}
+    merged = executions_by_key(one_lease, {"a": "g0"})["g0"]
+    assert [(ex.start, ex.end) for ex in merged] == [(1.0, 3.1)]
+    assert [(ex.start, ex.end) for ex in one_lease["a"]] == [(1.0, 3.0), (1.2, 3.1)]  # the ledger's own are not changed
     assert max_concurrency_per_key(one_lease, {"a": "g0"}) == {"g0": 1}
     # A re-execution under a newer token while the old one still ran is two at once (what the ledger calls an overlap).
     two_leases = {"a": [_ex("a", 1, 1.0, 3.0), _ex("a", 2, 2.0, 4.0, pid=2)]}
@@ -167,10 +177,13 @@ def test_section_lag_per_group_and_class() -> None:
     assert list(rows) == ["g0", "g1", "g2"]
     assert (rows["g1"]["count"], rows["g1"]["started"], rows["g1"]["start_lag_ms"]["max"]) == (2, 1, 100)
     assert rows["g2"]["start_lag_ms"]["max"] == 300
+    # The most at once per row: g0's f1 and f2 overlap (1.2..1.5); g1's x1 ran twice, one after the other; g2 once.
+    assert [rows[k]["max_concurrent"] for k in ("g0", "g1", "g2")] == [2, 1, 1]
     # When x1 was due (2.0 s) f1 and f2 had started; f3 (started 3.5 s) waited. y0 was not due yet.
     assert section["g0_backlog_when_others_first_due"] == 1
     mc = section["max_concurrency"]
     assert (mc["max_over_keys"], mc["key"], mc["g0"], mc["others_max"], mc["keys_seen"]) == (2, "g0", 2, 1, 3)
+    assert mc["per_key"] == {"g0": 2, "g1": 1, "g2": 1}
     burst = section["flood_burst"]
     assert (burst["accepted"], burst["failed"], burst["accepted_per_s"]) == (3, 1, 6.0)
     # 3 flood tasks finished between the first flood start (1.0) and the last flood end (4.0); y0 is no flood task.
@@ -183,6 +196,7 @@ def test_section_keeps_at_most_a_dozen_group_rows() -> None:
     assert len(section["per_group"]) == 12 and section["per_group_rows_left_out"] == 28
     assert section["classes"]["others"]["count"] == 1 and section["classes"]["others"]["started"] == 0
     assert section["max_concurrency"]["max_over_keys"] is None and section["flood_burst"]["executed_per_s"] is None
+    assert section["per_group"][0]["max_concurrent"] is None  # no execution seen: not "0 at once"
     assert group_section(plan, [GroupedTask("t", 0, 0)], {}, {}, BurstStats())["g0_backlog_when_others_first_due"] is None
 
 
