@@ -246,7 +246,8 @@ class TaskView:
     # Its fair-share group ("" = none): see ``Client.schedule``.
     concurrency_key: str = ""
     gate: str = ""  # the gate it waits for before each start ("" = none; docs/gates.md)
-    # SCHEDULED and held by its gate: why (paused, closed until ..., no such gate); "" otherwise.
+    # SCHEDULED and held: why. Its gate (paused, closed until ..., no such gate) and, once due,
+    # a full concurrency limit ("concurrency limit ns/key=k is full (5 of 5 running)"); "" otherwise.
     waiting_reason: str = ""
 
     @property
@@ -457,7 +458,8 @@ class LimitInfo:
     version: int
     created_at: dt.datetime | None
     updated_at: dt.datetime | None
-    running: int  # slots of the group held now (not reported yet: 0)
+    # Slots of the group taken now, at most 1 s old (0 from set_limit, and for the default key "*").
+    running: int
 
     @classmethod
     def from_pb(cls, view: pb.LimitView) -> "LimitInfo":
