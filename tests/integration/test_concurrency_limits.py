@@ -5,7 +5,9 @@ whole cluster (TaskService, TaskUpdater, 2 triggers, 3 workers running
 * 200 tasks of one concurrency key under a limit of 5 per key: never more
   than 5 of them run at once, all 200 complete, none used an extra attempt
   for waiting, and the limit is used (not 1 or 2 at a time);
-* another key has its own 5 slots, and a namespace-wide limit caps both.
+* another key has its own 5 slots, and a namespace-wide limit caps both;
+* a task waiting for a key's only slot says so when polled, and GetLimit
+  counts the slot taken.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 
 from leasesched.loadtest.ledger import executions, max_concurrent
 from leasesched.v1 import scheduler_pb2 as pb
-from tests.cluster import NAMESPACE, LiveCluster
+from tests.cluster import NAMESPACE, LiveCluster, wait_for
 
 
 def set_limit(cluster: LiveCluster, scope: int, name: str, max_running: int) -> pb.LimitView:
@@ -67,3 +69,26 @@ def test_each_key_has_its_own_slots_and_the_namespace_limit_caps_them_all(cluste
     assert all(v.status == pb.SUCCEEDED for v in views.values())
     assert most_at_once(cluster, set(a)) <= 3 and most_at_once(cluster, set(b)) <= 3
     assert most_at_once(cluster, set(a + b)) <= 4
+
+
+def test_a_task_waiting_for_a_full_limit_says_so_and_get_limit_counts_the_running_one(cluster: LiveCluster) -> None:
+    key_ref = pb.LimitRef(namespace=NAMESPACE, scope=pb.LIMIT_SCOPE_KEY, name="slow")
+    set_limit(cluster, pb.LIMIT_SCOPE_KEY, "slow", 1)
+    long = cluster.schedule(seconds=8.0, lease_s=20.0, concurrency_key="slow")
+    wait_for(lambda: cluster.poll(long).status == pb.RUNNING, 30, "the long task to run")
+    waiting = cluster.schedule(seconds=0.1, lease_s=10.0, concurrency_key="slow")
+    reason = f"concurrency limit {NAMESPACE}/key=slow is full (1 of 1 running)"
+
+    def held() -> pb.TaskView | None:
+        view = cluster.poll(waiting)
+        return view if view.waiting_reason == reason else None
+
+    view = wait_for(held, 10, f"the waiting task's reason {reason!r}")
+    assert view.status == pb.SCHEDULED and view.attempt == 1
+    assert cluster.poll(long).waiting_reason == ""  # RUNNING: held by nothing
+    assert cluster.limits.GetLimit(pb.GetLimitRequest(limit=key_ref), timeout=10).limit.running == 1
+    # Once the long one ends the waiting one runs, and nothing holds it any more.
+    views = cluster.wait_terminal([long, waiting], timeout=60)
+    assert all(v.status == pb.SUCCEEDED and v.waiting_reason == "" for v in views.values()), views
+    wait_for(lambda: cluster.limits.GetLimit(pb.GetLimitRequest(limit=key_ref), timeout=10).limit.running == 0, 10,
+             "the slot given back")  # fmt: skip
