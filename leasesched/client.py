@@ -246,7 +246,8 @@ class TaskView:
     # Its fair-share group ("" = none): see ``Client.schedule``.
     concurrency_key: str = ""
     gate: str = ""  # the gate it waits for before each start ("" = none; docs/gates.md)
-    # SCHEDULED and held by its gate: why (paused, closed until ..., no such gate); "" otherwise.
+    # SCHEDULED and held: why. Its gate (paused, closed until ..., no such gate) and, once due,
+    # a full concurrency limit ("concurrency limit ns/key=k is full (5 of 5 running)"); "" otherwise.
     waiting_reason: str = ""
 
     @property
@@ -341,7 +342,9 @@ class ScheduleDefinition:
     ``paused`` and ``note`` are used by ``create_schedule`` only: an update
     keeps the schedule's pause state (``pause_schedule``/``unpause_schedule``).
     ``remaining_actions`` limits the schedule to that many more tasks
-    (manual triggers count too); ``None`` is no limit.
+    (manual triggers count too); ``None`` is no limit. ``concurrency_key``
+    and ``gate`` go on every task of the schedule, as for ``Client.schedule``
+    (a gate that does not exist is refused: ``FailedPreconditionError``).
     """
 
     type: str
@@ -363,6 +366,8 @@ class ScheduleDefinition:
     retry_policy: RetryPolicy | None = None
     timeouts: Timeouts | None = None
     lease_duration: dt.timedelta | None = None
+    concurrency_key: str = ""
+    gate: str = ""
 
     def to_pb(self, namespace: str, schedule_id: str) -> pb.Schedule:
         """The proto ``Schedule``; a naive ``start_at``/``end_at`` raises ``ValueError`` before any call."""
@@ -383,7 +388,8 @@ class ScheduleDefinition:
             policy.catchup_window.CopyFrom(duration_pb(self.catchup_window))
         action = task_spec(self.type, self.payload, namespace=namespace, priority=self.priority,
                            retry_policy=self.retry_policy, timeouts=self.timeouts,
-                           lease_duration=self.lease_duration)  # fmt: skip
+                           lease_duration=self.lease_duration, gate=self.gate)  # fmt: skip
+        action.concurrency_key = self.concurrency_key
         return pb.Schedule(
             namespace=namespace, schedule_id=schedule_id, spec=spec, action=action, policy=policy,
             paused=self.paused, note=self.note, limited_actions=self.remaining_actions is not None,
@@ -459,7 +465,8 @@ class LimitInfo:
     version: int
     created_at: dt.datetime | None
     updated_at: dt.datetime | None
-    running: int  # slots of the group held now (not reported yet: 0)
+    # Slots of the group taken now, at most 1 s old (0 from set_limit, and for the default key "*").
+    running: int
 
     @classmethod
     def from_pb(cls, view: pb.LimitView) -> "LimitInfo":
@@ -621,6 +628,8 @@ class ScheduleView:
     backfills_pending: int
     created_at: dt.datetime | None
     updated_at: dt.datetime | None
+    concurrency_key: str = ""  # every run's ("" = none)
+    gate: str = ""  # every run's ("" = none)
 
     @classmethod
     def from_pb(cls, description: pb.ScheduleDescription) -> "ScheduleView":
@@ -655,6 +664,8 @@ class ScheduleView:
             backfills_pending=description.backfills_pending,
             created_at=_datetime(description, "created_at"),
             updated_at=_datetime(description, "updated_at"),
+            concurrency_key=action.concurrency_key,
+            gate=action.gate,
         )
 
 

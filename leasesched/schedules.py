@@ -70,6 +70,11 @@ class TaskTemplate:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeouts: Timeouts = field(default_factory=Timeouts)
     lease_ms: int = 30_000
+    # Every task of the schedule gets these, as if ScheduleTask had set them:
+    # a schedule's runs are held by the same concurrency limits and gate as
+    # the key's other tasks (issue 15). "" = none.
+    concurrency_key: str = ""
+    gate: str = ""
 
 
 @dataclass(frozen=True)
@@ -212,4 +217,6 @@ def slot_task(schedule: Schedule, run: Run) -> Task:
         deadline_at=run_at + schedule_to_close if schedule_to_close else None,
         schedule_id=schedule.schedule_id,
         nominal_time=slot_ms,
+        concurrency_key=action.concurrency_key,
+        gate=action.gate,
     )

@@ -10,7 +10,7 @@ Roles: GetGate and ListGates for client (own namespace) and admin tokens,
 every change for admin tokens only (``leasesched/server/auth_interceptor.py``).
 
 ``GateBook`` is the TaskService's view of the gates: whether a gate named by
-ScheduleTask exists (cached briefly, so a burst of gated tasks costs one read
+ScheduleTask (or a schedule's action) exists (cached briefly, so a burst of gated tasks costs one read
 per gate, not one per task) and why a gated task waits (PollTask's
 ``waiting_reason``).
 """
@@ -108,11 +108,12 @@ class GateBook:
             self._known[key] = (self._clock(), gate)
         return gate
 
-    async def require(self, namespace: str, name: str) -> None:
-        """FAILED_PRECONDITION naming the gate when ``name`` does not exist in ``namespace``."""
+    async def require(self, namespace: str, name: str, field: str = "task.gate") -> None:
+        """FAILED_PRECONDITION naming ``field`` and the gate when ``name`` does not
+        exist in ``namespace`` (``field``: where the request names it)."""
         if await self.get(namespace, name) is None:
             raise FailedPrecondition(
-                f"task.gate {name!r} does not exist in namespace {namespace!r} (create it with SetGate / leasesched gate set)"
+                f"{field} {name!r} does not exist in namespace {namespace!r} (create it with SetGate / leasesched gate set)"
             )
 
 

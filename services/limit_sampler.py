@@ -22,7 +22,9 @@ from typing import Mapping
 from leasesched.admission import LimitTable
 from leasesched.concurrency import DEFAULT_KEY, ConcurrencyLimit, LimitKey, LimitScope, SlotGroup
 from leasesched.observability import metrics
-from leasesched.store.base import StoreUnavailable, TaskStore
+from leasesched.errors import Unavailable
+from leasesched.store.base import TaskStore
+from services.slot_use import SlotUse
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,12 @@ MAX_KEYS = 1_000  # recent (namespace, key) pairs kept for default-key limits
 
 
 class LimitSampler:
-    def __init__(self, store: TaskStore, table: LimitTable | None = None, interval_s: float = SAMPLE_INTERVAL_S) -> None:
-        self._store = store
+    def __init__(
+        self, store: TaskStore, table: LimitTable | None = None, slots: SlotUse | None = None,
+        interval_s: float = SAMPLE_INTERVAL_S,
+    ) -> None:  # fmt: skip
         self._table = table or LimitTable(store)
+        self._slots = slots or SlotUse(store)
         self._interval_s = interval_s
         self._keys: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._samples: list[metrics.LimitSample] = []
@@ -90,10 +95,9 @@ class LimitSampler:
         samples: list[metrics.LimitSample] = []
         for group in groups:
             try:
-                rows = await self._store.read_slots(group)
-            except StoreUnavailable as exc:
+                running = await self._slots.taken(group)
+            except Unavailable as exc:
                 log.info("slots of %s not sampled: %s", group.label(), exc)
                 continue
-            running = sum(1 for h in rows if h.lease_token > 0)
             samples.append(metrics.LimitSample(group.namespace, group.scope.value, group.name, running, group.max_running))
         self._samples = samples

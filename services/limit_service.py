@@ -2,10 +2,17 @@
 
 Served by the TaskService process, like GateService. A limit caps the RUNNING
 tasks of one group (a namespace, a task type of it, or a concurrency key of
-it; ``leasesched/concurrency.py``); this service only keeps the definitions.
-Claims read them (cached) and take slots of every limited group: nothing here
+it; ``leasesched/concurrency.py``); this service keeps the definitions and
+shows how many slots of each group are taken (``LimitView.running``, read at
+most once a second per group: ``services/slot_use.py``). Claims read the
+definitions (cached) and take slots of every limited group: nothing here
 talks to the triggers, so a change takes effect at the next claim that reads
 the table again.
+
+``running`` is filled by GetLimit and ListLimits. SetLimit answers with 0
+(its answer is the write's, not a read of the slots: a slot read failing
+after the write landed must not make the caller retry it), and so does the
+default key ``*``, which has no group of its own.
 
 Every change is one conditional write on the row's version: a create is
 ``IF NOT EXISTS``, a change and a delete ``IF version = ?``. A lost race is
@@ -19,6 +26,7 @@ SetLimit and DeleteLimit for admin tokens only
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -28,7 +36,7 @@ import grpc
 
 from leasesched import concurrency, limits
 from leasesched.auth import require_namespace
-from leasesched.concurrency import DEFAULT_KEY, ConcurrencyLimit, LimitKey, LimitScope
+from leasesched.concurrency import DEFAULT_KEY, ConcurrencyLimit, LimitKey, LimitScope, SlotGroup
 from leasesched.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from leasesched.model import now_ms
 from leasesched.server.validation import check_concurrency_key, check_namespace, check_type
@@ -36,6 +44,7 @@ from leasesched.store.base import StoreUnavailable, TaskStore
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.convert import ts
+from services.slot_use import SlotUse
 
 T = TypeVar("T")
 
@@ -63,12 +72,21 @@ def limit_ref(limit: ConcurrencyLimit) -> pb.LimitRef:
     return pb.LimitRef(namespace=limit.namespace, scope=SCOPE_TO_PB[limit.scope], name=limit.name)
 
 
-def limit_view(limit: ConcurrencyLimit) -> pb.LimitView:
-    """``running`` stays 0: the slots held now are the claim path's to report."""
+def limit_view(limit: ConcurrencyLimit, running: int = 0) -> pb.LimitView:
+    """``running``: the group's taken slots (``limit_group`` says which group; 0 when it has none)."""
     return pb.LimitView(
         limit=limit_ref(limit), max_running=limit.max_running, version=limit.version,
-        created_at=ts(limit.created_at), updated_at=ts(limit.updated_at),
+        created_at=ts(limit.created_at), updated_at=ts(limit.updated_at), running=running,
     )  # fmt: skip
+
+
+def limit_group(limit: ConcurrencyLimit) -> SlotGroup | None:
+    """The one group of slots the limit's tasks take, or None for the default
+    key ``*``: every key under it has slots of its own (``concurrency.groups_for``),
+    so it has no single number running."""
+    if limit.scope == LimitScope.KEY and limit.name == DEFAULT_KEY:
+        return None
+    return SlotGroup(limit.namespace, limit.scope, limit.name, limit.max_running)
 
 
 def check_ref(ref: pb.LimitRef, field: str = "limit") -> LimitKey:
@@ -139,8 +157,15 @@ async def _store(call: Awaitable[T]) -> T:
 
 
 class LimitService(pb_grpc.LimitServiceServicer):
-    def __init__(self, store: TaskStore) -> None:
+    def __init__(self, store: TaskStore, slots: SlotUse | None = None) -> None:
+        """``slots``: the process's (shared with TaskService's waiting reasons); a new one when not given."""
         self._store = store
+        self._slots = slots if slots is not None else SlotUse(store)
+
+    async def _view(self, limit: ConcurrencyLimit) -> pb.LimitView:
+        """The limit with its taken slots (read at most a second ago: ``SlotUse``)."""
+        group = limit_group(limit)
+        return limit_view(limit, 0 if group is None else await self._slots.taken(group))
 
     async def _get(self, key: LimitKey) -> ConcurrencyLimit:
         found = await _store(self._store.get_limit(*key))
@@ -182,7 +207,7 @@ class LimitService(pb_grpc.LimitServiceServicer):
         raise Unavailable(f"concurrency limit {describe(key)} kept changing; retry")
 
     async def GetLimit(self, request: pb.GetLimitRequest, context: grpc.aio.ServicerContext) -> pb.GetLimitResponse:
-        return pb.GetLimitResponse(limit=limit_view(await self._get(check_ref(request.limit))))
+        return pb.GetLimitResponse(limit=await self._view(await self._get(check_ref(request.limit))))
 
     async def ListLimits(self, request: pb.ListLimitsRequest, context: grpc.aio.ServicerContext) -> pb.ListLimitsResponse:
         """One namespace's limits, or (empty namespace, admin only) every
@@ -201,7 +226,9 @@ class LimitService(pb_grpc.LimitServiceServicer):
             found = [v for v in found if (v.namespace, v.scope.value, v.name) > after]
         page, more = found[:size], len(found) > size
         token = _page_token(concurrency.limit_key(page[-1])) if more and page else ""
-        return pb.ListLimitsResponse(limits=[limit_view(v) for v in page], next_page_token=token)
+        # One read of slots per listed group (at most MAX_PARALLEL_READS at a time, each cached 1 s).
+        views = await asyncio.gather(*(self._view(v) for v in page))
+        return pb.ListLimitsResponse(limits=views, next_page_token=token)
 
     async def DeleteLimit(self, request: pb.DeleteLimitRequest, context: grpc.aio.ServicerContext) -> pb.DeleteLimitResponse:
         """The group's tasks are no longer held by it from the next claim on."""

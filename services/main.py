@@ -21,10 +21,11 @@ from leasesched.server.grpc_server import build_server, stop_signal, wait_for_st
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.due_notifier import DueNotifier
 from services.rate_limit import QuotaInterceptor, Quotas, transport_cap
-from services.gate_service import GateService
+from services.gate_service import GateBook, GateService
 from services.limit_sampler import LimitSampler
 from services.limit_service import LimitService
 from services.schedule_service import ScheduleService
+from services.slot_use import SlotUse
 from services.task_service import TaskService
 from services.task_updater import TaskUpdater
 from services.worker_directory import WorkerDirectory
@@ -58,18 +59,21 @@ async def serve(cfg: Config, role: str, port: int) -> None:
             workers = WorkerDirectory(client, cfg.zk_root)
             await workers.start()
             stack.push_async_callback(workers.stop)
-            sampler = LimitSampler(store, lifecycle.admission.table)
+            # One cache of gates and one of slot counts for the process's services.
+            gates, slots = GateBook(store), SlotUse(store)
+            sampler = LimitSampler(store, lifecycle.admission.table, slots)
             await sampler.start()
             stack.push_async_callback(sampler.stop)
             service: Any = TaskService(
-                cfg, lifecycle, meta.logical_shards, notify_due=notifier, workers=workers, on_key=sampler.note_key
+                cfg, lifecycle, meta.logical_shards, notify_due=notifier, workers=workers, gates=gates, slots=slots,
+                on_key=sampler.note_key,
             )
-            schedules = ScheduleService(cfg, lifecycle, meta.logical_shards, notify_due=notifier)
+            schedules = ScheduleService(cfg, lifecycle, meta.logical_shards, notify_due=notifier, gates=gates)
             adders = [
                 (pb_grpc.add_TaskServiceServicer_to_server, service, "leasesched.v1.TaskService"),
                 (pb_grpc.add_ScheduleServiceServicer_to_server, schedules, "leasesched.v1.ScheduleService"),
                 (pb_grpc.add_GateServiceServicer_to_server, GateService(store), "leasesched.v1.GateService"),
-                (pb_grpc.add_LimitServiceServicer_to_server, LimitService(store), "leasesched.v1.LimitService"),
+                (pb_grpc.add_LimitServiceServicer_to_server, LimitService(store, slots=slots), "leasesched.v1.LimitService"),
             ]
             # After authentication (build_server's order): quotas are per caller namespace.
             interceptors.append(QuotaInterceptor(Quotas.from_config(cfg)))

@@ -56,7 +56,7 @@ def schedule_to_pb(schedule: Schedule) -> pb.Schedule:
         action=pb.TaskSpec(
             namespace=schedule.namespace, type=action.type, payload=action.payload, priority=action.priority,
             has_priority=True, retry_policy=_retry(action.retry), timeouts=_timeouts(action.timeouts),
-            lease_duration=dur(action.lease_ms),
+            lease_duration=dur(action.lease_ms), concurrency_key=action.concurrency_key, gate=action.gate,
         ),  # fmt: skip
         policy=pb.SchedulePolicy(
             overlap=OVERLAP_TO_PB[schedule.policy.overlap],

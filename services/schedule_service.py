@@ -31,12 +31,13 @@ from leasesched.firing import Firing, Plan, decide, pause, schedule_entry, trigg
 from leasesched.lifecycle import Lifecycle
 from leasesched.model import Task, now_ms, shard_of
 from leasesched.schedules import BACKFILL_LIMIT, BACKFILLS_PENDING, Backfill, Schedule, ScheduleState
-from leasesched.server.schedule_validation import Definition, check_note, check_ref, definition_from_pb, overlap_from_pb
+from leasesched.server.schedule_validation import ACTION, Definition, check_note, check_ref, definition_from_pb, overlap_from_pb
 from leasesched.server.validation import check_namespace, timestamp_ms
 from leasesched.store.base import StoreUnavailable
 from leasesched.store.schedule_codec import BadScheduleDocument
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from services.gate_service import GateBook
 from services.schedule_convert import describe
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,17 @@ def _page_after(token: str) -> str:
 
 
 class ScheduleService(pb_grpc.ScheduleServiceServicer):
-    def __init__(self, cfg: Config, lifecycle: Lifecycle, shards: int, notify_due: DueHint | None = None) -> None:
+    def __init__(
+        self, cfg: Config, lifecycle: Lifecycle, shards: int, notify_due: DueHint | None = None, gates: GateBook | None = None
+    ) -> None:
+        """``gates``: the process's GateBook (shared with TaskService, so both
+        read a gate once per few seconds); a new one when not given."""
         self._cfg = cfg
         self._lifecycle = lifecycle
         self._store = lifecycle.store
         self._shards = shards
         self._notify_due = notify_due
+        self._gates = gates if gates is not None else GateBook(lifecycle.store)
         self._firing = Firing(self._store, lifecycle, on_created=self._created, confirm=True)
 
     # ------------------------------------------------------------ helpers
@@ -76,6 +82,16 @@ class ScheduleService(pb_grpc.ScheduleServiceServicer):
         it is due now (a jittered one is found by the trigger's scan in time)."""
         if self._notify_due is not None and task.run_at <= now_ms():
             await self._notify_due(task)
+
+    async def _definition(self, schedule: pb.Schedule, now: int) -> Definition:
+        """The request's definition, checked; a gate its action names must
+        exist, as for ScheduleTask (docs/design.md, "Gates": a typo would
+        otherwise run every task of the schedule unlimited). A gate deleted
+        later holds the schedule's tasks (SCHEDULED, waiting_reason says so)."""
+        d = definition_from_pb(schedule, self._cfg, now)
+        if d.action.gate:
+            await self._gates.require(d.namespace, d.action.gate, field=f"{ACTION}gate")
+        return d
 
     async def _get(self, namespace: str, schedule_id: str, serial: bool = False) -> Schedule:
         require_namespace(namespace)
@@ -115,7 +131,7 @@ class ScheduleService(pb_grpc.ScheduleServiceServicer):
     async def CreateSchedule(self, request: pb.CreateScheduleRequest, context: grpc.aio.ServicerContext) -> pb.CreateScheduleResponse:
         now = now_ms()
         require_namespace(check_namespace(request.schedule.namespace, "schedule.namespace"))
-        d = definition_from_pb(request.schedule, self._cfg, now)
+        d = await self._definition(request.schedule, now)
         uid = uuid.uuid4()
         state = ScheduleState(
             next_slot_ms=d.spec.next_after(now - 1), paused=d.paused, note=d.note,
@@ -145,7 +161,7 @@ class ScheduleService(pb_grpc.ScheduleServiceServicer):
         require_namespace(check_namespace(request.schedule.namespace, "schedule.namespace"))
         if request.expected_version < 0:
             raise InvalidArgument(f"expected_version {request.expected_version} is negative")
-        d = definition_from_pb(request.schedule, self._cfg, now)
+        d = await self._definition(request.schedule, now)
         expected = request.expected_version
 
         def edit(current: Schedule) -> Schedule:

@@ -8,6 +8,7 @@ from typing import Awaitable, Callable
 
 import grpc
 
+from leasesched.admission import LimitTable
 from leasesched.auth import hiding_missing, require_namespace, require_task_access
 from leasesched.config import Config
 from leasesched.model import Task
@@ -22,9 +23,11 @@ from leasesched.store.page_token import BadPageToken, decode_token
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.convert import status_from_pb, task_view, ts
-from services.gate_service import REASON_CACHE_S, GateBook, waiting_reason
+from services.gate_service import GateBook
 from services.page_tokens import PageTokens
 from services.poll_cache import FinishedTasks
+from services.slot_use import SlotUse
+from services.waiting_reasons import WaitingReasons
 from leasesched.server.validation import check_namespace, check_task_id, request_hash, validate_schedule
 from services.worker_directory import WorkerDirectory
 
@@ -49,10 +52,16 @@ class TaskService(pb_grpc.TaskServiceServicer):
         shards: int,
         notify_due: DueHint | None = None,
         workers: WorkerDirectory | None = None,
+        gates: GateBook | None = None,
+        slots: SlotUse | None = None,
         on_key: Callable[[str, str], None] | None = None,
     ) -> None:
-        """``on_key``: told (namespace, concurrency key) of every task scheduled
-        with a key (``services/limit_sampler.LimitSampler.note_key``)."""
+        """``gates``, ``slots``: the process's (shared with ScheduleService and
+        LimitService, so a gate or a group is read once for all of them); new
+        ones when not given. The limits table is this service's own: one per
+        TaskService process, read at most every 2 s. ``on_key``: told
+        (namespace, concurrency key) of every task scheduled with a key
+        (``services/limit_sampler.LimitSampler.note_key``)."""
         self._cfg = cfg
         self._on_key = on_key
         self._lifecycle = lifecycle
@@ -61,7 +70,10 @@ class TaskService(pb_grpc.TaskServiceServicer):
         self._workers = workers
         self._finished = FinishedTasks(cfg.poll_cache_mb * 1024 * 1024)
         self._tokens: PageTokens | None = None
-        self._gates = GateBook(lifecycle.store)
+        self._gates = gates if gates is not None else GateBook(lifecycle.store)
+        self._reasons = WaitingReasons(
+            self._gates, LimitTable(lifecycle.store), slots if slots is not None else SlotUse(lifecycle.store)
+        )
 
     async def ScheduleTask(self, request: pb.ScheduleTaskRequest, context: grpc.aio.ServicerContext) -> pb.ScheduleTaskResponse:
         now = now_ms()
@@ -96,11 +108,8 @@ class TaskService(pb_grpc.TaskServiceServicer):
             return pb.PollTaskResponse(task=view)
         task = await self._visible(task_id)
         view = self._view(task)
-        if task.gate and task.status == TaskStatus.SCHEDULED:
-            # One read of the gate row (cached a few seconds), only for a gated task that waits.
-            view.waiting_reason = waiting_reason(
-                await self._gates.get(task.namespace, task.gate, max_age_s=REASON_CACHE_S), task.gate, now_ms()
-            )
+        # Its gate and its full limits, each read at most once a second (services/waiting_reasons.py).
+        view.waiting_reason = await self._reasons.of(task, now_ms())
         self._finished.remember(task_id, view, final=task.status.terminal)
         return pb.PollTaskResponse(task=view)
 

@@ -45,7 +45,7 @@ MAX_STEPS = 50  # evaluations in a row for one entry before yielding (a long cat
 class Scanner(Protocol):
     """What the firer needs from the shard's scanner."""
 
-    def offer_created(self, entry: DueEntry, namespace: str, run_at: int) -> None: ...
+    def offer_created(self, entry: DueEntry, namespace: str, run_at: int, group: str = "", gate: str = "") -> None: ...
 
     def notify_entry(self, entry: DueEntry) -> None: ...
 
@@ -137,7 +137,10 @@ class ScheduleFirer:
     def _dispatch(task: Task, scanner: Scanner) -> None:
         now = now_ms()
         if task.run_at <= now:
-            scanner.offer_created(run_entry(task, now), task.namespace, task.run_at)
+            # The key and gate go with it (the schedule's action sets them): the
+            # dispatcher queues it in its fair-share group and waits for its gate,
+            # as for a task the scan read.
+            scanner.offer_created(run_entry(task, now), task.namespace, task.run_at, group=task.concurrency_key, gate=task.gate)
         else:
             scanner.notify_entry(run_entry(task, task.run_at))  # its jitter: timed, then read and dispatched
 

@@ -90,6 +90,8 @@ class DefinitionOptions:
     catchup_window: float | None
     pause_on_failure: bool
     remaining_actions: int | None
+    concurrency_key: str
+    gate: str
 
     def definition(self, action: ActionOptions, paused: bool = False, note: str = "") -> ScheduleDefinition:
         return ScheduleDefinition(
@@ -98,6 +100,7 @@ class DefinitionOptions:
             overlap=self.overlap, catchup_window=self.catchup_window, pause_on_failure=self.pause_on_failure,
             paused=paused, note=note, remaining_actions=self.remaining_actions, priority=action.priority,
             retry_policy=action.retry_policy(), timeouts=action.timeouts(), lease_duration=action.lease_duration(),
+            concurrency_key=self.concurrency_key, gate=self.gate,
         )  # fmt: skip
 
 
@@ -120,6 +123,10 @@ definition_options = option_group(
         click.option("--pause-on-failure", is_flag=True, help="A run that ends FAILED pauses the schedule."),
         click.option("--remaining-actions", type=click.IntRange(0, INT64_MAX), default=None, metavar="N",
                      help="Create N more tasks, then stop firing (triggers count too; default: no limit)."),
+        click.option("--concurrency-key", default="", callback=text_option,
+                     help="Every task's concurrency key: its fair-share group and key limits (leasesched limit)."),
+        click.option("--gate", default="", callback=text_option,
+                     help="The gate (leasesched gate) every task waits for before it starts; it must exist."),
     ),  # fmt: skip
     "when",
 )
@@ -148,6 +155,10 @@ def print_description(view: ScheduleView) -> None:
     """What ``describe`` (and create, update) print: the definition, the state, what comes next
     and what happened, so one look tells whether and when the schedule runs."""
     action = f"{view.type}  priority={'default' if view.priority is None else view.priority}"
+    if view.concurrency_key:
+        action += f"  concurrency-key={view.concurrency_key}"
+    if view.gate:
+        action += f"  gate={view.gate}"
     if view.payload:
         action += f"  payload={human_bytes(view.payload, limit=80)}"
     policy = (f"overlap={view.overlap.value}  catchup-window={_default(view.catchup_window)}  "

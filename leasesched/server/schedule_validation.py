@@ -1,10 +1,10 @@
 """Checking a schedule request before it has any effect.
 
 Every field is checked whole before anything is written; a refusal is
-INVALID_ARGUMENT naming the field (``spec.cron[1]``, ``action.type``,
+INVALID_ARGUMENT naming the field (``spec.cron[1]``, ``schedule.action.type``,
 ``policy.catchup_window``, ...). The action is checked by the same code as a
-ScheduleTask request (``validation.validate_schedule``), with ``action.`` in
-front of the field it names.
+ScheduleTask request (``validation.validate_schedule``), with ``schedule.action.``
+in front of the field it names.
 """
 
 from __future__ import annotations
@@ -18,7 +18,15 @@ from leasesched.config import Config
 from leasesched.errors import InvalidArgument
 from leasesched.schedule_spec import ScheduleSpec
 from leasesched.schedules import Overlap, SchedulePolicy, TaskTemplate
-from leasesched.server.validation import check_name, check_namespace, duration_ms, timestamp_ms, validate_schedule
+from leasesched.server.validation import (
+    check_concurrency_key,
+    check_gate_name,
+    check_name,
+    check_namespace,
+    duration_ms,
+    timestamp_ms,
+    validate_schedule,
+)
 from leasesched.v1 import scheduler_pb2 as pb
 
 OVERLAP_FROM_PB = {
@@ -31,6 +39,7 @@ OVERLAP_FROM_PB = {
 OVERLAP_TO_PB = {v: k for k, v in OVERLAP_FROM_PB.items()}
 
 DEFAULT_CATCHUP_MS = 3_600_000
+ACTION = "schedule.action."  # how refusals name the action's fields: the path in Create/UpdateScheduleRequest
 
 
 @dataclass(frozen=True)
@@ -102,22 +111,27 @@ def spec_from_pb(spec: pb.ScheduleSpec) -> ScheduleSpec:
 
 
 def action_from_pb(action: pb.TaskSpec, namespace: str, cfg: Config, now: int) -> TaskTemplate:
+    """The task template, checked as ScheduleTask checks a task; a refusal
+    names the field as the request holds it (``schedule.action.type``).
+
+    Whether ``gate`` exists is not checked here (that is a read): the service
+    does it, as ScheduleTask does."""
     if action.namespace and action.namespace != namespace:
-        raise InvalidArgument(f"action.namespace {action.namespace[:80]!r} differs from the schedule's namespace {namespace!r}")
+        raise InvalidArgument(f"{ACTION}namespace {action.namespace[:80]!r} differs from the schedule's namespace {namespace!r}")
     if action.WhichOneof("when") is not None:
-        raise InvalidArgument(f"action.{action.WhichOneof('when')} must be unset: each slot says when its task runs")
-    if action.concurrency_key:
-        # Not carried by a schedule's task template (yet): refused rather than dropped unseen.
-        raise InvalidArgument("action.concurrency_key is not supported for schedules yet")
+        raise InvalidArgument(f"{ACTION}{action.WhichOneof('when')} must be unset: each slot says when its task runs")
+    # The rules of ScheduleTask's (the same functions), named as this request names them.
+    concurrency_key = check_concurrency_key(action.concurrency_key, f"{ACTION}concurrency_key")
+    gate = check_gate_name(action.gate, f"{ACTION}gate") if action.gate else ""
     request = pb.ScheduleTaskRequest(task=action)
     request.task.namespace = namespace
     try:
         task = validate_schedule(request, cfg, shards=1, now=now)
     except InvalidArgument as exc:
-        raise InvalidArgument(f"action.{exc}") from None
+        raise InvalidArgument(f"{ACTION}{exc}") from None
     return TaskTemplate(
         type=task.type, payload=task.payload, priority=task.priority, retry=task.retry, timeouts=task.timeouts,
-        lease_ms=task.lease_ms,
+        lease_ms=task.lease_ms, concurrency_key=concurrency_key, gate=gate,
     )  # fmt: skip
 
 

@@ -65,6 +65,8 @@ def dump_definition(spec: ScheduleSpec, action: TaskTemplate, policy: SchedulePo
                     "schedule_to_close_ms": action.timeouts.schedule_to_close_ms,
                 },
                 "lease_ms": action.lease_ms,
+                "concurrency_key": action.concurrency_key,
+                "gate": action.gate,
             },
             "policy": {
                 "overlap": policy.overlap.value,
@@ -107,6 +109,9 @@ def load_definition(text: str) -> tuple[ScheduleSpec, TaskTemplate, SchedulePoli
                 schedule_to_close_ms=int(t.get("schedule_to_close_ms", 0)),
             ),
             lease_ms=int(a.get("lease_ms", 30_000)),
+            # Absent from documents written before schedules carried them: none.
+            concurrency_key=str(a.get("concurrency_key") or ""),
+            gate=str(a.get("gate") or ""),
         )
         policy = SchedulePolicy(
             overlap=Overlap(p.get("overlap", Overlap.SKIP.value)),

@@ -6,7 +6,9 @@ whole cluster (TaskService, TaskUpdater, 2 triggers, 3 workers running
   than 5 of them run at once, all 200 complete, none used an extra attempt
   for waiting, and the limit is used (not 1 or 2 at a time);
 * another key has its own slots, and a namespace-wide limit caps both;
-* a gate's max_in_flight of 2 holds its 20 tasks to 2 at a time.
+* a gate's max_in_flight of 2 holds its 20 tasks to 2 at a time;
+* a task waiting for a key's only slot says so when polled, and GetLimit
+  counts the slot taken.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 
 from leasesched.loadtest.ledger import executions, max_concurrent
 from leasesched.v1 import scheduler_pb2 as pb
-from tests.cluster import NAMESPACE, LiveCluster
+from tests.cluster import NAMESPACE, LiveCluster, wait_for
 
 
 def set_limit(cluster: LiveCluster, scope: int, name: str, max_running: int) -> pb.LimitView:
@@ -78,3 +80,26 @@ def test_a_gates_max_in_flight_caps_its_running_tasks(cluster: LiveCluster) -> N
     assert all(v.status == pb.SUCCEEDED for v in views.values())
     most = most_at_once(cluster, set(ids))
     assert most == 2, f"{most} tasks of a gate with max_in_flight 2 ran at once"
+
+
+def test_a_task_waiting_for_a_full_limit_says_so_and_get_limit_counts_the_running_one(cluster: LiveCluster) -> None:
+    key_ref = pb.LimitRef(namespace=NAMESPACE, scope=pb.LIMIT_SCOPE_KEY, name="slow")
+    set_limit(cluster, pb.LIMIT_SCOPE_KEY, "slow", 1)
+    long = cluster.schedule(seconds=8.0, lease_s=20.0, concurrency_key="slow")
+    wait_for(lambda: cluster.poll(long).status == pb.RUNNING, 30, "the long task to run")
+    waiting = cluster.schedule(seconds=0.1, lease_s=10.0, concurrency_key="slow")
+    reason = f"concurrency limit {NAMESPACE}/key=slow is full (1 of 1 running)"
+
+    def held() -> pb.TaskView | None:
+        view = cluster.poll(waiting)
+        return view if view.waiting_reason == reason else None
+
+    view = wait_for(held, 10, f"the waiting task's reason {reason!r}")
+    assert view.status == pb.SCHEDULED and view.attempt == 1
+    assert cluster.poll(long).waiting_reason == ""  # RUNNING: held by nothing
+    assert cluster.limits.GetLimit(pb.GetLimitRequest(limit=key_ref), timeout=10).limit.running == 1
+    # Once the long one ends the waiting one runs, and nothing holds it any more.
+    views = cluster.wait_terminal([long, waiting], timeout=60)
+    assert all(v.status == pb.SUCCEEDED and v.waiting_reason == "" for v in views.values()), views
+    wait_for(lambda: cluster.limits.GetLimit(pb.GetLimitRequest(limit=key_ref), timeout=10).limit.running == 0, 10,
+             "the slot given back")  # fmt: skip

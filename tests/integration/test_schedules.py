@@ -212,6 +212,54 @@ def test_pause_unpause_limits_failures_trigger_and_backfill(make_cluster) -> Non
     assert max(per_task.values()) == 1
 
 
+def test_a_schedules_runs_carry_its_key_and_gate_and_wait_for_the_gate(make_cluster) -> None:
+    """Issue 15 for schedules: the action's concurrency_key and gate are on
+    every run (PollTask shows them), and the gate holds the runs — a slot's
+    run, handed by the firing trigger to its own dispatcher, and a
+    TriggerSchedule run, hinted to the trigger by the TaskService."""
+    cluster: LiveCluster = make_cluster(triggers=1, workers=1, slots=4)
+    gate = pb.GateRef(namespace=NAMESPACE, name="sched-gate")
+    cluster.gates.SetGate(pb.SetGateRequest(gate=gate, definition=pb.GateDefinition(rate=100, burst=100)), timeout=10)
+    s = schedule_msg("keyed")
+    s.action.concurrency_key, s.action.gate = "partner-s", "sched-gate"
+    made = cluster.schedules.CreateSchedule(pb.CreateScheduleRequest(schedule=s), timeout=10).schedule
+    assert (made.schedule.action.concurrency_key, made.schedule.action.gate) == ("partner-s", "sched-gate")
+    shown = describe(cluster, "keyed").schedule.action
+    assert (shown.concurrency_key, shown.gate) == ("partner-s", "sched-gate")
+
+    # An open gate: the slots' runs go through, and carry both.
+    wait_for(lambda: describe(cluster, "keyed").fired_total >= 2, 30, "two runs of the keyed schedule")
+    first = describe(cluster, "keyed").recent_runs[-1].task_id
+    view = cluster.wait_terminal([first], 30)[first]
+    assert view.status == pb.SUCCEEDED and view.schedule_id == "keyed"
+    assert (view.concurrency_key, view.gate) == ("partner-s", "sched-gate")
+
+    # A paused gate holds the next slot's run (the trigger reads the gate at least once a second).
+    cluster.gates.PauseGate(pb.PauseGateRequest(gate=gate), timeout=10)
+    paused_at_ms = int(time.time() * 1000) + 1500
+
+    def held_slot_run() -> str | None:
+        runs = [r for r in describe(cluster, "keyed").recent_runs if r.cause == "schedule" and r.nominal_time.ToMilliseconds() >= paused_at_ms]
+        return runs[0].task_id if runs else None
+
+    held = wait_for(held_slot_run, 30, "a slot's run after the pause")
+    time.sleep(3.0)
+    view = cluster.poll(held)
+    assert view.status == pb.SCHEDULED, f"a run of a paused gate went on: {view}"
+    assert (view.concurrency_key, view.gate) == ("partner-s", "sched-gate") and "paused" in view.waiting_reason
+    # A run now (created by the TaskService, hinted to the trigger) waits the same way.
+    now_run = cluster.schedules.TriggerSchedule(
+        pb.TriggerScheduleRequest(ref=ref("keyed"), overlap=pb.OVERLAP_ALLOW_ALL), timeout=10
+    ).task_id
+    time.sleep(2.0)
+    view = cluster.poll(now_run)
+    assert view.status == pb.SCHEDULED and (view.concurrency_key, view.gate) == ("partner-s", "sched-gate")
+    cluster.schedules.PauseSchedule(pb.PauseScheduleRequest(ref=ref("keyed")), timeout=10)
+    cluster.gates.UnpauseGate(pb.UnpauseGateRequest(gate=gate), timeout=10)
+    views = cluster.wait_terminal([held, now_run], 30)
+    assert all(v.status == pb.SUCCEEDED for v in views.values()), views
+
+
 def test_update_and_delete_against_a_version(make_cluster) -> None:
     cluster: LiveCluster = make_cluster(triggers=1, workers=1, slots=4)
     created = cluster.schedules.CreateSchedule(pb.CreateScheduleRequest(schedule=schedule_msg("versioned", every_s=3600)), timeout=10)
@@ -311,9 +359,11 @@ BAD_SCHEDULES = [
     ("end before start", dict(spec__start_at=_at(2_000_000_000), spec__end_at=_at(1_900_000_000)), "spec.end_at"),
     ("jitter >= interval", dict(spec__jitter=_seconds(60)), "spec.jitter"),
     ("offset >= interval", dict(spec__offset=_seconds(60)), "spec.offset"),
-    ("action with run_at", dict(action__run_at=_at(2_000_000_000)), "action.run_at"),
-    ("action without type", dict(action__type=""), "action.type"),
-    ("action of another namespace", dict(action__namespace="other"), "action.namespace"),
+    ("action with run_at", dict(action__run_at=_at(2_000_000_000)), "schedule.action.run_at"),
+    ("action without type", dict(action__type=""), "schedule.action.type"),
+    ("action of another namespace", dict(action__namespace="other"), "schedule.action.namespace"),
+    ("action with a bad key", dict(action__concurrency_key="a b"), "schedule.action.concurrency_key"),
+    ("action with a bad gate name", dict(action__gate="-gate"), "schedule.action.gate"),
     ("unknown overlap", dict(policy__overlap=42), "policy.overlap"),
     ("catch-up window of 1 s", dict(policy__catchup_window=_seconds(1)), "policy.catchup_window"),
     ("bad schedule id", dict(schedule_id="-no"), "schedule.schedule_id"),
@@ -336,6 +386,17 @@ def test_a_bad_schedule_is_refused_naming_the_field_and_nothing_is_written(
     good = _bad()
     good.schedule_id = f"good-{abs(hash(what)) % 10**8}"
     assert schedule_stub.CreateSchedule(pb.CreateScheduleRequest(schedule=good), timeout=10).schedule.version == 1
+
+
+def test_an_action_naming_a_gate_that_does_not_exist_is_refused(schedule_stub: pb_grpc.ScheduleServiceStub) -> None:
+    """As ScheduleTask refuses it: a typo must not run every task of the schedule ungated."""
+    with pytest.raises(grpc.RpcError) as refused:
+        schedule_stub.CreateSchedule(pb.CreateScheduleRequest(schedule=_bad(action__gate="no-such-gate")), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+    assert (refused.value.details() or "").startswith("schedule.action.gate 'no-such-gate' does not exist")
+    with pytest.raises(grpc.RpcError) as missing:
+        schedule_stub.DescribeSchedule(pb.DescribeScheduleRequest(ref=pb.ScheduleRef(namespace="bad-input", schedule_id="b")), timeout=10)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_bad_backfill_trigger_and_list_requests(schedule_stub: pb_grpc.ScheduleServiceStub) -> None:

@@ -59,9 +59,10 @@ def test_the_idempotency_hash_includes_the_key_and_is_unchanged_without_one() ->
     assert request_hash(req(concurrency_key="")) == request_hash(req())  # old requests hash as before
 
 
-def test_a_schedule_action_with_a_key_is_refused_not_dropped() -> None:
-    with pytest.raises(InvalidArgument, match="action.concurrency_key"):
-        action_from_pb(pb.TaskSpec(type="t", concurrency_key="p1"), "ns", Config(), NOW)
+def test_a_schedule_action_keeps_its_key() -> None:
+    """Schedules carry the key since issue 15's keys for schedules
+    (tests/unit/test_schedule_actions.py has the rest)."""
+    assert action_from_pb(pb.TaskSpec(type="t", concurrency_key="p1"), "ns", Config(), NOW).concurrency_key == "p1"
 
 
 # ---------------------------------------------------------------- TaskService

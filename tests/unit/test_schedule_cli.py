@@ -500,3 +500,15 @@ def test_format_duration_is_what_parse_duration_reads(text: str) -> None:
     assert parse_duration(format_duration(seconds)) == seconds
     assert format_duration(dt.timedelta(seconds=seconds)) == format_duration(seconds)
     assert format_duration(90) == "1m30s" and format_duration(1e-6) == "1e-06"
+
+
+
+def test_create_and_update_pass_the_key_and_gate_and_print_them(run: Any, fake: FakeSchedules) -> None:
+    for command, method in (("create", "CreateSchedule"), ("update", "UpdateSchedule")):
+        result = run([command, "keyed", "--every", "1h", "--type", "t", "--concurrency-key", "partner-7", "--gate", "stripe"])
+        assert result.exit_code == 0, result.output
+        action = fake.last(method).schedule.action
+        assert (action.concurrency_key, action.gate) == ("partner-7", "stripe")
+        assert "concurrency-key=partner-7  gate=stripe" in result.stdout  # the answer's action, as printed
+    plain = ScheduleView.from_pb(description())
+    assert (plain.concurrency_key, plain.gate) == ("", "")
