@@ -2,7 +2,6 @@
 store: slots taken, refused, confirmed, given back and found free. The same
 paths run against the real Cassandra in tests/integration/test_concurrency_limits.py."""
 
-import uuid
 from typing import Any
 
 import pytest
@@ -14,15 +13,7 @@ from leasesched.lifecycle import Lifecycle
 from leasesched.model import Task, now_ms
 from leasesched.states import TaskStatus
 from leasesched.store.memory import MemoryStore
-
-
-def new_task(**kw: Any) -> Task:
-    now = now_ms()
-    base: dict[str, Any] = dict(
-        task_id=uuid.uuid4(), namespace="ns", type="t", payload=b"", shard=1, created_at=now, run_at=now, first_run_at=now
-    )
-    base.update(kw)
-    return Task(**base)
+from tests.unit.test_gates import new_task
 
 
 def limit(scope: LimitScope, name: str, n: int, namespace: str = "ns") -> ConcurrencyLimit:

@@ -5,12 +5,9 @@ they print, and how bad input is refused (the field named)."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
-import threading
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -18,36 +15,17 @@ from click.testing import CliRunner, Result
 from leasesched.cli import gate_cmd
 from leasesched.client import Client, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from leasesched.config import Config
-from leasesched.server.grpc_server import build_server
 from leasesched.store.memory import MemoryStore
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.gate_service import GateService
+from tests.unit.served import served
 
 
 @pytest.fixture
 def target() -> Iterator[str]:
-    """GateService on a loop of its own thread; its address."""
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, Any] = {}
-
-    async def serve() -> None:
-        server = await build_server(
-            "127.0.0.1:0", [(pb_grpc.add_GateServiceServicer_to_server, GateService(MemoryStore()), "leasesched.v1.GateService")],
-            Config(),
-        )  # fmt: skip
-        await server.server.start()
-        holder["server"], holder["port"] = server.server, server.port
-        ready.set()
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(serve(), loop)
-    assert ready.wait(10)
-    yield f"127.0.0.1:{holder['port']}"
-    asyncio.run_coroutine_threadsafe(holder["server"].stop(0), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    """GateService over the in-memory store, served in this process; its address."""
+    with served(pb_grpc.add_GateServiceServicer_to_server, GateService(MemoryStore()), "leasesched.v1.GateService") as address:
+        yield address
 
 
 def test_the_client_manages_a_gate(target: str) -> None:
