@@ -81,7 +81,7 @@ async def test_a_due_task_of_a_full_group_says_which_limit_holds_it() -> None:
     assert await poll(service, waiting) == f"concurrency limit ns/key={KEY} is full (1 of 1 running)"
     assert await poll(service, running) == ""  # RUNNING: held by nothing
     assert await poll(service, later) == ""  # not due: it waits for its time, not for a slot
-    assert await poll(service, other) == ""  # no limit of its own and no default
+    assert (await poll(service, other)).endswith("waiting for a free worker slot (higher and aged priorities first, then each group's turn)")
     assert store.slot_reads == {f"ns/key={KEY}": 1}
 
 
@@ -125,8 +125,8 @@ async def test_a_poll_answers_without_the_limit_when_its_slots_cannot_be_read() 
     waiting = await new_task(life, concurrency_key=KEY)
     service = TaskService(Config(), life, shards=64)
     store.fail_next.add("read_slots")
-    assert await poll(service, waiting) == ""  # not known: the task's state is still answered
-    assert await poll(service, waiting) != ""  # a failure is not remembered
+    assert "concurrency limit" not in await poll(service, waiting)  # not known: the task's state is still answered
+    assert "concurrency limit" in await poll(service, waiting)  # a failure is not remembered
 
 
 async def test_slot_use_counts_taken_slots_and_trusts_a_count_for_its_second() -> None:
@@ -173,3 +173,18 @@ async def test_get_and_list_limits_show_the_slots_taken_and_the_default_key_none
         (pb.LIMIT_SCOPE_KEY, DEFAULT_KEY): 0,  # every key has its own slots: no one number
         (pb.LIMIT_SCOPE_KEY, KEY): 1,
     }
+
+
+async def test_a_due_task_held_by_nothing_waits_for_a_worker_and_a_gates_cap_is_a_reason_too() -> None:
+    store = MemoryStore()
+    await store.insert_gate(Gate("ns", "api", 100.0, 10, max_in_flight=1))
+    life = lifecycle(store)
+    service = TaskService(Config(), life, shards=64)
+    plain = await new_task(life, run_at=now_ms() - 2_000)
+    reason = await poll(service, plain)
+    assert reason.startswith("due 2.") and "waiting for a free worker slot" in reason, reason
+    assert await poll(service, await new_task(life, run_at=now_ms() + 60_000)) == ""  # not due: waits for its time
+    first = await new_task(life, gate="api")
+    await life.claim(first.task_id, "w1", 0)
+    second = await new_task(life, gate="api")
+    assert await poll(service, second) == "concurrency limit ns/gate=api is full (1 of 1 running)"
