@@ -68,6 +68,12 @@ class ConcurrencyLimit:
 LimitKey = tuple[str, LimitScope, str]  # (namespace, scope, name) of a ConcurrencyLimit
 
 
+def group_label(key: LimitKey) -> str:
+    """How logs, errors and metrics name a limit or group: 'ns', 'ns/type=export', 'ns/key=partner-7'."""
+    namespace, scope, name = key
+    return namespace if scope == LimitScope.NAMESPACE else f"{namespace}/{scope.value}={name}"
+
+
 def limit_key(limit: ConcurrencyLimit) -> LimitKey:
     return (limit.namespace, limit.scope, limit.name)
 
@@ -85,10 +91,7 @@ class SlotGroup:
     max_running: int
 
     def label(self) -> str:
-        """How logs, errors and metrics name it: 'ns', 'ns/type=export', 'ns/key=partner-7'."""
-        if self.scope == LimitScope.NAMESPACE:
-            return self.namespace
-        return f"{self.namespace}/{self.scope.value}={self.name}"
+        return group_label((self.namespace, self.scope, self.name))
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import grpc
 
 from leasesched import concurrency, limits
 from leasesched.auth import require_namespace
-from leasesched.concurrency import DEFAULT_KEY, ConcurrencyLimit, LimitKey, LimitScope, SlotGroup
+from leasesched.concurrency import DEFAULT_KEY, ConcurrencyLimit, LimitKey, LimitScope, group_label, SlotGroup
 from leasesched.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from leasesched.model import now_ms
 from leasesched.server.validation import check_concurrency_key, check_namespace, check_type
@@ -60,12 +60,6 @@ SCOPE_FROM_PB: dict[pb.LimitScope, LimitScope] = {
     pb.LIMIT_SCOPE_KEY: LimitScope.KEY,
 }
 SCOPE_TO_PB: dict[LimitScope, pb.LimitScope] = {v: k for k, v in SCOPE_FROM_PB.items()}
-
-
-def describe(key: LimitKey) -> str:
-    """How messages name a limit: 'ns', 'ns/type=export', 'ns/key=*'."""
-    namespace, scope, name = key
-    return namespace if scope == LimitScope.NAMESPACE else f"{namespace}/{scope.value}={name}"
 
 
 def limit_ref(limit: ConcurrencyLimit) -> pb.LimitRef:
@@ -170,7 +164,7 @@ class LimitService(pb_grpc.LimitServiceServicer):
     async def _get(self, key: LimitKey) -> ConcurrencyLimit:
         found = await _store(self._store.get_limit(*key))
         if found is None:
-            raise NotFound(f"no concurrency limit {describe(key)}")
+            raise NotFound(f"no concurrency limit {group_label(key)}")
         return found
 
     async def SetLimit(self, request: pb.SetLimitRequest, context: grpc.aio.ServicerContext) -> pb.SetLimitResponse:
@@ -186,15 +180,15 @@ class LimitService(pb_grpc.LimitServiceServicer):
                 if await _store(self._store.insert_limit(made)):
                     return pb.SetLimitResponse(limit=limit_view(made))
                 if not request.create_or_update:
-                    raise AlreadyExists(f"concurrency limit {describe(key)} already exists (give expected_version to change it)")
+                    raise AlreadyExists(f"concurrency limit {group_label(key)} already exists (give expected_version to change it)")
             current = await _store(self._store.get_limit(*key))
             if current is None:
                 if request.expected_version:
-                    raise NotFound(f"no concurrency limit {describe(key)}")
+                    raise NotFound(f"no concurrency limit {group_label(key)}")
                 continue  # deleted since the insert found it: create it again
             if request.expected_version and current.version != request.expected_version:
                 raise FailedPrecondition(
-                    f"concurrency limit {describe(key)} is at version {current.version}, "
+                    f"concurrency limit {group_label(key)} is at version {current.version}, "
                     f"not expected_version {request.expected_version}"
                 )
             changed = ConcurrencyLimit(
@@ -204,7 +198,7 @@ class LimitService(pb_grpc.LimitServiceServicer):
                 return pb.SetLimitResponse(limit=limit_view(changed))
             # Lost a race: with an expected_version the next read tells
             # FAILED_PRECONDITION; without one the change is decided again.
-        raise Unavailable(f"concurrency limit {describe(key)} kept changing; retry")
+        raise Unavailable(f"concurrency limit {group_label(key)} kept changing; retry")
 
     async def GetLimit(self, request: pb.GetLimitRequest, context: grpc.aio.ServicerContext) -> pb.GetLimitResponse:
         return pb.GetLimitResponse(limit=await self._view(await self._get(check_ref(request.limit))))
@@ -239,7 +233,7 @@ class LimitService(pb_grpc.LimitServiceServicer):
             return pb.DeleteLimitResponse()
         current = await _store(self._store.get_limit(*key))
         if current is None:
-            raise NotFound(f"no concurrency limit {describe(key)}")
+            raise NotFound(f"no concurrency limit {group_label(key)}")
         raise FailedPrecondition(
-            f"concurrency limit {describe(key)} is at version {current.version}, not expected_version {request.expected_version}"
+            f"concurrency limit {group_label(key)} is at version {current.version}, not expected_version {request.expected_version}"
         )

@@ -8,7 +8,6 @@ from typing import Awaitable, Callable
 
 import grpc
 
-from leasesched.admission import LimitTable
 from leasesched.auth import hiding_missing, require_namespace, require_task_access
 from leasesched.config import Config
 from leasesched.model import Task
@@ -58,8 +57,8 @@ class TaskService(pb_grpc.TaskServiceServicer):
     ) -> None:
         """``gates``, ``slots``: the process's (shared with ScheduleService and
         LimitService, so a gate or a group is read once for all of them); new
-        ones when not given. The limits table is this service's own: one per
-        TaskService process, read at most every 2 s. ``on_key``: told
+        ones when not given. The limits table is the lifecycle's (its claims'
+        ``Admission``): one read of the limits every 2 s per process. ``on_key``: told
         (namespace, concurrency key) of every task scheduled with a key
         (``services/limit_sampler.LimitSampler.note_key``)."""
         self._cfg = cfg
@@ -72,7 +71,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         self._tokens: PageTokens | None = None
         self._gates = gates if gates is not None else GateBook(lifecycle.store)
         self._reasons = WaitingReasons(
-            self._gates, LimitTable(lifecycle.store), slots if slots is not None else SlotUse(lifecycle.store)
+            self._gates, lifecycle.admission.table, slots if slots is not None else SlotUse(lifecycle.store)
         )
 
     async def ScheduleTask(self, request: pb.ScheduleTaskRequest, context: grpc.aio.ServicerContext) -> pb.ScheduleTaskResponse:
