@@ -20,6 +20,7 @@ from leasesched.changes import TaskChange
 from leasesched.concurrency import ConcurrencyLimit, LimitScope, SlotGroup, SlotHolder
 from leasesched.gates import Gate
 from leasesched.limits import MAX_STORED_TIME_MS, PRIORITY
+from leasesched.history import HistoryEntry
 from leasesched.model import DueEntry, RetryPolicy, Task, Timeouts
 from leasesched.schedules import Schedule
 from leasesched.states import TaskStatus
@@ -285,6 +286,16 @@ class TaskStore(Protocol):
 
     async def free_slot(self, group: SlotGroup, holder: SlotHolder) -> bool:
         """Give the slot back if ``holder`` (task and token) still holds it."""
+        ...
+
+    # -- task history (leasesched/history.py) --
+    async def add_history(self, entry: HistoryEntry) -> None:
+        """Write one history entry (plain write; an ATTEMPT entry with the same
+        task and lease token overwrites the earlier one)."""
+        ...
+
+    async def read_history(self, task_id: uuid.UUID, limit: int) -> list[HistoryEntry]:
+        """The task's newest ``limit`` entries, newest first."""
         ...
 
     # -- trigger checkpoints --

@@ -64,6 +64,7 @@ from leasesched.changes import TaskChange
 from leasesched.concurrency import ConcurrencyLimit, LimitScope, SlotGroup, SlotHolder
 from leasesched.config import Config
 from leasesched.gates import Gate
+from leasesched.history import AttemptOutcome, HistoryEntry, HistoryKind, Operation
 from leasesched.model import DueEntry, Task, bucket_of, listed_size
 from leasesched.observability import metrics
 from leasesched.observability.logs import fields
@@ -347,6 +348,12 @@ class CassandraStore:
             "AND (created_at, task_id) < (?, ?) LIMIT ?",
             "get_checkpoint": "SELECT checkpoint_ms FROM shard_checkpoints WHERE shard = ?",
             "set_checkpoint": "INSERT INTO shard_checkpoints (shard, checkpoint_ms, updated_at) VALUES (?, ?, ?)",
+            "add_history": "INSERT INTO task_history (task_id, started_at, entry, kind, attempt, lease_token, worker_id, "
+            "ended_at, outcome, error_type, error, progress_percent, progress_message, operation, operator, reason) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "read_history": f"SELECT task_id, {_ms_column('started_at')}, entry, kind, attempt, lease_token, worker_id, "
+            f"{_ms_column('ended_at')}, outcome, error_type, error, progress_percent, progress_message, operation, "
+            "operator, reason FROM task_history WHERE task_id = ? LIMIT ?",
             "put_token": "INSERT INTO auth_tokens (token_id, secret_hash, namespace, role, name, created_at, revoked) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             "get_token": "SELECT * FROM auth_tokens WHERE token_id = ?",
@@ -1111,6 +1118,44 @@ class CassandraStore:
         write_id = self._write_ids.next()
         key = (group.namespace, group.scope.value, group.name, holder.index)
         return await self._slot_cas("free_slot", (write_id, *key, holder.task_id, holder.lease_token), group, holder.index, write_id)
+
+    # ---------------------------------------------------------------- history
+
+    async def add_history(self, entry: HistoryEntry) -> None:
+        key = f"a{entry.lease_token:020d}" if entry.kind is HistoryKind.ATTEMPT else f"o{entry.entry_id}"
+        await self._run_plain(
+            "add_history",
+            (
+                entry.task_id, entry.started_at, key, entry.kind.value, entry.attempt, entry.lease_token,
+                entry.worker_id, entry.ended_at, entry.outcome.value if entry.outcome else None, entry.error_type,
+                entry.error, entry.progress_percent, entry.progress_message,
+                entry.operation.value if entry.operation else None, entry.operator, entry.reason,
+            ),
+        )  # fmt: skip
+
+    async def read_history(self, task_id: uuid.UUID, limit: int) -> list[HistoryEntry]:
+        rows = await self._run_plain("read_history", (task_id, limit))
+        return [
+            HistoryEntry(
+                task_id=row.task_id,
+                kind=HistoryKind(row.kind),
+                started_at=row.started_at,
+                attempt=row.attempt or 0,
+                lease_token=row.lease_token or 0,
+                worker_id=row.worker_id or "",
+                ended_at=row.ended_at,
+                outcome=AttemptOutcome(row.outcome) if row.outcome else None,
+                error_type=row.error_type or "",
+                error=row.error or "",
+                progress_percent=row.progress_percent or 0.0,
+                progress_message=row.progress_message or "",
+                operation=Operation(row.operation) if row.operation else None,
+                operator=row.operator or "",
+                reason=row.reason or "",
+                entry_id=uuid.UUID(row.entry[1:]) if row.entry.startswith("o") else None,
+            )
+            for row in rows
+        ]
 
     # ---------------------------------------------------------------- checkpoints
 

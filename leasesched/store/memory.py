@@ -21,6 +21,7 @@ from typing import Any
 from leasesched.changes import TaskChange
 from leasesched.concurrency import ConcurrencyLimit, LimitKey, LimitScope, SlotGroup, SlotHolder
 from leasesched.gates import Gate
+from leasesched.history import HistoryEntry, HistoryKind
 from leasesched.model import DueEntry, Task, listed_size
 from leasesched.schedules import Schedule
 from leasesched.states import TaskStatus
@@ -105,6 +106,7 @@ class MemoryStore:
         self.slots: dict[tuple[str, LimitScope, str], dict[int, SlotHolder]] = {}  # group -> index -> row
         self.slot_writes = 0  # conditional writes on slot rows
         self.limits: dict[LimitKey, ConcurrencyLimit] = {}
+        self.history: dict[uuid.UUID, dict[tuple[int, str], HistoryEntry]] = {}
 
     def _maybe_fail(self, op: str) -> None:
         if op in self.fail_next:
@@ -113,6 +115,17 @@ class MemoryStore:
 
     async def connect(self) -> None:
         pass
+
+    async def add_history(self, entry: HistoryEntry) -> None:
+        self._maybe_fail("add_history")
+        key = f"a{entry.lease_token:020d}" if entry.kind is HistoryKind.ATTEMPT else f"o{entry.entry_id}"
+        self.history.setdefault(entry.task_id, {})[(entry.started_at, key)] = entry
+
+    async def read_history(self, task_id: uuid.UUID, limit: int) -> list[HistoryEntry]:
+        self._maybe_fail("read_history")
+        rows = self.history.get(task_id, {})
+        newest_first = sorted(rows.items(), key=lambda item: (-item[0][0], item[0][1]))
+        return [entry for _, entry in newest_first[:limit]]
 
     async def close(self) -> None:
         pass
