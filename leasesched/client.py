@@ -1100,6 +1100,15 @@ class Client:
             if not token:
                 return
 
+    def list_page(
+        self, namespace: str | None = None, status: TaskStatus | None = None, page_size: int = 100, page_token: str = ""
+    ) -> tuple[tuple[TaskView, ...], str]:
+        """One page of ``list``: the tasks and the token of the next page ("" after the last).
+        For callers that page for a person (the dashboard's Next link carries the token)."""
+        request = list_request(namespace or self.namespace, status, page_size, page_token)
+        reply: pb.ListTasksResponse = self._call(self._stub.ListTasks, request)
+        return tuple(TaskView.from_pb(view) for view in reply.tasks), reply.next_page_token
+
 
     # ------------------------------------------------------------ gates (docs/gates.md)
 

@@ -1,0 +1,318 @@
+"""Everything the dashboard asks the cluster, in one place.
+
+The dashboard talks to the gRPC API only, through ``leasesched.client.Client``
+and with the *logged-in person's own token*: the servers' role and namespace
+checks apply to every page exactly as to the CLI, and the dashboard holds no
+credential of its own that could show more than the token may see. The one
+exception is the cluster page (``ClusterReader``): no RPC reports shard
+ownership or the registered workers, so it reads ZooKeeper's registry
+read-only, like ``leasesched cluster status``; it never reads Cassandra.
+
+``DashboardApi`` is the seam the web app depends on (a Protocol): the real one
+is ``GrpcApi``; unit tests pass a fake. Operator actions (OperatorService) are
+added here as methods when that service exists, so the app gains them as a
+small addition.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from leasesched.client import (
+    Client,
+    ClientError,
+    GateView,
+    LimitInfo,
+    PermissionDeniedError,
+    ScheduleView,
+    TaskStatus,
+    TaskView,
+)
+from leasesched.config import Config
+from leasesched.transport import sync_channel
+
+
+class Role(str, enum.Enum):
+    """The roles a person can log in with (a worker token cannot: it may not read tasks)."""
+
+    CLIENT = "client"
+    OPERATOR = "operator"
+    ADMIN = "admin"
+
+    @property
+    def may_act(self) -> bool:
+        """Operator actions (and cancel) are shown and accepted for these roles only;
+        a client token gets the read-only dashboard even where the API would let it cancel."""
+        return self in (Role.OPERATOR, Role.ADMIN)
+
+    @property
+    def may_read_payloads(self) -> bool:
+        """Payloads (a task's, a schedule action's) are shown to client and admin only:
+        the roles the API lets read schedule definitions, where payloads live. An
+        operator acts on tasks without reading their data (docs/dashboard.md)."""
+        return self in (Role.CLIENT, Role.ADMIN)
+
+    @property
+    def sees_cluster(self) -> bool:
+        """The cluster page spans every namespace, so admins only (as ``cluster status``)."""
+        return self is Role.ADMIN
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a token is, as far as the API shows it (there is no WhoAmI RPC)."""
+
+    namespace: str
+    role: Role
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    tasks: list[TaskView]
+    next_page_token: str  # "" after the last page
+
+
+@dataclass(frozen=True)
+class Count:
+    """Tasks of one status, counted by listing them up to a cap."""
+
+    value: int
+    capped: bool  # there are more than ``value``
+
+    def __str__(self) -> str:
+        return f"{self.value}+" if self.capped else str(self.value)
+
+
+class LoginRefused(Exception):
+    """The token cannot be used for the dashboard (unknown, revoked, a worker's, another namespace's)."""
+
+
+class DashboardApi(Protocol):
+    """The calls of one logged-in session, made with its token."""
+
+    def identify(self) -> Identity: ...
+
+    def list_page(self, status: TaskStatus | None, page_size: int, page_token: str = "") -> TaskPage: ...
+
+    def count(self, status: TaskStatus, cap: int) -> Count: ...
+
+    def poll(self, task_id: str) -> TaskView: ...
+
+    def cancel(self, task_id: str) -> TaskView: ...
+
+    def schedules(self) -> list[ScheduleView]: ...
+
+    def describe_schedule(self, schedule_id: str) -> ScheduleView: ...
+
+    def limits(self) -> list[LimitInfo]: ...
+
+    def gates(self) -> list[GateView]: ...
+
+    def store_probe(self) -> StoreProbe: ...
+
+    def close(self) -> None: ...
+
+
+ApiFactory = Callable[[str, str], DashboardApi]  # (token, namespace) → the session's API
+
+
+@dataclass(frozen=True)
+class StoreProbe:
+    """TaskService's health and one ListTasks (which reads the store) timed: the
+    store's health as seen through the API."""
+
+    serving: str  # SERVING, NOT_SERVING, or the error
+    list_ok: bool
+    list_ms: float
+    detail: str = ""
+
+
+class GrpcApi:
+    """``DashboardApi`` over a ``Client`` bound to one token and namespace."""
+
+    def __init__(self, target: str, cfg: Config, token: str, namespace: str) -> None:
+        self._target = target
+        self._cfg = cfg
+        self.namespace = namespace
+        self._client = Client(target, token=token, config=cfg, namespace=namespace)
+
+    def identify(self) -> Identity:
+        """Probe the role: ListTasks must work (else no dashboard: a worker token, or
+        another namespace's); listing every namespace's limits works for admins only;
+        ListSchedules works for clients but not operators (auth_interceptor.ROLES_BY_METHOD)."""
+        try:
+            self._client.list_page(self.namespace, None, 1)
+        except ClientError as exc:
+            raise LoginRefused(f"{exc.code.name}: {exc.details}") from None
+        try:
+            next(iter(self._client.list_limits(every_namespace=True, page_size=1)), None)
+            return Identity(self.namespace, Role.ADMIN)
+        except PermissionDeniedError:
+            pass
+        try:
+            next(iter(self._client.list_schedules(self.namespace, page_size=1)), None)
+            return Identity(self.namespace, Role.CLIENT)
+        except PermissionDeniedError:
+            return Identity(self.namespace, Role.OPERATOR)
+
+    def list_page(self, status: TaskStatus | None, page_size: int, page_token: str = "") -> TaskPage:
+        tasks, token = self._client.list_page(self.namespace, status, page_size, page_token)
+        return TaskPage(list(tasks), token)
+
+    def count(self, status: TaskStatus, cap: int) -> Count:
+        """There is no count RPC: list the status's tasks in pages of up to 1000, stop at ``cap``."""
+        seen, token = 0, ""
+        while True:
+            tasks, token = self._client.list_page(self.namespace, status, min(1000, cap - seen + 1), token)
+            seen += len(tasks)
+            if seen > cap:
+                return Count(cap, True)
+            if not token:
+                return Count(seen, False)
+
+    def poll(self, task_id: str) -> TaskView:
+        return self._client.poll(task_id)
+
+    def cancel(self, task_id: str) -> TaskView:
+        return self._client.cancel(task_id)
+
+    def schedules(self) -> list[ScheduleView]:
+        return list(self._client.list_schedules(self.namespace))
+
+    def describe_schedule(self, schedule_id: str) -> ScheduleView:
+        return self._client.describe_schedule(schedule_id)
+
+    def limits(self) -> list[LimitInfo]:
+        return list(self._client.list_limits(self.namespace))
+
+    def gates(self) -> list[GateView]:
+        return list(self._client.list_gates(self.namespace))
+
+    def store_probe(self) -> StoreProbe:
+        serving = _health(self._target, self._cfg)
+        started = time.monotonic()
+        try:
+            self._client.list_page(self.namespace, None, 1)
+            return StoreProbe(serving, True, (time.monotonic() - started) * 1000)
+        except ClientError as exc:
+            return StoreProbe(serving, False, (time.monotonic() - started) * 1000, f"{exc.code.name}: {exc.details}")
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _health(target: str, cfg: Config) -> str:
+    """The gRPC health check of TaskService (open to every caller, no token)."""
+    with sync_channel(target, cfg, token="") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+        except grpc.RpcError as exc:
+            return f"unreachable ({exc.code().name})"
+
+
+def grpc_api_factory(target: str, cfg: Config) -> ApiFactory:
+    def make(token: str, namespace: str) -> DashboardApi:
+        return GrpcApi(target, cfg, token, namespace)
+
+    return make
+
+
+# ---------------------------------------------------------------- the cluster page
+
+
+@dataclass(frozen=True)
+class TriggerInfo:
+    address: str
+    shards: list[int]
+    workers: list[str]
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    namespace: str
+    types: list[str]
+    busy: int
+    slots: int
+    leases: list[tuple[str, int]]  # (task id, lease token)
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    logical_shards: int
+    triggers: list[TriggerInfo]
+    workers: list[WorkerInfo]
+    services: dict[str, list[str]]  # role → addresses (task-service, task-updater)
+    shards_without_owner: list[int] = field(default_factory=list)
+    error: str = ""  # ZooKeeper unreachable: what went wrong
+
+
+class ClusterReader(Protocol):
+    def read(self) -> ClusterView: ...
+
+
+class ZooKeeperClusterReader:
+    """The registry as ``leasesched cluster status`` reads it: read-only, a fresh
+    ZooKeeper session per read (a page view every few seconds at most)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self._cfg = cfg
+
+    def read(self) -> ClusterView:
+        from leasesched.coordination import registry, zk
+
+        try:
+            client = zk.connect(self._cfg, timeout_s=5)
+        except Exception as exc:  # noqa: BLE001 - shown on the page
+            return ClusterView(0, [], [], {}, error=f"ZooKeeper unreachable: {exc}")
+        try:
+            try:
+                data, _ = client.get(f"{self._cfg.zk_root}/cluster")
+                shards = int(json.loads(data)["logical_shards"])
+            except Exception:  # noqa: BLE001 - no cluster node yet: the configured shape
+                shards = self._cfg.logical_shards
+            roles = {r: registry.members(client, self._cfg.zk_root, r) for r in ("task-service", "task-updater", "trigger", "worker")}
+        finally:
+            client.stop()
+            client.close()
+        return cluster_view(shards, roles)
+
+
+def cluster_view(shards: int, roles: dict[str, dict[str, dict[str, object]]]) -> ClusterView:
+    """The page's view of the registry's raw registrations."""
+    triggers = [
+        TriggerInfo(address, sorted(_ints(data.get("shards"))), sorted(str(w) for w in _items(data.get("workers"))))
+        for address, data in sorted(roles.get("trigger", {}).items())
+    ]
+    workers = [
+        WorkerInfo(
+            worker_id, str(data.get("namespace", "")), [str(t) for t in _items(data.get("types"))],
+            _int(data.get("busy")), _int(data.get("slots")),
+            [(str(lease[0]), _int(lease[1])) for lease in _items(data.get("leases")) if isinstance(lease, list | tuple) and len(lease) == 2],
+        )  # fmt: skip
+        for worker_id, data in sorted(roles.get("worker", {}).items())
+    ]
+    owned = {s for t in triggers for s in t.shards}
+    services = {r: sorted(roles.get(r, {})) for r in ("task-service", "task-updater")}
+    return ClusterView(shards, triggers, workers, services, sorted(set(range(shards)) - owned))
+
+
+def _items(value: object) -> Iterable[object]:
+    return value if isinstance(value, list) else []
+
+
+def _ints(value: object) -> list[int]:
+    return [v for v in _items(value) if isinstance(v, int)]
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else 0
