@@ -251,17 +251,18 @@ def create_app(
         request: Request,
         status: str = "",
         type: str = "",
-        since_minutes: int = 0,
+        since_minutes: str = "",  # a string: the form sends "" for "any"
         page_token: str = "",
         session: Session = Depends(current),
     ) -> HTMLResponse:
         chosen = TaskStatus(status) if status in TaskStatus.__members__ else None
         page = session.api.list_page(chosen, config.page_size, page_token)
-        since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=since_minutes) if since_minutes > 0 else None
+        minutes = int(since_minutes) if since_minutes.strip().isdigit() else 0
+        since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=minutes) if minutes > 0 else None
         shown = [t for t in page.tasks if overview.matches(t, type.strip(), since)]
         return render(
             request, "tasks.html", session, tasks=shown, listed=len(page.tasks), next_page_token=page.next_page_token,
-            status=chosen.value if chosen else "", type_filter=type, since_minutes=since_minutes, first_page=not page_token,
+            status=chosen.value if chosen else "", type_filter=type, since_minutes=minutes, first_page=not page_token,
         )  # fmt: skip
 
     @app.get("/tasks/{task_id}", response_class=HTMLResponse)

@@ -196,7 +196,8 @@ def test_lists_filter_and_page(world: tuple[TestClient, list[FakeApi]]) -> None:
     assert "t-failed" in failed and "t-ok" not in failed
     assert "t-running" in client.get("/running").text
     assert "t-ok" not in client.get("/tasks?type=nothing-like-it").text
-    assert "t-ok" in client.get("/tasks?status=SUCCEEDED").text
+    assert "t-ok" in client.get("/tasks?status=SUCCEEDED&type=&since_minutes=").text  # the form's empty fields
+    assert "t-ok" not in client.get("/tasks?since_minutes=1").text  # created 5 min ago
     assert client.get("/tasks/nope").status_code == 404
     overview_page = client.get("/").text
     assert 'data-status="FAILED"' in overview_page
