@@ -16,6 +16,7 @@ small addition.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import json
 import time
@@ -38,6 +39,8 @@ from leasesched.client import (
 )
 from leasesched.config import Config
 from leasesched.transport import sync_channel
+from leasesched.v1 import scheduler_pb2 as pb
+from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 
 
 class Role(str, enum.Enum):
@@ -91,6 +94,34 @@ class Count:
         return f"{self.value}+" if self.capped else str(self.value)
 
 
+class Action(str, enum.Enum):
+    """The operator actions (OperatorService), each on the version of the task the
+    person saw (``expected_version``): a task that changed since is refused."""
+
+    RETRY = "retry"  # FAILED or CANCELLED: runs again
+    RESUME = "resume"  # SCHEDULED, waiting for its retry backoff: due now
+    MARK_FAILED = "mark-failed"  # SCHEDULED (typically failing and waiting to retry): FAILED now
+    TERMINATE = "terminate"  # RUNNING: the lease is revoked, FAILED ("Terminated")
+
+    @property
+    def label(self) -> str:
+        return self.value.replace("-", " ").capitalize()
+
+    def applies_to(self, task: TaskView, now: dt.datetime) -> bool:
+        """Whether to offer it (the server decides; this keeps buttons that can only be refused away)."""
+        if self is Action.RETRY:
+            return task.status in (TaskStatus.FAILED, TaskStatus.CANCELLED)
+        if self is Action.TERMINATE:
+            return task.status is TaskStatus.RUNNING
+        if self is Action.MARK_FAILED:
+            return task.status is TaskStatus.SCHEDULED
+        return task.status is TaskStatus.SCHEDULED and task.attempt > 1 and task.run_at is not None and task.run_at > now
+
+
+class ActionUnavailable(Exception):
+    """The cluster's API has no OperatorService (an older server)."""
+
+
 class LoginRefused(Exception):
     """The token cannot be used for the dashboard (unknown, revoked, a worker's, another namespace's)."""
 
@@ -107,6 +138,8 @@ class DashboardApi(Protocol):
     def poll(self, task_id: str) -> TaskView: ...
 
     def cancel(self, task_id: str) -> TaskView: ...
+
+    def act(self, action: Action, task_id: str, expected_version: str, reason: str) -> TaskView: ...
 
     def schedules(self) -> list[ScheduleView]: ...
 
@@ -142,7 +175,8 @@ class GrpcApi:
         self._target = target
         self._cfg = cfg
         self.namespace = namespace
-        self._client = Client(target, token=token, config=cfg, namespace=namespace)
+        self._channel = sync_channel(target, cfg, token=token)
+        self._client = Client(target, config=cfg, namespace=namespace, channel=self._channel)
 
     def identify(self) -> Identity:
         """Probe the role: ListTasks must work (else no dashboard: a worker token, or
@@ -184,6 +218,19 @@ class GrpcApi:
     def cancel(self, task_id: str) -> TaskView:
         return self._client.cancel(task_id)
 
+    def act(self, action: Action, task_id: str, expected_version: str, reason: str) -> TaskView:
+        """One OperatorService call. Looked up by name so this module builds against a
+        proto without OperatorService (the dashboard then says the action is unavailable)."""
+        method, request_type = _OPERATOR_CALLS[action]
+        stub_type = getattr(pb_grpc, "OperatorServiceStub", None)
+        request_class = getattr(pb, request_type, None)
+        if stub_type is None or request_class is None:
+            raise ActionUnavailable("this build has no OperatorService")
+        stub = stub_type(self._channel)
+        request = request_class(task_id=task_id, expected_version=expected_version, reason=reason)
+        reply = self._client._call(getattr(stub, method), request)  # the client's retries and error mapping
+        return TaskView.from_pb(reply.task)
+
     def schedules(self) -> list[ScheduleView]:
         return list(self._client.list_schedules(self.namespace))
 
@@ -206,7 +253,15 @@ class GrpcApi:
             return StoreProbe(serving, False, (time.monotonic() - started) * 1000, f"{exc.code.name}: {exc.details}")
 
     def close(self) -> None:
-        self._client.close()
+        self._channel.close()
+
+
+_OPERATOR_CALLS = {
+    Action.RETRY: ("RetryTask", "RetryTaskRequest"),
+    Action.RESUME: ("ResumeTask", "ResumeTaskRequest"),
+    Action.MARK_FAILED: ("MarkTaskFailed", "MarkTaskFailedRequest"),
+    Action.TERMINATE: ("TerminateTask", "TerminateTaskRequest"),
+}
 
 
 def _health(target: str, cfg: Config) -> str:

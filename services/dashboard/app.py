@@ -28,6 +28,8 @@ from leasesched.client import ClientError, PermissionDeniedError, TaskStatus, Ta
 from leasesched.config import Config
 from services.dashboard import overview
 from services.dashboard.api import (
+    Action,
+    ActionUnavailable,
     ApiFactory,
     ClusterReader,
     DashboardApi,
@@ -120,7 +122,7 @@ def create_app(
     sessions = SessionStore(idle_s=config.session_idle_s)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters.update(ago=_ago, stamp=_stamp, text=_bytes)
-    templates.env.globals.update(TaskStatus=TaskStatus)
+    templates.env.globals.update(TaskStatus=TaskStatus, Action=Action)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -234,6 +236,7 @@ def create_app(
             "counts": counts,
             "series": overview.series(sample, now),
             "waiting": overview.oldest_waiting(scheduled, now),
+            "cap": config.count_cap,
         }
 
     @app.get("/", response_class=HTMLResponse)
@@ -279,6 +282,44 @@ def create_app(
         session.api.cancel(task_id)
         return RedirectResponse(f"/tasks/{quote(task_id)}", status_code=303)
 
+    @app.post("/tasks/{task_id}/act")
+    def act_on_task(
+        request: Request, task_id: str, action: str = Form(...), expected_version: str = Form(""),
+        reason: str = Form(""), session: Session = Depends(current),
+    ) -> Response:  # fmt: skip
+        """One operator action on the version of the task the person saw; back to the task's page."""
+        require_action(session)
+        chosen = _action(action)
+        try:
+            session.api.act(chosen, task_id, expected_version, reason.strip() or DEFAULT_REASON)
+        except ActionUnavailable as exc:
+            return render(request, "error.html", session, 501, code="UNIMPLEMENTED", details=str(exc))
+        return RedirectResponse(f"/tasks/{quote(task_id)}", status_code=303)
+
+    @app.post("/bulk")
+    def bulk(
+        request: Request, action: str = Form(...), pick: list[str] = Form(default_factory=list), reason: str = Form(""),
+        session: Session = Depends(current),
+    ) -> HTMLResponse:  # fmt: skip
+        """The same action on every task ticked in a list (each ``task_id|version``), one
+        call per task: each is checked against the version that list showed."""
+        require_action(session)
+        chosen = _action(action)
+        done: list[str] = []
+        refused: list[tuple[str, str]] = []
+        for item in pick[:BULK_MAX]:
+            task_id, _, version = item.partition("|")
+            try:
+                session.api.act(chosen, task_id, version, reason.strip() or DEFAULT_REASON)
+                done.append(task_id)
+            except ClientError as exc:
+                if isinstance(exc, UnauthenticatedError):
+                    raise
+                refused.append((task_id, f"{exc.code.name}: {exc.details}"))
+            except ActionUnavailable as exc:
+                refused.append((task_id, str(exc)))
+        return render(request, "bulk.html", session, action=chosen, done=done, refused=refused, skipped=max(0, len(pick) - BULK_MAX))
+
     def status_list(request: Request, session: Session, status: TaskStatus, template: str) -> HTMLResponse:
         page = session.api.list_page(status, 200)
         return render(request, template, session, tasks=page.tasks, more=bool(page.next_page_token))
@@ -293,7 +334,11 @@ def create_app(
 
     @app.get("/failed", response_class=HTMLResponse)
     def failed_page(request: Request, session: Session = Depends(current)) -> HTMLResponse:
-        return status_list(request, session, TaskStatus.FAILED, "failed.html")
+        """FAILED tasks, and tasks failing now: SCHEDULED again after a failed attempt."""
+        failed = session.api.list_page(TaskStatus.FAILED, 200)
+        waiting = session.api.list_page(TaskStatus.SCHEDULED, 1000).tasks
+        failing = [t for t in waiting if t.attempt > 1 or t.error]
+        return render(request, "failed.html", session, tasks=failed.tasks, more=bool(failed.next_page_token), failing=failing)
 
     # ------------------------------------------------------------ schedules, limits, gates, cluster
 
@@ -323,6 +368,17 @@ def create_app(
         return render(request, "cluster.html", session, cluster=reader.read(), store=session.api.store_probe())
 
     return app
+
+
+DEFAULT_REASON = "from the dashboard"
+BULK_MAX = 200  # tasks one bulk form acts on
+
+
+def _action(value: str) -> Action:
+    try:
+        return Action(value)
+    except ValueError:
+        raise HTTPException(status_code=400, detail=f"unknown action {value!r}") from None
 
 
 def require_action(session: Session) -> None:

@@ -8,12 +8,13 @@ import datetime as dt
 import re
 from dataclasses import dataclass, field
 
+import grpc
 import pytest
 from fastapi.testclient import TestClient
 
-from leasesched.client import GateView, LimitInfo, NotFoundError, Progress, ScheduleView, TaskStatus, TaskView
+from leasesched.client import FailedPreconditionError, GateView, LimitInfo, NotFoundError, Progress, ScheduleView, TaskStatus, TaskView
 from services.dashboard import overview
-from services.dashboard.api import ClusterView, Count, Identity, LoginRefused, Role, StoreProbe, TaskPage, TriggerInfo, cluster_view
+from services.dashboard.api import Action, ClusterView, Count, Identity, LoginRefused, Role, StoreProbe, TaskPage, TriggerInfo, cluster_view
 from services.dashboard.app import DashboardConfig, create_app
 
 NOW = dt.datetime.now(dt.timezone.utc)
@@ -37,6 +38,7 @@ class FakeApi:
     namespace: str
     tasks: list[TaskView] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    acted: list[tuple[Action, str, str, str]] = field(default_factory=list)
     closed: bool = False
 
     def identify(self) -> Identity:
@@ -58,17 +60,23 @@ class FakeApi:
         for t in self.tasks:
             if t.task_id == task_id:
                 return t
-        raise NotFoundError(__import__("grpc").StatusCode.NOT_FOUND, f"task {task_id} not found")
+        raise NotFoundError(grpc.StatusCode.NOT_FOUND, f"task {task_id} not found")
 
     def cancel(self, task_id: str) -> TaskView:
         self.cancelled.append(task_id)
+        return self.poll(task_id)
+
+    def act(self, action: Action, task_id: str, expected_version: str, reason: str) -> TaskView:
+        if expected_version == "stale":
+            raise FailedPreconditionError(grpc.StatusCode.FAILED_PRECONDITION, f"task {task_id} changed")
+        self.acted.append((action, task_id, expected_version, reason))
         return self.poll(task_id)
 
     def schedules(self) -> list[ScheduleView]:
         return []
 
     def describe_schedule(self, schedule_id: str) -> ScheduleView:
-        raise NotFoundError(__import__("grpc").StatusCode.NOT_FOUND, "no such schedule")
+        raise NotFoundError(grpc.StatusCode.NOT_FOUND, "no such schedule")
 
     def limits(self) -> list[LimitInfo]:
         return []
@@ -226,3 +234,37 @@ def test_cluster_view_of_registrations() -> None:
     roles = {"trigger": {"t1": {"shards": [0, 2], "workers": ["w"]}}, "worker": {"w": {"namespace": "n", "types": ["x"], "busy": 1, "slots": 2, "leases": [["id", 3]]}}}
     found = cluster_view(4, roles)  # type: ignore[arg-type]
     assert found.shards_without_owner == [1, 3] and found.workers[0].leases == [("id", 3)]
+
+
+def test_operator_actions_are_offered_by_state_and_refused_to_clients(world: tuple[TestClient, list[FakeApi]]) -> None:
+    client, made = world
+    csrf = login(client, "tok-operator")
+    failed_page = client.get("/tasks/t-failed").text
+    assert "action-retry" in failed_page and "action-terminate" not in failed_page
+    running_page = client.get("/tasks/t-running").text
+    assert "action-terminate" in running_page and "action-retry" not in running_page
+    assert "action-cancel" not in running_page  # the API lets only clients and admins cancel
+    data = {"csrf_token": csrf, "action": "retry", "expected_version": "v7", "reason": "fixed the bug"}
+    assert client.post("/tasks/t-failed/act", data=data, follow_redirects=False).status_code == 303
+    assert made[-1].acted == [(Action.RETRY, "t-failed", "v7", "fixed the bug")]
+    stale = client.post("/tasks/t-failed/act", data={**data, "expected_version": "stale"}, follow_redirects=False)
+    assert stale.status_code == 502 and "changed" in stale.text
+    assert client.post("/tasks/t-failed/act", data={**data, "action": "explode"}).status_code == 400
+    client.post("/logout", data={"csrf_token": csrf})
+    csrf = login(client, "tok-client")
+    assert "action-retry" not in client.get("/tasks/t-failed").text
+    assert 'name="pick"' not in client.get("/failed").text
+    assert client.post("/tasks/t-failed/act", data={**data, "csrf_token": csrf}, follow_redirects=False).status_code == 403
+    assert client.post("/bulk", data={"csrf_token": csrf, "action": "retry", "pick": ["t-failed|v1"]}).status_code == 403
+    assert made[-1].acted == []
+
+
+def test_bulk_retry_acts_on_each_ticked_task_with_its_version(world: tuple[TestClient, list[FakeApi]]) -> None:
+    client, made = world
+    csrf = login(client, "tok-admin")
+    assert 'name="pick" value="t-failed|' in client.get("/failed").text
+    reply = client.post("/bulk", data={"csrf_token": csrf, "action": "retry", "pick": ["t-failed|v1", "t-ok|stale"], "reason": ""})
+    assert reply.status_code == 200
+    assert made[-1].acted == [(Action.RETRY, "t-failed", "v1", "from the dashboard")]
+    assert re.search(r'id="bulk-done">1<', reply.text) and re.search(r'id="bulk-refused">1<', reply.text)
+    assert client.post("/bulk", data={"action": "retry", "pick": ["t-failed|v1"]}).status_code == 403  # no CSRF token
