@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from leasesched.auth import ROLES
 from leasesched.config import Config
 from leasesched.store import schema
 from leasesched.testing import free_ports
@@ -73,7 +74,7 @@ def dashboard(make_cluster: Callable[..., LiveCluster], infra: object) -> Iterat
     base: Config = infra.config  # type: ignore[attr-defined]
     keyspace = keyspace_for("dashboard")
     schema.apply(base.with_overrides(keyspace=keyspace))  # the tokens must exist before the services start
-    roles = ["client", "admin"]
+    roles = [role for role in ("client", "operator", "admin") if role in ROLES]  # operator: from OperatorService on
     made = issue_tokens(base.with_overrides(keyspace=keyspace), [(NAMESPACE, role, role) for role in roles])
     tokens = {role: plaintext for role, (plaintext, _) in zip(roles, made)}
     cluster = make_cluster(overrides={"keyspace": keyspace, "auth": "on", "token": tokens["admin"]}, triggers=1, workers=1)
