@@ -5,10 +5,16 @@ side is tests/integration/test_dead_letters.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from leasesched.cli import task_cmd
 
 from leasesched.config import Config
 from leasesched.errors import InvalidArgument, Unavailable
@@ -20,6 +26,7 @@ from leasesched.store.base import ListQuery
 from leasesched.store.memory import MemoryStore
 from leasesched.v1 import scheduler_pb2 as pb
 from services.task_service import TaskService
+from tests.unit.test_cli_task import FakeStub, run
 from trigger.dispatcher import Dispatcher, Ready
 
 HOUR_MS = 3_600_000
@@ -215,3 +222,51 @@ def test_queue_age_is_the_oldest_waiting_task_per_type() -> None:
     assert got[("leasesched_queue_oldest_age_seconds", "b")] == 1.0
     assert got[("leasesched_dispatch_queued_by_type", "a")] == 2
     assert got[("leasesched_dispatch_queued_by_type", "b")] == 1
+
+
+# ---------------------------------------------------------------- CLI
+
+
+class CountingStub(FakeStub):
+    def __init__(self) -> None:
+        super().__init__()
+        self.replies["CountTasks"] = [
+            pb.CountTasksResponse(rows=[pb.CountTasksResponse.Row(type="a", status=pb.FAILED, count=3)], exact=True,
+                                  method=pb.FAILED_INDEX, scanned=3)  # fmt: skip
+        ]
+
+    def CountTasks(self, request: Any, timeout: float | None = None) -> Any:
+        return self._answer("CountTasks", request)
+
+
+@pytest.fixture
+def cli_stub(monkeypatch: pytest.MonkeyPatch) -> CountingStub:
+    fake = CountingStub()
+
+    @contextlib.contextmanager
+    def open_stub(target: str, cfg: Config, service: Any = None) -> Iterator[CountingStub]:
+        yield fake
+
+    monkeypatch.setattr(task_cmd, "open_stub", open_stub)
+    return fake
+
+
+def test_cli_list_sends_type_and_time_range_to_the_server(cli_stub: CountingStub) -> None:
+    result = run(["list", "--type", "a", "--since", "2026-12-01T00:00:00Z", "--until", "1h", "--json"])
+    assert result.exit_code == 0, result.output
+    request = cli_stub.requests["ListTasks"][0]
+    assert request.type == "a"
+    assert request.created_after.ToDatetime(dt.timezone.utc) == dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
+    ago = dt.datetime.now(dt.timezone.utc) - request.created_before.ToDatetime(dt.timezone.utc)
+    assert dt.timedelta(minutes=59) < ago < dt.timedelta(minutes=61)
+    assert run(["list", "--since", "yesterday"]).exit_code == 2
+
+
+def test_cli_count_prints_rows_and_how_they_were_counted(cli_stub: CountingStub) -> None:
+    result = run(["count", "--status", "FAILED", "--type", "a"])
+    assert result.exit_code == 0, result.output
+    request = cli_stub.requests["CountTasks"][0]
+    assert (request.status, request.type) == (pb.FAILED, "a")
+    assert "FAILED" in result.stdout and result.stdout.rstrip().endswith("3")
+    assert "exact; FAILED_INDEX, 3 rows read" in result.stderr
+    assert json.loads(run(["count", "--json"]).stdout)["rows"][0]["count"] == "3"
