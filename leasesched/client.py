@@ -851,13 +851,76 @@ def schedule_request(
     return pb.ScheduleTaskRequest(task=spec, idempotency_key=key)
 
 
-def list_request(namespace: str, status: TaskStatus | None, page_size: int, page_token: str) -> pb.ListTasksRequest:
-    return pb.ListTasksRequest(
+def list_request(
+    namespace: str,
+    status: TaskStatus | None,
+    page_size: int,
+    page_token: str,
+    type: str | None = None,
+    created_after: dt.datetime | None = None,
+    created_before: dt.datetime | None = None,
+) -> pb.ListTasksRequest:
+    request = pb.ListTasksRequest(
         namespace=namespace,
         status=pb.TaskStatus.Value(status.value) if status is not None else pb.TASK_STATUS_UNSPECIFIED,
         page_size=page_size,
         page_token=page_token,
+        type=type or "",
     )
+    if created_after is not None:
+        request.created_after.FromDatetime(_aware("created_after", created_after))
+    if created_before is not None:
+        request.created_before.FromDatetime(_aware("created_before", created_before))
+    return request
+
+
+def count_request(namespace: str, status: TaskStatus | None, type: str | None) -> pb.CountTasksRequest:
+    return pb.CountTasksRequest(
+        namespace=namespace,
+        status=pb.TaskStatus.Value(status.value) if status is not None else pb.TASK_STATUS_UNSPECIFIED,
+        type=type or "",
+    )
+
+
+@dataclass(frozen=True)
+class TaskCount:
+    """One row of ``Client.count``: how many tasks of ``type`` are in ``status``."""
+
+    type: str
+    status: TaskStatus
+    count: int
+
+
+@dataclass(frozen=True)
+class TaskCounts:
+    """What ``Client.count`` answers (proto ``CountTasksResponse``).
+
+    ``exact``: every count is complete for what ``method`` covers; False: the
+    server's bound of rows read was reached and they are lower bounds.
+    ``method``: "FAILED_INDEX" (FAILED only: every FAILED task, from the
+    dead-letter index) or "RECENT_SCAN" (other statuses: the tasks of the last
+    ``list_days`` days, scanned newest first)."""
+
+    rows: tuple[TaskCount, ...]
+    exact: bool
+    method: str
+    scanned: int
+
+    @classmethod
+    def from_pb(cls, reply: pb.CountTasksResponse) -> "TaskCounts":
+        return cls(
+            rows=tuple(TaskCount(r.type, TaskStatus(pb.TaskStatus.Name(r.status)), r.count) for r in reply.rows),
+            exact=reply.exact,
+            method=pb.CountMethod.Name(reply.method),
+            scanned=reply.scanned,
+        )
+
+    def by_type(self) -> dict[str, int]:
+        """Count per type (summed over statuses)."""
+        totals: dict[str, int] = {}
+        for row in self.rows:
+            totals[row.type] = totals.get(row.type, 0) + row.count
+        return totals
 
 
 def trigger_request(namespace: str, schedule_id: str, overlap: Overlap | None = None) -> pb.TriggerScheduleRequest:
@@ -1087,12 +1150,24 @@ class Client:
             raise
         return TaskView.from_pb(reply.task)
 
-    def list(self, namespace: str | None = None, status: TaskStatus | None = None, page_size: int = 100) -> Iterator[TaskView]:
+    def list(
+        self,
+        namespace: str | None = None,
+        status: TaskStatus | None = None,
+        page_size: int = 100,
+        *,
+        type: str | None = None,
+        created_after: dt.datetime | None = None,
+        created_before: dt.datetime | None = None,
+    ) -> Iterator[TaskView]:
         """Every task of ``namespace`` (default: the client's), newest first,
-        optionally only those in ``status``; pages are fetched as you iterate."""
+        optionally only those in ``status``, of ``type``, created in
+        [``created_after``, ``created_before``) (aware datetimes); pages are
+        fetched as you iterate (with a status or type filter a page may be
+        short or empty: the server bounds the rows one call examines)."""
         token = ""
         while True:
-            request = list_request(namespace or self.namespace, status, page_size, token)
+            request = list_request(namespace or self.namespace, status, page_size, token, type, created_after, created_before)
             reply: pb.ListTasksResponse = self._call(self._stub.ListTasks, request)
             for view in reply.tasks:
                 yield TaskView.from_pb(view)
@@ -1101,13 +1176,28 @@ class Client:
                 return
 
     def list_page(
-        self, namespace: str | None = None, status: TaskStatus | None = None, page_size: int = 100, page_token: str = ""
+        self,
+        namespace: str | None = None,
+        status: TaskStatus | None = None,
+        page_size: int = 100,
+        page_token: str = "",
+        *,
+        type: str | None = None,
+        created_after: dt.datetime | None = None,
     ) -> tuple[tuple[TaskView, ...], str]:
-        """One page of ``list``: the tasks and the token of the next page ("" after the last).
-        For callers that page for a person (the dashboard's Next link carries the token)."""
-        request = list_request(namespace or self.namespace, status, page_size, page_token)
+        """One page of ``list`` (same filters): the tasks and the token of the next page
+        ("" after the last). For callers that page for a person (the dashboard's Next link)."""
+        request = list_request(namespace or self.namespace, status, page_size, page_token, type, created_after)
         reply: pb.ListTasksResponse = self._call(self._stub.ListTasks, request)
         return tuple(TaskView.from_pb(view) for view in reply.tasks), reply.next_page_token
+
+    def count(
+        self, status: TaskStatus | None = None, type: str | None = None, *, namespace: str | None = None
+    ) -> TaskCounts:
+        """Tasks per (type, status): ``count(TaskStatus.FAILED)`` counts the
+        dead letters per type, exactly (see ``TaskCounts``)."""
+        reply: pb.CountTasksResponse = self._call(self._stub.CountTasks, count_request(namespace or self.namespace, status, type))
+        return TaskCounts.from_pb(reply)
 
 
     # ------------------------------------------------------------ gates (docs/gates.md)
@@ -1473,18 +1563,33 @@ class AsyncClient:
         return TaskView.from_pb(reply.task)
 
     async def list(
-        self, namespace: str | None = None, status: TaskStatus | None = None, page_size: int = 100
+        self,
+        namespace: str | None = None,
+        status: TaskStatus | None = None,
+        page_size: int = 100,
+        *,
+        type: str | None = None,
+        created_after: dt.datetime | None = None,
+        created_before: dt.datetime | None = None,
     ) -> AsyncIterator[TaskView]:
         """See ``Client.list``: ``async for task in client.list(...)``."""
         token = ""
         while True:
-            request = list_request(namespace or self.namespace, status, page_size, token)
+            request = list_request(namespace or self.namespace, status, page_size, token, type, created_after, created_before)
             reply: pb.ListTasksResponse = await self._call(self._stub.ListTasks, request)
             for view in reply.tasks:
                 yield TaskView.from_pb(view)
             token = reply.next_page_token
             if not token:
                 return
+
+    async def count(
+        self, status: TaskStatus | None = None, type: str | None = None, *, namespace: str | None = None
+    ) -> TaskCounts:
+        """See ``Client.count``."""
+        request = count_request(namespace or self.namespace, status, type)
+        reply: pb.CountTasksResponse = await self._call(self._stub.CountTasks, request)
+        return TaskCounts.from_pb(reply)
 
     # ------------------------------------------------------------ periodic schedules
 

@@ -239,11 +239,11 @@ class Lifecycle:
             for position, bad in page.unreadable:
                 await self._quarantine(bad)
                 task = await self.read(bad.task_id)
-                if task is None or (query.status is not None and task.status != query.status):
+                if task is None or not query.matches(task):
                     dropped += 1
                     continue
                 tasks.insert(min(position - dropped, len(tasks)), task)
-            return Page(tasks, page.next_token)
+            return Page(tasks, page.next_token, scanned=page.scanned)
         except (StoreUnavailable, UnreadableTask) as exc:
             raise Unavailable(str(exc)) from exc
 
@@ -450,10 +450,15 @@ class Lifecycle:
         task = await self.get(task_id, namespace)
         if task.status != TaskStatus.RUNNING or task.lease_token != token:
             if task.lease_token == token and task.status.terminal:
+                if task.status == TaskStatus.FAILED:
+                    # Our report made it FAILED, but its dead-letter entry may
+                    # not have been written (the store refused it, we died):
+                    # the retried report writes it (idempotent).
+                    await self._entered_failed(task)
                 return FailOutcome(task.status)  # a retried report of ours
             raise self._stale(task_id, token, True)
         change, outcome = await decide(task, now_ms())
-        result = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token), change)
+        result = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token), change, task)
         if not result.applied:
             raise self._stale(task_id, token, result.exists)
         await self._release_slots(task_id, token, task)
@@ -508,7 +513,7 @@ class Lifecycle:
             change = TaskChange.lease_expired_retry(task, now)
             retried = task.replace(attempt=task.attempt + 1)
             await self._add_due(run_entry(retried, now))
-        result = await self._write(task.task_id, expect, change)
+        result = await self._write(task.task_id, expect, change, task, must_index=False)
         if not result.applied:
             return None
         await self._release_slots(task.task_id, task.lease_token, task)
@@ -520,7 +525,7 @@ class Lifecycle:
             return False
         change = TaskChange.deadline(task, reason, now_ms())
         expect = Expect(task.status, lease_token=task.lease_token)
-        applied = (await self._write(task.task_id, expect, change)).applied
+        applied = (await self._write(task.task_id, expect, change, task, must_index=False)).applied
         if applied and task.status == TaskStatus.RUNNING:
             await self._release_slots(task.task_id, task.lease_token, task)
         return applied
@@ -548,6 +553,13 @@ class Lifecycle:
                 lease_expires_at=None,
             )
         applied = await self.store.quarantine_task(bad.task_id, bad.expect, columns)
+        if applied and status == TaskStatus.FAILED and (bad.status is None or not bad.status.terminal):
+            try:  # the repaired row names its namespace and type (repairs included)
+                repaired = await self.store.get_task(bad.task_id)
+                if repaired is not None and repaired.status == TaskStatus.FAILED:
+                    await self.store.add_failed(repaired)
+            except (StoreUnavailable, UnreadableTask) as exc:
+                log.warning("task %s: quarantined as FAILED, dead-letter entry not written: %s", bad.task_id, exc)
         if applied:
             log.error(
                 "task %s is unreadable and was quarantined (now %s): %s", bad.task_id, status.value, problems,
@@ -576,9 +588,54 @@ class Lifecycle:
             log.warning("task %s: concurrency slots of lease %d not given back: %s", task_id, token, exc,
                         extra=fields(task_id=str(task_id)))  # fmt: skip
 
-    async def _write(self, task_id: uuid.UUID, expect: Expect, change: TaskChange) -> CasResult:
+    async def _write(
+        self, task_id: uuid.UUID, expect: Expect, change: TaskChange, task: Task | None = None, must_index: bool = True
+    ) -> CasResult:
+        """One conditional write. ``task``: the task as read, for a change that
+        may make it FAILED: once such a write applied, its dead-letter entry
+        is written (``_entered_failed``); ``must_index`` False only logs a
+        failure of that second write (the trigger's writes: nobody retries
+        them), True raises it (a worker retries its report, and the retry
+        writes the entry)."""
         try:
-            return await self.store.update_task(task_id, expect, change)
+            result = await self.store.update_task(task_id, expect, change)
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+        if result.applied and task is not None and change.new_status == TaskStatus.FAILED:
+            try:
+                await self._entered_failed(change.apply(task))
+            except Unavailable as exc:
+                if must_index:
+                    raise
+                log.warning("task %s is FAILED but its dead-letter entry was not written: %s", task_id, exc,
+                            extra=fields(task_id=str(task_id)))  # fmt: skip
+        return result
+
+    async def _entered_failed(self, task: Task) -> None:
+        """``task`` became FAILED (its conditional write applied): note it in
+        the dead-letter index that CountTasks reads (``TaskStore.add_failed``).
+
+        After the write, never before: an entry then never names a task that
+        is not FAILED. The window between the two writes (a crash, a refused
+        write) can leave a FAILED task uncounted; a worker's retried report
+        closes it for worker failures (``_end_attempt``)."""
+        try:
+            await self.store.add_failed(task)
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+
+    async def _left_failed(self, task: Task) -> None:
+        """``task`` (as read while FAILED: namespace, type and id are what
+        matter) has just left FAILED: its conditional write applied. Call
+        this from any transition out of FAILED (RetryTask: FAILED →
+        SCHEDULED) AFTER that write, so CountTasks stops counting it.
+
+        A failure of this delete leaves a stale entry (counted, though the
+        task runs again): it raises ``Unavailable`` so the caller can answer
+        an error and the operator's retry deletes it (the delete is
+        idempotent). Also safe to call for a task that has no entry."""
+        try:
+            await self.store.remove_failed(task)
         except StoreUnavailable as exc:
             raise Unavailable(str(exc)) from exc
 

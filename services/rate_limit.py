@@ -43,6 +43,7 @@ SCHEDULE_METHOD = SERVICE_PREFIX + "ScheduleTask"
 CANCEL_METHOD = SERVICE_PREFIX + "CancelTask"
 POLL_METHOD = SERVICE_PREFIX + "PollTask"
 LIST_METHOD = SERVICE_PREFIX + "ListTasks"
+COUNT_METHOD = SERVICE_PREFIX + "CountTasks"
 
 WRITE = "write"
 READ = "read"
@@ -54,6 +55,7 @@ GROUP_OF_METHOD: dict[str, str] = {
     CANCEL_METHOD: WRITE,
     POLL_METHOD: READ,
     LIST_METHOD: READ,
+    COUNT_METHOD: READ,
     # Periodic schedules share the namespace's buckets: a flood of schedule
     # changes is a flood of writes like any other.
     **{SCHEDULES_PREFIX + m: WRITE for m in ("CreateSchedule", "UpdateSchedule", "DeleteSchedule", "PauseSchedule",
@@ -70,7 +72,8 @@ GROUP_OF_METHOD: dict[str, str] = {
     LIMITS_PREFIX + "ListLimits": READ,
 }
 # A page of n rows costs by its size (``list_cost``): each row is a read.
-LIST_METHODS = (LIST_METHOD, SCHEDULES_PREFIX + "ListSchedules", GATES_PREFIX + "ListGates", LIMITS_PREFIX + "ListLimits")
+# CountTasks has no page size: it costs what a default page (100 rows) does.
+LIST_METHODS = (LIST_METHOD, COUNT_METHOD, SCHEDULES_PREFIX + "ListSchedules", GATES_PREFIX + "ListGates", LIMITS_PREFIX + "ListLimits")
 GROUP_METHODS = {WRITE: "ScheduleTask/CancelTask/schedule changes", READ: "PollTask/ListTasks/schedule reads"}
 
 MAX_BUCKETS = 100_000

@@ -1,7 +1,8 @@
-"""TaskService: the user API (schedule, poll, cancel, list)."""
+"""TaskService: the user API (schedule, poll, cancel, list, count)."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import uuid
 from typing import Awaitable, Callable
@@ -21,13 +22,21 @@ from leasesched.store.base import ListQuery, StoreUnavailable
 from leasesched.store.page_token import BadPageToken, decode_token
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
-from services.convert import status_from_pb, task_view, ts
+from services.convert import status_from_pb, status_to_pb, task_view, ts
 from services.gate_service import GateBook
-from services.page_tokens import PageTokens
+from services.page_tokens import PageTokens, list_filters
 from services.poll_cache import FinishedTasks
 from services.slot_use import SlotUse
 from services.waiting_reasons import WaitingReasons
-from leasesched.server.validation import check_namespace, check_task_id, request_hash, validate_schedule
+from leasesched.limits import MAX_STORED_TIME_MS
+from leasesched.server.validation import (
+    check_namespace,
+    check_task_id,
+    check_type,
+    request_hash,
+    timestamp_ms,
+    validate_schedule,
+)
 from services.worker_directory import WorkerDirectory
 
 log = logging.getLogger(__name__)
@@ -39,6 +48,34 @@ PAGE_TOKEN_SECRET = "list_page_tokens"
 # 1 MiB each and a gRPC answer at most 4 MiB (leasesched/server/grpc_server.py), so a page of
 # big results is shorter, never refused (it was RESOURCE_EXHAUSTED).
 LIST_PAGE_BYTES = 3 * 1024 * 1024  # the name of the store's shared secret
+
+# CountTasks of FAILED reads at most this many dead-letter entries (one
+# partition, ~40 bytes each, read in pages of 5,000); past it the counts are
+# lower bounds (exact=false).
+COUNT_FAILED_MAX = 100_000
+# CountTasks of any other status examines at most about this many listed
+# tasks (each one a task-row read), newest first, in pages of COUNT_SCAN_PAGE.
+COUNT_SCAN_ROWS = 10_000
+COUNT_SCAN_PAGE = 500
+
+
+def _time_range(request: pb.ListTasksRequest) -> tuple[int | None, int | None]:
+    """(created_after, created_before) in ms, None when unset; INVALID_ARGUMENT
+    for a time no task can have or a range that ends before it starts."""
+    bounds: list[int | None] = []
+    for name in ("created_after", "created_before"):
+        if not request.HasField(name):
+            bounds.append(None)
+            continue
+        ms = timestamp_ms(getattr(request, name), name)
+        if not 0 <= ms <= MAX_STORED_TIME_MS:
+            raise InvalidArgument(f"{name} must lie between 1970-01-01 and 9999-12-31")
+        bounds.append(ms)
+    after, before = bounds
+    if after is not None and before is not None and after > before:
+        raise InvalidArgument("created_after is later than created_before: the range is empty")
+    return after, before
+
 
 DueHint = Callable[[Task], Awaitable[None]]  # tells the shard's trigger about a task due now
 
@@ -139,8 +176,11 @@ class TaskService(pb_grpc.TaskServiceServicer):
             raise InvalidArgument(f"page_size must be between 0 and {self._cfg.list_page_max}")
         if request.status not in pb.TaskStatus.values():
             raise InvalidArgument(f"status {request.status} is not a TaskStatus")
+        task_type = check_type(request.type) if request.type else ""
+        after, before = _time_range(request)
+        filters = list_filters(task_type, after, before)
         tokens = await self._page_tokens()
-        cursor = tokens.verify(request.page_token, namespace, request.status)
+        cursor = tokens.verify(request.page_token, namespace, request.status, filters)
         try:
             decode_token(cursor)
         except BadPageToken:  # signed by a server but not a cursor: a bug, or a leaked key
@@ -153,10 +193,50 @@ class TaskService(pb_grpc.TaskServiceServicer):
             page_token=cursor,
             extra={"list_days": self._cfg.list_days},
             max_bytes=LIST_PAGE_BYTES,
+            type=task_type,
+            created_after=after,
+            created_before=before,
         )
         page = await self._lifecycle.list(query)
-        next_token = tokens.sign(page.next_token, namespace, request.status)
+        next_token = tokens.sign(page.next_token, namespace, request.status, filters)
         return pb.ListTasksResponse(tasks=[self._view(t) for t in page.tasks], next_page_token=next_token)
+
+    async def CountTasks(self, request: pb.CountTasksRequest, context: grpc.aio.ServicerContext) -> pb.CountTasksResponse:
+        """FAILED: exact, from the dead-letter index. Anything else: a bounded
+        scan of the newest listed tasks (see CountMethod in the proto)."""
+        namespace = check_namespace(request.namespace)
+        require_namespace(namespace)
+        if request.status not in pb.TaskStatus.values():
+            raise InvalidArgument(f"status {request.status} is not a TaskStatus")
+        task_type = check_type(request.type) if request.type else ""
+        status = status_from_pb(request.status)
+        response = pb.CountTasksResponse()
+        if status == TaskStatus.FAILED:
+            try:
+                failed = await self._lifecycle.store.count_failed(namespace, task_type, COUNT_FAILED_MAX)
+            except StoreUnavailable as exc:
+                raise Unavailable(str(exc)) from exc
+            for name in sorted(failed.counts):
+                response.rows.add(type=name, status=pb.FAILED, count=failed.counts[name])
+            response.exact, response.method, response.scanned = failed.exact, pb.FAILED_INDEX, failed.scanned
+            return response
+        counts: collections.Counter[tuple[str, TaskStatus]] = collections.Counter()
+        token, scanned = "", 0
+        while True:
+            query = ListQuery(
+                namespace=namespace, status=status, type=task_type, page_size=COUNT_SCAN_PAGE, page_token=token,
+                extra={"list_days": self._cfg.list_days},
+            )  # fmt: skip
+            page = await self._lifecycle.list(query)
+            scanned += page.scanned
+            counts.update((t.type, t.status) for t in page.tasks)
+            token = page.next_token
+            if not token or scanned >= COUNT_SCAN_ROWS:
+                break
+        for (name, task_status), count in sorted(counts.items(), key=lambda item: (item[0][0], item[0][1].value)):
+            response.rows.add(type=name, status=status_to_pb(task_status), count=count)
+        response.exact, response.method, response.scanned = not token, pb.RECENT_SCAN, scanned
+        return response
 
     async def _page_tokens(self) -> PageTokens:
         """The signer, with the cluster's shared key (read from the store once)."""

@@ -397,6 +397,17 @@ class _Queue:
         if level > self._top:
             self._top = level
 
+    def oldest_run_at(self) -> int | None:
+        """The due time of the oldest queued task, None when empty. Each
+        (group, priority) heap is oldest-first, so this reads one head per
+        heap: O(groups × priorities), never O(tasks)."""
+        oldest: int | None = None
+        for group in self.groups.values():
+            for heap in group.heaps.values():
+                if heap and (oldest is None or heap[0][0] < oldest):
+                    oldest = heap[0][0]
+        return oldest
+
     def readies(self) -> Iterator[Ready]:
         for group in self.groups.values():
             for heap in group.heaps.values():
@@ -654,6 +665,28 @@ class Dispatcher:
         for (namespace, _, name), waiting in self._parked.items():
             counts[f"{namespace}/{name}"] += len(waiting)
         return dict(counts)
+
+    def queue_by_type(self) -> dict[str, tuple[int, int | None]]:
+        """Task type → (queued tasks, due time of the oldest one or None),
+        summed over namespaces: the queued tasks waiting for a worker slot
+        (not those held by a gate or a full concurrency limit: they wait by
+        design, and their own metrics say so). For the scrape-time gauges,
+        read from the metrics thread: O(queues × groups × priorities) (one
+        heap head each), nothing on the dispatch path. A queue changing under
+        the read (the event loop runs on) is read again."""
+        for _ in range(3):
+            try:
+                result: dict[str, tuple[int, int | None]] = {}
+                for (_, type_), queue in list(self._queues.items()):
+                    count, oldest = result.get(type_, (0, None))
+                    head = queue.oldest_run_at()
+                    if head is not None and (oldest is None or head < oldest):
+                        oldest = head
+                    result[type_] = (count + queue.size, oldest)
+                return result
+            except RuntimeError:  # a dict changed size during iteration
+                continue
+        return {}
 
     def stats(self) -> dict[str, int]:
         return {

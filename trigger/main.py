@@ -159,6 +159,7 @@ async def serve(cfg: Config, port: int) -> None:
         metrics.shards_owned.set_function(lambda: len(trigger.owned))
         metrics.dispatch_queued.set_function(lambda: trigger.dispatcher.stats()["queued"])
         metrics.dispatch_queued_by_group.set_function(trigger.dispatcher.queued_by_group)
+        metrics.queue_by_type.set_source(trigger.dispatcher.queue_by_type)
         metrics.dispatch_inflight.set_function(lambda: trigger.dispatcher.stats()["inflight"])
         metrics.subscribed_workers.set_function(lambda: trigger.dispatcher.stats()["workers"])
         metrics.due_read_age.set_function(trigger.oldest_read_s)

@@ -20,6 +20,7 @@ unrelated live process later; comparing the kernel's start time of the process
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -364,7 +365,18 @@ class ManagedProcess:
         it runs, or when it was started by another object or process."""
         if not self._child:
             return None
-        return self._child[0].poll()
+        child = self._child[0]
+        code = child.poll()
+        if code is None:
+            # ``is_running`` is already False once the main thread is a zombie, but
+            # the kernel lets the parent reap it only after its other threads are
+            # torn down too (a few ms; seen in CI: is_running False, exit code None).
+            # Wait for that short step instead of answering "still runs".
+            facts = _facts(child.pid)
+            if facts is None or facts.gone:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    code = child.wait(timeout=10)
+        return code
 
     # -- logs ------------------------------------------------------------
 

@@ -137,6 +137,9 @@ class Page:
     # in the page (ascending): the lifecycle quarantines them and puts the
     # re-read tasks back there. They count toward the page size.
     unreadable: list[tuple[int, UnreadableTask]] = field(default_factory=list)
+    # Listing-index rows examined for this page (filters read more rows than
+    # they return): what CountTasks reports and bounds.
+    scanned: int = 0
 
 
 @dataclass
@@ -149,6 +152,38 @@ class ListQuery:
     # A page ends early once its tasks' listed size reaches this many bytes
     # (0 = no limit): a page of 1 MiB results must still fit one gRPC message.
     max_bytes: int = 0
+    # "" = every type. Like ``status``, tested on each row as read (the
+    # listing index does not hold it): a bounded scan per page.
+    type: str = ""
+    # created_after <= created_at < created_before (ms; None = open). Part of
+    # the listing index's key: only the days and rows in range are read.
+    created_after: int | None = None
+    created_before: int | None = None
+
+    def in_range(self, created_at: int) -> bool:
+        """Whether ``created_at`` lies in the query's time range."""
+        return (self.created_after is None or created_at >= self.created_after) and (
+            self.created_before is None or created_at < self.created_before
+        )
+
+    def matches(self, task: Task) -> bool:
+        """Whether ``task`` passes the filters (status, type, time range)."""
+        return (
+            (self.status is None or task.status == self.status)
+            and (not self.type or task.type == self.type)
+            and self.in_range(task.created_at)
+        )
+
+
+@dataclass(frozen=True)
+class FailedCounts:
+    """FAILED tasks per type, counted from the dead-letter index
+    (``TaskStore.count_failed``). ``exact``: every entry was read (False: the
+    bound was reached and the counts are lower bounds)."""
+
+    counts: dict[str, int]
+    scanned: int
+    exact: bool
 
 
 class TaskStore(Protocol):
@@ -296,6 +331,22 @@ class TaskStore(Protocol):
 
     async def read_history(self, task_id: uuid.UUID, limit: int) -> list[HistoryEntry]:
         """The task's newest ``limit`` entries, newest first."""
+        ...
+
+    # -- dead letters: the index of FAILED tasks (migration 013) --
+    async def add_failed(self, task: Task) -> None:
+        """Note ``task`` (FAILED now) in the dead-letter index: a plain,
+        idempotent write keyed by (namespace, type, task id), so writing it
+        twice (a retried report) counts once."""
+        ...
+
+    async def remove_failed(self, task: Task) -> None:
+        """Take ``task`` out of the dead-letter index (it left FAILED)."""
+        ...
+
+    async def count_failed(self, namespace: str, type_: str, limit: int) -> FailedCounts:
+        """FAILED tasks of ``namespace`` per type (only ``type_`` unless ""),
+        reading at most ``limit`` index entries."""
         ...
 
     # -- trigger checkpoints --

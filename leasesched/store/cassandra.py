@@ -70,12 +70,13 @@ from leasesched.observability import metrics
 from leasesched.observability.logs import fields
 from leasesched.states import TaskStatus
 from leasesched.schedules import Schedule
-from leasesched.store.page_token import decode_token, encode_token
+from leasesched.store.page_token import MAX_DAY, decode_token, encode_token
 from leasesched.store.schedule_codec import dump_definition, dump_state, load_definition, load_state
 from leasesched.store.base import (
     TIME_COLUMNS,
     CasResult,
     Expect,
+    FailedCounts,
     IdempotencyRecord,
     ListQuery,
     Page,
@@ -343,9 +344,18 @@ class CassandraStore:
             "WHERE shard = ? AND bucket = ? AND due_at >= ? AND due_at <= ?",
             "delete_due": "DELETE FROM due_index WHERE shard = ? AND bucket = ? AND due_at = ? AND task_id = ? AND kind = ?",
             "index_ns": "INSERT INTO tasks_by_namespace (namespace, day, created_at, task_id) VALUES (?, ?, ?, ?)",
-            "list_ns": "SELECT created_at, task_id FROM tasks_by_namespace WHERE namespace = ? AND day = ? LIMIT ?",
+            # Every listing read is a clustering range of one day: [low, high)
+            # for a day's first read, [low, cursor) after a cursor (tuple
+            # notation for both bounds: Cassandra refuses a single-column and
+            # a tuple bound on the same column in one query).
+            "list_ns": "SELECT created_at, task_id FROM tasks_by_namespace WHERE namespace = ? AND day = ? "
+            "AND created_at >= ? AND created_at < ? LIMIT ?",
             "list_ns_after": "SELECT created_at, task_id FROM tasks_by_namespace WHERE namespace = ? AND day = ? "
-            "AND (created_at, task_id) < (?, ?) LIMIT ?",
+            "AND (created_at) >= (?) AND (created_at, task_id) < (?, ?) LIMIT ?",
+            "add_failed": "INSERT INTO failed_tasks (namespace, type, task_id, failed_at) VALUES (?, ?, ?, ?)",
+            "remove_failed": "DELETE FROM failed_tasks WHERE namespace = ? AND type = ? AND task_id = ?",
+            "count_failed": "SELECT type FROM failed_tasks WHERE namespace = ? LIMIT ?",
+            "count_failed_type": "SELECT type FROM failed_tasks WHERE namespace = ? AND type = ? LIMIT ?",
             "get_checkpoint": "SELECT checkpoint_ms FROM shard_checkpoints WHERE shard = ?",
             "set_checkpoint": "INSERT INTO shard_checkpoints (shard, checkpoint_ms, updated_at) VALUES (?, ?, ?)",
             "add_history": "INSERT INTO task_history (task_id, started_at, entry, kind, attempt, lease_token, worker_id, "
@@ -676,9 +686,12 @@ class CassandraStore:
     async def _list_tasks(self, query: ListQuery) -> Page:
         """Newest first, walking day partitions back ``list_days`` days.
 
-        A status filter reads each candidate's row (the status lives only in
-        ``tasks``); each page scans a bounded number of index rows so that a
-        rare status cannot make one call unbounded, and the token resumes.
+        The time range narrows the walk itself: only the days it touches are
+        read, each as the clustering range inside it. Status and type live
+        only in ``tasks``, so they are tested on each candidate's row; each
+        page scans a bounded number of index rows (``scan_budget``) so that
+        a rare status or type cannot make one call unbounded: the page may
+        come back short, even empty, with a token that resumes.
         """
         now_day = int(time.time() * 1000) // DAY_MS
         cursor = decode_token(query.page_token)
@@ -686,18 +699,27 @@ class CassandraStore:
         # into the future: it starts at today at the latest.
         day = min(cursor.day, now_day) if cursor else now_day
         oldest_day = now_day - int(query.extra.get("list_days", 30))
+        low_ms = 0 if query.created_after is None else max(query.created_after, 0)
+        high_ms = MAX_DAY * DAY_MS if query.created_before is None else query.created_before  # exclusive
+        if high_ms <= low_ms:
+            return Page([], "")
+        day = min(day, (high_ms - 1) // DAY_MS)
+        oldest_day = max(oldest_day, low_ms // DAY_MS)
         found: list[Task] = []
         size = 0  # listed bytes so far (query.max_bytes)
         full = False
         scanned = 0
         scan_budget = max(query.page_size * 10, 200)
-        after = (cursor.created_at, cursor.task_id) if cursor else None
+        after = (cursor.created_at, cursor.task_id) if cursor and cursor.day == day else None
+        filtered = query.status is not None or bool(query.type)
         while day >= oldest_day and len(found) < query.page_size and scanned < scan_budget:
             limit = min(query.page_size, scan_budget - scanned)
+            day_low = max(low_ms, day * DAY_MS)
             if after is None:
-                rows = await self._run_plain("list_ns", (query.namespace, day, limit))
+                day_high = min(high_ms, (day + 1) * DAY_MS)
+                rows = await self._run_plain("list_ns", (query.namespace, day, day_low, day_high, limit))
             else:
-                rows = await self._run_plain("list_ns_after", (query.namespace, day, after[0], after[1], limit))
+                rows = await self._run_plain("list_ns_after", (query.namespace, day, day_low, after[0], after[1], limit))
             scanned += len(rows)
             tasks = await asyncio.gather(*(self._read_listed(r.task_id) for r in rows))
             for row, task in zip(rows, tasks):
@@ -705,7 +727,7 @@ class CassandraStore:
                 # An unreadable row is listed whatever the filter: its status is
                 # only known after the lifecycle has quarantined it.
                 unreadable = isinstance(task, _UnreadableStandIn)
-                if task is not None and (query.status is None or task.status == query.status or unreadable):
+                if task is not None and (not filtered or unreadable or query.matches(task)):
                     found.append(task)
                     size += listed_size(task)
                     full = len(found) == query.page_size or 0 < query.max_bytes <= size
@@ -716,10 +738,10 @@ class CassandraStore:
             if len(rows) < limit:
                 day, after = day - 1, None  # this day is exhausted
         if day < oldest_day:
-            return Page(found, "")
+            return Page(found, "", scanned=scanned)
         if after is None:
-            return Page(found, encode_token(day, None, None) if found or scanned else "")
-        return Page(found, encode_token(day, after[0], after[1]))
+            return Page(found, encode_token(day, None, None) if found or scanned else "", scanned=scanned)
+        return Page(found, encode_token(day, after[0], after[1]), scanned=scanned)
 
     async def count_tasks(self, limit: int) -> TaskCounts:
         """Counts over at most ``limit`` task rows (an operator's view, not a hot path):
@@ -731,6 +753,40 @@ class CassandraStore:
         rows = await asyncio.to_thread(lambda: [(r.status, r.namespace, r.type) for r in session.execute(statement)])
         scheduled = collections.Counter((ns, t) for status, ns, t in rows if status == TaskStatus.SCHEDULED.value)
         return TaskCounts(dict(collections.Counter(status for status, _, _ in rows)), dict(scheduled))
+
+    # ---------------------------------------------------------------- dead letters
+
+    async def add_failed(self, task: Task) -> None:
+        failed_at = task.finished_at if task.finished_at is not None else int(time.time() * 1000)
+        await self._run_plain("add_failed", (task.namespace, task.type, task.task_id, failed_at))
+
+    async def remove_failed(self, task: Task) -> None:
+        await self._run_plain("remove_failed", (task.namespace, task.type, task.task_id))
+
+    async def count_failed(self, namespace: str, type_: str, limit: int) -> FailedCounts:
+        """Reads the index entries (the type column only) in pages of 5,000:
+        one partition per namespace, so this is one sequential partition read,
+        never a scan of ``tasks``."""
+        session = await self._ensure_session()
+        assert self._stmts is not None
+        if type_:
+            bound = self._stmts["count_failed_type"].bind((namespace, type_, limit + 1))
+        else:
+            bound = self._stmts["count_failed"].bind((namespace, limit + 1))
+        bound.fetch_size = 5000
+
+        def read() -> list[str]:
+            # The driver fetches the next page as the iteration reaches it (in
+            # this thread); the async path (``_run``) sees the first page only.
+            return [r.type for r in session.execute(bound, timeout=self._give_up_s)]
+
+        try:
+            types_read = await asyncio.to_thread(read)
+        except _UNAVAILABLE_ERRORS as exc:
+            raise StoreUnavailable(f"count of failed tasks: {exc}") from exc
+        exact = len(types_read) <= limit
+        counts = collections.Counter(types_read[:limit])
+        return FailedCounts(dict(counts), min(len(types_read), limit), exact)
 
     # ---------------------------------------------------------------- auth tokens
 

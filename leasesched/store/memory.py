@@ -28,6 +28,7 @@ from leasesched.states import TaskStatus
 from leasesched.store.base import (
     CasResult,
     Expect,
+    FailedCounts,
     IdempotencyRecord,
     ListQuery,
     Page,
@@ -36,6 +37,7 @@ from leasesched.store.base import (
     UnreadableTask,
     task_from_row,
 )
+from leasesched.store.page_token import DAY_MS, decode_token, encode_token
 from leasesched.store.schedule_codec import dump_definition, dump_state, load_definition, load_state
 
 
@@ -107,6 +109,7 @@ class MemoryStore:
         self.slot_writes = 0  # conditional writes on slot rows
         self.limits: dict[LimitKey, ConcurrencyLimit] = {}
         self.history: dict[uuid.UUID, dict[tuple[int, str], HistoryEntry]] = {}
+        self.failed: dict[tuple[str, str, uuid.UUID], int] = {}  # the dead-letter index → failed_at
 
     def _maybe_fail(self, op: str) -> None:
         if op in self.fail_next:
@@ -211,6 +214,10 @@ class MemoryStore:
         return CasResult(applied=True)
 
     async def list_tasks(self, query: ListQuery) -> Page:
+        """Newest first, with every filter of ``ListQuery``. The token is the
+        Cassandra store's cursor format (``page_token.encode_token``: the
+        last row returned), so TaskService treats both stores alike; unlike
+        Cassandra's, a page here is never cut short by a scan bound."""
         if self.raw:
             return self._list_with_raw(query)
         rows = sorted(
@@ -218,17 +225,24 @@ class MemoryStore:
             key=lambda t: (t.created_at, t.task_id.int),
             reverse=True,
         )
-        rows = [t for t in rows if query.status is None or t.status == query.status]
-        start = int(query.page_token or 0)
-        page = rows[start : start + query.page_size]
+        cursor = decode_token(query.page_token)
+        if cursor is not None and cursor.created_at is not None and cursor.task_id is not None:
+            position = (cursor.created_at, cursor.task_id.int)
+            rows = [t for t in rows if (t.created_at, t.task_id.int) < position]
+        examined = len(rows)
+        rows = [t for t in rows if query.matches(t)]
+        page = rows[: query.page_size]
         size = 0
         for count, task in enumerate(page, 1):
             size += listed_size(task)
             if 0 < query.max_bytes <= size:
                 page = page[:count]
                 break
-        end = start + len(page)
-        return Page([copy.deepcopy(t) for t in page], str(end) if end < len(rows) else "")
+        if len(page) == len(rows) or not page:
+            return Page([copy.deepcopy(t) for t in page], "", scanned=examined)
+        last = page[-1]
+        token = encode_token(last.created_at // DAY_MS, last.created_at, last.task_id)
+        return Page([copy.deepcopy(t) for t in page], token, scanned=examined)
 
     def _list_with_raw(self, query: ListQuery) -> Page:
         """``list_tasks`` when raw rows exist: an unreadable one holds its place
@@ -240,23 +254,50 @@ class MemoryStore:
             return item.created_at if isinstance(item.created_at, int) else 0
 
         rows.sort(key=lambda item: (created(item), item.task_id.int), reverse=True)
+        cursor = decode_token(query.page_token)
+        if cursor is not None and cursor.created_at is not None and cursor.task_id is not None:
+            position = (cursor.created_at, cursor.task_id.int)
+            rows = [r for r in rows if (created(r), r.task_id.int) < position]
         readable: list[Task | UnreadableTask] = []
+        positions: list[tuple[int, uuid.UUID]] = []
         for item in rows:
             try:
                 task = item if isinstance(item, Task) else task_from_row(copy.deepcopy(item))
             except UnreadableTask as bad:
                 readable.append(bad)
+                positions.append((created(item), item.task_id))
                 continue
-            if query.status is None or task.status == query.status:
+            if query.matches(task):
                 readable.append(task)
-        start = int(query.page_token or 0)
-        window = readable[start : start + query.page_size]
-        more = start + query.page_size < len(readable)
+                positions.append((created(item), item.task_id))
+        window = readable[: query.page_size]
+        token = ""
+        if len(readable) > query.page_size:
+            at, task_id = positions[query.page_size - 1]
+            token = encode_token(at // DAY_MS, at, task_id)
         return Page(
             [copy.deepcopy(t) for t in window if isinstance(t, Task)],
-            str(start + query.page_size) if more else "",
+            token,
             [(i, t) for i, t in enumerate(window) if isinstance(t, UnreadableTask)],
         )
+
+    # -- dead letters
+    async def add_failed(self, task: Task) -> None:
+        self._maybe_fail("add_failed")
+        self.failed[(task.namespace, task.type, task.task_id)] = task.finished_at or 0
+
+    async def remove_failed(self, task: Task) -> None:
+        self._maybe_fail("remove_failed")
+        self.failed.pop((task.namespace, task.type, task.task_id), None)
+
+    async def count_failed(self, namespace: str, type_: str, limit: int) -> FailedCounts:
+        self._maybe_fail("count_failed")
+        keys = sorted(k for k in self.failed if k[0] == namespace and (not type_ or k[1] == type_))
+        read = keys[:limit]
+        counts: dict[str, int] = {}
+        for _, task_type, _ in read:
+            counts[task_type] = counts.get(task_type, 0) + 1
+        return FailedCounts(counts, len(read), exact=len(keys) <= limit)
 
     async def claim_idempotency_key(self, namespace: str, key: str, record: IdempotencyRecord) -> IdempotencyRecord | None:
         self._maybe_fail("claim_idempotency_key")

@@ -29,6 +29,7 @@ Typical use::
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import socket
@@ -61,17 +62,45 @@ class ProcessError(RuntimeError):
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports that were free a moment ago.
+    """``count`` distinct ports that were free a moment ago, outside the kernel's
+    ephemeral range.
 
-    All sockets stay bound until every port is chosen, so the kernel cannot
-    hand out the same port twice; the small race with other programs between
-    closing them and the servers binding them is why ``start_serving`` retries.
+    Why not the kernel's choice (bind to port 0): that picks from the ephemeral
+    range, the same pool every outgoing connection takes its local port from.
+    Tests stop and restart servers on their ports (a Cassandra outage, chaos
+    kills), and while a server is down any connection — the driver's own
+    reconnect attempts to that very port included (a TCP self-connect) — may be
+    handed its port, so the restart finds it taken (seen in CI: "CQL port
+    already in use"). Ports below the range are never handed out that way.
+
+    All sockets stay bound until every port is chosen, so no port is chosen
+    twice; the small race with other programs between closing them and the
+    servers binding them is why ``start_serving`` retries.
     """
+    low, high = _listen_range()
     with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for s in sockets:
-            s.bind((host, 0))
-        return [int(s.getsockname()[1]) for s in sockets]
+        chosen: list[int] = []
+        for port in random.sample(range(low, high), min(high - low, 50 * count + 100)):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            chosen.append(port)
+            if len(chosen) == count:
+                return chosen
+        raise OSError(f"no {count} free ports in {low}..{high - 1} on {host}")
+
+
+def _listen_range() -> tuple[int, int]:
+    """Ports for test servers: from 15000 up to the start of the ephemeral range
+    (Linux's default 32768), and never past it."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low = 15000 if ephemeral_low > 20000 else 1024
+    return low, max(ephemeral_low, low + 1000)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -85,10 +85,10 @@ class TaskPage:
 
 @dataclass(frozen=True)
 class Count:
-    """Tasks of one status, counted by listing them up to a cap."""
+    """Tasks of one status, as CountTasks counted them."""
 
     value: int
-    capped: bool  # there are more than ``value``
+    capped: bool  # a lower bound: the server stopped at its bound of rows read
 
     def __str__(self) -> str:
         return f"{self.value}+" if self.capped else str(self.value)
@@ -131,9 +131,11 @@ class DashboardApi(Protocol):
 
     def identify(self) -> Identity: ...
 
-    def list_page(self, status: TaskStatus | None, page_size: int, page_token: str = "") -> TaskPage: ...
+    def list_page(
+        self, status: TaskStatus | None, page_size: int, page_token: str = "", type: str = "", since: dt.datetime | None = None
+    ) -> TaskPage: ...
 
-    def count(self, status: TaskStatus, cap: int) -> Count: ...
+    def count(self, status: TaskStatus) -> Count: ...
 
     def poll(self, task_id: str) -> TaskView: ...
 
@@ -197,20 +199,18 @@ class GrpcApi:
         except PermissionDeniedError:
             return Identity(self.namespace, Role.OPERATOR)
 
-    def list_page(self, status: TaskStatus | None, page_size: int, page_token: str = "") -> TaskPage:
-        tasks, token = self._client.list_page(self.namespace, status, page_size, page_token)
+    def list_page(
+        self, status: TaskStatus | None, page_size: int, page_token: str = "", type: str = "", since: dt.datetime | None = None
+    ) -> TaskPage:
+        """One page, filtered by the server (state, exact type, created since)."""
+        tasks, token = self._client.list_page(self.namespace, status, page_size, page_token, type=type or None, created_after=since)
         return TaskPage(list(tasks), token)
 
-    def count(self, status: TaskStatus, cap: int) -> Count:
-        """There is no count RPC: list the status's tasks in pages of up to 1000, stop at ``cap``."""
-        seen, token = 0, ""
-        while True:
-            tasks, token = self._client.list_page(self.namespace, status, min(1000, cap - seen + 1), token)
-            seen += len(tasks)
-            if seen > cap:
-                return Count(cap, True)
-            if not token:
-                return Count(seen, False)
+    def count(self, status: TaskStatus) -> Count:
+        """CountTasks: FAILED exactly (the dead-letter index), the others over the
+        server's recent scan (a lower bound when it stopped at its bound)."""
+        counts = self._client.count(status)
+        return Count(sum(row.count for row in counts.rows), not counts.exact)
 
     def poll(self, task_id: str) -> TaskView:
         return self._client.poll(task_id)

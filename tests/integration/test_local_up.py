@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from leasesched.config import Config
-from leasesched.testing import free_port, pid_alive
+from leasesched.testing import free_ports, pid_alive
 from tests.cluster import wait_for
 from tests.conftest import DIST_DIR
 
@@ -48,8 +48,9 @@ class Output:
 
 
 def test_local_up_restarts_a_dead_worker_and_ctrl_c_stops_everything(module_config: Config) -> None:
+    service_port, updater_port, trigger_port, dashboard_port = free_ports(4)
     cfg = module_config.with_overrides(
-        task_service_port=free_port(), task_updater_port=free_port(), trigger_port=free_port(), dashboard_port=free_port()
+        task_service_port=service_port, task_updater_port=updater_port, trigger_port=trigger_port, dashboard_port=dashboard_port
     )
     # `local up` looks for the Cassandra download under <home>/dist; the session's is shared.
     dist = Path(cfg.home) / "dist"

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from fastapi.testclient import TestClient
 
-from leasesched.client import FailedPreconditionError, GateView, LimitInfo, NotFoundError, Progress, ScheduleView, TaskStatus, TaskView
+from leasesched.client import FailedPreconditionError, GateView, PermissionDeniedError, LimitInfo, NotFoundError, Progress, ScheduleView, TaskStatus, TaskView
 from services.dashboard import overview
 from services.dashboard.api import Action, ClusterView, Count, Identity, LoginRefused, Role, StoreProbe, TaskPage, TriggerInfo, cluster_view
 from services.dashboard.app import DashboardConfig, create_app
@@ -46,15 +46,22 @@ class FakeApi:
             raise LoginRefused("UNAUTHENTICATED: unknown or revoked token")
         return Identity(self.namespace, TOKENS[self.token])
 
-    def list_page(self, status: TaskStatus | None, page_size: int, page_token: str = "") -> TaskPage:
-        chosen = [t for t in self.tasks if status is None or t.status is status]
+    def list_page(
+        self, status: TaskStatus | None, page_size: int, page_token: str = "", type: str = "", since: dt.datetime | None = None
+    ) -> TaskPage:
+        chosen = [
+            t for t in self.tasks
+            if (status is None or t.status is status) and (not type or t.type == type)
+            and (since is None or (t.created_at is not None and t.created_at >= since))
+        ]  # fmt: skip
         start = int(page_token or 0)
         rest = chosen[start + page_size :]
         return TaskPage(chosen[start : start + page_size], str(start + page_size) if rest else "")
 
-    def count(self, status: TaskStatus, cap: int) -> Count:
-        n = sum(1 for t in self.tasks if t.status is status)
-        return Count(min(n, cap), n > cap)
+    def count(self, status: TaskStatus) -> Count:
+        if TOKENS.get(self.token) is Role.OPERATOR:  # as the API answers an operator's CountTasks
+            raise PermissionDeniedError(grpc.StatusCode.PERMISSION_DENIED, "an operator token may not call CountTasks")
+        return Count(sum(1 for t in self.tasks if t.status is status), False)
 
     def poll(self, task_id: str) -> TaskView:
         for t in self.tasks:
@@ -268,3 +275,10 @@ def test_bulk_retry_acts_on_each_ticked_task_with_its_version(world: tuple[TestC
     assert made[-1].acted == [(Action.RETRY, "t-failed", "v1", "from the dashboard")]
     assert re.search(r'id="bulk-done">1<', reply.text) and re.search(r'id="bulk-refused">1<', reply.text)
     assert client.post("/bulk", data={"action": "retry", "pick": ["t-failed|v1"]}).status_code == 403  # no CSRF token
+
+
+def test_an_operator_overview_without_counts_and_no_schedule_links(world: tuple[TestClient, list[FakeApi]]) -> None:
+    client, _ = world
+    login(client, "tok-operator")
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="no-counts"' in page.text and 'href="/schedules"' not in page.text

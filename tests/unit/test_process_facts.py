@@ -24,3 +24,15 @@ def test_a_pid_file_start_time_old_or_new_names_the_same_process() -> None:
     ticks = raw[raw.rindex(")") + 2 :].split()[19]  # what earlier versions wrote (field 22)
     assert _same_start(ticks, me)
     assert not _same_start(str(int(ticks) + 500), me)
+
+
+def test_test_server_ports_are_distinct_and_outside_the_ephemeral_range() -> None:
+    """A server that a test stops and restarts must find its port free again:
+    a port from the ephemeral range may meanwhile be any connection's local port."""
+    from leasesched.testing import free_ports
+
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(20):
+        ports = free_ports(5)
+        assert len(set(ports)) == 5
+        assert all(1024 <= port < ephemeral_low for port in ports), ports
