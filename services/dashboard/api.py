@@ -39,8 +39,6 @@ from leasesched.client import (
 )
 from leasesched.config import Config
 from leasesched.transport import sync_channel
-from leasesched.v1 import scheduler_pb2 as pb
-from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 
 
 class Role(str, enum.Enum):
@@ -219,17 +217,14 @@ class GrpcApi:
         return self._client.cancel(task_id)
 
     def act(self, action: Action, task_id: str, expected_version: str, reason: str) -> TaskView:
-        """One OperatorService call. Looked up by name so this module builds against a
-        proto without OperatorService (the dashboard then says the action is unavailable)."""
-        method, request_type = _OPERATOR_CALLS[action]
-        stub_type = getattr(pb_grpc, "OperatorServiceStub", None)
-        request_class = getattr(pb, request_type, None)
-        if stub_type is None or request_class is None:
-            raise ActionUnavailable("this build has no OperatorService")
-        stub = stub_type(self._channel)
-        request = request_class(task_id=task_id, expected_version=expected_version, reason=reason)
-        reply = self._client._call(getattr(stub, method), request)  # the client's retries and error mapping
-        return TaskView.from_pb(reply.task)
+        """One OperatorService call through the client's method for it (``retry_task``, ...).
+        Looked up by name so the dashboard also runs with a client that has none yet
+        (the action is then unavailable, and says so)."""
+        method = getattr(self._client, _CLIENT_METHODS[action], None)
+        if method is None:
+            raise ActionUnavailable("this build's client has no OperatorService methods")
+        view: TaskView = method(task_id, expected_version, reason)
+        return view
 
     def schedules(self) -> list[ScheduleView]:
         return list(self._client.list_schedules(self.namespace))
@@ -256,11 +251,11 @@ class GrpcApi:
         self._channel.close()
 
 
-_OPERATOR_CALLS = {
-    Action.RETRY: ("RetryTask", "RetryTaskRequest"),
-    Action.RESUME: ("ResumeTask", "ResumeTaskRequest"),
-    Action.MARK_FAILED: ("MarkTaskFailed", "MarkTaskFailedRequest"),
-    Action.TERMINATE: ("TerminateTask", "TerminateTaskRequest"),
+_CLIENT_METHODS = {
+    Action.RETRY: "retry_task",
+    Action.RESUME: "resume_task",
+    Action.MARK_FAILED: "mark_task_failed",
+    Action.TERMINATE: "terminate_task",
 }
 
 
