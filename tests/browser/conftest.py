@@ -49,8 +49,11 @@ def browser(dashboard: "Dashboard") -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        # --no-sandbox: tests run as root (CI does), where Chromium's sandbox refuses to start.
-        launched = playwright.chromium.launch(executable_path=chromium_executable(), headless=True, args=["--no-sandbox"])
+        # --no-sandbox: tests run as root (CI does), where Chromium's sandbox refuses to start;
+        # --disable-dev-shm-usage: a container's small /dev/shm must not crash its renderers.
+        launched = playwright.chromium.launch(
+            executable_path=chromium_executable(), headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
         try:
             yield launched
         finally:
