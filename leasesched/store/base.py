@@ -421,4 +421,5 @@ def task_from_row(row: Any) -> Task:
         nominal_time=row.nominal_time,
         concurrency_key=row.concurrency_key or "",
         gate=getattr(row, "gate", None) or "",
+        lease_losses=getattr(row, "lease_losses", None) or 0,  # null: a row from before migration 011
     )

@@ -120,6 +120,7 @@ _SIMPLE_COLUMNS = {
     "schedule_id": "schedule_id",
     "concurrency_key": "concurrency_key",
     "gate": "gate",
+    "lease_losses": "lease_losses",
 }
 _TIME_COLUMNS = TIME_COLUMNS
 

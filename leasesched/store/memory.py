@@ -80,6 +80,7 @@ def raw_row(task: Task, **overrides: Any) -> types.SimpleNamespace:
         nominal_time=task.nominal_time,
         concurrency_key=task.concurrency_key,
         gate=task.gate,
+        lease_losses=task.lease_losses,
         write_id=None,
     )
     for column, value in overrides.items():
