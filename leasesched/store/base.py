@@ -298,6 +298,12 @@ class TaskStore(Protocol):
         """The task's newest ``limit`` entries, newest first."""
         ...
 
+    async def trim_history(self, task_id: uuid.UUID, keep: int) -> None:
+        """Remove the task's entries older than its newest ``keep`` (plain
+        statements: a read of ``keep`` keys, then one range delete). The
+        caller decides when it is worth it (``leasesched.attempt_history``)."""
+        ...
+
     # -- trigger checkpoints --
     async def get_checkpoint(self, shard: int) -> int | None: ...
 

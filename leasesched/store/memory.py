@@ -128,6 +128,16 @@ class MemoryStore:
         newest_first = sorted(rows.items(), key=lambda item: (-item[0][0], item[0][1]))
         return [entry for _, entry in newest_first[:limit]]
 
+    async def trim_history(self, task_id: uuid.UUID, keep: int) -> None:
+        self._maybe_fail("trim_history")
+        rows = self.history.get(task_id, {})
+        if len(rows) <= keep:
+            return
+        # As the Cassandra store does it: everything strictly older than the keep-th newest entry's time.
+        oldest_kept = sorted(key[0] for key in rows)[-keep]
+        for key in [k for k in rows if k[0] < oldest_kept]:
+            del rows[key]
+
     async def close(self) -> None:
         pass
 
