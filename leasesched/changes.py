@@ -77,6 +77,7 @@ class TaskChange:
     progress_percent: float | Unset = UNSET
     progress_message: str | Unset = UNSET
     cancel_requested: bool | Unset = UNSET
+    lease_losses: int | Unset = UNSET
 
     # ------------------------------------------------------------ reading
 
@@ -235,13 +236,16 @@ class TaskChange:
     @classmethod
     def lease_expired_retry(cls, task: Task, now: int) -> TaskChange:
         """The lease expired (plus grace) with attempts left: due again ``now``
-        as the next attempt."""
+        as the next attempt. Every lease expiry counts a lease loss: written by
+        this same conditional write (on the token read), so the count costs no
+        write of its own and two triggers can never both count one loss."""
         return cls(
             status=target(Transition.LEASE_EXPIRED_RETRY, task.status),
             attempt=task.attempt + 1,
             run_at=now,
             lease_owner=None,
             lease_expires_at=None,
+            lease_losses=task.lease_losses + 1,
             error=f"lease expired on attempt {task.attempt}",
             error_type="LeaseExpired",
             progress_percent=_FRESH_PERCENT,
@@ -257,6 +261,7 @@ class TaskChange:
             error=f"lease expired (attempt {task.attempt} of {task.max_attempts})",
             error_type="LeaseExpired",
             lease_expires_at=None,
+            lease_losses=task.lease_losses + 1,
         )
 
     @classmethod
@@ -269,6 +274,7 @@ class TaskChange:
             error=f"cancelled by request; the lease expired on attempt {task.attempt}",
             error_type="LeaseExpired",
             lease_expires_at=None,
+            lease_losses=task.lease_losses + 1,
         )
 
     @classmethod

@@ -63,6 +63,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from leasesched.concurrency import LimitScope
 from leasesched.config import Config
+from leasesched.history import AttemptOutcome, HistoryKind, Operation
 from leasesched.states import TaskStatus
 from leasesched.transport import SERVER_GONE_CODES, aio_channel, sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
@@ -249,6 +250,9 @@ class TaskView:
     # SCHEDULED and held: why. Its gate (paused, closed until ..., no such gate) and, once due,
     # a full concurrency limit ("concurrency limit ns/key=k is full (5 of 5 running)"); "" otherwise.
     waiting_reason: str = ""
+    # How many of its leases expired unreported; stuck: at least the server's stuck_lease_losses (default 3).
+    lease_losses: int = 0
+    stuck: bool = False
 
     @property
     def terminal(self) -> bool:
@@ -282,7 +286,49 @@ class TaskView:
             concurrency_key=view.concurrency_key,
             gate=view.gate,
             waiting_reason=view.waiting_reason,
+            lease_losses=view.lease_losses,
+            stuck=view.stuck,
         )
+
+
+@dataclass(frozen=True)
+class HistoryLine:
+    """One entry of a task's history (GetTaskHistory; ``leasesched.history``).
+
+    An ATTEMPT (``kind``) has ``attempt``, ``lease_token``, ``worker_id``,
+    ``started_at`` (its claim), ``ended_at`` (None while it runs),
+    ``outcome``, ``error_type`` / ``error`` and its last ``progress``. An
+    OPERATION has ``operation``, ``operator``, ``reason`` and ``started_at``
+    (when it was done)."""
+
+    kind: HistoryKind
+    started_at: dt.datetime | None
+    attempt: int = 0
+    lease_token: int = 0
+    worker_id: str = ""
+    ended_at: dt.datetime | None = None
+    outcome: AttemptOutcome | None = None
+    error_type: str = ""
+    error: str = ""
+    progress: Progress = Progress()
+    operation: Operation | None = None
+    operator: str = ""
+    reason: str = ""
+
+    @classmethod
+    def from_pb(cls, entry: pb.TaskHistoryEntry) -> "HistoryLine":
+        outcome = None if entry.outcome == pb.HISTORY_OUTCOME_UNSPECIFIED else AttemptOutcome(
+            pb.HistoryOutcome.Name(entry.outcome).removeprefix("HISTORY_OUTCOME_"))
+        operation = None if entry.operation == pb.HISTORY_OPERATION_UNSPECIFIED else Operation(
+            pb.HistoryOperation.Name(entry.operation).removeprefix("HISTORY_OPERATION_"))
+        kind = HistoryKind.OPERATION if entry.kind == pb.HISTORY_ENTRY_KIND_OPERATION else HistoryKind.ATTEMPT
+        return cls(
+            kind=kind, started_at=_datetime(entry, "started_at"), attempt=entry.attempt,
+            lease_token=entry.lease_token, worker_id=entry.worker_id, ended_at=_datetime(entry, "ended_at"),
+            outcome=outcome, error_type=entry.error_type, error=entry.error,
+            progress=Progress(percent=entry.progress.percent, message=entry.progress.message),
+            operation=operation, operator=entry.operator, reason=entry.reason,
+        )  # fmt: skip
 
 
 def _status_from_pb(value: int) -> TaskStatus:
@@ -1104,6 +1150,15 @@ class Client:
         reply: pb.PollTaskResponse = self._call(self._stub.PollTask, pb.PollTaskRequest(task_id=task_id))
         return TaskView.from_pb(reply.task)
 
+    def history(self, task_id: str, limit: int = 0) -> list[HistoryLine]:
+        """The task's history, newest first: one line per attempt (worker,
+        lease token, claim and end, outcome, error, last progress) and per
+        operator action. At most ``limit`` lines, and never more than the
+        server's ``history_max_entries`` (0: that bound)."""
+        request = pb.GetTaskHistoryRequest(task_id=task_id, limit=limit)
+        reply: pb.GetTaskHistoryResponse = self._call(self._stub.GetTaskHistory, request)
+        return [HistoryLine.from_pb(e) for e in reply.entries]
+
     def _poll_before(self, task_id: str, deadline: float | None) -> TaskView:
         reply: pb.PollTaskResponse = self._call(self._stub.PollTask, pb.PollTaskRequest(task_id=task_id), deadline)
         return TaskView.from_pb(reply.task)
@@ -1511,6 +1566,12 @@ class AsyncClient:
     async def poll(self, task_id: str) -> TaskView:
         """See ``Client.poll``."""
         return await self._poll_before(task_id, None)
+
+    async def history(self, task_id: str, limit: int = 0) -> list[HistoryLine]:
+        """See ``Client.history``."""
+        request = pb.GetTaskHistoryRequest(task_id=task_id, limit=limit)
+        reply: pb.GetTaskHistoryResponse = await self._call(self._stub.GetTaskHistory, request)
+        return [HistoryLine.from_pb(e) for e in reply.entries]
 
     async def _poll_before(self, task_id: str, deadline: float | None) -> TaskView:
         reply: pb.PollTaskResponse = await self._call(self._stub.PollTask, pb.PollTaskRequest(task_id=task_id), deadline)

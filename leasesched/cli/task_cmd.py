@@ -295,6 +295,8 @@ def _print_task(view: pb.TaskView) -> None:
         lines.append(("lease", f"{view.lease_owner} token={view.lease_token} until {fmt_ts(view.lease_expires_at)}"))
     if view.error:
         lines.append(("error", printable(f"{view.error_type + ': ' if view.error_type else ''}{view.error}")))
+    if view.lease_losses:
+        lines.append(("leases", f"lost {view.lease_losses} time(s){'  STUCK' if view.stuck else ''}  (leasesched task history {view.task_id})"))
     if view.payload:
         lines.append(("payload", human_bytes(view.payload)))
     if view.result:
@@ -742,6 +744,35 @@ def count_tasks(obj: dict[str, Any], namespace: str, status: str | None, task_ty
         click.echo(f"({how}; {pb.CountMethod.Name(reply.method)}, {reply.scanned} rows read)", err=True)
 
     emit(reply, obj["json"], human)
+@task.command()
+@click.argument("task_id", callback=_task_id)
+@click.option("--limit", type=click.IntRange(0, INT32_MAX), default=0, help="At most this many entries (0: the server's history_max_entries).")
+@json_option
+@click.pass_obj
+def history(obj: dict[str, Any], task_id: str, limit: int) -> None:
+    """Show a task's attempts (worker, lease token, start, end, outcome, error, last progress)
+    and operator actions, newest first."""
+    reply = call(obj, lambda s: s.GetTaskHistory(pb.GetTaskHistoryRequest(task_id=task_id, limit=limit), timeout=10))
+    emit(reply, obj["json"], lambda: _print_history(reply.entries))
+
+
+def _print_history(entries: Any) -> None:
+    """One line per entry, newest first; an attempt's error and progress message follow on their own line."""
+    click.echo(f"{'ATTEMPT':7}  {'TOKEN':>5}  {'OUTCOME':12}  {'STARTED':29}  {'ENDED':29}  {'WORKER':24}  PROGRESS")
+    for e in entries:
+        if e.kind == pb.HISTORY_ENTRY_KIND_OPERATION:
+            operation = pb.HistoryOperation.Name(e.operation).removeprefix("HISTORY_OPERATION_")
+            click.echo(f"{'-':7}  {e.lease_token:>5}  {operation:12}  {fmt_ts(e.started_at):29}  {'-':29}  "
+                       f"{printable(e.operator or '-')[:24]:24}  {printable(e.reason)}")  # fmt: skip
+            continue
+        outcome = pb.HistoryOutcome.Name(e.outcome).removeprefix("HISTORY_OUTCOME_")
+        progress = f"{e.progress.percent:.0f}% {printable(e.progress.message)[:60]}".rstrip()
+        click.echo(f"{e.attempt:<7}  {e.lease_token:>5}  {outcome:12}  {fmt_ts(e.started_at):29}  "
+                   f"{fmt_ts(e.ended_at):29}  {printable(e.worker_id)[:24]:24}  {progress}")  # fmt: skip
+        if e.error or e.error_type:
+            click.echo(f"{'':7}  {'':>5}  {printable((e.error_type + ': ' if e.error_type else '') + e.error)[:200]}")
+    if not entries:
+        click.echo("(no history: the task has not been claimed yet)")
 
 
 def register(cli: click.Group) -> None:

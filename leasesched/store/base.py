@@ -349,6 +349,12 @@ class TaskStore(Protocol):
         reading at most ``limit`` index entries."""
         ...
 
+    async def trim_history(self, task_id: uuid.UUID, keep: int) -> None:
+        """Remove the task's entries older than its newest ``keep`` (plain
+        statements: a read of ``keep`` keys, then one range delete). The
+        caller decides when it is worth it (``leasesched.attempt_history``)."""
+        ...
+
     # -- trigger checkpoints --
     async def get_checkpoint(self, shard: int) -> int | None: ...
 
@@ -472,4 +478,5 @@ def task_from_row(row: Any) -> Task:
         nominal_time=row.nominal_time,
         concurrency_key=row.concurrency_key or "",
         gate=getattr(row, "gate", None) or "",
+        lease_losses=getattr(row, "lease_losses", None) or 0,  # null: a row from before migration 011
     )

@@ -121,6 +121,7 @@ _SIMPLE_COLUMNS = {
     "schedule_id": "schedule_id",
     "concurrency_key": "concurrency_key",
     "gate": "gate",
+    "lease_losses": "lease_losses",
 }
 _TIME_COLUMNS = TIME_COLUMNS
 
@@ -360,7 +361,9 @@ class CassandraStore:
             "set_checkpoint": "INSERT INTO shard_checkpoints (shard, checkpoint_ms, updated_at) VALUES (?, ?, ?)",
             "add_history": "INSERT INTO task_history (task_id, started_at, entry, kind, attempt, lease_token, worker_id, "
             "ended_at, outcome, error_type, error, progress_percent, progress_message, operation, operator, reason) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
+            "history_times": f"SELECT {_ms_column('started_at')} FROM task_history WHERE task_id = ? LIMIT ?",
+            "trim_history": "DELETE FROM task_history WHERE task_id = ? AND started_at < ?",
             "read_history": f"SELECT task_id, {_ms_column('started_at')}, entry, kind, attempt, lease_token, worker_id, "
             f"{_ms_column('ended_at')}, outcome, error_type, error, progress_percent, progress_message, operation, "
             "operator, reason FROM task_history WHERE task_id = ? LIMIT ?",
@@ -1178,6 +1181,8 @@ class CassandraStore:
     # ---------------------------------------------------------------- history
 
     async def add_history(self, entry: HistoryEntry) -> None:
+        """One plain insert, with a write time taken from the entry itself
+        (``_history_write_us``), not from the writing process's clock."""
         key = f"a{entry.lease_token:020d}" if entry.kind is HistoryKind.ATTEMPT else f"o{entry.entry_id}"
         await self._run_plain(
             "add_history",
@@ -1186,8 +1191,23 @@ class CassandraStore:
                 entry.worker_id, entry.ended_at, entry.outcome.value if entry.outcome else None, entry.error_type,
                 entry.error, entry.progress_percent, entry.progress_message,
                 entry.operation.value if entry.operation else None, entry.operator, entry.reason,
+                _history_write_us(entry),
             ),
         )  # fmt: skip
+
+    async def trim_history(self, task_id: uuid.UUID, keep: int) -> None:
+        """A read of the newest ``keep`` entries' times (clustering keys only,
+        one partition, newest first), then, if there are that many, ONE range
+        delete of everything older than the last of them: a single range
+        tombstone, however many entries it removes (a delete per entry would
+        be a tombstone each). The clustering starts with ``started_at``, so
+        "older than a time" is the only range a delete can name without
+        knowing each entry's key; entries sharing the keep-th entry's exact
+        time stay (reads are bounded by their LIMIT anyway)."""
+        rows = await self._run_plain("history_times", (task_id, keep))
+        if len(rows) < keep or keep <= 0:
+            return
+        await self._run_plain("trim_history", (task_id, rows[-1].started_at))
 
     async def read_history(self, task_id: uuid.UUID, limit: int) -> list[HistoryEntry]:
         rows = await self._run_plain("read_history", (task_id, limit))
@@ -1345,6 +1365,19 @@ def _limit_from_row(r: Any) -> ConcurrencyLimit | None:
         namespace=r.namespace, scope=scope, name=r.name, max_running=r.max_running, version=r.version or 0,
         created_at=r.created_at_ms or 0, updated_at=r.updated_at_ms or 0,
     )  # fmt: skip
+
+
+def _history_write_us(entry: HistoryEntry) -> int:
+    """The write time of a history entry, in µs: an attempt's claim entry at
+    its claim time, its end entry (the same row, overwritten) after both its
+    end and its claim. So the end always wins over the claim, in whichever
+    order the two plain writes arrive and whatever the skew between the
+    clocks of the processes that wrote them (the claim is written by a
+    TaskUpdater, a lease loss by a trigger, maybe on another machine). An
+    operator's entry is written at its own time."""
+    if entry.kind is HistoryKind.ATTEMPT and entry.ended_at is not None:
+        return max(entry.ended_at, entry.started_at + 1) * 1000
+    return entry.started_at * 1000
 
 
 def _task_select_list() -> str:

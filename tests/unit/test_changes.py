@@ -91,20 +91,20 @@ CASES: dict[str, tuple[Transition, Callable[[TaskStatus], TaskChange], dict[str,
         Transition.LEASE_EXPIRED_CANCEL,
         lambda s: TaskChange.lease_expired_cancel(task(s), NOW),
         {"status": S.CANCELLED, "finished_at": NOW, "error": "cancelled by request; the lease expired on attempt 2",
-         "error_type": "LeaseExpired", "lease_expires_at": None},
+         "error_type": "LeaseExpired", "lease_expires_at": None, "lease_losses": 1},
     ),
     "lease_expired_fail": (
         Transition.LEASE_EXPIRED_FAIL,
         lambda s: TaskChange.lease_expired_fail(task(s), NOW),
         {"status": S.FAILED, "finished_at": NOW, "error": "lease expired (attempt 2 of 3)",
-         "error_type": "LeaseExpired", "lease_expires_at": None},
+         "error_type": "LeaseExpired", "lease_expires_at": None, "lease_losses": 1},
     ),
     "lease_expired_retry": (
         Transition.LEASE_EXPIRED_RETRY,
         lambda s: TaskChange.lease_expired_retry(task(s), NOW),
         {"progress_percent": 0.0, "progress_message": "", "status": S.SCHEDULED, "attempt": 3, "run_at": NOW,
          "lease_owner": None, "lease_expires_at": None, "error": "lease expired on attempt 2",
-         "error_type": "LeaseExpired"},
+         "error_type": "LeaseExpired", "lease_losses": 1},
     ),
     "deadline": (
         Transition.DEADLINE,
@@ -200,7 +200,7 @@ def test_cassandra_writes_the_set_fields_as_columns() -> None:
     assert cols == {
         "status": "SCHEDULED", "lease_owner": None, "lease_expires_at": None, "run_at": NOW, "attempt": 3,
         "error": "lease expired on attempt 2", "error_type": "LeaseExpired", "progress_percent": 0.0,
-        "progress_message": "",
+        "progress_message": "", "lease_losses": 1,
     }  # fmt: skip
     assert list(cols) == [f.name for f in dataclasses.fields(TaskChange) if f.name in cols]
     assert _change_columns(TaskChange.heartbeat(NOW, 1.0, "m")) == {
