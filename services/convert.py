@@ -8,6 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from leasesched.model import Task
 from leasesched.states import TaskStatus
 from leasesched.v1 import scheduler_pb2 as pb
+from leasesched.versions import version_of
 
 
 def ts(ms: int | None) -> Timestamp | None:
@@ -51,6 +52,7 @@ def task_view(task: Task, with_payload: bool = False) -> pb.TaskView:
         started_at=ts(task.started_at),
         finished_at=ts(task.finished_at),
         lease_expires_at=ts(task.lease_expires_at),
+        version=version_of(task),
     )
     if task.schedule_id:
         view.schedule_id = task.schedule_id
