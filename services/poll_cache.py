@@ -15,7 +15,9 @@ Bounded by bytes (results can be up to 1 MiB), least recently used out first.
 
 from __future__ import annotations
 
+import time
 import uuid
+from typing import Callable
 
 from cachetools import TTLCache
 
@@ -29,8 +31,10 @@ FINISHED_TTL_S = 10.0
 
 
 class FinishedTasks:
-    def __init__(self, max_bytes: int, ttl_s: float = FINISHED_TTL_S) -> None:
-        self._views: TTLCache[uuid.UUID, pb.TaskView] = TTLCache(maxsize=max(1, max_bytes), ttl=ttl_s, getsizeof=_size)
+    def __init__(self, max_bytes: int, ttl_s: float = FINISHED_TTL_S, timer: Callable[[], float] = time.monotonic) -> None:
+        self._views: TTLCache[uuid.UUID, pb.TaskView] = TTLCache(
+            maxsize=max(1, max_bytes), ttl=ttl_s, timer=timer, getsizeof=_size
+        )
         self._enabled = max_bytes > 0
 
     def get(self, task_id: uuid.UUID) -> pb.TaskView | None:

@@ -252,3 +252,47 @@ def test_roles_client_and_worker_tokens_may_not_operate(module_config: Config, p
     assert reply.status == pb.FAILED and reply.error_type == "MarkedFailed"
     entries = [e for e in history(cfg, task_id) if e.kind is HistoryKind.OPERATION]
     assert [(e.operation, e.operator, e.reason) for e in entries] == [(Operation.MARK_FAILED, "alice", "cleanup")]
+
+
+def test_the_version_is_the_condition_of_the_write_on_cassandra(module_config: Config) -> None:
+    """On the real store: a change of any version column landing between an
+    action's read and its write (here a cancel request: status and token kept)
+    makes the LWT fail, nothing written; a heartbeat does not (same version);
+    the IF on a null finished_at and on run_at as ms holds."""
+    from leasesched.changes import TaskChange
+    from leasesched.lifecycle import Lifecycle, OperatorAction
+    from leasesched.model import Task, now_ms
+    from leasesched.store.base import Expect
+    from leasesched.states import TaskStatus
+    from leasesched.versions import TaskVersion, version_of
+
+    async def run() -> None:
+        store = CassandraStore(module_config)
+        await store.connect()
+        try:
+            life = Lifecycle(store)
+            now = now_ms()
+            task = Task(task_id=uuid.uuid4(), namespace="ops", type="t", payload=b"", shard=0, created_at=now, run_at=now)
+            await life.schedule(task)
+            lease = await life.claim(task.task_id, "w1", 0)
+            read = await life.read(task.task_id)
+            assert read is not None and read.finished_at is None
+            await life.heartbeat(task.task_id, lease.token, 5.0, "x")  # not a change of the version
+            beaten = await life.read(task.task_id)
+            assert beaten is not None and version_of(beaten) == version_of(read)
+            # Someone's cancel request lands between the operator's read and write.
+            await life.cancel(task.task_id)
+            stale = Expect(TaskStatus.RUNNING, lease_token=read.lease_token, version=TaskVersion.of(read))
+            result = await store.update_task(task.task_id, stale, TaskChange.terminate(read, "r", now_ms()))
+            assert not result.applied
+            after = await life.read(task.task_id, serial=True)
+            assert after is not None and after.status == TaskStatus.RUNNING and after.lease_token == read.lease_token
+            with pytest.raises(Exception, match="expected_version"):
+                await life.terminate(task.task_id, version_of(read), OperatorAction("", "r"))
+            done = await life.terminate(task.task_id, version_of(after), OperatorAction("", "r"))
+            stored = await life.read(task.task_id, serial=True)
+            assert stored == done and stored.status == TaskStatus.FAILED and stored.error_type == "Terminated"
+        finally:
+            await store.close()
+
+    asyncio.run(run())
