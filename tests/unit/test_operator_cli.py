@@ -111,3 +111,36 @@ def test_bulk_sends_the_filter_and_prints_the_counts(stub: FakeStub) -> None:
     assert request.HasField("created_after") and not request.HasField("created_before")
     assert "matched 2, applied 1, conflicts 1, failed 0" in result.stdout and TASK_ID in result.stdout
     assert run(["bulk", "retry", "--reason", "x"]).exit_code == 2  # --max-count is required
+
+
+def test_the_client_methods_over_real_grpc() -> None:
+    """Client.mark_task_failed / retry_task against a served OperatorService: the
+    new TaskView.version comes back, a stale version is FailedPreconditionError."""
+    import asyncio
+
+    from leasesched.client import BulkOperation, Client, FailedPreconditionError
+    from leasesched.lifecycle import Lifecycle
+    from leasesched.model import Task, now_ms
+    from leasesched.store.memory import MemoryStore
+    from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+    from leasesched.versions import version_of
+    from services.operator_service import OperatorService
+    from tests.unit.served import served
+
+    store = MemoryStore()
+    life = Lifecycle(store)
+    now = now_ms()
+    task = Task(task_id=uuid.uuid4(), namespace="default", type="t", payload=b"", shard=0, created_at=now,
+                run_at=now + 3_600_000)  # fmt: skip
+    asyncio.run(life.schedule(task))
+    with served(pb_grpc.add_OperatorServiceServicer_to_server, OperatorService(Config(), life),
+                "leasesched.v1.OperatorService") as address, Client(address, config=Config()) as client:  # fmt: skip
+        with pytest.raises(FailedPreconditionError, match="expected_version"):
+            client.mark_task_failed(str(task.task_id), "stale", "x")
+        done = client.mark_task_failed(str(task.task_id), version_of(task), "give up")
+        assert done.status.value == "FAILED" and done.error_type == "MarkedFailed"
+        assert done.version == version_of(store.tasks[task.task_id])
+        again = client.retry_task(str(task.task_id), done.version, "try again", payload=b"new")
+        assert again.status.value == "SCHEDULED" and again.attempt == 1 and store.tasks[task.task_id].payload == b"new"
+        result = client.bulk_operate(BulkOperation.MARK_FAILED, "cleanup", max_count=5, dry_run=True)
+        assert (result.matched, result.applied) == (1, 0)
