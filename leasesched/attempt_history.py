@@ -26,7 +26,7 @@ import uuid
 from typing import Final
 
 from leasesched.errors import Unavailable
-from leasesched.history import AttemptOutcome, HistoryEntry, HistoryKind
+from leasesched.history import AttemptOutcome, HistoryEntry, HistoryKind, Operation
 from leasesched.limits import MAX_ERROR_MESSAGE, MAX_ERROR_TYPE
 from leasesched.model import Task
 from leasesched.observability import metrics
@@ -110,6 +110,21 @@ class AttemptHistory:
             error=error[:MAX_ERROR_MESSAGE],
             progress_percent=task.progress_percent,
             progress_message=task.progress_message,
+        )
+        await self._write(entry)
+
+    async def operated(self, task: Task, operation: Operation, operator: str, reason: str, at: int) -> None:
+        """An operator's ``operation`` applied; ``task`` as it is after it."""
+        entry = HistoryEntry(
+            task_id=task.task_id,
+            kind=HistoryKind.OPERATION,
+            started_at=at,
+            attempt=task.attempt,
+            lease_token=task.lease_token,
+            operation=operation,
+            operator=operator,
+            reason=reason,
+            entry_id=uuid.uuid4(),
         )
         await self._write(entry)
 

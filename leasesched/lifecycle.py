@@ -28,6 +28,7 @@ from leasesched.admission import Admission
 from leasesched.attempt_history import AttemptHistory, failure_outcome
 from leasesched.concurrency import LIMIT_REACHED
 from leasesched.changes import UNSET, TaskChange
+from leasesched.history import Operation
 from leasesched.errors import (
     Aborted,
     AlreadyExists,
@@ -42,7 +43,8 @@ from leasesched.limits import MAX_ERROR_MESSAGE, RETRY_INTERVAL
 from leasesched.model import DueEntry, Task, now_ms, shard_of
 from leasesched.observability import metrics
 from leasesched.observability.logs import fields
-from leasesched.states import TaskStatus, Transition, allowed, quarantined_status
+from leasesched.states import TRANSITIONS, TaskStatus, Transition, allowed, quarantined_status
+from leasesched.versions import TaskVersion, version_of
 from leasesched.store.base import (
     CasResult,
     Expect,
@@ -76,6 +78,15 @@ class Lease:
 class HeartbeatAck:
     expires_at: int
     cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class OperatorAction:
+    """Who performs an operator action and why: recorded in the task's history.
+    ``operator``: the calling token's name or id ("" with auth off)."""
+
+    operator: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -512,6 +523,148 @@ class Lifecycle:
         await self._add_due(run_entry(retried, next_run))
         return change, FailOutcome(TaskStatus.SCHEDULED, next_run)
 
+    # ---------------------------------------------------------------- operators
+    #
+    # Each operator action is ONE conditional write on every column of the
+    # version the operator read (``Expect.version``; ``leasesched.versions``):
+    # a stale version, or a change landing between the read and the write,
+    # is answered FAILED_PRECONDITION naming ``expected_version`` and the
+    # current version, with nothing written. Its history entry is written
+    # after the write applied, and never fails the action (a record for
+    # people, see leasesched/history.py).
+
+    async def retry(
+        self,
+        task_id: uuid.UUID,
+        expected_version: str,
+        action: OperatorAction,
+        run_at: int | None = None,
+        payload: bytes | None = None,
+        namespace: str | None = None,
+    ) -> Task:
+        """A FAILED or CANCELLED task runs again (``TaskChange.operator_retry``:
+        attempt 1 of its own budget, a raised lease token), at ``run_at`` (now
+        when None), with ``payload`` when given. Its due entry is written
+        before the status, as for a new task (``schedule``)."""
+
+        async def build(task: Task, now: int) -> TaskChange:
+            due = now if run_at is None else max(run_at, now)
+            change = TaskChange.operator_retry(task, due, payload)
+            await self._add_due(run_entry(change.apply(task), due))
+            return change
+
+        return await self._operate(task_id, expected_version, action, Operation.RETRY, Transition.OPERATOR_RETRY,
+                                   build, namespace)  # fmt: skip
+
+    async def resume(
+        self, task_id: uuid.UUID, expected_version: str, action: OperatorAction, namespace: str | None = None
+    ) -> Task:
+        """A task waiting for its retry backoff (SCHEDULED, attempt > 1, not due
+        yet) is due now, as the same attempt."""
+
+        async def build(task: Task, now: int) -> TaskChange:
+            if task.attempt <= 1:
+                raise FailedPrecondition(
+                    f"task {task_id} is SCHEDULED at attempt 1: it waits for its first run, not for a retry backoff"
+                )
+            if task.run_at <= now:
+                raise FailedPrecondition(f"task {task_id} is SCHEDULED and due already: nothing to resume")
+            change = TaskChange.resume(task, now)
+            await self._add_due(run_entry(task, now))
+            return change
+
+        return await self._operate(task_id, expected_version, action, Operation.RESUME, Transition.RESUME, build, namespace)
+
+    async def mark_failed(
+        self, task_id: uuid.UUID, expected_version: str, action: OperatorAction, namespace: str | None = None
+    ) -> Task:
+        """A SCHEDULED task (typically one waiting to be retried) stops: FAILED,
+        error type "MarkedFailed", the reason as its error. Its due entries
+        are left to the trigger, which drops an entry whose task is no longer
+        SCHEDULED."""
+
+        async def build(task: Task, now: int) -> TaskChange:
+            return TaskChange.mark_failed(task, action.reason, now)
+
+        return await self._operate(task_id, expected_version, action, Operation.MARK_FAILED, Transition.MARK_FAILED,
+                                   build, namespace)  # fmt: skip
+
+    async def terminate(
+        self, task_id: uuid.UUID, expected_version: str, action: OperatorAction, namespace: str | None = None
+    ) -> Task:
+        """A RUNNING task's lease is revoked now: FAILED ("Terminated") under a
+        new lease token. The worker's next heartbeat under the old token is
+        answered "lease lost" and the worker stops the execution exactly as
+        for any lost lease (worker/heartbeats.py); a completion or failure
+        report under the old token is refused (fenced). The attempt's
+        concurrency slots are given back, and its history entry ends as
+        TERMINATED."""
+
+        async def build(task: Task, now: int) -> TaskChange:
+            return TaskChange.terminate(task, action.reason, now)
+
+        return await self._operate(task_id, expected_version, action, Operation.TERMINATE, Transition.TERMINATE,
+                                   build, namespace)  # fmt: skip
+
+    async def _operate(
+        self,
+        task_id: uuid.UUID,
+        expected_version: str,
+        action: OperatorAction,
+        operation: Operation,
+        transition: Transition,
+        build: Callable[[Task, int], Awaitable[TaskChange]],
+        namespace: str | None,
+    ) -> Task:
+        """The common frame of an operator action: the version check, the state
+        check, one conditional write on the version, then the side effects of
+        the ended attempt (terminate) and the history."""
+        task = await self.get(task_id, namespace)
+        current = version_of(task)
+        if current != expected_version:
+            raise _stale_version(task_id, expected_version, task)
+        if not allowed(transition, task.status):
+            sources = " or ".join(sorted(s.value for s in TRANSITIONS[transition][0]))
+            raise FailedPrecondition(
+                f"task {task_id} is {task.status.value}; {operation.value} needs a {sources} task"
+            )
+        now = now_ms()
+        change = await build(task, now)
+        expect = Expect(task.status, lease_token=task.lease_token, version=TaskVersion.of(task))
+        # ``task`` given: a change to FAILED (mark-failed, terminate) enters the
+        # dead-letter index; a failure of that second write is only logged (the
+        # action is done, and its version has moved on).
+        result = await self._write(task_id, expect, change, task, must_index=False)
+        if not result.applied:
+            if not result.exists:
+                raise NotFound(f"task {task_id} not found")
+            try:
+                moved = await self.read(task_id, serial=True)
+            except (StoreUnavailable, UnreadableTask) as exc:
+                raise Unavailable(str(exc)) from exc
+            if moved is None:
+                raise NotFound(f"task {task_id} not found")
+            raise _stale_version(task_id, expected_version, moved)
+        done = change.apply(task)
+        log.info(
+            "task %s: operator action %s by %r (%s → %s): %s", task_id, operation.value, action.operator,
+            task.status.value, done.status.value, action.reason, extra=fields(task_id=str(task_id)),
+        )  # fmt: skip
+        if task.status == TaskStatus.FAILED:  # a retry: it leaves the dead letters
+            try:
+                await self._left_failed(task)
+            except Unavailable as exc:
+                log.warning("task %s left FAILED but its dead-letter entry was not removed: %s", task_id, exc,
+                            extra=fields(task_id=str(task_id)))  # fmt: skip
+        ended: list[Awaitable[None]] = []
+        if transition == Transition.TERMINATE:
+            ended = [
+                self._release_slots(task_id, task.lease_token, task),
+                self.history.ended(task, AttemptOutcome.TERMINATED, now, "Terminated", done.error),
+            ]
+        await asyncio.gather(*ended, self.history.operated(done, operation, action.operator, action.reason, now))
+        return done
+
     # ---------------------------------------------------------------- trigger
 
     async def expire_lease(self, task: Task, now: int | None = None) -> TaskStatus | None:
@@ -702,3 +855,10 @@ class Lifecycle:
         if not exists:
             return NotFound(f"task {task_id} not found")
         return FailedPrecondition(f"lease lost: task {task_id} no longer runs under token {token}")
+
+
+def _stale_version(task_id: uuid.UUID, expected: str, task: Task) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"expected_version {expected!r} is not the current version of task {task_id}: it is {version_of(task)!r} "
+        f"(now {task.status.value}, attempt {task.attempt}); read the task again and decide again"
+    )

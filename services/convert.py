@@ -9,6 +9,7 @@ from leasesched.history import HistoryEntry, HistoryKind
 from leasesched.model import Task
 from leasesched.states import TaskStatus
 from leasesched.v1 import scheduler_pb2 as pb
+from leasesched.versions import version_of
 
 
 def ts(ms: int | None) -> Timestamp | None:
@@ -55,6 +56,7 @@ def task_view(task: Task, with_payload: bool = False, stuck_lease_losses: int = 
         lease_expires_at=ts(task.lease_expires_at),
         lease_losses=task.lease_losses,
         stuck=stuck_lease_losses > 0 and task.lease_losses >= stuck_lease_losses,
+        version=version_of(task),
     )
     if task.schedule_id:
         view.schedule_id = task.schedule_id

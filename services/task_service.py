@@ -149,6 +149,11 @@ class TaskService(pb_grpc.TaskServiceServicer):
         self._finished.remember(task_id, view, final=task.status.terminal)
         return pb.PollTaskResponse(task=view)
 
+    def forget_finished(self, task_id: uuid.UUID) -> None:
+        """An operator action changed the task: PollTask reads it again
+        (services/poll_cache.py; OperatorService calls this)."""
+        self._finished.forget(task_id)
+
     def _view(self, task: Task) -> pb.TaskView:
         view = task_view(task, stuck_lease_losses=self._cfg.stuck_lease_losses)
         if task.status == TaskStatus.SCHEDULED and self._workers is not None:

@@ -23,7 +23,11 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 # Method-name prefix → roles allowed to call it. The first match wins.
 ROLES_BY_METHOD: tuple[tuple[str, frozenset[str]], ...] = (
+    # An operator reads its namespace's tasks (and acts on them through OperatorService).
+    ("/leasesched.v1.TaskService/PollTask", frozenset({"client", "operator", "admin"})),
+    ("/leasesched.v1.TaskService/ListTasks", frozenset({"client", "operator", "admin"})),
     ("/leasesched.v1.TaskService/", frozenset({"client", "admin"})),
+    ("/leasesched.v1.OperatorService/", frozenset({"operator", "admin"})),
     ("/leasesched.v1.ScheduleService/", frozenset({"client", "admin"})),
     # Gates: a client may look at its namespace's gates; every change is admin only.
     ("/leasesched.v1.GateService/GetGate", frozenset({"client", "admin"})),

@@ -605,11 +605,7 @@ class CassandraStore:
         write_id = self._write_ids.next()
         cols = _change_columns(change)
         cols["write_id"] = write_id
-        conds: dict[str, Any] = {"status": expect.status.value}
-        if expect.lease_token is not None:
-            conds["lease_token"] = expect.lease_token
-        if expect.namespace is not None:
-            conds["namespace"] = expect.namespace
+        conds: dict[str, Any] = expect.conditions()
         columns, conditions = tuple(cols), tuple(conds)
         stmt = self._update_stmt(columns, conditions)
         params = [*cols.values(), task_id, *conds.values()]
@@ -1312,11 +1308,7 @@ def _settle(future: asyncio.Future[list[Any]], rows: list[Any] | None, exc: Base
 
 def _still_holds(task: Task, expect: Expect) -> bool:
     """Whether a conditional write's expectation is still true of ``task``."""
-    return (
-        task.status == expect.status
-        and (expect.lease_token is None or task.lease_token == expect.lease_token)
-        and (expect.namespace is None or task.namespace == expect.namespace)
-    )
+    return expect.holds_for(task)
 
 
 def _cas_from_task(task: Task | None) -> CasResult:

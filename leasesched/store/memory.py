@@ -198,10 +198,7 @@ class MemoryStore:
         task = self.tasks.get(task_id)
         if task is None:
             return CasResult(applied=False, exists=False)
-        ok = task.status == expect.status
-        ok = ok and (expect.lease_token is None or task.lease_token == expect.lease_token)
-        ok = ok and (expect.namespace is None or task.namespace == expect.namespace)
-        if not ok:
+        if not expect.holds_for(task):
             return CasResult(False, task.status, task.lease_token, task.namespace)
         self.tasks[task_id] = change.apply(task)
         return CasResult(applied=True)
