@@ -18,6 +18,7 @@ trigger as ScheduleTask does for an immediate task.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -198,9 +199,9 @@ class OperatorService(pb_grpc.OperatorServiceServicer):
         statuses = frozenset({status}) if status is not None else kind.statuses
 
         def matches(task: Task, now: int) -> bool:
-            if task.status not in statuses or (type_ and task.type != type_):
-                return False
-            if before is not None and task.created_at >= before:
+            # Type and time are filtered by the listing itself; status here too
+            # (an operation's default covers several), and "waiting for a retry".
+            if task.status not in statuses or (type_ and task.type != type_) or not query.in_range(task.created_at):
                 return False
             if kind.waiting_retry_only and not (task.attempt > 1 and task.run_at > now):
                 return False
@@ -210,16 +211,12 @@ class OperatorService(pb_grpc.OperatorServiceServicer):
         bucket = TokenBucket(rate=rate, burst=1.0, tokens=1.0, updated=time.monotonic())
         cursor = ""
         done = False
+        query = ListQuery(namespace=namespace, status=status, page_size=BULK_PAGE, extra={"list_days": self._cfg.list_days},
+                          type=type_, created_after=after, created_before=before)  # fmt: skip
         while not done:
-            query = ListQuery(
-                namespace=namespace, status=status, page_size=BULK_PAGE, page_token=cursor,
-                extra={"list_days": self._cfg.list_days},
-            )  # fmt: skip
+            query = dataclasses.replace(query, page_token=cursor)
             page = await self._lifecycle.list(query)
             for task in page.tasks:
-                if after is not None and task.created_at < after:
-                    done = True  # newest first: every later one is older still
-                    break
                 if not matches(task, now_ms()):
                     continue
                 answer.matched += 1
