@@ -765,6 +765,7 @@ class BulkResult:
     conflicts: int
     failed: int
     applied_task_ids: tuple[str, ...]
+    stopped_at_time_limit: bool = False  # the call's time ran out first: call again for the rest
 
 
 class ClientError(Exception):
@@ -1341,8 +1342,9 @@ class Client:
         ``max_count`` (1..10000), at ``rate_per_second`` (0: the server's 50; at
         most 1000). Each task's own current version is its write's condition: a
         task that changed since it was listed is a conflict, left alone. The
-        server works within the call: ``timeout`` (default: max_count / rate + 30 s)
-        must cover it. Not retried (a repeat would act on what the first left)."""
+        server works within one call and stops before its ``rpc_timeout_s``
+        (30 s) or ``timeout``: then ``stopped_at_time_limit`` is set, call again
+        for the rest. Not retried (a repeat would act on what the first left)."""
         request = pb.BulkOperateRequest(
             operation=operation.to_pb(), namespace=namespace or self.namespace, type=type, max_count=max_count,
             rate_per_second=rate_per_second, reason=reason, dry_run=dry_run,
@@ -1353,12 +1355,13 @@ class Client:
             request.created_after.FromDatetime(_aware("created_after", created_after))
         if created_before is not None:
             request.created_before.FromDatetime(_aware("created_before", created_before))
-        seconds = timeout if timeout is not None else max_count / (rate_per_second or 50.0) + 30.0
+        seconds = timeout if timeout is not None else 60.0  # past the server's own ceiling: it answers first
         try:
             reply: pb.BulkOperateResponse = self._operators.BulkOperate(request, timeout=seconds)
         except grpc.RpcError as err:
             raise error_from_rpc(err) from err
-        return BulkResult(reply.matched, reply.applied, reply.conflicts, reply.failed, tuple(reply.applied_task_ids))
+        return BulkResult(reply.matched, reply.applied, reply.conflicts, reply.failed, tuple(reply.applied_task_ids),
+                          reply.stopped_at_time_limit)  # fmt: skip
 
     # ------------------------------------------------------------ gates (docs/gates.md)
 

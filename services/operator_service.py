@@ -50,6 +50,8 @@ BULK_DEFAULT_RATE = 50.0
 BULK_MAX_RATE = 1000.0
 BULK_LISTED_IDS = 1000  # applied ids named in a bulk answer (it stays one small message)
 BULK_PAGE = 200
+# A bulk call answers this long before its time runs out (a last write and the answer must fit).
+BULK_TIME_MARGIN_S = 3.0
 
 DueHint = Callable[[Task], Awaitable[None]]
 
@@ -173,8 +175,11 @@ class OperatorService(pb_grpc.OperatorServiceServicer):
         at most ``rate_per_second`` writes a second. Each task's own current
         version (as listed) is the write's condition: a task that changed
         since it was listed is counted as a conflict and left alone, never
-        retried blindly. Runs within the call: the caller's deadline must
-        cover max_count / rate seconds."""
+        retried blindly. Runs within the call, which the server cuts at
+        ``rpc_timeout_s`` (and the caller at its deadline): it stops a few
+        seconds before the earlier of the two and answers what it did, with
+        ``stopped_at_time_limit`` (run it again for the rest), rather than be
+        cut off with its counts lost."""
         kind = BULK_KINDS.get(request.operation)
         if kind is None:
             raise InvalidArgument("operation must be one of BULK_RETRY, BULK_RESUME, BULK_MARK_FAILED, BULK_TERMINATE")
@@ -207,6 +212,12 @@ class OperatorService(pb_grpc.OperatorServiceServicer):
                 return False
             return True
 
+        started = time.monotonic()
+        budget = self._cfg.rpc_timeout_s
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None:
+            budget = min(budget, remaining)
+        stop_at = started + max(budget - BULK_TIME_MARGIN_S, 0.5)
         answer = pb.BulkOperateResponse()
         bucket = TokenBucket(rate=rate, burst=1.0, tokens=1.0, updated=time.monotonic())
         cursor = ""
@@ -222,6 +233,11 @@ class OperatorService(pb_grpc.OperatorServiceServicer):
                 answer.matched += 1
                 if not request.dry_run:
                     wait = bucket.take(time.monotonic())
+                    if time.monotonic() + max(wait, 0.0) >= stop_at:
+                        answer.matched -= 1  # not acted on: left for the next call
+                        answer.stopped_at_time_limit = True
+                        done = True
+                        break
                     while wait > 0:
                         await asyncio.sleep(wait)
                         wait = bucket.take(time.monotonic())
@@ -230,8 +246,12 @@ class OperatorService(pb_grpc.OperatorServiceServicer):
                     done = True
                     break
             cursor = page.next_token
+            if done:
+                break
             if not cursor:
                 done = True
+            elif time.monotonic() >= stop_at:  # the listing itself took the time
+                answer.stopped_at_time_limit = done = True
         log.info(
             "bulk %s in %s by %r: matched %d, applied %d, conflicts %d, failed %d%s (%s)",
             pb.BulkOperation.Name(request.operation), namespace, action.operator, answer.matched, answer.applied,

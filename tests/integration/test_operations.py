@@ -253,6 +253,23 @@ def test_roles_client_and_worker_tokens_may_not_operate(module_config: Config, p
     entries = [e for e in history(cfg, task_id) if e.kind is HistoryKind.OPERATION]
     assert [(e.operation, e.operator, e.reason) for e in entries] == [(Operation.MARK_FAILED, "alice", "cleanup")]
 
+    # Bulk, by type, with the operator token: a dry run counts, the real one applies each on its own version.
+    bulk_spec = pb.TaskSpec(namespace="ops", type="ops.bulk", payload=b"{}")
+    bulk_spec.delay.FromSeconds(3600)
+    ids = {tasks.ScheduleTask(pb.ScheduleTaskRequest(task=bulk_spec), timeout=10).task_id for _ in range(3)}
+    request_bulk = pb.BulkOperateRequest(operation=pb.BULK_MARK_FAILED, namespace="ops", type="ops.bulk", max_count=10,
+                                         rate_per_second=100, reason="bulk cleanup", dry_run=True)  # fmt: skip
+    dry = ops.BulkOperate(request_bulk, timeout=40)
+    assert (dry.matched, dry.applied) == (3, 0)
+    request_bulk.dry_run = False
+    done = ops.BulkOperate(request_bulk, timeout=40)
+    assert (done.matched, done.applied, done.conflicts, done.failed) == (3, 3, 0, 0) and set(done.applied_task_ids) == ids
+    assert all(op_tasks.PollTask(pb.PollTaskRequest(task_id=i), timeout=10).task.error_type == "MarkedFailed" for i in ids)
+    _, client_ops = stubs(client_tok)
+    with pytest.raises(grpc.RpcError) as err:
+        client_ops.BulkOperate(request_bulk, timeout=40)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
 
 def test_the_version_is_the_condition_of_the_write_on_cassandra(module_config: Config) -> None:
     """On the real store: a change of any version column landing between an

@@ -369,3 +369,17 @@ def test_grpc_code_of_a_stale_version_is_failed_precondition() -> None:
     from leasesched.server.error_mapping import code_for
 
     assert code_for(FailedPrecondition("x")) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_bulk_stops_before_the_calls_time_limit_and_says_so(store: MemoryStore, life: Lifecycle) -> None:
+    """The server cuts a call at rpc_timeout_s: a bulk paced past it answers what
+    it did before then (stopped_at_time_limit), never loses its counts."""
+    service = OperatorService(Config(rpc_timeout_s=3.2), life)  # 0.5 s of work after the 3 s margin
+    tasks = [await waiting(store, life) for _ in range(5)]
+    request = pb.BulkOperateRequest(operation=pb.BULK_MARK_FAILED, namespace="ns", max_count=10, rate_per_second=2,
+                                    reason="cleanup")  # fmt: skip
+    answer = await service.BulkOperate(request, None)  # type: ignore[arg-type]
+    assert answer.stopped_at_time_limit and answer.applied == answer.matched == 1, answer
+    assert sum(store.tasks[t.task_id].status == TaskStatus.FAILED for t in tasks) == 1
+    answer = await OperatorService(Config(), life).BulkOperate(request, None)  # type: ignore[arg-type]
+    assert not answer.stopped_at_time_limit and answer.applied == 4
