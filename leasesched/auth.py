@@ -8,8 +8,9 @@ the record without scanning.
 Roles:
 * ``client`` — the user API (TaskService) on its own namespace;
 * ``worker`` — the worker API (TaskUpdater, trigger subscriptions) on its own namespace;
-* ``operator`` — a person running its namespace's tasks: the user API's reads
-  (PollTask, ListTasks) and the operator actions (OperatorService: retry,
+* ``operator`` — a person running its namespace's tasks: the reads (PollTask,
+  ListTasks, CountTasks, GetTaskHistory; schedules, gates and limits as a
+  client sees them) and the operator actions (OperatorService: retry,
   resume, mark failed, terminate, bulk) on its own namespace's tasks; it
   cannot schedule or cancel (a client's rights stay the client's);
 * ``admin``  — everything, every namespace (also the operator actions, and

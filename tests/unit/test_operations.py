@@ -271,6 +271,12 @@ def test_roles_of_the_operator_service() -> None:
         assert roles_for(f"/leasesched.v1.OperatorService/{method}") == {"operator", "admin"}
     assert roles_for("/leasesched.v1.TaskService/PollTask") == {"client", "operator", "admin"}
     assert roles_for("/leasesched.v1.TaskService/ListTasks") == {"client", "operator", "admin"}
+    # An operator reads what the dashboard shows: counts, history, schedules, gates, limits; it changes none.
+    for read in ("TaskService/CountTasks", "TaskService/GetTaskHistory", "ScheduleService/ListSchedules",
+                 "ScheduleService/DescribeSchedule", "GateService/ListGates", "LimitService/ListLimits"):  # fmt: skip
+        assert "operator" in roles_for(f"/leasesched.v1.{read}"), read
+    for change in ("TaskService/CancelTask", "ScheduleService/CreateSchedule", "GateService/SetGate", "LimitService/SetLimit"):
+        assert "operator" not in roles_for(f"/leasesched.v1.{change}"), change
     assert roles_for("/leasesched.v1.TaskService/ScheduleTask") == {"client", "admin"}
     assert roles_for("/leasesched.v1.TaskService/CancelTask") == {"client", "admin"}
     assert "operator" in auth.ROLES
