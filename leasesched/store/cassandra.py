@@ -709,10 +709,20 @@ class CassandraStore:
         full = False
         scanned = 0
         scan_budget = max(query.page_size * 10, 200)
-        after = (cursor.created_at, cursor.task_id) if cursor and cursor.day == day else None
+        # A cursor of a day read to its end (created_at None), or of a day the
+        # walk does not start at, starts the day from its top (a null bound
+        # would be refused by Cassandra).
+        after: tuple[int | None, uuid.UUID] | None = None
+        if cursor is not None and cursor.created_at is not None and cursor.task_id is not None and cursor.day == day:
+            after = (cursor.created_at, cursor.task_id)
         filtered = query.status is not None or bool(query.type)
+        chunk = query.page_size
         while day >= oldest_day and len(found) < query.page_size and scanned < scan_budget:
-            limit = min(query.page_size, scan_budget - scanned)
+            limit = min(chunk, scan_budget - scanned)
+            if filtered:
+                # Few matches so far: read more rows per round trip (a rare type
+                # with page_size 2 took 100 round trips of 2 rows for one page).
+                chunk = min(max(chunk * 2, query.page_size), 100 if query.page_size < 100 else query.page_size)
             day_low = max(low_ms, day * DAY_MS)
             if after is None:
                 day_high = min(high_ms, (day + 1) * DAY_MS)
