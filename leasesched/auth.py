@@ -8,7 +8,13 @@ the record without scanning.
 Roles:
 * ``client`` — the user API (TaskService) on its own namespace;
 * ``worker`` — the worker API (TaskUpdater, trigger subscriptions) on its own namespace;
-* ``admin``  — everything, every namespace (operators, and services calling each other).
+* ``operator`` — a person running its namespace's tasks: the reads (PollTask,
+  ListTasks, CountTasks, GetTaskHistory; schedules, gates and limits as a
+  client sees them) and the operator actions (OperatorService: retry,
+  resume, mark failed, terminate, bulk) on its own namespace's tasks; it
+  cannot schedule or cancel (a client's rights stay the client's);
+* ``admin``  — everything, every namespace (also the operator actions, and
+  services calling each other).
 
 Lookups are cached for ``auth_cache_s`` so the hot path costs no store read;
 a revoked token stops working within that time.
@@ -28,7 +34,7 @@ from typing import Iterator, Protocol
 from leasesched.errors import NotFound, PermissionDenied, Unauthenticated, Unavailable
 from leasesched.store.base import StoreUnavailable
 
-ROLES = ("client", "worker", "admin")
+ROLES = ("client", "worker", "operator", "admin")
 PREFIX = "lsk_"
 
 
@@ -48,6 +54,7 @@ class Principal:
     token_id: str
     namespace: str
     role: str
+    name: str = ""  # the token's name, when it was given one (history shows who acted)
 
     @property
     def admin(self) -> bool:
@@ -101,7 +108,7 @@ class Authenticator:
         record = await self._lookup(token_id)
         if record is None or record.revoked or not hmac.compare_digest(record.secret_hash, _hash(secret)):
             raise Unauthenticated("unknown or revoked token")
-        return Principal(record.token_id, record.namespace, record.role)
+        return Principal(record.token_id, record.namespace, record.role, record.name)
 
     async def _lookup(self, token_id: str) -> TokenRecord | None:
         now = time.monotonic()
@@ -124,6 +131,15 @@ def require_namespace(namespace: str, what: str = "namespace") -> None:
     if principal is None or principal.admin or principal.namespace == namespace:
         return
     raise PermissionDenied(f"token is not allowed in {what} {namespace!r}")
+
+
+def operator_name() -> str:
+    """Who performs an operator action, for the task's history: the calling
+    token's name, else its id; "" with auth off (nobody is known)."""
+    principal = current_principal.get()
+    if principal is None:
+        return ""
+    return principal.name or principal.token_id
 
 
 def caller_namespace() -> str | None:

@@ -77,6 +77,9 @@ class TaskChange:
     progress_percent: float | Unset = UNSET
     progress_message: str | Unset = UNSET
     cancel_requested: bool | Unset = UNSET
+    lease_losses: int | Unset = UNSET
+    payload: bytes | Unset = UNSET
+    deadline_at: int | None | Unset = UNSET
 
     # ------------------------------------------------------------ reading
 
@@ -235,13 +238,16 @@ class TaskChange:
     @classmethod
     def lease_expired_retry(cls, task: Task, now: int) -> TaskChange:
         """The lease expired (plus grace) with attempts left: due again ``now``
-        as the next attempt."""
+        as the next attempt. Every lease expiry counts a lease loss: written by
+        this same conditional write (on the token read), so the count costs no
+        write of its own and two triggers can never both count one loss."""
         return cls(
             status=target(Transition.LEASE_EXPIRED_RETRY, task.status),
             attempt=task.attempt + 1,
             run_at=now,
             lease_owner=None,
             lease_expires_at=None,
+            lease_losses=task.lease_losses + 1,
             error=f"lease expired on attempt {task.attempt}",
             error_type="LeaseExpired",
             progress_percent=_FRESH_PERCENT,
@@ -257,6 +263,7 @@ class TaskChange:
             error=f"lease expired (attempt {task.attempt} of {task.max_attempts})",
             error_type="LeaseExpired",
             lease_expires_at=None,
+            lease_losses=task.lease_losses + 1,
         )
 
     @classmethod
@@ -269,6 +276,7 @@ class TaskChange:
             error=f"cancelled by request; the lease expired on attempt {task.attempt}",
             error_type="LeaseExpired",
             lease_expires_at=None,
+            lease_losses=task.lease_losses + 1,
         )
 
     @classmethod
@@ -280,6 +288,77 @@ class TaskChange:
             error=reason,
             error_type="DeadlineExceeded",
             lease_expires_at=None,
+        )
+
+
+    # ------------------------------------------------------------ operators
+
+    @classmethod
+    def operator_retry(cls, task: Task, run_at: int, payload: bytes | None) -> TaskChange:
+        """An operator's retry of a FAILED or CANCELLED task: SCHEDULED at
+        ``run_at`` with a fresh attempt budget.
+
+        Decision: ``attempt`` counts from 1 again (the budget is the task's
+        own ``max_attempts``, as when it was scheduled), and ``lease_token``
+        is raised by one: the token is the fencing number and only ever
+        grows (a late report of the old run stays refused), and the raise
+        keeps the task's version from ever repeating (``leasesched.versions``).
+        The last run's outcome is cleared (result, error, finish, cancel
+        request); ``deadline_at`` counts schedule_to_close afresh from
+        ``run_at`` (an old deadline would fail the retry at its claim).
+        ``payload`` None: the task keeps its payload."""
+        deadline = run_at + task.timeouts.schedule_to_close_ms if task.timeouts.schedule_to_close_ms else None
+        return cls(
+            status=target(Transition.OPERATOR_RETRY, task.status),
+            attempt=1,
+            lease_token=task.lease_token + 1,
+            lease_owner=None,
+            lease_expires_at=None,
+            started_at=None,
+            finished_at=None,
+            run_at=run_at,
+            result=b"",
+            error="",
+            error_type="",
+            progress_percent=_FRESH_PERCENT,
+            progress_message=_FRESH_MESSAGE,
+            cancel_requested=False,
+            deadline_at=deadline,
+            payload=UNSET if payload is None else payload,
+        )
+
+    @classmethod
+    def resume(cls, task: Task, now: int) -> TaskChange:
+        """A task waiting for its retry backoff is due ``now`` (same attempt;
+        its last error stays as the reason it waited)."""
+        return cls(status=target(Transition.RESUME, task.status), run_at=now)
+
+    @classmethod
+    def mark_failed(cls, task: Task, reason: str, now: int) -> TaskChange:
+        """A waiting task stops retrying: FAILED, error type "MarkedFailed",
+        the operator's reason as its error."""
+        return cls(
+            status=target(Transition.MARK_FAILED, task.status),
+            finished_at=now,
+            error=_cut_error(reason),
+            error_type="MarkedFailed",
+            lease_expires_at=None,
+        )
+
+    @classmethod
+    def terminate(cls, task: Task, reason: str, now: int) -> TaskChange:
+        """A running task's lease is revoked: FAILED ("Terminated") under a NEW
+        lease token, so the worker's next heartbeat (and any report) under the
+        old one is answered "lease lost" and the worker stops the handler as
+        for any lost lease. No cooperation of the handler is needed."""
+        return cls(
+            status=target(Transition.TERMINATE, task.status),
+            lease_token=task.lease_token + 1,
+            lease_owner=None,
+            lease_expires_at=None,
+            finished_at=now,
+            error=_cut_error(reason),
+            error_type="Terminated",
         )
 
 

@@ -63,6 +63,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from leasesched.concurrency import LimitScope
 from leasesched.config import Config
+from leasesched.history import AttemptOutcome, HistoryKind, Operation
 from leasesched.states import TaskStatus
 from leasesched.transport import SERVER_GONE_CODES, aio_channel, sync_channel
 from leasesched.v1 import scheduler_pb2 as pb
@@ -249,6 +250,12 @@ class TaskView:
     # SCHEDULED and held: why. Its gate (paused, closed until ..., no such gate) and, once due,
     # a full concurrency limit ("concurrency limit ns/key=k is full (5 of 5 running)"); "" otherwise.
     waiting_reason: str = ""
+    # How many of its leases expired unreported; stuck: at least the server's stuck_lease_losses (default 3).
+    lease_losses: int = 0
+    stuck: bool = False
+    # Changes with every change of the task's state, never with a heartbeat; the
+    # operator actions (``Client.retry_task``, ...) are conditional on it.
+    version: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -282,7 +289,50 @@ class TaskView:
             concurrency_key=view.concurrency_key,
             gate=view.gate,
             waiting_reason=view.waiting_reason,
+            lease_losses=view.lease_losses,
+            stuck=view.stuck,
+            version=view.version,
         )
+
+
+@dataclass(frozen=True)
+class HistoryLine:
+    """One entry of a task's history (GetTaskHistory; ``leasesched.history``).
+
+    An ATTEMPT (``kind``) has ``attempt``, ``lease_token``, ``worker_id``,
+    ``started_at`` (its claim), ``ended_at`` (None while it runs),
+    ``outcome``, ``error_type`` / ``error`` and its last ``progress``. An
+    OPERATION has ``operation``, ``operator``, ``reason`` and ``started_at``
+    (when it was done)."""
+
+    kind: HistoryKind
+    started_at: dt.datetime | None
+    attempt: int = 0
+    lease_token: int = 0
+    worker_id: str = ""
+    ended_at: dt.datetime | None = None
+    outcome: AttemptOutcome | None = None
+    error_type: str = ""
+    error: str = ""
+    progress: Progress = Progress()
+    operation: Operation | None = None
+    operator: str = ""
+    reason: str = ""
+
+    @classmethod
+    def from_pb(cls, entry: pb.TaskHistoryEntry) -> "HistoryLine":
+        outcome = None if entry.outcome == pb.HISTORY_OUTCOME_UNSPECIFIED else AttemptOutcome(
+            pb.HistoryOutcome.Name(entry.outcome).removeprefix("HISTORY_OUTCOME_"))
+        operation = None if entry.operation == pb.HISTORY_OPERATION_UNSPECIFIED else Operation(
+            pb.HistoryOperation.Name(entry.operation).removeprefix("HISTORY_OPERATION_"))
+        kind = HistoryKind.OPERATION if entry.kind == pb.HISTORY_ENTRY_KIND_OPERATION else HistoryKind.ATTEMPT
+        return cls(
+            kind=kind, started_at=_datetime(entry, "started_at"), attempt=entry.attempt,
+            lease_token=entry.lease_token, worker_id=entry.worker_id, ended_at=_datetime(entry, "ended_at"),
+            outcome=outcome, error_type=entry.error_type, error=entry.error,
+            progress=Progress(percent=entry.progress.percent, message=entry.progress.message),
+            operation=operation, operator=entry.operator, reason=entry.reason,
+        )  # fmt: skip
 
 
 def _status_from_pb(value: int) -> TaskStatus:
@@ -687,6 +737,37 @@ class TriggerResult:
 # ---------------------------------------------------------------- errors
 
 
+class BulkOperation(str, enum.Enum):
+    """An operator action applied by filter (``Client.bulk_operate``)."""
+
+    RETRY = "retry"
+    RESUME = "resume"
+    MARK_FAILED = "mark-failed"
+    TERMINATE = "terminate"
+
+    def to_pb(self) -> pb.BulkOperation:
+        return {
+            BulkOperation.RETRY: pb.BULK_RETRY,
+            BulkOperation.RESUME: pb.BULK_RESUME,
+            BulkOperation.MARK_FAILED: pb.BULK_MARK_FAILED,
+            BulkOperation.TERMINATE: pb.BULK_TERMINATE,
+        }[self]
+
+
+@dataclass(frozen=True)
+class BulkResult:
+    """What a bulk operation did: ``matched`` tasks (up to max_count), of which
+    ``applied`` changed, ``conflicts`` had changed since they were listed (left
+    alone), ``failed`` met another error; ``applied_task_ids``: the first 1000."""
+
+    matched: int
+    applied: int
+    conflicts: int
+    failed: int
+    applied_task_ids: tuple[str, ...]
+    stopped_at_time_limit: bool = False  # the call's time ran out first: call again for the rest
+
+
 class ClientError(Exception):
     """TaskService refused a call (or could not be reached within the retry budget).
 
@@ -1023,6 +1104,7 @@ class Client:
         self._schedules = pb_grpc.ScheduleServiceStub(self._channel)  # served at the same address
         self._gates = pb_grpc.GateServiceStub(self._channel)  # served at the same address
         self._limits = pb_grpc.LimitServiceStub(self._channel)  # served at the same address
+        self._operators = pb_grpc.OperatorServiceStub(self._channel)  # served at the same address
 
     def __enter__(self) -> "Client":
         return self
@@ -1103,6 +1185,15 @@ class Client:
         """The task's current state (status, attempt, progress, result, error, ...)."""
         reply: pb.PollTaskResponse = self._call(self._stub.PollTask, pb.PollTaskRequest(task_id=task_id))
         return TaskView.from_pb(reply.task)
+
+    def history(self, task_id: str, limit: int = 0) -> list[HistoryLine]:
+        """The task's history, newest first: one line per attempt (worker,
+        lease token, claim and end, outcome, error, last progress) and per
+        operator action. At most ``limit`` lines, and never more than the
+        server's ``history_max_entries`` (0: that bound)."""
+        request = pb.GetTaskHistoryRequest(task_id=task_id, limit=limit)
+        reply: pb.GetTaskHistoryResponse = self._call(self._stub.GetTaskHistory, request)
+        return [HistoryLine.from_pb(e) for e in reply.entries]
 
     def _poll_before(self, task_id: str, deadline: float | None) -> TaskView:
         reply: pb.PollTaskResponse = self._call(self._stub.PollTask, pb.PollTaskRequest(task_id=task_id), deadline)
@@ -1199,6 +1290,94 @@ class Client:
         reply: pb.CountTasksResponse = self._call(self._stub.CountTasks, count_request(namespace or self.namespace, status, type))
         return TaskCounts.from_pb(reply)
 
+
+    # ------------------------------------------------------------ operator actions (docs/operations.md)
+    #
+    # Each needs an operator (or admin) token and the task's current version
+    # (``TaskView.version``, as ``poll`` shows it): a stale one raises
+    # ``FailedPreconditionError`` naming the current version, with nothing
+    # changed. ``reason`` (1..500 characters) goes to the task's history. A
+    # call retried after a lost answer whose first attempt applied also gets
+    # ``FailedPreconditionError`` (the version moved): ``poll`` to see.
+
+    def retry_task(
+        self,
+        task_id: str,
+        expected_version: str,
+        reason: str,
+        *,
+        run_at: dt.datetime | None = None,
+        payload: bytes | None = None,
+    ) -> TaskView:
+        """A FAILED or CANCELLED task runs again from attempt 1 (its own retry
+        budget afresh), at ``run_at`` (timezone-aware; default now), with
+        ``payload`` instead of its own when given."""
+        request = pb.RetryTaskRequest(task_id=task_id, expected_version=expected_version, reason=reason)
+        if run_at is not None:
+            request.run_at.FromDatetime(_aware("run_at", run_at))
+        if payload is not None:
+            request.payload, request.has_payload = payload, True
+        reply: pb.RetryTaskResponse = self._call(self._operators.RetryTask, request)
+        return TaskView.from_pb(reply.task)
+
+    def resume_task(self, task_id: str, expected_version: str, reason: str) -> TaskView:
+        """A task waiting for its retry backoff is due now (the same attempt)."""
+        request = pb.ResumeTaskRequest(task_id=task_id, expected_version=expected_version, reason=reason)
+        reply: pb.ResumeTaskResponse = self._call(self._operators.ResumeTask, request)
+        return TaskView.from_pb(reply.task)
+
+    def mark_task_failed(self, task_id: str, expected_version: str, reason: str) -> TaskView:
+        """A SCHEDULED task (one waiting to be retried, typically) stops: FAILED, error type "MarkedFailed"."""
+        request = pb.MarkTaskFailedRequest(task_id=task_id, expected_version=expected_version, reason=reason)
+        reply: pb.MarkTaskFailedResponse = self._call(self._operators.MarkTaskFailed, request)
+        return TaskView.from_pb(reply.task)
+
+    def terminate_task(self, task_id: str, expected_version: str, reason: str) -> TaskView:
+        """A RUNNING task's lease is revoked now: FAILED ("Terminated"); its worker
+        learns it at its next heartbeat and stops the handler (no cooperation needed)."""
+        request = pb.TerminateTaskRequest(task_id=task_id, expected_version=expected_version, reason=reason)
+        reply: pb.TerminateTaskResponse = self._call(self._operators.TerminateTask, request)
+        return TaskView.from_pb(reply.task)
+
+    def bulk_operate(
+        self,
+        operation: BulkOperation,
+        reason: str,
+        *,
+        max_count: int,
+        namespace: str | None = None,
+        type: str = "",
+        status: TaskStatus | None = None,
+        created_after: dt.datetime | None = None,
+        created_before: dt.datetime | None = None,
+        rate_per_second: float = 0.0,
+        dry_run: bool = False,
+        timeout: float | None = None,
+    ) -> BulkResult:
+        """``operation`` on every task of ``namespace`` the filter matches, at most
+        ``max_count`` (1..10000), at ``rate_per_second`` (0: the server's 50; at
+        most 1000). Each task's own current version is its write's condition: a
+        task that changed since it was listed is a conflict, left alone. The
+        server works within one call and stops before its ``rpc_timeout_s``
+        (30 s) or ``timeout``: then ``stopped_at_time_limit`` is set, call again
+        for the rest. Not retried (a repeat would act on what the first left)."""
+        request = pb.BulkOperateRequest(
+            operation=operation.to_pb(), namespace=namespace or self.namespace, type=type, max_count=max_count,
+            rate_per_second=rate_per_second, reason=reason, dry_run=dry_run,
+        )  # fmt: skip
+        if status is not None:
+            request.status = pb.TaskStatus.Value(status.value)
+        if created_after is not None:
+            request.created_after.FromDatetime(_aware("created_after", created_after))
+        if created_before is not None:
+            request.created_before.FromDatetime(_aware("created_before", created_before))
+        seconds = timeout if timeout is not None else 60.0  # past the server's own ceiling: it answers first
+        try:
+            reply: pb.BulkOperateResponse = self._operators.BulkOperate(request, timeout=seconds)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        return BulkResult(reply.matched, reply.applied, reply.conflicts, reply.failed, tuple(reply.applied_task_ids),
+                          reply.stopped_at_time_limit)  # fmt: skip
 
     # ------------------------------------------------------------ gates (docs/gates.md)
 
@@ -1527,6 +1706,12 @@ class AsyncClient:
     async def poll(self, task_id: str) -> TaskView:
         """See ``Client.poll``."""
         return await self._poll_before(task_id, None)
+
+    async def history(self, task_id: str, limit: int = 0) -> list[HistoryLine]:
+        """See ``Client.history``."""
+        request = pb.GetTaskHistoryRequest(task_id=task_id, limit=limit)
+        reply: pb.GetTaskHistoryResponse = await self._call(self._stub.GetTaskHistory, request)
+        return [HistoryLine.from_pb(e) for e in reply.entries]
 
     async def _poll_before(self, task_id: str, deadline: float | None) -> TaskView:
         reply: pb.PollTaskResponse = await self._call(self._stub.PollTask, pb.PollTaskRequest(task_id=task_id), deadline)

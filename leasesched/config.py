@@ -128,6 +128,10 @@ class Config:
     list_days: int = 30  # how far back ListTasks walks
     allowed_task_types: str = ""  # comma-separated allow-list; empty = any well-formed type
 
+    # Attempt history (leasesched/history.py, docs/operations.md "Attempt history").
+    history_max_entries: int = 100  # per task: reads show at most this many entries; older ones are removed
+    stuck_lease_losses: int = 3  # a task whose lease was lost this many times shows stuck = true
+
     # Leases and the trigger.
     lease_grace_s: float = 2.0  # the trigger re-queues only after expiry + this
     claim_timeout_s: float = 5.0  # a dispatch not claimed by then is dispatched again

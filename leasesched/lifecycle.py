@@ -17,6 +17,7 @@ trigger recognises and drops; it never leaves a task that no trigger will find.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import uuid
@@ -24,8 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from leasesched.admission import Admission
+from leasesched.attempt_history import AttemptHistory, failure_outcome
 from leasesched.concurrency import LIMIT_REACHED
-from leasesched.changes import TaskChange
+from leasesched.changes import UNSET, TaskChange
+from leasesched.history import Operation
 from leasesched.errors import (
     Aborted,
     AlreadyExists,
@@ -35,11 +38,13 @@ from leasesched.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from leasesched.history import AttemptOutcome
 from leasesched.limits import MAX_ERROR_MESSAGE, RETRY_INTERVAL
 from leasesched.model import DueEntry, Task, now_ms, shard_of
 from leasesched.observability import metrics
 from leasesched.observability.logs import fields
-from leasesched.states import TaskStatus, Transition, allowed, quarantined_status
+from leasesched.states import TRANSITIONS, TaskStatus, Transition, allowed, quarantined_status
+from leasesched.versions import TaskVersion, version_of
 from leasesched.store.base import (
     CasResult,
     Expect,
@@ -73,6 +78,15 @@ class Lease:
 class HeartbeatAck:
     expires_at: int
     cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class OperatorAction:
+    """Who performs an operator action and why: recorded in the task's history.
+    ``operator``: the calling token's name or id ("" with auth off)."""
+
+    operator: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -122,11 +136,19 @@ def lease_entry(task: Task, expires_at: int, grace_ms: int, token: int) -> DueEn
 class Lifecycle:
     """The one place that turns requests into conditional writes."""
 
-    def __init__(self, store: TaskStore, lease_grace_ms: int = 2000, admission: Admission | None = None) -> None:
+    def __init__(
+        self,
+        store: TaskStore,
+        lease_grace_ms: int = 2000,
+        admission: Admission | None = None,
+        history_max_entries: int = 100,
+    ) -> None:
         self.store = store
         self.lease_grace_ms = lease_grace_ms
         # Concurrency limits (leasesched/admission.py): slots taken at a claim, given back when the attempt ends.
         self.admission = admission if admission is not None else Admission(store)
+        # Each attempt's record (leasesched/attempt_history.py): written after the state change applied, never failing it.
+        self.history = AttemptHistory(store, history_max_entries)
 
     # ------------------------------------------------------------------ users
 
@@ -305,7 +327,10 @@ class Lifecycle:
             result = await self._write(task_id, Expect(TaskStatus.SCHEDULED, lease_token=task.lease_token), change)
             if not result.applied:
                 raise FailedPrecondition(f"task {task_id} was claimed by someone else")
-            if not await self.admission.confirm(task_id, token, held):
+            claimed = change.apply(task)
+            # The attempt's entry beside the slots' confirmation (history never raises).
+            _, confirmed = await asyncio.gather(self.history.started(claimed), self.admission.confirm(task_id, token, held))
+            if not confirmed:
                 # A slot was taken over while this claim was in flight (it took
                 # longer than concurrency.SLOT_CLAIM_MS): give the claim back
                 # unrun, so that two runners never share one slot.
@@ -314,7 +339,7 @@ class Lifecycle:
         except BaseException:
             await self.admission.give_back(held)
             raise
-        return Lease(change.apply(task), token, expires_at)
+        return Lease(claimed, token, expires_at)
 
     async def heartbeat(
         self,
@@ -348,7 +373,7 @@ class Lifecycle:
         change = TaskChange.complete(TaskStatus.RUNNING, result, now)
         outcome = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token, namespace=namespace), change)
         if outcome.applied:
-            await self._release_slots(task_id, token)
+            await asyncio.gather(self._release_slots(task_id, token), self._record_success(task_id, token, now))
             return TaskStatus.SUCCEEDED
         if namespace is not None and outcome.exists and outcome.current_namespace != namespace:
             raise PermissionDenied(f"task {task_id} is not in namespace {namespace!r} or does not exist")
@@ -375,7 +400,7 @@ class Lifecycle:
         async def decide(task: Task, now: int) -> tuple[TaskChange, FailOutcome]:
             return await self._failure(task, now, error, error_type, non_retryable, retry_after_ms)
 
-        return await self._end_attempt(task_id, token, namespace, decide)
+        return await self._end_attempt(task_id, token, namespace, decide, lambda change: failure_outcome(error_type))
 
     async def acknowledge_cancel(
         self, task_id: uuid.UUID, token: int, error: str, error_type: str = "", namespace: str | None = None
@@ -388,7 +413,10 @@ class Lifecycle:
                 return await self._failure(task, now, error, error_type, non_retryable=False)
             return TaskChange.cancel_ack(task, error, error_type, now), FailOutcome(TaskStatus.CANCELLED)
 
-        return await self._end_attempt(task_id, token, namespace, decide)
+        def ended_as(change: TaskChange) -> AttemptOutcome:
+            return AttemptOutcome.CANCELLED if change.new_status == TaskStatus.CANCELLED else failure_outcome(error_type)
+
+        return await self._end_attempt(task_id, token, namespace, decide, ended_as)
 
     async def release(self, task_id: uuid.UUID, token: int, namespace: str | None = None) -> FailOutcome:
         """Given back unrun (worker shutdown, a claim answered too late): due again now,
@@ -399,7 +427,7 @@ class Lifecycle:
             await self._add_due(run_entry(task, now))
             return change, FailOutcome(TaskStatus.SCHEDULED, now)
 
-        return await self._end_attempt(task_id, token, namespace, decide)
+        return await self._end_attempt(task_id, token, namespace, decide, lambda change: AttemptOutcome.RELEASED)
 
     async def rate_limited(
         self,
@@ -436,7 +464,11 @@ class Lifecycle:
             await self._add_due(run_entry(task, until))
             return TaskChange.rate_limited(task, error, error_type, until), FailOutcome(TaskStatus.SCHEDULED, until)
 
-        return await self._end_attempt(task_id, token, namespace, decide)
+        def ended_as(change: TaskChange) -> AttemptOutcome:
+            # Waiting again (its gate closed, or an ordinary retry without a gate): rate limited; FAILED: failed.
+            return AttemptOutcome.RATE_LIMITED if change.new_status == TaskStatus.SCHEDULED else AttemptOutcome.FAILED
+
+        return await self._end_attempt(task_id, token, namespace, decide, ended_as)
 
     async def _end_attempt(
         self,
@@ -444,9 +476,11 @@ class Lifecycle:
         token: int,
         namespace: str | None,
         decide: Callable[[Task, int], Awaitable[tuple[TaskChange, FailOutcome]]],
+        ended_as: Callable[[TaskChange], AttemptOutcome],
     ) -> FailOutcome:
         """The common frame of a worker's unsuccessful report: the caller must hold the
-        lease (a retried report of an already final task answers its status again)."""
+        lease (a retried report of an already final task answers its status again).
+        ``ended_as``: the attempt's outcome in the history, from the change written."""
         task = await self.get(task_id, namespace)
         if task.status != TaskStatus.RUNNING or task.lease_token != token:
             if task.lease_token == token and task.status.terminal:
@@ -457,11 +491,12 @@ class Lifecycle:
                     await self._entered_failed(task)
                 return FailOutcome(task.status)  # a retried report of ours
             raise self._stale(task_id, token, True)
-        change, outcome = await decide(task, now_ms())
+        now = now_ms()
+        change, outcome = await decide(task, now)
         result = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token), change, task)
         if not result.applied:
             raise self._stale(task_id, token, result.exists)
-        await self._release_slots(task_id, token, task)
+        await asyncio.gather(self._release_slots(task_id, token, task), self._record_end(task, change, ended_as(change), now))
         return outcome
 
     async def _failure(
@@ -487,6 +522,148 @@ class Lifecycle:
         retried = task.replace(attempt=task.attempt + 1)
         await self._add_due(run_entry(retried, next_run))
         return change, FailOutcome(TaskStatus.SCHEDULED, next_run)
+
+    # ---------------------------------------------------------------- operators
+    #
+    # Each operator action is ONE conditional write on every column of the
+    # version the operator read (``Expect.version``; ``leasesched.versions``):
+    # a stale version, or a change landing between the read and the write,
+    # is answered FAILED_PRECONDITION naming ``expected_version`` and the
+    # current version, with nothing written. Its history entry is written
+    # after the write applied, and never fails the action (a record for
+    # people, see leasesched/history.py).
+
+    async def retry(
+        self,
+        task_id: uuid.UUID,
+        expected_version: str,
+        action: OperatorAction,
+        run_at: int | None = None,
+        payload: bytes | None = None,
+        namespace: str | None = None,
+    ) -> Task:
+        """A FAILED or CANCELLED task runs again (``TaskChange.operator_retry``:
+        attempt 1 of its own budget, a raised lease token), at ``run_at`` (now
+        when None), with ``payload`` when given. Its due entry is written
+        before the status, as for a new task (``schedule``)."""
+
+        async def build(task: Task, now: int) -> TaskChange:
+            due = now if run_at is None else max(run_at, now)
+            change = TaskChange.operator_retry(task, due, payload)
+            await self._add_due(run_entry(change.apply(task), due))
+            return change
+
+        return await self._operate(task_id, expected_version, action, Operation.RETRY, Transition.OPERATOR_RETRY,
+                                   build, namespace)  # fmt: skip
+
+    async def resume(
+        self, task_id: uuid.UUID, expected_version: str, action: OperatorAction, namespace: str | None = None
+    ) -> Task:
+        """A task waiting for its retry backoff (SCHEDULED, attempt > 1, not due
+        yet) is due now, as the same attempt."""
+
+        async def build(task: Task, now: int) -> TaskChange:
+            if task.attempt <= 1:
+                raise FailedPrecondition(
+                    f"task {task_id} is SCHEDULED at attempt 1: it waits for its first run, not for a retry backoff"
+                )
+            if task.run_at <= now:
+                raise FailedPrecondition(f"task {task_id} is SCHEDULED and due already: nothing to resume")
+            change = TaskChange.resume(task, now)
+            await self._add_due(run_entry(task, now))
+            return change
+
+        return await self._operate(task_id, expected_version, action, Operation.RESUME, Transition.RESUME, build, namespace)
+
+    async def mark_failed(
+        self, task_id: uuid.UUID, expected_version: str, action: OperatorAction, namespace: str | None = None
+    ) -> Task:
+        """A SCHEDULED task (typically one waiting to be retried) stops: FAILED,
+        error type "MarkedFailed", the reason as its error. Its due entries
+        are left to the trigger, which drops an entry whose task is no longer
+        SCHEDULED."""
+
+        async def build(task: Task, now: int) -> TaskChange:
+            return TaskChange.mark_failed(task, action.reason, now)
+
+        return await self._operate(task_id, expected_version, action, Operation.MARK_FAILED, Transition.MARK_FAILED,
+                                   build, namespace)  # fmt: skip
+
+    async def terminate(
+        self, task_id: uuid.UUID, expected_version: str, action: OperatorAction, namespace: str | None = None
+    ) -> Task:
+        """A RUNNING task's lease is revoked now: FAILED ("Terminated") under a
+        new lease token. The worker's next heartbeat under the old token is
+        answered "lease lost" and the worker stops the execution exactly as
+        for any lost lease (worker/heartbeats.py); a completion or failure
+        report under the old token is refused (fenced). The attempt's
+        concurrency slots are given back, and its history entry ends as
+        TERMINATED."""
+
+        async def build(task: Task, now: int) -> TaskChange:
+            return TaskChange.terminate(task, action.reason, now)
+
+        return await self._operate(task_id, expected_version, action, Operation.TERMINATE, Transition.TERMINATE,
+                                   build, namespace)  # fmt: skip
+
+    async def _operate(
+        self,
+        task_id: uuid.UUID,
+        expected_version: str,
+        action: OperatorAction,
+        operation: Operation,
+        transition: Transition,
+        build: Callable[[Task, int], Awaitable[TaskChange]],
+        namespace: str | None,
+    ) -> Task:
+        """The common frame of an operator action: the version check, the state
+        check, one conditional write on the version, then the side effects of
+        the ended attempt (terminate) and the history."""
+        task = await self.get(task_id, namespace)
+        current = version_of(task)
+        if current != expected_version:
+            raise _stale_version(task_id, expected_version, task)
+        if not allowed(transition, task.status):
+            sources = " or ".join(sorted(s.value for s in TRANSITIONS[transition][0]))
+            raise FailedPrecondition(
+                f"task {task_id} is {task.status.value}; {operation.value} needs a {sources} task"
+            )
+        now = now_ms()
+        change = await build(task, now)
+        expect = Expect(task.status, lease_token=task.lease_token, version=TaskVersion.of(task))
+        # ``task`` given: a change to FAILED (mark-failed, terminate) enters the
+        # dead-letter index; a failure of that second write is only logged (the
+        # action is done, and its version has moved on).
+        result = await self._write(task_id, expect, change, task, must_index=False)
+        if not result.applied:
+            if not result.exists:
+                raise NotFound(f"task {task_id} not found")
+            try:
+                moved = await self.read(task_id, serial=True)
+            except (StoreUnavailable, UnreadableTask) as exc:
+                raise Unavailable(str(exc)) from exc
+            if moved is None:
+                raise NotFound(f"task {task_id} not found")
+            raise _stale_version(task_id, expected_version, moved)
+        done = change.apply(task)
+        log.info(
+            "task %s: operator action %s by %r (%s → %s): %s", task_id, operation.value, action.operator,
+            task.status.value, done.status.value, action.reason, extra=fields(task_id=str(task_id)),
+        )  # fmt: skip
+        if task.status == TaskStatus.FAILED:  # a retry: it leaves the dead letters
+            try:
+                await self._left_failed(task)
+            except Unavailable as exc:
+                log.warning("task %s left FAILED but its dead-letter entry was not removed: %s", task_id, exc,
+                            extra=fields(task_id=str(task_id)))  # fmt: skip
+        ended: list[Awaitable[None]] = []
+        if transition == Transition.TERMINATE:
+            ended = [
+                self._release_slots(task_id, task.lease_token, task),
+                self.history.ended(task, AttemptOutcome.TERMINATED, now, "Terminated", done.error),
+            ]
+        await asyncio.gather(*ended, self.history.operated(done, operation, action.operator, action.reason, now))
+        return done
 
     # ---------------------------------------------------------------- trigger
 
@@ -516,18 +693,25 @@ class Lifecycle:
         result = await self._write(task.task_id, expect, change, task, must_index=False)
         if not result.applied:
             return None
-        await self._release_slots(task.task_id, task.lease_token, task)
+        await asyncio.gather(
+            self._release_slots(task.task_id, task.lease_token, task),
+            self._record_end(task, change, AttemptOutcome.LEASE_LOST, now),
+        )
         return change.new_status
 
     async def fail_deadline(self, task: Task, reason: str) -> bool:
         """Fail a task that waited or ran past its deadline (schedule-to-close / -start)."""
         if not allowed(Transition.DEADLINE, task.status):
             return False
-        change = TaskChange.deadline(task, reason, now_ms())
+        now = now_ms()
+        change = TaskChange.deadline(task, reason, now)
         expect = Expect(task.status, lease_token=task.lease_token)
         applied = (await self._write(task.task_id, expect, change, task, must_index=False)).applied
-        if applied and task.status == TaskStatus.RUNNING:
-            await self._release_slots(task.task_id, task.lease_token, task)
+        if applied and task.status == TaskStatus.RUNNING:  # a SCHEDULED task had no attempt running: nothing ended
+            await asyncio.gather(
+                self._release_slots(task.task_id, task.lease_token, task),
+                self._record_end(task, change, AttemptOutcome.TIMED_OUT, now),
+            )
         return applied
 
     # ---------------------------------------------------------------- quarantine
@@ -574,6 +758,27 @@ class Lifecycle:
         return applied
 
     # ---------------------------------------------------------------- helpers
+
+    async def _record_end(self, task: Task, change: TaskChange, outcome: AttemptOutcome, now: int) -> None:
+        """The history entry of the attempt ``task`` ran, ended by ``change``
+        (its error and error type, as written). Never raises."""
+        error_type = "" if change.error_type is UNSET else change.error_type
+        error = "" if change.error is UNSET else change.error
+        await self.history.ended(task, outcome, now, error_type, error)
+
+    async def _record_success(self, task_id: uuid.UUID, token: int, now: int) -> None:
+        """The SUCCEEDED entry of attempt ``token``. A completion is written
+        without reading the task, so this reads the row once (plain read):
+        the claim time keys the entry, and worker, attempt and the last
+        progress come from it. Never raises: the completion stands."""
+        try:
+            task = await self.store.get_task(task_id)
+        except Exception as exc:  # noqa: BLE001 - history never fails a report (leasesched/attempt_history.py)
+            log.debug("task %s: no history entry for its completion: %s", task_id, exc)
+            metrics.history_write_failures.inc()
+            return
+        if task is not None and task.lease_token == token:
+            await self.history.ended(task, AttemptOutcome.SUCCEEDED, now)
 
     async def _release_slots(self, task_id: uuid.UUID, token: int, task: Task | None = None) -> None:
         """The attempt under ``token`` ended: give back its concurrency slots.
@@ -650,3 +855,10 @@ class Lifecycle:
         if not exists:
             return NotFound(f"task {task_id} not found")
         return FailedPrecondition(f"lease lost: task {task_id} no longer runs under token {token}")
+
+
+def _stale_version(task_id: uuid.UUID, expected: str, task: Task) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"expected_version {expected!r} is not the current version of task {task_id}: it is {version_of(task)!r} "
+        f"(now {task.status.value}, attempt {task.attempt}); read the task again and decide again"
+    )

@@ -91,6 +91,7 @@ class Task:
     nominal_time: int | None = None  # the schedule's slot it was created for
     concurrency_key: str = ""  # fair-share group within the namespace; "" = none
     gate: str = ""  # the gate (leasesched.gates) it waits for before each dispatch; "" = none
+    lease_losses: int = 0  # how many of its leases expired unreported (the trigger took it back)
 
     @property
     def max_attempts(self) -> int:

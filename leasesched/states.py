@@ -12,6 +12,16 @@ so an illegal or lost-race transition can never reach Cassandra.
 
     SCHEDULED / RUNNING / (a status that is no TaskStatus) ──quarantine──▶ FAILED
 
+    Operator actions (OperatorService; docs/operations.md, "Operator actions"):
+    FAILED / CANCELLED ──operator_retry──▶ SCHEDULED   (a fresh attempt budget)
+    SCHEDULED ──resume──▶ SCHEDULED                   (a waiting retry is due now)
+    SCHEDULED ──mark_failed──▶ FAILED
+    RUNNING ──terminate──▶ FAILED                     (a new lease token fences the worker)
+
+The operator retry is the one way out of a terminal state: "terminal" means
+no *automatic* transition leaves it (no worker, trigger or deadline moves it);
+only a person, with the task's current version in hand, can.
+
 A stored row the scheduler cannot read (a time past year 9999, an unknown
 status, ...) is *quarantined*: failed with error type "Unreadable" and its bad
 columns repaired, by one conditional write (``Lifecycle.read``). A terminal
@@ -55,6 +65,11 @@ class Transition(enum.Enum):
     CANCEL_ACK = "cancel_ack"  # worker stopped a running task after a cancel request
     DEADLINE = "deadline"  # schedule-to-close / schedule-to-start passed
     QUARANTINE = "quarantine"  # the stored row cannot be read; see quarantined_status
+    # Operator actions (each conditional on the version the operator read):
+    OPERATOR_RETRY = "operator_retry"  # a FAILED / CANCELLED task runs again, attempt budget reset
+    RESUME = "resume"  # a task waiting for its retry backoff is due now
+    MARK_FAILED = "mark_failed"  # a waiting task stops retrying: FAILED
+    TERMINATE = "terminate"  # a running task's lease is revoked (new token): FAILED
 
 
 TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
@@ -74,6 +89,10 @@ TRANSITIONS: dict[Transition, tuple[frozenset[TaskStatus], TaskStatus]] = {
     Transition.CANCEL_ACK: (frozenset({_S.RUNNING}), _S.CANCELLED),
     Transition.DEADLINE: (frozenset({_S.SCHEDULED, _S.RUNNING}), _S.FAILED),
     Transition.QUARANTINE: (frozenset({_S.SCHEDULED, _S.RUNNING}), _S.FAILED),
+    Transition.OPERATOR_RETRY: (frozenset({_S.FAILED, _S.CANCELLED}), _S.SCHEDULED),
+    Transition.RESUME: (frozenset({_S.SCHEDULED}), _S.SCHEDULED),
+    Transition.MARK_FAILED: (frozenset({_S.SCHEDULED}), _S.FAILED),
+    Transition.TERMINATE: (frozenset({_S.RUNNING}), _S.FAILED),
 }
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from leasesched.history import HistoryEntry, HistoryKind
 from leasesched.model import Task
 from leasesched.states import TaskStatus
 from leasesched.v1 import scheduler_pb2 as pb
+from leasesched.versions import version_of
 
 
 def ts(ms: int | None) -> Timestamp | None:
@@ -30,7 +32,8 @@ def status_from_pb(value: int) -> TaskStatus | None:
     return TaskStatus(pb.TaskStatus.Name(value))
 
 
-def task_view(task: Task, with_payload: bool = False) -> pb.TaskView:
+def task_view(task: Task, with_payload: bool = False, stuck_lease_losses: int = 0) -> pb.TaskView:
+    """``stuck_lease_losses``: ``Config.stuck_lease_losses`` (0: never stuck)."""
     view = pb.TaskView(
         task_id=str(task.task_id),
         namespace=task.namespace,
@@ -51,6 +54,9 @@ def task_view(task: Task, with_payload: bool = False) -> pb.TaskView:
         started_at=ts(task.started_at),
         finished_at=ts(task.finished_at),
         lease_expires_at=ts(task.lease_expires_at),
+        lease_losses=task.lease_losses,
+        stuck=stuck_lease_losses > 0 and task.lease_losses >= stuck_lease_losses,
+        version=version_of(task),
     )
     if task.schedule_id:
         view.schedule_id = task.schedule_id
@@ -62,3 +68,32 @@ def task_view(task: Task, with_payload: bool = False) -> pb.TaskView:
     if with_payload:
         view.payload = task.payload
     return view
+
+
+_KIND_TO_PB = {HistoryKind.ATTEMPT: pb.HISTORY_ENTRY_KIND_ATTEMPT, HistoryKind.OPERATION: pb.HISTORY_ENTRY_KIND_OPERATION}
+
+
+def history_entry_view(entry: HistoryEntry) -> pb.TaskHistoryEntry:
+    """One history entry as GetTaskHistory answers it (the enums by name:
+    ``AttemptOutcome.X`` is ``HISTORY_OUTCOME_X``, ``Operation.X`` is
+    ``HISTORY_OPERATION_X``; a test keeps the two lists equal)."""
+    view = pb.TaskHistoryEntry(
+        kind=_KIND_TO_PB[entry.kind],
+        attempt=entry.attempt,
+        lease_token=entry.lease_token,
+        worker_id=entry.worker_id,
+        started_at=ts(entry.started_at),
+        ended_at=ts(entry.ended_at),
+        error_type=entry.error_type,
+        error=entry.error,
+        operator=entry.operator,
+        reason=entry.reason,
+    )
+    if entry.outcome is not None:
+        view.outcome = pb.HistoryOutcome.Value(f"HISTORY_OUTCOME_{entry.outcome.value}")
+    if entry.operation is not None:
+        view.operation = pb.HistoryOperation.Value(f"HISTORY_OPERATION_{entry.operation.value}")
+    if entry.kind is HistoryKind.ATTEMPT:
+        view.progress.CopyFrom(pb.Progress(percent=entry.progress_percent, message=entry.progress_message))
+    return view
+

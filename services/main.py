@@ -24,6 +24,7 @@ from services.rate_limit import QuotaInterceptor, Quotas, transport_cap
 from services.gate_service import GateBook, GateService
 from services.limit_sampler import LimitSampler
 from services.limit_service import LimitService
+from services.operator_service import OperatorService
 from services.schedule_service import ScheduleService
 from services.slot_use import SlotUse
 from services.task_service import TaskService
@@ -75,6 +76,10 @@ async def serve(cfg: Config, role: str, port: int) -> None:
                 (pb_grpc.add_GateServiceServicer_to_server, GateService(store), "leasesched.v1.GateService"),
                 (pb_grpc.add_LimitServiceServicer_to_server, LimitService(store, slots=slots), "leasesched.v1.LimitService"),
             ]
+            # Operator actions: the same process, interceptors and lifecycle; a
+            # retried task's cached final answer is forgotten at once.
+            operators = OperatorService(cfg, lifecycle, notify_due=notifier, on_changed=service.forget_finished)
+            adders.append((pb_grpc.add_OperatorServiceServicer_to_server, operators, "leasesched.v1.OperatorService"))
             # After authentication (build_server's order): quotas are per caller namespace.
             interceptors.append(QuotaInterceptor(Quotas.from_config(cfg)))
         else:

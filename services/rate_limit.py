@@ -56,6 +56,7 @@ GROUP_OF_METHOD: dict[str, str] = {
     POLL_METHOD: READ,
     LIST_METHOD: READ,
     COUNT_METHOD: READ,
+    SERVICE_PREFIX + "GetTaskHistory": READ,  # one partition, at most history_max_entries rows: one token like a poll
     # Periodic schedules share the namespace's buckets: a flood of schedule
     # changes is a flood of writes like any other.
     **{SCHEDULES_PREFIX + m: WRITE for m in ("CreateSchedule", "UpdateSchedule", "DeleteSchedule", "PauseSchedule",

@@ -22,7 +22,7 @@ from leasesched.store.base import ListQuery, StoreUnavailable
 from leasesched.store.page_token import BadPageToken, decode_token
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
-from services.convert import status_from_pb, status_to_pb, task_view, ts
+from services.convert import history_entry_view, status_from_pb, status_to_pb, task_view, ts
 from services.gate_service import GateBook
 from services.page_tokens import PageTokens, list_filters
 from services.poll_cache import FinishedTasks
@@ -149,8 +149,13 @@ class TaskService(pb_grpc.TaskServiceServicer):
         self._finished.remember(task_id, view, final=task.status.terminal)
         return pb.PollTaskResponse(task=view)
 
+    def forget_finished(self, task_id: uuid.UUID) -> None:
+        """An operator action changed the task: PollTask reads it again
+        (services/poll_cache.py; OperatorService calls this)."""
+        self._finished.forget(task_id)
+
     def _view(self, task: Task) -> pb.TaskView:
-        view = task_view(task)
+        view = task_view(task, stuck_lease_losses=self._cfg.stuck_lease_losses)
         if task.status == TaskStatus.SCHEDULED and self._workers is not None:
             view.no_worker_for_type = self._workers.serves(task.namespace, task.type) is False
         return view
@@ -167,7 +172,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
         await self._visible(task_id)
         task = await self._lifecycle.cancel(task_id)
         log.info("task %s cancel: now %s", task.task_id, task.status.value)
-        return pb.CancelTaskResponse(task=task_view(task))
+        return pb.CancelTaskResponse(task=self._view(task))
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
         namespace = check_namespace(request.namespace)
@@ -237,6 +242,18 @@ class TaskService(pb_grpc.TaskServiceServicer):
             response.rows.add(type=name, status=status_to_pb(task_status), count=count)
         response.exact, response.method, response.scanned = not token, pb.RECENT_SCAN, scanned
         return response
+    async def GetTaskHistory(
+        self, request: pb.GetTaskHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetTaskHistoryResponse:
+        """A task's attempts and operator actions, newest first (docs/operations.md,
+        "Attempt history"). Who may see the task may see its history: the same
+        check as PollTask (a foreign task and a missing one look the same)."""
+        task_id = check_task_id(request.task_id)
+        if request.limit < 0:
+            raise InvalidArgument(f"limit must be 0 (the bound, {self._cfg.history_max_entries}) or more, not {request.limit}")
+        await self._visible(task_id)
+        entries = await self._lifecycle.history.read(task_id, request.limit)
+        return pb.GetTaskHistoryResponse(entries=[history_entry_view(e) for e in entries])
 
     async def _page_tokens(self) -> PageTokens:
         """The signer, with the cluster's shared key (read from the store once)."""

@@ -289,12 +289,16 @@ def _print_task(view: pb.TaskView) -> None:
         ("finished", fmt_ts(view.finished_at)),
         ("progress", f"{view.progress.percent:.0f}% {printable(view.progress.message)}".rstrip()),
     ]
+    if view.version:
+        lines.append(("version", view.version))
     if view.no_worker_for_type:
         lines.append(("waiting", f"no running worker serves {view.namespace}/{view.type}: it starts once one subscribes"))
     if view.lease_owner:
         lines.append(("lease", f"{view.lease_owner} token={view.lease_token} until {fmt_ts(view.lease_expires_at)}"))
     if view.error:
         lines.append(("error", printable(f"{view.error_type + ': ' if view.error_type else ''}{view.error}")))
+    if view.lease_losses:
+        lines.append(("leases", f"lost {view.lease_losses} time(s){'  STUCK' if view.stuck else ''}  (leasesched task history {view.task_id})"))
     if view.payload:
         lines.append(("payload", human_bytes(view.payload)))
     if view.result:
@@ -740,6 +744,169 @@ def count_tasks(obj: dict[str, Any], namespace: str, status: str | None, task_ty
             click.echo(f"{row.type[:40]:40}  {pb.TaskStatus.Name(row.status):9}  {row.count}")
         how = "exact" if reply.exact else "at least (the server's bound of rows read was reached)"
         click.echo(f"({how}; {pb.CountMethod.Name(reply.method)}, {reply.scanned} rows read)", err=True)
+
+    emit(reply, obj["json"], human)
+@task.command()
+@click.argument("task_id", callback=_task_id)
+@click.option("--limit", type=click.IntRange(0, INT32_MAX), default=0, help="At most this many entries (0: the server's history_max_entries).")
+@json_option
+@click.pass_obj
+def history(obj: dict[str, Any], task_id: str, limit: int) -> None:
+    """Show a task's attempts (worker, lease token, start, end, outcome, error, last progress)
+    and operator actions, newest first."""
+    reply = call(obj, lambda s: s.GetTaskHistory(pb.GetTaskHistoryRequest(task_id=task_id, limit=limit), timeout=10))
+    emit(reply, obj["json"], lambda: _print_history(reply.entries))
+
+
+def _print_history(entries: Any) -> None:
+    """One line per entry, newest first; an attempt's error and progress message follow on their own line."""
+    click.echo(f"{'ATTEMPT':7}  {'TOKEN':>5}  {'OUTCOME':12}  {'STARTED':29}  {'ENDED':29}  {'WORKER':24}  PROGRESS")
+    for e in entries:
+        if e.kind == pb.HISTORY_ENTRY_KIND_OPERATION:
+            operation = pb.HistoryOperation.Name(e.operation).removeprefix("HISTORY_OPERATION_")
+            click.echo(f"{'-':7}  {e.lease_token:>5}  {operation:12}  {fmt_ts(e.started_at):29}  {'-':29}  "
+                       f"{printable(e.operator or '-')[:24]:24}  {printable(e.reason)}")  # fmt: skip
+            continue
+        outcome = pb.HistoryOutcome.Name(e.outcome).removeprefix("HISTORY_OUTCOME_")
+        progress = f"{e.progress.percent:.0f}% {printable(e.progress.message)[:60]}".rstrip()
+        click.echo(f"{e.attempt:<7}  {e.lease_token:>5}  {outcome:12}  {fmt_ts(e.started_at):29}  "
+                   f"{fmt_ts(e.ended_at):29}  {printable(e.worker_id)[:24]:24}  {progress}")  # fmt: skip
+        if e.error or e.error_type:
+            click.echo(f"{'':7}  {'':>5}  {printable((e.error_type + ': ' if e.error_type else '') + e.error)[:200]}")
+    if not entries:
+        click.echo("(no history: the task has not been claimed yet)")
+# ---------------------------------------------------------------- operator actions (docs/operations.md)
+
+_version_option = click.option(
+    "--version", "expected_version", default=None, callback=text_option,
+    help="The task's version as you read it (task poll shows it). Omitted: the command reads the current "
+    "version and says so on stderr (it then acts on whatever state the task is in now).",
+)  # fmt: skip
+_reason_option = click.option("--reason", required=True, callback=text_option, help="Why (1..500 characters; kept in the task's history).")
+
+
+def _operate(obj: dict[str, Any], task_id: str, expected_version: str | None, act: Callable[[Any, str], Any]) -> None:
+    """Read the version when none was given (saying so), then ``act(stub, version)`` on OperatorService."""
+    if expected_version is None:
+        view = call(obj, lambda s: s.PollTask(pb.PollTaskRequest(task_id=task_id), timeout=10)).task
+        expected_version = view.version
+        click.echo(
+            f"no --version given: read {expected_version} (task {task_id} is {pb.TaskStatus.Name(view.status)}, "
+            f"attempt {view.attempt}) and acting on it", err=True,
+        )  # fmt: skip
+    version = expected_version
+    reply = call(obj, lambda s: act(s, version), pb_grpc.OperatorServiceStub)
+    emit(reply, obj["json"], lambda: _print_task(reply.task))
+
+
+@task.command("retry")
+@click.argument("task_id", callback=_task_id)
+@_version_option
+@_reason_option
+@click.option("--at", "run_at", default=None, help="Run at this ISO-8601 time (default now).")
+@click.option("--payload", default=None, help="A new payload (as task schedule's --payload: @PATH, -, @@TEXT).")
+@click.option("--payload-file", type=click.File("rb"), default=None, help="A new payload from a file ('-' = stdin).")
+@json_option
+@click.pass_obj
+def retry_task(
+    obj: dict[str, Any], task_id: str, expected_version: str | None, reason: str, run_at: str | None,
+    payload: str | None, payload_file: Any,
+) -> None:  # fmt: skip
+    """Run a FAILED or CANCELLED task again from attempt 1 (operator token)."""
+    new_payload = read_payload(payload, payload_file) if payload is not None or payload_file is not None else None
+    request = pb.RetryTaskRequest(task_id=task_id, reason=reason)
+    if run_at is not None:
+        request.run_at.FromDatetime(parse_run_at(run_at))
+    if new_payload is not None:
+        request.payload, request.has_payload = new_payload, True
+
+    def act(stub: Any, version: str) -> Any:
+        request.expected_version = version
+        return stub.RetryTask(request, timeout=10)
+
+    _operate(obj, task_id, expected_version, act)
+
+
+@task.command("resume")
+@click.argument("task_id", callback=_task_id)
+@_version_option
+@_reason_option
+@json_option
+@click.pass_obj
+def resume_task(obj: dict[str, Any], task_id: str, expected_version: str | None, reason: str) -> None:
+    """Run a task waiting for its retry backoff now (operator token)."""
+    _operate(obj, task_id, expected_version, lambda s, v: s.ResumeTask(
+        pb.ResumeTaskRequest(task_id=task_id, expected_version=v, reason=reason), timeout=10))  # fmt: skip
+
+
+@task.command("mark-failed")
+@click.argument("task_id", callback=_task_id)
+@_version_option
+@_reason_option
+@json_option
+@click.pass_obj
+def mark_failed(obj: dict[str, Any], task_id: str, expected_version: str | None, reason: str) -> None:
+    """Stop a SCHEDULED task (one waiting to retry): FAILED, MarkedFailed (operator token)."""
+    _operate(obj, task_id, expected_version, lambda s, v: s.MarkTaskFailed(
+        pb.MarkTaskFailedRequest(task_id=task_id, expected_version=v, reason=reason), timeout=10))  # fmt: skip
+
+
+@task.command("terminate")
+@click.argument("task_id", callback=_task_id)
+@_version_option
+@_reason_option
+@json_option
+@click.pass_obj
+def terminate(obj: dict[str, Any], task_id: str, expected_version: str | None, reason: str) -> None:
+    """Revoke a RUNNING task's lease now: FAILED, Terminated; its worker stops it (operator token)."""
+    _operate(obj, task_id, expected_version, lambda s, v: s.TerminateTask(
+        pb.TerminateTaskRequest(task_id=task_id, expected_version=v, reason=reason), timeout=10))  # fmt: skip
+
+
+BULK_OPERATIONS = {"retry": pb.BULK_RETRY, "resume": pb.BULK_RESUME, "mark-failed": pb.BULK_MARK_FAILED,
+                   "terminate": pb.BULK_TERMINATE}  # fmt: skip
+
+
+@task.command("bulk")
+@click.argument("operation", type=click.Choice(sorted(BULK_OPERATIONS)))
+@namespace_option
+@click.option("--type", "task_type", default="", callback=text_option, help="Only tasks of this type.")
+@click.option("--status", type=click.Choice(STATUSES), default=None, help="Only tasks in this status (default: every status the operation applies to).")
+@click.option("--created-after", default=None, help="Only tasks created at or after this ISO-8601 time.")
+@click.option("--created-before", default=None, help="Only tasks created before this ISO-8601 time.")
+@click.option("--max-count", type=click.IntRange(1, 10_000), required=True, help="Act on at most this many tasks (1..10000).")
+@click.option("--rate", type=click.FloatRange(0, 1000, min_open=True), default=50.0, show_default=True, help="Tasks per second at most.")
+@_reason_option
+@click.option("--dry-run", is_flag=True, help="Only count the tasks that match.")
+@json_option
+@click.pass_obj
+def bulk(
+    obj: dict[str, Any], operation: str, namespace: str, task_type: str, status: str | None, created_after: str | None,
+    created_before: str | None, max_count: int, rate: float, reason: str, dry_run: bool,
+) -> None:  # fmt: skip
+    """Apply an operator action to every task a filter matches, each on its own current version
+    (a task that changed since it was listed is counted as a conflict and left alone)."""
+    request = pb.BulkOperateRequest(
+        operation=BULK_OPERATIONS[operation], namespace=namespace, type=task_type, max_count=max_count,
+        rate_per_second=rate, reason=reason, dry_run=dry_run,
+        status=pb.TaskStatus.Value(status) if status else pb.TASK_STATUS_UNSPECIFIED,
+    )  # fmt: skip
+    if created_after is not None:
+        request.created_after.FromDatetime(parse_run_at(created_after, "--created-after"))
+    if created_before is not None:
+        request.created_before.FromDatetime(parse_run_at(created_before, "--created-before"))
+    # The server stops before its own ceiling (rpc_timeout_s) and says so; this deadline is only the backstop.
+    reply = call(obj, lambda s: s.BulkOperate(request, timeout=60), pb_grpc.OperatorServiceStub)
+
+    def human() -> None:
+        click.echo(
+            f"{'dry run: ' if dry_run else ''}matched {reply.matched}, applied {reply.applied}, "
+            f"conflicts {reply.conflicts}, failed {reply.failed}"
+        )
+        for task_id in reply.applied_task_ids:
+            click.echo(task_id)
+        if reply.stopped_at_time_limit:
+            click.echo("stopped at the call's time limit before --max-count: run it again for the rest", err=True)
 
     emit(reply, obj["json"], human)
 

@@ -58,7 +58,7 @@ def list_tokens(cfg: Config) -> None:
     for r in sorted(records, key=lambda r: r.created_at):
         created = dt.datetime.fromtimestamp(r.created_at / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         state = "revoked" if r.revoked else "active"
-        click.echo(f"{r.token_id:16}  {r.role:6}  {r.namespace:20}  {created:20}  {state:7}  {r.name}")
+        click.echo(f"{r.token_id:16}  {r.role:8}  {r.namespace:20}  {created:20}  {state:7}  {r.name}")
 
 
 @token.command()

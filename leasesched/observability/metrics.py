@@ -69,6 +69,10 @@ tasks_requeued = Counter(
     "shutdown), rate_limited (the handler's gate closed, no attempt used) or lease_expired.",
     ["type", "reason"], registry=None,
 )  # fmt: skip
+history_write_failures = Counter(
+    "leasesched_history_write_failures", "Writes of a task's attempt history (leasesched/attempt_history.py) that "
+    "failed: the state change they describe stands, its history entry is missing or stale.", registry=None,
+)  # fmt: skip
 tasks_cancelled = Counter("leasesched_tasks_cancelled", "Running tasks that stopped on a cancel request.", ["type"], registry=None)
 tasks_quarantined = Counter(
     "leasesched_tasks_quarantined", "Stored task rows found unreadable (a time past year 9999, an unknown status, "
@@ -355,16 +359,16 @@ queue_by_type = QueueByType()
 _BY_ROLE: dict[str, tuple[object, ...]] = {
     "task-service": (
         *_RPC, tasks_scheduled, tasks_scheduled_without_worker, tasks_quarantined, store_unknown_outcomes, *_SCHEDULES,
-        limit_status,
+        limit_status, history_write_failures,
     ),  # fmt: skip
     "task-updater": (
         *_RPC, tasks_claimed, tasks_completed, tasks_failed, tasks_requeued, tasks_cancelled, dispatch_lag,
-        tasks_quarantined,
+        tasks_quarantined, history_write_failures,
         store_unknown_outcomes,
     ),  # fmt: skip
     "trigger": (
         *_RPC, tasks_dispatched, tasks_quarantined, store_unknown_outcomes, lease_expirations, tasks_requeued,
-        tasks_failed, shards_owned,
+        tasks_failed, shards_owned, history_write_failures,
         shard_ownership_changes, dispatch_queued, dispatch_queued_by_group, queue_by_type, dispatch_inflight,
         subscribed_workers,
         due_read_age, *_SCHEDULES, gate_status,

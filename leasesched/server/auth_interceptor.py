@@ -23,15 +23,24 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 # Method-name prefix → roles allowed to call it. The first match wins.
 ROLES_BY_METHOD: tuple[tuple[str, frozenset[str]], ...] = (
+    # An operator reads its namespace's tasks (and acts on them through OperatorService).
+    ("/leasesched.v1.TaskService/PollTask", frozenset({"client", "operator", "admin"})),
+    ("/leasesched.v1.TaskService/ListTasks", frozenset({"client", "operator", "admin"})),
+    ("/leasesched.v1.TaskService/CountTasks", frozenset({"client", "operator", "admin"})),
+    ("/leasesched.v1.TaskService/GetTaskHistory", frozenset({"client", "operator", "admin"})),
     ("/leasesched.v1.TaskService/", frozenset({"client", "admin"})),
+    ("/leasesched.v1.OperatorService/", frozenset({"operator", "admin"})),
+    # An operator sees its namespace's schedules, gates and limits (the dashboard shows them).
+    ("/leasesched.v1.ScheduleService/DescribeSchedule", frozenset({"client", "operator", "admin"})),
+    ("/leasesched.v1.ScheduleService/ListSchedules", frozenset({"client", "operator", "admin"})),
     ("/leasesched.v1.ScheduleService/", frozenset({"client", "admin"})),
     # Gates: a client may look at its namespace's gates; every change is admin only.
-    ("/leasesched.v1.GateService/GetGate", frozenset({"client", "admin"})),
-    ("/leasesched.v1.GateService/ListGates", frozenset({"client", "admin"})),
+    ("/leasesched.v1.GateService/GetGate", frozenset({"client", "operator", "admin"})),
+    ("/leasesched.v1.GateService/ListGates", frozenset({"client", "operator", "admin"})),
     ("/leasesched.v1.GateService/", frozenset({"admin"})),
     # Concurrency limits: the same (a client sees its namespace's limits).
-    ("/leasesched.v1.LimitService/GetLimit", frozenset({"client", "admin"})),
-    ("/leasesched.v1.LimitService/ListLimits", frozenset({"client", "admin"})),
+    ("/leasesched.v1.LimitService/GetLimit", frozenset({"client", "operator", "admin"})),
+    ("/leasesched.v1.LimitService/ListLimits", frozenset({"client", "operator", "admin"})),
     ("/leasesched.v1.LimitService/", frozenset({"admin"})),
     ("/leasesched.v1.TaskUpdater/", frozenset({"worker", "admin"})),
     ("/leasesched.v1.TriggerService/Subscribe", frozenset({"worker", "admin"})),

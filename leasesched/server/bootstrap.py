@@ -42,4 +42,5 @@ async def connect(cfg: Config) -> Core:
     except StoreUnavailable as exc:
         # Serve anyway: calls answer UNAVAILABLE until Cassandra is back.
         log.warning("starting without Cassandra: %s", exc)
-    return Core(client, meta, store, Lifecycle(store, lease_grace_ms=int(cfg.lease_grace_s * 1000)))
+    lifecycle = Lifecycle(store, lease_grace_ms=int(cfg.lease_grace_s * 1000), history_max_entries=cfg.history_max_entries)
+    return Core(client, meta, store, lifecycle)

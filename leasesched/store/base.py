@@ -24,6 +24,7 @@ from leasesched.history import HistoryEntry
 from leasesched.model import DueEntry, RetryPolicy, Task, Timeouts
 from leasesched.schedules import Schedule
 from leasesched.states import TaskStatus
+from leasesched.versions import TaskVersion
 
 
 class StoreError(Exception):
@@ -104,12 +105,41 @@ class Expect:
     """The condition of a conditional write: the state the writer read.
 
     ``lease_token`` fences: a write by the holder of an older lease never
-    applies.
+    applies. ``version``: an operator's action, conditional on every column
+    of the version it read (``leasesched.versions``); its status and lease
+    token must equal ``status`` and ``lease_token``.
     """
 
     status: TaskStatus
     lease_token: int | None = None
     namespace: str | None = None  # a worker may only touch its own namespace's tasks
+    version: TaskVersion | None = None
+
+    def conditions(self) -> dict[str, object]:
+        """Column → the value the write expects (status as its text, times as ms,
+        None: null), in a fixed order: what a store puts in its condition."""
+        conds: dict[str, object] = {"status": self.status.value}
+        if self.lease_token is not None:
+            conds["lease_token"] = self.lease_token
+        if self.namespace is not None:
+            conds["namespace"] = self.namespace
+        if self.version is not None:
+            conds.update(
+                attempt=self.version.attempt,
+                run_at=self.version.run_at,
+                cancel_requested=self.version.cancel_requested,
+                finished_at=self.version.finished_at,
+            )
+        return conds
+
+    def holds_for(self, task: Task) -> bool:
+        """Whether this condition is true of ``task``."""
+        return (
+            task.status == self.status
+            and (self.lease_token is None or task.lease_token == self.lease_token)
+            and (self.namespace is None or task.namespace == self.namespace)
+            and (self.version is None or self.version.holds_for(task))
+        )
 
 
 @dataclass(frozen=True)
@@ -349,6 +379,12 @@ class TaskStore(Protocol):
         reading at most ``limit`` index entries."""
         ...
 
+    async def trim_history(self, task_id: uuid.UUID, keep: int) -> None:
+        """Remove the task's entries older than its newest ``keep`` (plain
+        statements: a read of ``keep`` keys, then one range delete). The
+        caller decides when it is worth it (``leasesched.attempt_history``)."""
+        ...
+
     # -- trigger checkpoints --
     async def get_checkpoint(self, shard: int) -> int | None: ...
 
@@ -472,4 +508,5 @@ def task_from_row(row: Any) -> Task:
         nominal_time=row.nominal_time,
         concurrency_key=row.concurrency_key or "",
         gate=getattr(row, "gate", None) or "",
+        lease_losses=getattr(row, "lease_losses", None) or 0,  # null: a row from before migration 011
     )

@@ -121,6 +121,7 @@ _SIMPLE_COLUMNS = {
     "schedule_id": "schedule_id",
     "concurrency_key": "concurrency_key",
     "gate": "gate",
+    "lease_losses": "lease_losses",
 }
 _TIME_COLUMNS = TIME_COLUMNS
 
@@ -360,7 +361,9 @@ class CassandraStore:
             "set_checkpoint": "INSERT INTO shard_checkpoints (shard, checkpoint_ms, updated_at) VALUES (?, ?, ?)",
             "add_history": "INSERT INTO task_history (task_id, started_at, entry, kind, attempt, lease_token, worker_id, "
             "ended_at, outcome, error_type, error, progress_percent, progress_message, operation, operator, reason) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
+            "history_times": f"SELECT {_ms_column('started_at')} FROM task_history WHERE task_id = ? LIMIT ?",
+            "trim_history": "DELETE FROM task_history WHERE task_id = ? AND started_at < ?",
             "read_history": f"SELECT task_id, {_ms_column('started_at')}, entry, kind, attempt, lease_token, worker_id, "
             f"{_ms_column('ended_at')}, outcome, error_type, error, progress_percent, progress_message, operation, "
             "operator, reason FROM task_history WHERE task_id = ? LIMIT ?",
@@ -602,11 +605,7 @@ class CassandraStore:
         write_id = self._write_ids.next()
         cols = _change_columns(change)
         cols["write_id"] = write_id
-        conds: dict[str, Any] = {"status": expect.status.value}
-        if expect.lease_token is not None:
-            conds["lease_token"] = expect.lease_token
-        if expect.namespace is not None:
-            conds["namespace"] = expect.namespace
+        conds: dict[str, Any] = expect.conditions()
         columns, conditions = tuple(cols), tuple(conds)
         stmt = self._update_stmt(columns, conditions)
         params = [*cols.values(), task_id, *conds.values()]
@@ -710,10 +709,20 @@ class CassandraStore:
         full = False
         scanned = 0
         scan_budget = max(query.page_size * 10, 200)
-        after = (cursor.created_at, cursor.task_id) if cursor and cursor.day == day else None
+        # A cursor of a day read to its end (created_at None), or of a day the
+        # walk does not start at, starts the day from its top (a null bound
+        # would be refused by Cassandra).
+        after: tuple[int | None, uuid.UUID] | None = None
+        if cursor is not None and cursor.created_at is not None and cursor.task_id is not None and cursor.day == day:
+            after = (cursor.created_at, cursor.task_id)
         filtered = query.status is not None or bool(query.type)
+        chunk = query.page_size
         while day >= oldest_day and len(found) < query.page_size and scanned < scan_budget:
-            limit = min(query.page_size, scan_budget - scanned)
+            limit = min(chunk, scan_budget - scanned)
+            if filtered:
+                # Few matches so far: read more rows per round trip (a rare type
+                # with page_size 2 took 100 round trips of 2 rows for one page).
+                chunk = min(max(chunk * 2, query.page_size), 100 if query.page_size < 100 else query.page_size)
             day_low = max(low_ms, day * DAY_MS)
             if after is None:
                 day_high = min(high_ms, (day + 1) * DAY_MS)
@@ -1178,6 +1187,8 @@ class CassandraStore:
     # ---------------------------------------------------------------- history
 
     async def add_history(self, entry: HistoryEntry) -> None:
+        """One plain insert, with a write time taken from the entry itself
+        (``_history_write_us``), not from the writing process's clock."""
         key = f"a{entry.lease_token:020d}" if entry.kind is HistoryKind.ATTEMPT else f"o{entry.entry_id}"
         await self._run_plain(
             "add_history",
@@ -1186,8 +1197,23 @@ class CassandraStore:
                 entry.worker_id, entry.ended_at, entry.outcome.value if entry.outcome else None, entry.error_type,
                 entry.error, entry.progress_percent, entry.progress_message,
                 entry.operation.value if entry.operation else None, entry.operator, entry.reason,
+                _history_write_us(entry),
             ),
         )  # fmt: skip
+
+    async def trim_history(self, task_id: uuid.UUID, keep: int) -> None:
+        """A read of the newest ``keep`` entries' times (clustering keys only,
+        one partition, newest first), then, if there are that many, ONE range
+        delete of everything older than the last of them: a single range
+        tombstone, however many entries it removes (a delete per entry would
+        be a tombstone each). The clustering starts with ``started_at``, so
+        "older than a time" is the only range a delete can name without
+        knowing each entry's key; entries sharing the keep-th entry's exact
+        time stay (reads are bounded by their LIMIT anyway)."""
+        rows = await self._run_plain("history_times", (task_id, keep))
+        if len(rows) < keep or keep <= 0:
+            return
+        await self._run_plain("trim_history", (task_id, rows[-1].started_at))
 
     async def read_history(self, task_id: uuid.UUID, limit: int) -> list[HistoryEntry]:
         rows = await self._run_plain("read_history", (task_id, limit))
@@ -1292,11 +1318,7 @@ def _settle(future: asyncio.Future[list[Any]], rows: list[Any] | None, exc: Base
 
 def _still_holds(task: Task, expect: Expect) -> bool:
     """Whether a conditional write's expectation is still true of ``task``."""
-    return (
-        task.status == expect.status
-        and (expect.lease_token is None or task.lease_token == expect.lease_token)
-        and (expect.namespace is None or task.namespace == expect.namespace)
-    )
+    return expect.holds_for(task)
 
 
 def _cas_from_task(task: Task | None) -> CasResult:
@@ -1345,6 +1367,19 @@ def _limit_from_row(r: Any) -> ConcurrencyLimit | None:
         namespace=r.namespace, scope=scope, name=r.name, max_running=r.max_running, version=r.version or 0,
         created_at=r.created_at_ms or 0, updated_at=r.updated_at_ms or 0,
     )  # fmt: skip
+
+
+def _history_write_us(entry: HistoryEntry) -> int:
+    """The write time of a history entry, in µs: an attempt's claim entry at
+    its claim time, its end entry (the same row, overwritten) after both its
+    end and its claim. So the end always wins over the claim, in whichever
+    order the two plain writes arrive and whatever the skew between the
+    clocks of the processes that wrote them (the claim is written by a
+    TaskUpdater, a lease loss by a trigger, maybe on another machine). An
+    operator's entry is written at its own time."""
+    if entry.kind is HistoryKind.ATTEMPT and entry.ended_at is not None:
+        return max(entry.ended_at, entry.started_at + 1) * 1000
+    return entry.started_at * 1000
 
 
 def _task_select_list() -> str:

@@ -82,6 +82,7 @@ def raw_row(task: Task, **overrides: Any) -> types.SimpleNamespace:
         nominal_time=task.nominal_time,
         concurrency_key=task.concurrency_key,
         gate=task.gate,
+        lease_losses=task.lease_losses,
         write_id=None,
     )
     for column, value in overrides.items():
@@ -129,6 +130,16 @@ class MemoryStore:
         rows = self.history.get(task_id, {})
         newest_first = sorted(rows.items(), key=lambda item: (-item[0][0], item[0][1]))
         return [entry for _, entry in newest_first[:limit]]
+
+    async def trim_history(self, task_id: uuid.UUID, keep: int) -> None:
+        self._maybe_fail("trim_history")
+        rows = self.history.get(task_id, {})
+        if len(rows) <= keep:
+            return
+        # As the Cassandra store does it: everything strictly older than the keep-th newest entry's time.
+        oldest_kept = sorted(key[0] for key in rows)[-keep]
+        for key in [k for k in rows if k[0] < oldest_kept]:
+            del rows[key]
 
     async def close(self) -> None:
         pass
@@ -187,10 +198,7 @@ class MemoryStore:
         task = self.tasks.get(task_id)
         if task is None:
             return CasResult(applied=False, exists=False)
-        ok = task.status == expect.status
-        ok = ok and (expect.lease_token is None or task.lease_token == expect.lease_token)
-        ok = ok and (expect.namespace is None or task.namespace == expect.namespace)
-        if not ok:
+        if not expect.holds_for(task):
             return CasResult(False, task.status, task.lease_token, task.namespace)
         self.tasks[task_id] = change.apply(task)
         return CasResult(applied=True)

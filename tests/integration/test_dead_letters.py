@@ -120,3 +120,12 @@ def test_dead_letters_filters_and_queue_age(make_cluster: Any) -> None:
     assert "type" in refused(cluster, pb.ListTasksRequest(namespace=NAMESPACE, type="not a type"))
     later, earlier = ts_of(views[oldest_first[-1]]), ts_of(views[oldest_first[0]])
     assert "created_after" in refused(cluster, pb.ListTasksRequest(namespace=NAMESPACE, created_after=later, created_before=earlier))
+
+    # A rare type behind more rows than one call examines (10 x page_size, at least 200): the
+    # first page comes back empty with a token, and paging on finds it.
+    rare = schedule(cluster, "dead.rare", delay_s=3600)
+    for _ in range(210):
+        schedule(cluster, "dead.filler", delay_s=3600)
+    first_rare = cluster.stub.ListTasks(pb.ListTasksRequest(namespace=NAMESPACE, page_size=1, type="dead.rare"), timeout=10)
+    assert not first_rare.tasks and first_rare.next_page_token
+    assert [t for page in pages(cluster, 1, type="dead.rare") for t in page] == [rare]

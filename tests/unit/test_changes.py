@@ -91,26 +91,53 @@ CASES: dict[str, tuple[Transition, Callable[[TaskStatus], TaskChange], dict[str,
         Transition.LEASE_EXPIRED_CANCEL,
         lambda s: TaskChange.lease_expired_cancel(task(s), NOW),
         {"status": S.CANCELLED, "finished_at": NOW, "error": "cancelled by request; the lease expired on attempt 2",
-         "error_type": "LeaseExpired", "lease_expires_at": None},
+         "error_type": "LeaseExpired", "lease_expires_at": None, "lease_losses": 1},
     ),
     "lease_expired_fail": (
         Transition.LEASE_EXPIRED_FAIL,
         lambda s: TaskChange.lease_expired_fail(task(s), NOW),
         {"status": S.FAILED, "finished_at": NOW, "error": "lease expired (attempt 2 of 3)",
-         "error_type": "LeaseExpired", "lease_expires_at": None},
+         "error_type": "LeaseExpired", "lease_expires_at": None, "lease_losses": 1},
     ),
     "lease_expired_retry": (
         Transition.LEASE_EXPIRED_RETRY,
         lambda s: TaskChange.lease_expired_retry(task(s), NOW),
         {"progress_percent": 0.0, "progress_message": "", "status": S.SCHEDULED, "attempt": 3, "run_at": NOW,
          "lease_owner": None, "lease_expires_at": None, "error": "lease expired on attempt 2",
-         "error_type": "LeaseExpired"},
+         "error_type": "LeaseExpired", "lease_losses": 1},
     ),
     "deadline": (
         Transition.DEADLINE,
         lambda s: TaskChange.deadline(task(s), "schedule_to_close of 5 ms exceeded", NOW),
         {"status": S.FAILED, "finished_at": NOW, "error": "schedule_to_close of 5 ms exceeded",
          "error_type": "DeadlineExceeded", "lease_expires_at": None},
+    ),
+    # Operator actions (OperatorService): the retry resets the attempt budget and
+    # raises the lease token (the fencing number only grows), terminate fences.
+    "operator_retry": (
+        Transition.OPERATOR_RETRY,
+        lambda s: TaskChange.operator_retry(task(s, finished_at=NOW - 1), NOW + 3000, b"new"),
+        {"status": S.SCHEDULED, "lease_token": 8, "lease_owner": None, "lease_expires_at": None, "started_at": None,
+         "finished_at": None, "run_at": NOW + 3000, "attempt": 1, "result": b"", "error": "", "error_type": "",
+         "progress_percent": 0.0, "progress_message": "", "cancel_requested": False, "payload": b"new",
+         "deadline_at": None},
+    ),
+    "resume": (
+        Transition.RESUME,
+        lambda s: TaskChange.resume(task(s), NOW),
+        {"status": S.SCHEDULED, "run_at": NOW},
+    ),
+    "mark_failed": (
+        Transition.MARK_FAILED,
+        lambda s: TaskChange.mark_failed(task(s), "bad input, do not retry", NOW),
+        {"status": S.FAILED, "finished_at": NOW, "error": "bad input, do not retry", "error_type": "MarkedFailed",
+         "lease_expires_at": None},
+    ),
+    "terminate": (
+        Transition.TERMINATE,
+        lambda s: TaskChange.terminate(task(s), "stuck on a dead host", NOW),
+        {"status": S.FAILED, "lease_token": 8, "lease_owner": None, "lease_expires_at": None, "finished_at": NOW,
+         "error": "stuck on a dead host", "error_type": "Terminated"},
     ),
     # No status of its own: a request asks for CANCEL_ACK, so it is legal where that is.
     "request_cancel": (
@@ -200,7 +227,7 @@ def test_cassandra_writes_the_set_fields_as_columns() -> None:
     assert cols == {
         "status": "SCHEDULED", "lease_owner": None, "lease_expires_at": None, "run_at": NOW, "attempt": 3,
         "error": "lease expired on attempt 2", "error_type": "LeaseExpired", "progress_percent": 0.0,
-        "progress_message": "",
+        "progress_message": "", "lease_losses": 1,
     }  # fmt: skip
     assert list(cols) == [f.name for f in dataclasses.fields(TaskChange) if f.name in cols]
     assert _change_columns(TaskChange.heartbeat(NOW, 1.0, "m")) == {

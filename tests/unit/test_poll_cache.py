@@ -91,3 +91,30 @@ async def test_cache_off_and_byte_bound() -> None:
     assert cache.get(uuid.UUID(views[-1].task_id)) is views[-1]
     cache.remember(uuid.uuid4(), pb.TaskView(result=b"x" * 5_000), final=True)  # larger than the cache: not kept
     assert cache.get(uuid.UUID(views[-1].task_id)) is views[-1]
+
+
+async def test_an_operator_retry_is_seen_at_once_here_and_within_the_ttl_elsewhere() -> None:
+    """A final answer is final only until an operator retries the task: the
+    OperatorService beside this TaskService makes it forget the answer; another
+    process's cache lets it go after its TTL."""
+    from leasesched.lifecycle import OperatorAction
+    from leasesched.versions import version_of
+    from services.operator_service import OperatorService
+
+    service, store, life = await setup()
+    task = await new_task(life)
+    cancelled = await life.cancel(task.task_id)
+    assert (await poll(service, task)).status == pb.CANCELLED  # kept now
+    operators = OperatorService(Config(), life, on_changed=service.forget_finished)
+    request = pb.RetryTaskRequest(task_id=str(task.task_id), expected_version=version_of(cancelled), reason="again")
+    await operators.RetryTask(request, None)  # type: ignore[arg-type]
+    assert (await poll(service, task)).status == pb.SCHEDULED
+
+    clock = [0.0]
+    cache = FinishedTasks(max_bytes=10_000, ttl_s=10.0, timer=lambda: clock[0])
+    view = pb.TaskView(task_id=str(task.task_id), status=pb.FAILED)
+    cache.remember(task.task_id, view, final=True)
+    clock[0] = 9.0
+    assert cache.get(task.task_id) is view
+    clock[0] = 10.5
+    assert cache.get(task.task_id) is None

@@ -34,9 +34,24 @@ def test_target_raises_exactly_for_illegal_sources(transition: Transition, statu
         assert not allowed(transition, status)
 
 
-def test_terminal_states_have_no_way_out() -> None:
+def test_terminal_states_have_no_automatic_way_out() -> None:
+    """Only a person leaves a terminal state: the operator's retry (on the task's version)."""
     for transition, (sources, _) in TRANSITIONS.items():
+        if transition == Transition.OPERATOR_RETRY:
+            assert sources == {TaskStatus.FAILED, TaskStatus.CANCELLED}
+            continue
         assert not (sources & TERMINAL), f"{transition} leaves a terminal state"
+
+
+def test_operator_transitions() -> None:
+    assert target(Transition.OPERATOR_RETRY, TaskStatus.FAILED) == TaskStatus.SCHEDULED
+    assert target(Transition.OPERATOR_RETRY, TaskStatus.CANCELLED) == TaskStatus.SCHEDULED
+    assert not allowed(Transition.OPERATOR_RETRY, TaskStatus.SUCCEEDED)  # a success is never run again
+    assert target(Transition.RESUME, TaskStatus.SCHEDULED) == TaskStatus.SCHEDULED
+    assert target(Transition.MARK_FAILED, TaskStatus.SCHEDULED) == TaskStatus.FAILED
+    assert not allowed(Transition.MARK_FAILED, TaskStatus.RUNNING)  # a running task is terminated instead
+    assert target(Transition.TERMINATE, TaskStatus.RUNNING) == TaskStatus.FAILED
+    assert not allowed(Transition.TERMINATE, TaskStatus.SCHEDULED)
 
 
 def test_expected_graph() -> None:
