@@ -31,6 +31,8 @@ from leasesched.client import (
     Client,
     ClientError,
     GateView,
+    HistoryLine,
+    InvalidArgumentError,
     LimitInfo,
     PermissionDeniedError,
     ScheduleView,
@@ -116,10 +118,6 @@ class Action(str, enum.Enum):
         return task.status is TaskStatus.SCHEDULED and task.attempt > 1 and task.run_at is not None and task.run_at > now
 
 
-class ActionUnavailable(Exception):
-    """The cluster's API has no OperatorService (an older server)."""
-
-
 class LoginRefused(Exception):
     """The token cannot be used for the dashboard (unknown, revoked, a worker's, another namespace's)."""
 
@@ -136,6 +134,8 @@ class DashboardApi(Protocol):
     def count(self, status: TaskStatus) -> Count: ...
 
     def poll(self, task_id: str) -> TaskView: ...
+
+    def history(self, task_id: str) -> list[HistoryLine]: ...
 
     def cancel(self, task_id: str) -> TaskView: ...
 
@@ -179,9 +179,11 @@ class GrpcApi:
         self._client = Client(target, config=cfg, namespace=namespace, channel=self._channel)
 
     def identify(self) -> Identity:
-        """Probe the role: ListTasks must work (else no dashboard: a worker token, or
-        another namespace's); listing every namespace's limits works for admins only;
-        ListSchedules works for clients but not operators (auth_interceptor.ROLES_BY_METHOD)."""
+        """Probe the role (auth_interceptor.ROLES_BY_METHOD): ListTasks must work (else no
+        dashboard: a worker token, or another namespace's); listing every namespace's
+        limits works for admins only; OperatorService answers an operator's RetryTask of
+        no task INVALID_ARGUMENT (the interceptor let it through; nothing is changed) and
+        a client's PERMISSION_DENIED."""
         try:
             self._client.list_page(self.namespace, None, 1)
         except ClientError as exc:
@@ -192,10 +194,12 @@ class GrpcApi:
         except PermissionDeniedError:
             pass
         try:
-            next(iter(self._client.list_schedules(self.namespace, page_size=1)), None)
-            return Identity(self.namespace, Role.CLIENT)
-        except PermissionDeniedError:
+            self._client.retry_task("", "", "")
+        except InvalidArgumentError:
             return Identity(self.namespace, Role.OPERATOR)
+        except PermissionDeniedError:
+            return Identity(self.namespace, Role.CLIENT)
+        raise LoginRefused("the role probe was answered unexpectedly")
 
     def list_page(
         self, status: TaskStatus | None, page_size: int, page_token: str = "", type: str = "", since: dt.datetime | None = None
@@ -213,18 +217,22 @@ class GrpcApi:
     def poll(self, task_id: str) -> TaskView:
         return self._client.poll(task_id)
 
+    def history(self, task_id: str) -> list[HistoryLine]:
+        """Attempts and operator actions, newest first (GetTaskHistory), at most 50."""
+        return self._client.history(task_id, limit=50)
+
     def cancel(self, task_id: str) -> TaskView:
         return self._client.cancel(task_id)
 
     def act(self, action: Action, task_id: str, expected_version: str, reason: str) -> TaskView:
-        """One OperatorService call through the client's method for it (``retry_task``, ...).
-        Looked up by name so the dashboard also runs with a client that has none yet
-        (the action is then unavailable, and says so)."""
-        method = getattr(self._client, _CLIENT_METHODS[action], None)
-        if method is None:
-            raise ActionUnavailable("this build's client has no OperatorService methods")
-        view: TaskView = method(task_id, expected_version, reason)
-        return view
+        """One OperatorService call, through the client (its retries and error mapping)."""
+        calls = {
+            Action.RETRY: self._client.retry_task,
+            Action.RESUME: self._client.resume_task,
+            Action.MARK_FAILED: self._client.mark_task_failed,
+            Action.TERMINATE: self._client.terminate_task,
+        }
+        return calls[action](task_id, expected_version, reason)
 
     def schedules(self) -> list[ScheduleView]:
         return list(self._client.list_schedules(self.namespace))
@@ -249,14 +257,6 @@ class GrpcApi:
 
     def close(self) -> None:
         self._channel.close()
-
-
-_CLIENT_METHODS = {
-    Action.RETRY: "retry_task",
-    Action.RESUME: "resume_task",
-    Action.MARK_FAILED: "mark_task_failed",
-    Action.TERMINATE: "terminate_task",
-}
 
 
 def _health(target: str, cfg: Config) -> str:

@@ -29,7 +29,6 @@ from leasesched.config import Config
 from services.dashboard import overview
 from services.dashboard.api import (
     Action,
-    ActionUnavailable,
     ApiFactory,
     Count,
     ClusterReader,
@@ -271,11 +270,13 @@ def create_app(
 
     @app.get("/tasks/{task_id}", response_class=HTMLResponse)
     def task_page(request: Request, task_id: str, session: Session = Depends(current)) -> HTMLResponse:
-        return render(request, "task.html", session, task=session.api.poll(task_id))
+        api = session.api
+        return render(request, "task.html", session, task=api.poll(task_id), history=api.history(task_id))
 
     @app.get("/tasks/{task_id}/live", response_class=HTMLResponse)
     def task_live(request: Request, task_id: str, session: Session = Depends(current)) -> HTMLResponse:
-        return render(request, "_task_live.html", session, task=session.api.poll(task_id))
+        api = session.api
+        return render(request, "_task_live.html", session, task=api.poll(task_id), history=api.history(task_id))
 
     @app.post("/tasks/{task_id}/cancel")
     def cancel_task(request: Request, task_id: str, session: Session = Depends(current)) -> Response:
@@ -291,10 +292,7 @@ def create_app(
         """One operator action on the version of the task the person saw; back to the task's page."""
         require_action(session)
         chosen = _action(action)
-        try:
-            session.api.act(chosen, task_id, expected_version, reason.strip() or DEFAULT_REASON)
-        except ActionUnavailable as exc:
-            return render(request, "error.html", session, 501, code="UNIMPLEMENTED", details=str(exc))
+        session.api.act(chosen, task_id, expected_version, reason.strip() or DEFAULT_REASON)
         return RedirectResponse(f"/tasks/{quote(task_id)}", status_code=303)
 
     @app.post("/bulk")
@@ -317,8 +315,6 @@ def create_app(
                 if isinstance(exc, UnauthenticatedError):
                     raise
                 refused.append((task_id, f"{exc.code.name}: {exc.details}"))
-            except ActionUnavailable as exc:
-                refused.append((task_id, str(exc)))
         return render(request, "bulk.html", session, action=chosen, done=done, refused=refused, skipped=max(0, len(pick) - BULK_MAX))
 
     def status_list(request: Request, session: Session, status: TaskStatus, template: str) -> HTMLResponse:
