@@ -1,6 +1,7 @@
 """The dashboard's operator actions in a real browser (headless Debian Chromium)
 against a real cluster with auth on: an operator token retries a failed task
-from its page and watches it succeed, terminates a running task, and retries
+from its page and watches it succeed (its history shows the failed attempt,
+the retry with its reason, and the attempt that succeeded), terminates a running task, and retries
 two failed tasks at once from the failed list; a client token is offered none
 of it (tests/browser/test_dashboard.py checks its refusals)."""
 
@@ -38,6 +39,10 @@ def test_an_operator_retries_terminates_and_bulk_retries(dashboard: Dashboard, b
     page.click("#action-retry")
     expect(page.locator("#task-status")).to_have_text("SUCCEEDED", timeout=30_000)
     expect(page.locator("#task-result")).to_contain_text("done by")
+    # Its history: the failed first attempt, the operator's retry with the reason, the attempt that succeeded.
+    history = page.locator("#task-history")
+    expect(history.locator('tr[data-kind="OPERATION"]')).to_contain_text("browser test: retry")
+    expect(history.locator('tr[data-kind="ATTEMPT"]')).to_have_count(2)
     assert cluster.poll(failed[0]).status == pb.SUCCEEDED
     folder = screenshot_dir()
     if folder is not None:
