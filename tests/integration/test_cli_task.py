@@ -281,7 +281,7 @@ def test_payload_from_stdin_reaches_the_handler(cluster: LiveCluster) -> None:
     assert base64.b64decode(waited["result"]) == b"\xfffrom stdin"  # the handler echoes its payload
 
 
-def test_list_type_filters_client_side_over_pages(cluster: LiveCluster) -> None:
+def test_list_type_filter_finds_tasks_behind_newer_ones(cluster: LiveCluster) -> None:
     wanted = [schedule(cluster, "--delay", "1h", task_type="cli.listed") for _ in range(2)]
     for _ in range(3):  # newer tasks of another type: the wanted ones are on later pages
         schedule(cluster, "--delay", "1h", task_type="cli.other")

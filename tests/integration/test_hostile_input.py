@@ -49,7 +49,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from leasesched import limits
@@ -83,6 +83,7 @@ ALLOWED: dict[str, frozenset[Code]] = {
     # FAILED_PRECONDITION: final already; ABORTED: the task kept changing under the cancel.
     "CancelTask": _TASK | {Code.ABORTED},
     "ListTasks": _QUOTA,
+    "CountTasks": _QUOTA,
     # FAILED_PRECONDITION: claimed already, another attempt, lease lost, final.
     "ClaimTask": _TASK,
     "Heartbeat": _TASK,
@@ -93,7 +94,7 @@ ALLOWED: dict[str, frozenset[Code]] = {
     "Subscribe": _QUOTA,
 }
 SERVICE_OF = {
-    **dict.fromkeys(["ScheduleTask", "PollTask", "CancelTask", "ListTasks"], "TaskService"),
+    **dict.fromkeys(["ScheduleTask", "PollTask", "CancelTask", "ListTasks", "CountTasks"], "TaskService"),
     **dict.fromkeys(["ClaimTask", "Heartbeat", "CompleteTask", "FailTask"], "TaskUpdater"),
     **dict.fromkeys(["NotifyDue", "Subscribe"], "TriggerService"),
 }
@@ -1080,9 +1081,46 @@ def test_list_tasks(batch: Servers, namespace: str, status: int, page_size: int,
     call("ListTasks", batch.tasks.ListTasks, pb.ListTasksRequest(namespace=namespace, status=status, page_size=page_size, page_token=page_token), expect)  # type: ignore[arg-type]  # fmt: skip
 
 
+@SETTINGS
+@given(
+    namespace=namespaces,
+    status=st.one_of(st.sampled_from(list(pb.TaskStatus.values())), int32),
+    task_type=st.one_of(st.just(""), st.sampled_from(["dead.a", "x" * 128, "9starts.with.digit"]), hostile_text),
+    # Within what a protobuf Timestamp can hold; past 9999-12-31T23:59:59Z by up to 999 ms.
+    after=st.one_of(st.none(), st.integers(-(2**40), limits.MAX_STORED_TIME_MS + 999), st.sampled_from([-1, 0, limits.MAX_STORED_TIME_MS + 1])),
+    before=st.one_of(st.none(), st.integers(-(2**40), limits.MAX_STORED_TIME_MS + 999)),
+)
+@example(namespace="hostile", status=0, task_type="dead.a", after=2_000, before=1_000)
+@example(namespace="hostile", status=0, task_type="", after=None, before=-1)
+def test_list_and_count_filters(
+    batch: Servers, namespace: str, status: int, task_type: str, after: int | None, before: int | None
+) -> None:
+    """ListTasks' type and time filters and CountTasks: a malformed type, a
+    time no task can have, a range that ends before it starts are refused."""
+    expect = Expect()
+    if not limits.matches(limits.NAMESPACE_RE, namespace):
+        expect.bad("namespace")
+    if status not in pb.TaskStatus.values():
+        expect.bad("status")
+    if task_type and not limits.matches(limits.TYPE_RE, task_type):
+        expect.bad("type")
+    count_expect = Expect(list(expect.invalid))
+    request = pb.ListTasksRequest(namespace=namespace, status=status, type=task_type)  # type: ignore[arg-type]
+    for name, ms in (("created_after", after), ("created_before", before)):
+        if ms is not None:
+            getattr(request, name).FromMilliseconds(ms)
+            if not 0 <= ms <= limits.MAX_STORED_TIME_MS:
+                expect.bad(name)
+    if after is not None and before is not None and after > before:
+        expect.bad("created_after")
+    call("ListTasks", batch.tasks.ListTasks, request, expect)
+    count = pb.CountTasksRequest(namespace=namespace, status=status, type=task_type)  # type: ignore[arg-type]
+    call("CountTasks", batch.tasks.CountTasks, count, count_expect)
+
+
 @FEW
 @given(
-    method=st.sampled_from(["ScheduleTask", "PollTask", "CancelTask", "ListTasks"]),
+    method=st.sampled_from(["ScheduleTask", "PollTask", "CancelTask", "ListTasks", "CountTasks"]),
     data=st.one_of(st.binary(max_size=4096), st.binary(min_size=1, max_size=16).map(lambda b: b * 1000)),
 )
 def test_random_bytes_to_task_service(batch: Servers, method: str, data: bytes) -> None:
