@@ -15,7 +15,7 @@ run: setup
 
 ## test: the type check, then the whole test suite; starts the Cassandra and ZooKeeper it needs itself
 test: setup typecheck
-	$(BIN)/python -m pytest -ra
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/python -m pytest -ra
 
 ## typecheck: mypy over the product's packages (settings in pyproject.toml)
 typecheck: setup
@@ -33,15 +33,16 @@ $(GEN): $(PROTOS) $(BIN)/python
 $(BIN)/python: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/pip install -q -e '.[dev]'
 	touch $(BIN)/python
 
 ## deps: system packages — Java 17 (Cassandra 5.0 runs on 17, not newer), Maven (fetches Cassandra
-## from Maven Central on first start), ZooKeeper
+## from Maven Central on first start), ZooKeeper, Chromium (the dashboard's browser tests drive
+## Debian's chromium with Playwright; no browser is ever downloaded)
 deps:
-	@command -v mvn >/dev/null && test -x /usr/share/zookeeper/bin/zkServer.sh && ls /usr/lib/jvm/*17*/bin/java >/dev/null 2>&1 || { \
-	  echo "installing system packages (zookeeper, openjdk-17, maven)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zookeeper openjdk-17-jre-headless maven >/dev/null; }
+	@command -v mvn >/dev/null && test -x /usr/share/zookeeper/bin/zkServer.sh && ls /usr/lib/jvm/*17*/bin/java >/dev/null 2>&1 && command -v chromium >/dev/null || { \
+	  echo "installing system packages (zookeeper, openjdk-17, maven, chromium)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zookeeper openjdk-17-jre-headless maven chromium >/dev/null; }
 
 ## bench: the benchmark of issue 4 (BENCHMARKS.md): a whole local cluster under open-loop load;
 ## writes results/<run>/report.json and chart.png, then stops everything it started.

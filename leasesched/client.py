@@ -1266,6 +1266,22 @@ class Client:
             if not token:
                 return
 
+    def list_page(
+        self,
+        namespace: str | None = None,
+        status: TaskStatus | None = None,
+        page_size: int = 100,
+        page_token: str = "",
+        *,
+        type: str | None = None,
+        created_after: dt.datetime | None = None,
+    ) -> tuple[tuple[TaskView, ...], str]:
+        """One page of ``list`` (same filters): the tasks and the token of the next page
+        ("" after the last). For callers that page for a person (the dashboard's Next link)."""
+        request = list_request(namespace or self.namespace, status, page_size, page_token, type, created_after)
+        reply: pb.ListTasksResponse = self._call(self._stub.ListTasks, request)
+        return tuple(TaskView.from_pb(view) for view in reply.tasks), reply.next_page_token
+
     def count(
         self, status: TaskStatus | None = None, type: str | None = None, *, namespace: str | None = None
     ) -> TaskCounts:

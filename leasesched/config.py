@@ -76,6 +76,7 @@ class Config:
     task_service_port: int = 50051
     task_updater_port: int = 50052
     trigger_port: int = 50053  # first trigger; more triggers use port 0 (any)
+    dashboard_port: int = 8080  # leasesched dashboard (and local up's); 0 = local up starts none
     metrics_port: int = 0  # 0 = no metrics endpoint
     log_format: str = "json"  # "json" (one object per line) | "text"
     event_loop: str = "uvloop"  # "uvloop" (libuv, less CPU per call) | "asyncio" (the standard loop)

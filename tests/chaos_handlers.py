@@ -67,7 +67,8 @@ async def work(ctx: TaskContext) -> bytes:
             running.stopped = ctx.cancelled
     if running.stopped:
         return b"stopped"
-    if ctx.attempt <= int(spec.get("fail", 0)):
+    # fail_first_lease: only the task's first lease fails (an operator's retry raises the token).
+    if ctx.attempt <= int(spec.get("fail", 0)) or (spec.get("fail_first_lease") and ctx.lease_token == 1):
         if spec.get("permanent"):
             raise PermanentError(f"permanent failure on attempt {ctx.attempt}")
         raise RuntimeError(f"planned failure on attempt {ctx.attempt}")

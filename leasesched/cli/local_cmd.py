@@ -1,7 +1,8 @@
 """``leasesched local up``: the whole system on one machine, under one supervisor.
 
 Starts Cassandra and ZooKeeper (``infra up``), applies the schema, then runs
-TaskService, TaskUpdater, two triggers and two demo workers under a small
+TaskService, TaskUpdater, two triggers, two demo workers and the web dashboard
+(``leasesched dashboard``, its URL printed) under a small
 supervisor (leasesched/infra/supervisor.py), which prefixes each process's
 output with its name, restarts a process that fails (a worker that ended
 itself with exit code 75 to keep the at-most-one guarantee, a crashed
@@ -55,6 +56,11 @@ def token_banner(tokens: dict[str, str], path: Path, exe: str = "leasesched") ->
     )
 
 
+def dashboard_url(cfg: Config) -> str:
+    """Where ``local up``'s dashboard listens ("" when LEASESCHED_DASHBOARD_PORT=0)."""
+    return f"http://127.0.0.1:{cfg.dashboard_port}/" if cfg.dashboard_port else ""
+
+
 def _demo(cfg: Config, say: Callable[[str], None], admin_token: str = "", triggers: int = 2, workers: int = 2) -> None:
     target = cfg.task_service_target
     try:
@@ -90,6 +96,8 @@ def _demo(cfg: Config, say: Callable[[str], None], admin_token: str = "", trigge
     exe = shlex.quote(str(Path(sys.argv[0])))
     token_hint = f"    export LEASESCHED_TOKEN={cfg.token}   # the client token\n" if cfg.token else ""
     admin_hint = f"LEASESCHED_TOKEN={admin_token} " if admin_token else ""
+    url = dashboard_url(cfg)
+    dashboard_hint = f"=== dashboard: {url} (log in with the client token: read-only; the admin token: actions, cluster)\n" if url else ""
     say(
         "\n=== leasesched is running. In another terminal try:\n"
         f"{token_hint}"
@@ -99,6 +107,7 @@ def _demo(cfg: Config, say: Callable[[str], None], admin_token: str = "", trigge
         f"    {exe} schedule create ticker --every 10s --type demo.echo --payload tick\n"
         f"    {exe} schedule describe ticker   # next fire times, runs, skipped slots\n"
         f"    {admin_hint}{exe} cluster status\n"
+        f"{dashboard_hint}"
         "=== Ctrl-C stops every process (Cassandra and ZooKeeper keep running: `leasesched infra down`).\n"
     )
 
@@ -143,6 +152,11 @@ def up(cfg: Config, workers: int, triggers: int, no_demo: bool) -> None:
     for n in range(workers):
         command = [*base, *worker_args("worker.demo_handlers", 4, "--log-format", "text")]
         programs.append(Program(f"worker-{n + 1}", command, worker_env))
+    if cfg.dashboard_port:
+        # The dashboard needs no token of its own: each person logs in with theirs.
+        dashboard_env = {k: v for k, v in os.environ.items() if k != "LEASESCHED_TOKEN"}
+        programs.append(Program("dashboard", [*base, "dashboard", "--port", str(cfg.dashboard_port)], dashboard_env))
+        click.echo(f"dashboard: {dashboard_url(cfg)} (log in with a token above)")
     if not no_demo:
         demo_cfg = cfg.with_overrides(token=tokens["client"])
         threading.Thread(target=_demo, args=(demo_cfg, click.echo, tokens["admin"], triggers, workers), daemon=True).start()

@@ -28,10 +28,13 @@ class ConfigError(click.ClickException):
 def _register() -> None:
     # Imported here so that `leasesched --help` lists every area in one place.
     from leasesched.cli import (
-        cluster_cmd, gate_cmd, infra_cmd, limit_cmd, local_cmd, process_cmd, schedule_cmd, task_cmd, token_cmd,
+        cluster_cmd, dashboard_cmd, gate_cmd, infra_cmd, limit_cmd, local_cmd, process_cmd, schedule_cmd, task_cmd,
+        token_cmd,
     )  # fmt: skip
 
-    for module in (infra_cmd, process_cmd, task_cmd, schedule_cmd, gate_cmd, limit_cmd, local_cmd, cluster_cmd, token_cmd):
+    for module in (
+        infra_cmd, process_cmd, task_cmd, schedule_cmd, gate_cmd, limit_cmd, local_cmd, cluster_cmd, token_cmd, dashboard_cmd,
+    ):  # fmt: skip
         module.register(cli)
     from leasesched.cli import loadtest_cmd  # issue 4: `leasesched loadtest`
 

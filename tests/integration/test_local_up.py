@@ -48,9 +48,9 @@ class Output:
 
 
 def test_local_up_restarts_a_dead_worker_and_ctrl_c_stops_everything(module_config: Config) -> None:
-    service_port, updater_port, trigger_port = free_ports(3)
+    service_port, updater_port, trigger_port, dashboard_port = free_ports(4)
     cfg = module_config.with_overrides(
-        task_service_port=service_port, task_updater_port=updater_port, trigger_port=trigger_port
+        task_service_port=service_port, task_updater_port=updater_port, trigger_port=trigger_port, dashboard_port=dashboard_port
     )
     # `local up` looks for the Cassandra download under <home>/dist; the session's is shared.
     dist = Path(cfg.home) / "dist"
@@ -66,7 +66,8 @@ def test_local_up_restarts_a_dead_worker_and_ctrl_c_stops_everything(module_conf
     )
     out = Output(proc)
     try:
-        wait_for(lambda: len(out.pids("worker-1")) == 1 and out.pids("task-service"), 120, "every program to start")
+        wait_for(lambda: len(out.pids("worker-1")) == 1 and out.pids("task-service") and out.pids("dashboard"), 120, "every program to start")
+        assert f"dashboard: http://127.0.0.1:{cfg.dashboard_port}/" in out.text()
         worker, service = out.pids("worker-1")[0], out.pids("task-service")[0]
         os.kill(worker, signal.SIGKILL)  # a worker that dies (a fail-stop exits 75: the same path)
         wait_for(lambda: len(out.pids("worker-1")) == 2, 30, "the worker to be restarted")
