@@ -220,9 +220,9 @@ async def test_list_pages_through_one_namespace_in_order(service: Any) -> None:
 # ------------------------------------------------------------------ who may call what
 
 
-def test_reads_are_for_clients_and_admins_changes_for_admins() -> None:
+def test_reads_are_for_clients_operators_and_admins_changes_for_admins() -> None:
     prefix = "/leasesched.v1.LimitService/"
-    assert roles_for(prefix + "GetLimit") == roles_for(prefix + "ListLimits") == {"client", "admin"}
+    assert roles_for(prefix + "GetLimit") == roles_for(prefix + "ListLimits") == {"client", "operator", "admin"}
     assert roles_for(prefix + "SetLimit") == roles_for(prefix + "DeleteLimit") == {"admin"}
 
 
