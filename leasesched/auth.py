@@ -166,3 +166,13 @@ def require_task_access(task_namespace: str | None, task_id: object) -> None:
         return
     if task_namespace != principal.namespace:
         raise PermissionDenied(f"task {task_id} is not in namespace {principal.namespace!r} or does not exist")
+
+
+def require_payload_access(field: str) -> None:
+    """Task and schedule payloads are the owner's data: a client (its own
+    namespace, checked apart) or an admin may read them; an operator, who runs
+    tasks without needing their data, may not. Auth off: anyone."""
+    principal = current_principal.get()
+    if principal is not None and principal.role == "operator":
+        raise PermissionDenied(f"{field}: an operator token may not read payloads (a client or admin token may)")
+

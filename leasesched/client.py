@@ -1181,9 +1181,11 @@ class Client:
         reply: pb.ScheduleTaskResponse = self._call(self._stub.ScheduleTask, request)
         return str(reply.task_id)
 
-    def poll(self, task_id: str) -> TaskView:
-        """The task's current state (status, attempt, progress, result, error, ...)."""
-        reply: pb.PollTaskResponse = self._call(self._stub.PollTask, pb.PollTaskRequest(task_id=task_id))
+    def poll(self, task_id: str, *, include_payload: bool = False) -> TaskView:
+        """The task's current state (status, attempt, progress, result, error, ...);
+        ``include_payload``: its payload too (client and admin tokens only)."""
+        request = pb.PollTaskRequest(task_id=task_id, include_payload=include_payload)
+        reply: pb.PollTaskResponse = self._call(self._stub.PollTask, request)
         return TaskView.from_pb(reply.task)
 
     def history(self, task_id: str, limit: int = 0) -> list[HistoryLine]:

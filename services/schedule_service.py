@@ -24,7 +24,7 @@ from typing import Awaitable, Callable
 import grpc
 
 from leasesched import limits
-from leasesched.auth import require_namespace
+from leasesched.auth import current_principal, require_namespace
 from leasesched.config import Config
 from leasesched.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from leasesched.firing import Firing, Plan, decide, pause, schedule_entry, trigger_now, unpause
@@ -204,7 +204,8 @@ class ScheduleService(pb_grpc.ScheduleServiceServicer):
 
     async def DescribeSchedule(self, request: pb.DescribeScheduleRequest, context: grpc.aio.ServicerContext) -> pb.DescribeScheduleResponse:
         namespace, schedule_id = check_ref(request.ref)
-        return pb.DescribeScheduleResponse(schedule=await self._describe(await self._get(namespace, schedule_id)))
+        described = await self._describe(await self._get(namespace, schedule_id))
+        return pb.DescribeScheduleResponse(schedule=_payload_for_caller(described))
 
     async def ListSchedules(self, request: pb.ListSchedulesRequest, context: grpc.aio.ServicerContext) -> pb.ListSchedulesResponse:
         namespace = check_namespace(request.namespace)
@@ -223,7 +224,7 @@ class ScheduleService(pb_grpc.ScheduleServiceServicer):
         if len(found) == size:
             token = base64.urlsafe_b64encode(found[-1].schedule_id.encode()).decode()
         return pb.ListSchedulesResponse(
-            schedules=[describe(s, {}, with_runs=False) for s in found], next_page_token=token
+            schedules=[_payload_for_caller(describe(s, {}, with_runs=False)) for s in found], next_page_token=token
         )
 
     async def PauseSchedule(self, request: pb.PauseScheduleRequest, context: grpc.aio.ServicerContext) -> pb.PauseScheduleResponse:
@@ -284,4 +285,13 @@ class ScheduleService(pb_grpc.ScheduleServiceServicer):
 
 def _same_definition(existing: Schedule, d: Definition) -> bool:
     return (existing.spec, existing.action, existing.policy) == (d.spec, d.action, d.policy)
+
+
+def _payload_for_caller(described: pb.ScheduleDescription) -> pb.ScheduleDescription:
+    """An operator may read schedules but not payloads (``auth.require_payload_access``):
+    the action's payload is left out for it, never refused, so the rest stays readable."""
+    principal = current_principal.get()
+    if principal is not None and principal.role == "operator":
+        described.schedule.action.payload = b""
+    return described
 

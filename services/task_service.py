@@ -9,7 +9,7 @@ from typing import Awaitable, Callable
 
 import grpc
 
-from leasesched.auth import hiding_missing, require_namespace, require_task_access
+from leasesched.auth import hiding_missing, require_namespace, require_payload_access, require_task_access
 from leasesched.config import Config
 from leasesched.model import Task
 from leasesched.errors import InvalidArgument, Unavailable
@@ -138,15 +138,20 @@ class TaskService(pb_grpc.TaskServiceServicer):
 
     async def PollTask(self, request: pb.PollTaskRequest, context: grpc.aio.ServicerContext) -> pb.PollTaskResponse:
         task_id = check_task_id(request.task_id)
-        view = self._finished.get(task_id)
+        if request.include_payload:
+            require_payload_access("include_payload")
+        view = None if request.include_payload else self._finished.get(task_id)  # the cache holds no payloads
         if view is not None:
             require_task_access(view.namespace, task_id)
             return pb.PollTaskResponse(task=view)
         task = await self._visible(task_id)
         view = self._view(task)
+        if request.include_payload:
+            view.payload = task.payload
         # Its gate and its full limits, each read at most once a second (services/waiting_reasons.py).
         view.waiting_reason = await self._reasons.of(task, now_ms())
-        self._finished.remember(task_id, view, final=task.status.terminal)
+        if not request.include_payload:
+            self._finished.remember(task_id, view, final=task.status.terminal)
         return pb.PollTaskResponse(task=view)
 
     def forget_finished(self, task_id: uuid.UUID) -> None:

@@ -133,7 +133,7 @@ class DashboardApi(Protocol):
 
     def count(self, status: TaskStatus) -> Count: ...
 
-    def poll(self, task_id: str) -> TaskView: ...
+    def poll(self, task_id: str, include_payload: bool = False) -> TaskView: ...
 
     def history(self, task_id: str) -> list[HistoryLine]: ...
 
@@ -214,8 +214,8 @@ class GrpcApi:
         counts = self._client.count(status)
         return Count(sum(row.count for row in counts.rows), not counts.exact)
 
-    def poll(self, task_id: str) -> TaskView:
-        return self._client.poll(task_id)
+    def poll(self, task_id: str, include_payload: bool = False) -> TaskView:
+        return self._client.poll(task_id, include_payload=include_payload)
 
     def history(self, task_id: str) -> list[HistoryLine]:
         """Attempts and operator actions, newest first (GetTaskHistory), at most 50."""

@@ -271,7 +271,10 @@ def create_app(
     @app.get("/tasks/{task_id}", response_class=HTMLResponse)
     def task_page(request: Request, task_id: str, session: Session = Depends(current)) -> HTMLResponse:
         api = session.api
-        return render(request, "task.html", session, task=api.poll(task_id), history=api.history(task_id))
+        # The payload only on the page itself (not its live part), and only for a role that may read it:
+        # the server refuses it to an operator (PollTaskRequest.include_payload).
+        task = api.poll(task_id, include_payload=session.identity.role.may_read_payloads)
+        return render(request, "task.html", session, task=task, history=api.history(task_id))
 
     @app.get("/tasks/{task_id}/live", response_class=HTMLResponse)
     def task_live(request: Request, task_id: str, session: Session = Depends(current)) -> HTMLResponse:

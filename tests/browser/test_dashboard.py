@@ -75,7 +75,7 @@ def test_read_only_views_and_refusals_then_an_admin_cancels(dashboard: Dashboard
     expect(page.locator("#task-status")).to_have_text("FAILED")
     expect(page.locator("#task-attempt")).to_have_text("1 of 1")
     expect(page.locator("#task-error")).to_contain_text("RuntimeError: planned failure on attempt 1")
-    expect(page.locator("#payload")).to_contain_text("PollTask returns no payload")  # the rule: docs/dashboard.md
+    expect(page.locator("#payload")).to_have_text('{"seconds": 0.1, "fail": 1}')  # a client may read it (PollTaskRequest.include_payload)
     expect(page.locator("#task-actions")).to_have_count(0)
 
     page.click("nav >> text=Tasks")

@@ -35,6 +35,7 @@ def test_an_operator_retries_terminates_and_bulk_retries(dashboard: Dashboard, b
     # Retry one failed task from its page, and watch it succeed.
     page.goto(f"{dashboard.url}/tasks/{failed[0]}")
     expect(page.locator("#task-status")).to_have_text("FAILED")
+    expect(page.locator("#payload")).to_contain_text("Hidden")  # an operator acts without reading the data
     page.fill("#task-actions form:has(#action-retry) input[name=reason]", "browser test: retry")
     page.click("#action-retry")
     expect(page.locator("#task-status")).to_have_text("SUCCEEDED", timeout=30_000)

@@ -64,7 +64,7 @@ class FakeApi:
             raise PermissionDeniedError(grpc.StatusCode.PERMISSION_DENIED, "an operator token may not call CountTasks")
         return Count(sum(1 for t in self.tasks if t.status is status), False)
 
-    def poll(self, task_id: str) -> TaskView:
+    def poll(self, task_id: str, include_payload: bool = False) -> TaskView:
         for t in self.tasks:
             if t.task_id == task_id:
                 return t
