@@ -130,14 +130,14 @@ class OperatorService(pb_grpc.OperatorServiceServicer):
         with hiding_missing(task_id):
             task = await self._lifecycle.retry(task_id, version, action, run_at, payload, namespace=caller_namespace())
         await self._after(task)
-        return pb.RetryTaskResponse(task=task_view(task))
+        return pb.RetryTaskResponse(task=self._view(task))
 
     async def ResumeTask(self, request: pb.ResumeTaskRequest, context: grpc.aio.ServicerContext) -> pb.ResumeTaskResponse:
         task_id, version, action = self._common(request.task_id, request.expected_version, request.reason)
         with hiding_missing(task_id):
             task = await self._lifecycle.resume(task_id, version, action, namespace=caller_namespace())
         await self._after(task)
-        return pb.ResumeTaskResponse(task=task_view(task))
+        return pb.ResumeTaskResponse(task=self._view(task))
 
     async def MarkTaskFailed(
         self, request: pb.MarkTaskFailedRequest, context: grpc.aio.ServicerContext
@@ -146,7 +146,7 @@ class OperatorService(pb_grpc.OperatorServiceServicer):
         with hiding_missing(task_id):
             task = await self._lifecycle.mark_failed(task_id, version, action, namespace=caller_namespace())
         await self._after(task)
-        return pb.MarkTaskFailedResponse(task=task_view(task))
+        return pb.MarkTaskFailedResponse(task=self._view(task))
 
     async def TerminateTask(
         self, request: pb.TerminateTaskRequest, context: grpc.aio.ServicerContext
@@ -155,7 +155,10 @@ class OperatorService(pb_grpc.OperatorServiceServicer):
         with hiding_missing(task_id):
             task = await self._lifecycle.terminate(task_id, version, action, namespace=caller_namespace())
         await self._after(task)
-        return pb.TerminateTaskResponse(task=task_view(task))
+        return pb.TerminateTaskResponse(task=self._view(task))
+
+    def _view(self, task: Task) -> pb.TaskView:
+        return task_view(task, stuck_lease_losses=self._cfg.stuck_lease_losses)
 
     def _common(self, task_id: str, version: str, reason: str) -> tuple[uuid.UUID, str, OperatorAction]:
         return check_task_id(task_id), check_version(version), OperatorAction(operator_name(), check_reason(reason))
