@@ -128,7 +128,7 @@ class MemoryStore:
     async def read_history(self, task_id: uuid.UUID, limit: int) -> list[HistoryEntry]:
         self._maybe_fail("read_history")
         rows = self.history.get(task_id, {})
-        newest_first = sorted(rows.items(), key=lambda item: (-item[0][0], item[0][1]))
+        newest_first = sorted(rows.items(), key=lambda item: item[0], reverse=True)  # (time, key) descending, as Cassandra
         return [entry for _, entry in newest_first[:limit]]
 
     async def trim_history(self, task_id: uuid.UUID, keep: int) -> None:

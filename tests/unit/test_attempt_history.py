@@ -350,3 +350,14 @@ def test_the_cli_prints_one_line_per_entry(cluster: tuple[str, Lifecycle, Any]) 
     assert "lost 2 time(s)  STUCK" in polled.output
     missing = CliRunner().invoke(task_cmd.task, ["--target", address, "history", str(uuid.uuid4())], obj=Config())
     assert missing.exit_code == 1 and "NOT_FOUND" in missing.output
+
+
+async def test_attempts_of_the_same_millisecond_list_the_later_one_first() -> None:
+    """A retry with no backoff can be claimed in the millisecond its previous attempt
+    started (a fast CI machine did it): the higher lease token is the newer attempt."""
+    from leasesched.store.memory import MemoryStore
+
+    store, task_id = MemoryStore(), uuid.uuid4()
+    for token in (1, 2):
+        await store.add_history(HistoryEntry(task_id=task_id, kind=HistoryKind.ATTEMPT, started_at=1_000, lease_token=token, attempt=token))
+    assert [e.lease_token for e in await store.read_history(task_id, 10)] == [2, 1]
