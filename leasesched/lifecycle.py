@@ -28,7 +28,6 @@ from leasesched.admission import Admission
 from leasesched.attempt_history import AttemptHistory, failure_outcome
 from leasesched.concurrency import LIMIT_REACHED
 from leasesched.changes import UNSET, TaskChange
-from leasesched.history import Operation
 from leasesched.errors import (
     Aborted,
     AlreadyExists,
@@ -38,7 +37,7 @@ from leasesched.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from leasesched.history import AttemptOutcome
+from leasesched.history import AttemptOutcome, Operation
 from leasesched.limits import MAX_ERROR_MESSAGE, RETRY_INTERVAL
 from leasesched.model import DueEntry, Task, now_ms, shard_of
 from leasesched.observability import metrics
