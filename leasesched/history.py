@@ -75,3 +75,11 @@ class HistoryEntry:
     operator: str = ""
     reason: str = ""
     entry_id: uuid.UUID | None = None  # OPERATION entries: their own id; ATTEMPT entries: None (keyed by token)
+
+    @property
+    def key(self) -> str:
+        """The entry's clustering key beside its time: ``a`` + the lease token
+        (zero-padded, so keys sort as tokens do) for an attempt, whose end then
+        overwrites its claim; ``o`` + its own id for an operation."""
+        return f"a{self.lease_token:020d}" if self.kind is HistoryKind.ATTEMPT else f"o{self.entry_id}"
+

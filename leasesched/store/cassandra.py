@@ -1189,11 +1189,10 @@ class CassandraStore:
     async def add_history(self, entry: HistoryEntry) -> None:
         """One plain insert, with a write time taken from the entry itself
         (``_history_write_us``), not from the writing process's clock."""
-        key = f"a{entry.lease_token:020d}" if entry.kind is HistoryKind.ATTEMPT else f"o{entry.entry_id}"
         await self._run_plain(
             "add_history",
             (
-                entry.task_id, entry.started_at, key, entry.kind.value, entry.attempt, entry.lease_token,
+                entry.task_id, entry.started_at, entry.key, entry.kind.value, entry.attempt, entry.lease_token,
                 entry.worker_id, entry.ended_at, entry.outcome.value if entry.outcome else None, entry.error_type,
                 entry.error, entry.progress_percent, entry.progress_message,
                 entry.operation.value if entry.operation else None, entry.operator, entry.reason,

@@ -21,7 +21,7 @@ from typing import Any
 from leasesched.changes import TaskChange
 from leasesched.concurrency import ConcurrencyLimit, LimitKey, LimitScope, SlotGroup, SlotHolder
 from leasesched.gates import Gate
-from leasesched.history import HistoryEntry, HistoryKind
+from leasesched.history import HistoryEntry
 from leasesched.model import DueEntry, Task, listed_size
 from leasesched.schedules import Schedule
 from leasesched.states import TaskStatus
@@ -122,8 +122,7 @@ class MemoryStore:
 
     async def add_history(self, entry: HistoryEntry) -> None:
         self._maybe_fail("add_history")
-        key = f"a{entry.lease_token:020d}" if entry.kind is HistoryKind.ATTEMPT else f"o{entry.entry_id}"
-        self.history.setdefault(entry.task_id, {})[(entry.started_at, key)] = entry
+        self.history.setdefault(entry.task_id, {})[(entry.started_at, entry.key)] = entry
 
     async def read_history(self, task_id: uuid.UUID, limit: int) -> list[HistoryEntry]:
         self._maybe_fail("read_history")
