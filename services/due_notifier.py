@@ -7,16 +7,26 @@ the scan finds the task a moment later.
 
 Shard owners are read from the triggers' ZooKeeper registrations, refreshed in
 the background, so a request never waits on ZooKeeper.
+
+Hints to one trigger are coalesced (``leasesched.batching``): a hint goes out
+at once, alone, while fewer than ``HINT_CALLS_IN_FLIGHT`` calls to that
+trigger are out; the ones that come meanwhile leave together in one
+NotifyDueBatch call. At low load nothing waits; under load one call carries
+many hints. A trigger that does not know NotifyDueBatch (an older version)
+gets one NotifyDue per hint from then on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Awaitable, Callable, Sequence
 
 import grpc
 from kazoo.client import KazooClient
 
+from leasesched import limits
+from leasesched.batching import Batch, Coalescer
 from leasesched.config import Config
 from leasesched.model import Task
 from leasesched.coordination import registry
@@ -25,6 +35,9 @@ from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+HINT_CALLS_IN_FLIGHT = 2  # per trigger
+HINT_TIMEOUT_S = 2.0
 
 
 class DueNotifier:
@@ -37,7 +50,8 @@ class DueNotifier:
         self._stubs: dict[str, pb_grpc.TriggerServiceStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._refresher: asyncio.Task[None] | None = None
-        self._pending: set[asyncio.Task[None]] = set()
+        self._coalescers: dict[str, Coalescer[pb.NotifyDueRequest, None]] = {}
+        self._batch_calls = True  # False once a trigger answered UNIMPLEMENTED to NotifyDueBatch
 
     async def start(self) -> None:
         await self._refresh()
@@ -46,6 +60,8 @@ class DueNotifier:
     async def stop(self) -> None:
         if self._refresher:
             self._refresher.cancel()
+        for coalescer in self._coalescers.values():
+            await coalescer.close()
         for channel in self._channels.values():
             await channel.close()
 
@@ -67,6 +83,7 @@ class DueNotifier:
         for address in set(self._channels) - set(members):
             channel = self._channels.pop(address)
             self._stubs.pop(address, None)
+            self._coalescers.pop(address, None)
             await channel.close()
 
     def _stub(self, address: str) -> pb_grpc.TriggerServiceStub:
@@ -93,13 +110,41 @@ class DueNotifier:
             gate=stored.gate,
         )
         request.run_at.FromMilliseconds(stored.run_at)
-        task = asyncio.create_task(self._send(address, request))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        coalescer = self._coalescers.get(address)
+        if coalescer is None:
+            coalescer = self._coalescers[address] = Coalescer(
+                self._sender(address), int(limits.BATCH_ITEMS.high), HINT_CALLS_IN_FLIGHT
+            )
+        coalescer.submit(request, HINT_TIMEOUT_S).add_done_callback(_log_lost_hint)
 
-    async def _send(self, address: str, request: pb.NotifyDueRequest) -> None:
-        task_id = request.task_id
-        try:
-            await self._stub(address).NotifyDue(request, timeout=2)
-        except grpc.RpcError as err:
-            log.debug("due hint for task %s to %s failed: %s", task_id, address, err.code())
+    def _sender(self, address: str) -> Callable[[Batch[pb.NotifyDueRequest]], Awaitable[list[None]]]:
+        async def send(batch: Batch[pb.NotifyDueRequest]) -> list[None]:
+            await self._send(address, batch.items, max(0.001, batch.timeout_s))
+            return [None] * len(batch.items)
+
+        return send
+
+    async def _send(self, address: str, hints: Sequence[pb.NotifyDueRequest], timeout: float) -> None:
+        """One call with every hint, or one call each to a trigger without NotifyDueBatch."""
+        stub = self._stub(address)
+        if len(hints) > 1 and self._batch_calls:
+            try:
+                await stub.NotifyDueBatch(pb.NotifyDueBatchRequest(hints=hints), timeout=timeout)
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                log.info("trigger %s does not know NotifyDueBatch: one NotifyDue per hint from now on", address)
+                self._batch_calls = False
+        await asyncio.gather(*(stub.NotifyDue(hint, timeout=timeout) for hint in hints))
+
+
+def _log_lost_hint(future: "asyncio.Future[None]") -> None:
+    """A lost hint only delays its task to the owner's next scan: debug, not warning."""
+    if future.cancelled():
+        return
+    err = future.exception()
+    if isinstance(err, grpc.RpcError):
+        log.debug("due hint failed: %s", err.code())
+    elif err is not None:
+        log.debug("due hint failed: %s", err)

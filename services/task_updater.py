@@ -16,9 +16,11 @@ A failure's error text and type are cut to ``MAX_ERROR_MESSAGE`` /
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections import OrderedDict
+from typing import Awaitable, Callable, Sequence, TypeVar
 
 import grpc
 
@@ -33,9 +35,13 @@ from leasesched.states import TaskStatus
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.convert import dur, status_to_pb, ts
+from leasesched.server.error_mapping import item_status
 from leasesched.server.validation import check_task_id, check_worker_id, duration_ms
 
 log = logging.getLogger(__name__)
+
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
 
 TYPE_CACHE_SIZE = 50_000
 
@@ -59,6 +65,32 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
         return metrics.type_label(found) if found is not None else "unknown"
 
     async def ClaimTask(self, request: pb.ClaimTaskRequest, context: grpc.aio.ServicerContext) -> pb.ClaimTaskResponse:
+        return await self._claim(request)
+
+    async def CompleteTask(self, request: pb.CompleteTaskRequest, context: grpc.aio.ServicerContext) -> pb.CompleteTaskResponse:
+        return await self._complete(request)
+
+    async def ClaimTasks(self, request: pb.ClaimTasksRequest, context: grpc.aio.ServicerContext) -> pb.ClaimTasksResponse:
+        """Each claim exactly as ClaimTask, concurrently; one result each, in order."""
+        outcomes = await _each(request.claims, "claims", self._claim)
+        results = [
+            pb.ClaimTaskResult(claimed=o) if isinstance(o, pb.ClaimTaskResponse) else pb.ClaimTaskResult(error=_error(o, "ClaimTasks"))
+            for o in outcomes
+        ]
+        return pb.ClaimTasksResponse(results=results)
+
+    async def CompleteTasks(self, request: pb.CompleteTasksRequest, context: grpc.aio.ServicerContext) -> pb.CompleteTasksResponse:
+        """Each completion exactly as CompleteTask, concurrently; one result each, in order."""
+        outcomes = await _each(request.completions, "completions", self._complete)
+        results = [
+            pb.CompleteTaskResult(completed=o)
+            if isinstance(o, pb.CompleteTaskResponse)
+            else pb.CompleteTaskResult(error=_error(o, "CompleteTasks"))
+            for o in outcomes
+        ]
+        return pb.CompleteTasksResponse(results=results)
+
+    async def _claim(self, request: pb.ClaimTaskRequest) -> pb.ClaimTaskResponse:
         task_id = check_task_id(request.task_id)
         worker_id = check_worker_id(request.worker_id)
         # 0 means "any attempt"; a negative one is malformed, not a stale dispatch.
@@ -102,7 +134,7 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
             ack = await self._lifecycle.heartbeat(task_id, token, percent, request.progress.message, namespace=caller_namespace())
         return pb.HeartbeatResponse(lease_expires_at=ts(ack.expires_at), cancel_requested=ack.cancel_requested)
 
-    async def CompleteTask(self, request: pb.CompleteTaskRequest, context: grpc.aio.ServicerContext) -> pb.CompleteTaskResponse:
+    async def _complete(self, request: pb.CompleteTaskRequest) -> pb.CompleteTaskResponse:
         task_id = check_task_id(request.task_id)
         token = _check_token(request.lease_token)
         if len(request.result) > self._cfg.max_result_bytes:
@@ -157,3 +189,18 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
         elif outcome.status == TaskStatus.CANCELLED:
             metrics.tasks_cancelled.labels(type_).inc()
         return pb.FailTaskResponse(status=status_to_pb(outcome.status), next_run_at=ts(outcome.next_run_at))
+
+
+async def _each(
+    items: Sequence[Request], field: str, one: Callable[[Request], Awaitable[Reply]]
+) -> list[Reply | BaseException]:
+    """``one`` for every item of a batch call, concurrently (each is its own
+    conditional write; none waits for another), with each item's exception
+    kept as its result instead of failing the call."""
+    limits.BATCH_ITEMS.check(len(items), field)
+    return await asyncio.gather(*(one(item) for item in items), return_exceptions=True)
+
+
+def _error(exc: BaseException, method: str) -> pb.ItemError:
+    code, message = item_status(exc, method)
+    return pb.ItemError(code=code.value[0], message=message)

@@ -335,3 +335,18 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
         check_notify_due(request, self._shards)
         self._on_due_hint(request)
         return pb.NotifyDueResponse()
+
+    async def NotifyDueBatch(
+        self, request: pb.NotifyDueBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.NotifyDueResponse:
+        """Hints TaskService had pending for this trigger. All are checked
+        before any is acted on: one malformed hint refuses the call whole."""
+        limits.BATCH_ITEMS.check(len(request.hints), "hints")
+        for i, hint in enumerate(request.hints):
+            try:
+                check_notify_due(hint, self._shards)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"hints[{i}]: {exc}") from None
+        for hint in request.hints:
+            self._on_due_hint(hint)
+        return pb.NotifyDueResponse()

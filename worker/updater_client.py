@@ -7,6 +7,15 @@ heartbeat thread (``worker.heartbeats``), which must keep leases alive while
 the loop is blocked, so it has its own blocking channel. Both pick targets the
 same way (``_Targets``) and use the same TLS and token settings
 (``leasesched.transport``).
+
+Claims and completions are coalesced (``leasesched.batching``): one that
+finds fewer than ``BATCH_CALLS_IN_FLIGHT`` calls of its kind out is sent at
+once, alone, as the unary call it always was; those that come while they all
+are out leave together in one ClaimTasks / CompleteTasks call. Each item gets
+exactly its unary answer, or its error raised as the ``grpc.aio.AioRpcError``
+the unary call would have raised, so the execution code cannot tell the two
+apart. A TaskUpdater that does not know the batch calls (UNIMPLEMENTED: an
+older version during a rolling upgrade) gets unary calls from then on.
 """
 
 from __future__ import annotations
@@ -19,8 +28,11 @@ from typing import Any, Callable
 
 import grpc
 
+from leasesched import limits
+from leasesched.batching import Batch, Coalescer
 from leasesched.config import Config
 from leasesched.transport import SERVER_GONE_CODES, aio_channel, sync_channel
+from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -28,6 +40,18 @@ log = logging.getLogger(__name__)
 # How long calls in flight on a channel being left may still take (longer than
 # any call's deadline: claims and reports use at most a few seconds).
 DRAIN_GRACE_S = 30.0
+
+# Batch calls of one kind (claims, completions) out at once. More in flight
+# means less waiting and smaller batches; 4 keeps a claim's wait under one
+# call at the loads a worker sees, while a backlog still leaves in batches.
+BATCH_CALLS_IN_FLIGHT = 4
+
+# Unary method -> (its batch method, the batch request's item field, the result's success field).
+_BATCHED: dict[str, tuple[str, str, str]] = {
+    "ClaimTask": ("ClaimTasks", "claims", "claimed"),
+    "CompleteTask": ("CompleteTasks", "completions", "completed"),
+}
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class _Targets:
@@ -53,6 +77,11 @@ class UpdaterClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.TaskUpdaterStub | None = None
         self._closing: set[asyncio.Task[None]] = set()  # old channels draining (``_drop``)
+        self._batch_calls = True  # False once a TaskUpdater answered UNIMPLEMENTED to one
+        self._coalescers: dict[str, Coalescer[Any, Any]] = {
+            method: Coalescer(self._batch_sender(method), int(limits.BATCH_ITEMS.high), BATCH_CALLS_IN_FLIGHT)
+            for method in _BATCHED
+        }
 
     async def _connect(self) -> pb_grpc.TaskUpdaterStub:
         if self._stub is not None:
@@ -75,6 +104,12 @@ class UpdaterClient:
             closing.add_done_callback(self._closing.discard)
 
     async def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        coalescer = self._coalescers.get(method)
+        if coalescer is not None:
+            return await coalescer.submit(request, timeout or self._timeout)
+        return await self._unary(method, request, timeout)
+
+    async def _unary(self, method: str, request: Any, timeout: float | None = None) -> Any:
         stub = await self._connect()
         try:
             return await getattr(stub, method)(request, timeout=timeout or self._timeout)
@@ -83,8 +118,31 @@ class UpdaterClient:
                 await self._drop()  # try another TaskUpdater next time
             raise
 
+    def _batch_sender(self, method: str) -> Callable[[Batch[Any]], Any]:
+        batch_method, field, success = _BATCHED[method]
+
+        async def send(batch: Batch[Any]) -> list[Any]:
+            if len(batch.items) == 1 or not self._batch_calls:
+                return list(await asyncio.gather(
+                    *(self._unary(method, item, batch.timeout_s) for item in batch.items), return_exceptions=True
+                ))  # fmt: skip
+            request = getattr(pb, f"{batch_method}Request")(**{field: batch.items})
+            try:
+                reply = await self._unary(batch_method, request, max(0.001, batch.timeout_s))
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                log.info("the TaskUpdater does not know %s: unary calls from now on", batch_method)
+                self._batch_calls = False
+                return await send(batch)
+            return [getattr(r, success) if r.WhichOneof("outcome") == success else _item_error(r.error) for r in reply.results]
+
+        return send
+
     async def close(self) -> None:
         """At shutdown, after the executions ended: close every channel now."""
+        for coalescer in self._coalescers.values():
+            await coalescer.close()
         channel, self._channel, self._stub, self._address = self._channel, None, None, None
         if channel is not None:
             await channel.close()
@@ -145,6 +203,12 @@ class _Unavailable(grpc.RpcError):
 
     def details(self) -> str:
         return self._message
+
+
+def _item_error(error: pb.ItemError) -> grpc.aio.AioRpcError:
+    """One item's error, as the unary call would have raised it."""
+    code = _CODES.get(error.code, grpc.StatusCode.UNKNOWN)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=error.message)
 
 
 def _unavailable(message: str) -> grpc.RpcError:

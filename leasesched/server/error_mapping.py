@@ -38,6 +38,18 @@ def code_for(exc: errors.SchedulerError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def item_status(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status one item of a batch call gets for ``exc``: what the unary call
+    would have been answered with (the interceptor below), so a batch answers
+    each item exactly as one call each would have."""
+    if isinstance(exc, errors.SchedulerError):
+        return code_for(exc), str(exc)
+    if isinstance(exc, asyncio.TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "not finished within the call's time"
+    log.error("unexpected error in an item of %s", method, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+
+
 class ErrorMappingInterceptor(UnaryInterceptor):
     def __init__(self, timeout_s: float = 30.0) -> None:
         super().__init__()

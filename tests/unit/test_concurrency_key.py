@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from typing import Any
+from typing import Any, Sequence
 
 import pytest
 from click.testing import CliRunner
@@ -91,8 +91,8 @@ async def test_the_due_notifier_puts_the_key_in_the_hint() -> None:
     notifier._owner_of = {3: "trigger:1"}
     sent: list[pb.NotifyDueRequest] = []
 
-    async def send(address: str, request: pb.NotifyDueRequest) -> None:
-        sent.append(request)
+    async def send(address: str, hints: Sequence[pb.NotifyDueRequest], timeout: float) -> None:
+        sent.extend(hints)
 
     notifier._send = send  # type: ignore[method-assign]
     task = Task(task_id=uuid.uuid4(), namespace="ns", type="t", payload=b"", shard=3, run_at=NOW, concurrency_key="p9")

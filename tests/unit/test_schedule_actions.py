@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from typing import Any
+from typing import Any, Sequence
 
 import pytest
 
@@ -130,8 +130,8 @@ async def test_a_run_now_is_hinted_to_its_trigger_with_key_and_gate(store: Memor
     notifier = DueNotifier(None, Config())  # type: ignore[arg-type]
     sent: list[pb.NotifyDueRequest] = []
 
-    async def send(address: str, request: pb.NotifyDueRequest) -> None:
-        sent.append(request)
+    async def send(address: str, hints: Sequence[pb.NotifyDueRequest], timeout: float) -> None:
+        sent.extend(hints)
 
     notifier._send = send  # type: ignore[method-assign]
     service: Any = ScheduleService(Config(), Lifecycle(store), shards=8, notify_due=notifier)
