@@ -64,10 +64,14 @@ class Config:
     zk_election_port: int = 3888  # ensemble only: leader election
     cassandra_storage_port: int = 7000
     cassandra_heap: str = ""  # JVM heap per node; empty: 1G for one node, 512M each for more
-    # "batch" (ack after fsync; survives kill -9 of the single local node) or
-    # "periodic" (Cassandra's default, ~2x faster writes, loses the last
-    # seconds of acknowledged writes on kill -9). See leasesched/infra/cassandra.py.
+    # "batch" (ack after fsync; survives kill -9 of the single local node),
+    # "group" (as durable: ack after the fsync covering it, fsyncs grouped per
+    # 2 ms window) or "periodic" (Cassandra's default, ~2x faster writes, loses
+    # the last seconds of acknowledged writes on kill -9). See leasesched/infra/cassandra.py.
     cassandra_commitlog_sync: str = "batch"
+    # "c1": the JVM compiles with C1 only (start-up CPU -40 %: dev and test
+    # nodes); "full": C2 as well, as in production (the benchmarks' setting).
+    cassandra_jit: str = "c1"
     cassandra_start_timeout_s: float = 180.0
     zk_start_timeout_s: float = 60.0
 

@@ -132,15 +132,23 @@ JVM_SERVER_FLAGS = (
     "-Djava.net.preferIPv4Stack=true",
     "-XX:+CrashOnOutOfMemoryError",
 )
-# For local and test nodes: start fast and stop fast. C1 only (start-up CPU
-# -40 %; a node here serves a few thousand requests per second, where C2's
-# peak speed does not show); no gossip-settle poll before CQL opens; no 2 s
-# shutdown announcement to peers that are stopping too.
+# For local and test nodes: start fast and stop fast. No gossip-settle poll
+# before CQL opens; no 2 s shutdown announcement to peers that are stopping too.
 DEV_FLAGS = (
-    "-XX:TieredStopAtLevel=1",
     "-Dcassandra.skip_wait_for_gossip_to_settle=0",
     "-Dcassandra.shutdown_announce_in_ms=0",
 )
+# ``jit="c1"`` (the default for dev and test nodes): C1 only, start-up CPU
+# -40 %, for nodes that start often and serve little. ``jit="full"`` (C2 as
+# well, the JVM's default: what a production node runs): more CPU while it
+# warms up, less per request after; the benchmarks run it (BENCHMARKS.md,
+# issue 17: Cassandra's CPU per task with each).
+JIT_FLAGS: dict[str, tuple[str, ...]] = {"c1": ("-XX:TieredStopAtLevel=1",), "full": ()}
+# ``commitlog_sync="group"``: as durable as batch (a write is acknowledged only
+# after the fsync that covers it), but the node fsyncs at most once per window
+# for all writes that arrived in it, instead of once per arrival: fewer fsyncs
+# and commit-log wake-ups under load, at most one window of added latency.
+GROUP_WINDOW = "2ms"
 
 
 def _java_major(java: str) -> int | None:
@@ -225,7 +233,8 @@ class CassandraServer(ServerControl):
     host: str = "127.0.0.1"
     # "batch": acknowledge a write only after its commit-log fsync; "periodic":
     # Cassandra's default, faster but loses recent writes on kill -9 (module doc).
-    commitlog_sync: str = "batch"
+    commitlog_sync: str = "batch"  # or "group" (as durable, fsyncs grouped per GROUP_WINDOW)
+    jit: str = "c1"  # JIT_FLAGS: "c1" (fast start, dev and tests) or "full" (C2: production, benchmarks)
     seeds: tuple[str, ...] = ()  # hosts of the cluster's seed nodes; () = this node alone
     token: int | None = None  # initial_token; None = chosen by Cassandra (a lone node)
     node_name: str = "cassandra"
@@ -391,8 +400,10 @@ class CassandraServer(ServerControl):
             conf["initial_token"] = str(self.token)
         if self.commitlog_sync == "periodic":
             conf.update(commitlog_sync="periodic", commitlog_sync_period="10000ms")
+        elif self.commitlog_sync == "group":
+            conf.update(commitlog_sync="group", commitlog_sync_group_window=GROUP_WINDOW)
         elif self.commitlog_sync != "batch":
-            raise InfraError(f"commitlog_sync must be 'batch' or 'periodic', not {self.commitlog_sync!r}")
+            raise InfraError(f"commitlog_sync must be 'batch', 'group' or 'periodic', not {self.commitlog_sync!r}")
         return conf
 
     def write_config(self) -> Path:
@@ -408,6 +419,11 @@ class CassandraServer(ServerControl):
         tmp.replace(self.config_file)
         return self.config_file
 
+    def _jit_flags(self) -> tuple[str, ...]:
+        if self.jit not in JIT_FLAGS:
+            raise InfraError(f"cassandra jit must be one of {', '.join(JIT_FLAGS)}, not {self.jit!r}")
+        return JIT_FLAGS[self.jit]
+
     def command(self) -> list[str]:
         """The java command line that runs the daemon in the foreground."""
         data = self.data_dir.resolve()
@@ -420,6 +436,7 @@ class CassandraServer(ServerControl):
             *JVM_SERVER_FLAGS,
             *JVM17_FLAGS,
             *DEV_FLAGS,
+            *self._jit_flags(),
             *(f"-javaagent:{jar}" for jar in jamm[-1:]),  # jamm measures memtable sizes
             f"-XX:HeapDumpPath={self.log_dir.resolve()}",
             f"-Dcassandra.config={self.config_file.resolve().as_uri()}",

@@ -108,6 +108,7 @@ class LocalInfra:
                 storage_port=cfg.cassandra_storage_port,
                 heap=cfg.cassandra_heap_per_node,
                 commitlog_sync=cfg.cassandra_commitlog_sync,
+                jit=cfg.cassandra_jit,
                 host=host,
                 seeds=tuple(hosts),
                 token=initial_token(n, count) if count > 1 else None,
