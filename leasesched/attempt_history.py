@@ -12,10 +12,14 @@ did not happen would be a lie, while a missing entry is only a gap.
 What it costs on the hot path (plain writes, no Paxos round; measured in
 BENCHMARKS.md, "Attempt history: what it costs"): one insert at the claim,
 one insert at the attempt's end. A completion is written without reading
-the task (one conditional write), so its entry needs one plain read of the
-row (the claim time keys the entry; the worker id, attempt and last progress
-come from it); every other end already read the row. Heartbeats write
-nothing: the end entry takes the last progress from the row.
+the task (one conditional write). Its entry needs the claim's time (it keys
+the entry), worker and attempt, and the last progress: the process that
+claimed the attempt remembers the first three (``ClaimedAttempt``, a bounded
+memory of ``CLAIM_MEMORY`` claims) and the worker sends the last progress
+with its completion, so the common completion reads nothing (issue 17). A
+completion elsewhere (another TaskUpdater, after a restart, a worker that
+sent no progress) reads the row once, as before. Every other end already
+read the row. Heartbeats write nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Final
 
 from leasesched.errors import Unavailable
@@ -41,6 +47,20 @@ LOG_EVERY_S: Final = 10.0  # at most one warning per this many seconds per proce
 # schedule_to_close that passed while it ran: these attempts ended TIMED_OUT,
 # not FAILED.
 TIMEOUT_ERROR_TYPES: Final = frozenset({"StartToCloseTimeout", "DeadlineExceeded"})
+
+# Claims remembered per process for their completions (``ClaimedAttempt``):
+# ~200 bytes each, so at most ~10 MB; more than a TaskUpdater has running.
+CLAIM_MEMORY: Final = 50_000
+
+
+@dataclass(frozen=True)
+class ClaimedAttempt:
+    """What an attempt's end entry needs from its claim, remembered by the
+    process that claimed it (the completion then needs no read of the row)."""
+
+    started_at: int
+    attempt: int
+    worker_id: str
 
 
 def failure_outcome(error_type: str) -> AttemptOutcome:
@@ -70,9 +90,15 @@ class AttemptHistory:
         self.trim_every = max(1, max_entries // 10)
         self._last_log = 0.0
         self._unlogged = 0
+        self._claimed: OrderedDict[tuple[uuid.UUID, int], ClaimedAttempt] = OrderedDict()
 
     async def started(self, task: Task) -> None:
         """The claim of ``task`` (as it is after the claim) applied."""
+        self._claimed[(task.task_id, task.lease_token)] = ClaimedAttempt(
+            task.started_at or 0, task.attempt, task.lease_owner or ""
+        )
+        if len(self._claimed) > CLAIM_MEMORY:
+            self._claimed.popitem(last=False)
         entry = HistoryEntry(
             task_id=task.task_id,
             kind=HistoryKind.ATTEMPT,
@@ -95,6 +121,7 @@ class AttemptHistory:
     ) -> None:
         """The attempt ``task`` runs (as read before its end: its token, claim
         time, worker, last progress) ended with ``outcome`` at ``ended_at``."""
+        self._claimed.pop((task.task_id, task.lease_token), None)
         if task.started_at is None:
             return  # never claimed (a row from before started_at was written): no entry to end
         entry = HistoryEntry(
@@ -112,6 +139,33 @@ class AttemptHistory:
             progress_message=task.progress_message,
         )
         await self._write(entry)
+
+    async def succeeded_as_claimed(
+        self, task_id: uuid.UUID, token: int, ended_at: int, progress_message: str | None
+    ) -> bool:
+        """The SUCCEEDED entry of attempt ``token`` from this process's memory
+        of its claim and the worker's last ``progress_message``, without
+        reading the row (percent 100, as the completion writes in the row).
+        False, with nothing written, when either is missing: the caller reads
+        the row and calls ``ended``."""
+        claimed = self._claimed.pop((task_id, token), None)
+        if claimed is None or progress_message is None:
+            return False
+        await self._write(
+            HistoryEntry(
+                task_id=task_id,
+                kind=HistoryKind.ATTEMPT,
+                started_at=claimed.started_at,
+                attempt=claimed.attempt,
+                lease_token=token,
+                worker_id=claimed.worker_id,
+                ended_at=ended_at,
+                outcome=AttemptOutcome.SUCCEEDED,
+                progress_percent=100.0,
+                progress_message=progress_message,
+            )
+        )
+        return True
 
     async def operated(self, task: Task, operation: Operation, operator: str, reason: str, at: int) -> None:
         """An operator's ``operation`` applied; ``task`` as it is after it."""

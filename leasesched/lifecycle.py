@@ -367,12 +367,22 @@ class Lifecycle:
             return HeartbeatAck(expires_at, cancel_requested=task.cancel_requested)
         raise FailedPrecondition(f"lease lost: task {task_id} no longer runs under token {token}")
 
-    async def complete(self, task_id: uuid.UUID, token: int, result: bytes, namespace: str | None = None) -> TaskStatus:
+    async def complete(
+        self,
+        task_id: uuid.UUID,
+        token: int,
+        result: bytes,
+        namespace: str | None = None,
+        progress_message: str | None = None,
+    ) -> TaskStatus:
+        """RUNNING → SUCCEEDED under lease ``token``. ``progress_message``:
+        the attempt's last progress message as the worker reports it with the
+        completion, for the history entry (None: read from the row)."""
         now = now_ms()
         change = TaskChange.complete(TaskStatus.RUNNING, result, now)
         outcome = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token, namespace=namespace), change)
         if outcome.applied:
-            await asyncio.gather(self._release_slots(task_id, token), self._record_success(task_id, token, now))
+            await asyncio.gather(self._release_slots(task_id, token), self._record_success(task_id, token, now, progress_message))
             return TaskStatus.SUCCEEDED
         if namespace is not None and outcome.exists and outcome.current_namespace != namespace:
             raise PermissionDenied(f"task {task_id} is not in namespace {namespace!r} or does not exist")
@@ -765,11 +775,15 @@ class Lifecycle:
         error = "" if change.error is UNSET else change.error
         await self.history.ended(task, outcome, now, error_type, error)
 
-    async def _record_success(self, task_id: uuid.UUID, token: int, now: int) -> None:
+    async def _record_success(self, task_id: uuid.UUID, token: int, now: int, progress_message: str | None) -> None:
         """The SUCCEEDED entry of attempt ``token``. A completion is written
-        without reading the task, so this reads the row once (plain read):
-        the claim time keys the entry, and worker, attempt and the last
-        progress come from it. Never raises: the completion stands."""
+        without reading the task: the entry comes from this process's memory
+        of the claim and the worker's ``progress_message`` when it has both, else
+        from one plain read of the row (the claim time keys the entry, and
+        worker, attempt and the last progress come from it). Never raises:
+        the completion stands."""
+        if await self.history.succeeded_as_claimed(task_id, token, now, progress_message):
+            return
         try:
             task = await self.store.get_task(task_id)
         except Exception as exc:  # noqa: BLE001 - history never fails a report (leasesched/attempt_history.py)

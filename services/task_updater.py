@@ -46,6 +46,14 @@ Reply = TypeVar("Reply")
 TYPE_CACHE_SIZE = 50_000
 
 
+def _check_progress(progress: pb.Progress) -> tuple[float, str]:
+    """A reported progress within ``limits``: (percent, message)."""
+    percent = float(limits.PROGRESS_PERCENT.check(progress.percent))
+    if len(progress.message) > limits.MAX_PROGRESS_MESSAGE:
+        raise InvalidArgument(f"progress.message is {len(progress.message)} characters, over the limit of {limits.MAX_PROGRESS_MESSAGE}")
+    return percent, progress.message
+
+
 def _check_token(token: int) -> int:
     """Only ClaimTask hands out tokens, and they are positive: anything else is forged."""
     return int(limits.LEASE_TOKEN.check(token, "lease_token"))
@@ -123,15 +131,11 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         task_id = check_task_id(request.task_id)
         token = _check_token(request.lease_token)
-        percent = float(limits.PROGRESS_PERCENT.check(request.progress.percent))
-        if len(request.progress.message) > limits.MAX_PROGRESS_MESSAGE:
-            raise InvalidArgument(
-                f"progress.message is {len(request.progress.message)} characters, over the limit of {limits.MAX_PROGRESS_MESSAGE}"
-            )
+        percent, message = _check_progress(request.progress)
         if request.worker_id:  # optional here: the lease token alone proves the lease
             check_worker_id(request.worker_id)
         with hiding_missing(task_id):
-            ack = await self._lifecycle.heartbeat(task_id, token, percent, request.progress.message, namespace=caller_namespace())
+            ack = await self._lifecycle.heartbeat(task_id, token, percent, message, namespace=caller_namespace())
         return pb.HeartbeatResponse(lease_expires_at=ts(ack.expires_at), cancel_requested=ack.cancel_requested)
 
     async def _complete(self, request: pb.CompleteTaskRequest) -> pb.CompleteTaskResponse:
@@ -139,8 +143,11 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
         token = _check_token(request.lease_token)
         if len(request.result) > self._cfg.max_result_bytes:
             raise InvalidArgument(f"result is {len(request.result)} bytes, over the limit of {self._cfg.max_result_bytes}")
+        message = _check_progress(request.progress)[1] if request.HasField("progress") else None
         with hiding_missing(task_id):
-            status = await self._lifecycle.complete(task_id, token, request.result, namespace=caller_namespace())
+            status = await self._lifecycle.complete(
+                task_id, token, request.result, namespace=caller_namespace(), progress_message=message
+            )
         log.info(
             "task %s completed under token %d", task_id, request.lease_token,
             extra=fields(task_id=str(task_id), lease_token=request.lease_token, lease_event="reported"),

@@ -414,6 +414,10 @@ class Execution:
             return
         if outcome.kind == Kind.OK:
             request: Any = pb.CompleteTaskRequest(task_id=self.task_id, lease_token=self.token, result=outcome.result)
+            if self.ctx is not None:  # the attempt's history entry takes it, without a read of the task
+                request.progress.SetInParent()  # sent even as 0 and "": "no progress reported"
+                request.progress.percent = self.ctx.progress_percent
+                request.progress.message = self.ctx.progress_message
             method = "CompleteTask"
         else:
             request = pb.FailTaskRequest(

@@ -85,6 +85,39 @@ async def test_a_completion_overwrites_it_with_succeeded_and_the_last_progress(l
     assert entry.started_at == lease.task.started_at
 
 
+async def test_a_completion_with_the_workers_progress_reads_nothing_and_writes_the_same_entry(store: MemoryStore) -> None:
+    """Issue 17: the process that granted the claim remembers it, the worker
+    sends its last progress message, so the completion's entry needs no read
+    of the row; another process (no memory of the claim) reads it, and both
+    write the same entry."""
+    claimer, elsewhere = Lifecycle(store), Lifecycle(store)
+    reads: list[uuid.UUID] = []
+    get_task = store.get_task
+
+    async def counting_get_task(task_id: uuid.UUID, *args: Any, **kw: Any) -> Any:
+        reads.append(task_id)
+        return await get_task(task_id, *args, **kw)
+
+    store.get_task = counting_get_task  # type: ignore[method-assign]
+    entries = []
+    for completer in (claimer, elsewhere):
+        task = (await claimer.schedule(new_task())).task
+        lease = await claimer.claim(task.task_id, "w1", 1)
+        await claimer.heartbeat(task.task_id, lease.token, 40.0, "step 4 of 10")
+        reads.clear()
+        assert await completer.complete(task.task_id, lease.token, b"ok", progress_message="step 4 of 10") == TaskStatus.SUCCEEDED
+        assert reads == ([] if completer is claimer else [task.task_id])
+        [entry] = await attempts(claimer, task.task_id)
+        entries.append(entry)
+        assert (entry.outcome, entry.worker_id, entry.attempt, entry.lease_token) == (O.SUCCEEDED, "w1", 1, lease.token)
+        assert (entry.started_at, entry.progress_percent, entry.progress_message) == (lease.task.started_at, 100.0, "step 4 of 10")
+    task = (await claimer.schedule(new_task())).task
+    lease = await claimer.claim(task.task_id, "w1", 1)
+    reads.clear()
+    await claimer.complete(task.task_id, lease.token, b"ok")  # no progress sent (an older worker): read the row
+    assert reads == [task.task_id]
+
+
 async def test_failures_then_success_are_three_attempts(life: Lifecycle) -> None:
     policy = RetryPolicy(initial_interval_ms=1, maximum_attempts=3)
     task = (await life.schedule(new_task(retry=policy))).task

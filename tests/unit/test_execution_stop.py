@@ -160,3 +160,19 @@ async def test_a_claim_answered_too_late_is_given_back_at_once(harness: Harness)
     assert method == "FailTask" and request.released and request.lease_token == 9
     assert execution.outcome == "late_claim" and not ran.is_set()
     assert execution.handler_done.done(), "the slot is free again"
+
+
+async def test_a_completion_carries_the_last_progress_for_the_history(harness: Harness) -> None:
+    """Issue 17: the TaskUpdater that granted the claim writes the attempt's
+    history entry from it without reading the task; a handler that reported
+    nothing still sends the (empty) progress, so it is never read either."""
+    async def progressing(ctx: TaskContext) -> str:
+        ctx.report_progress(60, "uploaded 3 of 5")
+        return "done"
+
+    for handler, expected in ((progressing, "uploaded 3 of 5"), (lambda ctx: "done", "")):
+        updater = FakeUpdater(lease_s=5.0)
+        execution = harness.execution(handler, updater, mode="async" if handler is progressing else "thread")
+        await execution.run()
+        (_, method, request), = updater.reports()
+        assert method == "CompleteTask" and request.HasField("progress") and request.progress.message == expected
