@@ -562,13 +562,19 @@ class CassandraStore:
         params = [cols[c] for c in _task_columns_names()]
         if new_id:
             # See the module docstring: a plain insert, older than any change.
-            await self._run_plain("create_task", params)
-            applied = True
-        else:
-            row = await self._run_cas("insert_task", params, task.task_id, write_id)
-            if row is _NOT_APPLIED_UNKNOWN:
-                raise StoreUnavailable("Cassandra did not apply the task insert; nothing was written")
-            applied = row is None or row.applied
+            # The listing entry at the same time (issue 17: one write's wait
+            # less per ScheduleTask): listing skips an entry whose row it cannot
+            # find (``_list_tasks``), so the order of the two does not matter.
+            writes = [self._run_plain("create_task", params)]
+            if task.namespace:
+                day = task.created_at // DAY_MS
+                writes.append(self._run_plain("index_ns", (task.namespace, day, task.created_at, task.task_id)))
+            await asyncio.gather(*writes)
+            return True
+        row = await self._run_cas("insert_task", params, task.task_id, write_id)
+        if row is _NOT_APPLIED_UNKNOWN:
+            raise StoreUnavailable("Cassandra did not apply the task insert; nothing was written")
+        applied = row is None or row.applied
         created_at: int | None = task.created_at
         namespace: str | None = task.namespace
         if not applied:
