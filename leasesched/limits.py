@@ -104,6 +104,8 @@ PROGRESS_PERCENT = Bound("progress.percent", 0.0, 100.0, "", "a percentage")
 WORKER_SLOTS = Bound("slots", 0, 100_000, "", "free slots a worker grants a trigger")
 SUBSCRIBE_TASK_TYPES = Bound("task_types", 1, 256, "entries", "types one Subscribe stream serves")
 TASK_IDS_PER_MESSAGE = Bound("task ids per message", 0, 10_000, "entries", "one stream message stays small")
+# ScheduleTasks (issue 17): one call is a bounded amount of work and answer.
+SCHEDULE_BATCH = Bound("tasks", 1, 500, "entries", "one ScheduleTasks call stays a bounded amount of work")
 
 # ---------------------------------------------------------------- periodic schedules (schedule_spec.py)
 
@@ -181,6 +183,7 @@ ALL_BOUNDS: tuple[Bound, ...] = (
     WORKER_SLOTS,
     SUBSCRIBE_TASK_TYPES,
     TASK_IDS_PER_MESSAGE,
+    SCHEDULE_BATCH,
     SCHEDULE_EVERY,
     SCHEDULE_JITTER,
     SCHEDULE_TIME,
