@@ -6,12 +6,14 @@ interceptor's per-task charge and weighted concurrency share."""
 from __future__ import annotations
 
 import asyncio
+from concurrent import futures
 from typing import Any
 
 import grpc
 import pytest
 
 from leasesched.auth import Principal, current_principal
+from leasesched.client import AsyncClient, Client, InvalidArgumentError, NewTask
 from leasesched.config import Config
 from leasesched.errors import InvalidArgument
 from leasesched.lifecycle import Lifecycle, Scheduled
@@ -19,8 +21,11 @@ from leasesched.model import Task
 from leasesched.server.auth_interceptor import roles_for
 from leasesched.store.memory import MemoryStore
 from leasesched.v1 import scheduler_pb2 as pb
+from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.rate_limit import BATCH_IN_FLIGHT, BATCH_METHOD, ConcurrencyShare, QuotaInterceptor, Quotas
 from services.task_service import TaskService
+from tests.unit.served import served
+from tests.unit.test_client import FAST
 from tests.unit.test_rate_limit import Aborted, Clock, FakeContext, refused
 
 Code = grpc.StatusCode
@@ -186,3 +191,71 @@ async def test_a_batch_holds_a_slot_per_task_in_progress_cut_to_the_share() -> N
     assert small.try_acquire("k") is not None
     small.release("k", weight)
     assert small.held("k") == 0 and small.in_progress == 0
+
+
+# --------------------------------------------------------------- the client
+
+
+def test_client_schedule_many_gives_a_typed_result_per_task() -> None:
+    service, store = setup(Config(max_payload_bytes=10))
+    with served(pb_grpc.add_TaskServiceServicer_to_server, service, "leasesched.v1.TaskService") as target:
+        with Client(target, config=Config(), namespace="ns") as client:
+            tasks = [NewTask("t"), NewTask("9bad"), NewTask("t", idempotency_key="k"), NewTask("t", idempotency_key="k")]
+            results = client.schedule_many(tasks)
+            many = client.schedule_many([NewTask("t", b"%d" % i) for i in range(501)])  # two calls: 500 + 1
+    assert [r.ok for r in results] == [True, False, True, True]
+    assert results[1].code == Code.INVALID_ARGUMENT and results[1].message.startswith("tasks[1]: type '9bad'")
+    assert isinstance(results[1].error, InvalidArgumentError) and results[0].error is None
+    assert results[2].task_id == results[3].task_id and results[2].created and not results[3].created
+    assert results[0].run_at is not None
+    assert all(r.ok for r in many) and len({r.task_id for r in many}) == 501 and len(store.tasks) == 2 + 501
+
+
+class OnceBusy(pb_grpc.TaskServiceServicer):
+    """Answers the first call's tasks of type "busy" RESOURCE_EXHAUSTED, later ones OK."""
+
+    def __init__(self) -> None:
+        self.calls: list[pb.ScheduleTasksRequest] = []
+
+    def ScheduleTasks(self, request: pb.ScheduleTasksRequest, context: Any) -> pb.ScheduleTasksResponse:
+        self.calls.append(request)
+        reply = pb.ScheduleTasksResponse()
+        for index, task in enumerate(request.tasks):
+            result = reply.results.add()
+            if task.task.type == "busy" and len(self.calls) == 1:
+                result.error.code, result.error.message = Code.RESOURCE_EXHAUSTED.value[0], f"tasks[{index}]: over quota"
+            else:
+                result.scheduled.task_id = task.idempotency_key
+        return reply
+
+
+def test_client_sends_again_the_tasks_that_got_a_retryable_answer() -> None:
+    servicer = OnceBusy()
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_TaskServiceServicer_to_server(servicer, srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    try:
+        with Client(f"127.0.0.1:{port}", config=Config(), call_retry=FAST) as client:
+            results = client.schedule_many([NewTask("a"), NewTask("busy"), NewTask("c")])
+    finally:
+        srv.stop(0)
+    assert [r.ok for r in results] == [True, True, True]
+    assert len(servicer.calls) == 2 and [t.task.type for t in servicer.calls[1].tasks] == ["busy"]
+    assert servicer.calls[1].tasks[0] == servicer.calls[0].tasks[1]  # the same request, key included
+    assert results[1].task_id == servicer.calls[0].tasks[1].idempotency_key
+
+
+async def test_async_client_schedule_many() -> None:
+    servicer = OnceBusy()
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_TaskServiceServicer_to_server(servicer, srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}", config=Config(), call_retry=FAST) as client:
+            results = await client.schedule_many([NewTask("busy"), NewTask("b", namespace="other")])
+    finally:
+        srv.stop(0)
+    assert [r.ok for r in results] == [True, True] and len(servicer.calls) == 2
+    assert [t.task.namespace for t in servicer.calls[0].tasks] == ["default", "other"]
