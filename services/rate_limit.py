@@ -93,7 +93,7 @@ GROUP_OF_METHOD: dict[str, str] = {
 # A page of n rows costs by its size (``list_cost``): each row is a read.
 # CountTasks has no page size: it costs what a default page (100 rows) does.
 LIST_METHODS = (LIST_METHOD, COUNT_METHOD, SCHEDULES_PREFIX + "ListSchedules", GATES_PREFIX + "ListGates", LIMITS_PREFIX + "ListLimits")
-GROUP_METHODS = {WRITE: "ScheduleTask(s)/CancelTask/schedule changes", READ: "PollTask/ListTasks/schedule reads"}
+GROUP_METHODS = {WRITE: "ScheduleTask/CancelTask/schedule changes", READ: "PollTask/ListTasks/schedule reads"}
 
 MAX_BUCKETS = 100_000
 # A ListTasks page of n rows costs ceil(n / 10) read tokens (a poll reads one
