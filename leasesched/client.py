@@ -49,6 +49,7 @@ import dataclasses
 import datetime as dt
 import enum
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -61,6 +62,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from leasesched import limits
 from leasesched.concurrency import LimitScope
 from leasesched.config import Config
 from leasesched.history import AttemptOutcome, HistoryKind, Operation
@@ -79,12 +81,14 @@ __all__ = [
     "InvalidArgumentError",
     "LimitInfo",
     "LimitScope",
+    "NewTask",
     "NotFoundError",
     "Overlap",
     "PermissionDeniedError",
     "Progress",
     "RetryPolicy",
     "ScheduleDefinition",
+    "ScheduleResult",
     "ScheduleRun",
     "ScheduleView",
     "SkippedSlots",
@@ -768,6 +772,86 @@ class BulkResult:
     stopped_at_time_limit: bool = False  # the call's time ran out first: call again for the rest
 
 
+@dataclass(frozen=True)
+class NewTask:
+    """One task of ``schedule_many``: the arguments of ``schedule``, as a value.
+
+    ``namespace`` None: the client's. ``idempotency_key`` None: a random one,
+    drawn once, so a resent call finds the tasks its first attempt created."""
+
+    type: str
+    payload: bytes = b""
+    namespace: str | None = None
+    run_at: dt.datetime | None = None
+    delay: dt.timedelta | None = None
+    priority: int | None = None
+    retry_policy: RetryPolicy | None = None
+    timeouts: Timeouts | None = None
+    lease_duration: dt.timedelta | None = None
+    idempotency_key: str | None = None
+    concurrency_key: str = ""
+    gate: str = ""
+
+    def to_pb(self, namespace: str) -> pb.ScheduleTaskRequest:
+        """The request for this task (``namespace``: the client's, unless the task names one)."""
+        return schedule_request(
+            self.type, self.payload, namespace=self.namespace or namespace, run_at=self.run_at, delay=self.delay,
+            priority=self.priority, retry_policy=self.retry_policy, timeouts=self.timeouts,
+            lease_duration=self.lease_duration, idempotency_key=self.idempotency_key,
+            concurrency_key=self.concurrency_key, gate=self.gate,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ScheduleResult:
+    """One task's answer from ``schedule_many``: its id (``created`` False when
+    its idempotency key found an existing task), or the status ``code`` and
+    ``message`` ScheduleTask would have refused it with (the message names the
+    task's place in its call and the field: "tasks[3]: type '' is ...")."""
+
+    task_id: str = ""
+    created: bool = False
+    run_at: dt.datetime | None = None
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code == grpc.StatusCode.OK
+
+    @property
+    def error(self) -> ClientError | None:
+        """The typed exception ``schedule`` would have raised for this task; None when scheduled."""
+        return None if self.ok else _ERROR_CLASSES.get(self.code, ClientError)(self.code, self.message)
+
+    @classmethod
+    def from_pb(cls, result: pb.ScheduleTaskResult) -> "ScheduleResult":
+        if result.WhichOneof("result") == "scheduled":
+            reply = result.scheduled
+            return cls(reply.task_id, reply.created, _datetime(reply, "run_at"))
+        code = _STATUS_BY_NUMBER.get(result.error.code, grpc.StatusCode.UNKNOWN)
+        return cls(code=code, message=result.error.message)
+
+
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _batches(indexes: Sequence[int]) -> Iterator[Sequence[int]]:
+    """``indexes`` in calls of at most the server's ScheduleTasks limit (500)."""
+    size = int(limits.SCHEDULE_BATCH.high)
+    for start in range(0, len(indexes), size):
+        yield indexes[start : start + size]
+
+
+def _retry_pauses(retry: CallRetry) -> Iterator[float]:
+    """The pauses before sending again the tasks of ``schedule_many`` that met
+    a retryable answer (their quota, an outage): as ``CallRetry`` paces a call."""
+    step, cap = retry.initial_backoff.total_seconds(), retry.max_backoff.total_seconds()
+    while True:
+        yield random.uniform(0, step)
+        step = min(step * 2, cap)
+
+
 class ClientError(Exception):
     """TaskService refused a call (or could not be reached within the retry budget).
 
@@ -1180,6 +1264,35 @@ class Client:
         )  # fmt: skip
         reply: pb.ScheduleTaskResponse = self._call(self._stub.ScheduleTask, request)
         return str(reply.task_id)
+
+    def schedule_many(self, tasks: Sequence[NewTask]) -> list[ScheduleResult]:
+        """Schedule many tasks in few calls (ScheduleTasks, up to 500 tasks a
+        call); one result per task, in order: its id, or why it was refused.
+
+        Each task is independent, as if scheduled alone: a refused task does
+        not stop the others, and nothing is raised for it (look at ``ok``,
+        ``code``, ``message``, or raise ``error``). Every task carries an
+        idempotency key (drawn once when ``NewTask`` has none), so whole calls
+        that meet a server going away are sent again, and so are the tasks
+        that got a retryable answer (over the namespace's quota, UNAVAILABLE),
+        within ``call_retry``'s budget; a task's last answer is its result. A
+        call refused whole (bad token, a store that stays down) raises its
+        ``ClientError``."""
+        requests = [task.to_pb(self.namespace) for task in tasks]
+        results = [ScheduleResult(code=grpc.StatusCode.UNKNOWN)] * len(requests)
+        pending: Sequence[int] = range(len(requests))
+        deadline, pauses = time.monotonic() + self.call_retry.max_elapsed.total_seconds(), _retry_pauses(self.call_retry)
+        while True:
+            for batch in _batches(pending):
+                call = pb.ScheduleTasksRequest(tasks=[requests[i] for i in batch])
+                reply: pb.ScheduleTasksResponse = self._call(self._stub.ScheduleTasks, call, deadline)
+                for index, result in zip(batch, reply.results):
+                    results[index] = ScheduleResult.from_pb(result)
+            pending = [i for i in pending if results[i].code in self.call_retry.codes]
+            pause = next(pauses)
+            if not pending or time.monotonic() + pause >= deadline:
+                return results
+            time.sleep(pause)
 
     def poll(self, task_id: str, *, include_payload: bool = False) -> TaskView:
         """The task's current state (status, attempt, progress, result, error, ...);
@@ -1704,6 +1817,24 @@ class AsyncClient:
         )  # fmt: skip
         reply: pb.ScheduleTaskResponse = await self._call(self._stub.ScheduleTask, request)
         return str(reply.task_id)
+
+    async def schedule_many(self, tasks: Sequence[NewTask]) -> list[ScheduleResult]:
+        """See ``Client.schedule_many``."""
+        requests = [task.to_pb(self.namespace) for task in tasks]
+        results = [ScheduleResult(code=grpc.StatusCode.UNKNOWN)] * len(requests)
+        pending: Sequence[int] = range(len(requests))
+        deadline, pauses = time.monotonic() + self.call_retry.max_elapsed.total_seconds(), _retry_pauses(self.call_retry)
+        while True:
+            for batch in _batches(pending):
+                call = pb.ScheduleTasksRequest(tasks=[requests[i] for i in batch])
+                reply: pb.ScheduleTasksResponse = await self._call(self._stub.ScheduleTasks, call, deadline)
+                for index, result in zip(batch, reply.results):
+                    results[index] = ScheduleResult.from_pb(result)
+            pending = [i for i in pending if results[i].code in self.call_retry.codes]
+            pause = next(pauses)
+            if not pending or time.monotonic() + pause >= deadline:
+                return results
+            await asyncio.sleep(pause)
 
     async def poll(self, task_id: str) -> TaskView:
         """See ``Client.poll``."""

@@ -105,6 +105,8 @@ WORKER_SLOTS = Bound("slots", 0, 100_000, "", "free slots a worker grants a trig
 SUBSCRIBE_TASK_TYPES = Bound("task_types", 1, 256, "entries", "types one Subscribe stream serves")
 TASK_IDS_PER_MESSAGE = Bound("task ids per message", 0, 10_000, "entries", "one stream message stays small")
 BATCH_ITEMS = Bound("items per batch call", 1, 256, "entries", "one batch call (ClaimTasks, CompleteTasks, NotifyDueBatch) stays small")
+# ScheduleTasks (issue 17): one call is a bounded amount of work and answer.
+SCHEDULE_BATCH = Bound("tasks", 1, 500, "entries", "one ScheduleTasks call stays a bounded amount of work")
 
 # ---------------------------------------------------------------- periodic schedules (schedule_spec.py)
 
@@ -183,6 +185,7 @@ ALL_BOUNDS: tuple[Bound, ...] = (
     SUBSCRIBE_TASK_TYPES,
     TASK_IDS_PER_MESSAGE,
     BATCH_ITEMS,
+    SCHEDULE_BATCH,
     SCHEDULE_EVERY,
     SCHEDULE_JITTER,
     SCHEDULE_TIME,

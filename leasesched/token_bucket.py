@@ -24,3 +24,12 @@ class TokenBucket:
             self.tokens -= cost
             return 0.0
         return (cost - self.tokens) / self.rate
+
+    def take_up_to(self, now: float, count: int) -> int:
+        """Up to ``count`` tokens of 1, as many as there are: how many were taken
+        (a ScheduleTasks call is charged one per task, so a partly full bucket
+        admits the first tasks, not none of them)."""
+        self.take(now, 0.0)  # brings the bucket up to ``now``
+        taken = max(0, min(count, int(self.tokens)))
+        self.tokens -= taken
+        return taken

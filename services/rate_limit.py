@@ -6,13 +6,23 @@ fills it and every other namespace gets RESOURCE_EXHAUSTED. So each caller
 (see ``caller_of``) gets, per server process:
 
 * a **write** token bucket (ScheduleTask, CancelTask: 1 token each;
-  ``schedule_rate_per_namespace`` / ``schedule_burst``);
+  ScheduleTasks: 1 token per task, see below; ``schedule_rate_per_namespace``
+  / ``schedule_burst``);
 * a **read** token bucket (PollTask: 1 token; ListTasks: 1 token per
   ``LIST_ROWS_PER_TOKEN`` rows of the page it asks for;
   ``poll_rate_per_namespace`` / ``poll_burst``);
 * a **share of the concurrency cap**: at most ``namespace_max_concurrent_rpcs``
   of its calls in a handler at once, out of ``task_service_max_concurrent_rpcs``
   for everyone (counted here too, so that refused calls hold no slot).
+
+A ScheduleTasks call (issue 17) is counted by its work, as that many
+ScheduleTask calls would be: it takes one write token per task, in request
+order, and the tasks past what the bucket holds get RESOURCE_EXHAUSTED in
+their own results (the call is refused whole only when not even its first
+task fits); it holds ``batch_weight`` slots of the concurrency share and cap,
+as many as it has tasks in progress at once (at most ``BATCH_IN_FLIGHT``),
+so a batch can neither slip past the cap nor be refused for ever by a share
+smaller than its weight (the weight is cut to the share).
 
 A call over any of them is refused at once with RESOURCE_EXHAUSTED, before
 anything is read or written; the message names the caller, the method group
@@ -33,13 +43,20 @@ from typing import Any, Callable, NoReturn
 
 import grpc
 
+from leasesched import limits
 from leasesched.auth import current_principal
 from leasesched.config import Config
 from leasesched.token_bucket import TokenBucket
 from leasesched.server.unary_interceptor import Behavior, UnaryInterceptor
+from leasesched.v1 import scheduler_pb2 as pb
 
 SERVICE_PREFIX = "/leasesched.v1.TaskService/"
 SCHEDULE_METHOD = SERVICE_PREFIX + "ScheduleTask"
+BATCH_METHOD = SERVICE_PREFIX + "ScheduleTasks"
+# Tasks of one ScheduleTasks call in progress at once (services/task_service.py):
+# enough to overlap Cassandra round trips, few enough that one call does not
+# flood it; the call holds as many concurrency slots.
+BATCH_IN_FLIGHT = 16
 CANCEL_METHOD = SERVICE_PREFIX + "CancelTask"
 POLL_METHOD = SERVICE_PREFIX + "PollTask"
 LIST_METHOD = SERVICE_PREFIX + "ListTasks"
@@ -52,6 +69,7 @@ GATES_PREFIX = "/leasesched.v1.GateService/"
 LIMITS_PREFIX = "/leasesched.v1.LimitService/"
 GROUP_OF_METHOD: dict[str, str] = {
     SCHEDULE_METHOD: WRITE,
+    BATCH_METHOD: WRITE,  # one token per task (``admit_tasks``)
     CANCEL_METHOD: WRITE,
     POLL_METHOD: READ,
     LIST_METHOD: READ,
@@ -109,12 +127,23 @@ class RateLimiter:
         call could never pass, however long the caller waited."""
         cost = min(cost, self.burst)
         now = self._clock()
+        return self._bucket(key, now).take(now, cost)
+
+    def take_up_to(self, key: str, count: int) -> tuple[int, float]:
+        """Up to ``count`` charges of 1 token, in order: how many were taken and,
+        when fewer than ``count``, the seconds until the next token (else 0.0)."""
+        now = self._clock()
+        bucket = self._bucket(key, now)
+        taken = bucket.take_up_to(now, count)
+        return taken, (0.0 if taken == count else bucket.take(now, 1.0))
+
+    def _bucket(self, key: str, now: float) -> TokenBucket:
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= MAX_BUCKETS:
                 self._buckets.clear()  # bounded memory; a reset only ever lets more through
             bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, self.burst, now)
-        return bucket.take(now, cost)
+        return bucket
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -137,25 +166,34 @@ class ConcurrencyShare:
         self._held: dict[str, int] = {}
         self._in_progress = 0
 
-    def try_acquire(self, key: str | None) -> str | None:
-        """None when a slot was taken, else which limit is full: ``SHARE`` or ``PROCESS``.
+    def weight(self, key: str | None, slots: int) -> int:
+        """``slots`` cut to what this key could ever hold (its share, the total):
+        a call heavier than a whole share must still pass when the share is free."""
+        for bound in (self.per_key if key is not None else 0, self.total):
+            if bound:
+                slots = min(slots, bound)
+        return max(1, slots)
+
+    def try_acquire(self, key: str | None, weight: int = 1) -> str | None:
+        """None when ``weight`` slots (see ``weight``) were taken, else which
+        limit is full: ``SHARE`` or ``PROCESS``.
 
         ``key`` None (an admin) is bound only by the total."""
         held = self._held.get(key, 0) if key is not None else 0
-        if key is not None and self.per_key and held >= self.per_key:
+        if key is not None and self.per_key and held + weight > self.per_key:
             return SHARE
-        if self.total and self._in_progress >= self.total:
+        if self.total and self._in_progress + weight > self.total:
             return PROCESS
         if key is not None:
-            self._held[key] = held + 1
-        self._in_progress += 1
+            self._held[key] = held + weight
+        self._in_progress += weight
         return None
 
-    def release(self, key: str | None) -> None:
-        self._in_progress -= 1
+    def release(self, key: str | None, weight: int = 1) -> None:
+        self._in_progress -= weight
         if key is None:
             return
-        held = self._held.get(key, 0) - 1
+        held = self._held.get(key, 0) - weight
         if held > 0:
             self._held[key] = held
         else:
@@ -205,6 +243,26 @@ def caller_of(context: grpc.aio.ServicerContext) -> Caller | None:
     if principal.admin:
         return None
     return Caller(f"namespace:{principal.namespace}", f"namespace {principal.namespace!r}")
+
+
+def batch_size(request: Any) -> int:
+    """The tasks of a ScheduleTasks request; 0 for one that did not parse."""
+    tasks = getattr(request, "tasks", None)
+    return len(tasks) if tasks is not None else 0
+
+
+def batch_weight(request: Any) -> int:
+    """Concurrency slots a call holds: 1, or for ScheduleTasks the tasks it has in progress at once."""
+    return max(1, min(batch_size(request), BATCH_IN_FLIGHT))
+
+
+def over_quota_results(reply: pb.ScheduleTasksResponse, first: int, count: int, message: str) -> pb.ScheduleTasksResponse:
+    """``reply`` (the answers to tasks ``[0, first)``) with RESOURCE_EXHAUSTED
+    results for tasks ``first .. count - 1``, which were not admitted."""
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    for index in range(first, count):
+        reply.results.add().error.CopyFrom(pb.ItemError(code=code, message=f"tasks[{index}]: {message}"))
+    return reply
 
 
 def list_cost(request: Any, page_max: int) -> float:
@@ -284,8 +342,10 @@ class QuotaInterceptor(UnaryInterceptor):
         async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
             caller = caller_of(context)
             key = caller.key if caller is not None and caller.fair_share else None  # None: the total only
+            weight = 1
             if share is not None:
-                full = share.try_acquire(key)
+                weight = share.weight(key, batch_weight(request)) if method == BATCH_METHOD else 1
+                full = share.try_acquire(key, weight)
                 if full == SHARE and caller is not None:  # only with a key
                     await refuse(
                         context, CONCURRENCY_RETRY_MS,
@@ -299,6 +359,8 @@ class QuotaInterceptor(UnaryInterceptor):
                         f"this TaskService has {share.total} calls in progress, its limit ({name} from {who})",
                     )  # fmt: skip
             try:
+                if limiter is not None and caller is not None and method == BATCH_METHOD:
+                    return await charged_per_task(limiter, caller, request, context)
                 if limiter is not None and caller is not None:
                     cost = list_cost(request, page_max) if method in LIST_METHODS else 1.0
                     wait = limiter.wait_needed(caller.key, cost)
@@ -311,7 +373,37 @@ class QuotaInterceptor(UnaryInterceptor):
                 return await inner(request, context)
             finally:
                 if share is not None:
-                    share.release(key)
+                    share.release(key, weight)
+
+        async def charged_per_task(
+            limiter: RateLimiter, caller: Caller, request: Any, context: grpc.aio.ServicerContext
+        ) -> Any:
+            """ScheduleTasks: one write token per task, in order; the handler sees
+            only the admitted tasks, the others are answered RESOURCE_EXHAUSTED
+            here. A request the handler refuses whole (no tasks, too many, not a
+            message) costs one token, as a refused ScheduleTask does."""
+            count = batch_size(request)
+            if not limits.SCHEDULE_BATCH.low <= count <= limits.SCHEDULE_BATCH.high:
+                count = 0
+            admitted, wait = limiter.take_up_to(caller.key, max(count, 1))
+            if admitted == 0 or count == 0:
+                if admitted == 0:
+                    await refuse(
+                        context, max(1, math.ceil(wait * 1000)),
+                        f"{caller.label} is over its {group} rate limit ({GROUP_METHODS[group]}: "
+                        f"{limiter.rate:g}/s, burst {limiter.burst:g}; this {name} costs 1 per task)",
+                    )  # fmt: skip
+                return await inner(request, context)
+            if admitted == count:
+                return await inner(request, context)
+            retry_ms = max(1, math.ceil(wait * 1000))
+            reply = await inner(pb.ScheduleTasksRequest(tasks=request.tasks[:admitted]), context)
+            context.set_trailing_metadata((("retry-after-ms", str(retry_ms)),))
+            message = (
+                f"{caller.label} is over its {group} rate limit ({limiter.rate:g}/s, burst {limiter.burst:g}; "
+                f"{admitted} of the {count} tasks fitted); retry after {retry_ms} ms"
+            )
+            return over_quota_results(reply, admitted, count, message)
 
         return limited
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import uuid
@@ -12,11 +13,13 @@ import grpc
 from leasesched.auth import hiding_missing, require_namespace, require_payload_access, require_task_access
 from leasesched.config import Config
 from leasesched.model import Task
-from leasesched.errors import InvalidArgument, Unavailable
+from leasesched import limits
+from leasesched.errors import InvalidArgument, SchedulerError, Unavailable
 from leasesched.lifecycle import Lifecycle
 from leasesched.model import now_ms
 from leasesched.observability import metrics
 from leasesched.observability.logs import fields
+from leasesched.server.error_mapping import item_status
 from leasesched.states import TaskStatus
 from leasesched.store.base import ListQuery, StoreUnavailable
 from leasesched.store.page_token import BadPageToken, decode_token
@@ -26,6 +29,7 @@ from services.convert import history_entry_view, status_from_pb, status_to_pb, t
 from services.gate_service import GateBook
 from services.page_tokens import PageTokens, list_filters
 from services.poll_cache import FinishedTasks
+from services.rate_limit import BATCH_IN_FLIGHT
 from services.slot_use import SlotUse
 from services.waiting_reasons import WaitingReasons
 from leasesched.limits import MAX_STORED_TIME_MS
@@ -112,6 +116,41 @@ class TaskService(pb_grpc.TaskServiceServicer):
         )
 
     async def ScheduleTask(self, request: pb.ScheduleTaskRequest, context: grpc.aio.ServicerContext) -> pb.ScheduleTaskResponse:
+        return await self._schedule(request)
+
+    async def ScheduleTasks(self, request: pb.ScheduleTasksRequest, context: grpc.aio.ServicerContext) -> pb.ScheduleTasksResponse:
+        """Each task through the very path of ScheduleTask (``_schedule``), so
+        validation, the namespace check, idempotency, the gate check and the
+        due hint are the same code; a refusal is the task's own result, never
+        the call's. At most ``BATCH_IN_FLIGHT`` tasks are in progress at once:
+        the call holds that many of the service's concurrency slots
+        (services/rate_limit.py), and one call must not flood Cassandra."""
+        count = len(request.tasks)
+        limits.SCHEDULE_BATCH.check(count)
+        results: list[pb.ScheduleTaskResult] = [pb.ScheduleTaskResult() for _ in range(count)]
+        pending = iter(range(count))
+
+        async def drain() -> None:
+            for index in pending:  # one iterator shared by the workers: each task is taken once
+                await self._schedule_into(results[index], index, request.tasks[index])
+
+        await asyncio.gather(*(drain() for _ in range(min(count, BATCH_IN_FLIGHT))))
+        return pb.ScheduleTasksResponse(results=results)
+
+    async def _schedule_into(self, result: pb.ScheduleTaskResult, index: int, request: pb.ScheduleTaskRequest) -> None:
+        """One task of a ScheduleTasks call: its answer, or the status code and
+        message ScheduleTask would have refused it with, naming the task. An
+        unexpected error is INTERNAL for this task alone (logged, as the error
+        mapping does for a whole call), so the others still get their answers."""
+        try:
+            result.scheduled.CopyFrom(await self._schedule(request))
+        except Exception as exc:  # noqa: BLE001 - this task's own answer, as for any batch item
+            code, message = item_status(exc, f"ScheduleTasks tasks[{index}]")
+            result.error.code, result.error.message = code.value[0], f"tasks[{index}]: {message}"
+
+    async def _schedule(self, request: pb.ScheduleTaskRequest) -> pb.ScheduleTaskResponse:
+        """One task, for ScheduleTask and for each task of ScheduleTasks: the
+        only copy of the schedule path. Raises a ``SchedulerError`` to refuse."""
         now = now_ms()
         require_namespace(check_namespace(request.task.namespace))
         task = validate_schedule(request, self._cfg, self._shards, now)

@@ -44,6 +44,8 @@ def _range(text: str, kind: type = float) -> tuple:  # "1-10" or "5"
 @click.option("--payload-bytes", type=int, default=256, show_default=True)
 @click.option("--handler-ms", type=float, default=0.0, show_default=True, help="How long the bench handler sleeps.")
 @click.option("--priorities", default="5", show_default=True, help="Priority, or MIN-MAX (uniform), 0-9.")
+@click.option("--schedule-batch", type=click.IntRange(1, 500), default=1, show_default=True,
+              help="Tasks per call: 1 = ScheduleTask per task; N > 1 = the tasks due at each tick in ScheduleTasks calls of up to N.")
 @click.option("--idempotency-keys/--no-idempotency-keys", default=False, show_default=True, help="Send a key with every ScheduleTask (+1 LWT per task).")
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Per-RPC deadline, seconds.")
 @click.option("--max-inflight", type=int, default=2000, show_default=True, help="Per method; beyond it a due request is counted as not sent (CLIENT_BACKLOG).")
@@ -96,7 +98,7 @@ def loadtest(cfg: Config, delay: str, priorities: str, quiet: bool, as_json: boo
         schedule_rate=kw["schedule_rate"], poll_rate=kw["poll_rate"], duration_s=kw["duration"],
         delayed_fraction=kw["delayed_fraction"], delay_min_s=delay_min, delay_max_s=delay_max,
         payload_bytes=kw["payload_bytes"], handler_ms=kw["handler_ms"], priority_min=pmin, priority_max=pmax,
-        idempotency_keys=kw["idempotency_keys"], timeout_s=kw["timeout"], max_inflight=kw["max_inflight"],
+        idempotency_keys=kw["idempotency_keys"], schedule_batch=kw["schedule_batch"], timeout_s=kw["timeout"], max_inflight=kw["max_inflight"],
         channels=kw["channels"], drain_s=kw["drain"], probe_s=kw["probe_seconds"],
         probe_concurrency=kw["probe_concurrency"], profile=list(kw["profile"]), progress=not quiet,
         local=kw["local"], target=kw["target"], ledger=kw["ledger"], triggers=kw["triggers"],

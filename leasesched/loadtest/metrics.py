@@ -61,13 +61,15 @@ class MethodStats:
         self.inflight += 1
         self.send_lag_ms.append((actual - intended) * 1000.0)
 
-    def on_done(self, intended: float, now: float, code: str | None, details: str = "") -> None:
-        """``code`` None: OK; else the gRPC status name. Bucketed by the second the answer came."""
+    def on_done(self, intended: float, now: float, code: str | None, details: str = "", sent: float | None = None) -> None:
+        """``code`` None: OK; else the gRPC status name. Bucketed by the second the answer came.
+        The latency runs from ``intended`` (a late send counts), or from ``sent`` when given (a
+        request of a batch: its wait for the batch is send lag, its latency the call's)."""
         self.inflight -= 1
         bucket = self._per_second[int(now - self.t0)]
         if code is None:
             self.ok += 1
-            latency = (now - intended) * 1000.0
+            latency = (now - (intended if sent is None else sent)) * 1000.0
             self.latencies_ms.append(latency)
             bucket[0] += 1
             bucket[2].append(latency)

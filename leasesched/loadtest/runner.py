@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from leasesched.config import Config
 from leasesched.loadtest import ledger as ledger_mod
-from leasesched.loadtest.arrival import open_loop
+from leasesched.loadtest.arrival import open_loop, open_loop_batches
 from leasesched.loadtest.bench_tasks import BENCH_MODULE, LEDGER_ENV, NAMESPACE, TASK_TYPE, make_payload
 from leasesched.loadtest.cpu import CpuMeter
 from leasesched.loadtest.flow import FlowPlan
@@ -89,6 +89,9 @@ class LoadOptions:
     priority_min: int = 5
     priority_max: int = 5
     idempotency_keys: bool = False
+    # Tasks per ScheduleTasks call: 1 = one ScheduleTask per task (the default); N > 1: the tasks due at each tick
+    # (arrival.open_loop_batches) leave in ScheduleTasks calls of up to N, each task's latency the call's.
+    schedule_batch: int = 1
     timeout_s: float = 10.0  # per-RPC deadline
     max_inflight: int = 2_000  # per method; past it a due request is counted as not sent
     channels: int = 4
@@ -437,6 +440,14 @@ class LoadTest:
         poll = MethodStats("PollTask", t0)
         pending: set[asyncio.Task[None]] = set()
 
+        def accepted(i: int, intended: float, reply: pb.ScheduleTaskResponse, immediate: bool) -> None:
+            self.tasks[reply.task_id] = (to_wall(intended), reply.run_at.ToMilliseconds(), immediate)
+            self.accepted.append(reply.task_id)
+            if groups is not None:
+                self.grouped[reply.task_id] = GroupedTask(reply.task_id, groups.group_of(i), reply.run_at.ToMilliseconds())
+            if gate:
+                self.gated.append(reply.task_id)
+
         async def schedule_one(i: int, intended: float) -> None:
             request, immediate = spec_for(i)
             sched.on_sent(intended, loop.time())
@@ -446,12 +457,29 @@ class LoadTest:
                 sched.on_done(intended, loop.time(), err.code().name, err.details() or "")
                 return
             sched.on_done(intended, loop.time(), None)
-            self.tasks[reply.task_id] = (to_wall(intended), reply.run_at.ToMilliseconds(), immediate)
-            self.accepted.append(reply.task_id)
-            if groups is not None:
-                self.grouped[reply.task_id] = GroupedTask(reply.task_id, groups.group_of(i), reply.run_at.ToMilliseconds())
-            if gate:
-                self.gated.append(reply.task_id)
+            accepted(i, intended, reply, immediate)
+
+        async def schedule_batch(items: list[tuple[int, float]]) -> None:
+            """One ScheduleTasks call for ``items``: each task's latency is the call's
+            (from its send: the wait for the batch to fill is the task's send lag)."""
+            specs = [spec_for(i) for i, _ in items]
+            sent = loop.time()
+            for _, intended in items:
+                sched.on_sent(intended, sent)
+            request = pb.ScheduleTasksRequest(tasks=[r for r, _ in specs])
+            try:
+                reply = await stubs[items[0][0] % len(stubs)].ScheduleTasks(request, timeout=o.timeout_s, metadata=metadata)
+            except grpc.aio.AioRpcError as err:
+                for _, intended in items:
+                    sched.on_done(intended, loop.time(), err.code().name, err.details() or "", sent=sent)
+                return
+            done = loop.time()
+            for (i, intended), (_, immediate), result in zip(items, specs, reply.results):
+                if result.WhichOneof("result") == "scheduled":
+                    sched.on_done(intended, done, None, sent=sent)
+                    accepted(i, intended, result.scheduled, immediate)
+                else:
+                    sched.on_done(intended, done, _code_name(result.error.code), result.error.message, sent=sent)
 
         async def poll_one(i: int, intended: float) -> None:
             task_id = self.accepted[rng.randrange(len(self.accepted))]
@@ -473,8 +501,15 @@ class LoadTest:
         tail = ledger_mod.LedgerTail(self.ledger_path) if self.ledger_path else None
         meter.start(time.monotonic())
         through_drain.start(time.monotonic())
+        if o.schedule_batch > 1:
+            schedules: Awaitable[int] = open_loop_batches(
+                o.schedule_rate, t0, end, o.schedule_batch, schedule_batch, lambda: sched.inflight, o.max_inflight,
+                sched.on_not_sent, pending,
+            )  # fmt: skip
+        else:
+            schedules = open_loop(o.schedule_rate, t0, end, schedule_one, lambda: sched.inflight, o.max_inflight, sched.on_not_sent, pending)
         load = asyncio.gather(
-            open_loop(o.schedule_rate, t0, end, schedule_one, lambda: sched.inflight, o.max_inflight, sched.on_not_sent, pending),
+            schedules,
             open_loop(o.poll_rate, t0, end, poll_one, lambda: poll.inflight, o.max_inflight, poll.on_not_sent, pending),
         )
         progress = asyncio.ensure_future(self._progress(sched, poll, tail, t0, end))
@@ -783,6 +818,11 @@ class LoadTest:
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _code_name(number: int) -> str:
+    """A status code's name from its number (a ScheduleTasks task's error)."""
+    return next((c.name for c in grpc.StatusCode if c.value[0] == number), f"CODE_{number}")
 
 
 def options_dict(opts: LoadOptions) -> dict[str, Any]:

@@ -28,6 +28,8 @@ ROLES_BY_METHOD: tuple[tuple[str, frozenset[str]], ...] = (
     ("/leasesched.v1.TaskService/ListTasks", frozenset({"client", "operator", "admin"})),
     ("/leasesched.v1.TaskService/CountTasks", frozenset({"client", "operator", "admin"})),
     ("/leasesched.v1.TaskService/GetTaskHistory", frozenset({"client", "operator", "admin"})),
+    # Scheduling, one task or many (ScheduleTasks: each task's namespace is checked as ScheduleTask's).
+    ("/leasesched.v1.TaskService/ScheduleTasks", frozenset({"client", "admin"})),
     ("/leasesched.v1.TaskService/", frozenset({"client", "admin"})),
     ("/leasesched.v1.OperatorService/", frozenset({"operator", "admin"})),
     # An operator sees its namespace's schedules, gates and limits (the dashboard shows them).

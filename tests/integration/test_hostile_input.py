@@ -79,6 +79,8 @@ _TASK = _QUOTA | {Code.NOT_FOUND, Code.FAILED_PRECONDITION}  # no such task; not
 ALLOWED: dict[str, frozenset[Code]] = {
     # ALREADY_EXISTS: an idempotency key bound to another request; ABORTED: an insert race it cannot read back.
     "ScheduleTask": _QUOTA | {Code.ALREADY_EXISTS, Code.ABORTED},
+    # The call as a whole (no tasks, too many, a quota); each task's result is held to ScheduleTask's rule.
+    "ScheduleTasks": _QUOTA,
     "PollTask": _QUOTA | {Code.NOT_FOUND},
     # FAILED_PRECONDITION: final already; ABORTED: the task kept changing under the cancel.
     "CancelTask": _TASK | {Code.ABORTED},
@@ -94,7 +96,7 @@ ALLOWED: dict[str, frozenset[Code]] = {
     "Subscribe": _QUOTA,
 }
 SERVICE_OF = {
-    **dict.fromkeys(["ScheduleTask", "PollTask", "CancelTask", "ListTasks", "CountTasks"], "TaskService"),
+    **dict.fromkeys(["ScheduleTask", "ScheduleTasks", "PollTask", "CancelTask", "ListTasks", "CountTasks"], "TaskService"),
     **dict.fromkeys(["ClaimTask", "Heartbeat", "CompleteTask", "FailTask"], "TaskUpdater"),
     **dict.fromkeys(["NotifyDue", "Subscribe"], "TriggerService"),
 }
@@ -1040,6 +1042,27 @@ def test_schedule_requests(batch: Servers, request: pb.ScheduleTaskRequest) -> N
     assert 0 <= view.priority <= 9 and view.status in (pb.SCHEDULED, pb.FAILED) and view.attempt == 1
 
 
+@FEW
+@given(requests=st.lists(schedule_requests(), max_size=6))
+def test_schedule_batches(batch: Servers, requests: list[pb.ScheduleTaskRequest]) -> None:
+    """ScheduleTasks: each task's result is what ScheduleTask would answer (the
+    same rule, the message naming the task), in order; no tasks: refused whole."""
+    now = now_ms()
+    expects = [schedule_expect(r, batch.cfg, now) for r in requests]
+    code, reply = call("ScheduleTasks", batch.tasks.ScheduleTasks, pb.ScheduleTasksRequest(tasks=requests), Expect(["tasks"]) if not requests else Expect())
+    if code != OK:
+        return
+    assert len(reply.results) == len(requests)
+    by_number = {c.value[0]: c for c in Code}
+    for index, (request, expect, result) in enumerate(zip(requests, expects, reply.results)):
+        if result.WhichOneof("result") == "scheduled":
+            check_answer("ScheduleTask", OK, "", expect)
+            CREATED[result.scheduled.task_id] = request.task.namespace
+        else:
+            assert result.error.message.startswith(f"tasks[{index}]: "), result.error.message
+            check_answer("ScheduleTask", by_number[result.error.code], result.error.message, expect)
+
+
 @SETTINGS
 @given(task_id=task_ids, which=st.sampled_from(["PollTask", "CancelTask"]))
 def test_poll_and_cancel(batch: Servers, task_id: str, which: str) -> None:
@@ -1120,7 +1143,7 @@ def test_list_and_count_filters(
 
 @FEW
 @given(
-    method=st.sampled_from(["ScheduleTask", "PollTask", "CancelTask", "ListTasks", "CountTasks"]),
+    method=st.sampled_from(["ScheduleTask", "ScheduleTasks", "PollTask", "CancelTask", "ListTasks", "CountTasks"]),
     data=st.one_of(st.binary(max_size=4096), st.binary(min_size=1, max_size=16).map(lambda b: b * 1000)),
 )
 def test_random_bytes_to_task_service(batch: Servers, method: str, data: bytes) -> None:
@@ -1130,6 +1153,11 @@ def test_random_bytes_to_task_service(batch: Servers, method: str, data: bytes) 
         # Random bytes can be a valid request: the task exists, settle it with the rest.
         parsed = pb.ScheduleTaskRequest.FromString(data)
         CREATED[pb.ScheduleTaskResponse.FromString(reply).task_id] = parsed.task.namespace
+    if method == "ScheduleTasks" and code == OK:
+        tasks = pb.ScheduleTasksRequest.FromString(data).tasks
+        for sent, result in zip(tasks, pb.ScheduleTasksResponse.FromString(reply).results):
+            if result.WhichOneof("result") == "scheduled":
+                CREATED[result.scheduled.task_id] = sent.task.namespace
 
 
 # ---------------------------------------------------------------- afterwards

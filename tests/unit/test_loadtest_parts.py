@@ -235,3 +235,53 @@ def test_conditional_writes_per_task() -> None:
 def test_payload_is_json_padded_to_size() -> None:
     payload = make_payload(12.5, 100)
     assert len(payload) == 100 and json.loads(payload) == {"ms": 12.5}
+
+
+def test_open_loop_batches_sends_what_is_due_in_calls_of_up_to_n() -> None:
+    """ScheduleTasks mode (``--schedule-batch``): every request due exactly once,
+    in order, in calls of at most N that fill at the offered rate, and not
+    waiting for the (slow) answers."""
+    from leasesched.loadtest.arrival import open_loop_batches
+
+    async def run() -> tuple[int, list[list[tuple[int, float]]], float]:
+        loop = asyncio.get_running_loop()
+        calls: list[list[tuple[int, float]]] = []
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def fire(items: list[tuple[int, float]]) -> None:
+            calls.append(items)
+            await asyncio.sleep(1.0)
+
+        t0 = loop.time() + 0.05
+        due = await open_loop_batches(400, t0, t0 + 0.5, 20, fire, lambda: 0, 10_000, lambda r: None, tasks)
+        elapsed = loop.time() - t0
+        await asyncio.sleep(0.01)
+        for t in list(tasks):
+            t.cancel()
+        return due, calls, elapsed
+
+    due, calls, elapsed = asyncio.run(run())
+    assert due == 200 and [i for call in calls for i, _ in call] == list(range(200))
+    assert max(len(c) for c in calls) == 20 and len(calls) <= 15  # 20 a call at 400/s: a call every 50 ms
+    assert elapsed < 1.0
+
+
+def test_open_loop_batches_counts_past_max_inflight_as_not_sent() -> None:
+    from leasesched.loadtest.arrival import open_loop_batches
+
+    async def run() -> tuple[int, int, list[str]]:
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
+        fired: list[int] = []
+        refused: list[str] = []
+
+        async def fire(items: list[tuple[int, float]]) -> None:
+            fired.extend(i for i, _ in items)
+
+        t0 = loop.time()
+        due = await open_loop_batches(1000, t0 - 1.0, t0 + 0.02, 50, fire, lambda: len(fired), 30, refused.append, tasks)
+        await asyncio.sleep(0.01)
+        return due, len(fired), refused
+
+    due, fired, refused = asyncio.run(run())
+    assert fired + len(refused) == due and fired >= 30 and set(refused) == {"CLIENT_BACKLOG"}
