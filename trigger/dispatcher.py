@@ -101,6 +101,10 @@ class Ready:
     # The fair-share group: the task's concurrency key ("" = none) within its namespace.
     group: str = field(default="", compare=False)
     gate: str = field(default="", compare=False)  # its gate, "" = none
+    # Wall time (s) the trigger learned it was due (hint or scan): only a
+    # diagnostic carried to the worker (Dispatch.due_seen_at) for the load
+    # report's stage breakdown; a re-offer keeps the first time.
+    seen_at: float = field(default=0.0, compare=False)
 
     @property
     def key(self) -> tuple[uuid.UUID, int, int]:
@@ -723,6 +727,8 @@ class Dispatcher:
             lease_token=ready.lease_token,
         )
         dispatch.run_at.FromMilliseconds(ready.run_at)
+        if ready.seen_at:
+            dispatch.due_seen_at.FromNanoseconds(int(ready.seen_at * 1e9))
         link.outbox.put_nowait(dispatch)
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self._claim_timeout_s, self._start_claim_check, ready.key)
@@ -801,7 +807,9 @@ class Dispatcher:
         on_done: Callable[[], None],
         group: str = "",
         gate: str = "",
+        seen_at: float | None = None,
     ) -> Ready:
+        """``seen_at``: wall time the trigger learned the task was due; now when not given."""
         return Ready(
             sort_key=(-priority, run_at, next(self._seq)),
             task_id=task_id,
@@ -815,4 +823,5 @@ class Dispatcher:
             on_done=on_done,
             group=group,
             gate=gate,
+            seen_at=time.time() if seen_at is None else seen_at,
         )

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import Counter
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
@@ -265,7 +266,10 @@ class TriggerService(pb_grpc.TriggerServiceServicer):
                 getter = asyncio.ensure_future(link.outbox.get())
                 done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    yield getter.result()
+                    dispatch = getter.result()
+                    # Diagnostic (benchmarks): the moment it goes onto the stream, after the outbox.
+                    dispatch.dispatched_at.FromNanoseconds(time.time_ns())
+                    yield dispatch
                 else:
                     getter.cancel()
             if not reader.cancelled():

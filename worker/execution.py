@@ -36,13 +36,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from leasesched.concurrency import LIMIT_REACHED
 from leasesched.observability import metrics
 from leasesched.observability.logs import bind
 from leasesched.transport import SERVER_GONE_CODES
 from leasesched.v1 import scheduler_pb2 as pb
-from worker.handlers import Handler, LeaseLost, Mode, PermanentError, RateLimited, RetryAfter, TaskContext
+from worker.handlers import Handler, LeaseLost, Mode, PermanentError, RateLimited, RetryAfter, TaskContext, TaskTimings
 from worker.heartbeats import Beat, HeartbeatThread
 from worker.lease import ClaimBudget, LeaseClock
 from worker.process_mode import run_in_process
@@ -106,6 +107,22 @@ def _as_bytes(value: Any) -> bytes:
     return json.dumps(value).encode()
 
 
+def _seconds(stamp: Timestamp, present: bool) -> float | None:
+    return stamp.seconds + stamp.nanos / 1e9 if present else None
+
+
+def dispatch_timings(dispatch: pb.Dispatch, received_at: float, claim_sent_at: float, claimed_at: float) -> TaskTimings:
+    """The handler's ``ctx.timings``: the trigger's two times from the dispatch
+    (None when its trigger did not set them), the worker's own three."""
+    return TaskTimings(
+        due_seen_at=_seconds(dispatch.due_seen_at, dispatch.HasField("due_seen_at")),
+        dispatched_at=_seconds(dispatch.dispatched_at, dispatch.HasField("dispatched_at")),
+        received_at=received_at,
+        claim_sent_at=claim_sent_at,
+        claimed_at=claimed_at,
+    )
+
+
 class Execution:
     def __init__(
         self,
@@ -119,8 +136,11 @@ class Execution:
         ledger: Callable[[dict[str, Any]], None] | None = None,
         acks: Acks | None = None,
         claim_budget: ClaimBudget | None = None,
+        received_at: float | None = None,
     ) -> None:
         self._dispatch = dispatch
+        # Diagnostics for the handler's ctx.timings (benchmarks): wall times, not decisions.
+        self._received_at = time.time() if received_at is None else received_at
         self._acks = acks
         self.task_id = dispatch.task_id
         self.attempt = dispatch.attempt
@@ -168,6 +188,7 @@ class Execution:
     async def _run(self) -> None:
         timeout = self._claim_budget.timeout(self.type) if self._claim_budget is not None else None
         sent = time.monotonic()
+        claim_sent_at = time.time()
         try:
             claim = await self._updater.call(
                 "ClaimTask",
@@ -181,6 +202,7 @@ class Execution:
                 if self._acks is not None:
                     self._acks.return_limited(self.task_id)  # its trigger holds it back until a slot may be free
             return
+        claimed_at = time.time()
         lease_s = claim.lease_duration.ToMilliseconds() / 1000
         if self._claim_budget is not None:
             self._claim_budget.seen(self.type, lease_s)
@@ -208,6 +230,7 @@ class Execution:
             lease_token=claim.lease_token,
             worker_id=self._worker_id,
             start_to_close_s=claim.start_to_close.ToMilliseconds() / 1000,
+            timings=dispatch_timings(self._dispatch, self._received_at, claim_sent_at, claimed_at),
             _lease_deadline=lambda: clock.deadline,
         )
         log.info("task %s: running attempt %d under lease token %d", self.task_id, claim.attempt, claim.lease_token)

@@ -142,6 +142,25 @@ class Handlers:
         return sorted(self._by_type)
 
 
+@dataclass(frozen=True)
+class TaskTimings:
+    """When this execution's dispatch passed each step on its way here: diagnostics
+    for benchmarks (the load report's per-stage breakdown), decided on by nothing.
+
+    Wall-clock seconds since the epoch (comparable only on one machine or with
+    synchronised clocks); None when unknown (a trigger that predates them).
+    ``due_seen_at``: the trigger learned the task was due (hint or scan);
+    ``dispatched_at``: the trigger put the dispatch on the stream;
+    ``received_at``: this worker received it; ``claim_sent_at``: it sent
+    ClaimTask; ``claimed_at``: the claim's answer came."""
+
+    due_seen_at: float | None = None
+    dispatched_at: float | None = None
+    received_at: float | None = None
+    claim_sent_at: float | None = None
+    claimed_at: float | None = None
+
+
 @dataclass
 class TaskContext:
     """What a handler knows about the task it runs. Safe to use from threads."""
@@ -156,6 +175,8 @@ class TaskContext:
     # The task's start_to_close in seconds (0: none): the worker stops the
     # handler then, so a handler bounds its own waits (an HTTP timeout) below it.
     start_to_close_s: float = 0.0
+    # Read-only diagnostics: where the time to this start went (benchmarks).
+    timings: TaskTimings = field(default_factory=TaskTimings)
     _lease_deadline: Callable[[], float] = field(repr=False, default=lambda: float("inf"))
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     cancel_reason: str = ""

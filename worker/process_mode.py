@@ -100,6 +100,7 @@ async def run_in_process(
         "lease_token": ctx.lease_token,
         "worker_id": ctx.worker_id,
         "start_to_close_s": ctx.start_to_close_s,
+        "timings": ctx.timings,
     }
     deadline = _SPAWN.Value("d", ctx._lease_deadline())
     stop = _SPAWN.Event()

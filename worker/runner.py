@@ -42,6 +42,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,7 @@ class Worker:
                 link.send_credit(self.free)
 
     async def on_dispatch(self, dispatch: pb.Dispatch, link: TriggerLink) -> None:
+        received_at = time.time()  # a diagnostic for ctx.timings (benchmarks)
         handler = self._handlers.get(dispatch.type)
         if handler is None or self.free <= 0 or dispatch.task_id in self._executions:
             link.send_returned(dispatch.task_id)
@@ -172,7 +174,7 @@ class Worker:
         self._announce(skip=link)
         execution = Execution(
             dispatch, handler, self._updater, self.worker_id, self._threads, self._heartbeats, self.watchdog,
-            self._ledger, acks=link, claim_budget=self._claim_budget,
+            self._ledger, acks=link, claim_budget=self._claim_budget, received_at=received_at,
         )  # fmt: skip
         self._executions[dispatch.task_id] = execution
         run = asyncio.create_task(self._run(execution))

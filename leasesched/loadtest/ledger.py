@@ -9,11 +9,15 @@ code can say when it really ran. So every execution writes, to one JSON-lines
 file (one ``write`` per line on an ``O_APPEND`` descriptor: lines of concurrent
 processes never interleave)::
 
-    {"event":"start","task_id":…,"token":<lease token>,"attempt":…,"worker":…,"pid":…,"t":<wall time>}
+    {"event":"start","task_id":…,"token":<lease token>,"attempt":…,"worker":…,"pid":…,"t":<wall time>,
+     "timings":<optional: {"due_seen_at":…, "dispatched_at":…, "received_at":…, "claim_sent_at":…, "claimed_at":…}>}
     {"event":"end", …same keys…, "t":<wall time it really stopped>, "how":"returned"|"raised"|"cancelled",
      "stopped":<it stopped early because its context told it to>, "worked_until":<optional, see below>}
 
-written by ``LedgerWriter.execution`` where the handler's code starts and in its
+``timings`` (optional, and each of its keys too; wall times) are the handler's
+``ctx.timings`` (``worker.handlers.TaskTimings``): where the time from "due" to
+this start went, for the load report's stage breakdown; no check reads them.
+Written by ``LedgerWriter.execution`` where the handler's code starts and in its
 ``finally`` (also on ``CancelledError``). A handler whose work is a sequence of
 steps, each taken only after checking ``ctx.cancelled``, calls ``step()`` right
 before each one; its END then carries ``worked_until``, the real time of its
@@ -68,13 +72,18 @@ from typing import Any, Protocol
 
 # The TaskUpdater logs "ts" in whole milliseconds, cut down: the real moment is up to 1 ms later.
 LOG_RESOLUTION_S = 0.001
+# The fields of ``worker.handlers.TaskTimings`` a START carries under "timings", in path order.
+TIMING_KEYS = ("due_seen_at", "dispatched_at", "received_at", "claim_sent_at", "claimed_at")
 
 
 # ---------------------------------------------------------------- writing
 
 
 class _Context(Protocol):
-    """What the writer needs of a handler's ``worker.handlers.TaskContext``."""
+    """What the writer needs of a handler's ``worker.handlers.TaskContext``.
+
+    Its ``timings`` too when it has them (``timings_of``): left out of the
+    protocol so that a context without them (older workers, tests) still fits."""
 
     @property
     def task_id(self) -> str: ...
@@ -87,6 +96,18 @@ class _Context(Protocol):
 
     @property
     def worker_id(self) -> str: ...
+
+
+def timings_of(ctx: object) -> dict[str, float]:
+    """The known times of ``ctx.timings`` (``worker.handlers.TaskTimings``) by
+    name; {} for a context without them."""
+    timings = getattr(ctx, "timings", None)
+    found: dict[str, float] = {}
+    for key in TIMING_KEYS:
+        value = getattr(timings, key, None)
+        if isinstance(value, (int, float)):
+            found[key] = float(value)
+    return found
 
 
 @dataclass
@@ -124,7 +145,11 @@ class LedgerWriter:
         """START now, END when the block is left, however it is left."""
         base = {"task_id": ctx.task_id, "token": ctx.lease_token, "attempt": ctx.attempt, "worker": ctx.worker_id,
                 "pid": os.getpid()}  # fmt: skip
-        self.append({"event": "start", **base, "t": time.time()})
+        start: dict[str, Any] = {"event": "start", **base, "t": time.time()}
+        timings = timings_of(ctx)
+        if timings:
+            start["timings"] = timings
+        self.append(start)
         running = Running()
         how = "raised"
         try:
@@ -215,6 +240,7 @@ class Execution:
     ended: str = "open"  # "end" (its END line) | "exit" (its process was seen gone) | "open"
     stopped: bool = False
     worker: str = ""
+    timings: dict[str, float] = field(default_factory=dict)  # its START's (TIMING_KEYS), {} without
 
     def describe(self) -> str:
         until = "still running" if math.isinf(self.end) else f"{self.end:.3f} ({self.ended})"
@@ -260,7 +286,8 @@ def executions(records: Iterable[dict[str, Any]], exits: dict[int, float] | None
         try:
             if event == "start":
                 ex = Execution(task_id=r["task_id"], token=int(r["token"]), attempt=int(r.get("attempt", 0)),
-                               pid=int(r.get("pid", 0)), start=float(r["t"]), worker=str(r.get("worker", "")))  # fmt: skip
+                               pid=int(r.get("pid", 0)), start=float(r["t"]), worker=str(r.get("worker", "")),
+                               timings=_timings(r.get("timings")))  # fmt: skip
                 key = (ex.task_id, ex.token, ex.pid)
                 if key in open_runs:
                     done.append(open_runs[key])  # a second START under one token in one process: both count
@@ -289,6 +316,13 @@ def executions(records: Iterable[dict[str, Any]], exits: dict[int, float] | None
             ex.end, ex.ended = max(ex.start, gone[ex.pid]), "exit"
         done.append(ex)
     return done, bad
+
+
+def _timings(found: Any) -> dict[str, float]:
+    """A START's "timings", the known keys with numbers only (diagnostics: a bad one is dropped, not fatal)."""
+    if not isinstance(found, dict):
+        return {}
+    return {k: float(v) for k, v in found.items() if k in TIMING_KEYS and isinstance(v, (int, float))}
 
 
 def max_concurrent(runs: Iterable[Execution]) -> int:

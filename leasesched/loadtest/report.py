@@ -8,6 +8,12 @@ Definitions (also written into the report under ``definitions``):
   inside the load window, ÷ the load duration (server time, from PollTask);
 * dispatch lag: first execution start (ledger) − the task's ``run_at``;
   immediate schedule-to-start: first start − intended ScheduleTask send time;
+* immediate stages (``immediate_stages_ms``): that time cut at the trigger's
+  and the worker's times on the first execution's START (ledger): send →
+  answered (ScheduleTask, a parallel branch), send → trigger saw it due,
+  → dispatched, → worker received, → ClaimTask sent, → claim answered, →
+  START; p50 and p99 per stage over the immediate tasks that have both
+  ends; wall clocks of one machine (``leasesched.loadtest.stages``);
 * lost: accepted (ScheduleTask answered OK) but not terminal after the drain,
   or not found;
 * overlaps: two executions of one task overlapping in time (ledger);
@@ -64,6 +70,7 @@ from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.loadtest.flow import OPTION_FIELDS as FLOW_OPTIONS, flow_lines, flow_section
 from leasesched.loadtest.groups import OPTION_FIELDS as GROUP_OPTIONS, group_section
 from leasesched.loadtest.schedule_load import schedule_section
+from leasesched.loadtest.stages import ImmediateTask, breakdown, stage_lines
 
 if TYPE_CHECKING:
     from leasesched.loadtest.ledger import LedgerSummary
@@ -152,6 +159,12 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
             else:
                 lag_delayed.append(lag)
     immediate_count = sum(1 for _, _, imm in lt.tasks.values() if imm)
+    stages = None
+    if ledger is not None:
+        stages = breakdown(
+            (ImmediateTask(task_id, sent, lt.answered.get(task_id)) for task_id, (sent, _, imm) in lt.tasks.items() if imm),
+            ledger.by_task,
+        ).as_dict()
 
     # ---- store and efficiency
     lease_s = lt.cfg.default_lease_s
@@ -353,6 +366,7 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
         "dispatch_lag_ms": percentiles(lag_all),
         "dispatch_lag_delayed_ms": percentiles(lag_delayed),
         "immediate_schedule_to_start_ms": percentiles(imm_start),
+        "immediate_stages_ms": stages,
         "errors_by_code": dict(errors),
         "cpu": cpu,
         # Load start to drain end (the window above ends with the load); executions = ledger ENDs in it.
@@ -455,6 +469,7 @@ def text_summary(r: dict[str, Any]) -> str:
         f"status {t['by_status']}",
         f"dispatch lag  p50 {_ms(r['dispatch_lag_ms']['p50'])} p99 {_ms(r['dispatch_lag_ms']['p99'])} max {_ms(r['dispatch_lag_ms']['max'])};"
         f"  immediate schedule→start p50 {_ms(r['immediate_schedule_to_start_ms']['p50'])} p99 {_ms(r['immediate_schedule_to_start_ms']['p99'])}",
+        *stage_lines(r.get("immediate_stages_ms")),
         f"correctness   lost {t['lost']}  overlaps {t['overlaps']}  executions {t['executions']} (re-executions {t['re_executions']})  "
         f"counts add up: {r['consistent']}",
     ]

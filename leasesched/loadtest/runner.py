@@ -147,6 +147,7 @@ class LoadTest:
         self.folder = Path(opts.results_dir).resolve() / name
         self.cluster: Cluster | None = None
         self.tasks: dict[str, tuple[float, int, bool]] = {}  # task id → (intended send wall time, run_at ms, immediate)
+        self.answered: dict[str, float] = {}  # task id → wall time its ScheduleTask answer arrived (stage breakdown)
         self.accepted: list[str] = []
         self.preflight = 0
         self.final: dict[str, Any] = {}
@@ -424,6 +425,7 @@ class LoadTest:
             request, immediate = spec_for(-1 - i)
             sent_wall = time.time()
             reply = await stubs[0].ScheduleTask(request, timeout=o.timeout_s, metadata=metadata)
+            self.answered[reply.task_id] = time.time()
             self.tasks[reply.task_id] = (sent_wall, reply.run_at.ToMilliseconds(), immediate)
             self.accepted.append(reply.task_id)
             await stubs[0].PollTask(pb.PollTaskRequest(task_id=reply.task_id), timeout=o.timeout_s, metadata=metadata)
@@ -440,7 +442,8 @@ class LoadTest:
         poll = MethodStats("PollTask", t0)
         pending: set[asyncio.Task[None]] = set()
 
-        def accepted(i: int, intended: float, reply: pb.ScheduleTaskResponse, immediate: bool) -> None:
+        def accepted(i: int, intended: float, reply: pb.ScheduleTaskResponse, immediate: bool, answered: float) -> None:
+            self.answered[reply.task_id] = to_wall(answered)  # on the clock of the send time, as the latency
             self.tasks[reply.task_id] = (to_wall(intended), reply.run_at.ToMilliseconds(), immediate)
             self.accepted.append(reply.task_id)
             if groups is not None:
@@ -456,8 +459,9 @@ class LoadTest:
             except grpc.aio.AioRpcError as err:
                 sched.on_done(intended, loop.time(), err.code().name, err.details() or "")
                 return
-            sched.on_done(intended, loop.time(), None)
-            accepted(i, intended, reply, immediate)
+            answered = loop.time()
+            sched.on_done(intended, answered, None)
+            accepted(i, intended, reply, immediate, answered)
 
         async def schedule_batch(items: list[tuple[int, float]]) -> None:
             """One ScheduleTasks call for ``items``: each task's latency is the call's
@@ -477,7 +481,7 @@ class LoadTest:
             for (i, intended), (_, immediate), result in zip(items, specs, reply.results):
                 if result.WhichOneof("result") == "scheduled":
                     sched.on_done(intended, done, None, sent=sent)
-                    accepted(i, intended, result.scheduled, immediate)
+                    accepted(i, intended, result.scheduled, immediate, done)
                 else:
                     sched.on_done(intended, done, _code_name(result.error.code), result.error.message, sent=sent)
 
@@ -666,6 +670,7 @@ class LoadTest:
             sent_wall = time.time()
             reply = await stubs[i % len(stubs)].ScheduleTask(pb.ScheduleTaskRequest(task=spec), timeout=o.timeout_s,
                                                             metadata=metadata)  # fmt: skip
+            self.answered[reply.task_id] = time.time()
             run_at = reply.run_at.ToMilliseconds()
             self.tasks[reply.task_id] = (sent_wall, run_at, True)
             self.accepted.append(reply.task_id)

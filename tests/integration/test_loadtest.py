@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 from leasesched.infra.local import LocalInfra
@@ -59,6 +60,18 @@ def test_loadtest_report_adds_up(infra: LocalInfra, tmp_path: Path) -> None:
     assert report["dispatch_lag_ms"]["n"] == t["accepted"]
     assert report["immediate_schedule_to_start_ms"]["n"] == t["immediate"]
     assert report["targets"]["lost"]["met"] and report["targets"]["overlaps"]["met"]
+    # Where an immediate task's time to its start went (issue 17): every first START carries the trigger's and
+    # the worker's times, so every stage has every immediate task; one clock, so none is negative.
+    st = report["immediate_stages_ms"]
+    assert st["tasks"] == st["with_timings"] == t["immediate"], st
+    assert [x["name"] for x in st["stages"]] == [
+        "schedule_call", "to_due_seen", "trigger_queue", "stream", "worker_queue", "claim", "to_start",
+    ]  # fmt: skip
+    for stage in [*st["stages"], st["total"]]:
+        assert stage["n"] == t["immediate"], stage
+        assert 0 <= stage["min"] <= stage["p50"] <= stage["p99"] <= stage["max"] < math.inf, stage
+    assert st["total"]["p50"] == report["immediate_schedule_to_start_ms"]["p50"]
+    assert "immediate stages" in text_summary(report)
     # Completions in the load window are counted from the tasks' own finish times.
     assert 0 < t["completed_in_window"] <= t["accepted"]
     assert sum(report["series"]["completed"]) == t["by_status"]["SUCCEEDED"]
