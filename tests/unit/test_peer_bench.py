@@ -20,6 +20,7 @@ from leasesched.loadtest.peers.results import (
     Row,
     comparison,
     from_dict,
+    machine_line,
     overlap_check,
     render,
     to_dict,
@@ -133,3 +134,10 @@ def test_peer_json_reads_back_as_it_was_written() -> None:
     written = json.loads(json.dumps(to_dict(original)))
     assert written["drain"]["cpu"]["server_ms_per_task"] == 2.0  # (30 + 10) CPU s ÷ 20,000 tasks
     assert from_dict(written) == original
+
+
+def test_the_machine_line_says_how_busy_the_machine_was_for_each_measurement() -> None:
+    r = {**report(100.0), "cpu_through_drain": {"cpu_ms_per_execution": {}, "machine_busy_fraction": 0.9, "others_cpu_s": 70}}
+    line = machine_line(r, peer())
+    assert "leasesched load + drain: 90 % busy, others 70 CPU s" in line
+    assert "Celery at 100/s: 50 % busy, others 3 CPU s" in line

@@ -24,6 +24,7 @@ from leasesched.loadtest.peers.results import (
     comparison,
     from_dict,
     leasesched_rate,
+    machine_line,
     peer_lines,
     render,
     to_dict,
@@ -54,7 +55,8 @@ def main(leasesched_report: str | None, tasks: int, rates: tuple[float, ...], ra
         if len(files) != 2:
             raise click.UsageError("--table takes a peer.json and a report.json")
         peer = from_dict(json.loads(Path(files[0]).read_text()))
-        click.echo(render(comparison(json.loads(Path(files[1]).read_text()), peer)))
+        report = json.loads(Path(files[1]).read_text())
+        click.echo(render(comparison(report, peer)) + "\n\n" + machine_line(report, peer))
         return
     from leasesched.loadtest.peers.celery_peer import CeleryPeer, PeerOptions
 
@@ -70,7 +72,7 @@ def main(leasesched_report: str | None, tasks: int, rates: tuple[float, ...], ra
     (folder / "peer.json").write_text(json.dumps(to_dict(result), indent=2))
     click.echo("\n".join(peer_lines(result)))
     if report is not None:
-        text = render(comparison(report, result))
+        text = render(comparison(report, result)) + "\n\n" + machine_line(report, result)
         run = report.get("run", {})
         head = (f"leasesched run {run.get('label') or run.get('id')} ({run.get('started_at')}, "
                 f"{report.get('files', {}).get('folder')}) beside {result.system} ({result.started_at}, {result.folder})")  # fmt: skip

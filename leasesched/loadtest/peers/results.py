@@ -263,6 +263,22 @@ def comparison(report: dict[str, Any], peer: PeerResult) -> list[Row]:
     return rows
 
 
+def machine_line(report: dict[str, Any], peer: PeerResult) -> str:
+    """How busy the shared machine was during each measurement (others' CPU makes every figure noisier)."""
+    ctd = report.get("cpu_through_drain") or {}
+    same = peer.at_rate(leasesched_rate(report))
+
+    def busy(fraction: Any, others: Any) -> str:
+        return "–" if fraction is None else f"{100 * float(fraction):.0f} % busy, others {float(others or 0):.0f} CPU s"
+
+    parts = [f"leasesched load + drain: {busy(ctd.get('machine_busy_fraction'), ctd.get('others_cpu_s'))}"]
+    if same is not None:
+        parts.append(f"Celery at {same.rate:g}/s: {busy(same.cpu.machine_busy_fraction, same.cpu.others_cpu_s)}")
+    if peer.drain is not None:
+        parts.append(f"Celery drain: {busy(peer.drain.cpu.machine_busy_fraction, peer.drain.cpu.others_cpu_s)}")
+    return "machine: " + "; ".join(parts)
+
+
 def _lost(peer: PeerResult) -> int:
     return (peer.drain.lost if peer.drain else 0) + sum(r.lost for r in peer.rates)
 
