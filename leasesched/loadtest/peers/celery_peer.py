@@ -11,9 +11,11 @@ run ends):
 
 What it measures, one phase after another (``PeerOptions`` bounds each):
 
-(a) drain: ``tasks`` no-op tasks enqueued as fast as the client can while the
-    worker runs them: enqueue/s, executed/s from the first START to the last
-    END, CPU per task;
+(a) drain: ``tasks`` no-op tasks enqueued as fast as the client can to a
+    queue the worker does not consume yet, then the worker told to consume it
+    (``add_consumer``): enqueue/s, and executed/s from the first START to the
+    last END of a full queue, not bounded by the client; CPU per task of both
+    (enqueue + execute + Redis);
 (c) open loop, one phase per rate: immediate no-op tasks due at ``rate`` per
     second for ``rate_seconds``, each sent at its due time whatever happened to
     the earlier ones; apply→start latency = first START − due time (the
@@ -59,6 +61,7 @@ from leasesched.loadtest.peers.results import (
 from leasesched.testing import free_port
 
 WORKER_APP = "leasesched.loadtest.peers.worker_app"
+DRAIN_QUEUE = "peer-drain"  # (a)'s queue: filled first, consumed only once full
 REDIS_SERVER = "/usr/bin/redis-server"
 POLL_S = 0.2  # how often the harness looks at the ledger while it waits
 
@@ -236,21 +239,24 @@ class CeleryPeer:
                       others_cpu_s=cpu["others_cpu_s"])  # fmt: skip
 
     def _drain(self, app: Any, tail: ledger_mod.LedgerTail, redis: ManagedProcess, worker: ManagedProcess) -> DrainResult:
-        """(a) ``tasks`` tasks as fast as one producer sends them, while the worker runs them."""
+        """(a) ``tasks`` tasks as fast as one producer sends them, then the worker drains the full queue."""
         from leasesched.loadtest.peers.celery_app import TASK_NAME
 
         o = self.o
         ids = [uuid.uuid4().hex for _ in range(o.tasks)]
         tail.poll()
         want = tail.ends + len(ids)
-        _say(f"peer (a): enqueueing {len(ids)} no-op tasks as fast as one client can, the worker draining them")
+        _say(f"peer (a): enqueueing {len(ids)} no-op tasks as fast as one client can, then the worker drains them")
         meter = CpuMeter(self._cpu_pids(redis, worker))
         meter.start(time.monotonic())
         began = time.time()
         with app.producer_or_acquire() as producer:
             for task_id in ids:
-                app.send_task(TASK_NAME, kwargs={"ms": 0.0}, task_id=task_id, producer=producer)
+                app.send_task(TASK_NAME, kwargs={"ms": 0.0}, task_id=task_id, producer=producer, queue=DRAIN_QUEUE)
         enqueue_s = time.time() - began
+        replies = app.control.add_consumer(DRAIN_QUEUE, reply=True, timeout=10)
+        if not replies:
+            raise PeerError(f"the Celery worker did not answer add_consumer({DRAIN_QUEUE}):\n{worker.log_tail()}")
         if not self._wait_ends(tail, want, o.drain_timeout_s + enqueue_s, worker):
             self.warnings.append(f"(a) not every task had finished {o.drain_timeout_s:g} s after the enqueue")
         cpu = meter.stop(time.monotonic())
