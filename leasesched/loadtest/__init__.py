@@ -12,4 +12,5 @@ Modules, each small and separately testable:
 * ``profiling``      — py-spy profiles of chosen processes during the load;
 * ``runner``         — one load test from start to report;
 * ``report``, ``chart`` — the JSON report (with the targets of issue 4) and the PNG chart.
+* ``peers``          — the same no-op load on another system (Celery + Redis), beside leasesched (issue 17, ``make bench-peers``).
 """
