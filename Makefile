@@ -50,7 +50,7 @@ deps:
 BENCH_HOME      ?= $(CURDIR)/.leasesched/bench
 BENCH_COMMITLOG ?= batch
 BENCH_ARGS      ?= --schedule-rate 1000 --poll-rate 3000 --duration 60 --profile task-service --profile task-updater --profile trigger-1 --profile client
-BENCH_JIT       ?= full
+BENCH_JIT       ?= c1
 BENCH_ENV       := LEASESCHED_AUTH=off LEASESCHED_CASSANDRA_COMMITLOG_SYNC=$(BENCH_COMMITLOG) LEASESCHED_CASSANDRA_JIT=$(BENCH_JIT) LEASESCHED_CASSANDRA_PORT=29042 LEASESCHED_CASSANDRA_STORAGE_PORT=27000 LEASESCHED_ZK_HOSTS=127.0.0.1:22181
 bench: setup
 	@mkdir -p $(BENCH_HOME); if [ -d .leasesched/dist ] && [ ! -e $(BENCH_HOME)/dist ]; then ln -s $(CURDIR)/.leasesched/dist $(BENCH_HOME)/dist; fi

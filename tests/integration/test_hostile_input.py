@@ -92,13 +92,17 @@ ALLOWED: dict[str, frozenset[Code]] = {
     "CompleteTask": _TASK,
     "FailTask": _TASK,
     "NotifyDue": _QUOTA,
+    # The batch calls as a whole (no items, too many, too large); each item is held to its unary call's rule.
+    "ClaimTasks": _QUOTA,
+    "CompleteTasks": _QUOTA,
+    "NotifyDueBatch": _QUOTA,
     # RESOURCE_EXHAUSTED also: too many streams for one worker identity.
     "Subscribe": _QUOTA,
 }
 SERVICE_OF = {
     **dict.fromkeys(["ScheduleTask", "ScheduleTasks", "PollTask", "CancelTask", "ListTasks", "CountTasks"], "TaskService"),
-    **dict.fromkeys(["ClaimTask", "Heartbeat", "CompleteTask", "FailTask"], "TaskUpdater"),
-    **dict.fromkeys(["NotifyDue", "Subscribe"], "TriggerService"),
+    **dict.fromkeys(["ClaimTask", "Heartbeat", "CompleteTask", "FailTask", "ClaimTasks", "CompleteTasks"], "TaskUpdater"),
+    **dict.fromkeys(["NotifyDue", "NotifyDueBatch", "Subscribe"], "TriggerService"),
 }
 
 # About 2.5 minutes for the module on 2 cores, cluster start included.
@@ -504,6 +508,64 @@ def test_worker_calls(batch: Servers, calls: list[tuple[str, Any, Expect, bool, 
             CREATED.setdefault(reply.task_id, "hostile")
         if code == Code.INVALID_ARGUMENT:
             assert _state(batch, task_id) == before, f"a refused {rpc} changed the task"
+
+
+@FEW
+@given(calls=st.lists(updater_calls().filter(lambda c: c[0] in ("ClaimTask", "CompleteTask")), min_size=1, max_size=8))
+def test_worker_calls_in_batches(batch: Servers, calls: list[tuple[str, Any, Expect, bool, int | str]]) -> None:
+    """The same hostile claims and completions, in ClaimTasks / CompleteTasks
+    calls (issue 17): each item gets exactly the answer its unary call would
+    (held to that call's rule), and no bad item changes the victim task."""
+    task_id, token = victim(batch)
+    for rpc, batch_rpc, field, success in (("ClaimTask", "ClaimTasks", "claims", "claimed"),
+                                           ("CompleteTask", "CompleteTasks", "completions", "completed")):  # fmt: skip
+        items = [(request, expect, at_victim, wanted) for r, request, expect, at_victim, wanted in calls if r == rpc]
+        if not items:
+            continue
+        for request, expect, at_victim, wanted in items:
+            if at_victim:
+                request.task_id = task_id
+            if rpc == "CompleteTask":
+                real = LEASES.get(task_id, token)
+                request.lease_token = {"real": real, "real+1": real + 1, "real-1": real - 1}[wanted] if isinstance(wanted, str) else wanted
+                if isinstance(wanted, str) and not limits.LEASE_TOKEN.low <= request.lease_token <= limits.LEASE_TOKEN.high:
+                    expect.bad("lease_token")
+        before = _state(batch, task_id)
+        request_type = getattr(pb, f"{batch_rpc}Request")
+        code, reply = call(batch_rpc, getattr(batch.updater, batch_rpc), request_type(**{field: [i[0] for i in items]}))
+        if code != OK:
+            continue  # refused whole (too large): nothing was looked at
+        assert len(reply.results) == len(items)
+        refused_all = True
+        for (request, expect, _, _), result in zip(items, reply.results):
+            if result.WhichOneof("outcome") == success:
+                check_answer(rpc, OK, "", expect)
+                refused_all = False
+                if rpc == "ClaimTask":
+                    LEASES[result.claimed.task_id] = result.claimed.lease_token
+                    CREATED.setdefault(result.claimed.task_id, "hostile")
+            else:
+                check_answer(rpc, _CODES[result.error.code], result.error.message, expect)
+                refused_all = refused_all and result.error.code == Code.INVALID_ARGUMENT.value[0]
+        if refused_all:
+            assert _state(batch, task_id) == before, f"refused {batch_rpc} items changed the task"
+
+
+_CODES = {code.value[0]: code for code in Code}
+
+
+@FEW
+@given(method=st.sampled_from(["ClaimTasks", "CompleteTasks"]), data=st.binary(max_size=4096))
+def test_random_bytes_to_task_updater_batches(batch: Servers, method: str, data: bytes) -> None:
+    stub = batch.updater_raw.unary_unary(f"/leasesched.v1.TaskUpdater/{method}", lambda b: b, lambda b: b)
+    call(method, stub, data)
+
+
+@FEW
+@given(data=st.binary(max_size=2048))
+def test_random_bytes_to_notify_due_batch(batch: Servers, data: bytes) -> None:
+    stub = batch.trigger_raw.unary_unary("/leasesched.v1.TriggerService/NotifyDueBatch", lambda b: b, lambda b: b)
+    call("NotifyDueBatch", stub, data)
 
 
 def _state(servers: Servers, task_id: str) -> tuple[object, ...]:
