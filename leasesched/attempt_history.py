@@ -10,16 +10,21 @@ calls it only AFTER its conditional write applied: an entry for a change that
 did not happen would be a lie, while a missing entry is only a gap.
 
 What it costs on the hot path (plain writes, no Paxos round; measured in
-BENCHMARKS.md, "Attempt history: what it costs"): one insert at the claim,
-one insert at the attempt's end. A completion is written without reading
-the task (one conditional write). Its entry needs the claim's time (it keys
-the entry), worker and attempt, and the last progress: the process that
-claimed the attempt remembers the first three (``ClaimedAttempt``, a bounded
-memory of ``CLAIM_MEMORY`` claims) and the worker sends the last progress
-with its completion, so the common completion reads nothing (issue 17). A
-completion elsewhere (another TaskUpdater, after a restart, a worker that
-sent no progress) reads the row once, as before. Every other end already
-read the row. Heartbeats write nothing.
+BENCHMARKS.md, "Attempt history: what it costs" and issue 17's verdict):
+ONE insert per attempt, at its end. The attempt that is running has no
+entry of its own: it is the task row itself (RUNNING, its lease token, claim
+time, worker and live progress), and ``read`` shows it from the row the
+caller read anyway (GetTaskHistory reads it to check who may see it). Its
+end then writes the entry, keyed by the lease token. A completion is written
+without reading the task (one conditional write); its entry needs the claim
+time (it keys the entry), worker and attempt, and the last progress: the
+process that claimed the attempt remembers the first three
+(``ClaimedAttempt``, a bounded memory of ``CLAIM_MEMORY`` claims) and the
+worker sends its last progress with the completion, so the common completion
+reads nothing (issue 17). A completion elsewhere (another TaskUpdater, after
+a restart, a worker that sent no progress) reads the row once. Every other
+end already read the row. Heartbeats write nothing. An end entry whose
+write fails leaves a gap (the attempt is not shown), never a wrong line.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from leasesched.errors import Unavailable
 from leasesched.history import AttemptOutcome, HistoryEntry, HistoryKind, Operation
 from leasesched.limits import MAX_ERROR_MESSAGE, MAX_ERROR_TYPE
 from leasesched.model import Task
+from leasesched.states import TaskStatus
 from leasesched.observability import metrics
 from leasesched.store.base import StoreUnavailable, TaskStore
 
@@ -68,6 +74,24 @@ def failure_outcome(error_type: str) -> AttemptOutcome:
     return AttemptOutcome.TIMED_OUT if error_type in TIMEOUT_ERROR_TYPES else AttemptOutcome.FAILED
 
 
+def running_entry(task: Task) -> HistoryEntry | None:
+    """The running attempt of ``task`` as a history entry, from its row (None
+    unless it is RUNNING under a claim)."""
+    if task.status is not TaskStatus.RUNNING or task.started_at is None:
+        return None
+    return HistoryEntry(
+        task_id=task.task_id,
+        kind=HistoryKind.ATTEMPT,
+        started_at=task.started_at,
+        attempt=task.attempt,
+        lease_token=task.lease_token,
+        worker_id=task.lease_owner or "",
+        outcome=AttemptOutcome.RUNNING,
+        progress_percent=task.progress_percent,
+        progress_message=task.progress_message,
+    )
+
+
 class AttemptHistory:
     """Writes a task's ATTEMPT entries: RUNNING at the claim, the outcome at the end.
 
@@ -93,22 +117,14 @@ class AttemptHistory:
         self._claimed: OrderedDict[tuple[uuid.UUID, int], ClaimedAttempt] = OrderedDict()
 
     async def started(self, task: Task) -> None:
-        """The claim of ``task`` (as it is after the claim) applied."""
+        """The claim of ``task`` (as it is after the claim) applied: nothing is
+        written (the running attempt is the row, see ``read``); the claim is
+        remembered for its completion, and old entries are trimmed now and then."""
         self._claimed[(task.task_id, task.lease_token)] = ClaimedAttempt(
             task.started_at or 0, task.attempt, task.lease_owner or ""
         )
         if len(self._claimed) > CLAIM_MEMORY:
             self._claimed.popitem(last=False)
-        entry = HistoryEntry(
-            task_id=task.task_id,
-            kind=HistoryKind.ATTEMPT,
-            started_at=task.started_at or 0,
-            attempt=task.attempt,
-            lease_token=task.lease_token,
-            worker_id=task.lease_owner or "",
-            outcome=AttemptOutcome.RUNNING,
-        )
-        await self._write(entry)
         token = task.lease_token
         if token > self.max_entries and token % self.trim_every == 0:
             try:
@@ -182,14 +198,21 @@ class AttemptHistory:
         )
         await self._write(entry)
 
-    async def read(self, task_id: uuid.UUID, limit: int = 0) -> list[HistoryEntry]:
+    async def read(self, task_id: uuid.UUID, limit: int = 0, current: Task | None = None) -> list[HistoryEntry]:
         """The task's newest entries, newest first: at most ``limit``, and
-        never more than the bound (0: the bound). Raises ``Unavailable``."""
+        never more than the bound (0: the bound). ``current``: the task row as
+        the caller read it; a RUNNING task's attempt is shown from it (the
+        attempt has no entry until it ends). Raises ``Unavailable``."""
         bounded = self.max_entries if limit <= 0 else min(limit, self.max_entries)
         try:
-            return await self.store.read_history(task_id, bounded)
+            entries = await self.store.read_history(task_id, bounded)
         except StoreUnavailable as exc:
             raise Unavailable(str(exc)) from exc
+        running = running_entry(current) if current is not None else None
+        if running is None or any(e.kind is HistoryKind.ATTEMPT and e.lease_token == running.lease_token for e in entries):
+            return entries
+        newest_first = sorted([running, *entries], key=lambda e: (e.started_at, e.key), reverse=True)
+        return newest_first[:bounded]
 
     async def _write(self, entry: HistoryEntry) -> None:
         try:

@@ -8,8 +8,9 @@ people, never an input to a decision, so a lost entry costs a line in a view,
 never a guarantee. Bounded per task (``history_max_entries``): the oldest
 entries past the bound are not shown and are removed.
 
-An attempt's entry is keyed by its lease token (unique per attempt, growing),
-so the claim writes it and the attempt's end overwrites the same entry.
+An attempt's entry is keyed by its lease token (unique per attempt, growing)
+and written when the attempt ends; the attempt that runs is the task row
+itself, shown as a RUNNING entry by ``AttemptHistory.read``.
 """
 
 from __future__ import annotations

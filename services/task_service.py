@@ -295,8 +295,8 @@ class TaskService(pb_grpc.TaskServiceServicer):
         task_id = check_task_id(request.task_id)
         if request.limit < 0:
             raise InvalidArgument(f"limit must be 0 (the bound, {self._cfg.history_max_entries}) or more, not {request.limit}")
-        await self._visible(task_id)
-        entries = await self._lifecycle.history.read(task_id, request.limit)
+        task = await self._visible(task_id)
+        entries = await self._lifecycle.history.read(task_id, request.limit, current=task)
         return pb.GetTaskHistoryResponse(entries=[history_entry_view(e) for e in entries])
 
     async def _page_tokens(self) -> PageTokens:
