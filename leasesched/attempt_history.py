@@ -74,22 +74,31 @@ def failure_outcome(error_type: str) -> AttemptOutcome:
     return AttemptOutcome.TIMED_OUT if error_type in TIMEOUT_ERROR_TYPES else AttemptOutcome.FAILED
 
 
+def attempt_entry(task: Task, outcome: AttemptOutcome, ended_at: int | None = None, error_type: str = "", error: str = "") -> HistoryEntry:
+    """The ATTEMPT entry of the attempt ``task`` runs (its claim time, token,
+    worker and last progress, from the row) with ``outcome``."""
+    return HistoryEntry(
+        task_id=task.task_id,
+        kind=HistoryKind.ATTEMPT,
+        started_at=task.started_at or 0,
+        attempt=task.attempt,
+        lease_token=task.lease_token,
+        worker_id=task.lease_owner or "",
+        ended_at=ended_at,
+        outcome=outcome,
+        error_type=error_type[:MAX_ERROR_TYPE],
+        error=error[:MAX_ERROR_MESSAGE],
+        progress_percent=task.progress_percent,
+        progress_message=task.progress_message,
+    )
+
+
 def running_entry(task: Task) -> HistoryEntry | None:
     """The running attempt of ``task`` as a history entry, from its row (None
     unless it is RUNNING under a claim)."""
     if task.status is not TaskStatus.RUNNING or task.started_at is None:
         return None
-    return HistoryEntry(
-        task_id=task.task_id,
-        kind=HistoryKind.ATTEMPT,
-        started_at=task.started_at,
-        attempt=task.attempt,
-        lease_token=task.lease_token,
-        worker_id=task.lease_owner or "",
-        outcome=AttemptOutcome.RUNNING,
-        progress_percent=task.progress_percent,
-        progress_message=task.progress_message,
-    )
+    return attempt_entry(task, AttemptOutcome.RUNNING)
 
 
 class AttemptHistory:
@@ -140,20 +149,7 @@ class AttemptHistory:
         self._claimed.pop((task.task_id, task.lease_token), None)
         if task.started_at is None:
             return  # never claimed (a row from before started_at was written): no entry to end
-        entry = HistoryEntry(
-            task_id=task.task_id,
-            kind=HistoryKind.ATTEMPT,
-            started_at=task.started_at,
-            attempt=task.attempt,
-            lease_token=task.lease_token,
-            worker_id=task.lease_owner or "",
-            ended_at=ended_at,
-            outcome=outcome,
-            error_type=error_type[:MAX_ERROR_TYPE],
-            error=error[:MAX_ERROR_MESSAGE],
-            progress_percent=task.progress_percent,
-            progress_message=task.progress_message,
-        )
+        entry = attempt_entry(task, outcome, ended_at, error_type, error)
         await self._write(entry)
 
     async def succeeded_as_claimed(
