@@ -100,8 +100,12 @@ def test_metrics_of_every_process_move_with_the_tasks(cluster: LiveCluster) -> N
     assert tu.delta(b_tu, "leasesched_tasks_failed_total", type=TYPE, reason="error") == 1
     assert tu.delta(b_tu, "leasesched_tasks_requeued_total", type=TYPE, reason="retry") == 1
     assert tu.delta(b_tu, "leasesched_dispatch_lag_seconds_count") == claims
-    assert tu.delta(b_tu, "leasesched_rpc_duration_seconds_count", method=CLAIM, code="OK") == claims
-    assert tu.delta(b_tu, "leasesched_rpc_duration_seconds_count", method=COMPLETE, code="OK") == succeeded
+    # A claim or completion travels alone, or with others pending in one
+    # ClaimTasks / CompleteTasks call (leasesched/batching.py): one call per
+    # batch, so at least one call and at most one per item.
+    for unary, items in ((CLAIM, claims), (COMPLETE, succeeded)):
+        calls = sum(tu.delta(b_tu, "leasesched_rpc_duration_seconds_count", method=m, code="OK") for m in (unary, unary + "s"))
+        assert 1 <= calls <= items, (unary, calls, items)
     # Immediate tasks start within seconds of their time (the hint path; generous for a loaded machine).
     assert tu.delta(b_tu, "leasesched_dispatch_lag_seconds_bucket", le="2.0") >= len(ok)
 
