@@ -77,6 +77,10 @@ class Config:
     # "c1": the JVM compiles with C1 only (start-up CPU -40 %: dev and test
     # nodes); "full": C2 as well, as in production (the benchmarks' setting).
     cassandra_jit: str = "c1"
+    # Timer slack of the local Cassandra's threads, in µs (0: the kernel's 50 µs).
+    # Its request threads spin in 10 µs sleeps between requests; a 500 µs slack
+    # cut a node's CPU at 100 reads/s by two thirds (leasesched/infra/timer_slack.py).
+    cassandra_timer_slack_us: int = 500
     cassandra_start_timeout_s: float = 180.0
     zk_start_timeout_s: float = 60.0
 

@@ -58,6 +58,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import ClassVar
 
+from leasesched.infra import timer_slack
 from leasesched.infra.process import (
     InfraError,
     ManagedProcess,
@@ -235,6 +236,8 @@ class CassandraServer(ServerControl):
     # Cassandra's default, faster but loses recent writes on kill -9 (module doc).
     commitlog_sync: str = "batch"  # or "group" (as durable, fsyncs grouped per GROUP_WINDOW)
     jit: str = "c1"  # JIT_FLAGS: "c1" (fast start, dev and tests) or "full" (C2: production, benchmarks)
+    # Timer slack of the JVM's threads (leasesched/infra/timer_slack.py); 0 = the kernel's 50 µs.
+    timer_slack_ns: int = 0
     seeds: tuple[str, ...] = ()  # hosts of the cluster's seed nodes; () = this node alone
     token: int | None = None  # initial_token; None = chosen by Cassandra (a lone node)
     node_name: str = "cassandra"
@@ -426,9 +429,12 @@ class CassandraServer(ServerControl):
 
     def command(self) -> list[str]:
         """The java command line that runs the daemon in the foreground."""
+        if self.timer_slack_ns < 0:
+            raise InfraError(f"cassandra timer slack must be >= 0 (0: the kernel's default), not {self.timer_slack_ns} ns")
         data = self.data_dir.resolve()
         jamm = sorted(self.lib_dir.glob("jamm-*.jar"))
         return [
+            *timer_slack.prefix(self.timer_slack_ns),
             *_lock_free_prefix(),
             find_java17(),
             f"-Xms{self.heap}",

@@ -109,6 +109,7 @@ class LocalInfra:
                 heap=cfg.cassandra_heap_per_node,
                 commitlog_sync=cfg.cassandra_commitlog_sync,
                 jit=cfg.cassandra_jit,
+                timer_slack_ns=cfg.cassandra_timer_slack_us * 1000,
                 host=host,
                 seeds=tuple(hosts),
                 token=initial_token(n, count) if count > 1 else None,
