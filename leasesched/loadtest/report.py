@@ -16,6 +16,10 @@ Definitions (also written into the report under ``definitions``):
   ends; wall clocks of one machine (``leasesched.loadtest.stages``);
 * lost: accepted (ScheduleTask answered OK) but not terminal after the drain,
   or not found;
+* unverified: accepted, but every final PollTask was refused (e.g. shed with
+  RESOURCE_EXHAUSTED under overload) until the drain's end: the harness could
+  not read it, which says nothing about the task (the ledger still shows
+  whether it ran); reported beside lost, never counted as lost;
 * overlaps: two executions of one task overlapping in time (ledger);
 * schedules (``--schedules``): expected = the slots of each schedule in the
   load window (its spec's start_at..end_at); found = distinct tasks that
@@ -60,6 +64,7 @@ import os
 import platform
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -103,6 +108,39 @@ def lwt_per_task(idempotency_keys: bool, handler_ms: float, lease_s: float) -> f
     return 2 + (2 if idempotency_keys else 0) + heartbeats
 
 
+@dataclass
+class FinalStates:
+    """Every accepted task by what its final PollTask said."""
+
+    by_status: Counter[str] = field(default_factory=Counter)
+    lost: list[str] = field(default_factory=list)  # not found, or not terminal though due
+    unverified: list[str] = field(default_factory=list)  # every final read refused: unknown, not lost
+    not_due_yet: int = 0  # due after the drain's end: legitimately still waiting
+    finished_rel: list[float] = field(default_factory=list)  # SUCCEEDED tasks' finish, s after t0
+
+
+def final_states(accepted: list[str], final: dict[str, Any], run_at_ms: dict[str, int], due_by_ms: int, t0: float) -> FinalStates:
+    """``final``: task id → its last TaskView, or the status code name that
+    its last PollTask answered instead (NOT_FOUND: lost; anything else, e.g.
+    RESOURCE_EXHAUSTED when the poll was shed: unverified)."""
+    out = FinalStates()
+    for task_id in accepted:
+        view = final.get(task_id)
+        if isinstance(view, pb.TaskView):
+            out.by_status[pb.TaskStatus.Name(view.status)] += 1
+            if view.status not in TERMINAL:
+                if run_at_ms[task_id] > due_by_ms:
+                    out.not_due_yet += 1
+                else:
+                    out.lost.append(task_id)
+            elif view.status == pb.SUCCEEDED and view.HasField("finished_at"):
+                out.finished_rel.append(view.finished_at.ToMilliseconds() / 1000.0 - t0)
+        else:
+            out.by_status[f"unreadable:{view}"] += 1
+            (out.lost if view in ("NOT_FOUND", None) else out.unverified).append(task_id)
+    return out
+
+
 def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", probe: dict[str, Any] | None,
           load_before: tuple[float, float, float], started: float) -> dict[str, Any]:  # fmt: skip
     o = lt.o
@@ -112,24 +150,9 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
     accepted = lt.accepted
 
     # ---- final states
-    by_status: Counter[str] = Counter()
-    lost: list[str] = []
-    not_due_yet = 0
-    finished_rel: list[float] = []
-    for task_id in accepted:
-        view = lt.final.get(task_id)
-        if isinstance(view, pb.TaskView):
-            by_status[pb.TaskStatus.Name(view.status)] += 1
-            if view.status not in TERMINAL:
-                if lt.tasks[task_id][1] > lt.due_by_ms:
-                    not_due_yet += 1  # due after the drain's end: legitimately still waiting
-                else:
-                    lost.append(task_id)
-            elif view.status == pb.SUCCEEDED and view.HasField("finished_at"):
-                finished_rel.append(view.finished_at.ToMilliseconds() / 1000.0 - t0)
-        else:
-            by_status[f"unreadable:{view}"] += 1
-            lost.append(task_id)
+    finals = final_states(accepted, lt.final, {t: run_at for t, (_, run_at, _) in lt.tasks.items()}, lt.due_by_ms, t0)
+    by_status, lost, unverified, not_due_yet = finals.by_status, finals.lost, finals.unverified, finals.not_due_yet
+    finished_rel = finals.finished_rel
     finished = np.asarray(finished_rel)
     in_window = int(((finished >= 0) & (finished < seconds)).sum()) if finished.size else 0
     completed_per_s = in_window / seconds if seconds else 0.0
@@ -204,7 +227,8 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
         "accepted_eq_schedule_ok_plus_preflight": len(accepted) == sched.ok + lt.preflight + lt.burst.accepted,
         "accepted_ids_unique": len(set(accepted)) == len(accepted) == len(lt.tasks),
         "statuses_sum_to_accepted": sum(by_status.values()) == len(accepted),
-        "terminal_plus_lost_plus_not_due_eq_accepted": terminal + len(lost) + not_due_yet == len(accepted),
+        "terminal_plus_lost_plus_not_due_plus_unverified_eq_accepted": terminal + len(lost) + not_due_yet + len(unverified)
+        == len(accepted),
         "succeeded_tasks_were_started": ledger is None
         or all(t in ledger.first_start for t in accepted if _status(lt.final.get(t)) == pb.SUCCEEDED),
     }
@@ -348,6 +372,8 @@ def build(lt: "LoadTest", load: dict[str, Any], ledger: "LedgerSummary | None", 
             "lost": len(lost),
             "not_due_yet": not_due_yet,
             "lost_examples": lost[:10],
+            "unverified": len(unverified),
+            "unverified_ran": sum(1 for t in unverified if ledger is not None and t in ledger.first_start),
             "completed_in_window": in_window,
             "completed_per_s": round(completed_per_s, 1),
             "completed_per_s_best_10s": round(best_10s, 1),
@@ -470,7 +496,7 @@ def text_summary(r: dict[str, Any]) -> str:
         f"dispatch lag  p50 {_ms(r['dispatch_lag_ms']['p50'])} p99 {_ms(r['dispatch_lag_ms']['p99'])} max {_ms(r['dispatch_lag_ms']['max'])};"
         f"  immediate schedule→start p50 {_ms(r['immediate_schedule_to_start_ms']['p50'])} p99 {_ms(r['immediate_schedule_to_start_ms']['p99'])}",
         *stage_lines(r.get("immediate_stages_ms")),
-        f"correctness   lost {t['lost']}  overlaps {t['overlaps']}  executions {t['executions']} (re-executions {t['re_executions']})  "
+        f"correctness   lost {t['lost']}{_unverified(t)}  overlaps {t['overlaps']}  executions {t['executions']} (re-executions {t['re_executions']})  "
         f"counts add up: {r['consistent']}",
     ]
     sc = r.get("schedules")
@@ -536,3 +562,9 @@ def group_lines(g: dict[str, Any]) -> list[str]:
 
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}ms"
+
+
+def _unverified(t: dict[str, Any]) -> str:
+    """The tasks whose final read was refused, when there are any."""
+    n = t.get("unverified", 0)
+    return f" (+ {n} unverified: final poll refused; {t.get('unverified_ran', 0)} of them ran per the ledger)" if n else ""

@@ -285,3 +285,23 @@ def test_open_loop_batches_counts_past_max_inflight_as_not_sent() -> None:
 
     due, fired, refused = asyncio.run(run())
     assert fired + len(refused) == due and fired >= 30 and set(refused) == {"CLIENT_BACKLOG"}
+
+
+def test_a_task_whose_final_poll_was_refused_is_unverified_not_lost() -> None:
+    """Under overload the harness's own final PollTask may be shed
+    (RESOURCE_EXHAUSTED): that says nothing about the task. Only NOT_FOUND,
+    or a due task still not terminal, is lost."""
+    from leasesched.loadtest.report import final_states
+    from leasesched.v1 import scheduler_pb2 as pb
+
+    done = pb.TaskView(status=pb.SUCCEEDED)
+    done.finished_at.FromMilliseconds(12_500)
+    final = {"ok": done, "gone": "NOT_FOUND", "shed": "RESOURCE_EXHAUSTED", "stuck": pb.TaskView(status=pb.SCHEDULED),
+             "later": pb.TaskView(status=pb.SCHEDULED)}  # fmt: skip
+    run_at = {"ok": 1_000, "gone": 1_000, "shed": 1_000, "stuck": 1_000, "later": 99_000}
+    out = final_states(["ok", "gone", "shed", "stuck", "later", "never-read"], final, {**run_at, "never-read": 1_000}, 50_000, 10.0)
+    assert out.lost == ["gone", "stuck", "never-read"]
+    assert out.unverified == ["shed"]
+    assert out.not_due_yet == 1
+    assert out.finished_rel == [2.5]
+    assert out.by_status["unreadable:RESOURCE_EXHAUSTED"] == 1
