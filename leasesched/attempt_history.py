@@ -11,20 +11,20 @@ did not happen would be a lie, while a missing entry is only a gap.
 
 What it costs on the hot path (plain writes, no Paxos round; measured in
 BENCHMARKS.md, "Attempt history: what it costs" and issue 17's verdict):
-ONE insert per attempt, at its end. The attempt that is running has no
-entry of its own: it is the task row itself (RUNNING, its lease token, claim
-time, worker and live progress), and ``read`` shows it from the row the
-caller read anyway (GetTaskHistory reads it to check who may see it). Its
-end then writes the entry, keyed by the lease token. A completion is written
-without reading the task (one conditional write); its entry needs the claim
-time (it keys the entry), worker and attempt, and the last progress: the
-process that claimed the attempt remembers the first three
-(``ClaimedAttempt``, a bounded memory of ``CLAIM_MEMORY`` claims) and the
-worker sends its last progress with the completion, so the common completion
-reads nothing (issue 17). A completion elsewhere (another TaskUpdater, after
-a restart, a worker that sent no progress) reads the row once. Every other
-end already read the row. Heartbeats write nothing. An end entry whose
-write fails leaves a gap (the attempt is not shown), never a wrong line.
+nothing for an attempt that succeeds, ONE insert for every other end. Two
+attempts have no entry of their own, because the task row already says all
+an entry would: the attempt that is running (the row is RUNNING, with its
+lease token, claim time, worker and live progress), and the attempt that
+succeeded (the row is SUCCEEDED for good, with the same facts, its finish
+time and the worker's last progress, which the completion writes). ``read``
+shows both from the row the caller read anyway (GetTaskHistory reads it to
+check who may see it), unless an entry with that lease token was written
+(as a version before this one did). So the claim writes nothing, a
+heartbeat writes nothing, and a completion is its one conditional write.
+Every other end (a failure, a retry, an expired lease, a cancel, a release,
+an operator's action) writes its entry, keyed by the lease token: the row
+moves on past that attempt. An end entry whose write fails leaves a gap
+(the attempt is not shown), never a wrong line.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Final
 
 from leasesched.errors import Unavailable
@@ -53,21 +51,6 @@ LOG_EVERY_S: Final = 10.0  # at most one warning per this many seconds per proce
 # schedule_to_close that passed while it ran: these attempts ended TIMED_OUT,
 # not FAILED.
 TIMEOUT_ERROR_TYPES: Final = frozenset({"StartToCloseTimeout", "DeadlineExceeded"})
-
-# Claims remembered per process for their completions (``ClaimedAttempt``):
-# ~200 bytes each, so at most ~10 MB; more than a TaskUpdater has running.
-CLAIM_MEMORY: Final = 50_000
-
-
-@dataclass(frozen=True)
-class ClaimedAttempt:
-    """What an attempt's end entry needs from its claim, remembered by the
-    process that claimed it (the completion then needs no read of the row)."""
-
-    started_at: int
-    attempt: int
-    worker_id: str
-
 
 def failure_outcome(error_type: str) -> AttemptOutcome:
     """FAILED, or TIMED_OUT for an attempt a timeout ended."""
@@ -93,16 +76,22 @@ def attempt_entry(task: Task, outcome: AttemptOutcome, ended_at: int | None = No
     )
 
 
-def running_entry(task: Task) -> HistoryEntry | None:
-    """The running attempt of ``task`` as a history entry, from its row (None
-    unless it is RUNNING under a claim)."""
-    if task.status is not TaskStatus.RUNNING or task.started_at is None:
+def row_entry(task: Task) -> HistoryEntry | None:
+    """The attempt the task row itself describes, as a history entry: the
+    running one (RUNNING), or the one that succeeded (SUCCEEDED is final, so
+    the row keeps describing it). None for any other row, or one never claimed."""
+    if task.started_at is None:
         return None
-    return attempt_entry(task, AttemptOutcome.RUNNING)
+    if task.status is TaskStatus.RUNNING:
+        return attempt_entry(task, AttemptOutcome.RUNNING)
+    if task.status is TaskStatus.SUCCEEDED:
+        return attempt_entry(task, AttemptOutcome.SUCCEEDED, task.finished_at)
+    return None
 
 
 class AttemptHistory:
-    """Writes a task's ATTEMPT entries: RUNNING at the claim, the outcome at the end.
+    """Writes a task's ATTEMPT entries: the outcome of every attempt that did
+    not succeed, at its end (the running and the succeeded attempt are the row).
 
     ``max_entries`` bounds each task's history (``Config.history_max_entries``).
     Reads are bounded by it (their LIMIT); the removal of older entries
@@ -123,17 +112,11 @@ class AttemptHistory:
         self.trim_every = max(1, max_entries // 10)
         self._last_log = 0.0
         self._unlogged = 0
-        self._claimed: OrderedDict[tuple[uuid.UUID, int], ClaimedAttempt] = OrderedDict()
 
     async def started(self, task: Task) -> None:
         """The claim of ``task`` (as it is after the claim) applied: nothing is
-        written (the running attempt is the row, see ``read``); the claim is
-        remembered for its completion, and old entries are trimmed now and then."""
-        self._claimed[(task.task_id, task.lease_token)] = ClaimedAttempt(
-            task.started_at or 0, task.attempt, task.lease_owner or ""
-        )
-        if len(self._claimed) > CLAIM_MEMORY:
-            self._claimed.popitem(last=False)
+        written (the running attempt is the row, see ``read``); old entries
+        are trimmed now and then."""
         token = task.lease_token
         if token > self.max_entries and token % self.trim_every == 0:
             try:
@@ -146,38 +129,10 @@ class AttemptHistory:
     ) -> None:
         """The attempt ``task`` runs (as read before its end: its token, claim
         time, worker, last progress) ended with ``outcome`` at ``ended_at``."""
-        self._claimed.pop((task.task_id, task.lease_token), None)
         if task.started_at is None:
             return  # never claimed (a row from before started_at was written): no entry to end
         entry = attempt_entry(task, outcome, ended_at, error_type, error)
         await self._write(entry)
-
-    async def succeeded_as_claimed(
-        self, task_id: uuid.UUID, token: int, ended_at: int, progress_message: str | None
-    ) -> bool:
-        """The SUCCEEDED entry of attempt ``token`` from this process's memory
-        of its claim and the worker's last ``progress_message``, without
-        reading the row (percent 100, as the completion writes in the row).
-        False, with nothing written, when either is missing: the caller reads
-        the row and calls ``ended``."""
-        claimed = self._claimed.pop((task_id, token), None)
-        if claimed is None or progress_message is None:
-            return False
-        await self._write(
-            HistoryEntry(
-                task_id=task_id,
-                kind=HistoryKind.ATTEMPT,
-                started_at=claimed.started_at,
-                attempt=claimed.attempt,
-                lease_token=token,
-                worker_id=claimed.worker_id,
-                ended_at=ended_at,
-                outcome=AttemptOutcome.SUCCEEDED,
-                progress_percent=100.0,
-                progress_message=progress_message,
-            )
-        )
-        return True
 
     async def operated(self, task: Task, operation: Operation, operator: str, reason: str, at: int) -> None:
         """An operator's ``operation`` applied; ``task`` as it is after it."""
@@ -204,10 +159,10 @@ class AttemptHistory:
             entries = await self.store.read_history(task_id, bounded)
         except StoreUnavailable as exc:
             raise Unavailable(str(exc)) from exc
-        running = running_entry(current) if current is not None else None
-        if running is None or any(e.kind is HistoryKind.ATTEMPT and e.lease_token == running.lease_token for e in entries):
+        from_row = row_entry(current) if current is not None else None
+        if from_row is None or any(e.kind is HistoryKind.ATTEMPT and e.lease_token == from_row.lease_token for e in entries):
             return entries
-        newest_first = sorted([running, *entries], key=lambda e: (e.started_at, e.key), reverse=True)
+        newest_first = sorted([from_row, *entries], key=lambda e: (e.started_at, e.key), reverse=True)
         return newest_first[:bounded]
 
     async def _write(self, entry: HistoryEntry) -> None:

@@ -151,15 +151,17 @@ class TaskChange:
         return cls(lease_expires_at=expires_at, progress_percent=percent, progress_message=message)
 
     @classmethod
-    def complete(cls, current: TaskStatus, result: bytes, now: int) -> TaskChange:
+    def complete(cls, current: TaskStatus, result: bytes, now: int, progress_message: str | None = None) -> TaskChange:
         """The handler returned: SUCCEEDED with its result, the lease ended.
         ``current`` is the status the write expects (a completion is written
-        without reading the task first)."""
+        without reading the task first). ``progress_message``: the worker's
+        last one, sent with the completion (None: the row keeps its own)."""
         return cls(
             status=target(Transition.COMPLETE, current),
             result=result,
             finished_at=now,
             progress_percent=100.0,
+            progress_message=UNSET if progress_message is None else progress_message,
             lease_expires_at=None,
         )
 

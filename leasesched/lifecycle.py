@@ -375,14 +375,17 @@ class Lifecycle:
         namespace: str | None = None,
         progress_message: str | None = None,
     ) -> TaskStatus:
-        """RUNNING → SUCCEEDED under lease ``token``. ``progress_message``:
-        the attempt's last progress message as the worker reports it with the
-        completion, for the history entry (None: read from the row)."""
+        """RUNNING → SUCCEEDED under lease ``token``: one conditional write,
+        nothing read. ``progress_message``: the attempt's last progress
+        message as the worker reports it with the completion, written into
+        the row (None: the row keeps the last heartbeat's). The succeeded
+        attempt needs no history entry: the row, SUCCEEDED for good, is it
+        (``attempt_history.row_entry``)."""
         now = now_ms()
-        change = TaskChange.complete(TaskStatus.RUNNING, result, now)
+        change = TaskChange.complete(TaskStatus.RUNNING, result, now, progress_message)
         outcome = await self._write(task_id, Expect(TaskStatus.RUNNING, lease_token=token, namespace=namespace), change)
         if outcome.applied:
-            await asyncio.gather(self._release_slots(task_id, token), self._record_success(task_id, token, now, progress_message))
+            await self._release_slots(task_id, token)
             return TaskStatus.SUCCEEDED
         if namespace is not None and outcome.exists and outcome.current_namespace != namespace:
             raise PermissionDenied(f"task {task_id} is not in namespace {namespace!r} or does not exist")
@@ -774,24 +777,6 @@ class Lifecycle:
         error_type = "" if change.error_type is UNSET else change.error_type
         error = "" if change.error is UNSET else change.error
         await self.history.ended(task, outcome, now, error_type, error)
-
-    async def _record_success(self, task_id: uuid.UUID, token: int, now: int, progress_message: str | None) -> None:
-        """The SUCCEEDED entry of attempt ``token``. A completion is written
-        without reading the task: the entry comes from this process's memory
-        of the claim and the worker's ``progress_message`` when it has both, else
-        from one plain read of the row (the claim time keys the entry, and
-        worker, attempt and the last progress come from it). Never raises:
-        the completion stands."""
-        if await self.history.succeeded_as_claimed(task_id, token, now, progress_message):
-            return
-        try:
-            task = await self.store.get_task(task_id)
-        except Exception as exc:  # noqa: BLE001 - history never fails a report (leasesched/attempt_history.py)
-            log.debug("task %s: no history entry for its completion: %s", task_id, exc)
-            metrics.history_write_failures.inc()
-            return
-        if task is not None and task.lease_token == token:
-            await self.history.ended(task, AttemptOutcome.SUCCEEDED, now)
 
     async def _release_slots(self, task_id: uuid.UUID, token: int, task: Task | None = None) -> None:
         """The attempt under ``token`` ended: give back its concurrency slots.
