@@ -9,25 +9,36 @@ it first sets that timer slack on every thread of the node
 ``cassandra_timer_slack_us`` does at start (leasesched/infra/timer_slack.py).
 BENCHMARKS.md, "Issue 17, second pass", has the figures.
 
+The driver is built as every leasesched process builds it
+(``new_cluster``), from the ``LEASESCHED_*`` settings (port, protocol).
+
     .venv/bin/leasesched infra up                      # or any idle local node
-    .venv/bin/python scripts/cassandra_wakeups.py --port 9042 --pid $(pgrep -f CassandraDaemon) [--slack-ns 500000]
+    .venv/bin/python scripts/cassandra_wakeups.py --pid $(pgrep -f CassandraDaemon) [--slack-ns 500000]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
-from cassandra.cluster import Cluster
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from leasesched.config import Config  # noqa: E402
+from leasesched.loadtest.cpu import cpu_seconds  # noqa: E402
+from leasesched.store.cassandra import new_cluster  # noqa: E402
 
 KEYSPACE = "wakeups_probe"
 
 
 def cpu_s(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    used = cpu_seconds(pid)
+    if used is None:
+        sys.exit(f"process {pid} is gone")
+    return used
 
 
 def set_slack(pid: int, slack_ns: int) -> int:
@@ -51,15 +62,13 @@ def paced(pid: int, label: str, rate: float, seconds: float, call: Callable[[int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9042)
     parser.add_argument("--pid", type=int, required=True, help="the Cassandra node's PID")
     parser.add_argument("--slack-ns", type=int, default=0, help="set this timer slack on the node's threads first")
     parser.add_argument("--seconds", type=float, default=15.0)
     args = parser.parse_args()
     if args.slack_ns:
         print(f"timer slack {args.slack_ns} ns set on {set_slack(args.pid, args.slack_ns)} threads")
-    cluster = Cluster([args.host], port=args.port, protocol_version=4)
+    cluster = new_cluster(Config.from_env())
     session = cluster.connect()
     try:
         session.execute(f"CREATE KEYSPACE IF NOT EXISTS {KEYSPACE} WITH replication = "

@@ -8,7 +8,8 @@ from typing import Any
 import psutil
 
 
-def _cpu(pid: int) -> float | None:
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` and its children so far; None if it is gone."""
     try:
         t = psutil.Process(pid).cpu_times()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -24,7 +25,7 @@ class CpuMeter:
         self._t_start = 0.0
 
     def start(self, now: float) -> None:
-        self._start = {name: _cpu(pid) for name, pid in self.pids.items()}
+        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         self._machine_start = psutil.cpu_times()
         self._t_start = now
 
@@ -32,7 +33,7 @@ class CpuMeter:
         seconds = max(1e-9, now - self._t_start)
         per_process: dict[str, Any] = {}
         for name, pid in self.pids.items():
-            before, after = self._start.get(name), _cpu(pid)
+            before, after = self._start.get(name), cpu_seconds(pid)
             if before is None or after is None:
                 per_process[name] = None
                 continue
