@@ -75,7 +75,8 @@ class Config:
     # the last seconds of acknowledged writes on kill -9). See leasesched/infra/cassandra.py.
     cassandra_commitlog_sync: str = "batch"
     # "c1": the JVM compiles with C1 only (start-up CPU -40 %: dev and test
-    # nodes); "full": C2 as well, as in production (the benchmarks' setting).
+    # nodes); "full": C2 as well, as in production (no better over a 60 s benchmark,
+    # even after a warm-up: BENCHMARKS.md, issue 17).
     cassandra_jit: str = "c1"
     # Timer slack of the local Cassandra's threads, in µs (0: the kernel's 50 µs).
     # Its request threads spin in 10 µs sleeps between requests; a 500 µs slack

@@ -142,8 +142,8 @@ DEV_FLAGS = (
 # ``jit="c1"`` (the default for dev and test nodes): C1 only, start-up CPU
 # -40 %, for nodes that start often and serve little. ``jit="full"`` (C2 as
 # well, the JVM's default: what a production node runs): more CPU while it
-# warms up, less per request after; the benchmarks run it (BENCHMARKS.md,
-# issue 17: Cassandra's CPU per task with each).
+# warms up; measured no cheaper per task than C1 here, even after a 60 s
+# warm-up (BENCHMARKS.md, issue 17), so the benchmarks run C1 too.
 JIT_FLAGS: dict[str, tuple[str, ...]] = {"c1": ("-XX:TieredStopAtLevel=1",), "full": ()}
 # ``commitlog_sync="group"``: as durable as batch (a write is acknowledged only
 # after the fsync that covers it), but the node fsyncs at most once per window
@@ -235,7 +235,7 @@ class CassandraServer(ServerControl):
     # "batch": acknowledge a write only after its commit-log fsync; "periodic":
     # Cassandra's default, faster but loses recent writes on kill -9 (module doc).
     commitlog_sync: str = "batch"  # or "group" (as durable, fsyncs grouped per GROUP_WINDOW)
-    jit: str = "c1"  # JIT_FLAGS: "c1" (fast start, dev and tests) or "full" (C2: production, benchmarks)
+    jit: str = "c1"  # JIT_FLAGS: "c1" (fast start, dev and tests) or "full" (C2, as in production)
     # Timer slack of the JVM's threads (leasesched/infra/timer_slack.py); 0 = the kernel's 50 µs.
     timer_slack_ns: int = 0
     seeds: tuple[str, ...] = ()  # hosts of the cluster's seed nodes; () = this node alone
