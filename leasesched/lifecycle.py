@@ -327,8 +327,13 @@ class Lifecycle:
             if not result.applied:
                 raise FailedPrecondition(f"task {task_id} was claimed by someone else")
             claimed = change.apply(task)
-            # The attempt's entry beside the slots' confirmation (history never raises).
-            _, confirmed = await asyncio.gather(self.history.started(claimed), self.admission.confirm(task_id, token, held))
+            # The attempt's history beside the slots' confirmation (history never raises);
+            # no slots (the usual case): no gather, whose two tasks cost more than the work.
+            if held:
+                _, confirmed = await asyncio.gather(self.history.started(claimed), self.admission.confirm(task_id, token, held))
+            else:
+                await self.history.started(claimed)
+                confirmed = True
             if not confirmed:
                 # A slot was taken over while this claim was in flight (it took
                 # longer than concurrency.SLOT_CLAIM_MS): give the claim back

@@ -156,6 +156,18 @@ def test_list_pages_newest_first_and_filters_by_status(task_stub: Stub) -> None:
     assert statuses == {tid: pb.CANCELLED if tid in created[1:3] else pb.SCHEDULED for tid in created}
 
 
+def test_small_and_large_tasks_are_both_written_and_listed(task_stub: Stub) -> None:
+    """A small new row goes with its listing entry in one batch; a row over
+    Cassandra's batch size limit (50 KiB) must go as two writes, or its
+    ScheduleTask would fail."""
+    ns = new_ns()
+    sizes = {schedule(task_stub, ns, payload=b"s" * size).task_id: size for size in (100, 60_000)}
+    assert set(listed_ids(task_stub, ns)) == set(sizes)
+    for task_id, size in sizes.items():
+        request = pb.PollTaskRequest(task_id=task_id, include_payload=True)
+        assert len(task_stub.PollTask(request, timeout=RPC_TIMEOUT).task.payload) == size
+
+
 def test_namespaces_are_separate(task_stub: Stub) -> None:
     a, b = new_ns(), new_ns()
     in_a = {schedule(task_stub, a).task_id for _ in range(2)}

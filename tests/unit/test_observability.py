@@ -162,3 +162,24 @@ def test_managed_process_reports_its_exit_code(tmp_path: Path) -> None:
     killed.start()
     killed.stop(10)
     assert killed.exit_code() == -15  # died of the SIGTERM: not a clean exit
+
+
+def test_json_timestamp_follows_each_record_across_seconds() -> None:
+    """The formatted second is cached; a record of another second must not reuse it."""
+    formatter = JsonFormatter()
+    stamps = []
+    for created in (1_700_000_000.123, 1_700_000_000.999, 1_700_000_001.004, 1_699_999_999.5):
+        rec = record()
+        rec.created = created
+        stamps.append(json.loads(formatter.format(rec))["ts"])
+    assert stamps == ["2023-11-14T22:13:20.123Z", "2023-11-14T22:13:20.999Z", "2023-11-14T22:13:21.004Z",
+                      "2023-11-14T22:13:19.500Z"]  # fmt: skip
+
+
+def test_json_pid_without_the_per_record_lookup() -> None:
+    """``setup`` turns off logging's per-record getpid; the line still names this process."""
+    import os
+
+    rec = record()
+    rec.process = None
+    assert json.loads(JsonFormatter().format(rec))["pid"] == os.getpid()
