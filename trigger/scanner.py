@@ -52,7 +52,6 @@ ScheduleHandler = Callable[[DueEntry, "ShardScanner"], Awaitable[None]]
 
 RETRY_DELAY_S = 1.0
 MAX_PENDING = 20_000
-READ_LIMIT = 5_000
 
 
 @dataclass(frozen=True)

@@ -440,8 +440,7 @@ class CassandraStore:
                      "insert_slot", "takeover_slot", "confirm_slot", "free_slot"):
             self._stmts[name].is_idempotent = False
         # Limit definitions are a few rows per namespace, written by operators:
-        # read whole in one response (the driver's paging would hand _run only
-        # the first page).
+        # read whole in one response instead of page by page.
         for name in ("list_limits", "list_all_limits"):
             self._stmts[name].fetch_size = None
         self._update_stmts.clear()
@@ -472,9 +471,18 @@ class CassandraStore:
 
         inbox = self._inbox_for(loop)
 
+        collected: list[Any] = []
+
         def on_ok(rows: Any) -> None:
-            # The driver pages large results; every query here is bounded.
-            inbox.post(result, list(rows) if rows is not None else [], None)
+            # The driver hands an answer over in pages (5,000 rows); this
+            # callback runs once per page. Every page is kept: a due-index scan
+            # of a flood that saw only its first page skipped the rest for good.
+            if rows is not None:
+                collected.extend(rows)
+            if future.has_more_pages:
+                future.start_fetching_next_page()
+            else:
+                inbox.post(result, collected, None)
 
         def on_err(exc: BaseException) -> None:
             inbox.post(result, None, exc)
@@ -804,7 +812,7 @@ class CassandraStore:
 
         def read() -> list[str]:
             # The driver fetches the next page as the iteration reaches it (in
-            # this thread); the async path (``_run``) sees the first page only.
+            # this thread), counting as it goes instead of keeping every row.
             return [r.type for r in session.execute(bound, timeout=self._give_up_s)]
 
         try:
