@@ -305,3 +305,12 @@ def test_a_task_whose_final_poll_was_refused_is_unverified_not_lost() -> None:
     assert out.not_due_yet == 1
     assert out.finished_rel == [2.5]
     assert out.by_status["unreadable:RESOURCE_EXHAUSTED"] == 1
+
+
+def test_warm_latencies_leave_out_the_first_seconds_of_the_load() -> None:
+    from leasesched.loadtest.report import WARMUP_S, after_warmup
+
+    t0 = 1_000.0
+    samples = [(t0 + 0.5, 400.0), (t0 + WARMUP_S - 0.001, 300.0), (t0 + WARMUP_S, 30.0), (t0 + 55.0, 20.0)]
+    assert after_warmup(samples, t0) == [30.0, 20.0]
+    assert after_warmup([], t0) == []
