@@ -37,6 +37,12 @@ class StoreUnavailable(StoreError):
     by a serial read before this is raised)."""
 
 
+class StatementRefused(StoreError):
+    """Cassandra answered that a statement is invalid (a syntax error, an
+    unknown column, a batch over its size limit): a bug here, not an outage.
+    Never answered UNAVAILABLE, which clients retry; it surfaces as INTERNAL."""
+
+
 @dataclass(frozen=True)
 class RowProblem:
     """One thing wrong with a stored task row, and how the quarantine repairs it.

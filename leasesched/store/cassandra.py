@@ -45,7 +45,7 @@ import uuid
 from typing import Any, Awaitable, Callable, Sequence
 
 import backoff
-from cassandra import ConsistencyLevel, DriverException, OperationTimedOut, RequestExecutionException
+from cassandra import ConsistencyLevel, DriverException, OperationTimedOut, RequestExecutionException, RequestValidationException
 from cassandra import protocol
 from cassandra.connection import ConnectionException
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, ResponseFuture, Session
@@ -81,6 +81,7 @@ from leasesched.store.base import (
     ListQuery,
     Page,
     RawCondition,
+    StatementRefused,
     StoreUnavailable,
     UnreadableTask,
     task_from_row,
@@ -254,6 +255,18 @@ _UNAVAILABLE_ERRORS = (
     protocol.RequestExecutionException,
     protocol.ServerError,
 )
+
+
+def driver_error(exc: BaseException) -> BaseException:
+    """The error a statement's caller sees for what the driver reported.
+    The driver raises Cassandra's "invalid statement" answers as
+    ``RequestValidationException``s, which are ``DriverException``s too: left
+    as they are, ``_UNAVAILABLE_ERRORS`` took a statement Cassandra refused
+    (once, a batch over its size limit) for an outage, and clients retried
+    a bug as UNAVAILABLE."""
+    if isinstance(exc, RequestValidationException):
+        return StatementRefused(f"Cassandra refused the statement: {type(exc).__name__}: {exc}")
+    return exc
 
 
 class WriteIds:
@@ -485,7 +498,7 @@ class CassandraStore:
                 inbox.post(result, collected, None)
 
         def on_err(exc: BaseException) -> None:
-            inbox.post(result, None, exc)
+            inbox.post(result, None, driver_error(exc))
 
         future.add_callbacks(on_ok, on_err)
         # Our own deadline behind the driver's: if its answer never comes (a
@@ -817,6 +830,8 @@ class CassandraStore:
 
         try:
             types_read = await asyncio.to_thread(read)
+        except RequestValidationException as exc:
+            raise driver_error(exc) from exc
         except _UNAVAILABLE_ERRORS as exc:
             raise StoreUnavailable(f"count of failed tasks: {exc}") from exc
         exact = len(types_read) <= limit

@@ -36,6 +36,23 @@ def test_a_bad_statement_stays_a_bug() -> None:
         assert not isinstance(error, _UNAVAILABLE_ERRORS), type(error)
 
 
+def test_a_statement_cassandra_refused_is_a_bug_as_the_caller_sees_it() -> None:
+    """What the driver hands a callback for Cassandra's "invalid statement"
+    answer is its own exception (``to_exception()``: InvalidRequest, a
+    DriverException): seen as UNAVAILABLE ("Batch too large") until the
+    store turned it into StatementRefused."""
+    from leasesched.store.base import StatementRefused
+    from leasesched.store.cassandra import driver_error
+
+    raised = InvalidRequestException(0x2200, "Batch too large", None).to_exception()
+    assert isinstance(raised, _UNAVAILABLE_ERRORS)  # why the conversion is needed
+    seen = driver_error(raised)
+    assert isinstance(seen, StatementRefused) and not isinstance(seen, _UNAVAILABLE_ERRORS), type(seen)
+    assert "Batch too large" in str(seen)
+    for outage in (OperationTimedOut("no answer"), Unavailable("2 of 3 replicas down")):
+        assert driver_error(outage) is outage
+
+
 def test_an_unknown_outcome_found_not_applied_while_the_condition_still_holds_is_unavailable() -> None:
     """The replicated 2-of-3 scenario once: a completion's write met an overloaded
     coordinator, the serial read-back found it not applied and the task still
