@@ -53,6 +53,8 @@ from leasesched.store.base import (
     StoreUnavailable,
     TaskStore,
     UnreadableTask,
+    Untouched,
+    creation_write_id,
 )
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,9 @@ MAX_RACE_RETRIES = 5
 class Scheduled:
     task: Task
     created: bool
+    # The write id the creation wrote (None: not created by this call): with
+    # the task, what a claim without a read is conditional on (``Untouched``).
+    write_id: uuid.UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -182,13 +187,15 @@ class Lifecycle:
             # Index entry first: a crash after it leaves only an orphan entry.
             await self.store.add_due(run_entry(task, max(task.run_at, now_ms())))
             # Without a key the id is the one validation just drew: nobody can
-            # have used it, so no conditional round is needed.
-            if not await self.store.insert_task(task, new_id=not idempotency_key):
+            # have used it, so no conditional round is needed (and its write id
+            # is its own id). With one, a write id of its own.
+            write_id = uuid.uuid4() if idempotency_key else creation_write_id(task.task_id)
+            if not await self.store.insert_task(task, new_id=not idempotency_key, write_id=write_id):
                 found = await self.read(task.task_id, serial=True)
                 if found is None:
                     raise Aborted("task insert raced and could not be read back; retry")
                 return Scheduled(found, created=False)
-            return Scheduled(task, created=True)
+            return Scheduled(task, created=True, write_id=write_id)
         except (StoreUnavailable, UnreadableTask) as exc:
             raise Unavailable(str(exc)) from exc
 
@@ -290,9 +297,22 @@ class Lifecycle:
     # ---------------------------------------------------------------- workers
 
     async def claim(
-        self, task_id: uuid.UUID, worker_id: str, attempt: int, now: int | None = None, namespace: str | None = None
+        self, task_id: uuid.UUID, worker_id: str, attempt: int, now: int | None = None, namespace: str | None = None,
+        created: Untouched | None = None,
     ) -> Lease:
-        """SCHEDULED → RUNNING with a new, larger lease token."""
+        """SCHEDULED → RUNNING with a new, larger lease token.
+
+        ``created``: the task as its creation hint described it (``CreatedTask``
+        on the dispatch) and the write id of its creation. A task that is still
+        exactly that row is claimed by one conditional write on it, without
+        reading it first; if the row is not that any more (claimed, cancelled,
+        changed), or anything about it needs a look (not due yet, past its
+        deadline, another attempt asked for), the claim goes the usual way
+        below, from a read."""
+        if created is not None and created.task.task_id == task_id:
+            lease = await self._claim_created(created, worker_id, attempt, namespace, now)
+            if lease is not None:
+                return lease
         task = await self.get(task_id, namespace)
         now = now_ms() if now is None else now
         if task.status != TaskStatus.SCHEDULED:
@@ -311,6 +331,35 @@ class Lifecycle:
                 log.info("task %s failed at its claim: %s", task.task_id, late, extra=fields(task_id=str(task.task_id)))
                 metrics.tasks_failed.labels(metrics.type_label(task.type), "deadline").inc()
             raise FailedPrecondition(f"task {task_id} is past its deadline: {late}")
+        lease = await self._lease(task, worker_id, now, Expect(TaskStatus.SCHEDULED, lease_token=task.lease_token))
+        if lease is None:
+            raise FailedPrecondition(f"task {task_id} was claimed by someone else")
+        return lease
+
+    async def _claim_created(
+        self, created: Untouched, worker_id: str, attempt: int, namespace: str | None, now: int | None
+    ) -> Lease | None:
+        """The claim of a task untouched since its creation, as ``created``
+        says: None when the usual way must decide."""
+        task = created.task
+        now = now_ms() if now is None else now
+        usual = (
+            task.status != TaskStatus.SCHEDULED or task.lease_token != 0 or task.attempt != 1 or task.cancel_requested
+            or (attempt and attempt != task.attempt) or (namespace is not None and namespace != task.namespace)
+            or task.run_at > now + 1000 or deadline_passed(task, now) is not None
+        )  # fmt: skip
+        if usual:
+            return None
+        expect = Expect(TaskStatus.SCHEDULED, lease_token=0, namespace=task.namespace, untouched=created)
+        lease = await self._lease(task, worker_id, now, expect)
+        if lease is not None:
+            metrics.claims_unread.labels(metrics.type_label(task.type)).inc()
+        return lease
+
+    async def _lease(self, task: Task, worker_id: str, now: int, expect: Expect) -> Lease | None:
+        """Take the lease of ``task`` (as read, or as created) under ``expect``:
+        the claim's conditional write, with the lease check entry before it
+        and the concurrency slots around it. None: the write did not apply."""
         token = task.lease_token + 1
         # A slot of every concurrency limit first (LimitReached: the task stays
         # SCHEDULED, its attempt unused), confirmed once the claim landed.
@@ -323,14 +372,17 @@ class Lifecycle:
             # trigger still finds the lease and re-queues it once it expires.
             await self._add_due(lease_entry(task, expires_at, self.lease_grace_ms, token))
             change = TaskChange.claim(task, worker_id, token, expires_at, now)
-            result = await self._write(task_id, Expect(TaskStatus.SCHEDULED, lease_token=task.lease_token), change)
+            result = await self._write(task.task_id, expect, change)
             if not result.applied:
-                raise FailedPrecondition(f"task {task_id} was claimed by someone else")
+                await self.admission.give_back(held)
+                return None
             claimed = change.apply(task)
             # The attempt's history beside the slots' confirmation (history never raises);
             # no slots (the usual case): no gather, whose two tasks cost more than the work.
             if held:
-                _, confirmed = await asyncio.gather(self.history.started(claimed), self.admission.confirm(task_id, token, held))
+                _, confirmed = await asyncio.gather(
+                    self.history.started(claimed), self.admission.confirm(task.task_id, token, held)
+                )
             else:
                 await self.history.started(claimed)
                 confirmed = True
@@ -338,8 +390,10 @@ class Lifecycle:
                 # A slot was taken over while this claim was in flight (it took
                 # longer than concurrency.SLOT_CLAIM_MS): give the claim back
                 # unrun, so that two runners never share one slot.
-                await self.release(task_id, token)
-                raise ResourceExhausted(f"{LIMIT_REACHED}slot of task {task_id} was taken over during the claim; it waits again")
+                await self.release(task.task_id, token)
+                raise ResourceExhausted(
+                    f"{LIMIT_REACHED}slot of task {task.task_id} was taken over during the claim; it waits again"
+                )
         except BaseException:
             await self.admission.give_back(held)
             raise

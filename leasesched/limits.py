@@ -118,6 +118,9 @@ SCHEDULE_CRONS = Bound("spec.cron", 0, 10, "entries", "every firing evaluates ea
 # ---------------------------------------------------------------- sizes (characters)
 
 MAX_WORKER_ID = 256
+# A due hint and its dispatch carry a new task's payload up to this size (the
+# worker's claim then needs no read, ``CreatedTask``); a larger one is read at the claim.
+MAX_CREATED_PAYLOAD = 1024
 MAX_PROGRESS_MESSAGE = 4096
 MAX_ERROR_MESSAGE = 4096  # longer worker error texts are cut, not refused: the report must land
 MAX_ERROR_TYPE = 256

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -97,3 +99,16 @@ def history_entry_view(entry: HistoryEntry) -> pb.TaskHistoryEntry:
         view.progress.CopyFrom(pb.Progress(percent=entry.progress_percent, message=entry.progress_message))
     return view
 
+
+def created_pb(task: Task, write_id: uuid.UUID) -> pb.CreatedTask:
+    """A new task's creation row and write id as a due hint carries them (``CreatedTask``)."""
+    created = pb.CreatedTask(
+        write_id=str(write_id), shard=task.shard, namespace=task.namespace, type=task.type, priority=task.priority,
+        payload=task.payload,
+        lease_duration=dur(task.lease_ms), schedule_to_start=dur(task.timeouts.schedule_to_start_ms),
+        start_to_close=dur(task.timeouts.start_to_close_ms),
+    )  # fmt: skip
+    created.run_at.FromMilliseconds(task.run_at)
+    if task.deadline_at is not None:
+        created.deadline_at.FromMilliseconds(task.deadline_at)
+    return created

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Awaitable, Callable, Sequence
 
 import grpc
@@ -33,6 +34,7 @@ from leasesched.coordination import registry
 from leasesched.transport import aio_channel
 from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
+from services.convert import created_pb
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,12 @@ class DueNotifier:
             stub = self._stubs[address] = pb_grpc.TriggerServiceStub(channel)
         return stub
 
-    async def __call__(self, stored: Task) -> None:
+    async def __call__(self, stored: Task, write_id: uuid.UUID | None = None) -> None:
+        """Hint the owner of ``stored``'s shard. ``write_id``: TaskService has
+        just created it with this write id, so the hint carries its whole row
+        for the worker's claim without a read (``CreatedTask``; not for a
+        payload over ``limits.MAX_CREATED_PAYLOAD``, a concurrency key or a
+        gate: those claims read the row)."""
         address = self._owner_of.get(stored.shard)
         if address is None:
             return
@@ -110,6 +117,9 @@ class DueNotifier:
             gate=stored.gate,
         )
         request.run_at.FromMilliseconds(stored.run_at)
+        small = len(stored.payload) <= limits.MAX_CREATED_PAYLOAD
+        if write_id is not None and small and not stored.concurrency_key and not stored.gate:
+            request.created.CopyFrom(created_pb(stored, write_id))
         coalescer = self._coalescers.get(address)
         if coalescer is None:
             coalescer = self._coalescers[address] = Coalescer(

@@ -81,7 +81,9 @@ def _time_range(request: pb.ListTasksRequest) -> tuple[int | None, int | None]:
     return after, before
 
 
-DueHint = Callable[[Task], Awaitable[None]]  # tells the shard's trigger about a task due now
+# Tells the shard's trigger about a task due now; with the write id of its
+# creation by this call, the hint may carry its row (``DueNotifier``).
+DueHint = Callable[[Task, uuid.UUID | None], Awaitable[None]]
 
 
 class TaskService(pb_grpc.TaskServiceServicer):
@@ -172,7 +174,7 @@ class TaskService(pb_grpc.TaskServiceServicer):
             if self._workers is not None and self._workers.serves(stored.namespace, stored.type) is False:
                 metrics.tasks_scheduled_without_worker.labels(metrics.type_label(stored.type)).inc()
         if outcome.created and self._notify_due is not None and stored.run_at <= now_ms():
-            await self._notify_due(stored)
+            await self._notify_due(stored, outcome.write_id)
         return pb.ScheduleTaskResponse(task_id=str(stored.task_id), run_at=ts(stored.run_at), created=outcome.created)
 
     async def PollTask(self, request: pb.PollTaskRequest, context: grpc.aio.ServicerContext) -> pb.PollTaskResponse:

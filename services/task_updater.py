@@ -36,7 +36,7 @@ from leasesched.v1 import scheduler_pb2 as pb
 from leasesched.v1 import scheduler_pb2_grpc as pb_grpc
 from services.convert import dur, status_to_pb, ts
 from leasesched.server.error_mapping import item_status
-from leasesched.server.validation import check_task_id, check_worker_id, duration_ms
+from leasesched.server.validation import check_task_id, check_worker_id, created_task, duration_ms
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,9 @@ class TaskUpdater(pb_grpc.TaskUpdaterServicer):
         worker_id = check_worker_id(request.worker_id)
         # 0 means "any attempt"; a negative one is malformed, not a stale dispatch.
         attempt = int(limits.CLAIM_ATTEMPT.check(request.attempt))
+        created = created_task(task_id, request.created, self._cfg) if request.HasField("created") else None
         with hiding_missing(task_id):
-            lease = await self._lifecycle.claim(task_id, worker_id, attempt, namespace=caller_namespace())
+            lease = await self._lifecycle.claim(task_id, worker_id, attempt, namespace=caller_namespace(), created=created)
         task = lease.task
         log.info(
             "task %s claimed by %s (token %d, attempt %d)", task_id, request.worker_id, lease.token, task.attempt,

@@ -105,6 +105,9 @@ class Ready:
     # diagnostic carried to the worker (Dispatch.due_seen_at) for the load
     # report's stage breakdown; a re-offer keeps the first time.
     seen_at: float = field(default=0.0, compare=False)
+    # The task as TaskService created it (its hint carried it): forwarded on
+    # the Dispatch for the worker's claim without a read; None from a scan.
+    created: pb.CreatedTask | None = field(default=None, compare=False)
 
     @property
     def key(self) -> tuple[uuid.UUID, int, int]:
@@ -727,6 +730,8 @@ class Dispatcher:
             lease_token=ready.lease_token,
         )
         dispatch.run_at.FromMilliseconds(ready.run_at)
+        if ready.created is not None:
+            dispatch.created.CopyFrom(ready.created)
         if ready.seen_at:
             dispatch.due_seen_at.FromNanoseconds(int(ready.seen_at * 1e9))
         link.outbox.put_nowait(dispatch)
@@ -808,8 +813,10 @@ class Dispatcher:
         group: str = "",
         gate: str = "",
         seen_at: float | None = None,
+        created: pb.CreatedTask | None = None,
     ) -> Ready:
-        """``seen_at``: wall time the trigger learned the task was due; now when not given."""
+        """``seen_at``: wall time the trigger learned the task was due; now when not given.
+        ``created``: the task's creation row from its hint (``Ready.created``)."""
         return Ready(
             sort_key=(-priority, run_at, next(self._seq)),
             task_id=task_id,
@@ -824,4 +831,5 @@ class Dispatcher:
             group=group,
             gate=gate,
             seen_at=time.time() if seen_at is None else seen_at,
+            created=created,
         )

@@ -98,7 +98,8 @@ class Trigger:
             )
             if request.namespace and request.HasField("run_at"):
                 entry[0].offer_created(
-                    due, request.namespace, request.run_at.ToMilliseconds(), request.concurrency_key, gate=request.gate
+                    due, request.namespace, request.run_at.ToMilliseconds(), request.concurrency_key, gate=request.gate,
+                    created=request.created if request.HasField("created") else None,
                 )
             else:
                 entry[0].notify_entry(due)

@@ -44,6 +44,7 @@ from leasesched.observability import metrics
 from leasesched.observability.logs import bind, fields
 from leasesched.states import TaskStatus
 from leasesched.store.base import StoreError
+from leasesched.v1 import scheduler_pb2 as pb
 from trigger.dispatcher import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -177,12 +178,16 @@ class ShardScanner:
         if task.status == TaskStatus.SCHEDULED:
             self.notify_entry(run_entry(task, now_ms()))
 
-    def offer_created(self, entry: DueEntry, namespace: str, run_at: int, group: str = "", gate: str = "") -> None:
+    def offer_created(
+        self, entry: DueEntry, namespace: str, run_at: int, group: str = "", gate: str = "",
+        created: pb.CreatedTask | None = None,
+    ) -> None:
         """A hint from TaskService about a task it has just created, carrying
         the whole entry: the row exists and is SCHEDULED at exactly this
         version, so the task goes to the dispatcher without a read. (Had it
         been cancelled meanwhile, the claim is refused and the claim check
-        settles it.) ``group``: the task's concurrency key, from the hint."""
+        settles it.) ``group``: the task's concurrency key, from the hint;
+        ``created``: its whole creation row, passed on to the worker's claim."""
         key = entry_key(entry)
         if self._stopped or (key in self._seen and key not in self._waiting):
             return  # already being handled
@@ -190,19 +195,20 @@ class ShardScanner:
         self._pending[key] = entry.due_at
         self._waiting.pop(key, None)
         self._offer(
-            key, entry.task_id, namespace, entry.type, entry.attempt, entry.lease_token, entry.priority, run_at, group, gate
-        )
+            key, entry.task_id, namespace, entry.type, entry.attempt, entry.lease_token, entry.priority, run_at, group, gate,
+            created,
+        )  # fmt: skip
 
     def _offer(
         self, key: Hashable, task_id: uuid.UUID, namespace: str, type_: str, attempt: int, lease_token: int, priority: int,
-        run_at: int, group: str, gate: str = "",
+        run_at: int, group: str, gate: str = "", created: pb.CreatedTask | None = None,
     ) -> None:
         """Hand a due task (at this version) to the dispatcher; ``key`` is resolved once it is settled.
         ``group``: its concurrency key (fair share), known without a read on both paths. A task with
         a ``gate`` waits there for a token of it (``trigger/gates.py``)."""
         ready = self._dispatcher.make_ready(
             task_id, namespace, type_, attempt, lease_token, priority, run_at, self.shard, on_done=lambda: self._resolve(key),
-            group=group, gate=gate,
+            group=group, gate=gate, created=created,
         )
         self._dispatcher.offer(ready)
 

@@ -120,6 +120,10 @@ def check_notify_due(request: pb.NotifyDueRequest, shards: int | None) -> None:
     if request.namespace:
         check_namespace(request.namespace)
     check_concurrency_key(request.concurrency_key)
+    if request.HasField("created") and len(request.created.payload) > limits.MAX_CREATED_PAYLOAD:
+        raise InvalidArgument(
+            f"created.payload is {len(request.created.payload)} bytes, over the {limits.MAX_CREATED_PAYLOAD} a hint may carry"
+        )
     if request.HasField("run_at"):
         run_at = request.run_at
         if not 0 <= run_at.nanos < 1_000_000_000:

@@ -192,7 +192,11 @@ class Execution:
         try:
             claim = await self._updater.call(
                 "ClaimTask",
-                pb.ClaimTaskRequest(task_id=self.task_id, worker_id=self._worker_id, attempt=self.attempt),
+                pb.ClaimTaskRequest(
+                    task_id=self.task_id, worker_id=self._worker_id, attempt=self.attempt,
+                    # The task as created, when the dispatch has it: a claim without a read.
+                    created=self._dispatch.created if self._dispatch.HasField("created") else None,
+                ),  # fmt: skip
                 timeout=timeout,
             )
         except grpc.RpcError as err:

@@ -59,6 +59,11 @@ tasks_scheduled_without_worker = Counter(
     ["type"], registry=None,
 )  # fmt: skip
 tasks_claimed = Counter("leasesched_tasks_claimed", "Successful ClaimTask calls (SCHEDULED -> RUNNING).", ["type"], registry=None)
+claims_unread = Counter(
+    "leasesched_claims_unread",
+    "Claims made without reading the task first: one conditional write on its creation row (CreatedTask).",
+    ["type"], registry=None,
+)
 tasks_completed = Counter("leasesched_tasks_completed", "Tasks that became SUCCEEDED (CompleteTask).", ["type"], registry=None)
 tasks_failed = Counter(
     "leasesched_tasks_failed", "Tasks that became FAILED, by the worker's report, lease expiry or a deadline.",
@@ -362,7 +367,7 @@ _BY_ROLE: dict[str, tuple[object, ...]] = {
         limit_status, history_write_failures,
     ),  # fmt: skip
     "task-updater": (
-        *_RPC, tasks_claimed, tasks_completed, tasks_failed, tasks_requeued, tasks_cancelled, dispatch_lag,
+        *_RPC, tasks_claimed, claims_unread, tasks_completed, tasks_failed, tasks_requeued, tasks_cancelled, dispatch_lag,
         tasks_quarantined, history_write_failures,
         store_unknown_outcomes,
     ),  # fmt: skip

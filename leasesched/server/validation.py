@@ -25,6 +25,7 @@ from leasesched import limits
 from leasesched.config import Config
 from leasesched.errors import InvalidArgument
 from leasesched.model import RetryPolicy, Task, Timeouts, shard_of
+from leasesched.store.base import Untouched
 from leasesched.v1 import scheduler_pb2 as pb
 
 def duration_ms(d: Duration, bound: limits.Bound, field: str) -> int:
@@ -213,3 +214,46 @@ def _validate_retry(policy: pb.RetryPolicy, cfg: Config) -> RetryPolicy:
         maximum_attempts=attempts,
         non_retryable_error_types=tuple(policy.non_retryable_error_types),
     )
+
+
+# A shard number in a CreatedTask: the claim's write is conditional on the
+# real one; this only keeps a forged one from writing its lease check entry far away.
+CREATED_SHARD = limits.Bound("created.shard", 0, 65_535, "", "a logical shard number")
+
+
+def created_task(task_id: uuid.UUID, created: pb.CreatedTask, cfg: Config) -> Untouched:
+    """The task a ClaimTaskRequest's ``created`` describes (``CreatedTask``),
+    checked field by field (INVALID_ARGUMENT naming the first bad one). It is
+    what the claim expects the row to be, not trusted: the claim's write is
+    conditional on every field but the payload, so a ticket that lies makes
+    the claim go the usual way (a read), and a forged payload only reaches
+    the worker that sent it."""
+    if len(created.payload) > cfg.max_payload_bytes:
+        raise InvalidArgument(f"created.payload is {len(created.payload)} bytes, over the limit of {cfg.max_payload_bytes}")
+    run_at = timestamp_ms(created.run_at, "created.run_at")
+    limits.SCHEDULE_TIME.check(run_at, "created.run_at")
+    try:
+        write_id = uuid.UUID(created.write_id)
+    except ValueError:
+        raise InvalidArgument(f"created.write_id {created.write_id[:80]!r} is not a UUID") from None
+    deadline_at = None
+    if created.HasField("deadline_at"):
+        deadline_at = timestamp_ms(created.deadline_at, "created.deadline_at")
+        limits.SCHEDULE_TIME.check(deadline_at, "created.deadline_at")
+    task = Task(
+        task_id=task_id,
+        namespace=check_namespace(created.namespace, "created.namespace"),
+        type=check_type(created.type, "created.type"),
+        payload=bytes(created.payload),
+        shard=int(CREATED_SHARD.check(created.shard)),
+        priority=int(limits.PRIORITY.check(created.priority, "created.priority")),
+        lease_ms=duration_ms(created.lease_duration, limits.LEASE, "created.lease_duration"),
+        timeouts=Timeouts(
+            schedule_to_start_ms=duration_ms(created.schedule_to_start, limits.TIMEOUT, "created.schedule_to_start"),
+            start_to_close_ms=duration_ms(created.start_to_close, limits.TIMEOUT, "created.start_to_close"),
+        ),
+        run_at=run_at,
+        first_run_at=run_at,
+        deadline_at=deadline_at,
+    )
+    return Untouched(task, write_id)

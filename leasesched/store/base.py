@@ -106,6 +106,57 @@ class UnreadableTask(StoreError):
         return self.problems[0].reason
 
 
+def creation_write_id(task_id: uuid.UUID) -> uuid.UUID:
+    """The ``write_id`` of a row created by a plain insert (a task without an
+    idempotency key): its own id, so that its creator knows it without being
+    told. Every conditional write sets a fresh write id (a random prefix per
+    process, never a task's id)."""
+    return task_id
+
+
+@dataclass(frozen=True)
+class Untouched:
+    """The condition of a claim without a read: the row is exactly ``task``
+    as TaskService created it (its due hint carried it, ``CreatedTask``).
+    ``write_id`` is the one its creation wrote; every conditional write sets
+    a fresh one, so while it is still there nothing changed the row since.
+    Every field a claim decides on must also be as ``task`` says: a ticket
+    that lies, or a task changed since, only makes the write not apply."""
+
+    task: Task
+    write_id: uuid.UUID
+
+    def conditions(self) -> dict[str, object]:
+        t = self.task
+        return {
+            "write_id": self.write_id,
+            "attempt": t.attempt,
+            "shard": t.shard,
+            "type": t.type,
+            "priority": t.priority,
+            "lease_ms": t.lease_ms,
+            "run_at": t.run_at,
+            "deadline_at": t.deadline_at,
+            "schedule_to_start_ms": t.timeouts.schedule_to_start_ms,
+            "start_to_close_ms": t.timeouts.start_to_close_ms,
+            "concurrency_key": t.concurrency_key,
+            "gate": t.gate,
+        }
+
+    def holds_for(self, task: Task) -> bool:
+        """The fields' part (whether the row was changed since its creation
+        is the store's to know: its write id)."""
+        t = self.task
+        return (
+            task.task_id == t.task_id
+            and (task.attempt, task.shard, task.type, task.priority, task.lease_ms, task.run_at, task.deadline_at)
+            == (t.attempt, t.shard, t.type, t.priority, t.lease_ms, t.run_at, t.deadline_at)
+            and task.timeouts.schedule_to_start_ms == t.timeouts.schedule_to_start_ms
+            and task.timeouts.start_to_close_ms == t.timeouts.start_to_close_ms
+            and (task.concurrency_key, task.gate) == (t.concurrency_key, t.gate)
+        )
+
+
 @dataclass(frozen=True)
 class Expect:
     """The condition of a conditional write: the state the writer read.
@@ -120,6 +171,7 @@ class Expect:
     lease_token: int | None = None
     namespace: str | None = None  # a worker may only touch its own namespace's tasks
     version: TaskVersion | None = None
+    untouched: Untouched | None = None  # a claim without a read (``Untouched``)
 
     def conditions(self) -> dict[str, object]:
         """Column → the value the write expects (status as its text, times as ms,
@@ -136,6 +188,8 @@ class Expect:
                 cancel_requested=self.version.cancel_requested,
                 finished_at=self.version.finished_at,
             )
+        if self.untouched is not None:
+            conds.update(self.untouched.conditions())
         return conds
 
     def holds_for(self, task: Task) -> bool:
@@ -145,6 +199,7 @@ class Expect:
             and (self.lease_token is None or task.lease_token == self.lease_token)
             and (self.namespace is None or task.namespace == self.namespace)
             and (self.version is None or self.version.holds_for(task))
+            and (self.untouched is None or self.untouched.holds_for(task))
         )
 
 
@@ -228,12 +283,14 @@ class TaskStore(Protocol):
     async def close(self) -> None: ...
 
     # -- tasks --
-    async def insert_task(self, task: Task, new_id: bool = False) -> bool:
+    async def insert_task(self, task: Task, new_id: bool = False, write_id: uuid.UUID | None = None) -> bool:
         """Create the row if absent (conditional). False: the id already exists.
 
         ``new_id``: the id was drawn for this call and never handed out, so the
         row cannot exist yet; the store may then skip the conditional round
-        (always returns True)."""
+        (always returns True). ``write_id``: the created row's write id (see
+        ``Untouched``); None: ``creation_write_id`` for a new id, a fresh one
+        otherwise."""
         ...
 
     async def get_task(self, task_id: uuid.UUID, serial: bool = False) -> Task | None:

@@ -84,6 +84,7 @@ from leasesched.store.base import (
     StatementRefused,
     StoreUnavailable,
     UnreadableTask,
+    creation_write_id,
     task_from_row,
 )
 
@@ -578,9 +579,12 @@ class CassandraStore:
 
     # ---------------------------------------------------------------- tasks
 
-    async def insert_task(self, task: Task, new_id: bool = False) -> bool:
+    async def insert_task(self, task: Task, new_id: bool = False, write_id: uuid.UUID | None = None) -> bool:
         cols = _task_columns(task)
-        write_id = self._write_ids.next()
+        # The creator knows the created row's write id: a claim without a read
+        # is conditional on it (``Untouched``). A plain insert's is the task's own id.
+        if write_id is None:
+            write_id = creation_write_id(task.task_id) if new_id else self._write_ids.next()
         cols["write_id"] = write_id
         params = [cols[c] for c in _task_columns_names()]
         if new_id:

@@ -35,6 +35,7 @@ from leasesched.store.base import (
     RawCondition,
     StoreUnavailable,
     UnreadableTask,
+    creation_write_id,
     task_from_row,
 )
 from leasesched.store.page_token import DAY_MS, decode_token, encode_token
@@ -101,6 +102,9 @@ class MemoryStore:
         self.secrets: dict[str, bytes] = {}
         self.fail_next: set[str] = set()
         self.reads = 0  # get_task calls
+        # The write id of rows untouched since their creation (``Untouched``);
+        # gone at the row's first conditional write.
+        self.creation_write_ids: dict[uuid.UUID, uuid.UUID] = {}
         self.raw: dict[uuid.UUID, types.SimpleNamespace] = {}  # rows kept as stored (see put_raw)
         self.quarantines: list[tuple[uuid.UUID, RawCondition, dict[str, Any], bool]] = []  # (.., applied)
         self.schedules: dict[tuple[str, str], _Stored] = {}
@@ -143,17 +147,21 @@ class MemoryStore:
     async def close(self) -> None:
         pass
 
-    async def insert_task(self, task: Task, new_id: bool = False) -> bool:
+    async def insert_task(self, task: Task, new_id: bool = False, write_id: uuid.UUID | None = None) -> bool:
         self._maybe_fail("insert_task")
         if task.task_id in self.tasks:
             return False
         self.tasks[task.task_id] = copy.deepcopy(task)
+        if write_id is None:
+            write_id = creation_write_id(task.task_id) if new_id else uuid.uuid4()
+        self.creation_write_ids[task.task_id] = write_id
         return True
 
     def put_raw(self, task: Task, **overrides: Any) -> None:
         """Store ``task`` as a raw row with ``overrides`` (e.g. a time past year
         9999): what a direct CQL write or an old version may have left."""
         self.tasks.pop(task.task_id, None)
+        self.creation_write_ids.pop(task.task_id, None)
         self.raw[task.task_id] = raw_row(task, **overrides)
 
     def _settle_raw(self, task_id: uuid.UUID) -> None:
@@ -197,9 +205,11 @@ class MemoryStore:
         task = self.tasks.get(task_id)
         if task is None:
             return CasResult(applied=False, exists=False)
-        if not expect.holds_for(task):
+        untouched = expect.untouched is None or expect.untouched.write_id == self.creation_write_ids.get(task_id)
+        if not expect.holds_for(task) or not untouched:
             return CasResult(False, task.status, task.lease_token, task.namespace)
         self.tasks[task_id] = change.apply(task)
+        self.creation_write_ids.pop(task_id, None)  # a new write id
         return CasResult(applied=True)
 
     def _update_raw(self, task_id: uuid.UUID, expect: Expect, change: TaskChange) -> CasResult:

@@ -609,6 +609,11 @@ def test_updater_refusals_name_field_and_limit(servers: Servers) -> None:
         ("ClaimTask", servers.updater.ClaimTask, pb.ClaimTaskRequest(task_id=some, worker_id="w", attempt=-1), ["attempt", limits.CLAIM_ATTEMPT.describe()]),
         ("ClaimTask", servers.updater.ClaimTask, pb.ClaimTaskRequest(task_id=some, worker_id="w\n", attempt=1), ["worker_id"]),
         ("ClaimTask", servers.updater.ClaimTask, pb.ClaimTaskRequest(task_id=some, worker_id="", attempt=1), ["worker_id"]),
+        # A forged creation ticket (CreatedTask): named field by field, nothing claimed.
+        ("ClaimTask", servers.updater.ClaimTask, pb.ClaimTaskRequest(task_id=some, worker_id="w", attempt=1, created=pb.CreatedTask(
+            write_id="x", namespace="ns", type="t")), ["created.write_id"]),
+        ("ClaimTask", servers.updater.ClaimTask, pb.ClaimTaskRequest(task_id=some, worker_id="w", attempt=1, created=pb.CreatedTask(
+            write_id=some, namespace="ns", type="t", lease_duration=Duration(seconds=10**6))), ["created.lease_duration", limits.LEASE.describe()]),
         ("Heartbeat", servers.updater.Heartbeat, pb.HeartbeatRequest(task_id=some, lease_token=1, progress=pb.Progress(percent=101)),
          ["progress.percent", limits.PROGRESS_PERCENT.describe()]),
         ("Heartbeat", servers.updater.Heartbeat, pb.HeartbeatRequest(task_id=some, lease_token=0), ["lease_token", limits.LEASE_TOKEN.describe()]),

@@ -96,6 +96,9 @@ def test_metrics_of_every_process_move_with_the_tasks(cluster: LiveCluster) -> N
 
     # TaskUpdater: every transition by type, and the dispatch lag of every claim.
     assert tu.delta(b_tu, "leasesched_tasks_claimed_total", type=TYPE) == claims
+    # The hinted new tasks were claimed without a read (their hint carried the creation row).
+    unread = tu.delta(b_tu, "leasesched_claims_unread_total", type=TYPE)
+    assert 1 <= unread <= len(ids), unread
     assert tu.delta(b_tu, "leasesched_tasks_completed_total", type=TYPE) == succeeded
     assert tu.delta(b_tu, "leasesched_tasks_failed_total", type=TYPE, reason="error") == 1
     assert tu.delta(b_tu, "leasesched_tasks_requeued_total", type=TYPE, reason="retry") == 1

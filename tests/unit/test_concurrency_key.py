@@ -72,7 +72,7 @@ async def test_schedule_poll_and_list_round_trip_and_the_hint_carries_the_key() 
     store = MemoryStore()
     hinted: list[Task] = []
 
-    async def notify(task: Task) -> None:
+    async def notify(task: Task, write_id: object = None) -> None:
         hinted.append(task)
 
     service = TaskService(Config(), Lifecycle(store), shards=64, notify_due=notify)
