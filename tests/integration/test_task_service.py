@@ -333,13 +333,13 @@ class InsertFailsOnce(CassandraStore):
         self.calls.append("claim_idempotency_key")
         return await super().claim_idempotency_key(namespace, key, record)
 
-    async def insert_task(self, task: Task, new_id: bool = False) -> bool:
+    async def insert_task(self, task: Task, new_id: bool = False, write_id: uuid.UUID | None = None) -> bool:
         self.calls.append("insert_task")
         if self.fail_inserts:
             self.fail_inserts -= 1
             assert await due_entries_of(self, task.task_id, task.shard), "the due entry must be written first"
             raise StoreUnavailable("injected: connection lost before the task insert")
-        return await super().insert_task(task, new_id)
+        return await super().insert_task(task, new_id, write_id)
 
 
 async def due_entries_of(store: CassandraStore, task_id: uuid.UUID, shard: int) -> list[DueEntry]:
