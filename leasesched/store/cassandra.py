@@ -40,6 +40,7 @@ import itertools
 import os
 import datetime as dt
 import logging
+import re
 import time
 import uuid
 from typing import Any, Awaitable, Callable, Sequence
@@ -196,6 +197,21 @@ def _row_to_token(row: Any) -> TokenRecord:
     )
 
 
+_TABLE_NAMED = re.compile(r"\b(FROM|INTO|UPDATE) (\w+)\b(?!\.)")
+
+
+def in_keyspace(cql: str, keyspace: str) -> str:
+    """``cql`` with its table named in ``keyspace``: ``FROM tasks`` → ``FROM ks.tasks``.
+
+    Why: the store's statements name their tables plainly, for reading, and
+    the session is bound to no keyspace. Cassandra 5.0 warns every session
+    bound to one (``USE``) that prepares unqualified statements ("an
+    anti-pattern due to ambiguity in non-qualified table names"), a warning
+    ``make run`` used to print; so every statement is qualified here, in the
+    store's one place that prepares them."""
+    return _TABLE_NAMED.sub(lambda m: f"{m.group(1)} {keyspace}.{m.group(2)}", cql)
+
+
 def replication_cql(spec: str) -> str:
     """'SimpleStrategy:1' or 'NetworkTopologyStrategy:dc1=3,dc2=2' → CQL map."""
     strategy, _, params = spec.partition(":")
@@ -335,13 +351,16 @@ class CassandraStore:
     def _connect_blocking(self) -> Session:
         cluster = new_cluster(self._cfg)
         try:
-            session = cluster.connect(self._cfg.keyspace)
+            session = cluster.connect()  # no keyspace: every statement names its own (in_keyspace)
             self._prepare_all(session)
         except Exception:
             cluster.shutdown()
             raise
         self._cluster = cluster
         return session
+
+    def _prepare(self, session: Session, cql: str) -> PreparedStatement:
+        return session.prepare(in_keyspace(cql, self._cfg.keyspace))
 
     def _prepare_all(self, session: Session) -> None:
         cols = list(_task_columns_names())
@@ -438,8 +457,8 @@ class CassandraStore:
             "list_limits": _SELECT_LIMITS + " WHERE namespace = ?",
             "list_all_limits": _SELECT_LIMITS,
         }
-        self._stmts = {name: session.prepare(cql) for name, cql in stmts.items()}
-        self._stmts["get_task_serial"] = session.prepare(select_task)
+        self._stmts = {name: self._prepare(session, cql) for name, cql in stmts.items()}
+        self._stmts["get_task_serial"] = self._prepare(session, select_task)
         self._stmts["get_task_serial"].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
         self._stmts["get_write_id"].consistency_level = ConsistencyLevel.name_to_value[self._cfg.serial_consistency]
         # Same cells under the same timestamp: repeating it changes nothing.
@@ -638,7 +657,7 @@ class CassandraStore:
             assert self._session is not None
             sets = ", ".join(f"{c} = ?" for c in columns)
             ifs = " AND ".join(f"{c} = ?" for c in conditions)
-            stmt = self._session.prepare(f"UPDATE tasks SET {sets} WHERE task_id = ? IF {ifs}")
+            stmt = self._prepare(self._session, f"UPDATE tasks SET {sets} WHERE task_id = ? IF {ifs}")
             stmt.is_idempotent = False
             self._update_stmts[key] = stmt
         return stmt
@@ -801,7 +820,8 @@ class CassandraStore:
         from cassandra.query import SimpleStatement
 
         session = await self._ensure_session()
-        statement = SimpleStatement(f"SELECT status, namespace, type FROM tasks LIMIT {int(limit)}", fetch_size=5000)
+        cql = in_keyspace(f"SELECT status, namespace, type FROM tasks LIMIT {int(limit)}", self._cfg.keyspace)
+        statement = SimpleStatement(cql, fetch_size=5000)
         rows = await asyncio.to_thread(lambda: [(r.status, r.namespace, r.type) for r in session.execute(statement)])
         scheduled = collections.Counter((ns, t) for status, ns, t in rows if status == TaskStatus.SCHEDULED.value)
         return TaskCounts(dict(collections.Counter(status for status, _, _ in rows)), dict(scheduled))
