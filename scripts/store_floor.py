@@ -15,6 +15,9 @@ chains in flight) and reads the node's CPU time from /proc before and after,
 so the figure is Cassandra's CPU per task at that load, and this process's
 (the driver and the lifecycle) beside it. Concurrency 1 gives the latency
 floor of the chain: what an immediate task's store work takes on an idle node.
+The load test's store probe (``leasesched/loadtest/store_probe.py``) answers
+another question: how many raw writes of each kind a second the node takes.
+This one runs the product's own lifecycle and counts CPU per task.
 BENCHMARKS.md, "Issue 17: the floor", has the figures.
 
     .venv/bin/leasesched infra up                      # or any idle local node
