@@ -127,34 +127,30 @@ class Untouched:
     write_id: uuid.UUID
 
     def conditions(self) -> dict[str, object]:
-        t = self.task
-        return {
-            "write_id": self.write_id,
-            "attempt": t.attempt,
-            "shard": t.shard,
-            "type": t.type,
-            "priority": t.priority,
-            "lease_ms": t.lease_ms,
-            "run_at": t.run_at,
-            "deadline_at": t.deadline_at,
-            "schedule_to_start_ms": t.timeouts.schedule_to_start_ms,
-            "start_to_close_ms": t.timeouts.start_to_close_ms,
-            "concurrency_key": t.concurrency_key,
-            "gate": t.gate,
-        }
+        return {"write_id": self.write_id, **_creation_fields(self.task)}
 
     def holds_for(self, task: Task) -> bool:
         """The fields' part (whether the row was changed since its creation
         is the store's to know: its write id)."""
-        t = self.task
-        return (
-            task.task_id == t.task_id
-            and (task.attempt, task.shard, task.type, task.priority, task.lease_ms, task.run_at, task.deadline_at)
-            == (t.attempt, t.shard, t.type, t.priority, t.lease_ms, t.run_at, t.deadline_at)
-            and task.timeouts.schedule_to_start_ms == t.timeouts.schedule_to_start_ms
-            and task.timeouts.start_to_close_ms == t.timeouts.start_to_close_ms
-            and (task.concurrency_key, task.gate) == (t.concurrency_key, t.gate)
-        )
+        return task.task_id == self.task.task_id and _creation_fields(task) == _creation_fields(self.task)
+
+
+def _creation_fields(t: Task) -> dict[str, object]:
+    """Column → value of the creation-row fields a claim decides on: what a
+    claim without a read is conditional on, beside the write id."""
+    return {
+        "attempt": t.attempt,
+        "shard": t.shard,
+        "type": t.type,
+        "priority": t.priority,
+        "lease_ms": t.lease_ms,
+        "run_at": t.run_at,
+        "deadline_at": t.deadline_at,
+        "schedule_to_start_ms": t.timeouts.schedule_to_start_ms,
+        "start_to_close_ms": t.timeouts.start_to_close_ms,
+        "concurrency_key": t.concurrency_key,
+        "gate": t.gate,
+    }
 
 
 @dataclass(frozen=True)
