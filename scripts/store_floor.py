@@ -30,7 +30,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import resource
+import os
 import statistics
 import sys
 import time
@@ -53,12 +53,7 @@ KEYSPACE = "store_floor_probe"
 SHARDS = 64
 
 
-def own_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def node_cpu_s(pid: int) -> float:
+def cpu_s(pid: int) -> float:
     used = cpu_seconds(pid)
     if used is None:
         sys.exit(f"process {pid} is gone")
@@ -106,9 +101,9 @@ async def phase(life: Lifecycle, pid: int, tasks: int, concurrency: int) -> None
             remaining -= 1
             await one_task(life, timings)
 
-    node0, own0, wall0 = node_cpu_s(pid), own_cpu_s(), time.monotonic()
+    node0, own0, wall0 = cpu_s(pid), cpu_s(os.getpid()), time.monotonic()
     await asyncio.gather(*(chain() for _ in range(concurrency)))
-    node, own, wall = node_cpu_s(pid) - node0, own_cpu_s() - own0, time.monotonic() - wall0
+    node, own, wall = cpu_s(pid) - node0, cpu_s(os.getpid()) - own0, time.monotonic() - wall0
     total = [a + b + c for a, b, c in zip(timings.schedule, timings.claim, timings.complete)]
     print(f"concurrency {concurrency:3d}: {tasks} tasks in {wall:5.1f} s ({tasks / wall:6.1f}/s)  "
           f"Cassandra {1000 * node / tasks:5.2f} ms CPU per task ({node / wall:.2f} cores)  "
@@ -124,9 +119,9 @@ async def run(cfg: Config, pid: int, tasks: int, concurrencies: list[int]) -> No
     try:
         life = Lifecycle(store)
         await phase(life, pid, min(tasks, 500), 8)  # warm-up: the JIT, the prepared statements, the connections
-        idle0 = node_cpu_s(pid)
+        idle0 = cpu_s(pid)
         await asyncio.sleep(5)
-        print(f"idle node: {(node_cpu_s(pid) - idle0) / 5:.3f} cores (included in the figures below)", flush=True)
+        print(f"idle node: {(cpu_s(pid) - idle0) / 5:.3f} cores (included in the figures below)", flush=True)
         for concurrency in concurrencies:
             await phase(life, pid, tasks, concurrency)
     finally:
